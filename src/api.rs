@@ -1,0 +1,901 @@
+//! The HTTP API: the pull side of the OCI distribution spec, routing to upstreams, OCI errors.
+//!
+//! Paths are parsed here into [`RepoName`], [`Reference`] and [`Digest`] values, and requests are
+//! routed to an upstream by `?ns=` (containerd), a leading host segment (podman mirrors with a
+//! path), or else the default upstream. Every error leaves as OCI error JSON.
+
+use std::convert::Infallible;
+use std::io;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures_util::stream;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full, StreamBody};
+use hyper::body::Frame;
+use tokio::sync::mpsc;
+
+use crate::cache::{self, BlobSource, BodyChunk, CacheError, Outcome, Route};
+use crate::reference::{Digest, ParseError, Reference, RepoName};
+use crate::server::App;
+use crate::upstream::UpstreamError;
+
+pub type Body = BoxBody<Bytes, io::Error>;
+
+/// Largest `n` accepted on tag and catalog listings.
+pub const MAX_PAGE: usize = 10_000;
+
+/// An error answered to a client as OCI error JSON.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub retry_after: Option<String>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    fn unsupported(what: &str) -> ApiError {
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "UNSUPPORTED",
+            format!("{what}: regcache is a read-only mirror"),
+        )
+    }
+
+    fn into_response(self, head: bool) -> Response<Body> {
+        let body = serde_json::json!({
+            "errors": [{"code": self.code, "message": self.message, "detail": null}]
+        })
+        .to_string();
+        let len = body.len();
+        let mut resp = Response::new(if head { empty() } else { full(body) });
+        *resp.status_mut() = self.status;
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        if let Some(v) = self
+            .retry_after
+            .and_then(|r| HeaderValue::from_str(&r).ok())
+        {
+            h.insert(header::RETRY_AFTER, v);
+        }
+        if self.status == StatusCode::METHOD_NOT_ALLOWED {
+            h.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        }
+        resp
+    }
+}
+
+impl From<ParseError> for ApiError {
+    fn from(e: ParseError) -> Self {
+        match e {
+            ParseError::Name(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "NAME_INVALID", e.to_string())
+            }
+            ParseError::Tag(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "MANIFEST_INVALID", e.to_string())
+            }
+            ParseError::Digest(_) | ParseError::Algorithm(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "DIGEST_INVALID", e.to_string())
+            }
+        }
+    }
+}
+
+/// What kind of object a request was about, to pick the right "unknown" code.
+#[derive(Clone, Copy)]
+enum Object {
+    Manifest,
+    Blob,
+    Repository,
+}
+
+fn cache_error(e: CacheError, object: Object) -> ApiError {
+    match &e {
+        CacheError::Upstream(u) => upstream_error(u, object),
+        CacheError::DigestMismatch { .. } | CacheError::SizeMismatch { .. } => {
+            tracing::error!(error = %e, "upstream sent content that failed verification");
+            ApiError::new(StatusCode::BAD_GATEWAY, "UNKNOWN", e.to_string())
+        }
+        CacheError::Store(_) | CacheError::Internal(_) => {
+            tracing::error!(error = %e, "internal error");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "UNKNOWN",
+                "internal error; see the regcache log",
+            )
+        }
+    }
+}
+
+fn upstream_error(u: &UpstreamError, object: Object) -> ApiError {
+    match u {
+        UpstreamError::Status { status: 404, .. } => match object {
+            Object::Manifest => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "MANIFEST_UNKNOWN",
+                "manifest unknown to the upstream",
+            ),
+            Object::Blob => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "BLOB_UNKNOWN",
+                "blob unknown to the upstream",
+            ),
+            Object::Repository => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "NAME_UNKNOWN",
+                "repository unknown to the upstream",
+            ),
+        },
+        UpstreamError::Status { status: 401, .. } => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+            "the upstream refused regcache's credentials for this repository",
+        ),
+        UpstreamError::Status { status: 403, .. } => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "DENIED",
+            "the upstream denied access to this repository",
+        ),
+        UpstreamError::Status {
+            status: 429,
+            retry_after,
+            ..
+        } => ApiError {
+            retry_after: retry_after.clone().or_else(|| Some("30".into())),
+            ..ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "TOOMANYREQUESTS",
+                u.to_string(),
+            )
+        },
+        UpstreamError::Invalid { .. } => {
+            ApiError::new(StatusCode::BAD_GATEWAY, "UNKNOWN", u.to_string())
+        }
+        // Unreachable, timed out, 5xx, anything else: the upstream is unavailable. Never a 404,
+        // which would tell the client the image does not exist.
+        _ => ApiError {
+            retry_after: Some("10".into()),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UNAVAILABLE",
+                u.to_string(),
+            )
+        },
+    }
+}
+
+fn full(s: impl Into<Bytes>) -> Body {
+    Full::new(s.into()).map_err(|never| match never {}).boxed()
+}
+
+fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+fn channel_body(rx: mpsc::Receiver<BodyChunk>) -> Body {
+    let s = stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|c| (c.map(Frame::data), rx))
+    });
+    BodyExt::boxed(StreamBody::new(s))
+}
+
+/// The parsed shape of a `/v2/…` path.
+enum Endpoint<'a> {
+    Base,
+    Catalog,
+    Manifest(&'a str, &'a str),
+    Blob(&'a str, &'a str),
+    Upload,
+    Tags(&'a str),
+    Referrers(&'a str, &'a str),
+    Unknown,
+}
+
+fn parse_path(path: &str) -> Endpoint<'_> {
+    let Some(rest) = path.strip_prefix("/v2") else {
+        return Endpoint::Unknown;
+    };
+    if rest.is_empty() || rest == "/" {
+        return Endpoint::Base;
+    }
+    let Some(rest) = rest.strip_prefix('/') else {
+        return Endpoint::Unknown;
+    };
+    if rest == "_catalog" {
+        return Endpoint::Catalog;
+    }
+    if let Some(name) = rest.strip_suffix("/tags/list") {
+        return Endpoint::Tags(name);
+    }
+    if rest.contains("/blobs/uploads") {
+        return Endpoint::Upload;
+    }
+    for (sep, kind) in [("/manifests/", 0), ("/blobs/", 1), ("/referrers/", 2)] {
+        if let Some(i) = rest.rfind(sep) {
+            let (name, r) = (&rest[..i], &rest[i + sep.len()..]);
+            return match kind {
+                0 => Endpoint::Manifest(name, r),
+                1 => Endpoint::Blob(name, r),
+                _ => Endpoint::Referrers(name, r),
+            };
+        }
+    }
+    Endpoint::Unknown
+}
+
+/// Query parameters regcache reads.
+#[derive(Default)]
+struct Query {
+    ns: Option<String>,
+    n: Option<String>,
+    last: Option<String>,
+    artifact_type: Option<String>,
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let h = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(h, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn parse_query(q: Option<&str>) -> Query {
+    let mut out = Query::default();
+    for pair in q.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let Some(v) = percent_decode(v) else { continue };
+        match k {
+            "ns" => out.ns = Some(v),
+            "n" => out.n = Some(v),
+            "last" => out.last = Some(v),
+            "artifactType" => out.artifact_type = Some(v),
+            _ => {}
+        }
+    }
+    out
+}
+
+fn parse_n(n: Option<&str>) -> Result<Option<usize>, ApiError> {
+    match n {
+        None => Ok(None),
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if n <= MAX_PAGE => Ok(Some(n)),
+            _ => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "PAGINATION_NUMBER_INVALID",
+                format!("n must be a number from 0 to {MAX_PAGE}"),
+            )),
+        },
+    }
+}
+
+/// A `bytes=` range, resolved against a size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RangeSpec {
+    From(u64),
+    FromTo(u64, u64),
+    Suffix(u64),
+}
+
+/// Parses a single `Range: bytes=…`; `None` means "ignore it and send everything" (absent,
+/// malformed or multi-range, as RFC 9110 allows).
+pub fn parse_range(h: Option<&HeaderValue>) -> Option<RangeSpec> {
+    let s = h?.to_str().ok()?.trim();
+    let spec = s.strip_prefix("bytes=")?.trim();
+    if spec.contains(',') {
+        return None;
+    }
+    let (a, b) = spec.split_once('-')?;
+    let (a, b) = (a.trim(), b.trim());
+    match (a.is_empty(), b.is_empty()) {
+        (true, false) => b.parse().ok().map(RangeSpec::Suffix),
+        (false, true) => a.parse().ok().map(RangeSpec::From),
+        (false, false) => {
+            let (x, y) = (a.parse().ok()?, b.parse().ok()?);
+            (x <= y).then_some(RangeSpec::FromTo(x, y))
+        }
+        (true, true) => None,
+    }
+}
+
+impl RangeSpec {
+    /// Inclusive byte positions within `size`, or `None` when unsatisfiable.
+    pub fn resolve(self, size: u64) -> Option<(u64, u64)> {
+        match self {
+            RangeSpec::From(a) if a < size => Some((a, size - 1)),
+            RangeSpec::FromTo(a, b) if a < size => Some((a, b.min(size - 1))),
+            RangeSpec::Suffix(n) if n > 0 && size > 0 => Some((size - n.min(size), size - 1)),
+            _ => None,
+        }
+    }
+}
+
+/// Per-request facts for the access log.
+#[derive(Clone, Copy, Default)]
+pub struct LogInfo {
+    pub outcome: Option<Outcome>,
+}
+
+/// Handles one request (never fails: errors become OCI error responses).
+pub async fn handle(
+    app: Arc<App>,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let start = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let head = method == Method::HEAD;
+    let mut info = LogInfo::default();
+    let resp = match route_request(&app, &req, &mut info).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(head),
+    };
+    let bytes = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    tracing::info!(
+        target: "regcache::access",
+        method = %method,
+        path = %path,
+        status = resp.status().as_u16(),
+        bytes = if head { 0 } else { bytes },
+        ms = start.elapsed().as_secs_f64() * 1000.0,
+        cache = info.outcome.map_or("-", Outcome::as_str),
+        "request"
+    );
+    Ok(resp)
+}
+
+async fn route_request(
+    app: &Arc<App>,
+    req: &Request<hyper::body::Incoming>,
+    info: &mut LogInfo,
+) -> Result<Response<Body>, ApiError> {
+    let path = req.uri().path();
+    let endpoint = parse_path(path);
+    let method = req.method();
+    let head = method == Method::HEAD;
+    if method != Method::GET && method != Method::HEAD {
+        return Err(match endpoint {
+            Endpoint::Unknown => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "UNSUPPORTED",
+                format!("no such endpoint: {path}"),
+            ),
+            Endpoint::Upload => ApiError::unsupported("uploads"),
+            _ => ApiError::unsupported(&format!("{method}")),
+        });
+    }
+    let query = parse_query(req.uri().query());
+    match endpoint {
+        Endpoint::Base => {
+            // Always answered locally: clients call this before every pull.
+            let mut resp = Response::new(if head { empty() } else { full("{}") });
+            let h = resp.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(2));
+            h.insert(
+                "docker-distribution-api-version",
+                HeaderValue::from_static("registry/2.0"),
+            );
+            Ok(resp)
+        }
+        Endpoint::Catalog => catalog(app, &query, head),
+        Endpoint::Manifest(name, r) => {
+            let route = app.route(name, query.ns.as_deref())?;
+            let reference = Reference::parse(r)?;
+            let m = app
+                .cache
+                .manifest(&route, &reference)
+                .await
+                .map_err(|e| cache_error(e, Object::Manifest))?;
+            info.outcome = Some(m.outcome);
+            let mut resp = Response::new(if head { empty() } else { full(m.bytes.clone()) });
+            let h = resp.headers_mut();
+            set_header(h, header::CONTENT_TYPE, &m.media_type);
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(m.bytes.len()));
+            set_header(h, "docker-content-digest", &m.digest.to_string());
+            set_header(h, header::ETAG, &format!("\"{}\"", m.digest));
+            if m.outcome == Outcome::Stale {
+                h.insert(
+                    header::WARNING,
+                    HeaderValue::from_static("110 regcache \"Response is Stale\""),
+                );
+            }
+            Ok(resp)
+        }
+        Endpoint::Blob(name, d) => {
+            let route = app.route(name, query.ns.as_deref())?;
+            let digest: Digest = d.parse()?;
+            blob(app, &route, &digest, req.headers(), head, info).await
+        }
+        Endpoint::Upload => Err(ApiError::unsupported("uploads")),
+        Endpoint::Tags(name) => tags(app, name, &query, head).await,
+        Endpoint::Referrers(name, d) => {
+            let route = app.route(name, query.ns.as_deref())?;
+            let digest: Digest = d.parse()?;
+            referrers(app, &route, &digest, query.artifact_type.as_deref(), head).await
+        }
+        Endpoint::Unknown => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "UNSUPPORTED",
+            format!("no such endpoint: {path}"),
+        )),
+    }
+}
+
+fn set_header(h: &mut HeaderMap, name: impl header::IntoHeaderName, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        h.insert(name, v);
+    }
+}
+
+async fn blob(
+    app: &Arc<App>,
+    route: &Route,
+    digest: &Digest,
+    headers: &HeaderMap,
+    head: bool,
+    info: &mut LogInfo,
+) -> Result<Response<Body>, ApiError> {
+    let range = parse_range(headers.get(header::RANGE));
+    let b = app
+        .cache
+        .blob(route, digest, !head)
+        .await
+        .map_err(|e| cache_error(e, Object::Blob))?;
+    info.outcome = Some(b.outcome);
+    let mut size = b.size;
+    if let (Some(_), None, BlobSource::Fill(f)) = (range, size, &b.source) {
+        // A range needs the total size; this upstream did not announce it.
+        size = Some(
+            cache::fill_size(f)
+                .await
+                .map_err(|e| cache_error(e, Object::Blob))?,
+        );
+    }
+    let mut resp = Response::new(empty());
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    set_header(h, "docker-content-digest", &digest.to_string());
+    set_header(h, header::ETAG, &format!("\"{digest}\""));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    let (start, end) = match (range, size) {
+        (Some(r), Some(total)) => match r.resolve(total) {
+            Some((a, z)) => {
+                *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+                set_header(
+                    resp.headers_mut(),
+                    header::CONTENT_RANGE,
+                    &format!("bytes {a}-{z}/{total}"),
+                );
+                (a, z)
+            }
+            None => {
+                let mut e = ApiError::new(
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    "BLOB_UNKNOWN",
+                    format!("range not satisfiable for a blob of {total} bytes"),
+                )
+                .into_response(head);
+                set_header(
+                    e.headers_mut(),
+                    header::CONTENT_RANGE,
+                    &format!("bytes */{total}"),
+                );
+                return Ok(e);
+            }
+        },
+        (_, Some(total)) => (0, total.wrapping_sub(1)),
+        (_, None) => (0, u64::MAX),
+    };
+    let h = resp.headers_mut();
+    if let Some(total) = size {
+        let len = if total == 0 { 0 } else { end - start + 1 };
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    if head || size == Some(0) {
+        return Ok(resp);
+    }
+    *resp.body_mut() = match b.source {
+        BlobSource::File(f) => channel_body(cache::stream_file(f, start, end)),
+        BlobSource::Fill(f) => channel_body(cache::stream_fill(f, start, end)),
+        BlobSource::Empty => empty(),
+    };
+    Ok(resp)
+}
+
+fn json_response(
+    value: &serde_json::Value,
+    head: bool,
+    content_type: &'static str,
+) -> Response<Body> {
+    let body = value.to_string();
+    let len = body.len();
+    let mut resp = Response::new(if head { empty() } else { full(body) });
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    resp
+}
+
+/// One page of a sorted list, after `last`, at most `n` long, and whether more follow.
+fn page(items: Vec<String>, n: Option<usize>, last: Option<&str>) -> (Vec<String>, bool) {
+    let mut items: Vec<String> = match last {
+        Some(l) => items.into_iter().filter(|t| t.as_str() > l).collect(),
+        None => items,
+    };
+    match n {
+        Some(n) if items.len() > n => {
+            items.truncate(n);
+            (items, true)
+        }
+        _ => (items, false),
+    }
+}
+
+fn link_header(
+    resp: &mut Response<Body>,
+    path: &str,
+    n: Option<usize>,
+    last: &str,
+    ns: Option<&str>,
+) {
+    let mut q = format!("last={}", url_encode(last));
+    if let Some(n) = n {
+        q = format!("n={n}&{q}");
+    }
+    if let Some(ns) = ns {
+        q = format!("{q}&ns={}", url_encode(ns));
+    }
+    set_header(
+        resp.headers_mut(),
+        header::LINK,
+        &format!("<{path}?{q}>; rel=\"next\""),
+    );
+}
+
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' | b':' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn catalog(app: &Arc<App>, q: &Query, head: bool) -> Result<Response<Body>, ApiError> {
+    let n = parse_n(q.n.as_deref())?;
+    let mut names: Vec<String> = app
+        .cache
+        .store
+        .repos()
+        .map_err(|e| cache_error(e.into(), Object::Repository))?
+        .into_iter()
+        .map(|(u, r)| app.catalog_name(&u, &r))
+        .collect();
+    names.sort();
+    names.dedup();
+    let (names, more) = page(names, n, q.last.as_deref());
+    let last = names.last().cloned();
+    let mut resp = json_response(
+        &serde_json::json!({ "repositories": names }),
+        head,
+        "application/json",
+    );
+    if let (true, Some(l)) = (more, last) {
+        link_header(&mut resp, "/v2/_catalog", n, &l, None);
+    }
+    Ok(resp)
+}
+
+async fn tags(
+    app: &Arc<App>,
+    name: &str,
+    q: &Query,
+    head: bool,
+) -> Result<Response<Body>, ApiError> {
+    let route = app.route(name, q.ns.as_deref())?;
+    let n = parse_n(q.n.as_deref())?;
+    let mut upstream_query = Vec::new();
+    if let Some(n) = n {
+        upstream_query.push(format!("n={n}"));
+    }
+    if let Some(l) = &q.last {
+        upstream_query.push(format!("last={}", url_encode(l)));
+    }
+    let mut up_path = format!("/v2/{}/tags/list", route.repo);
+    if !upstream_query.is_empty() {
+        up_path = format!("{up_path}?{}", upstream_query.join("&"));
+    }
+    #[derive(serde::Deserialize)]
+    struct TagList {
+        tags: Option<Vec<String>>,
+    }
+    let (tags, more) = match route.upstream.get_json(&route.repo, &up_path).await {
+        Ok((body, link)) => {
+            let list: TagList = serde_json::from_slice(&body).map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "UNKNOWN",
+                    format!("upstream tag list is not valid JSON: {e}"),
+                )
+            })?;
+            let mut tags = list.tags.unwrap_or_default();
+            // Apply n and last ourselves too, in case the upstream ignored them.
+            tags.sort();
+            let (tags, more) = page(tags, n, q.last.as_deref());
+            (tags, more || link.is_some())
+        }
+        Err(e) if e.is_unavailable() => {
+            tracing::warn!(upstream = route.upstream.name(), error = %e, "upstream cannot list tags; listing cached tags");
+            let cached = app
+                .cache
+                .store
+                .tags(&route.key())
+                .map_err(|e| cache_error(e.into(), Object::Repository))?;
+            if cached.is_empty() {
+                return Err(upstream_error(&e, Object::Repository));
+            }
+            page(cached, n, q.last.as_deref())
+        }
+        Err(e) => return Err(upstream_error(&e, Object::Repository)),
+    };
+    let last = tags.last().cloned();
+    let mut resp = json_response(
+        &serde_json::json!({ "name": name, "tags": tags }),
+        head,
+        "application/json",
+    );
+    if let (true, Some(l)) = (more, last) {
+        link_header(
+            &mut resp,
+            &format!("/v2/{name}/tags/list"),
+            n,
+            &l,
+            q.ns.as_deref(),
+        );
+    }
+    Ok(resp)
+}
+
+async fn referrers(
+    app: &Arc<App>,
+    route: &Route,
+    subject: &Digest,
+    artifact_type: Option<&str>,
+    head: bool,
+) -> Result<Response<Body>, ApiError> {
+    let mut descriptors: Vec<serde_json::Value> = Vec::new();
+    let path = format!("/v2/{}/referrers/{subject}", route.repo);
+    match route.upstream.get_json(&route.repo, &path).await {
+        Ok((body, _)) => {
+            let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "UNKNOWN",
+                    format!("upstream referrers answer is not JSON: {e}"),
+                )
+            })?;
+            if let Some(list) = v.get("manifests").and_then(|m| m.as_array()) {
+                descriptors.extend(list.iter().cloned());
+            }
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "upstream has no referrers API; using the tag schema and the cache");
+            // The spec's fallback: an index tagged `<alg>-<hex>` lists the referrers.
+            let tag = format!("{}-{}", subject.algorithm().as_str(), subject.hex());
+            if let Ok(Reference::Tag(t)) = Reference::parse(&tag) {
+                if let Ok(m) = app.cache.manifest(route, &Reference::Tag(t)).await {
+                    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&m.bytes) {
+                        if let Some(list) = v.get("manifests").and_then(|m| m.as_array()) {
+                            descriptors.extend(list.iter().cloned());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let cached = app
+        .cache
+        .store
+        .referrers(&route.key(), subject)
+        .map_err(|e| cache_error(e.into(), Object::Manifest))?;
+    for c in cached {
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&c) {
+            if !descriptors
+                .iter()
+                .any(|d| d.get("digest") == v.get("digest"))
+            {
+                descriptors.push(v);
+            }
+        }
+    }
+    if let Some(at) = artifact_type {
+        descriptors.retain(|d| d.get("artifactType").and_then(|a| a.as_str()) == Some(at));
+    }
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": descriptors,
+    });
+    let mut resp = json_response(&index, head, "application/vnd.oci.image.index.v1+json");
+    if artifact_type.is_some() {
+        resp.headers_mut().insert(
+            "oci-filters-applied",
+            HeaderValue::from_static("artifactType"),
+        );
+    }
+    Ok(resp)
+}
+
+impl App {
+    /// Picks the upstream and repository for a request's name.
+    pub fn route(&self, raw_name: &str, ns: Option<&str>) -> Result<Route, ApiError> {
+        let unknown_host = |h: &str| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "NAME_UNKNOWN",
+                format!("no upstream is configured for registry host {h:?}"),
+            )
+        };
+        let (upstream, name) = if let Some(ns) = ns {
+            let up = self.upstream_for_host(ns).ok_or_else(|| unknown_host(ns))?;
+            // A mirror with a path may also repeat the host: accept it once.
+            let name = match raw_name.split_once('/') {
+                Some((first, rest))
+                    if up
+                        .config
+                        .hosts
+                        .iter()
+                        .any(|h| h.eq_ignore_ascii_case(first)) =>
+                {
+                    rest
+                }
+                _ => raw_name,
+            };
+            (up, name)
+        } else {
+            match raw_name.split_once('/') {
+                Some((first, rest)) if looks_like_host(first) => (
+                    self.upstream_for_host(first)
+                        .ok_or_else(|| unknown_host(first))?,
+                    rest,
+                ),
+                _ => (self.default_upstream(), raw_name),
+            }
+        };
+        let mut repo: RepoName = name.parse()?;
+        if upstream.config.docker_hub_names {
+            repo = repo.docker_hub_normalised();
+        }
+        Ok(Route { upstream, repo })
+    }
+}
+
+/// Whether a leading path segment names a registry host (`ghcr.io`, `localhost:5000`).
+pub fn looks_like_host(s: &str) -> bool {
+    s.contains('.') || s.contains(':') || s == "localhost"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_split_on_the_last_operation() {
+        assert!(matches!(parse_path("/v2/"), Endpoint::Base));
+        assert!(matches!(parse_path("/v2"), Endpoint::Base));
+        assert!(matches!(parse_path("/v2/_catalog"), Endpoint::Catalog));
+        assert!(matches!(
+            parse_path("/v2/a/b/manifests/latest"),
+            Endpoint::Manifest("a/b", "latest")
+        ));
+        assert!(matches!(
+            parse_path("/v2/a/manifests/x/manifests/y"),
+            Endpoint::Manifest("a/manifests/x", "y")
+        ));
+        assert!(matches!(
+            parse_path("/v2/a/blobs/sha256:x"),
+            Endpoint::Blob("a", "sha256:x")
+        ));
+        assert!(matches!(
+            parse_path("/v2/a/blobs/uploads/"),
+            Endpoint::Upload
+        ));
+        assert!(matches!(parse_path("/v2/a/tags/list"), Endpoint::Tags("a")));
+        assert!(matches!(
+            parse_path("/v2/a/referrers/sha256:x"),
+            Endpoint::Referrers("a", "sha256:x")
+        ));
+        assert!(matches!(parse_path("/v3/a"), Endpoint::Unknown));
+        assert!(matches!(parse_path("/v2x"), Endpoint::Unknown));
+    }
+
+    #[test]
+    fn ranges_parse_and_resolve() {
+        let r = |s: &str| parse_range(Some(&HeaderValue::from_str(s).expect("header")));
+        assert_eq!(r("bytes=0-9"), Some(RangeSpec::FromTo(0, 9)));
+        assert_eq!(r("bytes=5-"), Some(RangeSpec::From(5)));
+        assert_eq!(r("bytes=-3"), Some(RangeSpec::Suffix(3)));
+        assert_eq!(r("bytes=9-0"), None);
+        assert_eq!(r("bytes=0-1,3-4"), None);
+        assert_eq!(r("items=0-1"), None);
+        assert_eq!(RangeSpec::FromTo(0, 99).resolve(10), Some((0, 9)));
+        assert_eq!(RangeSpec::From(10).resolve(10), None);
+        assert_eq!(RangeSpec::Suffix(30).resolve(10), Some((0, 9)));
+        assert_eq!(RangeSpec::Suffix(0).resolve(10), None);
+    }
+
+    #[test]
+    fn query_and_paging() {
+        let q = parse_query(Some("ns=docker.io&n=2&last=a%2Bb"));
+        assert_eq!(q.ns.as_deref(), Some("docker.io"));
+        assert_eq!(q.last.as_deref(), Some("a b").map(|_| "a+b"));
+        let items: Vec<String> = ["a", "b", "c", "d"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(
+            page(items.clone(), Some(2), None),
+            (vec!["a".into(), "b".into()], true)
+        );
+        assert_eq!(
+            page(items.clone(), Some(2), Some("b")),
+            (vec!["c".into(), "d".into()], false)
+        );
+        assert_eq!(page(items, None, Some("d")), (vec![], false));
+        assert!(parse_n(Some("x")).is_err());
+        assert!(parse_n(Some("100000")).is_err());
+    }
+
+    #[test]
+    fn hosts_are_recognised() {
+        assert!(looks_like_host("ghcr.io"));
+        assert!(looks_like_host("127.0.0.1:5000"));
+        assert!(looks_like_host("localhost"));
+        assert!(!looks_like_host("library"));
+    }
+}

@@ -1,0 +1,771 @@
+//! The pull-through logic: serve from the store, revalidate tags, fill misses once (single flight).
+//!
+//! Manifests are small: one upstream fetch per (upstream, repository, reference) at a time, shared
+//! by every client asking meanwhile, verified, then stored. Blobs are filled by a background task
+//! into a temporary file; every client asking for the same blob meanwhile reads that file as it
+//! grows, and the last byte of every response is held back until the digest has been verified, so
+//! a client never receives a complete body that is wrong.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::{BoxFuture, FutureExt, Shared};
+use tokio::sync::{mpsc, watch};
+
+use crate::reference::{Digest, Reference, RepoName, Tag};
+use crate::store::{now_secs, RepoKey, Store, StoreError, TempBlob};
+use crate::upstream::{Upstream, UpstreamError};
+
+/// Size of the chunks read from files and sent to clients.
+pub const CHUNK: usize = 256 * 1024;
+/// How many times a broken upstream blob stream is resumed with a `Range` request.
+const RESUME_ATTEMPTS: u32 = 3;
+
+/// Why the cache could not answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CacheError {
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error("store: {0}")]
+    Store(String),
+    #[error("content from upstream {upstream} does not match digest {expected} (got {actual})")]
+    DigestMismatch {
+        upstream: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("blob {digest} from upstream {upstream}: expected {expected} bytes, got {actual}")]
+    SizeMismatch {
+        upstream: String,
+        digest: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for CacheError {
+    fn from(e: StoreError) -> Self {
+        CacheError::Store(e.to_string())
+    }
+}
+
+/// How a request was answered, for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Served from the store with no upstream contact.
+    Hit,
+    /// Served from the store after the upstream confirmed it is current.
+    Revalidated,
+    /// Fetched from the upstream by this request.
+    Miss,
+    /// Joined a fetch another request had started.
+    Coalesced,
+    /// Served from the store because the upstream could not answer.
+    Stale,
+    /// Answered by the upstream without caching (e.g. a HEAD of an uncached blob).
+    Passthrough,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Hit => "hit",
+            Outcome::Revalidated => "revalidated",
+            Outcome::Miss => "miss",
+            Outcome::Coalesced => "coalesced",
+            Outcome::Stale => "stale",
+            Outcome::Passthrough => "passthrough",
+        }
+    }
+}
+
+/// A request routed to one upstream and repository.
+#[derive(Clone)]
+pub struct Route {
+    pub upstream: Arc<Upstream>,
+    pub repo: RepoName,
+}
+
+impl Route {
+    pub fn key(&self) -> RepoKey {
+        RepoKey {
+            upstream: self.upstream.name().to_owned(),
+            repo: self.repo.clone(),
+        }
+    }
+}
+
+/// A manifest ready to serve.
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    pub digest: Digest,
+    pub media_type: String,
+    pub bytes: Bytes,
+    pub outcome: Outcome,
+    /// Set when served stale: why the upstream could not be asked.
+    pub stale_reason: Option<String>,
+}
+
+/// Progress of a blob fill, published to every reader.
+#[derive(Debug, Clone)]
+pub enum FillState {
+    Connecting,
+    Streaming { size: Option<u64>, written: u64 },
+    Done { size: u64 },
+    Failed(CacheError),
+}
+
+/// A blob being fetched from the upstream into a temporary file.
+pub struct Fill {
+    file: File,
+    state: watch::Receiver<FillState>,
+}
+
+/// Where a blob response's bytes come from.
+pub enum BlobSource {
+    /// A committed file of this size.
+    File(File),
+    /// A fill in progress (or just finished).
+    Fill(Arc<Fill>),
+    /// Nothing to send (HEAD).
+    Empty,
+}
+
+/// A blob ready to serve.
+pub struct Blob {
+    pub size: Option<u64>,
+    pub source: BlobSource,
+    pub outcome: Outcome,
+}
+
+type Flight<T> = Shared<BoxFuture<'static, Result<T, CacheError>>>;
+
+/// Runs one future per key at a time; callers with the same key share its result.
+struct Flights<T: Clone> {
+    map: Arc<Mutex<HashMap<String, Flight<T>>>>,
+}
+
+impl<T: Clone + Send + Sync + 'static> Flights<T> {
+    fn new() -> Self {
+        Flights {
+            map: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Returns the shared result and whether this caller joined an existing flight.
+    async fn run<F>(&self, key: String, make: impl FnOnce() -> F) -> (Result<T, CacheError>, bool)
+    where
+        F: Future<Output = Result<T, CacheError>> + Send + 'static,
+    {
+        let (flight, joined) = {
+            let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(f) = map.get(&key) {
+                (f.clone(), true)
+            } else {
+                let fut = make();
+                let map2 = Arc::clone(&self.map);
+                let key2 = key.clone();
+                // Spawned so that a client hanging up does not cancel the work others wait for.
+                let handle = tokio::spawn(async move {
+                    let r = fut.await;
+                    map2.lock().unwrap_or_else(|p| p.into_inner()).remove(&key2);
+                    r
+                });
+                let shared = async move {
+                    handle
+                        .await
+                        .unwrap_or_else(|e| Err(CacheError::Internal(format!("fetch task: {e}"))))
+                }
+                .boxed()
+                .shared();
+                map.insert(key, shared.clone());
+                (shared, false)
+            }
+        };
+        (flight.await, joined)
+    }
+}
+
+/// The cache: store plus upstreams plus in-flight fetches.
+pub struct Cache {
+    pub store: Arc<Store>,
+    max_manifest_size: u64,
+    manifests: Flights<Manifest>,
+    fills: Mutex<HashMap<String, Arc<Fill>>>,
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, CacheError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| CacheError::Internal(format!("blocking task: {e}")))?
+        .map_err(CacheError::from)
+}
+
+/// The digest a client gets for a manifest body: the header's algorithm if given, else sha256.
+fn verify_manifest(
+    up: &Upstream,
+    bytes: &[u8],
+    header: Option<&Digest>,
+    expected: Option<&Digest>,
+) -> Result<Digest, CacheError> {
+    let alg_of = expected.or(header);
+    let actual = match alg_of {
+        Some(d) => {
+            let mut h = d.hasher();
+            h.update(bytes);
+            h.finish()
+        }
+        None => Digest::sha256_of(bytes),
+    };
+    for want in [expected, header].into_iter().flatten() {
+        if *want != actual && want.algorithm() == actual.algorithm() {
+            return Err(CacheError::DigestMismatch {
+                upstream: up.name().to_owned(),
+                expected: want.to_string(),
+                actual: actual.to_string(),
+            });
+        }
+    }
+    Ok(actual)
+}
+
+/// The `subject` of a manifest and the descriptor to list it under in the referrers API.
+fn referrer_descriptor(bytes: &[u8], media_type: &str, d: &Digest) -> Option<(Digest, Vec<u8>)> {
+    let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    let subject: Digest = v.get("subject")?.get("digest")?.as_str()?.parse().ok()?;
+    let artifact_type = v
+        .get("artifactType")
+        .and_then(|a| a.as_str())
+        .or_else(|| v.get("config")?.get("mediaType")?.as_str())
+        .map(str::to_owned);
+    let mut desc = serde_json::json!({
+        "mediaType": media_type,
+        "digest": d.to_string(),
+        "size": bytes.len(),
+    });
+    if let Some(a) = artifact_type {
+        desc["artifactType"] = serde_json::Value::String(a);
+    }
+    if let Some(ann) = v.get("annotations") {
+        desc["annotations"] = ann.clone();
+    }
+    Some((subject, serde_json::to_vec(&desc).ok()?))
+}
+
+impl Cache {
+    pub fn new(store: Arc<Store>, max_manifest_size: u64) -> Cache {
+        Cache {
+            store,
+            max_manifest_size,
+            manifests: Flights::new(),
+            fills: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn stored_manifest(
+        &self,
+        d: &Digest,
+        outcome: Outcome,
+    ) -> Result<Option<Manifest>, CacheError> {
+        let Some(info) = self.store.manifest_info(d)? else {
+            return Ok(None);
+        };
+        let Some(bytes) = self.store.read_manifest(d)? else {
+            return Ok(None);
+        };
+        Ok(Some(Manifest {
+            digest: d.clone(),
+            media_type: info.media_type,
+            bytes: Bytes::from(bytes),
+            outcome,
+            stale_reason: None,
+        }))
+    }
+
+    /// A manifest by tag or digest.
+    pub async fn manifest(
+        self: &Arc<Self>,
+        route: &Route,
+        reference: &Reference,
+    ) -> Result<Manifest, CacheError> {
+        let key = route.key();
+        match reference {
+            Reference::Digest(d) => {
+                if self.store.is_linked(&key, d)? {
+                    if let Some(m) = self.stored_manifest(d, Outcome::Hit)? {
+                        return Ok(m);
+                    }
+                }
+            }
+            Reference::Tag(t) => {
+                if let Some(rec) = self.store.tag(&key, t)? {
+                    let age = now_secs().saturating_sub(rec.checked_at);
+                    if Duration::from_secs(age) < route.upstream.config.freshness {
+                        if let Ok(d) = rec.digest.parse::<Digest>() {
+                            if let Some(m) = self.stored_manifest(&d, Outcome::Hit)? {
+                                return Ok(m);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let flight_key = format!("{}/{}@{}", key.upstream, key.repo, reference);
+        let (this, route2, reference2) = (Arc::clone(self), route.clone(), reference.clone());
+        let (result, joined) = self
+            .manifests
+            .run(flight_key, move || async move {
+                this.fetch_manifest(&route2, &reference2).await
+            })
+            .await;
+        let mut m = result?;
+        if joined && m.outcome == Outcome::Miss {
+            m.outcome = Outcome::Coalesced;
+        }
+        Ok(m)
+    }
+
+    /// The slow path of [`Cache::manifest`], run once per key at a time.
+    async fn fetch_manifest(
+        &self,
+        route: &Route,
+        reference: &Reference,
+    ) -> Result<Manifest, CacheError> {
+        let up = &route.upstream;
+        let key = route.key();
+        match reference {
+            Reference::Digest(d) => {
+                if self.store.manifest_info(d)?.is_some() {
+                    // Stored for another repository: the upstream must confirm this one has it.
+                    up.head_manifest(&route.repo, &d.to_string()).await?;
+                    let (store, k2, d2) = (Arc::clone(&self.store), key.clone(), d.clone());
+                    blocking(move || store.link(&k2, &d2)).await?;
+                    if let Some(m) = self.stored_manifest(d, Outcome::Revalidated)? {
+                        return Ok(m);
+                    }
+                }
+                self.download_manifest(route, reference, None).await
+            }
+            Reference::Tag(t) => {
+                let cached = match self.store.tag(&key, t)? {
+                    Some(rec) => match rec.digest.parse::<Digest>() {
+                        Ok(d) => self.stored_manifest(&d, Outcome::Hit)?.map(|m| (rec, m)),
+                        Err(_) => None,
+                    },
+                    None => None,
+                };
+                let Some((rec, cached)) = cached else {
+                    return self.download_manifest(route, reference, Some(t)).await;
+                };
+                if Duration::from_secs(now_secs().saturating_sub(rec.checked_at))
+                    < up.config.freshness
+                {
+                    return Ok(cached); // another flight refreshed it meanwhile
+                }
+                match up.head_manifest(&route.repo, t.as_str()).await {
+                    Ok(head) => match head.digest {
+                        Some(d) if d == cached.digest => {
+                            let (store, k2, t2) = (Arc::clone(&self.store), key.clone(), t.clone());
+                            blocking(move || store.set_tag(&k2, &t2, &d, now_secs())).await?;
+                            Ok(Manifest {
+                                outcome: Outcome::Revalidated,
+                                ..cached
+                            })
+                        }
+                        _ => self.download_manifest(route, reference, Some(t)).await,
+                    },
+                    Err(e) if e.is_unavailable() => {
+                        tracing::warn!(upstream = up.name(), repo = %route.repo, tag = %t, error = %e, "upstream cannot answer; serving the cached tag");
+                        Ok(Manifest {
+                            outcome: Outcome::Stale,
+                            stale_reason: Some(e.to_string()),
+                            ..cached
+                        })
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            }
+        }
+    }
+
+    async fn download_manifest(
+        &self,
+        route: &Route,
+        reference: &Reference,
+        tag: Option<&Tag>,
+    ) -> Result<Manifest, CacheError> {
+        let up = &route.upstream;
+        let fetched = up
+            .get_manifest(&route.repo, &reference.to_string(), self.max_manifest_size)
+            .await?;
+        let expected = match reference {
+            Reference::Digest(d) => Some(d),
+            Reference::Tag(_) => None,
+        };
+        let digest = verify_manifest(up, &fetched.bytes, fetched.header_digest.as_ref(), expected)?;
+        let subject = referrer_descriptor(&fetched.bytes, &fetched.media_type, &digest);
+        let (store, key, d2, mt, bytes, tag2) = (
+            Arc::clone(&self.store),
+            route.key(),
+            digest.clone(),
+            fetched.media_type.clone(),
+            fetched.bytes.clone(),
+            tag.cloned(),
+        );
+        blocking(move || {
+            store.put_manifest(
+                &key,
+                &d2,
+                &mt,
+                &bytes,
+                tag2.as_ref(),
+                subject.as_ref().map(|(s, desc)| (s, desc.as_slice())),
+            )
+        })
+        .await?;
+        Ok(Manifest {
+            digest,
+            media_type: fetched.media_type,
+            bytes: fetched.bytes,
+            outcome: Outcome::Miss,
+            stale_reason: None,
+        })
+    }
+
+    /// A blob for `GET` (`want_body`) or `HEAD`.
+    pub async fn blob(
+        self: &Arc<Self>,
+        route: &Route,
+        d: &Digest,
+        want_body: bool,
+    ) -> Result<Blob, CacheError> {
+        let key = route.key();
+        if let Some((file, size)) = self.store.open_blob(d)? {
+            let mut outcome = Outcome::Hit;
+            if !self.store.is_linked(&key, d)? {
+                // Stored for another repository: only serve it here if the upstream agrees.
+                route.upstream.head_blob(&route.repo, d).await?;
+                let (store, k2, d2) = (Arc::clone(&self.store), key.clone(), d.clone());
+                blocking(move || store.link(&k2, &d2)).await?;
+                outcome = Outcome::Revalidated;
+            }
+            return Ok(Blob {
+                size: Some(size),
+                source: if want_body {
+                    BlobSource::File(file)
+                } else {
+                    BlobSource::Empty
+                },
+                outcome,
+            });
+        }
+        let fill_key = format!("{}/{}@{}", key.upstream, key.repo, d);
+        let existing = self
+            .fills
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&fill_key)
+            .cloned();
+        if !want_body && existing.is_none() {
+            let size = route.upstream.head_blob(&route.repo, d).await?;
+            return Ok(Blob {
+                size,
+                source: BlobSource::Empty,
+                outcome: Outcome::Passthrough,
+            });
+        }
+        let (fill, outcome) = match existing {
+            Some(f) => (f, Outcome::Coalesced),
+            None => (self.start_fill(route, d, fill_key)?, Outcome::Miss),
+        };
+        let size = fill.wait_started().await?;
+        Ok(Blob {
+            size,
+            source: if want_body {
+                BlobSource::Fill(fill)
+            } else {
+                BlobSource::Empty
+            },
+            outcome,
+        })
+    }
+
+    /// Starts (or joins, if one raced us) the fill of `d` for `route`.
+    fn start_fill(
+        self: &Arc<Self>,
+        route: &Route,
+        d: &Digest,
+        fill_key: String,
+    ) -> Result<Arc<Fill>, CacheError> {
+        let mut fills = self.fills.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = fills.get(&fill_key) {
+            return Ok(Arc::clone(f));
+        }
+        let temp = self.store.temp_blob()?;
+        let read = temp
+            .file()
+            .ok_or_else(|| CacheError::Internal("temporary file closed".into()))?
+            .try_clone()
+            .map_err(|e| CacheError::Store(format!("dup temporary file: {e}")))?;
+        let (tx, rx) = watch::channel(FillState::Connecting);
+        let fill = Arc::new(Fill {
+            file: read,
+            state: rx,
+        });
+        fills.insert(fill_key.clone(), Arc::clone(&fill));
+        drop(fills);
+        let this = Arc::clone(self);
+        let (route, d) = (route.clone(), d.clone());
+        tokio::spawn(async move {
+            let result = this.run_fill(&route, &d, temp, &tx).await;
+            // Remove before publishing the outcome, so that later requests see the store.
+            this.fills
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&fill_key);
+            match result {
+                Ok(size) => {
+                    tracing::debug!(upstream = route.upstream.name(), digest = %d, size, "blob committed");
+                    tx.send_replace(FillState::Done { size });
+                }
+                Err(e) => {
+                    tracing::warn!(upstream = route.upstream.name(), repo = %route.repo, digest = %d, error = %e, "blob fill failed");
+                    tx.send_replace(FillState::Failed(e));
+                }
+            }
+        });
+        Ok(fill)
+    }
+
+    /// Downloads, hashes and commits one blob; returns its size.
+    async fn run_fill(
+        &self,
+        route: &Route,
+        d: &Digest,
+        temp: TempBlob,
+        tx: &watch::Sender<FillState>,
+    ) -> Result<u64, CacheError> {
+        let up = &route.upstream;
+        let mut resp = up.get_blob(&route.repo, d, 0).await?;
+        let size = resp.content_length();
+        tx.send_replace(FillState::Streaming { size, written: 0 });
+        let mut state = Some((temp, d.hasher()));
+        let mut written: u64 = 0;
+        let mut resumes = 0;
+        loop {
+            let chunk = match up.next_chunk(&mut resp).await {
+                Ok(Some(c)) => c,
+                Ok(None) if size.is_none_or(|s| written >= s) => break,
+                Ok(None) | Err(_) if resumes < RESUME_ATTEMPTS => {
+                    // The stream broke (or ended early): ask for the rest.
+                    resumes += 1;
+                    tracing::warn!(upstream = up.name(), digest = %d, written, attempt = resumes, "blob stream broke; resuming with Range");
+                    resp = up.get_blob(&route.repo, d, written).await?;
+                    continue;
+                }
+                Ok(None) => {
+                    return Err(CacheError::SizeMismatch {
+                        upstream: up.name().to_owned(),
+                        digest: d.to_string(),
+                        expected: size.unwrap_or(0),
+                        actual: written,
+                    })
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if size.is_some_and(|s| written + chunk.len() as u64 > s) {
+                return Err(CacheError::SizeMismatch {
+                    upstream: up.name().to_owned(),
+                    digest: d.to_string(),
+                    expected: size.unwrap_or(0),
+                    actual: written + chunk.len() as u64,
+                });
+            }
+            let (mut temp, mut hasher) = state
+                .take()
+                .ok_or_else(|| CacheError::Internal("fill state lost".into()))?;
+            let len = chunk.len() as u64;
+            let (temp, hasher) = tokio::task::spawn_blocking(move || {
+                hasher.update(&chunk);
+                temp.write_all(&chunk).map(|()| (temp, hasher))
+            })
+            .await
+            .map_err(|e| CacheError::Internal(format!("write task: {e}")))?
+            .map_err(|e| CacheError::Store(format!("writing temporary blob: {e}")))?;
+            state = Some((temp, hasher));
+            written += len;
+            tx.send_replace(FillState::Streaming { size, written });
+        }
+        let (temp, hasher) = state
+            .take()
+            .ok_or_else(|| CacheError::Internal("fill state lost".into()))?;
+        let actual = hasher.finish();
+        if actual != *d {
+            return Err(CacheError::DigestMismatch {
+                upstream: up.name().to_owned(),
+                expected: d.to_string(),
+                actual: actual.to_string(),
+            });
+        }
+        let (store, key, d2) = (Arc::clone(&self.store), route.key(), d.clone());
+        blocking(move || store.commit_blob(temp, &d2, written, &key, None)).await?;
+        Ok(written)
+    }
+}
+
+impl Fill {
+    /// Waits until the upstream answered; returns the blob's size if it announced one.
+    async fn wait_started(&self) -> Result<Option<u64>, CacheError> {
+        let mut rx = self.state.clone();
+        loop {
+            match &*rx.borrow_and_update() {
+                FillState::Connecting => {}
+                FillState::Streaming { size, .. } => return Ok(*size),
+                FillState::Done { size } => return Ok(Some(*size)),
+                FillState::Failed(e) => return Err(e.clone()),
+            }
+            if rx.changed().await.is_err() {
+                return Err(CacheError::Internal("fill ended without a result".into()));
+            }
+        }
+    }
+
+    /// Waits until the fill is done, returning its size.
+    pub async fn wait_done(&self) -> Result<u64, CacheError> {
+        let mut rx = self.state.clone();
+        loop {
+            match &*rx.borrow_and_update() {
+                FillState::Done { size } => return Ok(*size),
+                FillState::Failed(e) => return Err(e.clone()),
+                _ => {}
+            }
+            if rx.changed().await.is_err() {
+                return Err(CacheError::Internal("fill ended without a result".into()));
+            }
+        }
+    }
+}
+
+/// Reads `len` bytes at `offset` off the async threads.
+async fn read_at(file: File, offset: u64, len: usize) -> io::Result<(File, Bytes)> {
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; len];
+        let mut got = 0;
+        while got < len {
+            let n = file.read_at(&mut buf[got..], offset + got as u64)?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "blob file is shorter than recorded",
+                ));
+            }
+            got += n;
+        }
+        Ok((file, Bytes::from(buf)))
+    })
+    .await
+    .map_err(io::Error::other)?
+}
+
+pub type BodyChunk = Result<Bytes, io::Error>;
+
+/// Streams bytes `start..=end` of a committed file into a channel.
+pub fn stream_file(file: File, start: u64, end: u64) -> mpsc::Receiver<BodyChunk> {
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        let mut file = file;
+        let mut pos = start;
+        while pos <= end {
+            let len = CHUNK.min((end + 1 - pos) as usize);
+            match read_at(file, pos, len).await {
+                Ok((f, chunk)) => {
+                    file = f;
+                    pos += chunk.len() as u64;
+                    if tx.send(Ok(chunk)).await.is_err() {
+                        return; // client went away
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// Streams bytes `start..=end` of a blob being filled, as they arrive. The last byte is sent only
+/// once the fill has verified and committed the blob; a failed fill ends the stream with an error.
+pub fn stream_fill(fill: Arc<Fill>, start: u64, end: u64) -> mpsc::Receiver<BodyChunk> {
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        let mut rx_state = fill.state.clone();
+        let mut file = match fill.file.try_clone() {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
+        };
+        let mut pos = start;
+        loop {
+            let state = rx_state.borrow_and_update().clone();
+            let (limit, done) = match state {
+                FillState::Connecting => (pos, false),
+                FillState::Streaming { written, .. } => (written.min(end), false),
+                FillState::Done { .. } => (end + 1, true),
+                FillState::Failed(e) => {
+                    let _ = tx.send(Err(io::Error::other(e.to_string()))).await;
+                    return;
+                }
+            };
+            while pos < limit {
+                let len = CHUNK.min((limit - pos) as usize);
+                match read_at(file, pos, len).await {
+                    Ok((f, chunk)) => {
+                        file = f;
+                        pos += chunk.len() as u64;
+                        if tx.send(Ok(chunk)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                }
+            }
+            if done || pos > end {
+                return;
+            }
+            if rx_state.changed().await.is_err()
+                && !matches!(
+                    *rx_state.borrow(),
+                    FillState::Done { .. } | FillState::Failed(_)
+                )
+            {
+                let _ = tx
+                    .send(Err(io::Error::other("fill ended without a result")))
+                    .await;
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits for a fill to finish and gives its size (for ranges on fills of unknown size).
+pub async fn fill_size(fill: &Fill) -> Result<u64, CacheError> {
+    fill.wait_done().await
+}

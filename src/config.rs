@@ -1,0 +1,585 @@
+//! Configuration: the TOML file, its defaults, validation, and command-line overrides.
+//!
+//! The file is deserialized into raw types (`deny_unknown_fields`, so a misspelt key is an error
+//! with its line), then [`RawConfig::validate`] turns it into a typed [`Config`]. Every key has a
+//! default, so an empty file (or none) is a working configuration.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+
+/// Docker Hub's registry endpoint, the default upstream.
+pub const DOCKER_HUB_URL: &str = "https://registry-1.docker.io";
+/// Names under which clients refer to Docker Hub.
+pub const DOCKER_HUB_HOSTS: [&str; 3] = ["docker.io", "index.docker.io", "registry-1.docker.io"];
+/// Data directory when none is configured (systemd's `StateDirectory` wins when set).
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/regcache";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:5000";
+pub const DEFAULT_UPSTREAM_NAME: &str = "docker";
+
+/// A configuration problem, with the file's name and the line where TOML knows it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config {origin}: {message}")]
+    Invalid { origin: String, message: String },
+}
+
+/// A duration written as `"500ms"`, `"30s"`, `"5m"`, `"2h"`, `"1d"` or a number of seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DurationValue(pub Duration);
+
+/// A size written as `"4MiB"`, `"512KiB"`, `"10GB"`, `"123"` or a number of bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+/// An upstream URL: http or https, no query, no fragment, no credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl(pub reqwest::Url);
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| {
+        format!("invalid duration {s:?} (expected e.g. \"30s\", \"5m\", \"250ms\")")
+    })?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86400.0,
+        u => {
+            return Err(format!(
+                "invalid duration unit {u:?} in {s:?} (use ms, s, m, h or d)"
+            ))
+        }
+    };
+    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
+        return Err(format!("duration {s:?} is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid size {s:?} (expected e.g. \"4MiB\", \"10GB\")"))?;
+    let mult: u64 =
+        match unit.trim() {
+            "" | "B" => 1,
+            "K" | "KB" | "kB" => 1000,
+            "KiB" => 1 << 10,
+            "M" | "MB" => 1_000_000,
+            "MiB" => 1 << 20,
+            "G" | "GB" => 1_000_000_000,
+            "GiB" => 1 << 30,
+            "T" | "TB" => 1_000_000_000_000,
+            "TiB" => 1 << 40,
+            u => return Err(format!(
+                "invalid size unit {u:?} in {s:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB)"
+            )),
+        };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+pub fn parse_upstream_url(s: &str) -> Result<reqwest::Url, String> {
+    let url = reqwest::Url::parse(s).map_err(|e| format!("invalid URL {s:?}: {e}"))?;
+    if url.scheme() != "http" && url.scheme() != "https" {
+        return Err(format!("URL {s:?} must use http or https"));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("URL {s:?} has no host"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!(
+            "URL {s:?} must not hold credentials: use the upstream's username and password keys"
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!("URL {s:?} must not have a query or fragment"));
+    }
+    if url.path() != "/" && !url.path().is_empty() {
+        return Err(format!(
+            "URL {s:?} must be the registry's root (no path): requests go to <url>/v2/…"
+        ));
+    }
+    Ok(url)
+}
+
+/// Deserializes a string (or an integer, where `int` accepts one) through `parse`.
+struct StrOrInt<F>(F, &'static str);
+
+impl<'de, T, F: FnOnce(&str) -> Result<T, String>> de::Visitor<'de> for StrOrInt<F> {
+    type Value = T;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.1)
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
+        (self.0)(v).map_err(E::custom)
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<T, E> {
+        if v < 0 {
+            return Err(E::custom(format!("{v} is negative")));
+        }
+        (self.0)(&v.to_string()).map_err(E::custom)
+    }
+}
+
+impl<'de> Deserialize<'de> for DurationValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrOrInt(
+            |s: &str| parse_duration(s).map(DurationValue),
+            "a duration such as \"30s\"",
+        ))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrOrInt(
+            |s: &str| parse_size(s).map(ByteSize),
+            "a size such as \"4MiB\"",
+        ))
+    }
+}
+
+impl<'de> Deserialize<'de> for UpstreamUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(StrOrInt(
+            |s: &str| parse_upstream_url(s).map(UpstreamUrl),
+            "an http(s) URL",
+        ))
+    }
+}
+
+/// The file as written: every field optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub listen: Option<toml::Spanned<String>>,
+    pub data_dir: Option<PathBuf>,
+    pub default_upstream: Option<toml::Spanned<String>>,
+    pub max_manifest_size: Option<ByteSize>,
+    #[serde(default)]
+    pub log: RawLog,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, RawUpstream>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub level: Option<String>,
+    pub format: Option<LogFormat>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub url: UpstreamUrl,
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    pub freshness: Option<DurationValue>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub connect_timeout: Option<DurationValue>,
+    pub header_timeout: Option<DurationValue>,
+    pub idle_timeout: Option<DurationValue>,
+}
+
+/// Basic credentials for an upstream (also used to obtain Bearer tokens).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Credentials({}, <redacted>)", self.username)
+    }
+}
+
+/// One validated upstream registry.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub url: reqwest::Url,
+    /// Host names clients use for this registry (`?ns=`, leading path segment).
+    pub hosts: Vec<String>,
+    /// Whether Docker Hub's `library/` rule applies to single-component names.
+    pub docker_hub_names: bool,
+    pub freshness: Duration,
+    pub credentials: Option<Credentials>,
+    pub connect_timeout: Duration,
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// The validated configuration the server runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Index into `upstreams` of the one answering requests with no host.
+    pub default_upstream: usize,
+    pub max_manifest_size: u64,
+    pub log_level: String,
+    pub log_format: LogFormat,
+}
+
+/// Command-line values that override the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub upstream: Option<reqwest::Url>,
+    pub log_level: Option<String>,
+    pub log_format: Option<LogFormat>,
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string(), overrides)
+    }
+
+    /// Parses and validates config text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Invalid {
+            origin: origin.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        raw.validate(text, overrides)
+            .map_err(|message| ConfigError::Invalid {
+                origin: origin.to_owned(),
+                message,
+            })
+    }
+
+    /// The built-in configuration (no file), with overrides.
+    pub fn defaults(overrides: &Overrides) -> Result<Config, ConfigError> {
+        Config::parse("", "(defaults)", overrides)
+    }
+
+    pub fn default_upstream(&self) -> &UpstreamConfig {
+        &self.upstreams[self.default_upstream]
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    match std::env::var_os("STATE_DIRECTORY") {
+        // systemd may pass several, colon-separated; the first is ours.
+        Some(v) if !v.is_empty() => {
+            let s = v.to_string_lossy();
+            PathBuf::from(s.split(':').next().unwrap_or(DEFAULT_DATA_DIR))
+        }
+        _ => PathBuf::from(DEFAULT_DATA_DIR),
+    }
+}
+
+impl RawConfig {
+    /// Checks everything serde could not, fills defaults and applies overrides.
+    pub fn validate(self, text: &str, o: &Overrides) -> Result<Config, String> {
+        let listen = match (&o.listen, &self.listen) {
+            (Some(a), _) => *a,
+            (None, Some(s)) => s.get_ref().parse().map_err(|e| {
+                format!(
+                    "line {}: listen = {:?} is not an address such as \"127.0.0.1:5000\": {e}",
+                    line_of(text, s.span().start),
+                    s.get_ref()
+                )
+            })?,
+            (None, None) => DEFAULT_LISTEN.parse().map_err(|e| format!("{e}"))?,
+        };
+        let data_dir = o
+            .data_dir
+            .clone()
+            .or(self.data_dir)
+            .unwrap_or_else(default_data_dir);
+        let max_manifest_size = self.max_manifest_size.map_or(4 << 20, |b| b.0);
+        if max_manifest_size == 0 {
+            return Err("max_manifest_size must be more than 0".into());
+        }
+
+        let mut raw_upstreams = self.upstreams;
+        let default_name = match &self.default_upstream {
+            Some(s) => {
+                if !raw_upstreams.contains_key(s.get_ref()) {
+                    return Err(format!(
+                        "line {}: default_upstream = {:?} names no [upstreams.{}] table",
+                        line_of(text, s.span().start),
+                        s.get_ref(),
+                        s.get_ref()
+                    ));
+                }
+                s.get_ref().clone()
+            }
+            None if raw_upstreams.len() == 1 => raw_upstreams
+                .keys()
+                .next()
+                .cloned()
+                .unwrap_or_else(|| DEFAULT_UPSTREAM_NAME.into()),
+            None => DEFAULT_UPSTREAM_NAME.to_owned(),
+        };
+        if !raw_upstreams.contains_key(&default_name) {
+            let url = parse_upstream_url(DOCKER_HUB_URL)?;
+            raw_upstreams.insert(
+                default_name.clone(),
+                RawUpstream {
+                    url: UpstreamUrl(url),
+                    hosts: Vec::new(),
+                    freshness: None,
+                    username: None,
+                    password: None,
+                    password_file: None,
+                    connect_timeout: None,
+                    header_timeout: None,
+                    idle_timeout: None,
+                },
+            );
+        }
+        if let (Some(url), Some(u)) = (&o.upstream, raw_upstreams.get_mut(&default_name)) {
+            u.url = UpstreamUrl(url.clone());
+        }
+        // Docker Hub's names belong to the default upstream unless another claims them.
+        let hub_claimed = raw_upstreams.values().any(|u| {
+            u.hosts
+                .iter()
+                .any(|h| DOCKER_HUB_HOSTS.contains(&h.as_str()))
+        });
+
+        let mut upstreams = Vec::new();
+        let mut default_upstream = 0;
+        let mut seen_hosts: BTreeMap<String, String> = BTreeMap::new();
+        for (name, raw) in raw_upstreams {
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+            {
+                return Err(format!(
+                    "[upstreams.{name}]: upstream names use letters, digits, '-' and '_'"
+                ));
+            }
+            let mut hosts: Vec<String> = raw.hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
+            if let Some(h) = raw.url.0.host_str() {
+                let with_port = match raw.url.0.port() {
+                    Some(p) => format!("{h}:{p}"),
+                    None => h.to_owned(),
+                };
+                hosts.push(with_port.to_ascii_lowercase());
+            }
+            if name == default_name && !hub_claimed {
+                hosts.extend(DOCKER_HUB_HOSTS.iter().map(|h| h.to_string()));
+            }
+            hosts.sort();
+            hosts.dedup();
+            for h in &hosts {
+                if h.is_empty() || h.contains('/') || h.contains(char::is_whitespace) {
+                    return Err(format!("upstreams.{name}.hosts: {h:?} is not a host name"));
+                }
+                if let Some(other) = seen_hosts.insert(h.clone(), name.clone()) {
+                    return Err(format!(
+                        "upstreams.{name}.hosts: host {h:?} is already served by [upstreams.{other}]"
+                    ));
+                }
+            }
+            let credentials = match (raw.username, raw.password, raw.password_file) {
+                (None, None, None) => None,
+                (Some(username), Some(password), None) => Some(Credentials { username, password }),
+                (Some(username), None, Some(file)) => {
+                    let password = std::fs::read_to_string(&file)
+                        .map_err(|e| {
+                            format!(
+                                "upstreams.{name}.password_file: cannot read {}: {e}",
+                                file.display()
+                            )
+                        })?
+                        .trim_end_matches(['\r', '\n'])
+                        .to_owned();
+                    Some(Credentials { username, password })
+                }
+                (Some(_), Some(_), Some(_)) => {
+                    return Err(format!(
+                        "upstreams.{name}: set password or password_file, not both"
+                    ))
+                }
+                _ => {
+                    return Err(format!(
+                        "upstreams.{name}: username needs a password or password_file, and they need a username"
+                    ))
+                }
+            };
+            if name == default_name {
+                default_upstream = upstreams.len();
+            }
+            let docker_hub_names = hosts.iter().any(|h| h == "docker.io");
+            upstreams.push(UpstreamConfig {
+                name,
+                url: raw.url.0,
+                hosts,
+                docker_hub_names,
+                freshness: raw.freshness.map_or(Duration::from_secs(60), |d| d.0),
+                credentials,
+                connect_timeout: raw.connect_timeout.map_or(Duration::from_secs(5), |d| d.0),
+                header_timeout: raw.header_timeout.map_or(Duration::from_secs(30), |d| d.0),
+                idle_timeout: raw.idle_timeout.map_or(Duration::from_secs(30), |d| d.0),
+            });
+        }
+        for u in &upstreams {
+            for (key, d) in [
+                ("connect_timeout", u.connect_timeout),
+                ("header_timeout", u.header_timeout),
+                ("idle_timeout", u.idle_timeout),
+            ] {
+                if d.is_zero() {
+                    return Err(format!("upstreams.{}.{key} must be more than 0", u.name));
+                }
+            }
+        }
+        let log_level = o
+            .log_level
+            .clone()
+            .or(self.log.level)
+            .unwrap_or_else(|| "info".into());
+        tracing_subscriber::EnvFilter::try_new(&log_level)
+            .map_err(|e| format!("log.level = {log_level:?} is not a valid filter: {e}"))?;
+        Ok(Config {
+            listen,
+            data_dir,
+            upstreams,
+            default_upstream,
+            max_manifest_size,
+            log_level,
+            log_format: o.log_format.or(self.log.format).unwrap_or_default(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(text, "test.toml", &Overrides::default()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn empty_config_has_working_defaults() {
+        let c = parse("").expect("defaults");
+        assert_eq!(c.listen.to_string(), "127.0.0.1:5000");
+        assert_eq!(c.upstreams.len(), 1);
+        let d = c.default_upstream();
+        assert_eq!(d.url.as_str(), "https://registry-1.docker.io/");
+        assert!(d.hosts.iter().any(|h| h == "docker.io"));
+        assert!(d.docker_hub_names);
+        assert_eq!(d.freshness, Duration::from_secs(60));
+        assert_eq!(c.max_manifest_size, 4 << 20);
+    }
+
+    #[test]
+    fn upstream_flag_replaces_default_upstream_url() {
+        let o = Overrides {
+            upstream: Some(parse_upstream_url("http://127.0.0.1:5001").expect("url")),
+            ..Default::default()
+        };
+        let c = Config::parse("", "t", &o).expect("valid");
+        assert_eq!(c.default_upstream().url.as_str(), "http://127.0.0.1:5001/");
+        assert!(c.default_upstream().hosts.iter().any(|h| h == "docker.io"));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_line() {
+        let e = parse("listen = \"127.0.0.1:1\"\nlisten_addr = 3\n").expect_err("unknown key");
+        assert!(e.contains("line 2") && e.contains("listen_addr"), "{e}");
+        let e = parse("[upstreams.a]\nurl = \"https://x.io\"\nfreshnes = \"1s\"\n")
+            .expect_err("unknown key");
+        assert!(e.contains("line 3") && e.contains("freshnes"), "{e}");
+    }
+
+    #[test]
+    fn bad_urls_sizes_and_durations_name_the_line() {
+        let e = parse("[upstreams.a]\nurl = \"ftp://x.io\"\n").expect_err("bad scheme");
+        assert!(e.contains("line 2") && e.contains("http or https"), "{e}");
+        let e = parse("max_manifest_size = \"4 parsecs\"\n").expect_err("bad size");
+        assert!(e.contains("line 1") && e.contains("size"), "{e}");
+        let e = parse("[upstreams.a]\nurl = \"https://x.io\"\nfreshness = \"soon\"\n")
+            .expect_err("bad duration");
+        assert!(e.contains("line 3") && e.contains("duration"), "{e}");
+        let e = parse("listen = \"localhost\"\n").expect_err("bad listen");
+        assert!(e.contains("line 1") && e.contains("listen"), "{e}");
+        let e = parse("default_upstream = \"nope\"\n").expect_err("bad default");
+        assert!(e.contains("line 1") && e.contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn several_upstreams_with_hosts() {
+        let c = parse(
+            "default_upstream = \"hub\"\n\
+             [upstreams.hub]\nurl = \"http://127.0.0.1:1\"\nfreshness = \"5m\"\n\
+             [upstreams.ghcr]\nurl = \"https://ghcr.io\"\nusername = \"u\"\npassword = \"p\"\n",
+        )
+        .expect("valid");
+        assert_eq!(c.upstreams.len(), 2);
+        assert_eq!(c.default_upstream().name, "hub");
+        assert_eq!(c.default_upstream().freshness, Duration::from_secs(300));
+        let ghcr = c.upstreams.iter().find(|u| u.name == "ghcr").expect("ghcr");
+        assert_eq!(ghcr.hosts, vec!["ghcr.io".to_string()]);
+        assert!(!ghcr.docker_hub_names);
+        assert!(format!("{:?}", ghcr.credentials).contains("redacted"));
+        let e = parse(
+            "[upstreams.a]\nurl = \"https://a.io\"\nhosts = [\"x.io\"]\n\
+             [upstreams.b]\nurl = \"https://x.io\"\n",
+        )
+        .expect_err("duplicate host");
+        assert!(e.contains("x.io"), "{e}");
+    }
+
+    #[test]
+    fn sizes_and_durations_parse() {
+        assert_eq!(parse_size("4MiB"), Ok(4 << 20));
+        assert_eq!(parse_size("10GB"), Ok(10_000_000_000));
+        assert_eq!(parse_size("17"), Ok(17));
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("99999999999TiB").is_err());
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert!(parse_duration("2 weeks").is_err());
+    }
+}

@@ -1,0 +1,15 @@
+//! regcache: a pull-through image cache and registry mirror that keeps serving what it has seen
+//! when the upstream, the network or a config store is down.
+//!
+//! Request flow: [`server`] accepts connections → [`api`] parses and routes the request →
+//! [`cache`] answers from the [`store`] or fetches once through [`upstream`].
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod cache;
+pub mod cli;
+pub mod config;
+pub mod reference;
+pub mod server;
+pub mod store;
+pub mod upstream;

@@ -1,0 +1,134 @@
+//! The server: assembles the store, upstreams and cache into an [`App`], accepts connections and
+//! drains them on shutdown.
+//!
+//! [`run`] takes an already bound listener and a shutdown future, so tests bind `127.0.0.1:0` and
+//! call it directly.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+
+use crate::cache::Cache;
+use crate::config::Config;
+use crate::store::Store;
+use crate::upstream::Upstream;
+
+/// Everything a request handler needs.
+pub struct App {
+    pub config: Config,
+    pub cache: Arc<Cache>,
+    upstreams: Vec<Arc<Upstream>>,
+    /// Lower-case host name → index in `upstreams`.
+    hosts: HashMap<String, usize>,
+}
+
+impl App {
+    /// Opens the store and builds the upstream clients. Contacts no upstream.
+    pub fn open(config: Config) -> anyhow::Result<Arc<App>> {
+        let store = Store::open(&config.data_dir).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open the store in {}: {e}",
+                config.data_dir.display()
+            )
+        })?;
+        let mut upstreams = Vec::new();
+        let mut hosts = HashMap::new();
+        for (i, u) in config.upstreams.iter().enumerate() {
+            for h in &u.hosts {
+                hosts.insert(h.to_ascii_lowercase(), i);
+            }
+            upstreams.push(Arc::new(Upstream::new(u.clone()).map_err(|e| {
+                anyhow::anyhow!("cannot build the HTTP client for upstream {}: {e}", u.name)
+            })?));
+        }
+        let cache = Arc::new(Cache::new(Arc::new(store), config.max_manifest_size));
+        Ok(Arc::new(App {
+            config,
+            cache,
+            upstreams,
+            hosts,
+        }))
+    }
+
+    pub fn default_upstream(&self) -> Arc<Upstream> {
+        Arc::clone(&self.upstreams[self.config.default_upstream])
+    }
+
+    pub fn upstream_for_host(&self, host: &str) -> Option<Arc<Upstream>> {
+        self.hosts
+            .get(&host.to_ascii_lowercase())
+            .map(|&i| Arc::clone(&self.upstreams[i]))
+    }
+
+    /// The name under which `/v2/_catalog` lists a cached repository.
+    pub fn catalog_name(&self, upstream: &str, repo: &str) -> String {
+        let default = &self.config.upstreams[self.config.default_upstream];
+        if upstream == default.name {
+            return repo.to_owned();
+        }
+        match self.upstreams.iter().find(|u| u.name() == upstream) {
+            Some(u) => {
+                let host = u.config.hosts.first().cloned().unwrap_or_default();
+                format!("{host}/{repo}")
+            }
+            None => format!("{upstream}/{repo}"),
+        }
+    }
+}
+
+/// How long in-flight requests may take to finish after shutdown was asked for.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
+
+/// Serves `app` on `listener` until `shutdown` completes, then drains connections for at most
+/// `grace`.
+pub async fn run(
+    listener: TcpListener,
+    app: Arc<App>,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let app = Arc::clone(&app);
+                let service = service_fn(move |req| crate::api::handle(Arc::clone(&app), req));
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(30))
+                    .keep_alive(true)
+                    .serve_connection(TokioIo::new(stream), service);
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    tracing::info!("shutting down: draining in-flight requests");
+    tokio::select! {
+        () = graceful.shutdown() => tracing::info!("all connections closed"),
+        () = tokio::time::sleep(grace) => tracing::warn!(grace_s = grace.as_secs(), "grace period over; closing remaining connections"),
+    }
+    Ok(())
+}

@@ -1,0 +1,587 @@
+//! The local content-addressed store: blob files on disk and the redb metadata database.
+//!
+//! Layout under the data directory:
+//! - `blobs/<alg>/<first two hex>/<hex>`: committed content (layers, configs and manifests alike);
+//! - `tmp/`: files being filled, never served by path, removed at start;
+//! - `meta.redb`: tables described in `docs/ARCHITECTURE.md`.
+//!
+//! A blob is recorded in the database only after its file was verified, fsynced and renamed into
+//! place, so every recorded blob exists with its digest's content.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::reference::{Digest, RepoName, Tag};
+
+/// Version of the database layout this build writes.
+pub const SCHEMA_VERSION: u64 = 1;
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// digest → size in bytes of a committed blob file.
+const BLOBS: TableDefinition<&str, u64> = TableDefinition::new("blobs");
+/// digest → media type, for blobs that are manifests.
+const MANIFESTS: TableDefinition<&str, &str> = TableDefinition::new("manifests");
+/// `upstream \0 repo \0 tag` → JSON [`TagRecord`].
+const TAGS: TableDefinition<&str, &[u8]> = TableDefinition::new("tags");
+/// `upstream \0 repo \0 digest` → unix time the link was made.
+const LINKS: TableDefinition<&str, u64> = TableDefinition::new("links");
+/// `upstream \0 repo` → unix time the repository was first cached.
+const REPOS: TableDefinition<&str, u64> = TableDefinition::new("repos");
+/// `upstream \0 repo \0 subject digest \0 referrer digest` → JSON descriptor of the referrer.
+const REFERRERS: TableDefinition<&str, &[u8]> = TableDefinition::new("referrers");
+
+/// A store failure: I/O or database.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store I/O on {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("metadata database: {0}")]
+    Db(String),
+    #[error("{0}")]
+    Incompatible(String),
+}
+
+fn db_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Db(e.to_string())
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// What the cache knows about a tag.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TagRecord {
+    pub digest: String,
+    /// Unix seconds when the upstream last confirmed (or gave) this digest for the tag.
+    pub checked_at: u64,
+}
+
+/// A stored manifest's facts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestInfo {
+    pub media_type: String,
+    pub size: u64,
+}
+
+/// Names a repository of one upstream in the database.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RepoKey {
+    pub upstream: String,
+    pub repo: RepoName,
+}
+
+impl RepoKey {
+    fn prefix(&self) -> String {
+        format!("{}\0{}\0", self.upstream, self.repo)
+    }
+    fn repo_key(&self) -> String {
+        format!("{}\0{}", self.upstream, self.repo)
+    }
+}
+
+/// The on-disk store.
+pub struct Store {
+    root: PathBuf,
+    tmp: PathBuf,
+    db: Database,
+    temp_seq: AtomicU64,
+}
+
+/// A file being filled in `tmp/`; removed when dropped unless committed.
+pub struct TempBlob {
+    path: PathBuf,
+    file: Option<File>,
+}
+
+impl TempBlob {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn file(&self) -> Option<&File> {
+        self.file.as_ref()
+    }
+    /// Appends bytes.
+    pub fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        match self.file.as_mut() {
+            Some(f) => f.write_all(data),
+            None => Err(io::Error::other("temporary file already closed")),
+        }
+    }
+}
+
+impl Drop for TempBlob {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `root`, checking the schema and clearing `tmp/`.
+    pub fn open(root: &Path) -> Result<Store, StoreError> {
+        let tmp = root.join("tmp");
+        for d in [root.to_owned(), root.join("blobs"), tmp.clone()] {
+            fs::create_dir_all(&d).map_err(io_err(&d))?;
+        }
+        // Anything in tmp/ belongs to a fill that did not finish: it was never visible.
+        if let Ok(entries) = fs::read_dir(&tmp) {
+            for e in entries.flatten() {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        let db_path = root.join("meta.redb");
+        let db = Database::create(&db_path)
+            .map_err(|e| StoreError::Db(format!("cannot open {}: {e}", db_path.display())))?;
+        let store = Store {
+            root: root.to_owned(),
+            tmp,
+            db,
+            temp_seq: AtomicU64::new(0),
+        };
+        store.init_schema()?;
+        Ok(store)
+    }
+
+    fn init_schema(&self) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut meta = tx.open_table(META).map_err(db_err)?;
+            let found = meta
+                .get("schema_version")
+                .map_err(db_err)?
+                .map(|v| v.value());
+            match found {
+                None => {
+                    meta.insert("schema_version", SCHEMA_VERSION).map_err(db_err)?;
+                }
+                Some(v) if v > SCHEMA_VERSION => {
+                    return Err(StoreError::Incompatible(format!(
+                        "the store in {} has schema version {v}, newer than this regcache understands ({SCHEMA_VERSION}): run a newer regcache or use another --data-dir",
+                        self.root.display()
+                    )))
+                }
+                Some(_) => {}
+            }
+            // Create every table so that readers never meet a missing one.
+            tx.open_table(BLOBS).map_err(db_err)?;
+            tx.open_table(MANIFESTS).map_err(db_err)?;
+            tx.open_table(TAGS).map_err(db_err)?;
+            tx.open_table(LINKS).map_err(db_err)?;
+            tx.open_table(REPOS).map_err(db_err)?;
+            tx.open_table(REFERRERS).map_err(db_err)?;
+        }
+        tx.commit().map_err(db_err)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where a committed blob lives.
+    pub fn blob_path(&self, d: &Digest) -> PathBuf {
+        self.root
+            .join("blobs")
+            .join(d.algorithm().as_str())
+            .join(&d.hex()[..2])
+            .join(d.hex())
+    }
+
+    /// A new temporary file (`create_new`, so never shared).
+    pub fn temp_blob(&self) -> Result<TempBlob, StoreError> {
+        let n = self.temp_seq.fetch_add(1, Ordering::Relaxed);
+        let path = self
+            .tmp
+            .join(format!("fill-{}-{n}-{}", std::process::id(), now_secs()));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        Ok(TempBlob {
+            path,
+            file: Some(file),
+        })
+    }
+
+    /// Size of a committed blob, if the database records it.
+    pub fn blob_size(&self, d: &Digest) -> Result<Option<u64>, StoreError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let t = tx.open_table(BLOBS).map_err(db_err)?;
+        let size = t
+            .get(d.to_string().as_str())
+            .map_err(db_err)?
+            .map(|v| v.value());
+        Ok(size)
+    }
+
+    /// Opens a committed blob for reading; `None` if not recorded or its file is gone.
+    pub fn open_blob(&self, d: &Digest) -> Result<Option<(File, u64)>, StoreError> {
+        let Some(size) = self.blob_size(d)? else {
+            return Ok(None);
+        };
+        let path = self.blob_path(d);
+        match File::open(&path) {
+            Ok(f) => Ok(Some((f, size))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                tracing::warn!(digest = %d, "recorded blob file is missing; dropping the record");
+                self.forget_blob(d)?;
+                Ok(None)
+            }
+            Err(e) => Err(io_err(&path)(e)),
+        }
+    }
+
+    fn forget_blob(&self, d: &Digest) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        {
+            let key = d.to_string();
+            tx.open_table(BLOBS)
+                .map_err(db_err)?
+                .remove(key.as_str())
+                .map_err(db_err)?;
+            tx.open_table(MANIFESTS)
+                .map_err(db_err)?
+                .remove(key.as_str())
+                .map_err(db_err)?;
+        }
+        tx.commit().map_err(db_err)
+    }
+
+    /// Makes a verified temporary file the blob `d`: fsync, rename, fsync the directory, then
+    /// record it (with a link for `repo`, and a media type if it is a manifest) in one transaction.
+    pub fn commit_blob(
+        &self,
+        mut temp: TempBlob,
+        d: &Digest,
+        size: u64,
+        repo: &RepoKey,
+        manifest_media_type: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let file = temp
+            .file
+            .take()
+            .ok_or_else(|| StoreError::Db("temporary file already committed".into()))?;
+        let dest = self.blob_path(d);
+        let result = (|| {
+            file.sync_all().map_err(io_err(&temp.path))?;
+            drop(file);
+            let dir = dest.parent().unwrap_or(&self.root).to_owned();
+            fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+            fs::rename(&temp.path, &dest).map_err(io_err(&dest))?;
+            File::open(&dir)
+                .and_then(|f| f.sync_all())
+                .map_err(io_err(&dir))
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&temp.path);
+        }
+        result?;
+        self.record_blob(d, size, repo, manifest_media_type)
+    }
+
+    /// Records an existing blob file (and its link for `repo`).
+    fn record_blob(
+        &self,
+        d: &Digest,
+        size: u64,
+        repo: &RepoKey,
+        manifest_media_type: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let key = d.to_string();
+        let now = now_secs();
+        let tx = self.db.begin_write().map_err(db_err)?;
+        {
+            tx.open_table(BLOBS)
+                .map_err(db_err)?
+                .insert(key.as_str(), size)
+                .map_err(db_err)?;
+            if let Some(mt) = manifest_media_type {
+                tx.open_table(MANIFESTS)
+                    .map_err(db_err)?
+                    .insert(key.as_str(), mt)
+                    .map_err(db_err)?;
+            }
+            let link = format!("{}{key}", repo.prefix());
+            tx.open_table(LINKS)
+                .map_err(db_err)?
+                .insert(link.as_str(), now)
+                .map_err(db_err)?;
+            let mut repos = tx.open_table(REPOS).map_err(db_err)?;
+            let rk = repo.repo_key();
+            if repos.get(rk.as_str()).map_err(db_err)?.is_none() {
+                repos.insert(rk.as_str(), now).map_err(db_err)?;
+            }
+        }
+        tx.commit().map_err(db_err)
+    }
+
+    /// Whether `digest` was obtained for (or confirmed to belong to) `repo`.
+    pub fn is_linked(&self, repo: &RepoKey, d: &Digest) -> Result<bool, StoreError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let t = tx.open_table(LINKS).map_err(db_err)?;
+        let key = format!("{}{d}", repo.prefix());
+        Ok(t.get(key.as_str()).map_err(db_err)?.is_some())
+    }
+
+    /// Links an already stored blob to `repo` (after the upstream confirmed that repo has it).
+    pub fn link(&self, repo: &RepoKey, d: &Digest) -> Result<(), StoreError> {
+        let Some(size) = self.blob_size(d)? else {
+            return Err(StoreError::Db(format!("cannot link {d}: not stored")));
+        };
+        let mt = self.manifest_media_type(d)?;
+        self.record_blob(d, size, repo, mt.as_deref())
+    }
+
+    pub fn manifest_media_type(&self, d: &Digest) -> Result<Option<String>, StoreError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let t = tx.open_table(MANIFESTS).map_err(db_err)?;
+        let mt = t
+            .get(d.to_string().as_str())
+            .map_err(db_err)?
+            .map(|v| v.value().to_owned());
+        Ok(mt)
+    }
+
+    /// A stored manifest's media type and size.
+    pub fn manifest_info(&self, d: &Digest) -> Result<Option<ManifestInfo>, StoreError> {
+        let (Some(media_type), Some(size)) = (self.manifest_media_type(d)?, self.blob_size(d)?)
+        else {
+            return Ok(None);
+        };
+        Ok(Some(ManifestInfo { media_type, size }))
+    }
+
+    /// Reads a stored manifest's bytes (re-checking the digest: manifests are small).
+    pub fn read_manifest(&self, d: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
+        let path = self.blob_path(d);
+        match fs::read(&path) {
+            Ok(bytes) if d.matches(&bytes) => Ok(Some(bytes)),
+            Ok(_) => {
+                tracing::error!(digest = %d, path = %path.display(), "stored manifest does not match its digest; dropping it");
+                let _ = fs::remove_file(&path);
+                self.forget_blob(d)?;
+                Ok(None)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.forget_blob(d)?;
+                Ok(None)
+            }
+            Err(e) => Err(io_err(&path)(e)),
+        }
+    }
+
+    /// Stores a verified manifest for `repo` (and points `tag` at it).
+    pub fn put_manifest(
+        &self,
+        repo: &RepoKey,
+        d: &Digest,
+        media_type: &str,
+        bytes: &[u8],
+        tag: Option<&Tag>,
+        subject: Option<(&Digest, &[u8])>,
+    ) -> Result<(), StoreError> {
+        if self.blob_size(d)?.is_some() && self.blob_path(d).exists() {
+            self.record_blob(d, bytes.len() as u64, repo, Some(media_type))?;
+        } else {
+            let mut temp = self.temp_blob()?;
+            temp.write_all(bytes).map_err(io_err(&temp.path))?;
+            self.commit_blob(temp, d, bytes.len() as u64, repo, Some(media_type))?;
+        }
+        if let Some((subject, descriptor)) = subject {
+            let key = format!("{}{subject}\0{d}", repo.prefix());
+            let tx = self.db.begin_write().map_err(db_err)?;
+            tx.open_table(REFERRERS)
+                .map_err(db_err)?
+                .insert(key.as_str(), descriptor)
+                .map_err(db_err)?;
+            tx.commit().map_err(db_err)?;
+        }
+        if let Some(tag) = tag {
+            self.set_tag(repo, tag, d, now_secs())?;
+        }
+        Ok(())
+    }
+
+    pub fn tag(&self, repo: &RepoKey, tag: &Tag) -> Result<Option<TagRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let t = tx.open_table(TAGS).map_err(db_err)?;
+        let key = format!("{}{tag}", repo.prefix());
+        let Some(v) = t.get(key.as_str()).map_err(db_err)? else {
+            return Ok(None);
+        };
+        Ok(serde_json::from_slice(v.value()).ok())
+    }
+
+    pub fn set_tag(
+        &self,
+        repo: &RepoKey,
+        tag: &Tag,
+        d: &Digest,
+        checked_at: u64,
+    ) -> Result<(), StoreError> {
+        let rec = TagRecord {
+            digest: d.to_string(),
+            checked_at,
+        };
+        let value = serde_json::to_vec(&rec).map_err(db_err)?;
+        let key = format!("{}{tag}", repo.prefix());
+        let tx = self.db.begin_write().map_err(db_err)?;
+        tx.open_table(TAGS)
+            .map_err(db_err)?
+            .insert(key.as_str(), value.as_slice())
+            .map_err(db_err)?;
+        tx.commit().map_err(db_err)
+    }
+
+    /// Cached tags of a repository, sorted.
+    pub fn tags(&self, repo: &RepoKey) -> Result<Vec<String>, StoreError> {
+        let prefix = repo.prefix();
+        let end = format!("{}\x01", prefix.trim_end_matches('\0'));
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let t = tx.open_table(TAGS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for item in t.range(prefix.as_str()..end.as_str()).map_err(db_err)? {
+            let (k, _) = item.map_err(db_err)?;
+            if let Some(tag) = k.value().strip_prefix(prefix.as_str()) {
+                out.push(tag.to_owned());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every cached repository as `(upstream, repo)`, sorted.
+    pub fn repos(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let t = tx.open_table(REPOS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(db_err)? {
+            let (k, _) = item.map_err(db_err)?;
+            if let Some((u, r)) = k.value().split_once('\0') {
+                out.push((u.to_owned(), r.to_owned()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Descriptors (JSON) of cached manifests whose `subject` is `subject`.
+    pub fn referrers(&self, repo: &RepoKey, subject: &Digest) -> Result<Vec<Vec<u8>>, StoreError> {
+        let prefix = format!("{}{subject}\0", repo.prefix());
+        let end = format!("{}{subject}\x01", repo.prefix());
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let t = tx.open_table(REFERRERS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for item in t.range(prefix.as_str()..end.as_str()).map_err(db_err)? {
+            let (_, v) = item.map_err(db_err)?;
+            out.push(v.value().to_vec());
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(repo: &str) -> RepoKey {
+        RepoKey {
+            upstream: "u".into(),
+            repo: repo.parse().expect("valid repo"),
+        }
+    }
+
+    #[test]
+    fn committed_blob_is_linked_only_to_its_repo() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let data = b"layer bytes";
+        let d = Digest::sha256_of(data);
+        let mut t = store.temp_blob().expect("temp");
+        t.write_all(data).expect("write");
+        let temp_path = t.path().to_owned();
+        store
+            .commit_blob(t, &d, data.len() as u64, &key("a/b"), None)
+            .expect("commit");
+        assert!(!temp_path.exists(), "temp file must be gone after commit");
+        assert_eq!(std::fs::read(store.blob_path(&d)).expect("read"), data);
+        assert!(store.is_linked(&key("a/b"), &d).expect("linked"));
+        assert!(!store.is_linked(&key("a/c"), &d).expect("not linked"));
+        store.link(&key("a/c"), &d).expect("link");
+        assert!(store.is_linked(&key("a/c"), &d).expect("linked now"));
+        assert_eq!(store.repos().expect("repos").len(), 2);
+    }
+
+    #[test]
+    fn dropped_temp_blob_leaves_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let mut t = store.temp_blob().expect("temp");
+        t.write_all(b"partial").expect("write");
+        let p = t.path().to_owned();
+        drop(t);
+        assert!(!p.exists());
+    }
+
+    #[test]
+    fn tags_and_manifests_round_trip_and_corruption_is_dropped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let body = br#"{"schemaVersion":2}"#;
+        let d = Digest::sha256_of(body);
+        let tag: Tag = "v1".parse().expect("tag");
+        store
+            .put_manifest(
+                &key("x"),
+                &d,
+                "application/vnd.oci.image.manifest.v1+json",
+                body,
+                Some(&tag),
+                None,
+            )
+            .expect("put");
+        let rec = store.tag(&key("x"), &tag).expect("tag").expect("present");
+        assert_eq!(rec.digest, d.to_string());
+        assert_eq!(store.tags(&key("x")).expect("tags"), vec!["v1".to_string()]);
+        assert!(store.tags(&key("xy")).expect("tags").is_empty());
+        assert_eq!(
+            store.read_manifest(&d).expect("read").as_deref(),
+            Some(&body[..])
+        );
+        std::fs::write(store.blob_path(&d), b"tampered").expect("tamper");
+        assert_eq!(store.read_manifest(&d).expect("read"), None);
+        assert_eq!(store.manifest_info(&d).expect("info"), None);
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(dir.path()).expect("open");
+            let tx = store.db.begin_write().expect("tx");
+            tx.open_table(META)
+                .expect("meta")
+                .insert("schema_version", SCHEMA_VERSION + 1)
+                .expect("insert");
+            tx.commit().expect("commit");
+        }
+        let err = Store::open(dir.path()).err().expect("must refuse");
+        assert!(err.to_string().contains("newer"), "{err}");
+    }
+}

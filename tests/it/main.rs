@@ -1,0 +1,3 @@
+//! regcache's integration tests: one test binary, real upstream (docker-registry) and real clients.
+
+mod support;

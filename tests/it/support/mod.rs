@@ -1,0 +1,5 @@
+//! Shared test support: real upstream registry, fixtures, fake upstream, regcache harness.
+#![allow(dead_code)]
+
+pub mod fake;
+pub mod registry;
