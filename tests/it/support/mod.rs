@@ -2,4 +2,5 @@
 #![allow(dead_code)]
 
 pub mod fake;
+pub mod regcache;
 pub mod registry;
