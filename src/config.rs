@@ -80,21 +80,22 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let n: u64 = num
         .parse()
         .map_err(|_| format!("invalid size {s:?} (expected e.g. \"4MiB\", \"10GB\")"))?;
-    let mult: u64 =
-        match unit.trim() {
-            "" | "B" => 1,
-            "K" | "KB" | "kB" => 1000,
-            "KiB" => 1 << 10,
-            "M" | "MB" => 1_000_000,
-            "MiB" => 1 << 20,
-            "G" | "GB" => 1_000_000_000,
-            "GiB" => 1 << 30,
-            "T" | "TB" => 1_000_000_000_000,
-            "TiB" => 1 << 40,
-            u => return Err(format!(
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KB" | "kB" => 1000,
+        "KiB" => 1 << 10,
+        "M" | "MB" => 1_000_000,
+        "MiB" => 1 << 20,
+        "G" | "GB" => 1_000_000_000,
+        "GiB" => 1 << 30,
+        "T" | "TB" => 1_000_000_000_000,
+        "TiB" => 1 << 40,
+        u => {
+            return Err(format!(
                 "invalid size unit {u:?} in {s:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB)"
-            )),
-        };
+            ))
+        }
+    };
     n.checked_mul(mult)
         .ok_or_else(|| format!("size {s:?} is too large"))
 }

@@ -130,8 +130,12 @@ pub fn client() -> reqwest::Client {
 
 /// The OCI error code of an error response body.
 pub fn error_code(body: &[u8]) -> String {
-    let v: serde_json::Value = serde_json::from_slice(body)
-        .unwrap_or_else(|e| panic!("error body is not JSON ({e}): {}", String::from_utf8_lossy(body)));
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_else(|e| {
+        panic!(
+            "error body is not JSON ({e}): {}",
+            String::from_utf8_lossy(body)
+        )
+    });
     v["errors"][0]["code"]
         .as_str()
         .unwrap_or_else(|| panic!("no errors[0].code in {v}"))

@@ -1,0 +1,1 @@
+//! Fault injection and protocol edge cases against the in-process fake upstream.

@@ -1,0 +1,284 @@
+//! Pull-through against a real upstream (Debian's docker-registry) with a real client (skopeo).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use sha2::{Digest as _, Sha256};
+
+use crate::support::regcache::{client, Regcache};
+use crate::support::registry::{
+    copy_to_dir, http_get, inspect_raw, sha256_digest, Registry, Seeded, DOCKER_LIST, OCI_INDEX,
+    SEEDED_IMAGES,
+};
+
+const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+
+/// Every file of a `dir:` copy, by name.
+fn dir_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
+        .map(|e| {
+            let e = e.expect("dir entry");
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).expect("read copied file"),
+            )
+        })
+        .collect()
+}
+
+fn assert_same_copy(want: &Path, got: &Path, what: &str) {
+    let (w, g) = (dir_files(want), dir_files(got));
+    assert_eq!(
+        w.keys().collect::<Vec<_>>(),
+        g.keys().collect::<Vec<_>>(),
+        "{what}: the copy through regcache has different files"
+    );
+    for (name, bytes) in &w {
+        assert!(
+            g[name] == *bytes,
+            "{what}: file {name} differs ({} vs {} bytes)",
+            bytes.len(),
+            g[name].len()
+        );
+    }
+}
+
+fn copy_ok(host_port: &str, image: &str, dest: &Path, all: bool) {
+    let out = copy_to_dir(host_port, image, dest, all);
+    assert!(
+        out.status.success(),
+        "skopeo copy of {image} from {host_port} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn skopeo_pulls_every_format_byte_identical_then_by_digest_with_upstream_stopped() {
+    let mut upstream = Registry::start_seeded();
+    let rc = Regcache::with_upstream(&upstream.url());
+    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
+    let mut pulled = Vec::new();
+    for (i, (repo, tag, media_type)) in SEEDED_IMAGES.iter().enumerate() {
+        let image = format!("{repo}:{tag}");
+        let want = inspect_raw(&upstream.host_port(), &image);
+        let got = inspect_raw(&rc.host_port(), &image);
+        assert!(
+            want == got,
+            "{image}: manifest bytes through regcache differ from the upstream's"
+        );
+        let digest = sha256_digest(&want);
+
+        let resp = http_get(
+            rc.addr(),
+            &format!("/v2/{repo}/manifests/{tag}"),
+            &[("Accept", ACCEPT_ALL)],
+        )
+        .expect("GET manifest");
+        assert_eq!(resp.status, 200, "{image}");
+        assert_eq!(
+            resp.header("content-type"),
+            Some(*media_type),
+            "{image}: media type"
+        );
+        assert_eq!(
+            resp.header("docker-content-digest"),
+            Some(digest.as_str()),
+            "{image}"
+        );
+        assert_eq!(
+            resp.header("content-length"),
+            Some(want.len().to_string().as_str())
+        );
+
+        let all = *media_type == OCI_INDEX || *media_type == DOCKER_LIST;
+        let from_upstream = work.path().join(format!("up-{i}"));
+        let through = work.path().join(format!("rc-{i}"));
+        copy_ok(&upstream.host_port(), &image, &from_upstream, all);
+        copy_ok(&rc.host_port(), &image, &through, all);
+        assert_same_copy(&from_upstream, &through, &image);
+        pulled.push((repo.to_string(), digest, all, from_upstream));
+    }
+
+    upstream.stop();
+    for (i, (repo, digest, all, reference_copy)) in pulled.iter().enumerate() {
+        let image = format!("{repo}@{digest}");
+        let again = work.path().join(format!("down-{i}"));
+        copy_ok(&rc.host_port(), &image, &again, *all);
+        assert_same_copy(
+            reference_copy,
+            &again,
+            &format!("{image} with the upstream stopped"),
+        );
+    }
+}
+
+#[test]
+fn docker_hub_names_ns_and_host_segments_reach_the_default_upstream() {
+    let upstream = Registry::start_seeded();
+    let rc = Regcache::with_upstream(&upstream.url());
+    let want = sha256_digest(&inspect_raw(&upstream.host_port(), Seeded::BUSYBOX));
+    let paths = [
+        "/v2/busybox/manifests/latest".to_string(),
+        "/v2/library/busybox/manifests/latest?ns=docker.io".to_string(),
+        "/v2/busybox/manifests/latest?ns=docker.io".to_string(),
+        "/v2/docker.io/library/busybox/manifests/latest".to_string(),
+        format!(
+            "/v2/{}/library/busybox/manifests/latest",
+            upstream.host_port()
+        ),
+    ];
+    for path in &paths {
+        let resp = http_get(rc.addr(), path, &[("Accept", ACCEPT_ALL)]).expect("GET");
+        assert_eq!(
+            resp.status,
+            200,
+            "{path}: {}",
+            String::from_utf8_lossy(&resp.body)
+        );
+        assert_eq!(
+            resp.header("docker-content-digest"),
+            Some(want.as_str()),
+            "{path}"
+        );
+    }
+    // skopeo with an unqualified Docker Hub name.
+    let got = inspect_raw(&rc.host_port(), "busybox:latest");
+    assert_eq!(sha256_digest(&got), want);
+    let resp = http_get(rc.addr(), "/v2/_catalog", &[]).expect("catalog");
+    let body = String::from_utf8_lossy(&resp.body);
+    assert!(body.contains("\"library/busybox\""), "catalog: {body}");
+}
+
+/// The largest layer of the big image and its size.
+fn big_layer(upstream: &Registry) -> (String, u64) {
+    let raw = inspect_raw(&upstream.host_port(), Seeded::BIG);
+    let m: serde_json::Value = serde_json::from_slice(&raw).expect("manifest JSON");
+    m["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| {
+            (
+                l["digest"].as_str().expect("digest").to_owned(),
+                l["size"].as_u64().expect("size"),
+            )
+        })
+        .max_by_key(|(_, s)| *s)
+        .expect("a layer")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_cold_clients_on_a_100_mib_layer_cost_one_upstream_fetch() {
+    let upstream = Registry::start_seeded();
+    let rc = Regcache::with_upstream(&upstream.url());
+    let (digest, size) = big_layer(&upstream);
+    assert!(size > 100 << 20, "the big layer is only {size} bytes");
+    let url = format!("{}/v2/big/image/blobs/{digest}", rc.url());
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (c, url) = (client(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut resp = c.get(&url).send().await.expect("GET blob");
+            assert_eq!(resp.status(), 200);
+            let mut h = Sha256::new();
+            let mut n = 0u64;
+            let mut first = None;
+            while let Some(chunk) = resp.chunk().await.expect("blob body") {
+                first.get_or_insert_with(Instant::now);
+                n += chunk.len() as u64;
+                h.update(&chunk);
+            }
+            (
+                format!("sha256:{:x}", h.finalize()),
+                n,
+                first,
+                Instant::now(),
+            )
+        }));
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.expect("client task"));
+    }
+    let earliest_end = results.iter().map(|r| r.3).min().expect("results");
+    for (got, n, first, _) in &results {
+        assert_eq!(got, &digest, "a client got wrong bytes");
+        assert_eq!(*n, size, "a client got a short body");
+        let first = first.expect("a client got no bytes");
+        assert!(
+            first < earliest_end,
+            "a client's first byte came {:?} after start, not before the fill completed ({:?})",
+            first - start,
+            earliest_end - start
+        );
+    }
+    let log = upstream.access_log();
+    let gets = log
+        .lines()
+        .filter(|l| l.contains(&format!("\"GET /v2/big/image/blobs/{digest}")))
+        .count();
+    assert_eq!(gets, 1, "the upstream served the blob {gets} times:\n{log}");
+}
+
+#[test]
+fn check_config_reports_the_line_of_a_bad_key_and_exits_2() {
+    let dir = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("dir");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "listen = \"127.0.0.1:5000\"\n\n[upstreams.hub]\nurl = \"ftp://nowhere\"\n",
+    )
+    .expect("write config");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_regcache"))
+        .args(["check-config"])
+        .arg(&bad)
+        .output()
+        .expect("run regcache");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
+    assert!(
+        err.contains("line 4") && err.contains("http or https"),
+        "stderr: {err}"
+    );
+
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        "[upstreams.hub]\nurl = \"http://127.0.0.1:1\"\nfreshness = \"5m\"\n",
+    )
+    .expect("write config");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_regcache"))
+        .args(["check-config"])
+        .arg(&good)
+        .output()
+        .expect("run regcache");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("freshness=300s"));
+}
+
+#[test]
+fn serve_refuses_a_config_with_an_unknown_key() {
+    let dir = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("dir");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "listen = \"127.0.0.1:0\"\nlisten_port = 5\n").expect("write config");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_regcache"))
+        .args(["serve", "--config"])
+        .arg(&bad)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .expect("run regcache");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
+    assert!(
+        err.contains("line 2") && err.contains("listen_port"),
+        "stderr: {err}"
+    );
+}
