@@ -207,6 +207,86 @@ enum Endpoint<'a> {
     Unknown,
 }
 
+impl Endpoint<'_> {
+    fn label(&self) -> &'static str {
+        match self {
+            Endpoint::Base => "base",
+            Endpoint::Catalog => "catalog",
+            Endpoint::Manifest(..) => "manifest",
+            Endpoint::Blob(..) => "blob",
+            Endpoint::Upload => "upload",
+            Endpoint::Tags(_) => "tags",
+            Endpoint::Referrers(..) => "referrers",
+            Endpoint::Unknown => "other",
+        }
+    }
+}
+
+/// `/healthz`, `/readyz` and `/metrics`, outside the registry API.
+fn ops_endpoint(
+    app: &Arc<App>,
+    path: &str,
+    method: &Method,
+    info: &mut LogInfo,
+) -> Option<Result<Response<Body>, ApiError>> {
+    let head = method == Method::HEAD;
+    let (route, resp) = match path {
+        "/healthz" => ("healthz", plain(StatusCode::OK, "ok\n", "text/plain", head)),
+        "/readyz" => {
+            let store_ok = app.cache.store.check();
+            let upstreams: Vec<_> = app.upstreams().iter().map(|u| u.status()).collect();
+            let body = serde_json::json!({
+                "ready": store_ok.is_ok(),
+                "store": match &store_ok { Ok(()) => "ok".to_owned(), Err(e) => e.to_string() },
+                "upstreams": upstreams,
+            });
+            let status = if store_ok.is_ok() {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            let mut r = json_response(&body, head, "application/json");
+            *r.status_mut() = status;
+            ("readyz", r)
+        }
+        "/metrics" => {
+            app.refresh_store_metrics();
+            (
+                "metrics",
+                plain(
+                    StatusCode::OK,
+                    app.metrics.render(),
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    head,
+                ),
+            )
+        }
+        _ => return None,
+    };
+    info.route = route;
+    if method != Method::GET && method != Method::HEAD {
+        return Some(Err(ApiError::unsupported(&format!("{method}"))));
+    }
+    Some(Ok(resp))
+}
+
+fn plain(
+    status: StatusCode,
+    body: impl Into<Bytes>,
+    content_type: &'static str,
+    head: bool,
+) -> Response<Body> {
+    let body = body.into();
+    let len = body.len();
+    let mut r = Response::new(if head { empty() } else { full(body) });
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    r
+}
+
 fn parse_path(path: &str) -> Endpoint<'_> {
     let Some(rest) = path.strip_prefix("/v2") else {
         return Endpoint::Unknown;
@@ -347,6 +427,7 @@ impl RangeSpec {
 #[derive(Clone, Copy, Default)]
 pub struct LogInfo {
     pub outcome: Option<Outcome>,
+    pub route: &'static str,
 }
 
 /// Handles one request (never fails: errors become OCI error responses).
@@ -369,6 +450,21 @@ pub async fn handle(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(0);
+    let m = &app.metrics;
+    m.requests
+        .get_or_create(&vec![
+            ("route", info.route.to_owned()),
+            ("status", resp.status().as_u16().to_string()),
+        ])
+        .inc();
+    if let Some(o) = info.outcome {
+        m.cache_outcomes
+            .get_or_create(&vec![("outcome", o.as_str().to_owned())])
+            .inc();
+    }
+    if !head && resp.status().is_success() {
+        m.bytes_served.inc_by(bytes);
+    }
     tracing::info!(
         target: "regcache::access",
         method = %method,
@@ -388,9 +484,13 @@ async fn route_request(
     info: &mut LogInfo,
 ) -> Result<Response<Body>, ApiError> {
     let path = req.uri().path();
-    let endpoint = parse_path(path);
     let method = req.method();
     let head = method == Method::HEAD;
+    if let Some(resp) = ops_endpoint(app, path, method, info) {
+        return resp;
+    }
+    let endpoint = parse_path(path);
+    info.route = endpoint.label();
     if method != Method::GET && method != Method::HEAD {
         return Err(match endpoint {
             Endpoint::Unknown => ApiError::new(

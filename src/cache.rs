@@ -18,6 +18,7 @@ use bytes::Bytes;
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use tokio::sync::{mpsc, watch};
 
+use crate::metrics::Metrics;
 use crate::reference::{Digest, Reference, RepoName, Tag};
 use crate::store::{now_secs, RepoKey, Store, StoreError, TempBlob};
 use crate::upstream::{Upstream, UpstreamError};
@@ -200,6 +201,7 @@ pub struct Cache {
     max_manifest_size: u64,
     manifests: Flights<Manifest>,
     fills: Mutex<HashMap<String, Arc<Fill>>>,
+    pub metrics: Arc<Metrics>,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -263,12 +265,13 @@ fn referrer_descriptor(bytes: &[u8], media_type: &str, d: &Digest) -> Option<(Di
 }
 
 impl Cache {
-    pub fn new(store: Arc<Store>, max_manifest_size: u64) -> Cache {
+    pub fn new(store: Arc<Store>, max_manifest_size: u64, metrics: Arc<Metrics>) -> Cache {
         Cache {
             store,
             max_manifest_size,
             manifests: Flights::new(),
             fills: Mutex::new(HashMap::new()),
+            metrics,
         }
     }
 
@@ -372,7 +375,24 @@ impl Cache {
                 {
                     return Ok(cached); // another flight refreshed it meanwhile
                 }
-                match up.head_manifest(&route.repo, t.as_str()).await {
+                // A cached tag never waits for the upstream longer than the connect timeout.
+                let head = match tokio::time::timeout(
+                    up.config.connect_timeout,
+                    up.head_manifest(&route.repo, t.as_str()),
+                )
+                .await
+                {
+                    Ok(r) => r,
+                    Err(_) => {
+                        let e = UpstreamError::Timeout {
+                            upstream: up.name().to_owned(),
+                            what: "tag revalidation",
+                        };
+                        up.record_failure(&e);
+                        Err(e)
+                    }
+                };
+                match head {
                     Ok(head) => match head.digest {
                         Some(d) if d == cached.digest => {
                             let (store, k2, t2) = (Arc::clone(&self.store), key.clone(), t.clone());
@@ -527,7 +547,29 @@ impl Cache {
         let this = Arc::clone(self);
         let (route, d) = (route.clone(), d.clone());
         tokio::spawn(async move {
+            let started = std::time::Instant::now();
             let result = this.run_fill(&route, &d, temp, &tx).await;
+            let labels = Metrics::upstream(route.upstream.name());
+            match &result {
+                Ok(_) => this
+                    .metrics
+                    .fill_seconds
+                    .get_or_create(&labels)
+                    .observe(started.elapsed().as_secs_f64()),
+                Err(e) => {
+                    let reason = match e {
+                        CacheError::Upstream(_) => "upstream",
+                        CacheError::DigestMismatch { .. } => "digest",
+                        CacheError::SizeMismatch { .. } => "size",
+                        CacheError::Store(_) => "store",
+                        CacheError::Internal(_) => "internal",
+                    };
+                    this.metrics
+                        .fills_failed
+                        .get_or_create(&vec![("reason", reason.to_owned())])
+                        .inc();
+                }
+            }
             // Remove before publishing the outcome, so that later requests see the store.
             this.fills
                 .lock()
@@ -604,6 +646,10 @@ impl Cache {
             .map_err(|e| CacheError::Store(format!("writing temporary blob: {e}")))?;
             state = Some((temp, hasher));
             written += len;
+            self.metrics
+                .bytes_fetched
+                .get_or_create(&Metrics::upstream(up.name()))
+                .inc_by(len);
             tx.send_replace(FillState::Streaming { size, written });
         }
         let (temp, hasher) = state

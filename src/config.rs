@@ -212,6 +212,8 @@ pub struct RawUpstream {
     pub connect_timeout: Option<DurationValue>,
     pub header_timeout: Option<DurationValue>,
     pub idle_timeout: Option<DurationValue>,
+    pub failure_threshold: Option<u32>,
+    pub probe_max_interval: Option<DurationValue>,
 }
 
 /// Basic credentials for an upstream (also used to obtain Bearer tokens).
@@ -241,6 +243,10 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Consecutive failures after which the upstream is marked down.
+    pub failure_threshold: u32,
+    /// Longest wait between two background probes of a down upstream.
+    pub probe_max_interval: Duration,
 }
 
 /// The validated configuration the server runs with.
@@ -372,6 +378,8 @@ impl RawConfig {
                     connect_timeout: None,
                     header_timeout: None,
                     idle_timeout: None,
+                    failure_threshold: None,
+                    probe_max_interval: None,
                 },
             );
         }
@@ -461,6 +469,10 @@ impl RawConfig {
                 connect_timeout: raw.connect_timeout.map_or(Duration::from_secs(5), |d| d.0),
                 header_timeout: raw.header_timeout.map_or(Duration::from_secs(30), |d| d.0),
                 idle_timeout: raw.idle_timeout.map_or(Duration::from_secs(30), |d| d.0),
+                failure_threshold: raw.failure_threshold.unwrap_or(3),
+                probe_max_interval: raw
+                    .probe_max_interval
+                    .map_or(Duration::from_secs(30), |d| d.0),
             });
         }
         for u in &upstreams {
@@ -468,10 +480,17 @@ impl RawConfig {
                 ("connect_timeout", u.connect_timeout),
                 ("header_timeout", u.header_timeout),
                 ("idle_timeout", u.idle_timeout),
+                ("probe_max_interval", u.probe_max_interval),
             ] {
                 if d.is_zero() {
                     return Err(format!("upstreams.{}.{key} must be more than 0", u.name));
                 }
+            }
+            if u.failure_threshold == 0 {
+                return Err(format!(
+                    "upstreams.{}.failure_threshold must be at least 1",
+                    u.name
+                ));
             }
         }
         let log_level = o

@@ -9,6 +9,7 @@ pub mod api;
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod metrics;
 pub mod reference;
 pub mod server;
 pub mod store;

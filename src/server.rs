@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 
 use crate::cache::Cache;
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::upstream::Upstream;
 
@@ -22,6 +23,7 @@ use crate::upstream::Upstream;
 pub struct App {
     pub config: Config,
     pub cache: Arc<Cache>,
+    pub metrics: Arc<Metrics>,
     upstreams: Vec<Arc<Upstream>>,
     /// Lower-case host name → index in `upstreams`.
     hosts: HashMap<String, usize>,
@@ -36,20 +38,26 @@ impl App {
                 config.data_dir.display()
             )
         })?;
+        let metrics = Arc::new(Metrics::new());
         let mut upstreams = Vec::new();
         let mut hosts = HashMap::new();
         for (i, u) in config.upstreams.iter().enumerate() {
             for h in &u.hosts {
                 hosts.insert(h.to_ascii_lowercase(), i);
             }
-            upstreams.push(Arc::new(Upstream::new(u.clone()).map_err(|e| {
+            upstreams.push(Upstream::new(u.clone(), Arc::clone(&metrics)).map_err(|e| {
                 anyhow::anyhow!("cannot build the HTTP client for upstream {}: {e}", u.name)
-            })?));
+            })?);
         }
-        let cache = Arc::new(Cache::new(Arc::new(store), config.max_manifest_size));
+        let cache = Arc::new(Cache::new(
+            Arc::new(store),
+            config.max_manifest_size,
+            Arc::clone(&metrics),
+        ));
         Ok(Arc::new(App {
             config,
             cache,
+            metrics,
             upstreams,
             hosts,
         }))
@@ -59,10 +67,25 @@ impl App {
         Arc::clone(&self.upstreams[self.config.default_upstream])
     }
 
+    pub fn upstreams(&self) -> &[Arc<Upstream>] {
+        &self.upstreams
+    }
+
     pub fn upstream_for_host(&self, host: &str) -> Option<Arc<Upstream>> {
         self.hosts
             .get(&host.to_ascii_lowercase())
             .map(|&i| Arc::clone(&self.upstreams[i]))
+    }
+
+    /// Updates the store gauges (called when metrics are scraped).
+    pub fn refresh_store_metrics(&self) {
+        if let Ok((n, bytes)) = self.cache.store.usage() {
+            self.metrics.store_blobs.set(n as i64);
+            self.metrics.store_bytes.set(bytes as i64);
+        }
+        if let Some(free) = free_bytes(self.cache.store.root()) {
+            self.metrics.store_free_bytes.set(free as i64);
+        }
     }
 
     /// The name under which `/v2/_catalog` lists a cached repository.
@@ -79,6 +102,12 @@ impl App {
             None => format!("{upstream}/{repo}"),
         }
     }
+}
+
+/// Free bytes on the filesystem holding `path` (available to unprivileged users), via `statvfs`.
+pub fn free_bytes(path: &std::path::Path) -> Option<u64> {
+    let st = rustix::fs::statvfs(path).ok()?;
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 /// How long in-flight requests may take to finish after shutdown was asked for.

@@ -190,6 +190,29 @@ impl Store {
         tx.commit().map_err(db_err)
     }
 
+    /// Checks that the database answers and the data directory is writable (for `/readyz`).
+    pub fn check(&self) -> Result<(), StoreError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        tx.open_table(META).map_err(db_err)?;
+        let probe = self.tmp.join(format!("ready-{}", std::process::id()));
+        File::create(&probe).map_err(io_err(&probe))?;
+        let _ = fs::remove_file(&probe);
+        Ok(())
+    }
+
+    /// Number of blobs and their total size, from the database.
+    pub fn usage(&self) -> Result<(u64, u64), StoreError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let t = tx.open_table(BLOBS).map_err(db_err)?;
+        let (mut n, mut bytes) = (0u64, 0u64);
+        for item in t.iter().map_err(db_err)? {
+            let (_, v) = item.map_err(db_err)?;
+            n += 1;
+            bytes += v.value();
+        }
+        Ok((n, bytes))
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }

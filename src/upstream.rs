@@ -6,7 +6,7 @@
 //! `Authorization` when a redirect leaves the host.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -14,6 +14,7 @@ use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, WWW_AUTHENTICATE};
 use reqwest::{Method, Response, StatusCode};
 
 use crate::config::{Credentials, UpstreamConfig};
+use crate::metrics::Metrics;
 use crate::reference::{Digest, RepoName};
 
 /// Every manifest media type regcache asks for, in the upstream `Accept` header.
@@ -62,6 +63,33 @@ impl UpstreamError {
             _ => None,
         }
     }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            UpstreamError::Unreachable { .. } => "unreachable",
+            UpstreamError::Timeout { .. } => "timeout",
+            UpstreamError::Status { .. } => "status",
+            UpstreamError::Invalid { .. } => "invalid",
+        }
+    }
+}
+
+/// Circuit breaker state of one upstream.
+#[derive(Debug, Default)]
+struct Breaker {
+    /// Consecutive failures while up.
+    failures: u32,
+    /// Set while the upstream is marked down.
+    down_since: Option<Instant>,
+}
+
+/// What `/readyz` reports about an upstream.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct UpstreamStatus {
+    pub name: String,
+    pub url: String,
+    pub up: bool,
+    pub down_for_seconds: Option<u64>,
 }
 
 /// A parsed `WWW-Authenticate` challenge.
@@ -154,6 +182,9 @@ pub struct Upstream {
     tokens: Mutex<HashMap<String, CachedToken>>,
     /// Set once the upstream asked for Basic auth: send it up front from then on.
     basic: std::sync::atomic::AtomicBool,
+    breaker: Mutex<Breaker>,
+    metrics: Arc<Metrics>,
+    me: Weak<Upstream>,
 }
 
 fn classify(upstream: &str, e: reqwest::Error) -> UpstreamError {
@@ -178,19 +209,145 @@ fn classify(upstream: &str, e: reqwest::Error) -> UpstreamError {
 }
 
 impl Upstream {
-    pub fn new(config: UpstreamConfig) -> Result<Upstream, reqwest::Error> {
+    pub fn new(
+        config: UpstreamConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Upstream>, reqwest::Error> {
         let client = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(60))
             .user_agent(concat!("regcache/", env!("CARGO_PKG_VERSION")))
             .redirect(reqwest::redirect::Policy::limited(10))
             .build()?;
-        Ok(Upstream {
+        metrics
+            .upstream_up
+            .get_or_create(&Metrics::upstream(&config.name))
+            .set(1);
+        Ok(Arc::new_cyclic(|me| Upstream {
             config,
             client,
             tokens: Mutex::new(HashMap::new()),
             basic: std::sync::atomic::AtomicBool::new(false),
-        })
+            breaker: Mutex::new(Breaker::default()),
+            metrics,
+            me: me.clone(),
+        }))
+    }
+
+    fn breaker(&self) -> std::sync::MutexGuard<'_, Breaker> {
+        self.breaker.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the circuit is closed (the upstream is believed reachable).
+    pub fn is_up(&self) -> bool {
+        self.breaker().down_since.is_none()
+    }
+
+    pub fn status(&self) -> UpstreamStatus {
+        let down = self.breaker().down_since;
+        UpstreamStatus {
+            name: self.name().to_owned(),
+            url: self.config.url.to_string(),
+            up: down.is_none(),
+            down_for_seconds: down.map(|d| d.elapsed().as_secs()),
+        }
+    }
+
+    /// Fails at once while the upstream is marked down: clients are not made to wait for it.
+    fn check_circuit(&self) -> Result<(), UpstreamError> {
+        match self.breaker().down_since {
+            None => Ok(()),
+            Some(since) => Err(UpstreamError::Unreachable {
+                upstream: self.name().to_owned(),
+                detail: format!(
+                    "marked down {}s ago after repeated failures; probing it in the background",
+                    since.elapsed().as_secs()
+                ),
+            }),
+        }
+    }
+
+    /// Counts a failure; after `failure_threshold` in a row the upstream is marked down and one
+    /// background probe starts.
+    pub fn record_failure(&self, e: &UpstreamError) {
+        self.metrics
+            .upstream_errors
+            .get_or_create(&vec![
+                ("upstream", self.name().to_owned()),
+                ("kind", e.kind().to_owned()),
+            ])
+            .inc();
+        if !e.is_unavailable() {
+            return;
+        }
+        let newly_down = {
+            let mut b = self.breaker();
+            b.failures += 1;
+            if b.down_since.is_none() && b.failures >= self.config.failure_threshold {
+                b.down_since = Some(Instant::now());
+                true
+            } else {
+                false
+            }
+        };
+        if newly_down {
+            tracing::warn!(upstream = self.name(), error = %e, "upstream marked down; serving from the cache and probing in the background");
+            self.metrics
+                .upstream_up
+                .get_or_create(&Metrics::upstream(self.name()))
+                .set(0);
+            self.metrics
+                .upstream_state_changes
+                .get_or_create(&vec![
+                    ("upstream", self.name().to_owned()),
+                    ("state", "down".to_owned()),
+                ])
+                .inc();
+            if let Some(me) = self.me.upgrade() {
+                let weak = Arc::downgrade(&me);
+                drop(me);
+                tokio::spawn(probe_until_up(weak));
+            }
+        }
+    }
+
+    fn record_success(&self) {
+        let was_down = {
+            let mut b = self.breaker();
+            b.failures = 0;
+            b.down_since.take()
+        };
+        if let Some(since) = was_down {
+            tracing::info!(
+                upstream = self.name(),
+                down_s = since.elapsed().as_secs(),
+                "upstream is back up"
+            );
+            self.metrics
+                .upstream_up
+                .get_or_create(&Metrics::upstream(self.name()))
+                .set(1);
+            self.metrics
+                .upstream_state_changes
+                .get_or_create(&vec![
+                    ("upstream", self.name().to_owned()),
+                    ("state", "up".to_owned()),
+                ])
+                .inc();
+        }
+    }
+
+    /// One probe: `GET /v2/`. Any answer that is not 5xx or 429 means the upstream is back.
+    async fn probe(&self) -> bool {
+        let req = self.client.get(self.url("/v2/"));
+        let total = self.config.connect_timeout + self.config.header_timeout;
+        match tokio::time::timeout(total, req.send()).await {
+            Ok(Ok(resp)) => {
+                let s = resp.status();
+                !(s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS)
+            }
+            _ => false,
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -321,6 +478,28 @@ impl Upstream {
         path: &str,
         headers: HeaderMap,
     ) -> Result<Response, UpstreamError> {
+        self.check_circuit()?;
+        let result = self.send_inner(method, repo, path, headers).await;
+        match &result {
+            Ok(_) => self.record_success(),
+            Err(e) => {
+                if !e.is_unavailable() {
+                    // The upstream answered (404, 401, …): it is up.
+                    self.record_success();
+                }
+                self.record_failure(e);
+            }
+        }
+        result
+    }
+
+    async fn send_inner(
+        &self,
+        method: Method,
+        repo: Option<&RepoName>,
+        path: &str,
+        headers: HeaderMap,
+    ) -> Result<Response, UpstreamError> {
         let name = self.name();
         let scope = repo
             .map(|r| format!("repository:{r}:pull"))
@@ -389,13 +568,17 @@ impl Upstream {
 
     /// Reads the next body chunk, bounded by the idle timeout.
     pub async fn next_chunk(&self, resp: &mut Response) -> Result<Option<Bytes>, UpstreamError> {
-        match tokio::time::timeout(self.config.idle_timeout, resp.chunk()).await {
+        let r = match tokio::time::timeout(self.config.idle_timeout, resp.chunk()).await {
             Err(_) => Err(UpstreamError::Timeout {
                 upstream: self.name().to_owned(),
                 what: "the next body chunk",
             }),
             Ok(r) => r.map_err(|e| classify(self.name(), e)),
+        };
+        if let Err(e) = &r {
+            self.record_failure(e);
         }
+        r
     }
 
     /// Reads a whole (small) body, refusing more than `max` bytes.
@@ -543,6 +726,28 @@ impl Upstream {
             .map(str::to_owned);
         let body = self.read_body(resp, 16 << 20, "listing").await?;
         Ok((body, link))
+    }
+}
+
+/// Probes a down upstream with exponential backoff until it answers, then closes the circuit.
+async fn probe_until_up(upstream: Weak<Upstream>) {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        tokio::time::sleep(backoff).await;
+        let Some(up) = upstream.upgrade() else { return };
+        if up.is_up() {
+            return;
+        }
+        if up.probe().await {
+            up.record_success();
+            return;
+        }
+        tracing::debug!(
+            upstream = up.name(),
+            next_probe_s = backoff.as_secs_f64() * 2.0,
+            "upstream still down"
+        );
+        backoff = (backoff * 2).min(up.config.probe_max_interval);
     }
 }
 

@@ -1,0 +1,135 @@
+//! Prometheus metrics: what regcache counts, and their text exposition for `/metrics`.
+//!
+//! One [`Metrics`] per server (not a global), so that several servers in one test process keep
+//! separate counts.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Every metric regcache exports.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<Labels, Counter>,
+    pub cache_outcomes: Family<Labels, Counter>,
+    pub bytes_served: Counter,
+    pub bytes_fetched: Family<Labels, Counter>,
+    pub upstream_up: Family<Labels, Gauge>,
+    pub upstream_errors: Family<Labels, Counter>,
+    pub upstream_state_changes: Family<Labels, Counter>,
+    pub fill_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    pub fills_failed: Family<Labels, Counter>,
+    pub store_blobs: Gauge,
+    pub store_bytes: Gauge,
+    pub store_free_bytes: Gauge,
+}
+
+fn fill_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.01, 2.0, 16))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("regcache");
+        let m = Metrics {
+            requests: Family::default(),
+            cache_outcomes: Family::default(),
+            bytes_served: Counter::default(),
+            bytes_fetched: Family::default(),
+            upstream_up: Family::default(),
+            upstream_errors: Family::default(),
+            upstream_state_changes: Family::default(),
+            fill_seconds: Family::new_with_constructor(fill_histogram as fn() -> Histogram),
+            fills_failed: Family::default(),
+            store_blobs: Gauge::default(),
+            store_bytes: Gauge::default(),
+            store_free_bytes: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "requests",
+            "HTTP requests by route and status",
+            m.requests.clone(),
+        );
+        registry.register(
+            "cache_outcomes",
+            "Answers by cache outcome (hit, revalidated, miss, coalesced, stale, passthrough)",
+            m.cache_outcomes.clone(),
+        );
+        registry.register(
+            "served_bytes",
+            "Body bytes sent to clients",
+            m.bytes_served.clone(),
+        );
+        registry.register(
+            "upstream_fetched_bytes",
+            "Blob bytes received from upstreams",
+            m.bytes_fetched.clone(),
+        );
+        registry.register(
+            "upstream_up",
+            "1 while the upstream's circuit is closed (reachable), 0 while it is marked down",
+            m.upstream_up.clone(),
+        );
+        registry.register(
+            "upstream_errors",
+            "Upstream failures by kind (unreachable, timeout, status, invalid)",
+            m.upstream_errors.clone(),
+        );
+        registry.register(
+            "upstream_state_changes",
+            "Circuit breaker transitions by new state (down, up)",
+            m.upstream_state_changes.clone(),
+        );
+        registry.register(
+            "fill_duration_seconds",
+            "Time to fetch, verify and commit one blob",
+            m.fill_seconds.clone(),
+        );
+        registry.register(
+            "fills_failed",
+            "Blob fills that failed, by reason",
+            m.fills_failed.clone(),
+        );
+        registry.register(
+            "store_blobs",
+            "Blobs recorded in the store",
+            m.store_blobs.clone(),
+        );
+        registry.register(
+            "store_size_bytes",
+            "Bytes of blobs recorded in the store",
+            m.store_bytes.clone(),
+        );
+        registry.register(
+            "store_free_bytes",
+            "Free bytes on the store's filesystem",
+            m.store_free_bytes.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    pub fn upstream(name: &str) -> Labels {
+        vec![("upstream", name.to_owned())]
+    }
+}
