@@ -234,7 +234,12 @@ fn ops_endpoint(
         "/healthz" => ("healthz", plain(StatusCode::OK, "ok\n", "text/plain", head)),
         "/readyz" => {
             let store_ok = app.cache.store.check();
-            let upstreams: Vec<_> = app.upstreams().iter().map(|u| u.status()).collect();
+            let upstreams: Vec<_> = app
+                .routing()
+                .upstreams()
+                .iter()
+                .map(|u| u.status())
+                .collect();
             let body = serde_json::json!({
                 "ready": store_ok.is_ok(),
                 "store": match &store_ok { Ok(()) => "ok".to_owned(), Err(e) => e.to_string() },
@@ -711,13 +716,14 @@ fn url_encode(s: &str) -> String {
 
 fn catalog(app: &Arc<App>, q: &Query, head: bool) -> Result<Response<Body>, ApiError> {
     let n = parse_n(q.n.as_deref())?;
+    let routing = app.routing();
     let mut names: Vec<String> = app
         .cache
         .store
         .repos()
         .map_err(|e| cache_error(e.into(), Object::Repository))?
         .into_iter()
-        .map(|(u, r)| app.catalog_name(&u, &r))
+        .map(|(u, r)| routing.catalog_name(&u, &r))
         .collect();
     names.sort();
     names.dedup();
@@ -875,6 +881,13 @@ async fn referrers(
 }
 
 impl App {
+    /// Picks the upstream and repository for a request's name.
+    pub fn route(&self, raw_name: &str, ns: Option<&str>) -> Result<Route, ApiError> {
+        self.routing().route(raw_name, ns)
+    }
+}
+
+impl crate::server::Routing {
     /// Picks the upstream and repository for a request's name.
     pub fn route(&self, raw_name: &str, ns: Option<&str>) -> Result<Route, ApiError> {
         let unknown_host = |h: &str| {

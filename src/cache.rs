@@ -198,7 +198,7 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
 /// The cache: store plus upstreams plus in-flight fetches.
 pub struct Cache {
     pub store: Arc<Store>,
-    max_manifest_size: u64,
+    max_manifest_size: std::sync::atomic::AtomicU64,
     manifests: Flights<Manifest>,
     fills: Mutex<HashMap<String, Arc<Fill>>>,
     pub metrics: Arc<Metrics>,
@@ -268,11 +268,16 @@ impl Cache {
     pub fn new(store: Arc<Store>, max_manifest_size: u64, metrics: Arc<Metrics>) -> Cache {
         Cache {
             store,
-            max_manifest_size,
+            max_manifest_size: std::sync::atomic::AtomicU64::new(max_manifest_size),
             manifests: Flights::new(),
             fills: Mutex::new(HashMap::new()),
             metrics,
         }
+    }
+
+    pub fn set_max_manifest_size(&self, n: u64) {
+        self.max_manifest_size
+            .store(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn stored_manifest(
@@ -426,7 +431,12 @@ impl Cache {
     ) -> Result<Manifest, CacheError> {
         let up = &route.upstream;
         let fetched = up
-            .get_manifest(&route.repo, &reference.to_string(), self.max_manifest_size)
+            .get_manifest(
+                &route.repo,
+                &reference.to_string(),
+                self.max_manifest_size
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            )
             .await?;
         let expected = match reference {
             Reference::Digest(d) => Some(d),

@@ -115,7 +115,11 @@ fn init_logging(level: &str, format: LogFormat) {
 pub fn main(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Serve(args) => {
-            let config = match args.config.load(None) {
+            let source = std::sync::Arc::new(crate::config_store::ConfigSource::new(
+                args.config.config.clone(),
+                args.config.overrides(),
+            ));
+            let config = match source.initial() {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("regcache: {e}");
@@ -133,7 +137,7 @@ pub fn main(cli: Cli) -> ExitCode {
                     return ExitCode::from(EXIT_FAILURE);
                 }
             };
-            match rt.block_on(serve(config)) {
+            match rt.block_on(serve(config, source)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -194,9 +198,12 @@ async fn shutdown_signal() {
     }
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(
+    config: Config,
+    source: std::sync::Arc<crate::config_store::ConfigSource>,
+) -> anyhow::Result<()> {
     let listen = config.listen;
-    let app = crate::server::App::open(config)?;
+    let app = crate::server::App::open(config.clone())?;
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
         if e.kind() == std::io::ErrorKind::AddrInUse {
             anyhow::anyhow!("cannot listen on {listen}: the address is already in use (another regcache or registry?)")
@@ -206,10 +213,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     })?;
     tracing::info!(
         listen = %listen,
-        data_dir = %app.config.data_dir.display(),
-        default_upstream = %app.config.default_upstream().url,
+        data_dir = %app.routing().config.data_dir.display(),
+        default_upstream = %app.routing().config.default_upstream().url,
         "regcache serving"
     );
+    crate::config_store::spawn_watchers(&app, &source, &config);
     crate::server::run(
         listener,
         app,

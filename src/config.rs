@@ -182,6 +182,39 @@ pub struct RawConfig {
     pub log: RawLog,
     #[serde(default)]
     pub upstreams: BTreeMap<String, RawUpstream>,
+    pub config_store: Option<RawConfigStore>,
+}
+
+/// Which remote config store holds the overlay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConfigStoreKind {
+    /// etcd v3, through its JSON gateway (`/v3/kv/range`).
+    Etcd,
+    /// Consul KV (`/v1/kv/<key>`, blocking queries).
+    Consul,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfigStore {
+    pub kind: ConfigStoreKind,
+    pub url: UpstreamUrl,
+    pub key: String,
+    pub poll_interval: Option<DurationValue>,
+    pub timeout: Option<DurationValue>,
+}
+
+/// Where the optional remote overlay lives. Never needed to start.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigStoreConfig {
+    pub kind: ConfigStoreKind,
+    pub url: reqwest::Url,
+    pub key: String,
+    /// etcd: time between two reads; consul: longest wait of a blocking query.
+    pub poll_interval: Duration,
+    /// Bound on one request to the store.
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -230,7 +263,7 @@ impl fmt::Debug for Credentials {
 }
 
 /// One validated upstream registry.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamConfig {
     pub name: String,
     pub url: reqwest::Url,
@@ -260,6 +293,7 @@ pub struct Config {
     pub max_manifest_size: u64,
     pub log_level: String,
     pub log_format: LogFormat,
+    pub config_store: Option<ConfigStoreConfig>,
 }
 
 /// Command-line values that override the file.
@@ -299,6 +333,41 @@ impl Config {
             })
     }
 
+    /// The local file's text overlaid with a remote config store's TOML (tables merged key by
+    /// key, the remote winning). The remote layer may not configure the config store itself.
+    pub fn parse_layered(
+        local: &str,
+        local_origin: &str,
+        remote: &str,
+        remote_origin: &str,
+        overrides: &Overrides,
+    ) -> Result<Config, ConfigError> {
+        // The local file must be valid on its own: it is what starts regcache.
+        Config::parse(local, local_origin, overrides)?;
+        let invalid = |origin: &str, message: String| ConfigError::Invalid {
+            origin: origin.to_owned(),
+            message,
+        };
+        let mut base: toml::Table = toml::from_str(local)
+            .map_err(|e| invalid(local_origin, e.to_string().trim_end().to_owned()))?;
+        let top: toml::Table = toml::from_str(remote)
+            .map_err(|e| invalid(remote_origin, e.to_string().trim_end().to_owned()))?;
+        if top.contains_key("config_store") {
+            return Err(invalid(
+                remote_origin,
+                "config_store can only be set in the local file".into(),
+            ));
+        }
+        merge_tables(&mut base, top);
+        let merged = toml::to_string(&base)
+            .map_err(|e| invalid(remote_origin, format!("cannot merge: {e}")))?;
+        Config::parse(
+            &merged,
+            &format!("{local_origin} overlaid with {remote_origin}"),
+            overrides,
+        )
+    }
+
     /// The built-in configuration (no file), with overrides.
     pub fn defaults(overrides: &Overrides) -> Result<Config, ConfigError> {
         Config::parse("", "(defaults)", overrides)
@@ -306,6 +375,18 @@ impl Config {
 
     pub fn default_upstream(&self) -> &UpstreamConfig {
         &self.upstreams[self.default_upstream]
+    }
+}
+
+/// Merges `top` into `base`: tables key by key, anything else replaced.
+fn merge_tables(base: &mut toml::Table, top: toml::Table) {
+    for (k, v) in top {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(t)) => merge_tables(b, t),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
     }
 }
 
@@ -500,6 +581,21 @@ impl RawConfig {
             .unwrap_or_else(|| "info".into());
         tracing_subscriber::EnvFilter::try_new(&log_level)
             .map_err(|e| format!("log.level = {log_level:?} is not a valid filter: {e}"))?;
+        let config_store = match self.config_store {
+            None => None,
+            Some(cs) => {
+                if cs.key.is_empty() || cs.key.contains(char::is_whitespace) {
+                    return Err(format!("config_store.key {:?} is not a key", cs.key));
+                }
+                Some(ConfigStoreConfig {
+                    kind: cs.kind,
+                    url: cs.url.0,
+                    key: cs.key.trim_start_matches('/').to_owned(),
+                    poll_interval: cs.poll_interval.map_or(Duration::from_secs(5), |d| d.0),
+                    timeout: cs.timeout.map_or(Duration::from_secs(2), |d| d.0),
+                })
+            }
+        };
         Ok(Config {
             listen,
             data_dir,
@@ -508,6 +604,7 @@ impl RawConfig {
             max_manifest_size,
             log_level,
             log_format: o.log_format.or(self.log.format).unwrap_or_default(),
+            config_store,
         })
     }
 }
@@ -589,6 +686,45 @@ mod tests {
         )
         .expect_err("duplicate host");
         assert!(e.contains("x.io"), "{e}");
+    }
+
+    #[test]
+    fn remote_overlay_merges_tables_and_keeps_local_keys() {
+        let local = "listen = \"127.0.0.1:7000\"\n[upstreams.docker]\nurl = \"http://127.0.0.1:1\"\nfreshness = \"10s\"\n\
+                     [config_store]\nkind = \"etcd\"\nurl = \"http://127.0.0.1:2379\"\nkey = \"/regcache\"\n";
+        let remote =
+            "[upstreams.docker]\nfreshness = \"5m\"\n[upstreams.ghcr]\nurl = \"https://ghcr.io\"\n";
+        let c = Config::parse_layered(local, "local", remote, "etcd", &Overrides::default())
+            .expect("valid overlay");
+        assert_eq!(c.listen.to_string(), "127.0.0.1:7000");
+        assert_eq!(c.default_upstream().url.as_str(), "http://127.0.0.1:1/");
+        assert_eq!(c.default_upstream().freshness, Duration::from_secs(300));
+        assert_eq!(c.upstreams.len(), 2);
+        assert_eq!(
+            c.config_store.as_ref().map(|s| s.key.as_str()),
+            Some("regcache")
+        );
+        let e = Config::parse_layered(
+            local,
+            "local",
+            "[upstreams.docker]\nfreshness = 3\nbogus = 1\n",
+            "etcd",
+            &Overrides::default(),
+        )
+        .expect_err("unknown key in the overlay");
+        assert!(
+            e.to_string().contains("bogus") && e.to_string().contains("etcd"),
+            "{e}"
+        );
+        let e = Config::parse_layered(
+            local,
+            "local",
+            "[config_store]\nkey = \"x\"\n",
+            "etcd",
+            &Overrides::default(),
+        )
+        .expect_err("config_store from remote");
+        assert!(e.to_string().contains("local file"), "{e}");
     }
 
     #[test]

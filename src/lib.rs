@@ -9,6 +9,7 @@ pub mod api;
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod config_store;
 pub mod metrics;
 pub mod reference;
 pub mod server;

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -19,48 +19,44 @@ use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::upstream::Upstream;
 
-/// Everything a request handler needs.
-pub struct App {
+/// The part of the configuration that can change while serving: upstreams and routing.
+pub struct Routing {
     pub config: Config,
-    pub cache: Arc<Cache>,
-    pub metrics: Arc<Metrics>,
     upstreams: Vec<Arc<Upstream>>,
     /// Lower-case host name → index in `upstreams`.
     hosts: HashMap<String, usize>,
 }
 
-impl App {
-    /// Opens the store and builds the upstream clients. Contacts no upstream.
-    pub fn open(config: Config) -> anyhow::Result<Arc<App>> {
-        let store = Store::open(&config.data_dir).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot open the store in {}: {e}",
-                config.data_dir.display()
-            )
-        })?;
-        let metrics = Arc::new(Metrics::new());
+impl Routing {
+    /// Builds the upstream clients, reusing those of `previous` whose settings did not change (so
+    /// their tokens and circuit state survive a reload).
+    fn build(
+        config: Config,
+        metrics: &Arc<Metrics>,
+        previous: Option<&Routing>,
+    ) -> anyhow::Result<Routing> {
         let mut upstreams = Vec::new();
         let mut hosts = HashMap::new();
         for (i, u) in config.upstreams.iter().enumerate() {
             for h in &u.hosts {
                 hosts.insert(h.to_ascii_lowercase(), i);
             }
-            upstreams.push(Upstream::new(u.clone(), Arc::clone(&metrics)).map_err(|e| {
-                anyhow::anyhow!("cannot build the HTTP client for upstream {}: {e}", u.name)
-            })?);
+            let reused = previous
+                .and_then(|p| p.upstreams.iter().find(|old| old.config == *u))
+                .cloned();
+            let up = match reused {
+                Some(up) => up,
+                None => Upstream::new(u.clone(), Arc::clone(metrics)).map_err(|e| {
+                    anyhow::anyhow!("cannot build the HTTP client for upstream {}: {e}", u.name)
+                })?,
+            };
+            upstreams.push(up);
         }
-        let cache = Arc::new(Cache::new(
-            Arc::new(store),
-            config.max_manifest_size,
-            Arc::clone(&metrics),
-        ));
-        Ok(Arc::new(App {
+        Ok(Routing {
             config,
-            cache,
-            metrics,
             upstreams,
             hosts,
-        }))
+        })
     }
 
     pub fn default_upstream(&self) -> Arc<Upstream> {
@@ -77,21 +73,9 @@ impl App {
             .map(|&i| Arc::clone(&self.upstreams[i]))
     }
 
-    /// Updates the store gauges (called when metrics are scraped).
-    pub fn refresh_store_metrics(&self) {
-        if let Ok((n, bytes)) = self.cache.store.usage() {
-            self.metrics.store_blobs.set(n as i64);
-            self.metrics.store_bytes.set(bytes as i64);
-        }
-        if let Some(free) = free_bytes(self.cache.store.root()) {
-            self.metrics.store_free_bytes.set(free as i64);
-        }
-    }
-
     /// The name under which `/v2/_catalog` lists a cached repository.
     pub fn catalog_name(&self, upstream: &str, repo: &str) -> String {
-        let default = &self.config.upstreams[self.config.default_upstream];
-        if upstream == default.name {
+        if upstream == self.config.default_upstream().name {
             return repo.to_owned();
         }
         match self.upstreams.iter().find(|u| u.name() == upstream) {
@@ -100,6 +84,81 @@ impl App {
                 format!("{host}/{repo}")
             }
             None => format!("{upstream}/{repo}"),
+        }
+    }
+}
+
+/// Everything a request handler needs.
+pub struct App {
+    pub cache: Arc<Cache>,
+    pub metrics: Arc<Metrics>,
+    routing: RwLock<Arc<Routing>>,
+}
+
+impl App {
+    /// Opens (and locks) the store and builds the upstream clients. Contacts no upstream.
+    pub fn open(config: Config) -> anyhow::Result<Arc<App>> {
+        let store = Store::open(&config.data_dir).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open the store in {}: {e}",
+                config.data_dir.display()
+            )
+        })?;
+        let metrics = Arc::new(Metrics::new());
+        let cache = Arc::new(Cache::new(
+            Arc::new(store),
+            config.max_manifest_size,
+            Arc::clone(&metrics),
+        ));
+        let routing = Routing::build(config, &metrics, None)?;
+        Ok(Arc::new(App {
+            cache,
+            metrics,
+            routing: RwLock::new(Arc::new(routing)),
+        }))
+    }
+
+    /// The routing in force now.
+    pub fn routing(&self) -> Arc<Routing> {
+        Arc::clone(&self.routing.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Applies a new, already validated configuration. Settings that need a restart (listen
+    /// address, data directory) are reported and left as they are.
+    pub fn reload(&self, config: Config) -> anyhow::Result<()> {
+        let current = self.routing();
+        let old = &current.config;
+        if config.data_dir != old.data_dir {
+            tracing::warn!(new = %config.data_dir.display(), "data_dir changed: takes effect at the next restart");
+        }
+        if config.listen != old.listen {
+            tracing::warn!(new = %config.listen, "listen changed: takes effect at the next restart");
+        }
+        let config = Config {
+            data_dir: old.data_dir.clone(),
+            listen: old.listen,
+            ..config
+        };
+        self.cache.set_max_manifest_size(config.max_manifest_size);
+        let routing = Routing::build(config, &self.metrics, Some(&current))?;
+        let names: Vec<String> = routing
+            .upstreams
+            .iter()
+            .map(|u| format!("{}={}", u.name(), u.config.url))
+            .collect();
+        *self.routing.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(routing);
+        tracing::info!(upstreams = ?names, "configuration applied");
+        Ok(())
+    }
+
+    /// Updates the store gauges (called when metrics are scraped).
+    pub fn refresh_store_metrics(&self) {
+        if let Ok((n, bytes)) = self.cache.store.usage() {
+            self.metrics.store_blobs.set(n as i64);
+            self.metrics.store_bytes.set(bytes as i64);
+        }
+        if let Some(free) = free_bytes(self.cache.store.root()) {
+            self.metrics.store_free_bytes.set(free as i64);
         }
     }
 }

@@ -95,8 +95,44 @@ impl RepoKey {
     }
 }
 
+/// An exclusive lock on a data directory, held while the store is open (`flock` on `lock`,
+/// which holds the owner's PID). The kernel releases it when the process dies, so a lock left by a
+/// killed regcache is simply taken over.
+pub struct DirLock {
+    _file: File,
+}
+
+impl DirLock {
+    pub fn acquire(root: &Path) -> Result<DirLock, StoreError> {
+        use std::io::{Read, Seek};
+        let path = root.join("lock");
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            let pid = pid.trim();
+            return Err(StoreError::Incompatible(format!(
+                "the data directory {} is in use by another regcache (PID {}); stop it or use another --data-dir",
+                root.display(),
+                if pid.is_empty() { "unknown" } else { pid }
+            )));
+        }
+        file.set_len(0).map_err(io_err(&path))?;
+        file.rewind().map_err(io_err(&path))?;
+        writeln!(file, "{}", std::process::id()).map_err(io_err(&path))?;
+        Ok(DirLock { _file: file })
+    }
+}
+
 /// The on-disk store.
 pub struct Store {
+    _lock: DirLock,
     root: PathBuf,
     tmp: PathBuf,
     db: Database,
@@ -140,6 +176,7 @@ impl Store {
         for d in [root.to_owned(), root.join("blobs"), tmp.clone()] {
             fs::create_dir_all(&d).map_err(io_err(&d))?;
         }
+        let lock = DirLock::acquire(root)?;
         // Anything in tmp/ belongs to a fill that did not finish: it was never visible.
         if let Ok(entries) = fs::read_dir(&tmp) {
             for e in entries.flatten() {
@@ -150,6 +187,7 @@ impl Store {
         let db = Database::create(&db_path)
             .map_err(|e| StoreError::Db(format!("cannot open {}: {e}", db_path.display())))?;
         let store = Store {
+            _lock: lock,
             root: root.to_owned(),
             tmp,
             db,
@@ -590,6 +628,22 @@ mod tests {
         std::fs::write(store.blob_path(&d), b"tampered").expect("tamper");
         assert_eq!(store.read_manifest(&d).expect("read"), None);
         assert_eq!(store.manifest_info(&d).expect("info"), None);
+    }
+
+    #[test]
+    fn a_locked_data_directory_is_refused_with_the_owner_pid() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = Store::open(dir.path()).expect("open");
+        let err = Store::open(dir.path())
+            .err()
+            .expect("second open must fail");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("in use") && msg.contains(&std::process::id().to_string()),
+            "{msg}"
+        );
+        drop(first);
+        Store::open(dir.path()).expect("lock released with the first store");
     }
 
     #[test]

@@ -1,0 +1,314 @@
+//! The configuration's sources: the local file, an optional remote overlay in etcd or consul, and
+//! the last good remote copy kept in the data directory.
+//!
+//! The local file alone is always enough to start: at start regcache never waits for the config
+//! store, it uses the last good copy (if any) and applies the store's current value as soon as the
+//! background watcher reads it. An overlay that fails validation is logged and ignored, never
+//! half-applied.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use base64::Engine as _;
+
+use crate::config::{Config, ConfigError, ConfigStoreConfig, ConfigStoreKind, Overrides};
+use crate::server::App;
+
+/// Name of the last good remote copy inside the data directory.
+pub const LAST_GOOD_FILE: &str = "config-store.last-good.toml";
+
+/// Where the configuration comes from, and the remote text currently applied.
+pub struct ConfigSource {
+    local_path: Option<PathBuf>,
+    overrides: Overrides,
+    remote: Mutex<Option<String>>,
+}
+
+fn read_local(path: Option<&Path>) -> Result<(String, String), ConfigError> {
+    match path {
+        None => Ok((String::new(), "(defaults)".into())),
+        Some(p) => std::fs::read_to_string(p)
+            .map(|t| (t, p.display().to_string()))
+            .map_err(|source| ConfigError::Read {
+                path: p.to_owned(),
+                source,
+            }),
+    }
+}
+
+fn remote_origin(cs: &ConfigStoreConfig) -> String {
+    let kind = match cs.kind {
+        ConfigStoreKind::Etcd => "etcd",
+        ConfigStoreKind::Consul => "consul",
+    };
+    format!("{kind} key {:?}", cs.key)
+}
+
+impl ConfigSource {
+    pub fn new(local_path: Option<PathBuf>, overrides: Overrides) -> ConfigSource {
+        ConfigSource {
+            local_path,
+            overrides,
+            remote: Mutex::new(None),
+        }
+    }
+
+    fn remote(&self) -> Option<String> {
+        self.remote
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_remote(&self, text: Option<String>) {
+        *self.remote.lock().unwrap_or_else(|p| p.into_inner()) = text;
+    }
+
+    /// The local file with `remote` overlaid (if any), validated.
+    fn build(&self, remote: Option<&str>) -> Result<Config, ConfigError> {
+        let (local, origin) = read_local(self.local_path.as_deref())?;
+        let plain = Config::parse(&local, &origin, &self.overrides)?;
+        match (remote, &plain.config_store) {
+            (Some(r), Some(cs)) => {
+                Config::parse_layered(&local, &origin, r, &remote_origin(cs), &self.overrides)
+            }
+            _ => Ok(plain),
+        }
+    }
+
+    /// The configuration to start with: the local file, overlaid with the last good remote copy
+    /// when a config store is configured and a valid copy exists. Never contacts the store.
+    pub fn initial(&self) -> Result<Config, ConfigError> {
+        let local_only = self.build(None)?;
+        if local_only.config_store.is_none() {
+            return Ok(local_only);
+        }
+        let path = local_only.data_dir.join(LAST_GOOD_FILE);
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return Ok(local_only);
+        };
+        match self.build(Some(&text)) {
+            Ok(c) => {
+                self.set_remote(Some(text));
+                Ok(c)
+            }
+            Err(e) => {
+                eprintln!(
+                    "regcache: ignoring the last good remote config {}: {e}",
+                    path.display()
+                );
+                Ok(local_only)
+            }
+        }
+    }
+
+    /// Re-reads the local file (SIGHUP) and overlays the remote text in force.
+    pub fn rebuild(&self) -> Result<Config, ConfigError> {
+        self.build(self.remote().as_deref())
+    }
+}
+
+/// Writes `text` to `path` atomically (temp file, fsync, rename, fsync directory).
+fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".{}.tmp", LAST_GOOD_FILE));
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// A value read from the store: the text (None when the key is absent) and its version.
+type Read = (Option<String>, u64);
+
+/// Reads the key from etcd through the v3 JSON gateway.
+async fn read_etcd(client: &reqwest::Client, cs: &ConfigStoreConfig) -> anyhow::Result<Read> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let url = format!("{}/v3/kv/range", cs.url.as_str().trim_end_matches('/'));
+    let body = serde_json::json!({ "key": b64.encode(cs.key.as_bytes()) }).to_string();
+    let resp = client
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body)
+        .timeout(cs.timeout)
+        .send()
+        .await?;
+    if !resp.status().is_success() {
+        anyhow::bail!("etcd answered {}", resp.status());
+    }
+    let v: serde_json::Value = serde_json::from_slice(&resp.bytes().await?)?;
+    let Some(kv) = v.get("kvs").and_then(|k| k.get(0)) else {
+        return Ok((None, 0));
+    };
+    let value = kv.get("value").and_then(|x| x.as_str()).unwrap_or("");
+    let text = String::from_utf8(b64.decode(value)?)?;
+    let rev = kv
+        .get("mod_revision")
+        .and_then(|r| {
+            r.as_str()
+                .and_then(|s| s.parse().ok())
+                .or_else(|| r.as_u64())
+        })
+        .unwrap_or(0);
+    Ok((Some(text), rev))
+}
+
+/// Reads the key from consul KV; a blocking query when `index` is known.
+async fn read_consul(
+    client: &reqwest::Client,
+    cs: &ConfigStoreConfig,
+    index: u64,
+) -> anyhow::Result<Read> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut url = format!("{}/v1/kv/{}", cs.url.as_str().trim_end_matches('/'), cs.key);
+    if index > 0 {
+        url = format!(
+            "{url}?index={index}&wait={}ms",
+            cs.poll_interval.as_millis()
+        );
+    }
+    let resp = client
+        .get(url)
+        .timeout(cs.poll_interval + cs.timeout)
+        .send()
+        .await?;
+    let new_index = resp
+        .headers()
+        .get("x-consul-index")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if resp.status() == reqwest::StatusCode::NOT_FOUND {
+        return Ok((None, new_index));
+    }
+    if !resp.status().is_success() {
+        anyhow::bail!("consul answered {}", resp.status());
+    }
+    let v: serde_json::Value = serde_json::from_slice(&resp.bytes().await?)?;
+    let value = v
+        .get(0)
+        .and_then(|e| e.get("Value"))
+        .and_then(|x| x.as_str())
+        .unwrap_or("");
+    let text = String::from_utf8(b64.decode(value)?)?;
+    Ok((Some(text), new_index))
+}
+
+/// Follows the config store for as long as the server runs, applying valid changes live.
+pub async fn watch(
+    app: Arc<App>,
+    source: Arc<ConfigSource>,
+    cs: ConfigStoreConfig,
+    data_dir: PathBuf,
+) {
+    let client = match reqwest::Client::builder()
+        .connect_timeout(cs.timeout)
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the config store client; remote config disabled");
+            return;
+        }
+    };
+    let origin = remote_origin(&cs);
+    let mut index = 0u64;
+    let mut reachable = true;
+    loop {
+        let read = match cs.kind {
+            ConfigStoreKind::Etcd => read_etcd(&client, &cs).await,
+            ConfigStoreKind::Consul => read_consul(&client, &cs, index).await,
+        };
+        match read {
+            Err(e) => {
+                if reachable {
+                    tracing::warn!(store = %origin, error = %e, "config store unreachable; keeping the configuration in force");
+                    reachable = false;
+                }
+                index = 0;
+                tokio::time::sleep(cs.poll_interval).await;
+                continue;
+            }
+            Ok((text, new_index)) => {
+                if !reachable {
+                    tracing::info!(store = %origin, "config store reachable again");
+                    reachable = true;
+                }
+                // consul: an index that goes backwards means a reset.
+                index = if new_index < index { 0 } else { new_index };
+                if text != source.remote() {
+                    apply(&app, &source, text, &origin, &data_dir);
+                }
+            }
+        }
+        if cs.kind == ConfigStoreKind::Etcd || index == 0 {
+            tokio::time::sleep(cs.poll_interval).await;
+        }
+    }
+}
+
+fn apply(app: &App, source: &ConfigSource, text: Option<String>, origin: &str, data_dir: &Path) {
+    match source.build(text.as_deref()) {
+        Ok(config) => {
+            if let Err(e) = app.reload(config) {
+                tracing::error!(store = %origin, error = %e, "cannot apply the remote config; ignored");
+                return;
+            }
+            let path = data_dir.join(LAST_GOOD_FILE);
+            let saved = match &text {
+                Some(t) => write_atomic(&path, t),
+                None => match std::fs::remove_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                    _ => Ok(()),
+                },
+            };
+            if let Err(e) = saved {
+                tracing::warn!(path = %path.display(), error = %e, "cannot keep the last good remote config");
+            }
+            tracing::info!(store = %origin, present = text.is_some(), "remote config applied");
+            source.set_remote(text);
+        }
+        Err(e) => {
+            tracing::error!(store = %origin, error = %e, "invalid remote config ignored; the configuration in force is unchanged");
+        }
+    }
+}
+
+/// Re-reads the local file on SIGHUP and applies it (with the remote overlay) if valid.
+pub async fn reload_on_sighup(app: Arc<App>, source: Arc<ConfigSource>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; reload disabled");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading the configuration");
+        match source.rebuild() {
+            Ok(config) => {
+                if let Err(e) = app.reload(config) {
+                    tracing::error!(error = %e, "reload failed; the configuration in force is unchanged");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "invalid configuration ignored; the configuration in force is unchanged")
+            }
+        }
+    }
+}
+
+/// Starts the background tasks that follow the configuration sources.
+pub fn spawn_watchers(app: &Arc<App>, source: &Arc<ConfigSource>, config: &Config) {
+    tokio::spawn(reload_on_sighup(Arc::clone(app), Arc::clone(source)));
+    if let Some(cs) = config.config_store.clone() {
+        tokio::spawn(watch(
+            Arc::clone(app),
+            Arc::clone(source),
+            cs,
+            config.data_dir.clone(),
+        ));
+    }
+}
