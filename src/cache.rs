@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::metrics::Metrics;
 use crate::reference::{Digest, Reference, RepoName, Tag};
-use crate::store::{now_secs, RepoKey, Store, StoreError, TempBlob};
+use crate::store::{now_millis, RepoKey, Store, StoreError, TempBlob};
 use crate::upstream::{Upstream, UpstreamError};
 
 /// Size of the chunks read from files and sent to clients.
@@ -317,8 +317,8 @@ impl Cache {
             }
             Reference::Tag(t) => {
                 if let Some(rec) = self.store.tag(&key, t)? {
-                    let age = now_secs().saturating_sub(rec.checked_at);
-                    if Duration::from_secs(age) < route.upstream.config.freshness {
+                    let age = now_millis().saturating_sub(rec.checked_at_ms);
+                    if Duration::from_millis(age) < route.upstream.config.freshness {
                         if let Ok(d) = rec.digest.parse::<Digest>() {
                             if let Some(m) = self.stored_manifest(&d, Outcome::Hit)? {
                                 return Ok(m);
@@ -375,7 +375,7 @@ impl Cache {
                 let Some((rec, cached)) = cached else {
                     return self.download_manifest(route, reference, Some(t)).await;
                 };
-                if Duration::from_secs(now_secs().saturating_sub(rec.checked_at))
+                if Duration::from_millis(now_millis().saturating_sub(rec.checked_at_ms))
                     < up.config.freshness
                 {
                     return Ok(cached); // another flight refreshed it meanwhile
@@ -401,7 +401,7 @@ impl Cache {
                     Ok(head) => match head.digest {
                         Some(d) if d == cached.digest => {
                             let (store, k2, t2) = (Arc::clone(&self.store), key.clone(), t.clone());
-                            blocking(move || store.set_tag(&k2, &t2, &d, now_secs())).await?;
+                            blocking(move || store.set_tag(&k2, &t2, &d, now_millis())).await?;
                             Ok(Manifest {
                                 outcome: Outcome::Revalidated,
                                 ..cached

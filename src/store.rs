@@ -58,6 +58,13 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     }
 }
 
+/// Milliseconds since the Unix epoch.
+pub fn now_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 pub fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -68,8 +75,8 @@ pub fn now_secs() -> u64 {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TagRecord {
     pub digest: String,
-    /// Unix seconds when the upstream last confirmed (or gave) this digest for the tag.
-    pub checked_at: u64,
+    /// Unix time in milliseconds when the upstream last confirmed (or gave) this digest.
+    pub checked_at_ms: u64,
 }
 
 /// A stored manifest's facts.
@@ -476,7 +483,7 @@ impl Store {
             tx.commit().map_err(db_err)?;
         }
         if let Some(tag) = tag {
-            self.set_tag(repo, tag, d, now_secs())?;
+            self.set_tag(repo, tag, d, now_millis())?;
         }
         Ok(())
     }
@@ -496,11 +503,11 @@ impl Store {
         repo: &RepoKey,
         tag: &Tag,
         d: &Digest,
-        checked_at: u64,
+        checked_at_ms: u64,
     ) -> Result<(), StoreError> {
         let rec = TagRecord {
             digest: d.to_string(),
-            checked_at,
+            checked_at_ms,
         };
         let value = serde_json::to_vec(&rec).map_err(db_err)?;
         let key = format!("{}{tag}", repo.prefix());

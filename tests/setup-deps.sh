@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the external tools the integration tests need (Debian packages):
 #   docker-registry (distribution 2.8, the real upstream / reference cache),
-#   skopeo (real client), umoci + busybox-static (offline image fixtures).
+#   skopeo (real client), umoci + busybox-static (offline image fixtures),
+#   etcd-server (the remote config store of the outage tests).
 # Idempotent: does nothing when every tool is already present.
 set -euo pipefail
 
@@ -11,6 +12,7 @@ deps=(
   "skopeo:skopeo"
   "umoci:umoci"
   "busybox:busybox-static"
+  "etcd:etcd-server"
 )
 
 missing_pkgs=()

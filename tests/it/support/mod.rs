@@ -2,5 +2,6 @@
 #![allow(dead_code)]
 
 pub mod fake;
+pub mod process;
 pub mod regcache;
 pub mod registry;

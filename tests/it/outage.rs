@@ -1,0 +1,487 @@
+//! Outage survival: the drill that replays the motivating outage, the circuit breaker, and
+//! restart hygiene.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::support::fake::FakeUpstream;
+use crate::support::process::{free_port, metric, Process};
+use crate::support::regcache::{client, config_for, Regcache};
+use crate::support::registry::{
+    copy_to_dir, http_get, inspect_raw, sha256_digest, Registry, DOCKER_LIST, OCI_INDEX,
+    SEEDED_IMAGES,
+};
+
+const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+
+/// What the upstream's port does during an outage.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// Accepts connections and never answers.
+    BlackHole,
+    /// Nothing listens: connections are refused.
+    Refused,
+    /// Answers every request with 503.
+    Unavailable,
+}
+
+/// A server on the upstream's port that misbehaves as `fault` says, until dropped.
+struct FaultyUpstream {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FaultyUpstream {
+    fn start(addr: SocketAddr, fault: Fault) -> FaultyUpstream {
+        let stop = Arc::new(AtomicBool::new(false));
+        if let Fault::Refused = fault {
+            return FaultyUpstream { stop, thread: None };
+        }
+        let listener = TcpListener::bind(addr).expect("bind the upstream's port for the fault");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let stop2 = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut held: Vec<TcpStream> = Vec::new();
+            while !stop2.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut s, _)) => match fault {
+                        Fault::BlackHole => held.push(s),
+                        _ => {
+                            let _ = s.set_nonblocking(false);
+                            let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+                            let mut buf = [0u8; 4096];
+                            let _ = s.read(&mut buf);
+                            let _ = s.write_all(
+                                b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+                            );
+                        }
+                    },
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        FaultyUpstream {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for FaultyUpstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Puts a key into etcd through its JSON gateway.
+fn etcd_put(client_port: u16, key: &str, value: &str) {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let body = format!(
+        "{{\"key\":\"{}\",\"value\":\"{}\"}}",
+        b64.encode(key),
+        b64.encode(value)
+    );
+    let mut s = TcpStream::connect(("127.0.0.1", client_port)).expect("connect etcd");
+    write!(
+        s,
+        "POST /v3/kv/put HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write etcd put");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 200"), "etcd put failed: {out}");
+}
+
+/// Starts etcd on loopback; returns the child and its client port.
+fn start_etcd(dir: &Path) -> (std::process::Child, u16) {
+    let (client, peer) = (free_port(), free_port());
+    let log = std::fs::File::create(dir.join("etcd.log")).expect("etcd log");
+    let child = std::process::Command::new("etcd")
+        .args(["--name", "default", "--data-dir"])
+        .arg(dir.join("etcd-data"))
+        .arg(format!("--listen-client-urls=http://127.0.0.1:{client}"))
+        .arg(format!("--advertise-client-urls=http://127.0.0.1:{client}"))
+        .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
+        .arg(format!(
+            "--initial-advertise-peer-urls=http://127.0.0.1:{peer}"
+        ))
+        .arg(format!("--initial-cluster=default=http://127.0.0.1:{peer}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start etcd (Debian package etcd-server; run tests/setup-deps.sh)");
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(20) {
+        if http_get(SocketAddr::from(([127, 0, 0, 1], client)), "/health", &[])
+            .is_some_and(|r| r.status == 200)
+        {
+            return (child, client);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!(
+        "etcd did not become healthy: {}",
+        std::fs::read_to_string(dir.join("etcd.log")).unwrap_or_default()
+    );
+}
+
+/// One image to pull in the drill: reference by tag, reference by digest, and whether it is an index.
+struct Warmed {
+    by_tag: String,
+    by_digest: String,
+    all: bool,
+}
+
+#[test]
+fn outage_drill_serves_every_warmed_image_after_kill9_with_upstream_and_config_store_down() {
+    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
+    let mut upstream = Registry::start_seeded();
+    let (mut etcd, etcd_port) = start_etcd(work.path());
+    // The remote layer shortens the freshness window, so every tag is past it during the outage;
+    // that it is in force after the restart shows the last good remote copy was used.
+    etcd_put(
+        etcd_port,
+        "regcache/config",
+        "[upstreams.docker]\nfreshness = \"1s\"\n",
+    );
+    let data = work.path().join("data");
+    let config = work.path().join("regcache.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\n[upstreams.docker]\nurl = \"{}\"\nfreshness = \"1h\"\nconnect_timeout = \"2s\"\nheader_timeout = \"2s\"\nidle_timeout = \"5s\"\n\
+             [config_store]\nkind = \"etcd\"\nurl = \"http://127.0.0.1:{etcd_port}\"\nkey = \"regcache/config\"\npoll_interval = \"200ms\"\n",
+            data.display(),
+            upstream.url()
+        ),
+    )
+    .expect("write config");
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut rc = Process::start(&config, addr, &work.path().join("regcache.log"));
+    let last_good = data.join("config-store.last-good.toml");
+    let t = Instant::now();
+    while !last_good.exists() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        last_good.exists(),
+        "remote config never applied:\n{}",
+        rc.log_text()
+    );
+
+    // Warm the cache through regcache: single- and multi-arch, Docker and OCI.
+    let mut warmed = Vec::new();
+    for (i, (repo, tag, mt)) in SEEDED_IMAGES.iter().enumerate() {
+        let all = *mt == OCI_INDEX || *mt == DOCKER_LIST;
+        let by_tag = format!("{repo}:{tag}");
+        let out = copy_to_dir(
+            &addr.to_string(),
+            &by_tag,
+            &work.path().join(format!("warm-{i}")),
+            all,
+        );
+        assert!(
+            out.status.success(),
+            "warming {by_tag}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let digest = sha256_digest(&inspect_raw(&addr.to_string(), &by_tag));
+        warmed.push(Warmed {
+            by_tag,
+            by_digest: format!("{repo}@{digest}"),
+            all,
+        });
+    }
+    let upstream_addr = upstream.addr();
+    upstream.stop();
+    let _ = etcd.kill();
+    let _ = etcd.wait();
+
+    for fault in [Fault::BlackHole, Fault::Refused, Fault::Unavailable] {
+        let _faulty = FaultyUpstream::start(upstream_addr, fault);
+        rc.kill9();
+        rc.restart();
+        std::thread::sleep(Duration::from_millis(1100)); // every tag is now past its window
+
+        // Manifests by tag, timed one by one: none may wait longer than the connect timeout
+        // (2 s) plus a margin; stale answers carry Warning: 110.
+        std::thread::scope(|s| {
+            let handles: Vec<_> = warmed
+                .iter()
+                .map(|w| {
+                    s.spawn(move || {
+                        let (repo, tag) = w.by_tag.split_once(':').expect("repo:tag");
+                        let t = Instant::now();
+                        let r = http_get(
+                            addr,
+                            &format!("/v2/{repo}/manifests/{tag}"),
+                            &[("Accept", ACCEPT_ALL)],
+                        )
+                        .expect("GET manifest");
+                        (
+                            w.by_tag.clone(),
+                            r.status,
+                            r.header("warning").map(str::to_owned),
+                            t.elapsed(),
+                        )
+                    })
+                })
+                .collect();
+            for h in handles {
+                let (image, status, warning, took) = h.join().expect("request thread");
+                assert_eq!(status, 200, "{fault:?}: {image} by tag");
+                assert!(
+                    warning.as_deref().is_some_and(|w| w.starts_with("110")),
+                    "{fault:?}: {image} should be served stale with Warning: 110, got {warning:?}"
+                );
+                assert!(
+                    took < Duration::from_secs(3),
+                    "{fault:?}: {image} took {took:?}"
+                );
+            }
+        });
+
+        // Full pulls with skopeo, by tag and by digest, many at once.
+        std::thread::scope(|s| {
+            let mut handles = Vec::new();
+            for (i, w) in warmed.iter().enumerate() {
+                for (j, reference) in [&w.by_tag, &w.by_digest].into_iter().enumerate() {
+                    let dest = work.path().join(format!("{fault:?}-{i}-{j}"));
+                    let host = addr.to_string();
+                    handles.push(s.spawn(move || {
+                        let out = copy_to_dir(&host, reference, &dest, w.all);
+                        (reference.clone(), out)
+                    }));
+                }
+            }
+            for h in handles {
+                let (reference, out) = h.join().expect("skopeo thread");
+                assert!(
+                    out.status.success(),
+                    "{fault:?}: pulling {reference} failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        });
+
+        // A tag never cached is a 503 (the image may exist), never a 404.
+        let r = http_get(addr, "/v2/never/cached/manifests/latest", &[]).expect("GET uncached");
+        assert_eq!(
+            r.status,
+            503,
+            "{fault:?}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+
+        let m = rc.metrics();
+        assert_eq!(
+            metric(&m, "regcache_upstream_up{upstream=\"docker\"}"),
+            Some(0.0),
+            "{fault:?}: the upstream should be reported down:\n{m}"
+        );
+        let stale = metric(&m, "regcache_cache_outcomes_total{outcome=\"stale\"}").unwrap_or(0.0);
+        assert!(
+            stale >= warmed.len() as f64,
+            "{fault:?}: stale answers {stale}:\n{m}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaker_opens_after_failures_then_a_background_probe_closes_it() {
+    let fake = FakeUpstream::start().await;
+    fake.add_image("app/x", "v1", bytes::Bytes::from_static(b"layer"));
+    let rc = Regcache::start(&config_for(
+        &fake.url(),
+        "freshness = \"1ms\"\nfailure_threshold = 2\nprobe_max_interval = \"1s\"",
+        "",
+    ));
+    let c = client();
+    let url = format!("{}/v2/app/x/manifests/v1", rc.url());
+    let get = |c: &reqwest::Client| c.get(&url).header("accept", ACCEPT_ALL).send();
+    assert_eq!(get(&c).await.expect("warm").status(), 200);
+
+    fake.set_status(Some(503));
+    for _ in 0..2 {
+        let r = get(&c).await.expect("stale GET");
+        assert_eq!(r.status(), 200);
+        assert!(
+            r.headers().get("warning").is_some(),
+            "stale answer without Warning"
+        );
+    }
+    // Now down: answers come from the cache without asking the upstream.
+    let before = fake.request_count();
+    for _ in 0..5 {
+        assert_eq!(get(&c).await.expect("GET while down").status(), 200);
+    }
+    let m = c
+        .get(format!("{}/metrics", rc.url()))
+        .send()
+        .await
+        .expect("metrics");
+    let m = m.text().await.expect("metrics text");
+    assert_eq!(
+        metric(&m, "regcache_upstream_up{upstream=\"docker\"}"),
+        Some(0.0),
+        "{m}"
+    );
+    assert!(
+        fake.request_count() <= before + 1,
+        "while down, clients should not wait for the upstream: {} requests",
+        fake.request_count() - before
+    );
+    let r = c
+        .get(format!("{}/v2/app/missing/manifests/v1", rc.url()))
+        .send()
+        .await
+        .expect("miss while down");
+    assert_eq!(r.status(), 503, "a miss while down is 503");
+
+    fake.set_status(None);
+    let t = Instant::now();
+    loop {
+        let m = c
+            .get(format!("{}/readyz", rc.url()))
+            .send()
+            .await
+            .expect("readyz");
+        let body = m.text().await.expect("readyz body");
+        if body.contains("\"up\":true") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the probe never closed the circuit: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = get(&c).await.expect("GET after recovery");
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers().get("warning").is_none(),
+        "fresh answer after recovery"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_upstream_never_holds_a_cached_tag_longer_than_the_connect_timeout() {
+    let fake = FakeUpstream::start().await;
+    fake.add_image("app/y", "v1", bytes::Bytes::from_static(b"layer"));
+    let rc = Regcache::start(&config_for(
+        &fake.url(),
+        "freshness = \"1ms\"\nconnect_timeout = \"1s\"\nheader_timeout = \"10s\"",
+        "",
+    ));
+    let c = client();
+    let url = format!("{}/v2/app/y/manifests/v1", rc.url());
+    assert_eq!(c.get(&url).send().await.expect("warm").status(), 200);
+    fake.set_stall(true);
+    let t = Instant::now();
+    let r = c.get(&url).send().await.expect("GET while stalled");
+    assert_eq!(r.status(), 200);
+    assert!(
+        t.elapsed() < Duration::from_millis(2500),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(r.headers().get("warning").is_some());
+}
+
+#[test]
+fn a_data_directory_in_use_is_refused_naming_the_pid_and_leftovers_are_cleaned() {
+    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
+    let data = work.path().join("data");
+    std::fs::create_dir_all(data.join("tmp")).expect("mkdir");
+    let leftover = data.join("tmp").join("fill-1-2-3");
+    std::fs::write(&leftover, b"half a blob").expect("leftover");
+    let config = work.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\n[upstreams.docker]\nurl = \"http://127.0.0.1:9\"\n",
+            data.display()
+        ),
+    )
+    .expect("config");
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut first = Process::start(&config, addr, &work.path().join("1.log"));
+    assert!(
+        !leftover.exists(),
+        "a temporary file left by a killed process must be removed at start"
+    );
+
+    let other = free_port().to_string();
+    let out = Process::run_to_end(&[
+        "serve",
+        "--config",
+        &config.display().to_string(),
+        "--listen",
+        &format!("127.0.0.1:{other}"),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("in use") && err.contains(&first.pid().to_string()),
+        "{err}"
+    );
+
+    // Same address, other data directory: a clear message about the address.
+    let out = Process::run_to_end(&[
+        "serve",
+        "--listen",
+        &addr.to_string(),
+        "--data-dir",
+        &work.path().join("data2").display().to_string(),
+        "--upstream",
+        "http://127.0.0.1:9",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("already in use"), "{err}");
+
+    // A lock left by a killed regcache is taken over.
+    first.kill9();
+    first.restart();
+}
+
+#[test]
+fn starts_and_answers_v2_with_no_upstream_at_all() {
+    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
+    let config = work.path().join("c.toml");
+    // An upstream name that cannot resolve (no DNS here) and nothing listening anywhere.
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\n[upstreams.docker]\nurl = \"https://registry.invalid\"\n",
+            work.path().join("data").display()
+        ),
+    )
+    .expect("config");
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let t = Instant::now();
+    let rc = Process::start(&config, addr, &work.path().join("log"));
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "start took {:?}",
+        t.elapsed()
+    );
+    let r = http_get(addr, "/v2/", &[]).expect("GET /v2/");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("docker-distribution-api-version"),
+        Some("registry/2.0")
+    );
+    let r = http_get(addr, "/v2/library/alpine/manifests/latest", &[]).expect("GET");
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    drop(rc);
+}
