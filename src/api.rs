@@ -88,7 +88,7 @@ impl From<ParseError> for ApiError {
                 ApiError::new(StatusCode::BAD_REQUEST, "NAME_INVALID", e.to_string())
             }
             ParseError::Tag(_) => {
-                ApiError::new(StatusCode::BAD_REQUEST, "MANIFEST_INVALID", e.to_string())
+                ApiError::new(StatusCode::BAD_REQUEST, "TAG_INVALID", e.to_string())
             }
             ParseError::Digest(_) | ParseError::Algorithm(_) => {
                 ApiError::new(StatusCode::BAD_REQUEST, "DIGEST_INVALID", e.to_string())
@@ -931,9 +931,31 @@ impl crate::server::Routing {
     }
 }
 
-/// Whether a leading path segment names a registry host (`ghcr.io`, `localhost:5000`).
+/// Whether a leading path segment names a registry host (`ghcr.io`, `localhost:5000`,
+/// `127.0.0.1:5000`): DNS labels with at least one dot (or `localhost`), and an optional port.
 pub fn looks_like_host(s: &str) -> bool {
-    s.contains('.') || s.contains(':') || s == "localhost"
+    let (host, port) = match s.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (s, None),
+    };
+    if let Some(p) = port {
+        if p.is_empty() || p.len() > 5 || !p.bytes().all(|c| c.is_ascii_digit()) {
+            return false;
+        }
+    }
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    let labels: Vec<&str> = host.split('.').collect();
+    (labels.len() > 1 || port.is_some())
+        && host.len() <= 253
+        && labels.iter().all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
+        })
 }
 
 #[cfg(test)]
@@ -1010,5 +1032,12 @@ mod tests {
         assert!(looks_like_host("127.0.0.1:5000"));
         assert!(looks_like_host("localhost"));
         assert!(!looks_like_host("library"));
+        assert!(!looks_like_host(".."));
+        assert!(!looks_like_host("."));
+        assert!(!looks_like_host("a."));
+        assert!(!looks_like_host(".a"));
+        assert!(!looks_like_host("a:"));
+        assert!(!looks_like_host("a:x"));
+        assert!(looks_like_host("registry:5000"));
     }
 }

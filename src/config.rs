@@ -498,8 +498,9 @@ impl RawConfig {
             if name == default_name && !hub_claimed {
                 hosts.extend(DOCKER_HUB_HOSTS.iter().map(|h| h.to_string()));
             }
-            hosts.sort();
-            hosts.dedup();
+            // Configured hosts first (the first names the upstream in the catalog), no repeats.
+            let mut seen = std::collections::HashSet::new();
+            hosts.retain(|h| seen.insert(h.clone()));
             for h in &hosts {
                 if h.is_empty() || h.contains('/') || h.contains(char::is_whitespace) {
                     return Err(format!("upstreams.{name}.hosts: {h:?} is not a host name"));
