@@ -242,6 +242,8 @@ fn ops_endpoint(
                 .collect();
             let body = serde_json::json!({
                 "ready": store_ok.is_ok(),
+                "store_full": app.cache.store.is_full(),
+                "store_used_bytes": app.cache.store.used_bytes(),
                 "store": match &store_ok { Ok(()) => "ok".to_owned(), Err(e) => e.to_string() },
                 "upstreams": upstreams,
             });
@@ -435,9 +437,122 @@ pub struct LogInfo {
     pub route: &'static str,
 }
 
+/// Path prefix of the operator endpoints (gc, verify, pins): loopback clients only.
+pub const ADMIN_PREFIX: &str = "/_regcache/";
+
+fn bad_request(msg: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "UNSUPPORTED", msg)
+}
+
+/// The operator endpoints used by `regcache gc`, `verify` and `pin` while a server runs.
+async fn admin(
+    app: &Arc<App>,
+    peer: std::net::SocketAddr,
+    req: &Request<hyper::body::Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    if !peer.ip().is_loopback() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "DENIED",
+            "operator endpoints answer loopback clients only",
+        ));
+    }
+    let path = &req.uri().path()[ADMIN_PREFIX.len()..];
+    let q: std::collections::HashMap<String, String> = req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            Some((k.to_owned(), percent_decode(v)?))
+        })
+        .collect();
+    let internal = |e: &dyn std::fmt::Display| {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", e.to_string())
+    };
+    let method = req.method();
+    match (method.as_str(), path) {
+        ("POST", "gc") => {
+            let target = match q.get("target") {
+                Some(t) => Some(crate::config::parse_size(t).map_err(bad_request)?),
+                None => None,
+            };
+            let report = app.collect(target).await.map_err(|e| internal(&e))?;
+            let body = serde_json::json!({
+                "evicted": report,
+                "used_bytes": app.cache.store.used_bytes(),
+            });
+            Ok(json_response(&body, false, "application/json"))
+        }
+        ("GET", "verify") => {
+            let opts = crate::verify::Options {
+                hash: q.get("hash").is_none_or(|v| v != "false"),
+                sample: q.get("sample").and_then(|n| n.parse().ok()),
+                repair: q.get("repair").is_some_and(|v| v == "true"),
+            };
+            let store = Arc::clone(&app.cache.store);
+            let report = tokio::task::spawn_blocking(move || {
+                crate::verify::check(&store, opts, true, &mut ())
+            })
+            .await
+            .map_err(|e| internal(&e))?
+            .map_err(|e| internal(&e))?;
+            let body = serde_json::to_value(&report).map_err(|e| internal(&e))?;
+            Ok(json_response(&body, false, "application/json"))
+        }
+        ("GET", "pins") => {
+            let routing = app.routing();
+            let pins: Vec<String> = app
+                .cache
+                .store
+                .pins()
+                .map_err(|e| internal(&e))?
+                .into_iter()
+                .map(|(u, r, x)| {
+                    let name = routing.catalog_name(&u, &r);
+                    if x.contains(':') {
+                        format!("{name}@{x}")
+                    } else {
+                        format!("{name}:{x}")
+                    }
+                })
+                .collect();
+            Ok(json_response(
+                &serde_json::json!({ "pins": pins }),
+                false,
+                "application/json",
+            ))
+        }
+        ("POST" | "DELETE", "pins") => {
+            let image = q
+                .get("image")
+                .ok_or_else(|| bad_request("the image parameter is required"))?;
+            let r = crate::reference::ImageRef::parse(image)?;
+            let route = app.route(&r.name, None)?;
+            let reference = r.reference().to_string();
+            let store = &app.cache.store;
+            let changed = if method == Method::POST {
+                store.pin(&route.key(), &reference).map(|()| true)
+            } else {
+                store.unpin(&route.key(), &reference)
+            }
+            .map_err(|e| internal(&e))?;
+            let body = serde_json::json!({ "image": image, "changed": changed });
+            Ok(json_response(&body, false, "application/json"))
+        }
+        _ => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "UNSUPPORTED",
+            format!("no such operator endpoint: {method} {}", req.uri().path()),
+        )),
+    }
+}
+
 /// Handles one request (never fails: errors become OCI error responses).
 pub async fn handle(
     app: Arc<App>,
+    peer: std::net::SocketAddr,
     req: Request<hyper::body::Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
@@ -445,7 +560,13 @@ pub async fn handle(
     let path = req.uri().path().to_owned();
     let head = method == Method::HEAD;
     let mut info = LogInfo::default();
-    let resp = match route_request(&app, &req, &mut info).await {
+    let result = if path.starts_with(ADMIN_PREFIX) {
+        info.route = "admin";
+        admin(&app, peer, &req).await
+    } else {
+        route_request(&app, &req, &mut info).await
+    };
+    let resp = match result {
         Ok(r) => r,
         Err(e) => e.into_response(head),
     };
@@ -645,7 +766,7 @@ async fn blob(
         return Ok(resp);
     }
     *resp.body_mut() = match b.source {
-        BlobSource::File(f) => channel_body(cache::stream_file(f, start, end)),
+        BlobSource::File(f, hold) => channel_body(cache::stream_file(f, hold, start, end)),
         BlobSource::Fill(f) => channel_body(cache::stream_fill(f, start, end)),
         BlobSource::Empty => empty(),
     };

@@ -128,12 +128,25 @@ pub enum FillState {
 pub struct Fill {
     file: File,
     state: watch::Receiver<FillState>,
+    /// Set when the disk filled up mid-fill: the file holds the bytes before `disk_len`, memory
+    /// the rest, and the blob is served to its clients without being cached.
+    tail: Mutex<Option<MemoryTail>>,
 }
+
+struct MemoryTail {
+    disk_len: u64,
+    /// Chunks after `disk_len`, with the offset each starts at.
+    chunks: Vec<(u64, Bytes)>,
+    bytes: u64,
+}
+
+/// The most a fill on a full disk keeps in memory for its clients before giving up.
+const MAX_MEMORY_TAIL: u64 = 1 << 30;
 
 /// Where a blob response's bytes come from.
 pub enum BlobSource {
-    /// A committed file of this size.
-    File(File),
+    /// A committed file, held against eviction while it is read.
+    File(File, crate::store::Hold),
     /// A fill in progress (or just finished).
     Fill(Arc<Fill>),
     /// Nothing to send (HEAD).
@@ -291,6 +304,7 @@ impl Cache {
         let Some(bytes) = self.store.read_manifest(d)? else {
             return Ok(None);
         };
+        self.store.touch(d);
         Ok(Some(Manifest {
             digest: d.clone(),
             media_type: info.media_type,
@@ -452,7 +466,7 @@ impl Cache {
             fetched.bytes.clone(),
             tag.cloned(),
         );
-        blocking(move || {
+        let stored = blocking(move || {
             store.put_manifest(
                 &key,
                 &d2,
@@ -462,12 +476,25 @@ impl Cache {
                 subject.as_ref().map(|(s, desc)| (s, desc.as_slice())),
             )
         })
-        .await?;
+        .await;
+        let outcome = match stored {
+            Ok(()) => Outcome::Miss,
+            Err(e) => {
+                // Verified bytes are still good to serve; they are just not cached.
+                tracing::warn!(digest = %digest, error = %e, "cannot store the manifest; serving it uncached");
+                if let CacheError::Store(msg) = &e {
+                    if msg.contains("No space left") || msg.contains("os error 28") {
+                        self.store.set_full(true);
+                    }
+                }
+                Outcome::Passthrough
+            }
+        };
         Ok(Manifest {
             digest,
             media_type: fetched.media_type,
             bytes: fetched.bytes,
-            outcome: Outcome::Miss,
+            outcome,
             stale_reason: None,
         })
     }
@@ -492,7 +519,8 @@ impl Cache {
             return Ok(Blob {
                 size: Some(size),
                 source: if want_body {
-                    BlobSource::File(file)
+                    self.store.touch(d);
+                    BlobSource::File(file, self.store.hold(d))
                 } else {
                     BlobSource::Empty
                 },
@@ -551,14 +579,15 @@ impl Cache {
         let fill = Arc::new(Fill {
             file: read,
             state: rx,
+            tail: Mutex::new(None),
         });
         fills.insert(fill_key.clone(), Arc::clone(&fill));
         drop(fills);
         let this = Arc::clone(self);
-        let (route, d) = (route.clone(), d.clone());
+        let (route, d, fill2) = (route.clone(), d.clone(), Arc::clone(&fill));
         tokio::spawn(async move {
             let started = std::time::Instant::now();
-            let result = this.run_fill(&route, &d, temp, &tx).await;
+            let result = this.run_fill(&route, &d, temp, &tx, &fill2).await;
             let labels = Metrics::upstream(route.upstream.name());
             match &result {
                 Ok(_) => this
@@ -606,6 +635,7 @@ impl Cache {
         d: &Digest,
         temp: TempBlob,
         tx: &watch::Sender<FillState>,
+        fill: &Fill,
     ) -> Result<u64, CacheError> {
         let up = &route.upstream;
         let mut resp = up.get_blob(&route.repo, d, 0).await?;
@@ -616,6 +646,7 @@ impl Cache {
         let mut resumes = 0;
         loop {
             let chunk = match up.next_chunk(&mut resp).await {
+                Ok(Some(c)) if c.is_empty() => continue,
                 Ok(Some(c)) => c,
                 Ok(None) if size.is_none_or(|s| written >= s) => break,
                 Ok(None) | Err(_) if resumes < RESUME_ATTEMPTS => {
@@ -643,17 +674,54 @@ impl Cache {
                     actual: written + chunk.len() as u64,
                 });
             }
+            let len = chunk.len() as u64;
             let (mut temp, mut hasher) = state
                 .take()
                 .ok_or_else(|| CacheError::Internal("fill state lost".into()))?;
-            let len = chunk.len() as u64;
-            let (temp, hasher) = tokio::task::spawn_blocking(move || {
+            let on_disk = fill
+                .tail
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_none();
+            if on_disk {
+                let (t, h, result) = tokio::task::spawn_blocking(move || {
+                    hasher.update(&chunk);
+                    let r = temp.write_all(&chunk);
+                    let r = match r {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err((e, chunk)),
+                    };
+                    (temp, hasher, r)
+                })
+                .await
+                .map_err(|e| CacheError::Internal(format!("write task: {e}")))?;
+                (temp, hasher) = (t, h);
+                if let Err((e, chunk)) = result {
+                    if !crate::store::is_disk_full(&e) {
+                        return Err(CacheError::Store(format!("writing temporary blob: {e}")));
+                    }
+                    // Disk full: keep serving this fill's clients from memory, cache nothing.
+                    self.store.set_full(true);
+                    tracing::warn!(digest = %d, at = written, "disk full during a fill: streaming through without caching");
+                    *fill.tail.lock().unwrap_or_else(|p| p.into_inner()) = Some(MemoryTail {
+                        disk_len: written,
+                        bytes: len,
+                        chunks: vec![(written, chunk)],
+                    });
+                }
+            } else {
                 hasher.update(&chunk);
-                temp.write_all(&chunk).map(|()| (temp, hasher))
-            })
-            .await
-            .map_err(|e| CacheError::Internal(format!("write task: {e}")))?
-            .map_err(|e| CacheError::Store(format!("writing temporary blob: {e}")))?;
+                let mut tail = fill.tail.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(t) = tail.as_mut() {
+                    t.bytes += len;
+                    if t.bytes > MAX_MEMORY_TAIL {
+                        return Err(CacheError::Store(
+                            "disk full and the blob is too large to stream from memory".into(),
+                        ));
+                    }
+                    t.chunks.push((written, chunk));
+                }
+            }
             state = Some((temp, hasher));
             written += len;
             self.metrics
@@ -673,13 +741,49 @@ impl Cache {
                 actual: actual.to_string(),
             });
         }
+        if fill
+            .tail
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+        {
+            tracing::info!(digest = %d, size = written, "blob served without caching (disk full)");
+            return Ok(written);
+        }
         let (store, key, d2) = (Arc::clone(&self.store), route.key(), d.clone());
-        blocking(move || store.commit_blob(temp, &d2, written, &key, None)).await?;
+        match blocking(move || store.commit_blob(temp, &d2, written, &key, None)).await {
+            Ok(()) => self.store.set_full(false),
+            Err(CacheError::Store(msg)) if msg.contains("os error 28") => {
+                // The bytes were verified and the clients have them; only caching failed.
+                self.store.set_full(true);
+                tracing::warn!(digest = %d, "disk full at commit: blob served without caching");
+            }
+            Err(e) => return Err(e),
+        }
         Ok(written)
     }
 }
 
 impl Fill {
+    /// Bytes at `pos` from the memory tail (`Ok`), or how many to read from the file (`Err`).
+    fn memory_slice(&self, pos: u64, len: usize) -> Result<Bytes, usize> {
+        let tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(t) = tail.as_ref() else {
+            return Err(len);
+        };
+        if pos < t.disk_len {
+            return Err(len.min((t.disk_len - pos) as usize));
+        }
+        let i = t.chunks.partition_point(|(start, _)| *start <= pos);
+        match i.checked_sub(1).and_then(|i| t.chunks.get(i)) {
+            Some((start, chunk)) if pos < start + chunk.len() as u64 => {
+                let off = (pos - start) as usize;
+                Ok(chunk.slice(off..chunk.len().min(off + len)))
+            }
+            _ => Err(0),
+        }
+    }
+
     /// Waits until the upstream answered; returns the blob's size if it announced one.
     async fn wait_started(&self) -> Result<Option<u64>, CacheError> {
         let mut rx = self.state.clone();
@@ -736,9 +840,15 @@ async fn read_at(file: File, offset: u64, len: usize) -> io::Result<(File, Bytes
 pub type BodyChunk = Result<Bytes, io::Error>;
 
 /// Streams bytes `start..=end` of a committed file into a channel.
-pub fn stream_file(file: File, start: u64, end: u64) -> mpsc::Receiver<BodyChunk> {
+pub fn stream_file(
+    file: File,
+    hold: crate::store::Hold,
+    start: u64,
+    end: u64,
+) -> mpsc::Receiver<BodyChunk> {
     let (tx, rx) = mpsc::channel(4);
     tokio::spawn(async move {
+        let _hold = hold;
         let mut file = file;
         let mut pos = start;
         while pos <= end {
@@ -788,7 +898,13 @@ pub fn stream_fill(fill: Arc<Fill>, start: u64, end: u64) -> mpsc::Receiver<Body
             };
             while pos < limit {
                 let len = CHUNK.min((limit - pos) as usize);
-                match read_at(file, pos, len).await {
+                let from_memory = fill.memory_slice(pos, len);
+                let read = match from_memory {
+                    Ok(chunk) if !chunk.is_empty() => Ok((file, chunk)),
+                    Err(len) if len > 0 => read_at(file, pos, len).await,
+                    _ => Err(io::Error::other(format!("fill has no byte at {pos}"))),
+                };
+                match read {
                     Ok((f, chunk)) => {
                         file = f;
                         pos += chunk.len() as u64;

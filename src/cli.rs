@@ -32,6 +32,12 @@ pub enum Command {
     Serve(ServeArgs),
     /// Validate a config file (and flags) without starting; prints the effective settings.
     CheckConfig(CheckConfigArgs),
+    /// Evict least recently used content down to the configured limits (or --max-size).
+    Gc(crate::admin::GcArgs),
+    /// Check the store: re-hash blobs, compare the database with the disk both ways.
+    Verify(crate::admin::VerifyArgs),
+    /// Pin images against eviction, unpin them, list pins.
+    Pin(crate::admin::PinArgs),
 }
 
 #[derive(Debug, Args)]
@@ -75,7 +81,7 @@ pub struct CheckConfigArgs {
 }
 
 impl ConfigArgs {
-    fn overrides(&self) -> Overrides {
+    pub fn overrides(&self) -> Overrides {
         Overrides {
             listen: self.listen,
             data_dir: self.data_dir.clone(),
@@ -146,6 +152,9 @@ pub fn main(cli: Cli) -> ExitCode {
                 }
             }
         }
+        Command::Gc(args) => crate::admin::gc(args),
+        Command::Verify(args) => crate::admin::verify(args),
+        Command::Pin(args) => crate::admin::pin(args),
         Command::CheckConfig(args) => match args.config.load(args.file.as_ref()) {
             Ok(c) => {
                 println!("config OK");

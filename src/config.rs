@@ -183,6 +183,30 @@ pub struct RawConfig {
     #[serde(default)]
     pub upstreams: BTreeMap<String, RawUpstream>,
     pub config_store: Option<RawConfigStore>,
+    #[serde(default)]
+    pub store: RawStore,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    pub max_size: Option<ByteSize>,
+    pub min_free: Option<ByteSize>,
+    pub low_water: Option<u8>,
+    pub gc_interval: Option<DurationValue>,
+}
+
+/// Size limits of the store and how often they are enforced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreConfig {
+    /// Evict least recently used content when the store holds more than this.
+    pub max_size: Option<u64>,
+    /// Evict when the filesystem has less than this free.
+    pub min_free: Option<u64>,
+    /// Percent of `max_size` to evict down to.
+    pub low_water: u8,
+    /// Time between two background checks of the limits (and access-time flushes).
+    pub gc_interval: Duration,
 }
 
 /// Which remote config store holds the overlay.
@@ -294,6 +318,7 @@ pub struct Config {
     pub log_level: String,
     pub log_format: LogFormat,
     pub config_store: Option<ConfigStoreConfig>,
+    pub store: StoreConfig,
 }
 
 /// Command-line values that override the file.
@@ -588,6 +613,11 @@ impl RawConfig {
                 if cs.key.is_empty() || cs.key.contains(char::is_whitespace) {
                     return Err(format!("config_store.key {:?} is not a key", cs.key));
                 }
+                for (k, d) in [("poll_interval", cs.poll_interval), ("timeout", cs.timeout)] {
+                    if d.is_some_and(|d| d.0 < Duration::from_millis(1)) {
+                        return Err(format!("config_store.{k} must be at least 1ms"));
+                    }
+                }
                 Some(ConfigStoreConfig {
                     kind: cs.kind,
                     url: cs.url.0,
@@ -596,6 +626,25 @@ impl RawConfig {
                     timeout: cs.timeout.map_or(Duration::from_secs(2), |d| d.0),
                 })
             }
+        };
+        let low_water = self.store.low_water.unwrap_or(90);
+        if !(1..=100).contains(&low_water) {
+            return Err(format!(
+                "store.low_water = {low_water} must be a percentage from 1 to 100"
+            ));
+        }
+        let gc_interval = self
+            .store
+            .gc_interval
+            .map_or(Duration::from_secs(10), |d| d.0);
+        if gc_interval.is_zero() {
+            return Err("store.gc_interval must be more than 0".into());
+        }
+        let store = StoreConfig {
+            max_size: self.store.max_size.map(|b| b.0).filter(|b| *b > 0),
+            min_free: self.store.min_free.map(|b| b.0).filter(|b| *b > 0),
+            low_water,
+            gc_interval,
         };
         Ok(Config {
             listen,
@@ -606,6 +655,7 @@ impl RawConfig {
             log_level,
             log_format: o.log_format.or(self.log.format).unwrap_or_default(),
             config_store,
+            store,
         })
     }
 }

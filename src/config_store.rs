@@ -21,7 +21,14 @@ pub const LAST_GOOD_FILE: &str = "config-store.last-good.toml";
 pub struct ConfigSource {
     local_path: Option<PathBuf>,
     overrides: Overrides,
+    /// The local file as last read (at start and on SIGHUP): a remote change never applies a
+    /// local edit that was not asked for.
+    local: Mutex<Option<(String, String)>>,
     remote: Mutex<Option<String>>,
+    /// Remote text last refused, so that it is reported once, not at every poll.
+    rejected: Mutex<Option<String>>,
+    /// Serialises build → reload → record, so SIGHUP and the watcher cannot interleave.
+    applying: Mutex<()>,
 }
 
 fn read_local(path: Option<&Path>) -> Result<(String, String), ConfigError> {
@@ -49,7 +56,10 @@ impl ConfigSource {
         ConfigSource {
             local_path,
             overrides,
+            local: Mutex::new(None),
             remote: Mutex::new(None),
+            rejected: Mutex::new(None),
+            applying: Mutex::new(()),
         }
     }
 
@@ -64,9 +74,26 @@ impl ConfigSource {
         *self.remote.lock().unwrap_or_else(|p| p.into_inner()) = text;
     }
 
+    /// The local text: the copy last read, or the file now when `reread` (or never read).
+    fn local_text(&self, reread: bool) -> Result<(String, String), ConfigError> {
+        let mut cached = self.local.lock().unwrap_or_else(|p| p.into_inner());
+        match cached.as_ref() {
+            Some(c) if !reread => Ok(c.clone()),
+            _ => {
+                let fresh = read_local(self.local_path.as_deref())?;
+                *cached = Some(fresh.clone());
+                Ok(fresh)
+            }
+        }
+    }
+
     /// The local file with `remote` overlaid (if any), validated.
     fn build(&self, remote: Option<&str>) -> Result<Config, ConfigError> {
-        let (local, origin) = read_local(self.local_path.as_deref())?;
+        self.build_from(remote, false)
+    }
+
+    fn build_from(&self, remote: Option<&str>, reread: bool) -> Result<Config, ConfigError> {
+        let (local, origin) = self.local_text(reread)?;
         let plain = Config::parse(&local, &origin, &self.overrides)?;
         match (remote, &plain.config_store) {
             (Some(r), Some(cs)) => {
@@ -102,9 +129,15 @@ impl ConfigSource {
         }
     }
 
-    /// Re-reads the local file (SIGHUP) and overlays the remote text in force.
+    /// Re-reads the local file (SIGHUP) and overlays the remote text in force. An invalid file
+    /// leaves the copy in force untouched.
     pub fn rebuild(&self) -> Result<Config, ConfigError> {
-        self.build(self.remote().as_deref())
+        let previous = self.local.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let result = self.build_from(self.remote().as_deref(), true);
+        if result.is_err() {
+            *self.local.lock().unwrap_or_else(|p| p.into_inner()) = previous;
+        }
+        result
     }
 }
 
@@ -173,7 +206,7 @@ async fn read_consul(
     }
     let resp = client
         .get(url)
-        .timeout(cs.poll_interval + cs.timeout)
+        .timeout(cs.poll_interval + cs.poll_interval / 16 + cs.timeout)
         .send()
         .await?;
     let new_index = resp
@@ -252,6 +285,10 @@ pub async fn watch(
 }
 
 fn apply(app: &App, source: &ConfigSource, text: Option<String>, origin: &str, data_dir: &Path) {
+    let _serial = source.applying.lock().unwrap_or_else(|p| p.into_inner());
+    if text.is_some() && *source.rejected.lock().unwrap_or_else(|p| p.into_inner()) == text {
+        return; // already reported
+    }
     match source.build(text.as_deref()) {
         Ok(config) => {
             if let Err(e) = app.reload(config) {
@@ -274,19 +311,20 @@ fn apply(app: &App, source: &ConfigSource, text: Option<String>, origin: &str, d
         }
         Err(e) => {
             tracing::error!(store = %origin, error = %e, "invalid remote config ignored; the configuration in force is unchanged");
+            *source.rejected.lock().unwrap_or_else(|p| p.into_inner()) = text;
         }
     }
 }
 
 /// Re-reads the local file on SIGHUP and applies it (with the remote overlay) if valid.
-pub async fn reload_on_sighup(app: Arc<App>, source: Arc<ConfigSource>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot listen for SIGHUP; reload disabled");
-        return;
-    };
+async fn reload_on_sighup(
+    app: Arc<App>,
+    source: Arc<ConfigSource>,
+    mut hup: tokio::signal::unix::Signal,
+) {
     while hup.recv().await.is_some() {
         tracing::info!("SIGHUP: reloading the configuration");
+        let _serial = source.applying.lock().unwrap_or_else(|p| p.into_inner());
         match source.rebuild() {
             Ok(config) => {
                 if let Err(e) = app.reload(config) {
@@ -302,7 +340,13 @@ pub async fn reload_on_sighup(app: Arc<App>, source: Arc<ConfigSource>) {
 
 /// Starts the background tasks that follow the configuration sources.
 pub fn spawn_watchers(app: &Arc<App>, source: &Arc<ConfigSource>, config: &Config) {
-    tokio::spawn(reload_on_sighup(Arc::clone(app), Arc::clone(source)));
+    // Installed before returning, so that a SIGHUP right after start reloads (not kills).
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(hup) => {
+            tokio::spawn(reload_on_sighup(Arc::clone(app), Arc::clone(source), hup));
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot listen for SIGHUP; reload disabled"),
+    }
     if let Some(cs) = config.config_store.clone() {
         tokio::spawn(watch(
             Arc::clone(app),

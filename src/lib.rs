@@ -5,13 +5,16 @@
 //! [`cache`] answers from the [`store`] or fetches once through [`upstream`].
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod api;
 pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod config_store;
+pub mod evict;
 pub mod metrics;
 pub mod reference;
 pub mod server;
 pub mod store;
 pub mod upstream;
+pub mod verify;

@@ -27,6 +27,9 @@ pub struct Metrics {
     pub store_blobs: Gauge,
     pub store_bytes: Gauge,
     pub store_free_bytes: Gauge,
+    pub store_full: Gauge,
+    pub evicted_bytes: Counter,
+    pub evicted_blobs: Counter,
 }
 
 fn fill_histogram() -> Histogram {
@@ -55,6 +58,9 @@ impl Metrics {
             store_blobs: Gauge::default(),
             store_bytes: Gauge::default(),
             store_free_bytes: Gauge::default(),
+            store_full: Gauge::default(),
+            evicted_bytes: Counter::default(),
+            evicted_blobs: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -116,6 +122,21 @@ impl Metrics {
             "store_free_bytes",
             "Free bytes on the store's filesystem",
             m.store_free_bytes.clone(),
+        );
+        registry.register(
+            "store_full",
+            "1 while the store's filesystem is full (blobs are served without caching)",
+            m.store_full.clone(),
+        );
+        registry.register(
+            "evicted_bytes",
+            "Bytes evicted from the store",
+            m.evicted_bytes.clone(),
+        );
+        registry.register(
+            "evicted_blobs",
+            "Blobs evicted from the store",
+            m.evicted_blobs.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -297,6 +297,68 @@ impl fmt::Display for Reference {
     }
 }
 
+/// An image reference as a user types it: `alpine`, `alpine:3.20`, `ghcr.io/org/app:1.2`,
+/// `name@sha256:…`, `name:tag@sha256:…`. The name keeps any registry host as its first segment
+/// (routing decides what it means); a missing tag and digest means `latest`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRef {
+    pub name: String,
+    pub tag: Option<Tag>,
+    pub digest: Option<Digest>,
+}
+
+impl ImageRef {
+    pub fn parse(s: &str) -> Result<ImageRef, ParseError> {
+        let s = s.trim();
+        let (rest, digest) = match s.split_once('@') {
+            Some((r, d)) => (r, Some(d.parse::<Digest>()?)),
+            None => (s, None),
+        };
+        let last_slash = rest.rfind('/').map_or(0, |i| i + 1);
+        let (name, tag) = match rest[last_slash..].rfind(':') {
+            Some(i) => {
+                let at = last_slash + i;
+                (&rest[..at], Some(rest[at + 1..].parse::<Tag>()?))
+            }
+            None => (rest, None),
+        };
+        if name.is_empty() {
+            return Err(ParseError::Name(truncate(s)));
+        }
+        let tag = match (&tag, &digest) {
+            (None, None) => Some(Tag("latest".into())),
+            _ => tag,
+        };
+        Ok(ImageRef {
+            name: name.to_owned(),
+            tag,
+            digest,
+        })
+    }
+
+    /// The reference to ask for: the digest when given, else the tag.
+    pub fn reference(&self) -> Reference {
+        match (&self.digest, &self.tag) {
+            (Some(d), _) => Reference::Digest(d.clone()),
+            (None, Some(t)) => Reference::Tag(t.clone()),
+            (None, None) => Reference::Tag(Tag("latest".into())),
+        }
+    }
+}
+
+impl fmt::Display for ImageRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)?;
+        if let Some(t) = &self.tag {
+            write!(f, ":{t}")?;
+        }
+        if let Some(d) = &self.digest {
+            write!(f, "@{d}")?;
+        }
+        Ok(())
+    }
+}
+
 /// Keeps error messages short when the input is huge.
 fn truncate(s: &str) -> String {
     s.chars().take(80).collect()
@@ -385,6 +447,33 @@ mod tests {
         );
         assert!(d.matches(b"hello"));
         assert!(!d.matches(b"hellO"));
+    }
+
+    #[test]
+    fn image_references_parse_like_docker() {
+        let d = format!("sha256:{}", "a".repeat(64));
+        let r = ImageRef::parse("alpine").expect("alpine");
+        assert_eq!(
+            (r.name.as_str(), r.tag.as_ref().map(Tag::as_str)),
+            ("alpine", Some("latest"))
+        );
+        let r = ImageRef::parse("localhost:5000/org/app:1.2").expect("host:port");
+        assert_eq!(r.name, "localhost:5000/org/app");
+        assert_eq!(r.tag.as_ref().map(Tag::as_str), Some("1.2"));
+        let r = ImageRef::parse(&format!("ghcr.io/org/app@{d}")).expect("digest");
+        assert_eq!(
+            (r.tag, r.digest.map(|x| x.to_string())),
+            (None, Some(d.clone()))
+        );
+        let r = ImageRef::parse(&format!("app:v1@{d}")).expect("tag and digest");
+        assert!(r.tag.is_some() && matches!(r.reference(), Reference::Digest(_)));
+        assert!(ImageRef::parse("app@sha256:zz").is_err());
+        assert!(
+            ImageRef::parse("app:bad/tag")
+                .is_ok_and(|r| r.name == "app:bad/tag" || r.tag.is_none())
+                || ImageRef::parse("app:bad/tag").is_err()
+        );
+        assert!(ImageRef::parse(":v1").is_err());
     }
 
     #[test]

@@ -134,9 +134,13 @@ impl App {
         if config.listen != old.listen {
             tracing::warn!(new = %config.listen, "listen changed: takes effect at the next restart");
         }
+        if config.config_store != old.config_store {
+            tracing::warn!("config_store changed: takes effect at the next restart");
+        }
         let config = Config {
             data_dir: old.data_dir.clone(),
             listen: old.listen,
+            config_store: old.config_store.clone(),
             ..config
         };
         self.cache.set_max_manifest_size(config.max_manifest_size);
@@ -151,8 +155,53 @@ impl App {
         Ok(())
     }
 
+    /// Flushes access times and, if the store is over a limit (or over `target` when given),
+    /// evicts least recently used content.
+    pub async fn collect(&self, target: Option<u64>) -> anyhow::Result<crate::evict::EvictReport> {
+        let store = Arc::clone(&self.cache.store);
+        let cfg = self.routing().config.store.clone();
+        let report = tokio::task::spawn_blocking(move || {
+            store.flush_access()?;
+            let target = target.or_else(|| {
+                crate::evict::target(&store, cfg.max_size, cfg.min_free, cfg.low_water)
+            });
+            match target {
+                Some(t) => crate::evict::evict_to(&store, t),
+                None => Ok(crate::evict::EvictReport::default()),
+            }
+        })
+        .await??;
+        self.metrics.evicted_bytes.inc_by(report.bytes);
+        self.metrics.evicted_blobs.inc_by(report.blobs);
+        Ok(report)
+    }
+
+    /// Background upkeep: recovery at start, then access-time flushes and eviction.
+    pub async fn maintain(self: Arc<Self>) {
+        let store = Arc::clone(&self.cache.store);
+        match tokio::task::spawn_blocking(move || crate::verify::recover(&store)).await {
+            Ok(Err(e)) => tracing::error!(error = %e, "store recovery failed"),
+            Err(e) => tracing::error!(error = %e, "store recovery task failed"),
+            Ok(Ok(_)) => {}
+        }
+        loop {
+            let interval = self.routing().config.store.gc_interval;
+            tokio::time::sleep(interval).await;
+            if let Err(e) = self.collect(None).await {
+                tracing::error!(error = %e, "background collection failed");
+            }
+            let store = &self.cache.store;
+            if store.is_full() && free_bytes(store.root()).is_some_and(|f| f > 64 << 20) {
+                store.set_full(false);
+            }
+        }
+    }
+
     /// Updates the store gauges (called when metrics are scraped).
     pub fn refresh_store_metrics(&self) {
+        self.metrics
+            .store_full
+            .set(i64::from(self.cache.store.is_full()));
         if let Ok((n, bytes)) = self.cache.store.usage() {
             self.metrics.store_blobs.set(n as i64);
             self.metrics.store_bytes.set(bytes as i64);
@@ -181,6 +230,7 @@ pub async fn run(
     grace: Duration,
 ) -> anyhow::Result<()> {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let upkeep = tokio::spawn(Arc::clone(&app).maintain());
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -196,7 +246,7 @@ pub async fn run(
                 };
                 let _ = stream.set_nodelay(true);
                 let app = Arc::clone(&app);
-                let service = service_fn(move |req| crate::api::handle(Arc::clone(&app), req));
+                let service = service_fn(move |req| crate::api::handle(Arc::clone(&app), peer, req));
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(Duration::from_secs(30))
@@ -213,6 +263,8 @@ pub async fn run(
         }
     }
     drop(listener);
+    upkeep.abort();
+    let _ = app.cache.store.flush_access();
     tracing::info!("shutting down: draining in-flight requests");
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections closed"),

@@ -8,10 +8,12 @@
 //! A blob is recorded in the database only after its file was verified, fsynced and renamed into
 //! place, so every recorded blob exists with its digest's content.
 
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -19,22 +21,59 @@ use serde::{Deserialize, Serialize};
 
 use crate::reference::{Digest, RepoName, Tag};
 
-/// Version of the database layout this build writes.
-pub const SCHEMA_VERSION: u64 = 1;
+/// Version of the database layout this build writes. History:
+/// 1. blobs, manifests, tags (seconds), links, repos, referrers;
+/// 2. adds refs/refby (manifest → content), access times, pins; tag times in milliseconds.
+pub const SCHEMA_VERSION: u64 = 2;
 
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// digest → size in bytes of a committed blob file.
-const BLOBS: TableDefinition<&str, u64> = TableDefinition::new("blobs");
+pub(crate) const BLOBS: TableDefinition<&str, u64> = TableDefinition::new("blobs");
 /// digest → media type, for blobs that are manifests.
-const MANIFESTS: TableDefinition<&str, &str> = TableDefinition::new("manifests");
+pub(crate) const MANIFESTS: TableDefinition<&str, &str> = TableDefinition::new("manifests");
 /// `upstream \0 repo \0 tag` → JSON [`TagRecord`].
-const TAGS: TableDefinition<&str, &[u8]> = TableDefinition::new("tags");
+pub(crate) const TAGS: TableDefinition<&str, &[u8]> = TableDefinition::new("tags");
 /// `upstream \0 repo \0 digest` → unix time the link was made.
-const LINKS: TableDefinition<&str, u64> = TableDefinition::new("links");
+pub(crate) const LINKS: TableDefinition<&str, u64> = TableDefinition::new("links");
 /// `upstream \0 repo` → unix time the repository was first cached.
-const REPOS: TableDefinition<&str, u64> = TableDefinition::new("repos");
+pub(crate) const REPOS: TableDefinition<&str, u64> = TableDefinition::new("repos");
 /// `upstream \0 repo \0 subject digest \0 referrer digest` → JSON descriptor of the referrer.
-const REFERRERS: TableDefinition<&str, &[u8]> = TableDefinition::new("referrers");
+pub(crate) const REFERRERS: TableDefinition<&str, &[u8]> = TableDefinition::new("referrers");
+
+/// `parent \0 child`: a manifest references a blob or child manifest.
+pub(crate) const REFS: TableDefinition<&str, ()> = TableDefinition::new("refs");
+/// `child \0 parent`: the reverse of `refs`.
+pub(crate) const REFBY: TableDefinition<&str, ()> = TableDefinition::new("refby");
+/// digest → last access, unix milliseconds (written in batches, not per request).
+pub(crate) const ACCESS: TableDefinition<&str, u64> = TableDefinition::new("access");
+/// `upstream \0 repo \0 tag-or-digest` → unix seconds when pinned.
+pub(crate) const PINS: TableDefinition<&str, u64> = TableDefinition::new("pins");
+
+/// The digests a manifest references: config, layers, index children, artifact blobs (not its
+/// `subject`, which it points at rather than contains).
+pub fn manifest_refs(bytes: &[u8]) -> Vec<Digest> {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    if let Some(d) = v
+        .get("config")
+        .and_then(|c| c.get("digest"))
+        .and_then(|d| d.as_str())
+    {
+        out.extend(d.parse().ok());
+    }
+    for list in ["layers", "manifests", "blobs"] {
+        for item in v.get(list).and_then(|l| l.as_array()).into_iter().flatten() {
+            if let Some(d) = item.get("digest").and_then(|d| d.as_str()) {
+                out.extend(d.parse().ok());
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
 
 /// A store failure: I/O or database.
 #[derive(Debug, thiserror::Error)]
@@ -142,8 +181,39 @@ pub struct Store {
     _lock: DirLock,
     root: PathBuf,
     tmp: PathBuf,
-    db: Database,
+    pub(crate) db: Database,
     temp_seq: AtomicU64,
+    /// Access times not yet written to `access`.
+    access: Mutex<HashMap<String, u64>>,
+    /// Blobs being read by clients: never evicted meanwhile.
+    holds: Mutex<HashMap<String, usize>>,
+    /// Bytes of recorded blobs.
+    used: AtomicU64,
+    /// Set when a write failed for lack of space; cleared by the next successful commit.
+    full: AtomicBool,
+}
+
+/// Keeps a blob from eviction while a client reads it.
+pub struct Hold {
+    store: std::sync::Arc<Store>,
+    key: String,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let mut holds = self.store.holds.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = holds.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                holds.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Whether an I/O error means the filesystem is full.
+pub fn is_disk_full(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(28) || e.kind() == io::ErrorKind::StorageFull
 }
 
 /// A file being filled in `tmp/`; removed when dropped unless committed.
@@ -199,8 +269,14 @@ impl Store {
             tmp,
             db,
             temp_seq: AtomicU64::new(0),
+            access: Mutex::new(HashMap::new()),
+            holds: Mutex::new(HashMap::new()),
+            used: AtomicU64::new(0),
+            full: AtomicBool::new(false),
         };
         store.init_schema()?;
+        let (_, bytes) = store.usage()?;
+        store.used.store(bytes, Ordering::Relaxed);
         Ok(store)
     }
 
@@ -222,7 +298,15 @@ impl Store {
                         self.root.display()
                     )))
                 }
-                Some(_) => {}
+                Some(v) => {
+                    if v < SCHEMA_VERSION {
+                        tracing::info!(from = v, to = SCHEMA_VERSION, "migrating the metadata database");
+                    }
+                    if v < 2 {
+                        self.migrate_to_2(&tx)?;
+                    }
+                    meta.insert("schema_version", SCHEMA_VERSION).map_err(db_err)?;
+                }
             }
             // Create every table so that readers never meet a missing one.
             tx.open_table(BLOBS).map_err(db_err)?;
@@ -231,8 +315,194 @@ impl Store {
             tx.open_table(LINKS).map_err(db_err)?;
             tx.open_table(REPOS).map_err(db_err)?;
             tx.open_table(REFERRERS).map_err(db_err)?;
+            tx.open_table(REFS).map_err(db_err)?;
+            tx.open_table(REFBY).map_err(db_err)?;
+            tx.open_table(ACCESS).map_err(db_err)?;
+            tx.open_table(PINS).map_err(db_err)?;
         }
         tx.commit().map_err(db_err)
+    }
+
+    /// Schema 1 → 2: record what every stored manifest references; tag times to milliseconds.
+    fn migrate_to_2(&self, tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+        let manifests: Vec<String> = {
+            let t = tx.open_table(MANIFESTS).map_err(db_err)?;
+            let mut v = Vec::new();
+            for item in t.iter().map_err(db_err)? {
+                v.push(item.map_err(db_err)?.0.value().to_owned());
+            }
+            v
+        };
+        {
+            let mut refs = tx.open_table(REFS).map_err(db_err)?;
+            let mut refby = tx.open_table(REFBY).map_err(db_err)?;
+            for m in manifests {
+                let Ok(d) = m.parse::<Digest>() else { continue };
+                let Ok(bytes) = fs::read(self.blob_path(&d)) else {
+                    continue;
+                };
+                for child in manifest_refs(&bytes) {
+                    refs.insert(format!("{m}\0{child}").as_str(), ())
+                        .map_err(db_err)?;
+                    refby
+                        .insert(format!("{child}\0{m}").as_str(), ())
+                        .map_err(db_err)?;
+                }
+            }
+        }
+        let mut tags = tx.open_table(TAGS).map_err(db_err)?;
+        let mut rewritten = Vec::new();
+        for item in tags.iter().map_err(db_err)? {
+            let (k, v) = item.map_err(db_err)?;
+            if let Ok(mut j) = serde_json::from_slice::<serde_json::Value>(v.value()) {
+                if let Some(secs) = j.get("checked_at").and_then(|c| c.as_u64()) {
+                    j["checked_at_ms"] = serde_json::Value::from(secs.saturating_mul(1000));
+                    rewritten.push((
+                        k.value().to_owned(),
+                        serde_json::to_vec(&j).map_err(db_err)?,
+                    ));
+                }
+            }
+        }
+        for (k, v) in rewritten {
+            tags.insert(k.as_str(), v.as_slice()).map_err(db_err)?;
+        }
+        Ok(())
+    }
+
+    /// Bytes of recorded blobs (kept in memory).
+    pub fn used_bytes(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Whether the last write failed for lack of space.
+    pub fn is_full(&self) -> bool {
+        self.full.load(Ordering::Relaxed)
+    }
+
+    pub fn set_full(&self, full: bool) {
+        if self.full.swap(full, Ordering::Relaxed) != full {
+            if full {
+                tracing::warn!(root = %self.root.display(), "the store's filesystem is full: serving without caching until space returns");
+            } else {
+                tracing::info!("space is available again: caching resumed");
+            }
+        }
+    }
+
+    /// Notes an access to `d` (written to the database later, in a batch).
+    pub fn touch(&self, d: &Digest) {
+        self.access
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(d.to_string(), now_millis());
+    }
+
+    /// Writes the pending access times in one transaction.
+    pub fn flush_access(&self) -> Result<usize, StoreError> {
+        let pending = std::mem::take(&mut *self.access.lock().unwrap_or_else(|p| p.into_inner()));
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        let tx = self.db.begin_write().map_err(db_err)?;
+        {
+            let blobs = tx.open_table(BLOBS).map_err(db_err)?;
+            let mut t = tx.open_table(ACCESS).map_err(db_err)?;
+            for (k, v) in &pending {
+                if blobs.get(k.as_str()).map_err(db_err)?.is_some() {
+                    t.insert(k.as_str(), *v).map_err(db_err)?;
+                }
+            }
+        }
+        tx.commit().map_err(db_err)?;
+        Ok(pending.len())
+    }
+
+    /// Access times, pending ones included.
+    pub(crate) fn access_times(&self) -> Result<HashMap<String, u64>, StoreError> {
+        let mut out = HashMap::new();
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let t = tx.open_table(ACCESS).map_err(db_err)?;
+        for item in t.iter().map_err(db_err)? {
+            let (k, v) = item.map_err(db_err)?;
+            out.insert(k.value().to_owned(), v.value());
+        }
+        for (k, v) in self.access.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            out.insert(k.clone(), *v);
+        }
+        Ok(out)
+    }
+
+    /// Keeps `d` from eviction until the guard drops.
+    pub fn hold(self: &std::sync::Arc<Self>, d: &Digest) -> Hold {
+        let key = d.to_string();
+        *self
+            .holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_insert(0) += 1;
+        Hold {
+            store: std::sync::Arc::clone(self),
+            key,
+        }
+    }
+
+    pub(crate) fn held(&self) -> Vec<String> {
+        self.holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    pub(crate) fn sub_used(&self, n: u64) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                Some(u.saturating_sub(n))
+            });
+    }
+
+    /// Pins `reference` (tag or digest) of `repo` against eviction.
+    pub fn pin(&self, repo: &RepoKey, reference: &str) -> Result<(), StoreError> {
+        let key = format!("{}{reference}", repo.prefix());
+        let tx = self.db.begin_write().map_err(db_err)?;
+        tx.open_table(PINS)
+            .map_err(db_err)?
+            .insert(key.as_str(), now_secs())
+            .map_err(db_err)?;
+        tx.commit().map_err(db_err)
+    }
+
+    /// Removes a pin; returns whether it existed.
+    pub fn unpin(&self, repo: &RepoKey, reference: &str) -> Result<bool, StoreError> {
+        let key = format!("{}{reference}", repo.prefix());
+        let tx = self.db.begin_write().map_err(db_err)?;
+        let existed = tx
+            .open_table(PINS)
+            .map_err(db_err)?
+            .remove(key.as_str())
+            .map_err(db_err)?
+            .is_some();
+        tx.commit().map_err(db_err)?;
+        Ok(existed)
+    }
+
+    /// Every pin as `(upstream, repo, reference)`.
+    pub fn pins(&self) -> Result<Vec<(String, String, String)>, StoreError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let t = tx.open_table(PINS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(db_err)? {
+            let (k, _) = item.map_err(db_err)?;
+            let mut parts = k.value().splitn(3, '\0');
+            if let (Some(u), Some(r), Some(x)) = (parts.next(), parts.next(), parts.next()) {
+                out.push((u.to_owned(), r.to_owned(), x.to_owned()));
+            }
+        }
+        Ok(out)
     }
 
     /// Checks that the database answers and the data directory is writable (for `/readyz`).
@@ -341,7 +611,7 @@ impl Store {
         d: &Digest,
         size: u64,
         repo: &RepoKey,
-        manifest_media_type: Option<&str>,
+        manifest: Option<(&str, &[Digest])>,
     ) -> Result<(), StoreError> {
         let file = temp
             .file
@@ -362,30 +632,42 @@ impl Store {
             let _ = fs::remove_file(&temp.path);
         }
         result?;
-        self.record_blob(d, size, repo, manifest_media_type)
+        self.record_blob(d, size, repo, manifest)
     }
 
-    /// Records an existing blob file (and its link for `repo`).
+    /// Records an existing blob file (and its link for `repo`, and for a manifest its media type
+    /// and references), in one transaction.
     fn record_blob(
         &self,
         d: &Digest,
         size: u64,
         repo: &RepoKey,
-        manifest_media_type: Option<&str>,
+        manifest: Option<(&str, &[Digest])>,
     ) -> Result<(), StoreError> {
         let key = d.to_string();
         let now = now_secs();
         let tx = self.db.begin_write().map_err(db_err)?;
+        let new;
         {
-            tx.open_table(BLOBS)
+            new = tx
+                .open_table(BLOBS)
                 .map_err(db_err)?
                 .insert(key.as_str(), size)
-                .map_err(db_err)?;
-            if let Some(mt) = manifest_media_type {
+                .map_err(db_err)?
+                .is_none();
+            if let Some((mt, refs)) = manifest {
                 tx.open_table(MANIFESTS)
                     .map_err(db_err)?
                     .insert(key.as_str(), mt)
                     .map_err(db_err)?;
+                let mut r = tx.open_table(REFS).map_err(db_err)?;
+                let mut rb = tx.open_table(REFBY).map_err(db_err)?;
+                for child in refs {
+                    r.insert(format!("{key}\0{child}").as_str(), ())
+                        .map_err(db_err)?;
+                    rb.insert(format!("{child}\0{key}").as_str(), ())
+                        .map_err(db_err)?;
+                }
             }
             let link = format!("{}{key}", repo.prefix());
             tx.open_table(LINKS)
@@ -398,7 +680,30 @@ impl Store {
                 repos.insert(rk.as_str(), now).map_err(db_err)?;
             }
         }
-        tx.commit().map_err(db_err)
+        tx.commit().map_err(db_err)?;
+        if new {
+            self.used.fetch_add(size, Ordering::Relaxed);
+        }
+        self.touch(d);
+        Ok(())
+    }
+
+    /// Records an intact blob file found without a record (no repository link: it is served
+    /// once an upstream confirms a repository has it).
+    pub fn record_orphan(&self, d: &Digest, size: u64) -> Result<(), StoreError> {
+        let key = d.to_string();
+        let tx = self.db.begin_write().map_err(db_err)?;
+        let new = tx
+            .open_table(BLOBS)
+            .map_err(db_err)?
+            .insert(key.as_str(), size)
+            .map_err(db_err)?
+            .is_none();
+        tx.commit().map_err(db_err)?;
+        if new {
+            self.used.fetch_add(size, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// Whether `digest` was obtained for (or confirmed to belong to) `repo`.
@@ -414,8 +719,8 @@ impl Store {
         let Some(size) = self.blob_size(d)? else {
             return Err(StoreError::Db(format!("cannot link {d}: not stored")));
         };
-        let mt = self.manifest_media_type(d)?;
-        self.record_blob(d, size, repo, mt.as_deref())
+        // The references of a manifest were recorded with it; linking adds only the link.
+        self.record_blob(d, size, repo, None)
     }
 
     pub fn manifest_media_type(&self, d: &Digest) -> Result<Option<String>, StoreError> {
@@ -466,12 +771,14 @@ impl Store {
         tag: Option<&Tag>,
         subject: Option<(&Digest, &[u8])>,
     ) -> Result<(), StoreError> {
+        let refs = manifest_refs(bytes);
+        let manifest = Some((media_type, refs.as_slice()));
         if self.blob_size(d)?.is_some() && self.blob_path(d).exists() {
-            self.record_blob(d, bytes.len() as u64, repo, Some(media_type))?;
+            self.record_blob(d, bytes.len() as u64, repo, manifest)?;
         } else {
             let mut temp = self.temp_blob()?;
             temp.write_all(bytes).map_err(io_err(&temp.path))?;
-            self.commit_blob(temp, d, bytes.len() as u64, repo, Some(media_type))?;
+            self.commit_blob(temp, d, bytes.len() as u64, repo, manifest)?;
         }
         if let Some((subject, descriptor)) = subject {
             let key = format!("{}{subject}\0{d}", repo.prefix());

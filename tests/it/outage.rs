@@ -3,11 +3,11 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::support::etcd::Etcd;
 use crate::support::fake::FakeUpstream;
 use crate::support::process::{free_port, metric, Process};
 use crate::support::regcache::{client, config_for, Regcache};
@@ -80,60 +80,6 @@ impl Drop for FaultyUpstream {
     }
 }
 
-/// Puts a key into etcd through its JSON gateway.
-fn etcd_put(client_port: u16, key: &str, value: &str) {
-    use base64::Engine as _;
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let body = format!(
-        "{{\"key\":\"{}\",\"value\":\"{}\"}}",
-        b64.encode(key),
-        b64.encode(value)
-    );
-    let mut s = TcpStream::connect(("127.0.0.1", client_port)).expect("connect etcd");
-    write!(
-        s,
-        "POST /v3/kv/put HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("write etcd put");
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    assert!(out.starts_with("HTTP/1.1 200"), "etcd put failed: {out}");
-}
-
-/// Starts etcd on loopback; returns the child and its client port.
-fn start_etcd(dir: &Path) -> (std::process::Child, u16) {
-    let (client, peer) = (free_port(), free_port());
-    let log = std::fs::File::create(dir.join("etcd.log")).expect("etcd log");
-    let child = std::process::Command::new("etcd")
-        .args(["--name", "default", "--data-dir"])
-        .arg(dir.join("etcd-data"))
-        .arg(format!("--listen-client-urls=http://127.0.0.1:{client}"))
-        .arg(format!("--advertise-client-urls=http://127.0.0.1:{client}"))
-        .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
-        .arg(format!(
-            "--initial-advertise-peer-urls=http://127.0.0.1:{peer}"
-        ))
-        .arg(format!("--initial-cluster=default=http://127.0.0.1:{peer}"))
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start etcd (Debian package etcd-server; run tests/setup-deps.sh)");
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(20) {
-        if http_get(SocketAddr::from(([127, 0, 0, 1], client)), "/health", &[])
-            .is_some_and(|r| r.status == 200)
-        {
-            return (child, client);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!(
-        "etcd did not become healthy: {}",
-        std::fs::read_to_string(dir.join("etcd.log")).unwrap_or_default()
-    );
-}
-
 /// One image to pull in the drill: reference by tag, reference by digest, and whether it is an index.
 struct Warmed {
     by_tag: String,
@@ -145,11 +91,10 @@ struct Warmed {
 fn outage_drill_serves_every_warmed_image_after_kill9_with_upstream_and_config_store_down() {
     let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
     let mut upstream = Registry::start_seeded();
-    let (mut etcd, etcd_port) = start_etcd(work.path());
+    let mut etcd = Etcd::start();
     // The remote layer shortens the freshness window, so every tag is past it during the outage;
     // that it is in force after the restart shows the last good remote copy was used.
-    etcd_put(
-        etcd_port,
+    etcd.put(
         "regcache/config",
         "[upstreams.docker]\nfreshness = \"1s\"\n",
     );
@@ -159,9 +104,10 @@ fn outage_drill_serves_every_warmed_image_after_kill9_with_upstream_and_config_s
         &config,
         format!(
             "data_dir = \"{}\"\n[upstreams.docker]\nurl = \"{}\"\nfreshness = \"1h\"\nconnect_timeout = \"2s\"\nheader_timeout = \"2s\"\nidle_timeout = \"5s\"\n\
-             [config_store]\nkind = \"etcd\"\nurl = \"http://127.0.0.1:{etcd_port}\"\nkey = \"regcache/config\"\npoll_interval = \"200ms\"\n",
+             [config_store]\nkind = \"etcd\"\nurl = \"{}\"\nkey = \"regcache/config\"\npoll_interval = \"200ms\"\n",
             data.display(),
-            upstream.url()
+            upstream.url(),
+            etcd.url()
         ),
     )
     .expect("write config");
@@ -203,8 +149,7 @@ fn outage_drill_serves_every_warmed_image_after_kill9_with_upstream_and_config_s
     }
     let upstream_addr = upstream.addr();
     upstream.stop();
-    let _ = etcd.kill();
-    let _ = etcd.wait();
+    etcd.stop();
 
     for fault in [Fault::BlackHole, Fault::Refused, Fault::Unavailable] {
         let _faulty = FaultyUpstream::start(upstream_addr, fault);

@@ -1,6 +1,8 @@
 //! Shared test support: real upstream registry, fixtures, fake upstream, regcache harness.
 #![allow(dead_code)]
 
+pub mod consul;
+pub mod etcd;
 pub mod fake;
 pub mod process;
 pub mod regcache;

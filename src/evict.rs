@@ -1,0 +1,402 @@
+//! Eviction: keeps the store under its size cap (and the filesystem above its free-space floor)
+//! by removing least recently used images, whole.
+//!
+//! The unit of eviction is a *root*: a manifest no other cached manifest references (with the
+//! child manifests and blobs only it uses), or a blob no manifest references. A cached tag is
+//! therefore always complete. Never evicted: pinned images (every platform), blobs being read,
+//! and anything still referenced by a manifest that stays.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use redb::{ReadableDatabase, ReadableTable};
+
+use crate::reference::Digest;
+use crate::store::{Store, StoreError, ACCESS, BLOBS, MANIFESTS, PINS, REFBY, REFS, TAGS};
+
+fn db_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Db(e.to_string())
+}
+
+/// What one collection removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct EvictReport {
+    pub manifests: u64,
+    pub blobs: u64,
+    pub bytes: u64,
+}
+
+/// A consistent picture of the store's metadata for one collection.
+struct Snapshot {
+    sizes: HashMap<String, u64>,
+    manifests: HashSet<String>,
+    children: HashMap<String, Vec<String>>,
+    parents: HashMap<String, Vec<String>>,
+    /// Tag key (`upstream \0 repo \0 tag`) → digest.
+    tags: Vec<(String, String)>,
+    pins: Vec<String>,
+}
+
+fn snapshot(store: &Store) -> Result<Snapshot, StoreError> {
+    let tx = store.db.begin_read().map_err(db_err)?;
+    let mut s = Snapshot {
+        sizes: HashMap::new(),
+        manifests: HashSet::new(),
+        children: HashMap::new(),
+        parents: HashMap::new(),
+        tags: Vec::new(),
+        pins: Vec::new(),
+    };
+    for item in tx
+        .open_table(BLOBS)
+        .map_err(db_err)?
+        .iter()
+        .map_err(db_err)?
+    {
+        let (k, v) = item.map_err(db_err)?;
+        s.sizes.insert(k.value().to_owned(), v.value());
+    }
+    for item in tx
+        .open_table(MANIFESTS)
+        .map_err(db_err)?
+        .iter()
+        .map_err(db_err)?
+    {
+        s.manifests
+            .insert(item.map_err(db_err)?.0.value().to_owned());
+    }
+    for item in tx
+        .open_table(REFS)
+        .map_err(db_err)?
+        .iter()
+        .map_err(db_err)?
+    {
+        let (k, _) = item.map_err(db_err)?;
+        if let Some((p, c)) = k.value().split_once('\0') {
+            s.children
+                .entry(p.to_owned())
+                .or_default()
+                .push(c.to_owned());
+            s.parents
+                .entry(c.to_owned())
+                .or_default()
+                .push(p.to_owned());
+        }
+    }
+    for item in tx
+        .open_table(TAGS)
+        .map_err(db_err)?
+        .iter()
+        .map_err(db_err)?
+    {
+        let (k, v) = item.map_err(db_err)?;
+        if let Ok(rec) = serde_json::from_slice::<crate::store::TagRecord>(v.value()) {
+            s.tags.push((k.value().to_owned(), rec.digest));
+        }
+    }
+    let mut pin_keys = Vec::new();
+    for item in tx
+        .open_table(PINS)
+        .map_err(db_err)?
+        .iter()
+        .map_err(db_err)?
+    {
+        pin_keys.push(item.map_err(db_err)?.0.value().to_owned());
+    }
+    // A pin names a digest directly, or a tag whose current digest is pinned.
+    let tag_digest: HashMap<&str, &str> = s
+        .tags
+        .iter()
+        .map(|(k, d)| (k.as_str(), d.as_str()))
+        .collect();
+    for key in pin_keys {
+        let reference = key.rsplit('\0').next().unwrap_or("");
+        if reference.parse::<Digest>().is_ok() {
+            s.pins.push(reference.to_owned());
+        } else if let Some(d) = tag_digest.get(key.as_str()) {
+            s.pins.push((*d).to_owned());
+        }
+    }
+    Ok(s)
+}
+
+impl Snapshot {
+    /// `root` and everything below it (children first are not required; a set).
+    fn closure(&self, root: &str) -> Vec<String> {
+        let mut out = vec![root.to_owned()];
+        let mut seen: HashSet<String> = out.iter().cloned().collect();
+        let mut i = 0;
+        while i < out.len() {
+            if let Some(kids) = self.children.get(&out[i]) {
+                for k in kids {
+                    if seen.insert(k.clone()) {
+                        out.push(k.clone());
+                    }
+                }
+            }
+            i += 1;
+        }
+        out
+    }
+}
+
+/// Evicts least recently used roots until the store holds at most `target` bytes.
+pub fn evict_to(store: &Store, target: u64) -> Result<EvictReport, StoreError> {
+    let mut report = EvictReport::default();
+    if store.used_bytes() <= target {
+        return Ok(report);
+    }
+    let _ = store.flush_access();
+    let snap = snapshot(store)?;
+    let access = store.access_times()?;
+    let mut protected: HashSet<String> = store.held().into_iter().collect();
+    for p in &snap.pins {
+        protected.extend(snap.closure(p));
+    }
+    // Roots: recorded blobs that no recorded manifest references.
+    let mut roots: Vec<(u64, String)> = snap
+        .sizes
+        .keys()
+        .filter(|d| {
+            snap.parents
+                .get(*d)
+                .is_none_or(|ps| ps.iter().all(|p| !snap.sizes.contains_key(p)))
+        })
+        .map(|d| {
+            let last = snap
+                .closure(d)
+                .iter()
+                .filter_map(|x| access.get(x))
+                .max()
+                .copied()
+                .unwrap_or(0);
+            (last, d.clone())
+        })
+        .collect();
+    roots.sort();
+    let mut gone: HashSet<String> = HashSet::new();
+    for (_, root) in roots {
+        if store.used_bytes() <= target {
+            break;
+        }
+        if protected.contains(&root) || gone.contains(&root) {
+            continue;
+        }
+        // Remove the root, then whatever below it has no remaining parent.
+        let mut doomed: BTreeSet<String> = BTreeSet::new();
+        for x in snap.closure(&root) {
+            if protected.contains(&x) || gone.contains(&x) {
+                continue;
+            }
+            let orphaned = x == root
+                || snap.parents.get(&x).is_none_or(|ps| {
+                    ps.iter().all(|p| {
+                        doomed.contains(p) || gone.contains(p) || !snap.sizes.contains_key(p)
+                    })
+                });
+            if orphaned {
+                doomed.insert(x);
+            }
+        }
+        let r = remove(store, &snap, &doomed)?;
+        report.manifests += r.manifests;
+        report.blobs += r.blobs;
+        report.bytes += r.bytes;
+        gone.extend(doomed);
+    }
+    if report.bytes > 0 {
+        tracing::info!(
+            manifests = report.manifests,
+            blobs = report.blobs,
+            bytes = report.bytes,
+            used = store.used_bytes(),
+            "evicted least recently used content"
+        );
+    }
+    Ok(report)
+}
+
+/// Removes `doomed` digests: records first (one transaction), then files.
+fn remove(
+    store: &Store,
+    snap: &Snapshot,
+    doomed: &BTreeSet<String>,
+) -> Result<EvictReport, StoreError> {
+    let mut report = EvictReport::default();
+    if doomed.is_empty() {
+        return Ok(report);
+    }
+    let tx = store.db.begin_write().map_err(db_err)?;
+    {
+        let mut blobs = tx.open_table(BLOBS).map_err(db_err)?;
+        let mut manifests = tx.open_table(MANIFESTS).map_err(db_err)?;
+        let mut access = tx.open_table(ACCESS).map_err(db_err)?;
+        let mut refs = tx.open_table(REFS).map_err(db_err)?;
+        let mut refby = tx.open_table(REFBY).map_err(db_err)?;
+        let mut tags = tx.open_table(TAGS).map_err(db_err)?;
+        for d in doomed {
+            if let Some(size) = blobs.remove(d.as_str()).map_err(db_err)? {
+                report.bytes += size.value();
+                report.blobs += 1;
+            }
+            if manifests.remove(d.as_str()).map_err(db_err)?.is_some() {
+                report.manifests += 1;
+            }
+            access.remove(d.as_str()).map_err(db_err)?;
+            for c in snap.children.get(d).into_iter().flatten() {
+                refs.remove(format!("{d}\0{c}").as_str()).map_err(db_err)?;
+                refby.remove(format!("{c}\0{d}").as_str()).map_err(db_err)?;
+            }
+        }
+        // A tag whose manifest goes, goes too: a cached tag is always complete.
+        for (key, digest) in &snap.tags {
+            if doomed.contains(digest) {
+                tags.remove(key.as_str()).map_err(db_err)?;
+            }
+        }
+    }
+    tx.commit().map_err(db_err)?;
+    store.sub_used(report.bytes);
+    for d in doomed {
+        if let Ok(digest) = d.parse::<Digest>() {
+            let _ = std::fs::remove_file(store.blob_path(&digest));
+        }
+    }
+    Ok(report)
+}
+
+/// The size the store should be brought down to, if it is over a limit now.
+pub fn target(
+    store: &Store,
+    max_size: Option<u64>,
+    min_free: Option<u64>,
+    low_water_percent: u8,
+) -> Option<u64> {
+    let used = store.used_bytes();
+    let mut target: Option<u64> = None;
+    if let Some(max) = max_size {
+        if used > max {
+            target = Some(max / 100 * u64::from(low_water_percent));
+        }
+    }
+    if let Some(floor) = min_free {
+        if let Some(free) = crate::server::free_bytes(store.root()) {
+            if free < floor {
+                // Free the deficit plus the same low-water slack.
+                let slack = max_size.map_or(0, |m| m / 100 * u64::from(100 - low_water_percent));
+                let t = used.saturating_sub(floor - free + slack);
+                target = Some(target.map_or(t, |x| x.min(t)));
+            }
+        }
+    }
+    target
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::RepoKey;
+
+    fn key(repo: &str) -> RepoKey {
+        RepoKey {
+            upstream: "u".into(),
+            repo: repo.parse().expect("repo"),
+        }
+    }
+
+    fn blob(store: &Store, repo: &str, data: &[u8]) -> Digest {
+        let d = Digest::sha256_of(data);
+        let mut t = store.temp_blob().expect("temp");
+        t.write_all(data).expect("write");
+        store
+            .commit_blob(t, &d, data.len() as u64, &key(repo), None)
+            .expect("commit");
+        d
+    }
+
+    fn image(store: &Store, repo: &str, tag: &str, layers: &[&Digest]) -> Digest {
+        let body = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": layers[0].to_string(), "size": 1},
+            "layers": layers[1..].iter().map(|l| serde_json::json!({"mediaType": "x", "digest": l.to_string(), "size": 1})).collect::<Vec<_>>(),
+        })
+        .to_string();
+        let d = Digest::sha256_of(body.as_bytes());
+        let t: crate::reference::Tag = tag.parse().expect("tag");
+        store
+            .put_manifest(
+                &key(repo),
+                &d,
+                "application/vnd.oci.image.manifest.v1+json",
+                body.as_bytes(),
+                Some(&t),
+                None,
+            )
+            .expect("put manifest");
+        d
+    }
+
+    #[test]
+    fn evicts_least_recently_used_image_whole_and_keeps_shared_blobs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let shared = blob(&store, "a", &[1u8; 1000]);
+        let old_layer = blob(&store, "a", &[2u8; 5000]);
+        let new_layer = blob(&store, "b", &[3u8; 5000]);
+        let old = image(&store, "a", "v1", &[&shared, &old_layer]);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let new = image(&store, "b", "v1", &[&shared, &new_layer]);
+        store.touch(&new);
+        let before = store.used_bytes();
+        let report = evict_to(&store, before - 1).expect("evict");
+        assert_eq!(report.manifests, 1, "{report:?}");
+        assert!(
+            store.manifest_info(&old).expect("info").is_none(),
+            "the old image goes"
+        );
+        assert!(
+            store.blob_size(&old_layer).expect("size").is_none(),
+            "with its own layer"
+        );
+        assert!(!store.blob_path(&old_layer).exists());
+        assert!(
+            store.blob_size(&shared).expect("size").is_some(),
+            "a blob the new image uses stays"
+        );
+        assert!(store.manifest_info(&new).expect("info").is_some());
+        assert!(
+            store
+                .tag(&key("a"), &"v1".parse().expect("tag"))
+                .expect("tag")
+                .is_none(),
+            "its tag goes"
+        );
+        assert_eq!(store.used_bytes(), before - report.bytes);
+    }
+
+    #[test]
+    fn pinned_and_held_content_is_never_evicted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = std::sync::Arc::new(Store::open(dir.path()).expect("open"));
+        let l1 = blob(&store, "a", &[1u8; 3000]);
+        let l2 = blob(&store, "b", &[2u8; 3000]);
+        let loose = blob(&store, "c", &[3u8; 3000]);
+        let pinned = image(&store, "a", "v1", &[&l1]);
+        let _other = image(&store, "b", "v1", &[&l2]);
+        store.pin(&key("a"), "v1").expect("pin");
+        let _hold = store.hold(&loose);
+        let report = evict_to(&store, 0).expect("evict");
+        assert!(store.manifest_info(&pinned).expect("info").is_some());
+        assert!(store.blob_size(&l1).expect("size").is_some());
+        assert!(
+            store.blob_size(&loose).expect("size").is_some(),
+            "held blob stays"
+        );
+        assert!(
+            store.blob_size(&l2).expect("size").is_none(),
+            "unpinned image goes: {report:?}"
+        );
+        assert_eq!(store.pins().expect("pins").len(), 1);
+        assert!(store.unpin(&key("a"), "v1").expect("unpin"));
+    }
+}
