@@ -961,6 +961,66 @@ mod tests {
     }
 
     #[test]
+    fn a_schema_1_store_is_migrated_at_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let layer = Digest::sha256_of(b"layer");
+        let body = format!(
+            r#"{{"schemaVersion":2,"config":{{"digest":"{layer}","size":5}},"layers":[{{"digest":"{layer}","size":5}}]}}"#
+        );
+        let m = Digest::sha256_of(body.as_bytes());
+        {
+            // What a schema 1 regcache left: no refs, tag times in seconds.
+            let store = Store::open(dir.path()).expect("open");
+            std::fs::create_dir_all(store.blob_path(&m).parent().expect("parent")).expect("mkdir");
+            std::fs::write(store.blob_path(&m), &body).expect("write manifest");
+            let tx = store.db.begin_write().expect("tx");
+            {
+                tx.open_table(META)
+                    .expect("meta")
+                    .insert("schema_version", 1)
+                    .expect("v1");
+                let key = m.to_string();
+                tx.open_table(BLOBS)
+                    .expect("blobs")
+                    .insert(key.as_str(), body.len() as u64)
+                    .expect("blob");
+                tx.open_table(MANIFESTS)
+                    .expect("manifests")
+                    .insert(key.as_str(), "application/vnd.oci.image.manifest.v1+json")
+                    .expect("manifest");
+                let tag =
+                    serde_json::json!({"digest": key, "checked_at": 1_700_000_000u64}).to_string();
+                tx.open_table(TAGS)
+                    .expect("tags")
+                    .insert("u\0x\0v1", tag.as_bytes())
+                    .expect("tag");
+            }
+            tx.commit().expect("commit");
+        }
+        let store = Store::open(dir.path()).expect("reopen migrates");
+        let tx = store.db.begin_read().expect("read");
+        let v = tx
+            .open_table(META)
+            .expect("meta")
+            .get("schema_version")
+            .expect("get")
+            .map(|v| v.value());
+        assert_eq!(v, Some(SCHEMA_VERSION));
+        let refs = tx.open_table(REFS).expect("refs");
+        assert!(
+            refs.get(format!("{m}\0{layer}").as_str())
+                .expect("get")
+                .is_some(),
+            "refs rebuilt"
+        );
+        let rec = store
+            .tag(&key("x"), &"v1".parse().expect("tag"))
+            .expect("tag")
+            .expect("present");
+        assert_eq!(rec.checked_at_ms, 1_700_000_000_000);
+    }
+
+    #[test]
     fn newer_schema_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         {

@@ -1,6 +1,7 @@
 //! regcache's integration tests: one test binary, real upstream (docker-registry) and real clients.
 
 mod config_store;
+mod durability;
 mod faults;
 mod outage;
 mod pull;
