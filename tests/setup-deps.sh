@@ -2,7 +2,9 @@
 # Installs the external tools the integration tests need (Debian packages):
 #   docker-registry (distribution 2.8, the real upstream / reference cache),
 #   skopeo (real client), umoci + busybox-static (offline image fixtures),
-#   etcd-server (the remote config store of the outage tests).
+#   etcd-server (the remote config store of the outage tests),
+#   docker.io + containerd + runc, podman + fuse-overlayfs (the real clients of tests/it/clients.rs;
+#   the tests run private daemons: the packages' own services are never started here).
 # Idempotent: does nothing when every tool is already present.
 set -euo pipefail
 
@@ -13,13 +15,24 @@ deps=(
   "umoci:umoci"
   "busybox:busybox-static"
   "etcd:etcd-server"
+  "dockerd:docker.io"
+  "containerd:containerd"
+  "ctr:containerd"
+  "runc:runc"
+  "podman:podman"
+  "fuse-overlayfs:fuse-overlayfs"
 )
+
+# dockerd and runc live in /usr/sbin, which a non-root PATH may lack.
+have() {
+  command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]
+}
 
 missing_pkgs=()
 for d in "${deps[@]}"; do
   tool="${d%%:*}" pkg="${d#*:}"
-  if ! command -v "$tool" >/dev/null 2>&1; then
-    missing_pkgs+=("$pkg")
+  if ! have "$tool"; then
+    case " ${missing_pkgs[*]-} " in *" $pkg "*) ;; *) missing_pkgs+=("$pkg") ;; esac
   fi
 done
 # build-images.sh copies /bin/busybox into images: it must be the static build.
@@ -31,14 +44,28 @@ if [ "${#missing_pkgs[@]}" -gt 0 ]; then
   echo "setup-deps: installing ${missing_pkgs[*]}" >&2
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   export DEBIAN_FRONTEND=noninteractive
+  # docker.io and containerd would start system daemons (on /var/lib/docker, /run/containerd) where an
+  # init system runs: forbid service starts during the install unless a policy is already in place.
+  policy_added=
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\n# added by regcache tests/setup-deps.sh for the install only\nexit 101\n' |
+      $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+    $SUDO chmod 755 /usr/sbin/policy-rc.d
+    policy_added=1
+    trap '$SUDO rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
   $SUDO apt-get update -q
   $SUDO apt-get install -y -q --no-install-recommends "${missing_pkgs[@]}"
+  if [ -n "$policy_added" ]; then
+    $SUDO rm -f /usr/sbin/policy-rc.d
+    trap - EXIT
+  fi
 fi
 
 rc=0
 for d in "${deps[@]}"; do
   tool="${d%%:*}" pkg="${d#*:}"
-  if ! command -v "$tool" >/dev/null 2>&1; then
+  if ! have "$tool"; then
     echo "setup-deps: ERROR: '$tool' (Debian package $pkg) is still missing" >&2
     rc=1
   fi
@@ -47,5 +74,5 @@ if [ ! -x /bin/busybox ]; then
   echo "setup-deps: ERROR: /bin/busybox (Debian package busybox-static) is missing" >&2
   rc=1
 fi
-[ "$rc" -eq 0 ] && echo "setup-deps: docker-registry, skopeo, umoci, busybox present" >&2
+[ "$rc" -eq 0 ] && echo "setup-deps: docker-registry, skopeo, umoci, busybox, etcd, dockerd, containerd, runc, podman present" >&2
 exit "$rc"

@@ -1,6 +1,7 @@
 //! Shared test support: real upstream registry, fixtures, fake upstream, regcache harness.
 #![allow(dead_code)]
 
+pub mod clients;
 pub mod consul;
 pub mod etcd;
 pub mod fake;

@@ -1,0 +1,444 @@
+//! The real clients regcache is for, end to end: dockerd (`registry-mirrors`), containerd's `ctr`
+//! (`hosts.toml`, `?ns=docker.io`) and podman (`registries.conf` mirror, with and without a path
+//! prefix), against a real upstream (docker-registry) — and the same pulls with the upstream
+//! black-holed once the cache is warm.
+//!
+//! Every client runs with a dead proxy for anything off loopback (see `support::clients`), so a
+//! client's fallback to Docker Hub cannot succeed; each pull is also checked against regcache's own
+//! metrics (requests it answered 200, bytes it served) and, where the client says so, its log.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::support::clients::{registries_conf, Containerd, Dockerd, Podman};
+use crate::support::process::metric;
+use crate::support::regcache::{config_for, Regcache};
+use crate::support::registry::{http_get, Registry, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX};
+
+/// What regcache has answered so far, from its Prometheus text.
+#[derive(Clone, Copy, Debug)]
+struct Served {
+    manifests: f64,
+    blobs: f64,
+    bytes: f64,
+    stale: f64,
+}
+
+fn served(rc: &Regcache) -> Served {
+    let text = rc.app.metrics.render();
+    let get = |prefix: &str| metric(&text, prefix).unwrap_or(0.0);
+    Served {
+        manifests: get(r#"regcache_requests_total{route="manifest",status="200"}"#),
+        blobs: get(r#"regcache_requests_total{route="blob",status="200"}"#),
+        bytes: get("regcache_served_bytes_total"),
+        stale: get(r#"regcache_cache_outcomes_total{outcome="stale"}"#),
+    }
+}
+
+/// Runs `pull`, then asserts that regcache answered at least `manifests` manifest requests and
+/// `blobs` blob requests with 200 during it (and served bytes).
+fn assert_mirror_served(
+    rc: &Regcache,
+    what: &str,
+    manifests: f64,
+    blobs: f64,
+    pull: impl FnOnce(),
+) {
+    let before = served(rc);
+    pull();
+    let after = served(rc);
+    assert!(
+        after.manifests - before.manifests >= manifests,
+        "{what}: regcache answered {} manifest requests, expected at least {manifests} (before {before:?}, after {after:?})",
+        after.manifests - before.manifests
+    );
+    assert!(
+        after.blobs - before.blobs >= blobs,
+        "{what}: regcache answered {} blob requests, expected at least {blobs} (before {before:?}, after {after:?})",
+        after.blobs - before.blobs
+    );
+    assert!(
+        after.bytes > before.bytes,
+        "{what}: regcache served no bytes (before {before:?}, after {after:?})"
+    );
+}
+
+/// The digest the upstream gives `repo:reference` when asked for `accept`.
+fn upstream_digest(upstream: &Registry, repo: &str, reference: &str, accept: &str) -> String {
+    let r = http_get(
+        upstream.addr(),
+        &format!("/v2/{repo}/manifests/{reference}"),
+        &[("Accept", accept)],
+    )
+    .unwrap_or_else(|| panic!("GET {repo}:{reference} from the upstream failed"));
+    assert_eq!(r.status, 200, "upstream GET {repo}:{reference}");
+    r.header("docker-content-digest")
+        .unwrap_or_else(|| panic!("no Docker-Content-Digest for {repo}:{reference}"))
+        .to_owned()
+}
+
+/// The child digests of a multi-arch image on the upstream: (index digest, amd64 child, arm64 child).
+fn upstream_index(upstream: &Registry, repo: &str, accept: &str) -> (String, String, String) {
+    let r = http_get(
+        upstream.addr(),
+        &format!("/v2/{repo}/manifests/latest"),
+        &[("Accept", accept)],
+    )
+    .unwrap_or_else(|| panic!("GET {repo}:latest from the upstream failed"));
+    let index: serde_json::Value = serde_json::from_slice(&r.body).expect("index is JSON");
+    let child = |arch: &str| {
+        index["manifests"]
+            .as_array()
+            .expect("index has manifests")
+            .iter()
+            .find(|m| m["platform"]["architecture"] == arch)
+            .and_then(|m| m["digest"].as_str())
+            .unwrap_or_else(|| panic!("{repo}: no {arch} child"))
+            .to_owned()
+    };
+    (
+        upstream_digest(upstream, repo, "latest", accept),
+        child("amd64"),
+        child("arm64"),
+    )
+}
+
+/// Digests of the images the tests pull, read from the upstream before anything else.
+struct Digests {
+    busybox: String,
+    multi_docker: (String, String, String),
+    multi_oci: (String, String, String),
+}
+
+impl Digests {
+    fn of(upstream: &Registry) -> Digests {
+        Digests {
+            busybox: upstream_digest(upstream, "library/busybox", "latest", DOCKER_MANIFEST),
+            multi_docker: upstream_index(upstream, "multi/docker", DOCKER_LIST),
+            multi_oci: upstream_index(upstream, "multi/oci", OCI_INDEX),
+        }
+    }
+}
+
+/// dockerd gives up on a mirror with this log line before it tries the next endpoint (Docker Hub).
+const DOCKERD_FALLBACK: &str = "Attempting next endpoint";
+
+/// The dockerd pulls of these tests: `busybox` (unqualified Docker Hub name), the multi-arch Docker
+/// manifest list by digest and then by tag, and the OCI index by tag, into a fresh dockerd. Each must
+/// be served by regcache.
+fn dockerd_pulls(docker: &Dockerd, rc: &Regcache, d: &Digests) {
+    assert_mirror_served(rc, "docker pull busybox", 1.0, 2.0, || {
+        let out = docker.docker_ok(&["pull", "busybox"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("docker.io/library/busybox:latest"),
+            "docker pull busybox: {text}"
+        );
+    });
+    assert_eq!(
+        docker.inspect("busybox", "{{index .RepoDigests 0}}"),
+        format!("busybox@{}", d.busybox),
+        "dockerd's busybox is not the upstream's"
+    );
+
+    // by digest first: a dockerd that already knows a digest asks the mirror nothing for it
+    let (list, _, _) = &d.multi_docker;
+    let by_digest = format!("multi/docker@{list}");
+    // the list and its amd64 child (a manifest by digest), and the image config
+    assert_mirror_served(rc, &format!("docker pull {by_digest}"), 2.0, 1.0, || {
+        docker.docker_ok(&["pull", &by_digest]);
+    });
+    assert_eq!(docker.inspect(&by_digest, "{{.Architecture}}"), "amd64");
+    let repo_digests = docker.inspect(&by_digest, "{{json .RepoDigests}}");
+    assert!(
+        repo_digests.contains(&by_digest),
+        "dockerd's {by_digest} has RepoDigests {repo_digests}"
+    );
+    assert_mirror_served(rc, "docker pull multi/docker", 1.0, 0.0, || {
+        docker.docker_ok(&["pull", "multi/docker"]);
+    });
+    assert_eq!(
+        docker.inspect("multi/docker:latest", "{{.Id}}"),
+        docker.inspect(&by_digest, "{{.Id}}"),
+        "multi/docker by tag and by digest differ"
+    );
+
+    // the OCI index by tag: the index and the amd64 child
+    assert_mirror_served(rc, "docker pull multi/oci", 2.0, 0.0, || {
+        docker.docker_ok(&["pull", "multi/oci:latest"]);
+    });
+    assert_eq!(
+        docker.inspect("multi/oci:latest", "{{.Architecture}}"),
+        "amd64"
+    );
+
+    let log = docker.log_text();
+    assert!(
+        !log.contains(DOCKERD_FALLBACK),
+        "dockerd fell back from the mirror:\n{log}"
+    );
+}
+
+/// The podman pulls of these tests, through the mirror at `location`: `busybox` (unqualified) and the
+/// arm64 image of a multi-arch index by tag (`--arch arm64`).
+fn podman_pulls(podman: &Podman, location: &str, rc: &Regcache, multi: &str, d: &Digests) {
+    assert_mirror_served(
+        rc,
+        &format!("podman pull busybox via {location}"),
+        1.0,
+        2.0,
+        || {
+            podman.pull_via(location, &["busybox"]);
+        },
+    );
+    assert_eq!(
+        podman.inspect("docker.io/library/busybox:latest", "{{.Digest}}"),
+        d.busybox,
+        "podman's busybox is not the upstream's"
+    );
+
+    let (index, _, arm64) = if multi == "multi/oci" {
+        &d.multi_oci
+    } else {
+        &d.multi_docker
+    };
+    let image = format!("docker.io/{multi}:latest");
+    assert_mirror_served(
+        rc,
+        &format!("podman pull --arch arm64 {image} via {location}"),
+        2.0,
+        1.0,
+        || {
+            podman.pull_via(location, &["--arch", "arm64", &image]);
+        },
+    );
+    assert_eq!(podman.inspect(&image, "{{.Architecture}}"), "arm64");
+    let repo_digests = podman.inspect(&image, "{{json .RepoDigests}}");
+    for digest in [index, arm64] {
+        assert!(
+            repo_digests.contains(&format!("docker.io/{multi}@{digest}")),
+            "podman's {image} should carry the index and arm64 digests; RepoDigests {repo_digests}"
+        );
+    }
+}
+
+#[test]
+fn dockerd_with_registry_mirrors_pulls_hub_names_and_multi_arch_by_tag_and_digest() {
+    let upstream = Registry::start_seeded();
+    let digests = Digests::of(&upstream);
+    let rc = Regcache::with_upstream(&upstream.url());
+    let docker = Dockerd::start(&rc.host_port());
+
+    dockerd_pulls(&docker, &rc, &digests);
+
+    // regcache fetched what dockerd asked for from the upstream (nothing was there before)
+    let access = upstream.access_log();
+    for wanted in [
+        "/v2/library/busybox/manifests/latest".to_owned(),
+        format!("/v2/multi/docker/manifests/{}", digests.multi_docker.0),
+        format!("/v2/multi/docker/manifests/{}", digests.multi_docker.1),
+        "/v2/multi/oci/manifests/latest".to_owned(),
+    ] {
+        assert!(
+            access.contains(&wanted),
+            "the upstream never saw {wanted}:\n{access}"
+        );
+    }
+}
+
+#[test]
+fn containerd_ctr_pulls_through_hosts_toml_mirror_including_all_platforms() {
+    let upstream = Registry::start_seeded();
+    let digests = Digests::of(&upstream);
+    let rc = Regcache::with_upstream(&upstream.url());
+    let containerd = Containerd::start();
+    let hosts = containerd.hosts_dir(&rc.host_port());
+    let hosts = hosts.to_str().expect("hosts dir is UTF-8");
+
+    // tag resolved with HEAD, manifest by digest, config and layer
+    assert_mirror_served(&rc, "ctr pull busybox", 2.0, 2.0, || {
+        containerd.ctr_ok(&[
+            "images",
+            "pull",
+            "--snapshotter",
+            "native",
+            "--hosts-dir",
+            hosts,
+            "docker.io/library/busybox:latest",
+        ]);
+    });
+    let images = String::from_utf8_lossy(&containerd.ctr_ok(&["images", "ls"]).stdout).into_owned();
+    let line = images
+        .lines()
+        .find(|l| l.starts_with("docker.io/library/busybox:latest"))
+        .unwrap_or_else(|| panic!("ctr images ls has no busybox:\n{images}"));
+    assert!(
+        line.contains(&digests.busybox),
+        "ctr's busybox is not the upstream's {}: {line}",
+        digests.busybox
+    );
+
+    // the index, both children, both configs (the layer is busybox's, already there)
+    let (index, amd64, arm64) = &digests.multi_oci;
+    assert_mirror_served(&rc, "ctr pull --all-platforms multi/oci", 4.0, 2.0, || {
+        containerd.ctr_ok(&[
+            "images",
+            "pull",
+            "--all-platforms",
+            "--snapshotter",
+            "native",
+            "--hosts-dir",
+            hosts,
+            "docker.io/multi/oci:latest",
+        ]);
+    });
+    let images = String::from_utf8_lossy(&containerd.ctr_ok(&["images", "ls"]).stdout).into_owned();
+    let line = images
+        .lines()
+        .find(|l| l.starts_with("docker.io/multi/oci:latest"))
+        .unwrap_or_else(|| panic!("ctr images ls has no multi/oci:\n{images}"));
+    assert!(
+        line.contains(index.as_str()) && line.contains("linux/amd64") && line.contains("linux/arm64"),
+        "ctr's multi/oci should be the upstream's index {index} for linux/amd64 and linux/arm64: {line}"
+    );
+    let content =
+        String::from_utf8_lossy(&containerd.ctr_ok(&["content", "ls", "-q"]).stdout).into_owned();
+    for child in [amd64, arm64] {
+        assert!(
+            content.contains(child.as_str()),
+            "ctr fetched no {child} (--all-platforms):\n{content}"
+        );
+    }
+    // and the upstream saw regcache fetch both children
+    let access = upstream.access_log();
+    for child in [amd64, arm64] {
+        let wanted = format!("/v2/multi/oci/manifests/{child}");
+        assert!(
+            access.contains(&wanted),
+            "the upstream never saw {wanted}:\n{access}"
+        );
+    }
+}
+
+#[test]
+fn podman_pulls_through_registries_conf_mirror_with_and_without_path_prefix_and_arch_arm64() {
+    let upstream = Registry::start_seeded();
+    let digests = Digests::of(&upstream);
+    let rc = Regcache::with_upstream(&upstream.url());
+
+    let plain_location = rc.host_port();
+    let plain = Podman::new(&registries_conf(&plain_location));
+    podman_pulls(&plain, &plain_location, &rc, "multi/docker", &digests);
+
+    // a path prefix in the mirror location: requests arrive as /v2/docker.io/<repo>/...
+    let prefixed_location = format!("{}/docker.io", rc.host_port());
+    let prefixed = Podman::new(&registries_conf(&prefixed_location));
+    podman_pulls(&prefixed, &prefixed_location, &rc, "multi/oci", &digests);
+}
+
+/// A listener on the upstream's port that accepts connections and never answers, until dropped;
+/// counts the connections it swallowed.
+struct BlackHole {
+    stop: Arc<AtomicBool>,
+    accepted: Arc<AtomicUsize>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BlackHole {
+    fn start(addr: SocketAddr) -> BlackHole {
+        let listener =
+            TcpListener::bind(addr).expect("bind the upstream's port for the black hole");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (stop2, accepted2) = (Arc::clone(&stop), Arc::clone(&accepted));
+        let thread = std::thread::spawn(move || {
+            let mut held: Vec<TcpStream> = Vec::new();
+            while !stop2.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((s, _)) => {
+                        accepted2.fetch_add(1, Ordering::Relaxed);
+                        held.push(s);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        BlackHole {
+            stop,
+            accepted,
+            thread: Some(thread),
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for BlackHole {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn dockerd_and_podman_pull_warmed_images_from_regcache_while_upstream_is_black_holed() {
+    let mut upstream = Registry::start_seeded();
+    let digests = Digests::of(&upstream);
+    // Tags go stale after a second, so during the outage every tag costs an upstream attempt that
+    // the black hole swallows (2 s at most) before regcache serves its cached copy.
+    let rc = Regcache::start(&config_for(
+        &upstream.url(),
+        "freshness = \"1s\"\nconnect_timeout = \"2s\"\nheader_timeout = \"2s\"\nidle_timeout = \"5s\"",
+        "",
+    ));
+    let plain_location = rc.host_port();
+    let prefixed_location = format!("{}/docker.io", rc.host_port());
+
+    // Warm the cache with the clients themselves.
+    {
+        let docker = Dockerd::start(&rc.host_port());
+        dockerd_pulls(&docker, &rc, &digests);
+        let plain = Podman::new(&registries_conf(&plain_location));
+        podman_pulls(&plain, &plain_location, &rc, "multi/docker", &digests);
+        let prefixed = Podman::new(&registries_conf(&prefixed_location));
+        podman_pulls(&prefixed, &prefixed_location, &rc, "multi/oci", &digests);
+    }
+
+    // The outage: the upstream's port accepts connections and never answers.
+    let upstream_addr = upstream.addr();
+    upstream.stop();
+    let hole = BlackHole::start(upstream_addr);
+    let before = served(&rc);
+    std::thread::sleep(Duration::from_millis(1200)); // every cached tag is now past its freshness
+
+    // Fresh client storage: every image must come from regcache again.
+    let started = Instant::now();
+    let docker = Dockerd::start(&rc.host_port());
+    dockerd_pulls(&docker, &rc, &digests);
+    let plain = Podman::new(&registries_conf(&plain_location));
+    podman_pulls(&plain, &plain_location, &rc, "multi/docker", &digests);
+    let prefixed = Podman::new(&registries_conf(&prefixed_location));
+    podman_pulls(&prefixed, &prefixed_location, &rc, "multi/oci", &digests);
+    let took = started.elapsed();
+
+    let after = served(&rc);
+    assert!(
+        after.stale > before.stale,
+        "regcache served no stale tag during the outage (before {before:?}, after {after:?})"
+    );
+    assert!(
+        hole.accepted() >= 1,
+        "regcache never tried the black-holed upstream: the outage was not exercised"
+    );
+    assert!(
+        took < Duration::from_secs(90),
+        "the pulls during the outage took {took:?}"
+    );
+}
