@@ -38,6 +38,23 @@ pub enum Command {
     Verify(crate::admin::VerifyArgs),
     /// Pin images against eviction, unpin them, list pins.
     Pin(crate::admin::PinArgs),
+    /// Ask a running regcache whether it is ready (for probes): exit 0 if so, 1 if not.
+    Health(HealthArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    /// Base URL of the server (default: from the config's listen address and tls).
+    #[arg(long)]
+    pub url: Option<String>,
+    /// Give up after this long.
+    #[arg(long, default_value = "5s", value_parser = crate::config::parse_duration)]
+    pub timeout: std::time::Duration,
+    /// Accept any server certificate (a self-signed one on loopback).
+    #[arg(long)]
+    pub insecure: bool,
+    #[command(flatten)]
+    pub config: ConfigArgs,
 }
 
 #[derive(Debug, Args)]
@@ -153,6 +170,7 @@ pub fn main(cli: Cli) -> ExitCode {
             }
         }
         Command::Gc(args) => crate::admin::gc(args),
+        Command::Health(args) => health(args),
         Command::Verify(args) => crate::admin::verify(args),
         Command::Pin(args) => crate::admin::pin(args),
         Command::CheckConfig(args) => match args.config.load(args.file.as_ref()) {
@@ -211,27 +229,107 @@ async fn serve(
     config: Config,
     source: std::sync::Arc<crate::config_store::ConfigSource>,
 ) -> anyhow::Result<()> {
-    let listen = config.listen;
     let app = crate::server::App::open(config.clone())?;
-    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
+    let (listener, listen) = listener(&config).await?;
+    tracing::info!(
+        listen = %listen,
+        tls = app.tls.is_some(),
+        data_dir = %app.routing().config.data_dir.display(),
+        default_upstream = %app.routing().config.default_upstream().url,
+        "regcache serving"
+    );
+    crate::config_store::spawn_watchers(&app, &source, &config);
+    // systemd (Type=notify): ready once the listener is bound and the store is open.
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    if let Some(interval) = sd_notify::watchdog_enabled() {
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval / 2).await;
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+        });
+    }
+    let shutdown = async {
+        shutdown_signal().await;
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    };
+    crate::server::run(listener, app, shutdown, config.shutdown_grace).await
+}
+
+/// The listening socket: inherited from systemd (socket activation) or bound here.
+async fn listener(
+    config: &Config,
+) -> anyhow::Result<(tokio::net::TcpListener, std::net::SocketAddr)> {
+    let mut fds = listenfd::ListenFd::from_env();
+    if let Some(std_listener) = fds
+        .take_tcp_listener(0)
+        .map_err(|e| anyhow::anyhow!("the socket passed by systemd is not a TCP listener: {e}"))?
+    {
+        std_listener.set_nonblocking(true)?;
+        let l = tokio::net::TcpListener::from_std(std_listener)?;
+        let addr = l.local_addr()?;
+        tracing::info!(%addr, "using the listening socket passed by systemd");
+        return Ok((l, addr));
+    }
+    let listen = config.listen;
+    let l = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
         if e.kind() == std::io::ErrorKind::AddrInUse {
             anyhow::anyhow!("cannot listen on {listen}: the address is already in use (another regcache or registry?)")
         } else {
             anyhow::anyhow!("cannot listen on {listen}: {e}")
         }
     })?;
-    tracing::info!(
-        listen = %listen,
-        data_dir = %app.routing().config.data_dir.display(),
-        default_upstream = %app.routing().config.default_upstream().url,
-        "regcache serving"
-    );
-    crate::config_store::spawn_watchers(&app, &source, &config);
-    crate::server::run(
-        listener,
-        app,
-        shutdown_signal(),
-        crate::server::DEFAULT_GRACE,
-    )
-    .await
+    Ok((l, listen))
+}
+
+/// `regcache health`: exit 0 when the server answers `/readyz` with 200.
+fn health(args: HealthArgs) -> ExitCode {
+    let url = match &args.url {
+        Some(u) => u.trim_end_matches('/').to_owned(),
+        None => match args.config.load(None) {
+            Ok(c) => format!(
+                "{}://{}",
+                if c.tls.is_some() { "https" } else { "http" },
+                c.listen
+            ),
+            Err(e) => {
+                eprintln!("regcache: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("regcache: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let result: anyhow::Result<(u16, String)> = rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(args.timeout)
+            .danger_accept_invalid_certs(args.insecure)
+            .build()?;
+        let resp = client.get(format!("{url}/readyz")).send().await?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.text().await.unwrap_or_default()))
+    });
+    match result {
+        Ok((200, body)) => {
+            println!("{body}");
+            ExitCode::SUCCESS
+        }
+        Ok((status, body)) => {
+            eprintln!("regcache: not ready ({status}): {body}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+        Err(e) => {
+            eprintln!("regcache: {url}/readyz: {e:#}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
 }

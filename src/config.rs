@@ -185,6 +185,22 @@ pub struct RawConfig {
     pub config_store: Option<RawConfigStore>,
     #[serde(default)]
     pub store: RawStore,
+    pub tls: Option<RawTls>,
+    pub shutdown_grace: Option<DurationValue>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Serve HTTPS with this certificate chain and key (PEM files, reloaded on SIGHUP).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -271,6 +287,7 @@ pub struct RawUpstream {
     pub idle_timeout: Option<DurationValue>,
     pub failure_threshold: Option<u32>,
     pub probe_max_interval: Option<DurationValue>,
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Basic credentials for an upstream (also used to obtain Bearer tokens).
@@ -304,6 +321,9 @@ pub struct UpstreamConfig {
     pub failure_threshold: u32,
     /// Longest wait between two background probes of a down upstream.
     pub probe_max_interval: Duration,
+    /// Extra CA certificates (PEM) trusted for this upstream, besides the system's and the
+    /// built-in roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// The validated configuration the server runs with.
@@ -319,6 +339,9 @@ pub struct Config {
     pub log_format: LogFormat,
     pub config_store: Option<ConfigStoreConfig>,
     pub store: StoreConfig,
+    pub tls: Option<TlsConfig>,
+    /// How long in-flight requests may run after SIGTERM.
+    pub shutdown_grace: Duration,
 }
 
 /// Command-line values that override the file.
@@ -486,6 +509,7 @@ impl RawConfig {
                     idle_timeout: None,
                     failure_threshold: None,
                     probe_max_interval: None,
+                    ca_file: None,
                 },
             );
         }
@@ -580,6 +604,7 @@ impl RawConfig {
                 probe_max_interval: raw
                     .probe_max_interval
                     .map_or(Duration::from_secs(30), |d| d.0),
+                ca_file: raw.ca_file,
             });
         }
         for u in &upstreams {
@@ -621,7 +646,7 @@ impl RawConfig {
                 Some(ConfigStoreConfig {
                     kind: cs.kind,
                     url: cs.url.0,
-                    key: cs.key.trim_start_matches('/').to_owned(),
+                    key: cs.key.clone(),
                     poll_interval: cs.poll_interval.map_or(Duration::from_secs(5), |d| d.0),
                     timeout: cs.timeout.map_or(Duration::from_secs(2), |d| d.0),
                 })
@@ -656,6 +681,11 @@ impl RawConfig {
             log_format: o.log_format.or(self.log.format).unwrap_or_default(),
             config_store,
             store,
+            tls: self.tls.map(|t| TlsConfig {
+                cert: t.cert,
+                key: t.key,
+            }),
+            shutdown_grace: self.shutdown_grace.map_or(Duration::from_secs(30), |d| d.0),
         })
     }
 }

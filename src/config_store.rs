@@ -197,7 +197,11 @@ async fn read_consul(
     index: u64,
 ) -> anyhow::Result<Read> {
     let b64 = base64::engine::general_purpose::STANDARD;
-    let mut url = format!("{}/v1/kv/{}", cs.url.as_str().trim_end_matches('/'), cs.key);
+    let mut url = format!(
+        "{}/v1/kv/{}",
+        cs.url.as_str().trim_end_matches('/'),
+        cs.key.trim_start_matches('/')
+    );
     if index > 0 {
         url = format!(
             "{url}?index={index}&wait={}ms",

@@ -16,5 +16,6 @@ pub mod metrics;
 pub mod reference;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod upstream;
 pub mod verify;

@@ -93,6 +93,8 @@ pub struct App {
     pub cache: Arc<Cache>,
     pub metrics: Arc<Metrics>,
     routing: RwLock<Arc<Routing>>,
+    /// The listener's certificate, when serving HTTPS.
+    pub tls: Option<Arc<crate::tls::CertReloader>>,
 }
 
 impl App {
@@ -110,11 +112,16 @@ impl App {
             config.max_manifest_size,
             Arc::clone(&metrics),
         ));
+        let tls = match &config.tls {
+            Some(t) => Some(Arc::new(crate::tls::CertReloader::new(&t.cert, &t.key)?)),
+            None => None,
+        };
         let routing = Routing::build(config, &metrics, None)?;
         Ok(Arc::new(App {
             cache,
             metrics,
             routing: RwLock::new(Arc::new(routing)),
+            tls,
         }))
     }
 
@@ -133,6 +140,14 @@ impl App {
         }
         if config.listen != old.listen {
             tracing::warn!(new = %config.listen, "listen changed: takes effect at the next restart");
+        }
+        if let Some(tls) = &self.tls {
+            if let Err(e) = tls.reload() {
+                tracing::error!(error = %e, "cannot reload the TLS certificate; the one in force stays");
+            }
+        }
+        if config.tls.is_some() != self.tls.is_some() {
+            tracing::warn!("tls turned on or off: takes effect at the next restart");
         }
         if config.config_store != old.config_store {
             tracing::warn!("config_store changed: takes effect at the next restart");
@@ -230,6 +245,10 @@ pub async fn run(
     grace: Duration,
 ) -> anyhow::Result<()> {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let acceptor = match &app.tls {
+        Some(reloader) => Some(crate::tls::acceptor(Arc::clone(reloader))?),
+        None => None,
+    };
     let upkeep = tokio::spawn(Arc::clone(&app).maintain());
     tokio::pin!(shutdown);
     loop {
@@ -245,16 +264,33 @@ pub async fn run(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let app = Arc::clone(&app);
-                let service = service_fn(move |req| crate::api::handle(Arc::clone(&app), peer, req));
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
+                let app2 = Arc::clone(&app);
+                let service = service_fn(move |req| crate::api::handle(Arc::clone(&app2), peer, req));
+                let mut http = hyper::server::conn::http1::Builder::new();
+                http.timer(TokioTimer::new())
                     .header_read_timeout(Duration::from_secs(30))
-                    .keep_alive(true)
-                    .serve_connection(TokioIo::new(stream), service);
-                let conn = graceful.watch(conn);
+                    .keep_alive(true);
+                let watcher = graceful.watcher();
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                    let result = match acceptor {
+                        None => watcher.watch(http.serve_connection(TokioIo::new(stream), service)).await,
+                        Some(acceptor) => {
+                            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                                Ok(Ok(s)) => s,
+                                Ok(Err(e)) => {
+                                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::debug!(%peer, "TLS handshake timed out");
+                                    return;
+                                }
+                            };
+                            watcher.watch(http.serve_connection(TokioIo::new(tls), service)).await
+                        }
+                    };
+                    if let Err(e) = result {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
                 });

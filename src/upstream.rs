@@ -212,13 +212,33 @@ impl Upstream {
     pub fn new(
         config: UpstreamConfig,
         metrics: Arc<Metrics>,
-    ) -> Result<Arc<Upstream>, reqwest::Error> {
-        let client = reqwest::Client::builder()
+    ) -> Result<Arc<Upstream>, UpstreamError> {
+        let mut builder = reqwest::Client::builder();
+        if let Some(path) = &config.ca_file {
+            let pem = std::fs::read(path).map_err(|e| UpstreamError::Invalid {
+                upstream: config.name.clone(),
+                detail: format!("cannot read ca_file {}: {e}", path.display()),
+            })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                UpstreamError::Invalid {
+                    upstream: config.name.clone(),
+                    detail: format!("invalid PEM in ca_file {}: {e}", path.display()),
+                }
+            })?;
+            for c in certs {
+                builder = builder.add_root_certificate(c);
+            }
+        }
+        let client = builder
             .connect_timeout(config.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(60))
             .user_agent(concat!("regcache/", env!("CARGO_PKG_VERSION")))
             .redirect(reqwest::redirect::Policy::limited(10))
-            .build()?;
+            .build()
+            .map_err(|e| UpstreamError::Invalid {
+                upstream: config.name.clone(),
+                detail: format!("cannot build the HTTP client: {e}"),
+            })?;
         metrics
             .upstream_up
             .get_or_create(&Metrics::upstream(&config.name))

@@ -4,6 +4,7 @@ mod clients;
 mod config_store;
 mod durability;
 mod faults;
+mod ops;
 mod outage;
 mod pull;
 mod support;

@@ -1,0 +1,349 @@
+//! Running it like infrastructure: TLS with reload, health probes, socket activation, graceful
+//! SIGTERM, JSON logs, and the systemd unit.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::support::fake::FakeUpstream;
+use crate::support::process::{free_port, Process};
+use crate::support::registry::http_get;
+
+fn openssl(args: &[&str], dir: &Path) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl (Debian package openssl)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA and a server certificate for 127.0.0.1/localhost signed by it, with serial `serial`.
+fn make_certs(dir: &Path, serial: &str) {
+    if !dir.join("ca.key").exists() {
+        openssl(
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=regcache test CA",
+            ],
+            dir,
+        );
+    }
+    openssl(
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+        dir,
+    );
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .expect("ext");
+    openssl(
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-set_serial",
+            serial,
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            "server.crt",
+        ],
+        dir,
+    );
+}
+
+/// The serial of the certificate a TLS server presents now.
+fn served_serial(addr: SocketAddr) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl s_client -connect {addr} -servername localhost </dev/null 2>/dev/null | openssl x509 -noout -serial"
+        ))
+        .output()
+        .expect("openssl s_client");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn tls_listener_serves_https_and_reloads_its_certificate_on_sighup() {
+    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
+    let dir = work.path();
+    make_certs(dir, "0x1001");
+    let config = dir.join("rc.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[upstreams.docker]\nurl = \"http://127.0.0.1:9\"\n",
+            dir.join("data").display(),
+            dir.join("server.crt").display(),
+            dir.join("server.key").display()
+        ),
+    )
+    .expect("config");
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    // Process::start waits on plain-HTTP /readyz, which a TLS listener does not answer: poll
+    // with the health command instead.
+    let log = dir.join("rc.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_regcache"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .args(["--listen", &addr.to_string()])
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("spawn regcache");
+    let health = |extra: &[&str]| {
+        let mut args = vec!["health", "--url"];
+        let url = format!("https://{addr}");
+        args.push(&url);
+        args.extend_from_slice(extra);
+        Process::run_to_end(&args)
+    };
+    let t = Instant::now();
+    while !health(&["--insecure"]).status.success() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "not ready: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Without --insecure the test CA is unknown to the health command: refused.
+    assert!(
+        !health(&[]).status.success(),
+        "an untrusted certificate must fail the probe"
+    );
+    // A client that trusts the CA talks HTTPS.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(dir.join("ca.crt")).expect("ca"))
+        .expect("ca pem");
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .add_root_certificate(ca)
+        .build()
+        .expect("client");
+    let status = rt
+        .block_on(client.get(format!("https://{addr}/v2/")).send())
+        .expect("GET /v2/ over TLS")
+        .status();
+    assert_eq!(status, 200);
+    assert_eq!(served_serial(addr), "serial=1001");
+
+    make_certs(dir, "0x2002");
+    Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .expect("kill -HUP");
+    let t = Instant::now();
+    while served_serial(addr) != "serial=2002" {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "certificate not reloaded: {}",
+            served_serial(addr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn health_command_exits_0_when_ready_and_1_when_not() {
+    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
+    let config = work.path().join("rc.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\n[upstreams.docker]\nurl = \"http://127.0.0.1:9\"\n",
+            work.path().join("d").display()
+        ),
+    )
+    .expect("config");
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut rc = Process::start(&config, addr, &work.path().join("log"));
+    let cfg = config.display().to_string();
+    let listen = addr.to_string();
+    let ok = Process::run_to_end(&["health", "--config", &cfg, "--listen", &listen]);
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("\"ready\":true"));
+    rc.kill9();
+    let down = Process::run_to_end(&[
+        "health",
+        "--url",
+        &format!("http://{addr}"),
+        "--timeout",
+        "2s",
+    ]);
+    assert_eq!(
+        down.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+}
+
+#[test]
+fn socket_activation_serves_on_the_inherited_listener() {
+    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let other = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut child = Command::new("systemd-socket-activate")
+        .args([
+            "-l",
+            &addr.to_string(),
+            env!("CARGO_BIN_EXE_regcache"),
+            "serve",
+        ])
+        .args(["--listen", &other.to_string()])
+        .arg("--data-dir")
+        .arg(work.path().join("d"))
+        .args(["--upstream", "http://127.0.0.1:9"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("systemd-socket-activate (Debian package systemd)");
+    // The first connection starts regcache, which accepts it on the passed socket.
+    let t = Instant::now();
+    let resp = loop {
+        if let Some(r) = http_get(addr, "/v2/", &[]) {
+            break r;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no answer on the activated socket"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(resp.status, 200);
+    assert!(
+        http_get(other, "/v2/", &[]).is_none(),
+        "the configured listen address must not be bound"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_an_in_flight_download_finish_then_exits_0_and_logs_json() {
+    let fake = FakeUpstream::start().await;
+    let layer = Bytes::from(vec![7u8; 4 << 20]);
+    let (_, digest) = fake.add_image("app/slow", "v1", layer);
+    fake.set_slow_blobs(256 << 10, Duration::from_millis(100)); // about 1.6 s
+    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
+    let config = work.path().join("rc.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\nshutdown_grace = \"20s\"\n[log]\nformat = \"json\"\n[upstreams.docker]\nurl = \"{}\"\n",
+            work.path().join("d").display(),
+            fake.url()
+        ),
+    )
+    .expect("config");
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let log = work.path().join("log");
+    let mut rc = tokio::task::block_in_place(|| Process::start(&config, addr, &log));
+    let c = crate::support::regcache::client();
+    let mut resp = c
+        .get(format!("http://{addr}/v2/app/slow/blobs/{digest}"))
+        .send()
+        .await
+        .expect("GET slow blob");
+    assert_eq!(resp.status(), 200);
+    let first = resp
+        .chunk()
+        .await
+        .expect("first chunk")
+        .expect("some bytes");
+    rc.signal("TERM");
+    let mut n = first.len();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .expect("the in-flight body must complete")
+    {
+        n += chunk.len();
+    }
+    assert_eq!(n, 4 << 20);
+    let code = tokio::task::block_in_place(|| rc.wait_exit(Duration::from_secs(25)));
+    assert_eq!(code, Some(0), "{}", rc.log_text());
+    let text = rc.log_text();
+    let request_line = text
+        .lines()
+        .find(|l| l.contains("\"path\":\"/v2/app/slow/blobs/"))
+        .unwrap_or_else(|| panic!("no JSON access log line for the blob:\n{text}"));
+    let v: serde_json::Value = serde_json::from_str(request_line).expect("JSON log line");
+    assert_eq!(v["fields"]["status"], 200, "{v}");
+    assert_eq!(v["fields"]["cache"], "miss", "{v}");
+    assert!(
+        !text.contains("Bearer ") && !text.to_lowercase().contains("authorization: "),
+        "no secrets in logs"
+    );
+}
+
+#[test]
+fn systemd_unit_and_socket_pass_systemd_analyze_verify() {
+    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/systemd");
+    for unit in ["regcache.service", "regcache.socket"] {
+        // Point ExecStart at the binary under test: verify checks that it exists.
+        let text = std::fs::read_to_string(root.join(unit))
+            .expect("unit file")
+            .replace("/usr/local/bin/regcache", env!("CARGO_BIN_EXE_regcache"));
+        std::fs::write(work.path().join(unit), text).expect("copy unit");
+    }
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(work.path().join("regcache.service"))
+        .arg(work.path().join("regcache.socket"))
+        .output()
+        .expect("systemd-analyze (Debian package systemd)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let relevant: Vec<&str> = stderr.lines().filter(|l| l.contains("regcache")).collect();
+    assert!(
+        out.status.success() && relevant.is_empty(),
+        "systemd-analyze verify: {stderr}"
+    );
+}
