@@ -372,7 +372,8 @@ pub fn pin(args: PinArgs) -> ExitCode {
     }
 }
 
-fn urlencode(s: &str) -> String {
+/// Percent-encodes a query value.
+pub fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {

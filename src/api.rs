@@ -437,6 +437,9 @@ pub struct LogInfo {
     pub route: &'static str,
 }
 
+/// Response header naming the cache outcome (`hit`, `miss`, `stale`, …).
+pub const CACHE_HEADER: &str = "x-regcache-cache";
+
 /// Path prefix of the operator endpoints (gc, verify, pins): loopback clients only.
 pub const ADMIN_PREFIX: &str = "/_regcache/";
 
@@ -566,10 +569,15 @@ pub async fn handle(
     } else {
         route_request(&app, &req, &mut info).await
     };
-    let resp = match result {
+    let mut resp = match result {
         Ok(r) => r,
         Err(e) => e.into_response(head),
     };
+    if let Some(o) = info.outcome {
+        // How the cache answered: lets `regcache prefetch` (and operators) see hits.
+        resp.headers_mut()
+            .insert(CACHE_HEADER, HeaderValue::from_static(o.as_str()));
+    }
     let bytes = resp
         .headers()
         .get(header::CONTENT_LENGTH)

@@ -40,6 +40,8 @@ pub enum Command {
     Pin(crate::admin::PinArgs),
     /// Ask a running regcache whether it is ready (for probes): exit 0 if so, 1 if not.
     Health(HealthArgs),
+    /// Warm a running regcache with images (arguments, a list file, Dockerfiles).
+    Prefetch(crate::prefetch::PrefetchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -171,6 +173,7 @@ pub fn main(cli: Cli) -> ExitCode {
         }
         Command::Gc(args) => crate::admin::gc(args),
         Command::Health(args) => health(args),
+        Command::Prefetch(args) => crate::prefetch::run(args),
         Command::Verify(args) => crate::admin::verify(args),
         Command::Pin(args) => crate::admin::pin(args),
         Command::CheckConfig(args) => match args.config.load(args.file.as_ref()) {

@@ -783,7 +783,7 @@ mod tests {
         assert_eq!(c.upstreams.len(), 2);
         assert_eq!(
             c.config_store.as_ref().map(|s| s.key.as_str()),
-            Some("regcache")
+            Some("/regcache")
         );
         let e = Config::parse_layered(
             local,

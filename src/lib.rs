@@ -13,6 +13,7 @@ pub mod config;
 pub mod config_store;
 pub mod evict;
 pub mod metrics;
+pub mod prefetch;
 pub mod reference;
 pub mod server;
 pub mod store;

@@ -322,9 +322,22 @@ impl ImageRef {
             }
             None => (rest, None),
         };
-        if name.is_empty() {
-            return Err(ParseError::Name(truncate(s)));
-        }
+        // The name: an optional registry host, then a repository name.
+        let repo = match name.split_once('/') {
+            Some((first, rest))
+                if first.contains('.') || first.contains(':') || first == "localhost" =>
+            {
+                let host_ok = first
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'.' || c == b'-' || c == b':');
+                if !host_ok {
+                    return Err(ParseError::Name(truncate(s)));
+                }
+                rest
+            }
+            _ => name,
+        };
+        repo.parse::<RepoName>()?;
         let tag = match (&tag, &digest) {
             (None, None) => Some(Tag("latest".into())),
             _ => tag,

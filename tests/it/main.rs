@@ -6,5 +6,6 @@ mod durability;
 mod faults;
 mod ops;
 mod outage;
+mod prefetch;
 mod pull;
 mod support;

@@ -1,0 +1,975 @@
+//! `regcache prefetch`: warms a running regcache with the images a build or a machine will pull.
+//!
+//! It talks to the server over HTTP like any client, so the server fills its own cache with its own
+//! upstream credentials. Blobs stream through the prefetcher (over loopback, discarded as they
+//! arrive): the server's normal pull path fetches, verifies and commits them, and the prefetcher
+//! sees real progress. A blob the server already holds is only `HEAD`ed (the server answers
+//! `x-regcache-cache: hit`), so a second run moves almost no bytes.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::cli::{ConfigArgs, EXIT_FAILURE, EXIT_USAGE};
+use crate::reference::{Digest, ImageRef};
+
+/// Exit code when Ctrl-C stopped the run.
+pub const EXIT_INTERRUPTED: u8 = 130;
+
+const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+
+#[derive(Debug, Args)]
+pub struct PrefetchArgs {
+    /// Images as a user would type them: alpine, alpine:3.20, ghcr.io/org/app:1.2, name@sha256:…
+    pub images: Vec<String>,
+    /// A file with one image per line (`#` comments and blank lines ignored).
+    #[arg(short = 'f', long = "file")]
+    pub files: Vec<PathBuf>,
+    /// Every FROM (and COPY --from) image of a Dockerfile; repeatable.
+    #[arg(long = "dockerfile")]
+    pub dockerfiles: Vec<PathBuf>,
+    /// A build argument for Dockerfiles (K=V); repeatable.
+    #[arg(long = "build-arg")]
+    pub build_args: Vec<String>,
+    /// Platform to fetch from multi-platform images (os/arch[/variant]); repeatable.
+    /// Default: this machine's.
+    #[arg(long = "platform")]
+    pub platforms: Vec<String>,
+    /// Fetch every platform of multi-platform images.
+    #[arg(long)]
+    pub all_platforms: bool,
+    /// Pin the prefetched images against eviction (the server must be on loopback).
+    #[arg(long)]
+    pub pin: bool,
+    /// Blobs fetched at once.
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: usize,
+    /// Print what would be fetched, fetch nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print a machine-readable summary on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// The regcache to fill (default: the configured listen address).
+    #[arg(long)]
+    pub server: Option<String>,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+}
+
+/// A platform as `os/arch[/variant]`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Platform {
+    pub os: String,
+    pub arch: String,
+    pub variant: Option<String>,
+}
+
+impl Platform {
+    pub fn parse(s: &str) -> Result<Platform, String> {
+        let parts: Vec<&str> = s.trim().split('/').collect();
+        let ok = |p: &str| {
+            !p.is_empty()
+                && p.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
+        };
+        match parts.as_slice() {
+            [os, arch] if ok(os) && ok(arch) => Ok(Platform {
+                os: os.to_ascii_lowercase(),
+                arch: arch.to_ascii_lowercase(),
+                variant: None,
+            }),
+            [os, arch, v] if ok(os) && ok(arch) && ok(v) => Ok(Platform {
+                os: os.to_ascii_lowercase(),
+                arch: arch.to_ascii_lowercase(),
+                variant: Some(v.to_ascii_lowercase()),
+            }),
+            _ => Err(format!(
+                "invalid platform {s:?} (expected os/arch[/variant], e.g. linux/arm64)"
+            )),
+        }
+    }
+
+    /// This machine's platform, in OCI terms.
+    pub fn host() -> Platform {
+        let arch = match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            "x86" => "386",
+            "powerpc64" => "ppc64le",
+            other => other,
+        };
+        Platform {
+            os: "linux".into(),
+            arch: arch.into(),
+            variant: None,
+        }
+    }
+
+    fn matches(&self, v: &serde_json::Value) -> bool {
+        let s = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("");
+        s("os") == self.os
+            && s("architecture") == self.arch
+            && self
+                .variant
+                .as_deref()
+                .is_none_or(|want| s("variant") == want)
+    }
+}
+
+impl std::fmt::Display for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.os, self.arch)?;
+        if let Some(v) = &self.variant {
+            write!(f, "/{v}")?;
+        }
+        Ok(())
+    }
+}
+
+/// An image found in a Dockerfile, with the platform its FROM asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DockerfileImage {
+    pub image: String,
+    pub platform: Option<String>,
+    pub line: usize,
+}
+
+/// Substitutes `$VAR`, `${VAR}`, `${VAR:-default}` and `${VAR:+alt}` from `vars`.
+fn substitute(s: &str, vars: &HashMap<String, String>) -> String {
+    let mut out = String::new();
+    let chars: Vec<char> = s.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        if chars[i] != '$' || i + 1 >= chars.len() {
+            out.push(chars[i]);
+            i += 1;
+            continue;
+        }
+        if chars[i + 1] == '{' {
+            let Some(close) = chars[i + 2..].iter().position(|c| *c == '}') else {
+                out.extend(&chars[i..]);
+                break;
+            };
+            let inner: String = chars[i + 2..i + 2 + close].iter().collect();
+            let value = if let Some((name, default)) = inner.split_once(":-") {
+                vars.get(name)
+                    .filter(|v| !v.is_empty())
+                    .cloned()
+                    .unwrap_or_else(|| default.to_owned())
+            } else if let Some((name, alt)) = inner.split_once(":+") {
+                if vars.get(name).is_some_and(|v| !v.is_empty()) {
+                    alt.to_owned()
+                } else {
+                    String::new()
+                }
+            } else {
+                vars.get(&inner).cloned().unwrap_or_default()
+            };
+            out.push_str(&value);
+            i += close + 3;
+        } else {
+            let name: String = chars[i + 1..]
+                .iter()
+                .take_while(|c| c.is_ascii_alphanumeric() || **c == '_')
+                .collect();
+            if name.is_empty() {
+                out.push('$');
+                i += 1;
+            } else {
+                out.push_str(vars.get(&name).map_or("", String::as_str));
+                i += 1 + name.len();
+            }
+        }
+    }
+    out
+}
+
+fn unquote(s: &str) -> &str {
+    let s = s.trim();
+    if s.len() >= 2
+        && ((s.starts_with('"') && s.ends_with('"')) || (s.starts_with('\'') && s.ends_with('\'')))
+    {
+        &s[1..s.len() - 1]
+    } else {
+        s
+    }
+}
+
+/// Every image a Dockerfile pulls: FROM images (with `--platform`) and `COPY --from` images,
+/// with global `ARG` defaults and `build_args` substituted; stage names and `scratch` skipped.
+pub fn parse_dockerfile(
+    text: &str,
+    build_args: &HashMap<String, String>,
+) -> Result<Vec<DockerfileImage>, String> {
+    // Parser directives come first: only `escape` matters here.
+    let mut escape = '\\';
+    for line in text.lines() {
+        let t = line.trim();
+        let Some(directive) = t.strip_prefix('#') else {
+            break;
+        };
+        let Some((k, v)) = directive.split_once('=') else {
+            break;
+        };
+        let k = k.trim().to_ascii_lowercase();
+        if k == "escape" {
+            escape = v.trim().chars().next().unwrap_or('\\');
+        } else if k != "syntax" && k != "check" {
+            break;
+        }
+    }
+    // Logical lines: continuations joined, comment lines dropped.
+    let mut logical: Vec<(usize, String)> = Vec::new();
+    let mut current: Option<(usize, String)> = None;
+    for (n, raw) in text.lines().enumerate() {
+        let line = raw.trim_end_matches('\r');
+        let trimmed = line.trim_start();
+        if trimmed.starts_with('#') {
+            continue;
+        }
+        if current.is_some() && trimmed.is_empty() {
+            continue;
+        }
+        let body = line.trim_end();
+        let (body, continues) = match body.strip_suffix(escape) {
+            Some(b) => (b, true),
+            None => (body, false),
+        };
+        let entry = current.get_or_insert_with(|| (n + 1, String::new()));
+        if !entry.1.is_empty() {
+            entry.1.push(' ');
+        }
+        entry.1.push_str(body.trim());
+        if !continues {
+            if let Some(done) = current.take() {
+                logical.push(done);
+            }
+        }
+    }
+    if let Some(done) = current.take() {
+        logical.push(done);
+    }
+
+    let mut globals: HashMap<String, String> = HashMap::new();
+    let mut seen_from = false;
+    let mut stages: Vec<String> = Vec::new();
+    let mut out = Vec::new();
+    let mut push = |image: String,
+                    platform: Option<String>,
+                    line: usize,
+                    stages: &[String]|
+     -> Result<(), String> {
+        let lower = image.to_ascii_lowercase();
+        if lower == "scratch" || stages.iter().any(|s| *s == lower) {
+            return Ok(());
+        }
+        if image.is_empty() {
+            return Err(format!(
+                "line {line}: the image is empty after substituting ARGs"
+            ));
+        }
+        ImageRef::parse(&image).map_err(|e| format!("line {line}: {e}"))?;
+        out.push(DockerfileImage {
+            image,
+            platform,
+            line,
+        });
+        Ok(())
+    };
+    for (line, text) in logical {
+        let text = text.trim();
+        if text.is_empty() {
+            continue;
+        }
+        let (instr, rest) = text.split_once(char::is_whitespace).unwrap_or((text, ""));
+        match instr.to_ascii_uppercase().as_str() {
+            "ARG" if !seen_from => {
+                for decl in rest.split_whitespace() {
+                    let (name, default) = match decl.split_once('=') {
+                        Some((n, d)) => (n, Some(unquote(d).to_owned())),
+                        None => (decl, None),
+                    };
+                    let value = build_args.get(name).cloned().or(default);
+                    if let Some(v) = value {
+                        let v = substitute(&v, &globals);
+                        globals.insert(name.to_owned(), v);
+                    }
+                }
+            }
+            "FROM" => {
+                seen_from = true;
+                let mut platform = None;
+                let mut words = Vec::new();
+                for w in rest.split_whitespace() {
+                    if let Some(p) = w.strip_prefix("--platform=") {
+                        platform = Some(p.to_owned());
+                    } else if w.starts_with("--") {
+                        continue;
+                    } else {
+                        words.push(w);
+                    }
+                }
+                let Some(image) = words.first() else {
+                    return Err(format!("line {line}: FROM without an image"));
+                };
+                let image = substitute(image, &globals);
+                // Platform args are set by the builder: they mean "the default platform".
+                let platform = platform
+                    .map(|p| substitute(&p, &globals))
+                    .filter(|p| !p.is_empty() && !p.contains('$'));
+                push(image, platform, line, &stages)?;
+                if words.len() >= 3 && words[1].eq_ignore_ascii_case("as") {
+                    stages.push(words[2].to_ascii_lowercase());
+                }
+            }
+            "COPY" | "ADD" => {
+                for w in rest.split_whitespace() {
+                    if let Some(from) = w.strip_prefix("--from=") {
+                        let from = substitute(from, &globals);
+                        if from.parse::<usize>().is_err() {
+                            push(from, None, line, &stages)?;
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// One image to prefetch.
+#[derive(Debug, Clone)]
+struct Job {
+    reference: ImageRef,
+    shown: String,
+    platforms: Vec<Platform>,
+}
+
+/// What happened to one image.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+struct Outcome {
+    image: String,
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    digest: Option<String>,
+    platforms: Vec<String>,
+    blobs: u64,
+    bytes: u64,
+    fetched_bytes: u64,
+    already_cached: bool,
+}
+
+struct Ctx {
+    client: reqwest::Client,
+    server: String,
+    blob_slots: tokio::sync::Semaphore,
+    multi: indicatif::MultiProgress,
+    overall: indicatif::ProgressBar,
+    terminal: bool,
+}
+
+fn usage_error(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("regcache prefetch: {msg}");
+    ExitCode::from(EXIT_USAGE)
+}
+
+/// Builds the job list; every error here is a usage error, before anything is fetched.
+fn jobs(args: &PrefetchArgs) -> Result<Vec<Job>, String> {
+    let default_platforms: Vec<Platform> = if args.platforms.is_empty() {
+        vec![Platform::host()]
+    } else {
+        args.platforms
+            .iter()
+            .map(|p| Platform::parse(p))
+            .collect::<Result<_, _>>()?
+    };
+    let mut build_args = HashMap::new();
+    for kv in &args.build_args {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| format!("--build-arg {kv:?} is not K=V"))?;
+        build_args.insert(k.to_owned(), v.to_owned());
+    }
+    let mut wanted: Vec<(String, Option<String>, String)> = Vec::new();
+    for i in &args.images {
+        wanted.push((i.clone(), None, format!("argument {i:?}")));
+    }
+    for f in &args.files {
+        let text =
+            std::fs::read_to_string(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
+        for (n, line) in text.lines().enumerate() {
+            let line = line.split('#').next().unwrap_or("").trim();
+            if !line.is_empty() {
+                wanted.push((line.to_owned(), None, format!("{}:{}", f.display(), n + 1)));
+            }
+        }
+    }
+    for d in &args.dockerfiles {
+        let text =
+            std::fs::read_to_string(d).map_err(|e| format!("cannot read {}: {e}", d.display()))?;
+        for img in
+            parse_dockerfile(&text, &build_args).map_err(|e| format!("{}: {e}", d.display()))?
+        {
+            wanted.push((
+                img.image,
+                img.platform,
+                format!("{}:{}", d.display(), img.line),
+            ));
+        }
+    }
+    if wanted.is_empty() {
+        return Err("no images given (IMAGE..., -f FILE or --dockerfile PATH)".into());
+    }
+    let mut out: Vec<Job> = Vec::new();
+    for (text, platform, origin) in wanted {
+        let reference = ImageRef::parse(&text).map_err(|e| format!("{origin}: {e}"))?;
+        let platforms = match platform {
+            Some(p) => vec![Platform::parse(&p).map_err(|e| format!("{origin}: {e}"))?],
+            None => default_platforms.clone(),
+        };
+        let shown = reference.to_string();
+        if let Some(existing) = out.iter_mut().find(|j| j.shown == shown) {
+            for p in platforms {
+                if !existing.platforms.contains(&p) {
+                    existing.platforms.push(p);
+                }
+            }
+        } else {
+            out.push(Job {
+                reference,
+                shown,
+                platforms,
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn is_index(media_type: &str, v: &serde_json::Value) -> bool {
+    media_type.contains("index")
+        || media_type.contains("manifest.list")
+        || v.get("manifests").is_some()
+}
+
+async fn get_manifest(
+    ctx: &Ctx,
+    name: &str,
+    reference: &str,
+) -> anyhow::Result<(String, serde_json::Value, String)> {
+    let url = format!("{}/v2/{name}/manifests/{reference}", ctx.server);
+    let resp = ctx.client.get(&url).header("accept", ACCEPT).send().await?;
+    let status = resp.status();
+    let media_type = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let digest = resp
+        .headers()
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let body = resp.bytes().await?;
+    if !status.is_success() {
+        anyhow::bail!("{name}:{reference}: {status}: {}", error_message(&body));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&body)?;
+    Ok((media_type, v, digest))
+}
+
+fn error_message(body: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| {
+            let e = &v["errors"][0];
+            Some(format!(
+                "{} {}",
+                e["code"].as_str()?,
+                e["message"].as_str().unwrap_or("")
+            ))
+        })
+        .unwrap_or_else(|| String::from_utf8_lossy(body).chars().take(200).collect())
+}
+
+/// Makes sure the server holds one blob; returns (size, bytes moved).
+async fn fetch_blob(
+    ctx: &Ctx,
+    name: &str,
+    digest: &str,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<(u64, u64)> {
+    let url = format!("{}/v2/{name}/blobs/{digest}", ctx.server);
+    let head = ctx.client.head(&url).send().await?;
+    if !head.status().is_success() {
+        anyhow::bail!("blob {digest}: {}", head.status());
+    }
+    let size = head.content_length().unwrap_or(0);
+    let hit = head
+        .headers()
+        .get(crate::api::CACHE_HEADER)
+        .is_some_and(|v| v.as_bytes() == b"hit");
+    if hit {
+        bar.inc(size);
+        ctx.overall.inc(size);
+        return Ok((size, 0));
+    }
+    let _slot = ctx.blob_slots.acquire().await?;
+    let mut resp = ctx.client.get(&url).send().await?;
+    if !resp.status().is_success() {
+        anyhow::bail!("blob {digest}: {}", resp.status());
+    }
+    let expected = resp.content_length().unwrap_or(size);
+    let mut got = 0u64;
+    while let Some(chunk) = resp.chunk().await? {
+        got += chunk.len() as u64;
+        bar.inc(chunk.len() as u64);
+        ctx.overall.inc(chunk.len() as u64);
+    }
+    if got != expected {
+        anyhow::bail!("blob {digest}: got {got} of {expected} bytes");
+    }
+    Ok((expected, got))
+}
+
+/// Config and layers of an image manifest (foreign layers with `urls` are not the cache's).
+fn image_blobs(v: &serde_json::Value) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    if let Some(c) = v.get("config") {
+        if let Some(d) = c.get("digest").and_then(|d| d.as_str()) {
+            out.push((
+                d.to_owned(),
+                c.get("size").and_then(|s| s.as_u64()).unwrap_or(0),
+            ));
+        }
+    }
+    for l in v
+        .get("layers")
+        .and_then(|l| l.as_array())
+        .into_iter()
+        .flatten()
+    {
+        if l.get("urls").is_some() {
+            continue;
+        }
+        if let Some(d) = l.get("digest").and_then(|d| d.as_str()) {
+            out.push((
+                d.to_owned(),
+                l.get("size").and_then(|s| s.as_u64()).unwrap_or(0),
+            ));
+        }
+    }
+    out
+}
+
+async fn prefetch_one(ctx: Arc<Ctx>, job: Job, all_platforms: bool, pin: bool) -> Outcome {
+    let mut o = Outcome {
+        image: job.shown.clone(),
+        ..Default::default()
+    };
+    match prefetch_inner(&ctx, &job, all_platforms, pin, &mut o).await {
+        Ok(()) => {
+            o.status = "cached";
+            o.already_cached = o.fetched_bytes == 0;
+        }
+        Err(e) => {
+            o.status = "failed";
+            o.reason = Some(format!("{e:#}"));
+        }
+    }
+    o
+}
+
+async fn prefetch_inner(
+    ctx: &Ctx,
+    job: &Job,
+    all_platforms: bool,
+    pin: bool,
+    o: &mut Outcome,
+) -> anyhow::Result<()> {
+    let name = &job.reference.name;
+    let reference = job.reference.reference().to_string();
+    let (media_type, top, digest) = get_manifest(ctx, name, &reference).await?;
+    o.digest = Some(digest);
+    let mut manifests: Vec<serde_json::Value> = Vec::new();
+    if is_index(&media_type, &top) {
+        let children = top
+            .get("manifests")
+            .and_then(|m| m.as_array())
+            .cloned()
+            .unwrap_or_default();
+        let chosen: Vec<&serde_json::Value> = children
+            .iter()
+            .filter(|c| {
+                let p = c.get("platform").cloned().unwrap_or_default();
+                // Attestation manifests (unknown/unknown) are not images to run.
+                p.get("os").and_then(|x| x.as_str()) != Some("unknown")
+                    && (all_platforms || job.platforms.iter().any(|want| want.matches(&p)))
+            })
+            .collect();
+        if chosen.is_empty() {
+            let has: Vec<String> = children
+                .iter()
+                .filter_map(|c| {
+                    let p = c.get("platform")?;
+                    Some(format!(
+                        "{}/{}",
+                        p.get("os")?.as_str()?,
+                        p.get("architecture")?.as_str()?
+                    ))
+                })
+                .collect();
+            let want: Vec<String> = job.platforms.iter().map(Platform::to_string).collect();
+            anyhow::bail!(
+                "no manifest for {} (the index has {})",
+                want.join(", "),
+                has.join(", ")
+            );
+        }
+        for c in chosen {
+            let d = c.get("digest").and_then(|d| d.as_str()).unwrap_or("");
+            d.parse::<Digest>()
+                .map_err(|e| anyhow::anyhow!("index child: {e}"))?;
+            if let Some(p) = c.get("platform") {
+                o.platforms.push(format!(
+                    "{}/{}",
+                    p.get("os").and_then(|x| x.as_str()).unwrap_or("?"),
+                    p.get("architecture")
+                        .and_then(|x| x.as_str())
+                        .unwrap_or("?")
+                ));
+            }
+            let (_, child, _) = get_manifest(ctx, name, d).await?;
+            manifests.push(child);
+        }
+    } else {
+        manifests.push(top);
+    }
+    let blobs: Vec<(String, u64)> = manifests.iter().flat_map(image_blobs).collect();
+    let total: u64 = blobs.iter().map(|(_, s)| s).sum();
+    ctx.overall.inc_length(total);
+    let bar = ctx.multi.add(indicatif::ProgressBar::new(total));
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg:30!} {bar:30} {binary_bytes:>10}/{binary_total_bytes:10} {binary_bytes_per_sec:>12} eta {eta}",
+    ) {
+        bar.set_style(style);
+    }
+    bar.set_message(job.shown.clone());
+    let results =
+        futures_util::future::join_all(blobs.iter().map(|(d, _)| fetch_blob(ctx, name, d, &bar)))
+            .await;
+    bar.finish_and_clear();
+    for r in results {
+        let (size, moved) = r?;
+        o.blobs += 1;
+        o.bytes += size;
+        o.fetched_bytes += moved;
+    }
+    if pin {
+        let url = format!(
+            "{}/_regcache/pins?image={}",
+            ctx.server,
+            crate::admin::urlencode(&job.shown)
+        );
+        let resp = ctx.client.post(&url).send().await?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let body = resp.bytes().await.unwrap_or_default();
+            anyhow::bail!("pinning failed: {status}: {}", error_message(&body));
+        }
+    }
+    Ok(())
+}
+
+fn line_for(o: &Outcome) -> String {
+    match o.status {
+        "cached" if o.already_cached => format!(
+            "cached  {} ({} blobs, {}, already cached)",
+            o.image,
+            o.blobs,
+            indicatif::HumanBytes(o.bytes)
+        ),
+        "cached" => format!(
+            "cached  {} ({} blobs, {}, {} fetched)",
+            o.image,
+            o.blobs,
+            indicatif::HumanBytes(o.bytes),
+            indicatif::HumanBytes(o.fetched_bytes)
+        ),
+        _ => format!(
+            "FAILED  {}: {}",
+            o.image,
+            o.reason.as_deref().unwrap_or("unknown error")
+        ),
+    }
+}
+
+pub fn run(args: PrefetchArgs) -> ExitCode {
+    let jobs = match jobs(&args) {
+        Ok(j) => j,
+        Err(e) => return usage_error(e),
+    };
+    if args.concurrency == 0 {
+        return usage_error("--concurrency must be at least 1");
+    }
+    let server = match &args.server {
+        Some(s) => s.trim_end_matches('/').to_owned(),
+        None => match args.config.load(None) {
+            Ok(c) => format!(
+                "{}://{}",
+                if c.tls.is_some() { "https" } else { "http" },
+                c.listen
+            ),
+            Err(e) => return usage_error(e),
+        },
+    };
+    if args.dry_run {
+        for j in &jobs {
+            let platforms = if args.all_platforms {
+                "all platforms".to_owned()
+            } else {
+                j.platforms
+                    .iter()
+                    .map(Platform::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "image": j.shown, "platforms": platforms, "server": server })
+                );
+            } else {
+                println!(
+                    "would fetch {} ({platforms}) through {server}{}",
+                    j.shown,
+                    if args.pin { ", and pin it" } else { "" }
+                );
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("regcache prefetch: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let multi = indicatif::MultiProgress::with_draw_target(if terminal {
+        indicatif::ProgressDrawTarget::stderr()
+    } else {
+        indicatif::ProgressDrawTarget::hidden()
+    });
+    let overall = multi.add(indicatif::ProgressBar::new(0));
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{prefix:30!} {bar:30} {binary_bytes:>10}/{binary_total_bytes:10} {binary_bytes_per_sec:>12} eta {eta}",
+    ) {
+        overall.set_style(style);
+    }
+    overall.set_prefix("total");
+    let loopback = reqwest::Url::parse(&server)
+        .ok()
+        .and_then(|u| {
+            u.host_str().map(|h| {
+                h == "localhost"
+                    || h.parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            })
+        })
+        .unwrap_or(false);
+    let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
+    if loopback {
+        builder = builder.no_proxy();
+    }
+    let client = match builder.build() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("regcache prefetch: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let ctx = Arc::new(Ctx {
+        client,
+        server,
+        blob_slots: tokio::sync::Semaphore::new(args.concurrency),
+        multi,
+        overall,
+        terminal,
+    });
+    let all_platforms = args.all_platforms;
+    let pin = args.pin;
+    let work = {
+        let ctx = Arc::clone(&ctx);
+        async move {
+            let image_slots = Arc::new(tokio::sync::Semaphore::new(args.concurrency));
+            let mut tasks = Vec::new();
+            for job in jobs {
+                let (ctx, slots) = (Arc::clone(&ctx), Arc::clone(&image_slots));
+                tasks.push(tokio::spawn(async move {
+                    let _slot = slots.acquire().await;
+                    let o = prefetch_one(Arc::clone(&ctx), job, all_platforms, pin).await;
+                    let line = line_for(&o);
+                    if ctx.terminal {
+                        let _ = ctx.multi.println(line);
+                    } else {
+                        eprintln!("{line}");
+                    }
+                    o
+                }));
+            }
+            let mut outcomes = Vec::new();
+            for t in tasks {
+                match t.await {
+                    Ok(o) => outcomes.push(o),
+                    Err(e) => outcomes.push(Outcome {
+                        image: "?".into(),
+                        status: "failed",
+                        reason: Some(e.to_string()),
+                        ..Default::default()
+                    }),
+                }
+            }
+            outcomes
+        }
+    };
+    let outcomes = rt.block_on(async {
+        tokio::select! {
+            o = work => Some(o),
+            _ = tokio::signal::ctrl_c() => None,
+        }
+    });
+    ctx.overall.finish_and_clear();
+    let Some(outcomes) = outcomes else {
+        eprintln!("regcache prefetch: interrupted");
+        return ExitCode::from(EXIT_INTERRUPTED);
+    };
+    let failed = outcomes.iter().filter(|o| o.status != "cached").count();
+    let all_cached = outcomes.iter().all(|o| o.already_cached);
+    if args.json {
+        let summary = serde_json::json!({
+            "ok": failed == 0,
+            "images": outcomes,
+            "fetched_bytes": outcomes.iter().map(|o| o.fetched_bytes).sum::<u64>(),
+        });
+        println!("{summary}");
+    }
+    if failed > 0 {
+        eprintln!(
+            "regcache prefetch: {failed} of {} images failed:",
+            outcomes.len()
+        );
+        for o in outcomes.iter().filter(|o| o.status != "cached") {
+            eprintln!("  {}: {}", o.image, o.reason.as_deref().unwrap_or(""));
+        }
+        ExitCode::from(EXIT_FAILURE)
+    } else {
+        if all_cached {
+            eprintln!(
+                "regcache prefetch: all {} images were already cached",
+                outcomes.len()
+            );
+        } else {
+            eprintln!("regcache prefetch: {} images cached", outcomes.len());
+        }
+        ExitCode::SUCCESS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn images(text: &str, args: &[(&str, &str)]) -> Vec<(String, Option<String>)> {
+        let a = args
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        parse_dockerfile(text, &a)
+            .expect("parses")
+            .into_iter()
+            .map(|i| (i.image, i.platform))
+            .collect()
+    }
+
+    #[test]
+    fn dockerfile_args_stages_scratch_and_platform() {
+        let text = r#"
+# syntax=docker/dockerfile:1
+ARG BASE=alpine
+ARG VERSION="3.20"
+ARG GO
+FROM golang:${GO:-1.22} AS build
+RUN echo hi \
+    && echo there
+FROM --platform=linux/arm64 $BASE:${VERSION} as runtime
+COPY --from=build /out /out
+COPY --from=busybox:1.36 /bin/busybox /bin/
+FROM scratch
+FROM runtime
+FROM Build
+"#;
+        assert_eq!(
+            images(text, &[]),
+            vec![
+                ("golang:1.22".to_string(), None),
+                ("alpine:3.20".to_string(), Some("linux/arm64".to_string())),
+                ("busybox:1.36".to_string(), None),
+            ]
+        );
+        let with_args = images(text, &[("VERSION", "3.19"), ("GO", "1.21")]);
+        assert_eq!(with_args[0].0, "golang:1.21");
+        assert_eq!(with_args[1].0, "alpine:3.19");
+    }
+
+    #[test]
+    fn dockerfile_continuations_comments_and_escape_directive() {
+        let text = "# escape=`\nFROM `\n  --platform=$BUILDPLATFORM `\n  # a comment inside\n  debian:12 `\n  AS base\nFROM base\n";
+        assert_eq!(images(text, &[]), vec![("debian:12".to_string(), None)]);
+        let text = "FROM \\\n  --platform=linux/amd64 \\\n  ubuntu:24.04\n";
+        assert_eq!(
+            images(text, &[]),
+            vec![("ubuntu:24.04".to_string(), Some("linux/amd64".to_string()))]
+        );
+    }
+
+    #[test]
+    fn dockerfile_errors_name_the_line() {
+        let e = parse_dockerfile("FROM\n", &HashMap::new()).expect_err("no image");
+        assert!(e.contains("line 1"), "{e}");
+        let e = parse_dockerfile("ARG X\nFROM $X\n", &HashMap::new()).expect_err("empty image");
+        assert!(e.contains("line 2") && e.contains("empty"), "{e}");
+        let e = parse_dockerfile("FROM Bad Name\n", &HashMap::new()).expect_err("bad reference");
+        assert!(e.contains("line 1"), "{e}");
+        // A stage name that was never defined is an image to pull.
+        assert_eq!(
+            images("FROM unknownstage\n", &[]),
+            vec![("unknownstage".to_string(), None)]
+        );
+    }
+
+    #[test]
+    fn platforms_parse_and_match() {
+        let p = Platform::parse("linux/arm64/v8").expect("platform");
+        assert_eq!(p.to_string(), "linux/arm64/v8");
+        assert!(Platform::parse("linux").is_err());
+        assert!(Platform::parse("linux/../x").is_err());
+        let v = serde_json::json!({"os": "linux", "architecture": "arm64", "variant": "v8"});
+        assert!(p.matches(&v));
+        assert!(Platform::parse("linux/arm64").expect("p").matches(&v));
+        assert!(!Platform::parse("linux/amd64").expect("p").matches(&v));
+    }
+}
