@@ -265,7 +265,7 @@ pub fn parse_dockerfile(
                     stages: &[String]|
      -> Result<(), String> {
         let lower = image.to_ascii_lowercase();
-        if lower == "scratch" || stages.iter().any(|s| *s == lower) {
+        if lower == "scratch" || stages.contains(&lower) {
             return Ok(());
         }
         if image.is_empty() {

@@ -1,18 +1,23 @@
 //! The real clients regcache is for, end to end: dockerd (`registry-mirrors`), containerd's `ctr`
 //! (`hosts.toml`, `?ns=docker.io`) and podman (`registries.conf` mirror, with and without a path
 //! prefix), against a real upstream (docker-registry) — and the same pulls with the upstream
-//! black-holed once the cache is warm.
+//! black-holed once the cache is warm — and dockerd through regcache over TLS, trusting it only by a
+//! CA in its (private) `/etc/docker/certs.d`.
 //!
 //! Every client runs with a dead proxy for anything off loopback (see `support::clients`), so a
 //! client's fallback to Docker Hub cannot succeed; each pull is also checked against regcache's own
 //! metrics (requests it answered 200, bytes it served) and, where the client says so, its log.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::support::clients::{registries_conf, Containerd, Dockerd, Podman};
+use crate::support::clients::{
+    describe, registries_conf, require, run, Containerd, Dockerd, Podman,
+};
 use crate::support::process::metric;
 use crate::support::regcache::{config_for, Regcache};
 use crate::support::registry::{http_get, Registry, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX};
@@ -441,4 +446,227 @@ fn dockerd_and_podman_pull_warmed_images_from_regcache_while_upstream_is_black_h
         took < Duration::from_secs(90),
         "the pulls during the outage took {took:?}"
     );
+}
+
+/// A CA (`ca.crt`) and a server certificate signed by it (`server.crt`, `server.key`) for `::1`,
+/// `127.0.0.1` and `localhost`, written to `dir`.
+fn make_certs(dir: &Path) {
+    let openssl = require("openssl", "openssl");
+    let ossl = |args: &[&str]| {
+        let mut cmd = Command::new(&openssl);
+        cmd.args(args).current_dir(dir);
+        let out = run(cmd, Duration::from_secs(30));
+        assert!(
+            out.status.success(),
+            "{}",
+            describe(&format!("openssl {}", args.join(" ")), &out)
+        );
+    };
+    ossl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=regcache clients test CA",
+    ]);
+    ossl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:::1,IP:127.0.0.1,DNS:localhost\n",
+    )
+    .expect("write ext.cnf");
+    ossl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-set_serial",
+        "0x5005",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "server.crt",
+    ]);
+}
+
+/// A plain TCP relay from `[::1]:PORT` to `to` (the in-process regcache listens on 127.0.0.1 only,
+/// which dockerd never verifies TLS for); TLS stays end to end between the client and regcache.
+/// Counts the connections it relayed.
+struct Ipv6Front {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    accepted: Arc<AtomicUsize>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Ipv6Front {
+    fn start(to: SocketAddr) -> Ipv6Front {
+        let listener = TcpListener::bind((Ipv6Addr::LOCALHOST, 0))
+            .expect("bind [::1]:0 (this test needs IPv6 on loopback)");
+        let addr = listener.local_addr().expect("local addr");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (stop2, accepted2) = (Arc::clone(&stop), Arc::clone(&accepted));
+        let thread = std::thread::spawn(move || {
+            fn pipe(mut from: TcpStream, mut to: TcpStream) {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                });
+            }
+            while !stop2.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        accepted2.fetch_add(1, Ordering::Relaxed);
+                        let _ = client.set_nonblocking(false);
+                        let Ok(server) = TcpStream::connect(to) else {
+                            continue;
+                        };
+                        if let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) {
+                            pipe(client, s2);
+                            pipe(server, c2);
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        Ipv6Front {
+            addr,
+            stop,
+            accepted,
+            thread: Some(thread),
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Ipv6Front {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What Go's TLS client says about a certificate from a CA it does not trust.
+const UNKNOWN_AUTHORITY: &str = "certificate signed by unknown authority";
+
+#[test]
+fn dockerd_pulls_through_an_https_mirror_trusting_a_ca_in_certs_d() {
+    let started = Instant::now();
+    let upstream = Registry::start_seeded();
+    let busybox = upstream_digest(&upstream, "library/busybox", "latest", DOCKER_MANIFEST);
+    let certs = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("certs dir");
+    make_certs(certs.path());
+    let rc = Regcache::start(&config_for(
+        &upstream.url(),
+        "",
+        &format!(
+            "[tls]\ncert = \"{}\"\nkey = \"{}\"",
+            certs.path().join("server.crt").display(),
+            certs.path().join("server.key").display()
+        ),
+    ));
+    // dockerd treats every 127.0.0.0/8 registry as insecure (certificate unchecked, certs.d unread):
+    // the mirror is at [::1]:PORT, which it verifies like any other host.
+    let front = Ipv6Front::start(rc.addr());
+    let mirror = front.addr.to_string();
+    assert!(mirror.starts_with("[::1]:"), "{mirror}");
+
+    // Without the CA: dockerd reaches the mirror, rejects its certificate, falls back to Docker Hub
+    // and dies on the dead proxy.
+    {
+        let docker = Dockerd::start_https(&mirror, None);
+        let before = served(&rc);
+        let out = docker.docker(&["pull", "busybox"]);
+        let after = served(&rc);
+        let log = docker.log_text();
+        assert!(
+            !out.status.success(),
+            "docker pull busybox succeeded with an untrusted mirror certificate:\n{}\n--- dockerd log ---\n{log}",
+            describe("docker pull busybox", &out)
+        );
+        assert!(
+            log.lines()
+                .any(|l| l.contains(&mirror) && l.contains(UNKNOWN_AUTHORITY)),
+            "dockerd logged no `{UNKNOWN_AUTHORITY}` for the mirror {mirror}:\n{log}"
+        );
+        assert!(
+            log.contains(DOCKERD_FALLBACK),
+            "dockerd did not give up on the mirror:\n{log}"
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("127.0.0.1:9"),
+            "the pull should have failed on the dead proxy, after the mirror:\n{}",
+            describe("docker pull busybox", &out)
+        );
+        assert!(
+            front.accepted() >= 1,
+            "dockerd never connected to the mirror:\n{log}"
+        );
+        assert!(
+            after.manifests == before.manifests && after.blobs == before.blobs,
+            "regcache served a pull it should never have seen (before {before:?}, after {after:?})"
+        );
+    }
+
+    // With the CA in its private /etc/docker/certs.d/[::1]:PORT/ca.crt: pulled from the mirror.
+    let docker = Dockerd::start_https(&mirror, Some(&certs.path().join("ca.crt")));
+    assert_mirror_served(&rc, "docker pull busybox over TLS", 1.0, 2.0, || {
+        let out = docker.docker_ok(&["pull", "busybox"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("docker.io/library/busybox:latest"),
+            "docker pull busybox: {text}"
+        );
+    });
+    assert_eq!(
+        docker.inspect("busybox", "{{index .RepoDigests 0}}"),
+        format!("busybox@{busybox}"),
+        "dockerd's busybox is not the upstream's"
+    );
+    let log = docker.log_text();
+    assert!(
+        !log.contains(DOCKERD_FALLBACK) && !log.contains(UNKNOWN_AUTHORITY),
+        "dockerd did not use the mirror cleanly:\n{log}"
+    );
+    assert!(
+        upstream
+            .access_log()
+            .contains("/v2/library/busybox/manifests/latest"),
+        "regcache never fetched busybox from the upstream"
+    );
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(60), "the test took {took:?}");
 }

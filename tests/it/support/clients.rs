@@ -7,7 +7,9 @@
 //!   registry dies on this machine: a pull that succeeds came from the mirror.
 //! - The daemons run in a private mount namespace with a fresh tmpfs on `/run` (`unshare --mount`):
 //!   dockerd cannot find a system containerd at `/run/containerd`, and what they create there
-//!   (`/run/docker/plugins`, ...) vanishes with them. Their sockets are in their temp dirs.
+//!   (`/run/docker/plugins`, ...) vanishes with them. Their sockets are in their temp dirs. dockerd
+//!   also gets a private `/etc/docker` (a dir of its own bind-mounted there), whose `certs.d` holds
+//!   only the CA a test gives it.
 //! - Daemons are stopped on drop (SIGTERM, then SIGKILL), by process id.
 //! - Every client command runs with a timeout, so a hanging pull fails the test instead of hanging it.
 //!
@@ -69,18 +71,36 @@ pub fn command(program: &Path) -> Command {
     cmd
 }
 
-/// `program` run inside a private mount namespace with a fresh tmpfs on `/run`, killed if the test
-/// process dies before it could stop it (`setpriv --pdeathsig`; unshare, setpriv and sh all exec, so
-/// the daemon keeps the child's process id).
-fn in_private_run(program: &Path) -> Command {
+/// `program` run inside a private mount namespace with a fresh tmpfs on `/run` and, given
+/// `etc_docker`, that directory bind-mounted over `/etc/docker` (so the daemon reads its own
+/// `/etc/docker/certs.d`, and nobody else sees it); killed if the test process dies before it could
+/// stop it (`setpriv --pdeathsig`; unshare, setpriv and sh all exec, so the daemon keeps the child's
+/// process id).
+fn in_private_run(program: &Path, etc_docker: Option<&Path>) -> Command {
     let unshare = require("unshare", "util-linux");
     let setpriv = require("setpriv", "util-linux");
     let mut cmd = command(&unshare);
     cmd.args(["--mount", "--propagation", "private", "--"])
         .arg(setpriv)
-        .args(["--pdeathsig", "KILL", "--", "sh", "-c"])
-        .arg(r#"mount -n -t tmpfs -o mode=755 regcache-test-run /run && exec "$0" "$@""#)
-        .arg(program);
+        .args(["--pdeathsig", "KILL", "--", "sh", "-c"]);
+    const RUN: &str = "mount -n -t tmpfs -o mode=755 regcache-test-run /run";
+    match etc_docker {
+        None => {
+            cmd.arg(format!(r#"{RUN} && exec "$0" "$@""#)).arg(program);
+        }
+        Some(dir) => {
+            // the mount point must exist (the docker.io package ships it); it is never written
+            assert!(
+                Path::new("/etc/docker").is_dir(),
+                "/etc/docker is missing (Debian package docker.io); run `bash tests/setup-deps.sh` (as root)"
+            );
+            cmd.arg(format!(
+                r#"{RUN} && mount -n --bind "$1" /etc/docker && shift && exec "$0" "$@""#
+            ))
+            .arg(program)
+            .arg(dir);
+        }
+    }
     cmd
 }
 
@@ -300,7 +320,7 @@ impl Containerd {
                 opt = d.join("opt").display(),
             ),
         );
-        let mut cmd = in_private_run(&containerd);
+        let mut cmd = in_private_run(&containerd, None);
         cmd.arg("--config").arg(&config);
         let mut daemon = Daemon::spawn("containerd", cmd, d.join("containerd.log"));
         let probe = || {
@@ -360,8 +380,8 @@ impl Containerd {
     }
 }
 
-/// A private `dockerd` using `registry-mirrors` = `http://MIRROR`, vfs storage, no bridge, no
-/// iptables, on a private [`Containerd`].
+/// A private `dockerd` using one `registry-mirrors` entry, vfs storage, no bridge, no iptables, on a
+/// private [`Containerd`], with a private `/etc/docker` (empty but for the `certs.d` it is given).
 pub struct Dockerd {
     daemon: Daemon,
     containerd: Containerd,
@@ -371,19 +391,42 @@ pub struct Dockerd {
 }
 
 impl Dockerd {
-    /// Starts dockerd with `mirror` (`127.0.0.1:PORT`) as its registry mirror and waits until it
-    /// answers on its socket.
+    /// Starts dockerd with `http://MIRROR` (`127.0.0.1:PORT`) as its registry mirror (and MIRROR in
+    /// `insecure-registries`) and waits until it answers on its socket.
     pub fn start(mirror: &str) -> Dockerd {
+        Dockerd::start_with(&format!("http://{mirror}"), Some(mirror), None)
+    }
+
+    /// Starts dockerd with `https://MIRROR` as its registry mirror, no `insecure-registries` entry,
+    /// and, given `ca`, that CA as `/etc/docker/certs.d/MIRROR/ca.crt` in its mount namespace only.
+    ///
+    /// dockerd always treats 127.0.0.0/8 as insecure (TLS unverified, `certs.d` unread), so a mirror
+    /// whose certificate should be checked must be elsewhere, e.g. `[::1]:PORT`.
+    pub fn start_https(mirror: &str, ca: Option<&Path>) -> Dockerd {
+        Dockerd::start_with(
+            &format!("https://{mirror}"),
+            None,
+            ca.map(|ca| (mirror, ca)),
+        )
+    }
+
+    fn start_with(mirror_url: &str, insecure: Option<&str>, ca: Option<(&str, &Path)>) -> Dockerd {
         let dockerd = require("dockerd", "docker.io");
         let cli = require(DOCKER_CLI, "docker.io");
         let containerd = Containerd::start();
         let dir = state_dir("dckd-");
         let d = dir.path();
         let sock = socket_path(d, "d.sock");
+        let etc_docker = d.join("etc-docker");
+        fs::create_dir_all(etc_docker.join("certs.d")).expect("create the private /etc/docker");
+        if let Some((host, ca)) = ca {
+            let pem = fs::read_to_string(ca)
+                .unwrap_or_else(|e| panic!("cannot read {}: {e}", ca.display()));
+            write(&etc_docker.join("certs.d").join(host).join("ca.crt"), &pem);
+        }
         let config = d.join("daemon.json");
-        let daemon_json = serde_json::json!({
-            "registry-mirrors": [format!("http://{mirror}")],
-            "insecure-registries": [mirror],
+        let mut daemon_json = serde_json::json!({
+            "registry-mirrors": [mirror_url],
             "storage-driver": "vfs",
             "iptables": false,
             "ip-masq": false,
@@ -391,9 +434,12 @@ impl Dockerd {
             // dockerd 20.10 writes its trust key to /etc/docker/key.json unless told otherwise
             "deprecated-key-path": d.join("key.json"),
         });
+        if let Some(insecure) = insecure {
+            daemon_json["insecure-registries"] = serde_json::json!([insecure]);
+        }
         write(&config, &daemon_json.to_string());
         fs::create_dir_all(d.join("cli")).expect("create the docker CLI config dir");
-        let mut cmd = in_private_run(&dockerd);
+        let mut cmd = in_private_run(&dockerd, Some(&etc_docker));
         cmd.arg("--config-file")
             .arg(&config)
             .arg("--containerd")
