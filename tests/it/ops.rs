@@ -347,3 +347,63 @@ fn systemd_unit_and_socket_pass_systemd_analyze_verify() {
         "systemd-analyze verify: {stderr}"
     );
 }
+
+/// The `content: |` block of `path` in a cloud-init document (6-space indented lines).
+fn cloud_init_file(doc: &str, path: &str) -> String {
+    let mut lines = doc
+        .lines()
+        .skip_while(|l| !l.trim_end().ends_with(&format!("path: {path}")));
+    lines
+        .next()
+        .unwrap_or_else(|| panic!("{path} is not in the cloud-init document"));
+    let mut lines = lines.skip_while(|l| !l.trim().starts_with("content: |"));
+    lines
+        .next()
+        .unwrap_or_else(|| panic!("{path} has no content block"));
+    let mut out = String::new();
+    for l in lines {
+        if !l.is_empty() && !l.starts_with("      ") {
+            break;
+        }
+        out.push_str(l.get(6..).unwrap_or(""));
+        out.push('\n');
+    }
+    out
+}
+
+#[test]
+fn cloud_init_installs_the_same_unit_and_a_valid_config() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc =
+        std::fs::read_to_string(root.join("deploy/cloud-init/regcache.yaml")).expect("cloud-init");
+    let unit = std::fs::read_to_string(root.join("deploy/systemd/regcache.service")).expect("unit");
+    assert_eq!(
+        cloud_init_file(&doc, "/etc/systemd/system/regcache.service").trim_end(),
+        unit.trim_end(),
+        "the cloud-init unit must be deploy/systemd/regcache.service"
+    );
+    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
+    let config = work.path().join("config.toml");
+    std::fs::write(&config, cloud_init_file(&doc, "/etc/regcache/config.toml")).expect("config");
+    let out = Process::run_to_end(&["check-config", &config.display().to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list = cloud_init_file(&doc, "/etc/regcache/prefetch.txt");
+    std::fs::write(work.path().join("list"), list).expect("list");
+    let out = Process::run_to_end(&[
+        "prefetch",
+        "--dry-run",
+        "-f",
+        &work.path().join("list").display().to_string(),
+        "--server",
+        "http://127.0.0.1:9",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
