@@ -3,6 +3,11 @@
 //! Paths are parsed here into [`RepoName`], [`Reference`] and [`Digest`] values, and requests are
 //! routed to an upstream by `?ns=` (containerd), a leading host segment (podman mirrors with a
 //! path), or else the default upstream. Every error leaves as OCI error JSON.
+//!
+//! Access control is applied here before anything else: the request target's length
+//! (`limits.max_uri_length`), the client address (`access.allow`), Basic credentials
+//! (`access.htpasswd`), and, once a request is routed, the upstream's `allow_repos` and
+//! `deny_repos`, so that a refused repository never reaches the cache or the upstream.
 
 use std::convert::Infallible;
 use std::io;
@@ -24,7 +29,7 @@ use crate::upstream::UpstreamError;
 
 pub type Body = BoxBody<Bytes, io::Error>;
 
-/// Largest `n` accepted on tag and catalog listings.
+/// Largest `n` accepted on tag and catalog listings by default (`limits.max_page`).
 pub const MAX_PAGE: usize = 10_000;
 
 /// An error answered to a client as OCI error JSON.
@@ -34,6 +39,8 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub retry_after: Option<String>,
+    /// Ask for Basic credentials (`WWW-Authenticate`), with a 401.
+    pub challenge: bool,
 }
 
 impl ApiError {
@@ -43,6 +50,7 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after: None,
+            challenge: false,
         }
     }
 
@@ -76,6 +84,12 @@ impl ApiError {
         }
         if self.status == StatusCode::METHOD_NOT_ALLOWED {
             h.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        }
+        if self.challenge {
+            h.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"regcache\""),
+            );
         }
         resp
     }
@@ -112,6 +126,10 @@ fn cache_error(e: CacheError, object: Object) -> ApiError {
             tracing::error!(error = %e, "upstream sent content that failed verification");
             ApiError::new(StatusCode::BAD_GATEWAY, "UNKNOWN", e.to_string())
         }
+        CacheError::Busy(msg) => ApiError {
+            retry_after: Some("5".into()),
+            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", msg.clone())
+        },
         CacheError::Store(_) | CacheError::Internal(_) => {
             tracing::error!(error = %e, "internal error");
             ApiError::new(
@@ -165,6 +183,7 @@ fn upstream_error(u: &UpstreamError, object: Object) -> ApiError {
             )
         },
         UpstreamError::Invalid { .. } => {
+            tracing::warn!(error = %u, "refused an invalid upstream response");
             ApiError::new(StatusCode::BAD_GATEWAY, "UNKNOWN", u.to_string())
         }
         // Unreachable, timed out, 5xx, anything else: the upstream is unavailable. Never a 404,
@@ -196,7 +215,8 @@ fn channel_body(rx: mpsc::Receiver<BodyChunk>) -> Body {
 }
 
 /// The parsed shape of a `/v2/…` path.
-enum Endpoint<'a> {
+#[derive(Debug, PartialEq, Eq)]
+pub enum Endpoint<'a> {
     Base,
     Catalog,
     Manifest(&'a str, &'a str),
@@ -208,7 +228,7 @@ enum Endpoint<'a> {
 }
 
 impl Endpoint<'_> {
-    fn label(&self) -> &'static str {
+    pub fn label(&self) -> &'static str {
         match self {
             Endpoint::Base => "base",
             Endpoint::Catalog => "catalog",
@@ -294,7 +314,9 @@ fn plain(
     r
 }
 
-fn parse_path(path: &str) -> Endpoint<'_> {
+/// Splits a request path into its endpoint and the raw name, reference and digest segments (not
+/// yet validated).
+pub fn parse_path(path: &str) -> Endpoint<'_> {
     let Some(rest) = path.strip_prefix("/v2") else {
         return Endpoint::Unknown;
     };
@@ -327,15 +349,16 @@ fn parse_path(path: &str) -> Endpoint<'_> {
 }
 
 /// Query parameters regcache reads.
-#[derive(Default)]
-struct Query {
-    ns: Option<String>,
-    n: Option<String>,
-    last: Option<String>,
-    artifact_type: Option<String>,
+#[derive(Debug, Default)]
+pub struct Query {
+    pub ns: Option<String>,
+    pub n: Option<String>,
+    pub last: Option<String>,
+    pub artifact_type: Option<String>,
 }
 
-fn percent_decode(s: &str) -> Option<String> {
+/// Decodes `%XX` escapes and `+`; `None` for a bad escape or a result that is not UTF-8.
+pub fn percent_decode(s: &str) -> Option<String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -359,7 +382,8 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-fn parse_query(q: Option<&str>) -> Query {
+/// The parameters regcache reads from a query string (others, and undecodable values, ignored).
+pub fn parse_query(q: Option<&str>) -> Query {
     let mut out = Query::default();
     for pair in q.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -375,15 +399,16 @@ fn parse_query(q: Option<&str>) -> Query {
     out
 }
 
-fn parse_n(n: Option<&str>) -> Result<Option<usize>, ApiError> {
+/// The `n` of a listing: a number from 0 to `max` (`limits.max_page`).
+pub fn parse_n(n: Option<&str>, max: usize) -> Result<Option<usize>, ApiError> {
     match n {
         None => Ok(None),
         Some(s) => match s.parse::<usize>() {
-            Ok(n) if n <= MAX_PAGE => Ok(Some(n)),
+            Ok(n) if n <= max && s.bytes().all(|c| c.is_ascii_digit()) => Ok(Some(n)),
             _ => Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "PAGINATION_NUMBER_INVALID",
-                format!("n must be a number from 0 to {MAX_PAGE}"),
+                format!("n must be a number from 0 to {max} (limits.max_page)"),
             )),
         },
     }
@@ -562,12 +587,21 @@ pub async fn handle(
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let head = method == Method::HEAD;
-    let mut info = LogInfo::default();
-    let result = if path.starts_with(ADMIN_PREFIX) {
-        info.route = "admin";
-        admin(&app, peer, &req).await
-    } else {
-        route_request(&app, &req, &mut info).await
+    let mut info = LogInfo {
+        route: route_label(&path),
+        ..LogInfo::default()
+    };
+    let mut user = None;
+    let result = match check_access(&app, peer, &req, &mut user).await {
+        Err((e, limit)) => {
+            app.metrics
+                .limit_rejections
+                .get_or_create(&vec![("limit", limit.to_owned())])
+                .inc();
+            Err(e)
+        }
+        Ok(()) if path.starts_with(ADMIN_PREFIX) => admin(&app, peer, &req).await,
+        Ok(()) => route_request(&app, &req, &mut info).await,
     };
     let mut resp = match result {
         Ok(r) => r,
@@ -607,9 +641,89 @@ pub async fn handle(
         bytes = if head { 0 } else { bytes },
         ms = start.elapsed().as_secs_f64() * 1000.0,
         cache = info.outcome.map_or("-", Outcome::as_str),
+        user = user.as_deref().unwrap_or("-"),
         "request"
     );
     Ok(resp)
+}
+
+/// The `route` label of a path, for metrics, before the request is checked.
+fn route_label(path: &str) -> &'static str {
+    match path {
+        "/healthz" => "healthz",
+        "/readyz" => "readyz",
+        "/metrics" => "metrics",
+        p if p.starts_with(ADMIN_PREFIX) => "admin",
+        p => parse_path(p).label(),
+    }
+}
+
+/// The checks every request passes before it is looked at: the request target's length, the
+/// client's address, and (with `access.htpasswd`) its credentials, except on `/healthz` and
+/// `/readyz`. The error comes with the name of the limit, for the metrics.
+async fn check_access(
+    app: &Arc<App>,
+    peer: std::net::SocketAddr,
+    req: &Request<hyper::body::Incoming>,
+    user: &mut Option<String>,
+) -> Result<(), (ApiError, &'static str)> {
+    let routing = app.routing();
+    let limits = &routing.config.limits;
+    let access = &routing.config.access;
+    let target_len = req
+        .uri()
+        .path_and_query()
+        .map_or(req.uri().path().len(), |pq| pq.as_str().len());
+    if target_len > limits.max_uri_length {
+        return Err((
+            ApiError::new(
+                StatusCode::URI_TOO_LONG,
+                "UNSUPPORTED",
+                format!(
+                    "the request target is {target_len} bytes; the limit is {} (limits.max_uri_length)",
+                    limits.max_uri_length
+                ),
+            ),
+            "max_uri_length",
+        ));
+    }
+    if !crate::access::address_allowed(&access.allow, peer.ip()) {
+        return Err((
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                "DENIED",
+                format!("client address {} is not allowed (access.allow)", peer.ip()),
+            ),
+            "access_allow",
+        ));
+    }
+    let path = req.uri().path();
+    let open = matches!(path, "/healthz" | "/readyz") || path.starts_with(ADMIN_PREFIX);
+    if let (Some(htpasswd), false) = (&access.htpasswd, open) {
+        let given = req.headers().get(header::AUTHORIZATION);
+        match app
+            .auth
+            .check(htpasswd, given.map(HeaderValue::as_bytes))
+            .await
+        {
+            Some(u) => *user = Some(u),
+            None => {
+                let message = if given.is_some() {
+                    "wrong user name or password"
+                } else {
+                    "this mirror needs a user name and password"
+                };
+                return Err((
+                    ApiError {
+                        challenge: true,
+                        ..ApiError::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", message)
+                    },
+                    "auth",
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn route_request(
@@ -624,7 +738,6 @@ async fn route_request(
         return resp;
     }
     let endpoint = parse_path(path);
-    info.route = endpoint.label();
     if method != Method::GET && method != Method::HEAD {
         return Err(match endpoint {
             Endpoint::Unknown => ApiError::new(
@@ -797,7 +910,7 @@ fn json_response(
 }
 
 /// One page of a sorted list, after `last`, at most `n` long, and whether more follow.
-fn page(items: Vec<String>, n: Option<usize>, last: Option<&str>) -> (Vec<String>, bool) {
+pub fn page(items: Vec<String>, n: Option<usize>, last: Option<&str>) -> (Vec<String>, bool) {
     let mut items: Vec<String> = match last {
         Some(l) => items.into_iter().filter(|t| t.as_str() > l).collect(),
         None => items,
@@ -844,14 +957,15 @@ fn url_encode(s: &str) -> String {
 }
 
 fn catalog(app: &Arc<App>, q: &Query, head: bool) -> Result<Response<Body>, ApiError> {
-    let n = parse_n(q.n.as_deref())?;
     let routing = app.routing();
+    let n = parse_n(q.n.as_deref(), routing.config.limits.max_page)?;
     let mut names: Vec<String> = app
         .cache
         .store
         .repos()
         .map_err(|e| cache_error(e.into(), Object::Repository))?
         .into_iter()
+        .filter(|(u, r)| routing.repo_listed(u, r))
         .map(|(u, r)| routing.catalog_name(&u, &r))
         .collect();
     names.sort();
@@ -875,8 +989,9 @@ async fn tags(
     q: &Query,
     head: bool,
 ) -> Result<Response<Body>, ApiError> {
-    let route = app.route(name, q.ns.as_deref())?;
-    let n = parse_n(q.n.as_deref())?;
+    let routing = app.routing();
+    let route = routing.route(name, q.ns.as_deref())?;
+    let n = parse_n(q.n.as_deref(), routing.config.limits.max_page)?;
     let mut upstream_query = Vec::new();
     if let Some(n) = n {
         upstream_query.push(format!("n={n}"));
@@ -1056,7 +1171,35 @@ impl crate::server::Routing {
         if upstream.config.docker_hub_names {
             repo = repo.docker_hub_normalised();
         }
+        let c = &upstream.config;
+        if let Err(why) = crate::access::repo_allowed(&c.allow_repos, &c.deny_repos, repo.as_str())
+        {
+            let key = match why {
+                crate::access::RepoDenied::Denied(_) => "deny_repos",
+                crate::access::RepoDenied::NotAllowed => "allow_repos",
+            };
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "DENIED",
+                format!(
+                    "repository {repo} is not served by this mirror (upstreams.{}.{key})",
+                    c.name
+                ),
+            ));
+        }
         Ok(Route { upstream, repo })
+    }
+
+    /// Whether the catalog lists a cached repository: not when its upstream's `allow_repos` or
+    /// `deny_repos` now refuse it.
+    pub fn repo_listed(&self, upstream: &str, repo: &str) -> bool {
+        match self.upstreams().iter().find(|u| u.name() == upstream) {
+            Some(u) => {
+                crate::access::repo_allowed(&u.config.allow_repos, &u.config.deny_repos, repo)
+                    .is_ok()
+            }
+            None => true,
+        }
     }
 }
 
@@ -1151,8 +1294,11 @@ mod tests {
             (vec!["c".into(), "d".into()], false)
         );
         assert_eq!(page(items, None, Some("d")), (vec![], false));
-        assert!(parse_n(Some("x")).is_err());
-        assert!(parse_n(Some("100000")).is_err());
+        assert!(parse_n(Some("x"), MAX_PAGE).is_err());
+        assert!(parse_n(Some("100000"), MAX_PAGE).is_err());
+        assert!(parse_n(Some("+5"), MAX_PAGE).is_err());
+        assert_eq!(parse_n(Some("5"), 5).ok(), Some(Some(5)));
+        assert!(parse_n(Some("6"), 5).is_err());
     }
 
     #[test]

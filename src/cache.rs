@@ -25,6 +25,8 @@ use crate::upstream::{Upstream, UpstreamError};
 
 /// Size of the chunks read from files and sent to clients.
 pub const CHUNK: usize = 256 * 1024;
+/// Bytes gathered from the upstream before one write to the temporary file.
+const WRITE_BATCH: usize = 1 << 20;
 /// How many times a broken upstream blob stream is resumed with a `Range` request.
 const RESUME_ATTEMPTS: u32 = 3;
 
@@ -50,6 +52,9 @@ pub enum CacheError {
     },
     #[error("internal: {0}")]
     Internal(String),
+    /// A limit was reached (`limits.max_fills`): try again later.
+    #[error("busy: {0}")]
+    Busy(String),
 }
 
 impl From<StoreError> for CacheError {
@@ -214,6 +219,10 @@ pub struct Cache {
     max_manifest_size: std::sync::atomic::AtomicU64,
     manifests: Flights<Manifest>,
     fills: Mutex<HashMap<String, Arc<Fill>>>,
+    /// Bounds the blob fills running at once (`limits.max_fills`), and its size.
+    fill_slots: Mutex<(Arc<tokio::sync::Semaphore>, usize)>,
+    /// How long a new fill waits for a slot (`limits.fill_wait`), in milliseconds.
+    fill_wait_ms: std::sync::atomic::AtomicU64,
     pub metrics: Arc<Metrics>,
 }
 
@@ -284,7 +293,49 @@ impl Cache {
             max_manifest_size: std::sync::atomic::AtomicU64::new(max_manifest_size),
             manifests: Flights::new(),
             fills: Mutex::new(HashMap::new()),
+            fill_slots: Mutex::new((Arc::new(tokio::sync::Semaphore::new(64)), 64)),
+            fill_wait_ms: std::sync::atomic::AtomicU64::new(30_000),
             metrics,
+        }
+    }
+
+    /// Sets how many blob fills may run at once and how long a new one waits for a slot. A new
+    /// size takes effect for fills started from now on.
+    pub fn set_fill_limits(&self, max: usize, wait: Duration) {
+        let mut slots = self.fill_slots.lock().unwrap_or_else(|p| p.into_inner());
+        if slots.1 != max {
+            *slots = (Arc::new(tokio::sync::Semaphore::new(max)), max);
+        }
+        self.fill_wait_ms.store(
+            u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// A slot for one more blob fill, waiting at most `limits.fill_wait`.
+    async fn fill_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, CacheError> {
+        let (slots, max) = {
+            let s = self.fill_slots.lock().unwrap_or_else(|p| p.into_inner());
+            (Arc::clone(&s.0), s.1)
+        };
+        if let Ok(p) = Arc::clone(&slots).try_acquire_owned() {
+            return Ok(p);
+        }
+        let wait =
+            Duration::from_millis(self.fill_wait_ms.load(std::sync::atomic::Ordering::Relaxed));
+        match tokio::time::timeout(wait, slots.acquire_owned()).await {
+            Ok(Ok(p)) => Ok(p),
+            _ => {
+                self.metrics
+                    .limit_rejections
+                    .get_or_create(&vec![("limit", "max_fills".to_owned())])
+                    .inc();
+                Err(CacheError::Busy(format!(
+                    "{max} blob fills are already running (limits.max_fills); no slot freed up \
+                     within {}s",
+                    wait.as_secs_f64()
+                )))
+            }
         }
     }
 
@@ -298,17 +349,14 @@ impl Cache {
         d: &Digest,
         outcome: Outcome,
     ) -> Result<Option<Manifest>, CacheError> {
-        let Some(info) = self.store.manifest_info(d)? else {
-            return Ok(None);
-        };
-        let Some(bytes) = self.store.read_manifest(d)? else {
+        let Some((media_type, bytes)) = self.store.manifest(d)? else {
             return Ok(None);
         };
         self.store.touch(d);
         Ok(Some(Manifest {
             digest: d.clone(),
-            media_type: info.media_type,
-            bytes: Bytes::from(bytes),
+            media_type,
+            bytes,
             outcome,
             stale_reason: None,
         }))
@@ -507,6 +555,16 @@ impl Cache {
         want_body: bool,
     ) -> Result<Blob, CacheError> {
         let key = route.key();
+        if !want_body {
+            // HEAD of a stored blob: the database alone answers.
+            if let Some((size, true)) = self.store.lookup_blob(&key, d)? {
+                return Ok(Blob {
+                    size: Some(size),
+                    source: BlobSource::Empty,
+                    outcome: Outcome::Hit,
+                });
+            }
+        }
         if let Some((file, size)) = self.store.open_blob(d)? {
             let mut outcome = Outcome::Hit;
             if !self.store.is_linked(&key, d)? {
@@ -544,7 +602,10 @@ impl Cache {
         }
         let (fill, outcome) = match existing {
             Some(f) => (f, Outcome::Coalesced),
-            None => (self.start_fill(route, d, fill_key)?, Outcome::Miss),
+            None => {
+                let slot = self.fill_slot().await?;
+                self.start_fill(route, d, fill_key, slot)?
+            }
         };
         let size = fill.wait_started().await?;
         Ok(Blob {
@@ -558,16 +619,18 @@ impl Cache {
         })
     }
 
-    /// Starts (or joins, if one raced us) the fill of `d` for `route`.
+    /// Starts (or joins, if one raced us) the fill of `d` for `route`; the fill holds `slot`
+    /// until it ends.
     fn start_fill(
         self: &Arc<Self>,
         route: &Route,
         d: &Digest,
         fill_key: String,
-    ) -> Result<Arc<Fill>, CacheError> {
+        slot: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<(Arc<Fill>, Outcome), CacheError> {
         let mut fills = self.fills.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = fills.get(&fill_key) {
-            return Ok(Arc::clone(f));
+            return Ok((Arc::clone(f), Outcome::Coalesced));
         }
         let temp = self.store.temp_blob()?;
         let read = temp
@@ -586,6 +649,7 @@ impl Cache {
         let this = Arc::clone(self);
         let (route, d, fill2) = (route.clone(), d.clone(), Arc::clone(&fill));
         tokio::spawn(async move {
+            let _slot = slot;
             let started = std::time::Instant::now();
             let result = this.run_fill(&route, &d, temp, &tx, &fill2).await;
             let labels = Metrics::upstream(route.upstream.name());
@@ -602,6 +666,7 @@ impl Cache {
                         CacheError::SizeMismatch { .. } => "size",
                         CacheError::Store(_) => "store",
                         CacheError::Internal(_) => "internal",
+                        CacheError::Busy(_) => "busy",
                     };
                     this.metrics
                         .fills_failed
@@ -625,7 +690,7 @@ impl Cache {
                 }
             }
         });
-        Ok(fill)
+        Ok((fill, Outcome::Miss))
     }
 
     /// Downloads, hashes and commits one blob; returns its size.
@@ -644,8 +709,14 @@ impl Cache {
         let mut state = Some((temp, d.hasher()));
         let mut written: u64 = 0;
         let mut resumes = 0;
+        // A read that came back while batching, to handle first on the next turn.
+        let mut carry: Option<Result<Option<Bytes>, UpstreamError>> = None;
         loop {
-            let chunk = match up.next_chunk(&mut resp).await {
+            let next = match carry.take() {
+                Some(r) => r,
+                None => up.next_chunk(&mut resp).await,
+            };
+            let chunk = match next {
                 Ok(Some(c)) if c.is_empty() => continue,
                 Ok(Some(c)) => c,
                 Ok(None) if size.is_none_or(|s| written >= s) => break,
@@ -665,6 +736,36 @@ impl Cache {
                     })
                 }
                 Err(e) => return Err(e.into()),
+            };
+            // Whatever else has already arrived goes to disk in the same write (fewer trips to
+            // the blocking pool, fewer wake-ups of the readers).
+            let chunk = if chunk.len() < WRITE_BATCH {
+                let mut parts = vec![chunk];
+                let mut total = parts[0].len();
+                while total < WRITE_BATCH {
+                    match up.next_chunk(&mut resp).now_or_never() {
+                        Some(Ok(Some(c))) => {
+                            total += c.len();
+                            parts.push(c);
+                        }
+                        Some(other) => {
+                            carry = Some(other);
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                if parts.len() == 1 {
+                    parts.swap_remove(0)
+                } else {
+                    let mut buf = bytes::BytesMut::with_capacity(total);
+                    for p in parts {
+                        buf.extend_from_slice(&p);
+                    }
+                    buf.freeze()
+                }
+            } else {
+                chunk
             };
             if size.is_some_and(|s| written + chunk.len() as u64 > s) {
                 return Err(CacheError::SizeMismatch {
@@ -750,6 +851,9 @@ impl Cache {
             tracing::info!(digest = %d, size = written, "blob served without caching (disk full)");
             return Ok(written);
         }
+        // Verified: the clients may have their last byte now, while the commit (fsync, rename,
+        // database) proceeds; they read the file through descriptors the commit does not touch.
+        tx.send_replace(FillState::Done { size: written });
         let (store, key, d2) = (Arc::clone(&self.store), route.key(), d.clone());
         match blocking(move || store.commit_blob(temp, &d2, written, &key, None)).await {
             Ok(()) => self.store.set_full(false),
@@ -758,7 +862,9 @@ impl Cache {
                 self.store.set_full(true);
                 tracing::warn!(digest = %d, "disk full at commit: blob served without caching");
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                tracing::error!(digest = %d, error = %e, "cannot commit a verified blob: served without caching");
+            }
         }
         Ok(written)
     }
@@ -837,6 +943,28 @@ async fn read_at(file: File, offset: u64, len: usize) -> io::Result<(File, Bytes
     .map_err(io::Error::other)?
 }
 
+/// Reads the next `len` bytes of a file this stream owns (its own file position: the first read
+/// seeks to `offset`). Unlike [`read_at`], the buffer is not zeroed first.
+async fn read_next(mut file: File, offset: u64, len: usize) -> io::Result<(File, Bytes)> {
+    use std::io::{Read, Seek, SeekFrom};
+    tokio::task::spawn_blocking(move || {
+        if file.stream_position()? != offset {
+            file.seek(SeekFrom::Start(offset))?;
+        }
+        let mut buf = Vec::with_capacity(len);
+        (&mut file).take(len as u64).read_to_end(&mut buf)?;
+        if buf.len() < len {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "blob file is shorter than recorded",
+            ));
+        }
+        Ok((file, Bytes::from(buf)))
+    })
+    .await
+    .map_err(io::Error::other)?
+}
+
 pub type BodyChunk = Result<Bytes, io::Error>;
 
 /// Streams bytes `start..=end` of a committed file into a channel.
@@ -846,14 +974,14 @@ pub fn stream_file(
     start: u64,
     end: u64,
 ) -> mpsc::Receiver<BodyChunk> {
-    let (tx, rx) = mpsc::channel(4);
+    let (tx, rx) = mpsc::channel(2);
     tokio::spawn(async move {
         let _hold = hold;
         let mut file = file;
         let mut pos = start;
         while pos <= end {
             let len = CHUNK.min((end + 1 - pos) as usize);
-            match read_at(file, pos, len).await {
+            match read_next(file, pos, len).await {
                 Ok((f, chunk)) => {
                     file = f;
                     pos += chunk.len() as u64;
@@ -874,7 +1002,7 @@ pub fn stream_file(
 /// Streams bytes `start..=end` of a blob being filled, as they arrive. The last byte is sent only
 /// once the fill has verified and committed the blob; a failed fill ends the stream with an error.
 pub fn stream_fill(fill: Arc<Fill>, start: u64, end: u64) -> mpsc::Receiver<BodyChunk> {
-    let (tx, rx) = mpsc::channel(4);
+    let (tx, rx) = mpsc::channel(2);
     tokio::spawn(async move {
         let mut rx_state = fill.state.clone();
         let mut file = match fill.file.try_clone() {

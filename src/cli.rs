@@ -178,6 +178,9 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Pin(args) => crate::admin::pin(args),
         Command::CheckConfig(args) => match args.config.load(args.file.as_ref()) {
             Ok(c) => {
+                for w in &c.warnings {
+                    eprintln!("regcache: warning: {w}");
+                }
                 println!("config OK");
                 println!("listen = {}", c.listen);
                 println!("data_dir = {}", c.data_dir.display());

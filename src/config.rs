@@ -13,6 +13,8 @@ use std::time::Duration;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
+use crate::access::{AccessConfig, Cidr, Htpasswd, RepoPattern};
+
 /// Docker Hub's registry endpoint, the default upstream.
 pub const DOCKER_HUB_URL: &str = "https://registry-1.docker.io";
 /// Names under which clients refer to Docker Hub.
@@ -187,6 +189,64 @@ pub struct RawConfig {
     pub store: RawStore,
     pub tls: Option<RawTls>,
     pub shutdown_grace: Option<DurationValue>,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
+    pub access: RawAccess,
+}
+
+/// `[limits]`: bounds on what one client (or all of them) can make regcache do.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub max_connections: Option<usize>,
+    pub max_header_size: Option<ByteSize>,
+    pub max_uri_length: Option<ByteSize>,
+    pub header_read_timeout: Option<DurationValue>,
+    pub max_fills: Option<usize>,
+    pub fill_wait: Option<DurationValue>,
+    pub max_page: Option<usize>,
+}
+
+/// Validated `[limits]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitsConfig {
+    /// Open client connections; more are answered `503` and closed (restart to change).
+    pub max_connections: usize,
+    /// Largest request head (request line and headers); more gets `431`.
+    pub max_header_size: usize,
+    /// Longest request target (path and query); longer gets `414`.
+    pub max_uri_length: usize,
+    /// Time a client has to send a request's headers, and longest idle keep-alive.
+    pub header_read_timeout: Duration,
+    /// Blob fills from upstreams running at once.
+    pub max_fills: usize,
+    /// How long a request waits for a fill slot before `503`.
+    pub fill_wait: Duration,
+    /// Largest `n` on tag lists and the catalog.
+    pub max_page: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: 4096,
+            max_header_size: 32 << 10,
+            max_uri_length: 8 << 10,
+            header_read_timeout: Duration::from_secs(30),
+            max_fills: 64,
+            fill_wait: Duration::from_secs(30),
+            max_page: 10_000,
+        }
+    }
+}
+
+/// `[access]`: who may use the mirror.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAccess {
+    pub allow: Option<Vec<toml::Spanned<String>>>,
+    pub htpasswd: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -282,12 +342,18 @@ pub struct RawUpstream {
     pub username: Option<String>,
     pub password: Option<String>,
     pub password_file: Option<PathBuf>,
+    pub password_env: Option<String>,
     pub connect_timeout: Option<DurationValue>,
     pub header_timeout: Option<DurationValue>,
     pub idle_timeout: Option<DurationValue>,
     pub failure_threshold: Option<u32>,
     pub probe_max_interval: Option<DurationValue>,
     pub ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub allow_repos: Vec<toml::Spanned<String>>,
+    #[serde(default)]
+    pub deny_repos: Vec<toml::Spanned<String>>,
+    pub allow_private_redirects: Option<bool>,
 }
 
 /// Basic credentials for an upstream (also used to obtain Bearer tokens).
@@ -324,6 +390,13 @@ pub struct UpstreamConfig {
     /// Extra CA certificates (PEM) trusted for this upstream, besides the system's and the
     /// built-in roots.
     pub ca_file: Option<PathBuf>,
+    /// Repositories this upstream may be asked for (empty: all), as glob patterns.
+    pub allow_repos: Vec<RepoPattern>,
+    /// Repositories never asked for (wins over `allow_repos`).
+    pub deny_repos: Vec<RepoPattern>,
+    /// Follow redirects (and token realms) to loopback, private or link-local addresses even
+    /// when the upstream itself is not on such an address.
+    pub allow_private_redirects: bool,
 }
 
 /// The validated configuration the server runs with.
@@ -342,6 +415,12 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// How long in-flight requests may run after SIGTERM.
     pub shutdown_grace: Duration,
+    pub limits: LimitsConfig,
+    pub access: AccessConfig,
+    /// Whether a password is written in the config text itself (for the file mode warning).
+    pub inline_password: bool,
+    /// Problems worth a warning that do not stop regcache (files others can read, …).
+    pub warnings: Vec<String>,
 }
 
 /// Command-line values that override the file.
@@ -365,7 +444,19 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        Config::parse(&text, &path.display().to_string(), overrides)
+        let mut config = Config::parse(&text, &path.display().to_string(), overrides)?;
+        config.check_file_mode(path);
+        Ok(config)
+    }
+
+    /// Adds a warning when the config file holds a password and its group or others can read
+    /// it. Call it with the file the configuration was read from.
+    pub fn check_file_mode(&mut self, path: &Path) {
+        if self.inline_password {
+            if let Some(w) = readable_by_others(path, 0o044, "holds an upstream password") {
+                self.warnings.push(w);
+            }
+        }
     }
 
     /// Parses and validates config text; `origin` names it in errors.
@@ -438,6 +529,127 @@ fn merge_tables(base: &mut toml::Table, top: toml::Table) {
     }
 }
 
+/// A warning when `path` has any of the permission bits in `bits` (0o044: group or others can
+/// read it; 0o004: others can).
+pub fn readable_by_others(path: &Path, bits: u32, what: &str) -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mode = std::fs::metadata(path).ok()?.mode() & 0o777;
+    (mode & bits != 0).then(|| {
+        let who = if bits & 0o040 != 0 { "its group or other users" } else { "other users" };
+        format!(
+            "{} {what} and {who} can read it (mode {mode:04o}); restrict it, for example with chmod 600",
+            path.display()
+        )
+    })
+}
+
+fn spanned_line(text: &str, s: &toml::Spanned<String>) -> usize {
+    line_of(text, s.span().start)
+}
+
+/// Parses a list of repository patterns, naming the key and line of a bad one.
+fn repo_patterns(
+    text: &str,
+    key: &str,
+    list: &[toml::Spanned<String>],
+) -> Result<Vec<RepoPattern>, String> {
+    list.iter()
+        .map(|p| {
+            p.get_ref()
+                .parse()
+                .map_err(|e| format!("line {}: {key}: {e}", spanned_line(text, p)))
+        })
+        .collect()
+}
+
+fn validate_limits(raw: RawLimits) -> Result<LimitsConfig, String> {
+    let d = LimitsConfig::default();
+    let size = |v: Option<ByteSize>, default: usize| -> Result<usize, String> {
+        match v {
+            None => Ok(default),
+            Some(b) => usize::try_from(b.0).map_err(|_| format!("{} is too large", b.0)),
+        }
+    };
+    let limits = LimitsConfig {
+        max_connections: raw.max_connections.unwrap_or(d.max_connections),
+        max_header_size: size(raw.max_header_size, d.max_header_size)
+            .map_err(|e| format!("limits.max_header_size: {e}"))?,
+        max_uri_length: size(raw.max_uri_length, d.max_uri_length)
+            .map_err(|e| format!("limits.max_uri_length: {e}"))?,
+        header_read_timeout: raw
+            .header_read_timeout
+            .map_or(d.header_read_timeout, |v| v.0),
+        max_fills: raw.max_fills.unwrap_or(d.max_fills),
+        fill_wait: raw.fill_wait.map_or(d.fill_wait, |v| v.0),
+        max_page: raw.max_page.unwrap_or(d.max_page),
+    };
+    if !(1..=1_000_000).contains(&limits.max_connections) {
+        return Err("limits.max_connections must be from 1 to 1000000".into());
+    }
+    if !(1024..=(16 << 20)).contains(&limits.max_header_size) {
+        return Err("limits.max_header_size must be from 1KiB to 16MiB".into());
+    }
+    if !(256..=65_534).contains(&limits.max_uri_length) {
+        return Err("limits.max_uri_length must be from 256 to 65534 bytes".into());
+    }
+    if limits.header_read_timeout.is_zero()
+        || limits.header_read_timeout > Duration::from_secs(3600)
+    {
+        return Err("limits.header_read_timeout must be more than 0 and at most 1h".into());
+    }
+    if !(1..=100_000).contains(&limits.max_fills) {
+        return Err("limits.max_fills must be from 1 to 100000".into());
+    }
+    if limits.fill_wait > Duration::from_secs(3600) {
+        return Err("limits.fill_wait must be at most 1h".into());
+    }
+    if !(1..=1_000_000).contains(&limits.max_page) {
+        return Err("limits.max_page must be from 1 to 1000000".into());
+    }
+    Ok(limits)
+}
+
+fn validate_access(
+    text: &str,
+    raw: RawAccess,
+    warnings: &mut Vec<String>,
+) -> Result<AccessConfig, String> {
+    let allow = match raw.allow {
+        None => Vec::new(),
+        Some(list) if list.is_empty() => {
+            return Err(
+                "access.allow is empty, which would refuse every client: remove the key to allow                  every address"
+                    .into(),
+            )
+        }
+        Some(list) => list
+            .iter()
+            .map(|c| {
+                c.get_ref()
+                    .parse::<Cidr>()
+                    .map_err(|e| format!("line {}: access.allow: {e}", spanned_line(text, c)))
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    let htpasswd = match raw.htpasswd {
+        None => None,
+        Some(path) => {
+            let h = Htpasswd::load(&path).map_err(|e| format!("access.htpasswd: {e}"))?;
+            if h.is_empty() {
+                return Err(format!(
+                    "access.htpasswd: {} has no users, which would refuse every client",
+                    path.display()
+                ));
+            }
+            if let Some(w) = readable_by_others(&path, 0o004, "holds password hashes") {
+                warnings.push(w);
+            }
+            Some(std::sync::Arc::new(h))
+        }
+    };
+    Ok(AccessConfig { allow, htpasswd })
+}
+
 fn default_data_dir() -> PathBuf {
     match std::env::var_os("STATE_DIRECTORY") {
         // systemd may pass several, colon-separated; the first is ours.
@@ -504,12 +716,16 @@ impl RawConfig {
                     username: None,
                     password: None,
                     password_file: None,
+                    password_env: None,
                     connect_timeout: None,
                     header_timeout: None,
                     idle_timeout: None,
                     failure_threshold: None,
                     probe_max_interval: None,
                     ca_file: None,
+                    allow_repos: Vec::new(),
+                    deny_repos: Vec::new(),
+                    allow_private_redirects: None,
                 },
             );
         }
@@ -523,6 +739,8 @@ impl RawConfig {
                 .any(|h| DOCKER_HUB_HOSTS.contains(&h.as_str()))
         });
 
+        let mut warnings = Vec::new();
+        let mut inline_password = false;
         let mut upstreams = Vec::new();
         let mut default_upstream = 0;
         let mut seen_hosts: BTreeMap<String, String> = BTreeMap::new();
@@ -560,35 +778,108 @@ impl RawConfig {
                     ));
                 }
             }
-            let credentials = match (raw.username, raw.password, raw.password_file) {
-                (None, None, None) => None,
-                (Some(username), Some(password), None) => Some(Credentials { username, password }),
-                (Some(username), None, Some(file)) => {
-                    let password = std::fs::read_to_string(&file)
-                        .map_err(|e| {
-                            format!(
-                                "upstreams.{name}.password_file: cannot read {}: {e}",
-                                file.display()
-                            )
-                        })?
-                        .trim_end_matches(['\r', '\n'])
-                        .to_owned();
-                    Some(Credentials { username, password })
+            let sources = [
+                raw.password.is_some(),
+                raw.password_file.is_some(),
+                raw.password_env.is_some(),
+            ]
+            .iter()
+            .filter(|b| **b)
+            .count();
+            if sources > 1 {
+                return Err(format!(
+                    "upstreams.{name}: set one of password, password_file and password_env"
+                ));
+            }
+            if raw.username.is_some() != (sources == 1) {
+                return Err(format!(
+                    "upstreams.{name}: username needs one of password, password_file or \
+                     password_env, and they need a username"
+                ));
+            }
+            let password = if let Some(p) = raw.password {
+                inline_password = true;
+                Some(p)
+            } else if let Some(file) = &raw.password_file {
+                let p = std::fs::read_to_string(file)
+                    .map_err(|e| {
+                        format!(
+                            "upstreams.{name}.password_file: cannot read {}: {e}",
+                            file.display()
+                        )
+                    })?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_owned();
+                if let Some(w) = readable_by_others(file, 0o044, "holds an upstream password") {
+                    warnings.push(format!("upstreams.{name}.password_file: {w}"));
                 }
-                (Some(_), Some(_), Some(_)) => {
+                Some(p)
+            } else if let Some(var) = &raw.password_env {
+                if var.is_empty() || !var.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_') {
                     return Err(format!(
-                        "upstreams.{name}: set password or password_file, not both"
-                    ))
+                        "upstreams.{name}.password_env: {var:?} is not an environment variable name"
+                    ));
                 }
-                _ => {
-                    return Err(format!(
-                        "upstreams.{name}: username needs a password or password_file, and they need a username"
-                    ))
+                match std::env::var(var) {
+                    Ok(p) if !p.is_empty() => Some(p),
+                    Ok(_) => {
+                        return Err(format!(
+                            "upstreams.{name}.password_env: the environment variable {var} is empty"
+                        ))
+                    }
+                    Err(_) => {
+                        return Err(format!(
+                            "upstreams.{name}.password_env: the environment variable {var} is not \
+                             set (or not UTF-8)"
+                        ))
+                    }
                 }
+            } else {
+                None
             };
+            let credentials = match (raw.username, password) {
+                (Some(username), Some(password)) => Some(Credentials { username, password }),
+                _ => None,
+            };
+            let allow_repos = repo_patterns(
+                text,
+                &format!("upstreams.{name}.allow_repos"),
+                &raw.allow_repos,
+            )?;
+            let deny_repos = repo_patterns(
+                text,
+                &format!("upstreams.{name}.deny_repos"),
+                &raw.deny_repos,
+            )?;
             if name == default_name {
                 default_upstream = upstreams.len();
             }
+            let ca_file = match raw.ca_file {
+                None => None,
+                Some(path) => {
+                    let pem = std::fs::read(&path).map_err(|e| {
+                        format!(
+                            "upstreams.{name}.ca_file: cannot read {}: {e}",
+                            path.display()
+                        )
+                    })?;
+                    match reqwest::Certificate::from_pem_bundle(&pem) {
+                        Ok(c) if !c.is_empty() => Some(path),
+                        Ok(_) => {
+                            return Err(format!(
+                                "upstreams.{name}.ca_file: no certificate in {}",
+                                path.display()
+                            ))
+                        }
+                        Err(e) => {
+                            return Err(format!(
+                                "upstreams.{name}.ca_file: invalid PEM in {}: {e}",
+                                path.display()
+                            ))
+                        }
+                    }
+                }
+            };
             let docker_hub_names = hosts.iter().any(|h| h == "docker.io");
             upstreams.push(UpstreamConfig {
                 name,
@@ -604,7 +895,10 @@ impl RawConfig {
                 probe_max_interval: raw
                     .probe_max_interval
                     .map_or(Duration::from_secs(30), |d| d.0),
-                ca_file: raw.ca_file,
+                ca_file,
+                allow_repos,
+                deny_repos,
+                allow_private_redirects: raw.allow_private_redirects.unwrap_or(false),
             });
         }
         for u in &upstreams {
@@ -665,6 +959,8 @@ impl RawConfig {
         if gc_interval.is_zero() {
             return Err("store.gc_interval must be more than 0".into());
         }
+        let limits = validate_limits(self.limits)?;
+        let access = validate_access(text, self.access, &mut warnings)?;
         let store = StoreConfig {
             max_size: self.store.max_size.map(|b| b.0).filter(|b| *b > 0),
             min_free: self.store.min_free.map(|b| b.0).filter(|b| *b > 0),
@@ -681,11 +977,23 @@ impl RawConfig {
             log_format: o.log_format.or(self.log.format).unwrap_or_default(),
             config_store,
             store,
-            tls: self.tls.map(|t| TlsConfig {
-                cert: t.cert,
-                key: t.key,
-            }),
+            tls: match self.tls {
+                None => None,
+                Some(t) => {
+                    // Read now, so that a bad file is a configuration error (exit 2).
+                    crate::tls::CertReloader::new(&t.cert, &t.key)
+                        .map_err(|e| format!("[tls]: {e:#}"))?;
+                    Some(TlsConfig {
+                        cert: t.cert,
+                        key: t.key,
+                    })
+                }
+            },
             shutdown_grace: self.shutdown_grace.map_or(Duration::from_secs(30), |d| d.0),
+            limits,
+            access,
+            inline_password,
+            warnings,
         })
     }
 }
@@ -806,6 +1114,188 @@ mod tests {
         )
         .expect_err("config_store from remote");
         assert!(e.to_string().contains("local file"), "{e}");
+    }
+
+    #[test]
+    fn limits_have_defaults_and_bounds() {
+        let c = parse("").expect("defaults");
+        assert_eq!(c.limits, LimitsConfig::default());
+        assert_eq!(c.limits.max_page, 10_000);
+        let c = parse(
+            "[limits]\nmax_connections = 10\nmax_header_size = \"8KiB\"\nmax_uri_length = 1024\n\
+             header_read_timeout = \"2s\"\nmax_fills = 3\nfill_wait = 0\nmax_page = 50\n",
+        )
+        .expect("valid");
+        assert_eq!(
+            c.limits,
+            LimitsConfig {
+                max_connections: 10,
+                max_header_size: 8192,
+                max_uri_length: 1024,
+                header_read_timeout: Duration::from_secs(2),
+                max_fills: 3,
+                fill_wait: Duration::ZERO,
+                max_page: 50,
+            }
+        );
+        for (text, key) in [
+            ("[limits]\nmax_connections = 0\n", "max_connections"),
+            ("[limits]\nmax_header_size = 100\n", "max_header_size"),
+            ("[limits]\nmax_uri_length = 100000\n", "max_uri_length"),
+            ("[limits]\nheader_read_timeout = 0\n", "header_read_timeout"),
+            ("[limits]\nmax_fills = 0\n", "max_fills"),
+            ("[limits]\nmax_page = 0\n", "max_page"),
+            ("[limits]\nmax_conections = 1\n", "max_conections"),
+        ] {
+            let e = parse(text).expect_err(text);
+            assert!(e.contains(key), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn access_allow_list_and_htpasswd() {
+        let c =
+            parse("[access]\nallow = [\"127.0.0.0/8\", \"10.0.0.0/8\", \"::1\"]\n").expect("valid");
+        assert_eq!(c.access.allow.len(), 3);
+        let e = parse("[access]\nallow = [\n  \"10.0.0.0/8\",\n  \"10.0.0.0/40\",\n]\n")
+            .expect_err("bad prefix");
+        assert!(e.contains("line 4") && e.contains("access.allow"), "{e}");
+        let e = parse("[access]\nallow = []\n").expect_err("empty");
+        assert!(e.contains("access.allow is empty"), "{e}");
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("htpasswd");
+        let hash = bcrypt::hash("pw", 4).expect("hash");
+        std::fs::write(&path, format!("alice:{hash}\n")).expect("write");
+        set_mode(&path, 0o640);
+        let text = format!("[access]\nhtpasswd = {:?}\n", path.display().to_string());
+        let c = parse(&text).expect("valid htpasswd");
+        assert_eq!(c.access.htpasswd.as_ref().map(|h| h.len()), Some(1));
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        assert!(
+            !format!("{c:?}").contains(&hash),
+            "the hash never shows in Debug"
+        );
+        set_mode(&path, 0o644);
+        let c = parse(&text).expect("valid htpasswd");
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("other users can read")),
+            "{:?}",
+            c.warnings
+        );
+        std::fs::write(&path, "alice:$apr1$x$y\n").expect("write");
+        let e = parse(&text).expect_err("md5 entry");
+        assert!(e.contains("access.htpasswd") && e.contains("bcrypt"), "{e}");
+        let e = parse("[access]\nhtpasswd = \"/nonexistent/htpasswd\"\n").expect_err("missing");
+        assert!(e.contains("cannot read"), "{e}");
+    }
+
+    fn set_mode(path: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+
+    #[test]
+    fn passwords_come_from_one_of_three_sources() {
+        let base = "[upstreams.a]\nurl = \"https://a.io\"\nusername = \"u\"\n";
+        let c = parse(&format!("{base}password_env = \"PATH\"\n")).expect("env");
+        let creds = c.upstreams[0].credentials.as_ref().expect("credentials");
+        assert_eq!(Some(creds.password.clone()), std::env::var("PATH").ok());
+        assert!(!c.inline_password);
+        let e = parse(&format!(
+            "{base}password_env = \"REGCACHE_TEST_SURELY_UNSET_1234\"\n"
+        ))
+        .expect_err("unset");
+        assert!(
+            e.contains("upstreams.a.password_env") && e.contains("not set"),
+            "{e}"
+        );
+        let e = parse(&format!("{base}password_env = \"A-B\"\n")).expect_err("bad name");
+        assert!(e.contains("password_env"), "{e}");
+        let e = parse(&format!(
+            "{base}password = \"x\"\npassword_env = \"PATH\"\n"
+        ))
+        .expect_err("two sources");
+        assert!(
+            e.contains("one of password, password_file and password_env"),
+            "{e}"
+        );
+        let e = parse("[upstreams.a]\nurl = \"https://a.io\"\npassword_env = \"PATH\"\n")
+            .expect_err("no username");
+        assert!(e.contains("username"), "{e}");
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "s3cret\n").expect("write");
+        set_mode(&pw, 0o600);
+        let text = format!("{base}password_file = {:?}\n", pw.display().to_string());
+        let c = parse(&text).expect("file");
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        set_mode(&pw, 0o644);
+        let c = parse(&text).expect("file");
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("password_file") && w.contains("can read it")),
+            "{:?}",
+            c.warnings
+        );
+        assert!(!c.warnings.iter().any(|w| w.contains("s3cret")));
+    }
+
+    #[test]
+    fn config_file_with_a_password_readable_by_others_gets_a_warning() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("regcache.toml");
+        std::fs::write(
+            &file,
+            "[upstreams.a]\nurl = \"https://a.io\"\nusername = \"u\"\npassword = \"hunter2\"\n",
+        )
+        .expect("write");
+        set_mode(&file, 0o640);
+        let c = Config::load(&file, &Overrides::default()).expect("valid");
+        assert!(c.inline_password);
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("regcache.toml") && w.contains("group or other users")),
+            "{:?}",
+            c.warnings
+        );
+        assert!(!c.warnings.iter().any(|w| w.contains("hunter2")));
+        set_mode(&file, 0o600);
+        let c = Config::load(&file, &Overrides::default()).expect("valid");
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        std::fs::write(&file, "[upstreams.a]\nurl = \"https://a.io\"\n").expect("write");
+        set_mode(&file, 0o644);
+        let c = Config::load(&file, &Overrides::default()).expect("valid");
+        assert!(
+            c.warnings.is_empty(),
+            "no password, no warning: {:?}",
+            c.warnings
+        );
+    }
+
+    #[test]
+    fn repo_patterns_and_redirect_opt_out() {
+        let c = parse(
+            "[upstreams.a]\nurl = \"https://a.io\"\nallow_repos = [\"library/*\", \"org/**\"]\n\
+             deny_repos = [\"org/secret/**\"]\nallow_private_redirects = true\n",
+        )
+        .expect("valid");
+        let u = &c.upstreams[0];
+        assert_eq!(u.allow_repos.len(), 2);
+        assert_eq!(u.deny_repos.len(), 1);
+        assert!(u.allow_private_redirects);
+        assert!(!parse("").expect("defaults").upstreams[0].allow_private_redirects);
+        let e = parse("[upstreams.a]\nurl = \"https://a.io\"\nallow_repos = [\"Library/*\"]\n")
+            .expect_err("uppercase");
+        assert!(
+            e.contains("line 3") && e.contains("upstreams.a.allow_repos"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -95,12 +95,18 @@ impl ConfigSource {
     fn build_from(&self, remote: Option<&str>, reread: bool) -> Result<Config, ConfigError> {
         let (local, origin) = self.local_text(reread)?;
         let plain = Config::parse(&local, &origin, &self.overrides)?;
-        match (remote, &plain.config_store) {
+        // Only a password written in the local file makes its mode matter.
+        let local_password = plain.inline_password;
+        let mut config = match (remote, &plain.config_store) {
             (Some(r), Some(cs)) => {
-                Config::parse_layered(&local, &origin, r, &remote_origin(cs), &self.overrides)
+                Config::parse_layered(&local, &origin, r, &remote_origin(cs), &self.overrides)?
             }
-            _ => Ok(plain),
+            _ => plain,
+        };
+        if let (Some(path), true) = (&self.local_path, local_password) {
+            config.check_file_mode(path);
         }
+        Ok(config)
     }
 
     /// The configuration to start with: the local file, overlaid with the last good remote copy

@@ -255,6 +255,9 @@ fn remove(
         }
     }
     tx.commit().map_err(db_err)?;
+    for d in doomed.iter() {
+        store.forget_in_memory(d);
+    }
     store.sub_used(report.bytes);
     for d in doomed {
         if let Ok(digest) = d.parse::<Digest>() {

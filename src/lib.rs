@@ -5,6 +5,7 @@
 //! [`cache`] answers from the [`store`] or fetches once through [`upstream`].
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod admin;
 pub mod api;
 pub mod cache;
@@ -12,6 +13,8 @@ pub mod cli;
 pub mod config;
 pub mod config_store;
 pub mod evict;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod metrics;
 pub mod prefetch;
 pub mod reference;

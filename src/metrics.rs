@@ -30,6 +30,9 @@ pub struct Metrics {
     pub store_full: Gauge,
     pub evicted_bytes: Counter,
     pub evicted_blobs: Counter,
+    /// Requests or connections refused by a `[limits]` bound or by access control, by `limit`.
+    pub limit_rejections: Family<Labels, Counter>,
+    pub connections_open: Gauge,
 }
 
 fn fill_histogram() -> Histogram {
@@ -61,6 +64,8 @@ impl Metrics {
             store_full: Gauge::default(),
             evicted_bytes: Counter::default(),
             evicted_blobs: Counter::default(),
+            limit_rejections: Family::default(),
+            connections_open: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -137,6 +142,17 @@ impl Metrics {
             "evicted_blobs",
             "Blobs evicted from the store",
             m.evicted_blobs.clone(),
+        );
+        registry.register(
+            "limit_rejections",
+            "Connections and requests refused by a limit or access control, by limit \
+             (max_connections, max_uri_length, max_fills, access_allow, auth)",
+            m.limit_rejections.clone(),
+        );
+        registry.register(
+            "connections_open",
+            "Client connections open now",
+            m.connections_open.clone(),
         );
         Metrics { registry, ..m }
     }

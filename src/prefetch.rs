@@ -57,6 +57,9 @@ pub struct PrefetchArgs {
     /// The regcache to fill (default: the configured listen address).
     #[arg(long)]
     pub server: Option<String>,
+    /// Credentials (USER:PASSWORD) for a regcache protected by an htpasswd file.
+    #[arg(long, env = "REGCACHE_PREFETCH_AUTH", hide_env_values = true)]
+    pub auth: Option<String>,
     #[command(flatten)]
     pub config: ConfigArgs,
 }
@@ -513,7 +516,7 @@ async fn fetch_blob(
     if !head.status().is_success() {
         anyhow::bail!("blob {digest}: {}", head.status());
     }
-    let size = head.content_length().unwrap_or(0);
+    let size = crate::upstream::header_length(&head).unwrap_or(0);
     let hit = head
         .headers()
         .get(crate::api::CACHE_HEADER)
@@ -794,6 +797,22 @@ pub fn run(args: PrefetchArgs) -> ExitCode {
     let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
     if loopback {
         builder = builder.no_proxy();
+    }
+    if let Some(auth) = &args.auth {
+        let Some((user, pass)) = auth.split_once(':') else {
+            return usage_error("--auth must be USER:PASSWORD");
+        };
+        use base64::Engine as _;
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+        let mut headers = reqwest::header::HeaderMap::new();
+        match reqwest::header::HeaderValue::from_str(&format!("Basic {token}")) {
+            Ok(mut v) => {
+                v.set_sensitive(true);
+                headers.insert(reqwest::header::AUTHORIZATION, v);
+            }
+            Err(_) => return usage_error("--auth holds characters that cannot be sent"),
+        }
+        builder = builder.default_headers(headers);
     }
     let client = match builder.build() {
         Ok(c) => c,

@@ -2,7 +2,9 @@
 //! drains them on shutdown.
 //!
 //! [`run`] takes an already bound listener and a shutdown future, so tests bind `127.0.0.1:0` and
-//! call it directly.
+//! call it directly. It enforces the connection limits of `[limits]`: at most `max_connections`
+//! open connections (the next ones get a `503` and are closed), `max_header_size` for a request
+//! head and `header_read_timeout` to send it.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -30,7 +32,7 @@ pub struct Routing {
 impl Routing {
     /// Builds the upstream clients, reusing those of `previous` whose settings did not change (so
     /// their tokens and circuit state survive a reload).
-    fn build(
+    pub fn build(
         config: Config,
         metrics: &Arc<Metrics>,
         previous: Option<&Routing>,
@@ -95,6 +97,8 @@ pub struct App {
     routing: RwLock<Arc<Routing>>,
     /// The listener's certificate, when serving HTTPS.
     pub tls: Option<Arc<crate::tls::CertReloader>>,
+    /// Checks client credentials against `[access] htpasswd`, remembering the answers.
+    pub auth: crate::access::Verifier,
 }
 
 impl App {
@@ -116,12 +120,15 @@ impl App {
             Some(t) => Some(Arc::new(crate::tls::CertReloader::new(&t.cert, &t.key)?)),
             None => None,
         };
+        cache.set_fill_limits(config.limits.max_fills, config.limits.fill_wait);
+        log_warnings(&config);
         let routing = Routing::build(config, &metrics, None)?;
         Ok(Arc::new(App {
             cache,
             metrics,
             routing: RwLock::new(Arc::new(routing)),
             tls,
+            auth: crate::access::Verifier::new(),
         }))
     }
 
@@ -152,6 +159,15 @@ impl App {
         if config.config_store != old.config_store {
             tracing::warn!("config_store changed: takes effect at the next restart");
         }
+        if config.limits.max_connections != old.limits.max_connections {
+            tracing::warn!(
+                new = config.limits.max_connections,
+                "limits.max_connections changed: takes effect at the next restart"
+            );
+        }
+        log_warnings(&config);
+        self.cache
+            .set_fill_limits(config.limits.max_fills, config.limits.fill_wait);
         let config = Config {
             data_dir: old.data_dir.clone(),
             listen: old.listen,
@@ -227,6 +243,12 @@ impl App {
     }
 }
 
+fn log_warnings(config: &Config) {
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
+}
+
 /// Free bytes on the filesystem holding `path` (available to unprivileged users), via `statvfs`.
 pub fn free_bytes(path: &std::path::Path) -> Option<u64> {
     let st = rustix::fs::statvfs(path).ok()?;
@@ -235,6 +257,73 @@ pub fn free_bytes(path: &std::path::Path) -> Option<u64> {
 
 /// How long in-flight requests may take to finish after shutdown was asked for.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
+
+/// At most this many connections over `limits.max_connections` are being answered `503` at once;
+/// beyond that they are closed without an answer.
+const MAX_REFUSING: usize = 64;
+
+/// What a connection over `limits.max_connections` is told before it is closed.
+fn over_capacity_response() -> bytes::Bytes {
+    let body = serde_json::json!({"errors": [{
+        "code": "UNAVAILABLE",
+        "message": "regcache has too many open connections (limits.max_connections); retry",
+        "detail": null,
+    }]})
+    .to_string();
+    bytes::Bytes::from(format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n\
+         connection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    ))
+}
+
+/// Answers a connection over the limit with a `503` and closes it, without reading a request. At
+/// most [`MAX_REFUSING`] are answered at once (2 s each at most); the rest are just closed.
+fn refuse(
+    stream: tokio::net::TcpStream,
+    tls: bool,
+    refusing: &Arc<tokio::sync::Semaphore>,
+    answer: &bytes::Bytes,
+) {
+    let Ok(permit) = Arc::clone(refusing).try_acquire_owned() else {
+        return;
+    };
+    if tls {
+        // A plain-text answer means nothing inside TLS: just close.
+        return;
+    }
+    let answer = answer.clone();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let _permit = permit;
+        let mut stream = stream;
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            stream.write_all(&answer).await?;
+            stream.shutdown().await?;
+            // Read what the client sent, so that closing does not reset the connection before it
+            // has read the answer.
+            let mut sink = [0u8; 4096];
+            let mut total = 0;
+            while total < 64 << 10 {
+                match stream.read(&mut sink).await? {
+                    0 => break,
+                    n => total += n,
+                }
+            }
+            Ok::<(), std::io::Error>(())
+        })
+        .await;
+    });
+}
+
+/// Counts a connection out of `connections_open` when its task ends, however it ends.
+struct OpenGuard(Arc<Metrics>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.connections_open.dec();
+    }
+}
 
 /// Serves `app` on `listener` until `shutdown` completes, then drains connections for at most
 /// `grace`.
@@ -250,6 +339,11 @@ pub async fn run(
         None => None,
     };
     let upkeep = tokio::spawn(Arc::clone(&app).maintain());
+    let max_connections = app.routing().config.limits.max_connections;
+    let open = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let refusing = Arc::new(tokio::sync::Semaphore::new(MAX_REFUSING));
+    let over_capacity = over_capacity_response();
+    let mut last_refusal_log: Option<std::time::Instant> = None;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -263,16 +357,37 @@ pub async fn run(
                         continue;
                     }
                 };
+                let slot = match Arc::clone(&open).try_acquire_owned() {
+                    Ok(slot) => slot,
+                    Err(_) => {
+                        app.metrics
+                            .limit_rejections
+                            .get_or_create(&vec![("limit", "max_connections".to_owned())])
+                            .inc();
+                        if last_refusal_log.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                            last_refusal_log = Some(std::time::Instant::now());
+                            tracing::warn!(%peer, max_connections, "too many open connections (limits.max_connections): refusing new ones with 503");
+                        }
+                        refuse(stream, acceptor.is_some(), &refusing, &over_capacity);
+                        continue;
+                    }
+                };
                 let _ = stream.set_nodelay(true);
+                let limits = app.routing().config.limits.clone();
                 let app2 = Arc::clone(&app);
                 let service = service_fn(move |req| crate::api::handle(Arc::clone(&app2), peer, req));
                 let mut http = hyper::server::conn::http1::Builder::new();
                 http.timer(TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(30))
+                    .header_read_timeout(limits.header_read_timeout)
+                    .max_header_size(limits.max_header_size)
                     .keep_alive(true);
+                let metrics = Arc::clone(&app.metrics);
                 let watcher = graceful.watcher();
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
+                    let _slot = slot;
+                    metrics.connections_open.inc();
+                    let _open = OpenGuard(metrics);
                     let result = match acceptor {
                         None => watcher.watch(http.serve_connection(TokioIo::new(stream), service)).await,
                         Some(acceptor) => {

@@ -191,7 +191,20 @@ pub struct Store {
     used: AtomicU64,
     /// Set when a write failed for lack of space; cleared by the next successful commit.
     full: AtomicBool,
+    /// Recently served manifests (digest → media type, verified bytes): the hot path of every
+    /// pull, answered without a file read, a hash or a database lookup.
+    manifest_mem: Mutex<ManifestMem>,
 }
+
+/// A small in-memory copy of manifests, emptied when it outgrows its budget.
+#[derive(Default)]
+struct ManifestMem {
+    map: HashMap<String, (String, bytes::Bytes)>,
+    bytes: usize,
+}
+
+/// Bytes of manifests kept in memory.
+const MANIFEST_MEM_BUDGET: usize = 16 << 20;
 
 /// Keeps a blob from eviction while a client reads it.
 pub struct Hold {
@@ -273,6 +286,7 @@ impl Store {
             holds: Mutex::new(HashMap::new()),
             used: AtomicU64::new(0),
             full: AtomicBool::new(false),
+            manifest_mem: Mutex::new(ManifestMem::default()),
         };
         store.init_schema()?;
         let (_, bytes) = store.usage()?;
@@ -588,19 +602,25 @@ impl Store {
     }
 
     fn forget_blob(&self, d: &Digest) -> Result<(), StoreError> {
+        self.forget_in_memory(&d.to_string());
         let tx = self.db.begin_write().map_err(db_err)?;
+        let freed;
         {
             let key = d.to_string();
-            tx.open_table(BLOBS)
+            freed = tx
+                .open_table(BLOBS)
                 .map_err(db_err)?
                 .remove(key.as_str())
-                .map_err(db_err)?;
+                .map_err(db_err)?
+                .map_or(0, |v| v.value());
             tx.open_table(MANIFESTS)
                 .map_err(db_err)?
                 .remove(key.as_str())
                 .map_err(db_err)?;
         }
-        tx.commit().map_err(db_err)
+        tx.commit().map_err(db_err)?;
+        self.sub_used(freed);
+        Ok(())
     }
 
     /// Makes a verified temporary file the blob `d`: fsync, rename, fsync the directory, then
@@ -740,6 +760,71 @@ impl Store {
             return Ok(None);
         };
         Ok(Some(ManifestInfo { media_type, size }))
+    }
+
+    /// A stored manifest's media type and bytes, from memory when recently used.
+    pub fn manifest(&self, d: &Digest) -> Result<Option<(String, bytes::Bytes)>, StoreError> {
+        let key = d.to_string();
+        if let Some(hit) = self
+            .manifest_mem
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map
+            .get(&key)
+        {
+            return Ok(Some(hit.clone()));
+        }
+        let Some(info) = self.manifest_info(d)? else {
+            return Ok(None);
+        };
+        let Some(bytes) = self.read_manifest(d)? else {
+            return Ok(None);
+        };
+        let bytes = bytes::Bytes::from(bytes);
+        let mut mem = self.manifest_mem.lock().unwrap_or_else(|p| p.into_inner());
+        if mem.bytes + bytes.len() > MANIFEST_MEM_BUDGET {
+            mem.map.clear();
+            mem.bytes = 0;
+        }
+        mem.bytes += bytes.len();
+        mem.map
+            .insert(key, (info.media_type.clone(), bytes.clone()));
+        Ok(Some((info.media_type, bytes)))
+    }
+
+    /// Drops a manifest from the memory copy (its records are going).
+    pub(crate) fn forget_in_memory(&self, d: &str) {
+        let mut mem = self.manifest_mem.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, b)) = mem.map.remove(d) {
+            mem.bytes -= b.len();
+        }
+    }
+
+    /// The size of a recorded blob and whether it is linked to `repo`, in one read.
+    pub fn lookup_blob(
+        &self,
+        repo: &RepoKey,
+        d: &Digest,
+    ) -> Result<Option<(u64, bool)>, StoreError> {
+        let key = d.to_string();
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let Some(size) = tx
+            .open_table(BLOBS)
+            .map_err(db_err)?
+            .get(key.as_str())
+            .map_err(db_err)?
+            .map(|v| v.value())
+        else {
+            return Ok(None);
+        };
+        let link = format!("{}{key}", repo.prefix());
+        let linked = tx
+            .open_table(LINKS)
+            .map_err(db_err)?
+            .get(link.as_str())
+            .map_err(db_err)?
+            .is_some();
+        Ok(Some((size, linked)))
     }
 
     /// Reads a stored manifest's bytes (re-checking the digest: manifests are small).

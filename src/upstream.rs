@@ -3,7 +3,9 @@
 //! One [`Upstream`] per configured registry. Every request has a connect timeout (in the client),
 //! a time limit for the response headers, and callers read bodies with [`Upstream::next_chunk`],
 //! which bounds the idle time between chunks. Redirects are followed by reqwest, which drops
-//! `Authorization` when a redirect leaves the host.
+//! `Authorization` when a redirect leaves the host; [`check_redirect`] decides which redirects
+//! (and Bearer token realms) may be followed at all: at most [`MAX_REDIRECTS`], http(s) only, and
+//! not to loopback, private or link-local addresses unless the upstream is itself on one.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -22,6 +24,155 @@ pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
 application/vnd.oci.image.manifest.v1+json, \
 application/vnd.docker.distribution.manifest.list.v2+json, \
 application/vnd.docker.distribution.manifest.v2+json";
+
+/// Most redirects followed for one request.
+pub const MAX_REDIRECTS: usize = 10;
+
+/// Deepest nesting of JSON arrays and objects accepted from an upstream (manifests, listings,
+/// token answers). serde_json itself stops at 128; this refuses such documents before parsing.
+pub const MAX_JSON_DEPTH: usize = 64;
+
+/// The deepest nesting of arrays and objects in `bytes` read as JSON (brackets inside strings do
+/// not count). Linear, without recursion, whatever the input.
+pub fn json_depth(bytes: &[u8]) -> usize {
+    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in bytes {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
+/// What kind of address a URL's host names, for the redirect rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostClass {
+    /// Anything not below, including every host name but `localhost`.
+    Public,
+    /// 127.0.0.0/8, ::1, `localhost` and `*.localhost`.
+    Loopback,
+    /// 10/8, 172.16/12, 192.168/16, 100.64/10 (shared), fc00::/7, fec0::/10.
+    Private,
+    /// 169.254/16 (cloud metadata services live here), fe80::/10.
+    LinkLocal,
+    /// 0.0.0.0/8, ::, multicast, 240/4 and broadcast, IPv4-compatible IPv6: never a registry.
+    Special,
+}
+
+impl HostClass {
+    fn describe(self) -> &'static str {
+        match self {
+            HostClass::Public => "public",
+            HostClass::Loopback => "loopback",
+            HostClass::Private => "private",
+            HostClass::LinkLocal => "link-local",
+            HostClass::Special => "unspecified, multicast or reserved",
+        }
+    }
+}
+
+fn v4_class(a: std::net::Ipv4Addr) -> HostClass {
+    let o = a.octets();
+    match o {
+        [127, ..] => HostClass::Loopback,
+        [10, ..] | [192, 168, ..] => HostClass::Private,
+        [172, b, ..] if (16..32).contains(&b) => HostClass::Private,
+        [100, b, ..] if (64..128).contains(&b) => HostClass::Private,
+        [169, 254, ..] => HostClass::LinkLocal,
+        [0, ..] => HostClass::Special,
+        [a, ..] if a >= 224 => HostClass::Special,
+        _ => HostClass::Public,
+    }
+}
+
+fn v6_class(a: std::net::Ipv6Addr) -> HostClass {
+    if let Some(v4) = a.to_ipv4_mapped() {
+        return v4_class(v4);
+    }
+    let seg = a.segments();
+    let bits = u128::from(a);
+    if a.is_loopback() {
+        HostClass::Loopback
+    } else if bits >> 32 == 0 {
+        // :: and the deprecated IPv4-compatible ::a.b.c.d
+        HostClass::Special
+    } else if seg[0] == 0x64 && seg[1] == 0xff9b && seg[2..6] == [0, 0, 0, 0] {
+        // NAT64 (64:ff9b::/96): the IPv4 address it reaches.
+        v4_class(std::net::Ipv4Addr::from((bits & 0xffff_ffff) as u32))
+    } else if seg[0] & 0xfe00 == 0xfc00 || seg[0] & 0xffc0 == 0xfec0 {
+        HostClass::Private
+    } else if seg[0] & 0xffc0 == 0xfe80 {
+        HostClass::LinkLocal
+    } else if seg[0] & 0xff00 == 0xff00 {
+        HostClass::Special
+    } else {
+        HostClass::Public
+    }
+}
+
+/// The class of a URL's host. IP literals are classified by address (the URL parser has already
+/// turned `0x7f.1` or `2130706433` into `127.0.0.1`); names are public except `localhost`. A
+/// public name that resolves to a private address is not caught here (see docs/SECURITY.md).
+pub fn host_class(url: &reqwest::Url) -> HostClass {
+    let Some(host) = url.host_str() else {
+        return HostClass::Special;
+    };
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    match bare.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(a)) => v4_class(a),
+        Ok(std::net::IpAddr::V6(a)) => v6_class(a),
+        Err(_) => {
+            let name = bare.trim_end_matches('.').to_ascii_lowercase();
+            if name == "localhost" || name.ends_with(".localhost") {
+                HostClass::Loopback
+            } else {
+                HostClass::Public
+            }
+        }
+    }
+}
+
+/// Whether regcache may follow a redirect (or a Bearer realm) from `upstream` to `target`:
+/// http(s) only, and a loopback, private, link-local or special address only when the upstream
+/// is itself on that kind of address, or `allow_private` is set.
+pub fn check_redirect(
+    upstream: &reqwest::Url,
+    target: &reqwest::Url,
+    allow_private: bool,
+) -> Result<(), String> {
+    if target.scheme() != "http" && target.scheme() != "https" {
+        return Err(format!(
+            "refused to follow the upstream to a {}: URL: only http and https are followed",
+            target.scheme()
+        ));
+    }
+    let class = host_class(target);
+    if class == HostClass::Public || allow_private || class == host_class(upstream) {
+        return Ok(());
+    }
+    Err(format!(
+        "refused to follow the upstream to {}, a {} address, while the upstream itself is not on \
+         one (set allow_private_redirects = true for this upstream to allow it)",
+        target.host_str().unwrap_or("?"),
+        class.describe()
+    ))
+}
 
 /// An upstream failure, keeping what a caller needs to answer its client.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -188,6 +339,21 @@ pub struct Upstream {
 }
 
 fn classify(upstream: &str, e: reqwest::Error) -> UpstreamError {
+    if e.is_redirect() {
+        // Refused by the redirect policy: the upstream misbehaved, it is not down. The URL is
+        // left out: a redirect target often carries a signed query.
+        let e = e.without_url();
+        let mut detail = e.to_string();
+        let mut src: Option<&dyn std::error::Error> = std::error::Error::source(&e);
+        while let Some(s) = src {
+            detail = format!("{detail}: {s}");
+            src = s.source();
+        }
+        return UpstreamError::Invalid {
+            upstream: upstream.to_owned(),
+            detail,
+        };
+    }
     if e.is_timeout() {
         UpstreamError::Timeout {
             upstream: upstream.to_owned(),
@@ -229,11 +395,22 @@ impl Upstream {
                 builder = builder.add_root_certificate(c);
             }
         }
+        let (origin, allow_private) = (config.url.clone(), config.allow_private_redirects);
+        let policy = reqwest::redirect::Policy::custom(move |attempt| {
+            if attempt.previous().len() > MAX_REDIRECTS {
+                let e = format!("more than {MAX_REDIRECTS} redirects");
+                return attempt.error(e);
+            }
+            match check_redirect(&origin, attempt.url(), allow_private) {
+                Ok(()) => attempt.follow(),
+                Err(e) => attempt.error(e),
+            }
+        });
         let client = builder
             .connect_timeout(config.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(60))
             .user_agent(concat!("regcache/", env!("CARGO_PKG_VERSION")))
-            .redirect(reqwest::redirect::Policy::limited(10))
+            .redirect(policy)
             .build()
             .map_err(|e| UpstreamError::Invalid {
                 upstream: config.name.clone(),
@@ -412,11 +589,16 @@ impl Upstream {
             upstream: name.to_owned(),
             detail: format!("Bearer realm {realm:?} is not a URL: {e}"),
         })?;
-        if url.scheme() != "http" && url.scheme() != "https" {
-            return Err(UpstreamError::Invalid {
+        // The realm is chosen by the upstream: the same rule as redirects, so that a hostile
+        // upstream cannot make regcache (with its credentials) call an internal address.
+        if let Err(e) = check_redirect(&self.config.url, &url, self.config.allow_private_redirects)
+        {
+            let e = UpstreamError::Invalid {
                 upstream: name.to_owned(),
-                detail: format!("Bearer realm {realm:?} is not http(s)"),
-            });
+                detail: format!("Bearer realm: {e}"),
+            };
+            self.record_failure(&e);
+            return Err(e);
         }
         {
             let mut q = url.query_pairs_mut();
@@ -454,6 +636,7 @@ impl Upstream {
             });
         }
         let body = self.read_body(resp, 1 << 20, "token").await?;
+        self.check_depth(&body, "token response")?;
         #[derive(serde::Deserialize)]
         struct TokenResponse {
             token: Option<String>,
@@ -572,6 +755,27 @@ impl Upstream {
             if status.is_success() {
                 return Ok(resp);
             }
+            if status.is_redirection() {
+                // A redirect reqwest did not follow (a Location that is not an http(s) URL): the
+                // upstream misbehaves, it is not down. Only the target's scheme and host are
+                // named: a redirect often carries a signed query.
+                let target = resp
+                    .headers()
+                    .get(reqwest::header::LOCATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|l| reqwest::Url::parse(l).ok())
+                    .map_or_else(
+                        || "an unusable Location".to_owned(),
+                        |u| format!("{}://{}", u.scheme(), u.host_str().unwrap_or("")),
+                    );
+                return Err(UpstreamError::Invalid {
+                    upstream: name.to_owned(),
+                    detail: format!(
+                        "refused to follow the upstream's redirect ({status}) to {target}: only \
+                         http and https are followed"
+                    ),
+                });
+            }
             let retry_after = resp
                 .headers()
                 .get(reqwest::header::RETRY_AFTER)
@@ -608,9 +812,13 @@ impl Upstream {
         max: u64,
         what: &str,
     ) -> Result<Bytes, UpstreamError> {
-        let too_big = || UpstreamError::Invalid {
-            upstream: self.name().to_owned(),
-            detail: format!("{what} is larger than {max} bytes"),
+        let too_big = || {
+            let e = UpstreamError::Invalid {
+                upstream: self.name().to_owned(),
+                detail: format!("{what} is larger than {max} bytes"),
+            };
+            self.record_failure(&e);
+            e
         };
         if resp.content_length().is_some_and(|n| n > max) {
             return Err(too_big());
@@ -623,6 +831,23 @@ impl Upstream {
             buf.extend_from_slice(&chunk);
         }
         Ok(Bytes::from(buf))
+    }
+
+    /// Refuses a JSON document nested deeper than [`MAX_JSON_DEPTH`] (counted as an upstream
+    /// error in the metrics).
+    fn check_depth(&self, body: &[u8], what: &str) -> Result<(), UpstreamError> {
+        let depth = json_depth(body);
+        if depth <= MAX_JSON_DEPTH {
+            return Ok(());
+        }
+        let e = UpstreamError::Invalid {
+            upstream: self.name().to_owned(),
+            detail: format!(
+                "{what} nests JSON {depth} levels deep (the limit is {MAX_JSON_DEPTH})"
+            ),
+        };
+        self.record_failure(&e);
+        Err(e)
     }
 
     fn manifest_headers() -> HeaderMap {
@@ -659,7 +884,7 @@ impl Upstream {
         Ok(ManifestHead {
             digest: self.digest_header(&resp)?,
             media_type: content_type(&resp),
-            size: resp.content_length(),
+            size: header_length(&resp),
         })
     }
 
@@ -677,6 +902,7 @@ impl Upstream {
         let header_digest = self.digest_header(&resp)?;
         let media_type = content_type(&resp);
         let bytes = self.read_body(resp, max, "manifest").await?;
+        self.check_depth(&bytes, "manifest")?;
         let media_type = media_type
             .or_else(|| media_type_from_body(&bytes))
             .ok_or_else(|| UpstreamError::Invalid {
@@ -700,7 +926,7 @@ impl Upstream {
         let resp = self
             .send(Method::HEAD, Some(repo), &path, HeaderMap::new())
             .await?;
-        Ok(resp.content_length())
+        Ok(header_length(&resp))
     }
 
     /// `GET /v2/<repo>/blobs/<digest>`, from byte `from` when resuming.
@@ -745,6 +971,7 @@ impl Upstream {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         let body = self.read_body(resp, 16 << 20, "listing").await?;
+        self.check_depth(&body, "listing")?;
         Ok((body, link))
     }
 }
@@ -769,6 +996,14 @@ async fn probe_until_up(upstream: Weak<Upstream>) {
         );
         backoff = (backoff * 2).min(up.config.probe_max_interval);
     }
+}
+
+/// The `Content-Length` header (reqwest's `content_length()` is the body's size, 0 for a HEAD).
+pub fn header_length(resp: &Response) -> Option<u64> {
+    resp.headers()
+        .get(reqwest::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
 }
 
 fn content_type(resp: &Response) -> Option<String> {
@@ -813,6 +1048,89 @@ mod tests {
         assert!(parse_challenge("").is_none());
         let ch = parse_challenge("Bearer garbage").expect("scheme only");
         assert!(ch.params.is_empty());
+    }
+
+    #[test]
+    fn json_depth_counts_nesting_outside_strings() {
+        assert_eq!(json_depth(b"{}"), 1);
+        assert_eq!(json_depth(br#"{"a":[{"b":[]}]}"#), 4);
+        assert_eq!(json_depth(br#"{"a":"[[[[{{{{\"[["}"#), 1);
+        assert_eq!(json_depth(b"not json"), 0);
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert_eq!(json_depth(deep.as_bytes()), 100_000);
+        assert_eq!(json_depth(b"]]]]["), 1);
+    }
+
+    fn url(s: &str) -> reqwest::Url {
+        reqwest::Url::parse(s).expect("test URL")
+    }
+
+    #[test]
+    fn hosts_are_classified() {
+        for (u, class) in [
+            ("https://registry-1.docker.io/", HostClass::Public),
+            ("http://8.8.8.8/", HostClass::Public),
+            ("http://127.0.0.1:5000/", HostClass::Loopback),
+            ("http://2130706433/", HostClass::Loopback),
+            ("http://0x7f.1/", HostClass::Loopback),
+            ("http://[::1]/", HostClass::Loopback),
+            ("http://localhost/", HostClass::Loopback),
+            ("http://a.localhost./", HostClass::Loopback),
+            ("http://10.1.2.3/", HostClass::Private),
+            ("http://172.16.0.1/", HostClass::Private),
+            ("http://172.32.0.1/", HostClass::Public),
+            ("http://192.168.1.1/", HostClass::Private),
+            ("http://100.64.0.1/", HostClass::Private),
+            ("http://[fd00::1]/", HostClass::Private),
+            ("http://169.254.169.254/", HostClass::LinkLocal),
+            ("http://[fe80::1]/", HostClass::LinkLocal),
+            ("http://[::ffff:169.254.169.254]/", HostClass::LinkLocal),
+            ("http://[64:ff9b::a9fe:a9fe]/", HostClass::LinkLocal),
+            ("http://0.0.0.0/", HostClass::Special),
+            ("http://[::]/", HostClass::Special),
+            ("http://224.0.0.1/", HostClass::Special),
+            ("http://255.255.255.255/", HostClass::Special),
+            ("http://[::127.0.0.1]/", HostClass::Special),
+        ] {
+            assert_eq!(host_class(&url(u)), class, "{u}");
+        }
+    }
+
+    #[test]
+    fn redirects_stay_out_of_internal_networks() {
+        let public = url("https://registry.example/");
+        let local = url("http://127.0.0.1:5000/");
+        let private = url("http://10.0.0.5:5000/");
+        for target in [
+            "http://127.0.0.1/x",
+            "http://localhost:8080/",
+            "http://10.0.0.1/",
+            "http://169.254.169.254/latest/meta-data/",
+            "http://[fe80::1]/",
+            "http://0.0.0.0:22/",
+            "http://[::ffff:127.0.0.1]/",
+        ] {
+            let e = check_redirect(&public, &url(target), false).expect_err(target);
+            assert!(e.contains("allow_private_redirects"), "{e}");
+            assert!(
+                check_redirect(&public, &url(target), true).is_ok(),
+                "{target}"
+            );
+        }
+        assert!(check_redirect(&public, &url("https://cdn.example/blob?sig=1"), false).is_ok());
+        assert!(check_redirect(&local, &url("http://127.0.0.2:9000/"), false).is_ok());
+        assert!(check_redirect(&local, &url("http://169.254.169.254/"), false).is_err());
+        assert!(check_redirect(&local, &url("http://0.0.0.0:1/"), false).is_err());
+        assert!(check_redirect(&private, &url("http://10.9.9.9/"), false).is_ok());
+        assert!(check_redirect(&private, &url("http://127.0.0.1/"), false).is_err());
+        for target in [
+            "file:///etc/passwd",
+            "ftp://registry.example/x",
+            "gopher://x/",
+        ] {
+            let e = check_redirect(&public, &url(target), true).expect_err(target);
+            assert!(e.contains("only http and https"), "{e}");
+        }
     }
 
     #[test]

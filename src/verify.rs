@@ -131,6 +131,9 @@ fn forget(store: &Store, digests: &[String]) -> Result<(), StoreError> {
         }
     }
     tx.commit().map_err(db_err)?;
+    for d in doomed.iter() {
+        store.forget_in_memory(d);
+    }
     store.sub_used(freed);
     for d in digests {
         if let Ok(digest) = d.parse::<Digest>() {

@@ -8,4 +8,5 @@ mod ops;
 mod outage;
 mod prefetch;
 mod pull;
+mod security;
 mod support;

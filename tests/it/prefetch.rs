@@ -248,3 +248,43 @@ fn prefetch_exit_codes_bad_references_and_failures() {
         "{text}"
     );
 }
+
+#[test]
+fn prefetch_sends_credentials_to_an_htpasswd_protected_regcache() {
+    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
+    let upstream = Registry::start_seeded();
+    let htpasswd = work.path().join("htpasswd");
+    std::fs::write(
+        &htpasswd,
+        format!("ci:{}\n", bcrypt::hash("build-pw", 4).expect("bcrypt")),
+    )
+    .expect("htpasswd");
+    let rc = Regcache::start(&config_for(
+        &upstream.url(),
+        "",
+        &format!(
+            "[access]\nhtpasswd = {:?}\n",
+            htpasswd.display().to_string()
+        ),
+    ));
+    let out = prefetch(&rc.url(), &["small/oci:latest"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "without credentials the server refuses"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("401"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = prefetch(&rc.url(), &["small/oci:latest", "--auth", "ci:build-pw"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = prefetch(&rc.url(), &["small/oci:latest", "--auth", "no-colon"]);
+    assert_eq!(out.status.code(), Some(2));
+}

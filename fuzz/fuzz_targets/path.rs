@@ -1,0 +1,4 @@
+//! Fuzzes `regcache::fuzzing::path`: the parser must not panic and its answer must keep its invariants.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| regcache::fuzzing::path(data));
