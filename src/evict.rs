@@ -11,7 +11,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use redb::{ReadableDatabase, ReadableTable};
 
 use crate::reference::Digest;
-use crate::store::{Store, StoreError, ACCESS, BLOBS, MANIFESTS, PINS, REFBY, REFS, TAGS};
+use crate::store::{Store, StoreError, BLOBS, MANIFESTS, PINS, REFS, TAGS};
 
 fn db_err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Db(e.to_string())
@@ -197,7 +197,7 @@ pub fn evict_to(store: &Store, target: u64) -> Result<EvictReport, StoreError> {
                 doomed.insert(x);
             }
         }
-        let r = remove(store, &snap, &doomed)?;
+        let r = remove(store, &doomed)?;
         report.manifests += r.manifests;
         report.blobs += r.blobs;
         report.bytes += r.bytes;
@@ -216,55 +216,13 @@ pub fn evict_to(store: &Store, target: u64) -> Result<EvictReport, StoreError> {
 }
 
 /// Removes `doomed` digests: records first (one transaction), then files.
-fn remove(
-    store: &Store,
-    snap: &Snapshot,
-    doomed: &BTreeSet<String>,
-) -> Result<EvictReport, StoreError> {
-    let mut report = EvictReport::default();
-    if doomed.is_empty() {
-        return Ok(report);
-    }
-    let tx = store.db.begin_write().map_err(db_err)?;
-    {
-        let mut blobs = tx.open_table(BLOBS).map_err(db_err)?;
-        let mut manifests = tx.open_table(MANIFESTS).map_err(db_err)?;
-        let mut access = tx.open_table(ACCESS).map_err(db_err)?;
-        let mut refs = tx.open_table(REFS).map_err(db_err)?;
-        let mut refby = tx.open_table(REFBY).map_err(db_err)?;
-        let mut tags = tx.open_table(TAGS).map_err(db_err)?;
-        for d in doomed {
-            if let Some(size) = blobs.remove(d.as_str()).map_err(db_err)? {
-                report.bytes += size.value();
-                report.blobs += 1;
-            }
-            if manifests.remove(d.as_str()).map_err(db_err)?.is_some() {
-                report.manifests += 1;
-            }
-            access.remove(d.as_str()).map_err(db_err)?;
-            for c in snap.children.get(d).into_iter().flatten() {
-                refs.remove(format!("{d}\0{c}").as_str()).map_err(db_err)?;
-                refby.remove(format!("{c}\0{d}").as_str()).map_err(db_err)?;
-            }
-        }
-        // A tag whose manifest goes, goes too: a cached tag is always complete.
-        for (key, digest) in &snap.tags {
-            if doomed.contains(digest) {
-                tags.remove(key.as_str()).map_err(db_err)?;
-            }
-        }
-    }
-    tx.commit().map_err(db_err)?;
-    for d in doomed.iter() {
-        store.forget_in_memory(d);
-    }
-    store.sub_used(report.bytes);
-    for d in doomed {
-        if let Ok(digest) = d.parse::<Digest>() {
-            let _ = std::fs::remove_file(store.blob_path(&digest));
-        }
-    }
-    Ok(report)
+fn remove(store: &Store, doomed: &BTreeSet<String>) -> Result<EvictReport, StoreError> {
+    let (manifests, blobs, bytes) = store.drop_blobs(doomed)?;
+    Ok(EvictReport {
+        manifests,
+        blobs,
+        bytes,
+    })
 }
 
 /// The size the store should be brought down to, if it is over a limit now.

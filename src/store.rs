@@ -708,6 +708,74 @@ impl Store {
         Ok(())
     }
 
+    /// Removes the records of `doomed` (blob, manifest, access time, references, and the tags
+    /// that point at them: a cached tag is always complete) in one transaction, then their files.
+    /// Returns the manifests, blobs and bytes removed.
+    pub(crate) fn drop_blobs(
+        &self,
+        doomed: &std::collections::BTreeSet<String>,
+    ) -> Result<(u64, u64, u64), StoreError> {
+        let (mut manifests_n, mut blobs_n, mut bytes) = (0, 0, 0);
+        if doomed.is_empty() {
+            return Ok((0, 0, 0));
+        }
+        let tx = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut blobs = tx.open_table(BLOBS).map_err(db_err)?;
+            let mut manifests = tx.open_table(MANIFESTS).map_err(db_err)?;
+            let mut access = tx.open_table(ACCESS).map_err(db_err)?;
+            let mut refs = tx.open_table(REFS).map_err(db_err)?;
+            let mut refby = tx.open_table(REFBY).map_err(db_err)?;
+            for d in doomed {
+                if let Some(v) = blobs.remove(d.as_str()).map_err(db_err)? {
+                    bytes += v.value();
+                    blobs_n += 1;
+                }
+                if manifests.remove(d.as_str()).map_err(db_err)?.is_some() {
+                    manifests_n += 1;
+                }
+                access.remove(d.as_str()).map_err(db_err)?;
+                let (lo, hi) = (format!("{d}\0"), format!("{d}\x01"));
+                let children: Vec<String> = refs
+                    .range(lo.as_str()..hi.as_str())
+                    .map_err(db_err)?
+                    .filter_map(|i| i.ok().map(|(k, _)| k.value().to_owned()))
+                    .collect();
+                for k in children {
+                    refs.remove(k.as_str()).map_err(db_err)?;
+                    if let Some((p, c)) = k.split_once('\0') {
+                        refby.remove(format!("{c}\0{p}").as_str()).map_err(db_err)?;
+                    }
+                }
+            }
+            let mut tags = tx.open_table(TAGS).map_err(db_err)?;
+            let dangling: Vec<String> = tags
+                .iter()
+                .map_err(db_err)?
+                .filter_map(|i| i.ok())
+                .filter(|(_, v)| {
+                    serde_json::from_slice::<TagRecord>(v.value())
+                        .is_ok_and(|r| doomed.contains(&r.digest))
+                })
+                .map(|(k, _)| k.value().to_owned())
+                .collect();
+            for k in dangling {
+                tags.remove(k.as_str()).map_err(db_err)?;
+            }
+        }
+        tx.commit().map_err(db_err)?;
+        for d in doomed {
+            self.forget_in_memory(d);
+        }
+        self.sub_used(bytes);
+        for d in doomed {
+            if let Ok(digest) = d.parse::<Digest>() {
+                let _ = fs::remove_file(self.blob_path(&digest));
+            }
+        }
+        Ok((manifests_n, blobs_n, bytes))
+    }
+
     /// Records an intact blob file found without a record (no repository link: it is served
     /// once an upstream confirms a repository has it).
     pub fn record_orphan(&self, d: &Digest, size: u64) -> Result<(), StoreError> {

@@ -13,7 +13,7 @@ use std::path::Path;
 use redb::{ReadableDatabase, ReadableTable};
 
 use crate::reference::Digest;
-use crate::store::{Store, StoreError, ACCESS, BLOBS, MANIFESTS, REFBY, REFS, TAGS};
+use crate::store::{Store, StoreError, BLOBS, MANIFESTS, TAGS};
 
 fn db_err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Db(e.to_string())
@@ -81,66 +81,10 @@ fn hash_file(path: &Path, d: &Digest, progress: &mut dyn Progress) -> std::io::R
     Ok(h.finish())
 }
 
-/// Removes the records of `digests` (and tags that point at them) in one transaction, then
-/// their files.
+/// Removes the records of `digests` (and tags that point at them), then their files.
 fn forget(store: &Store, digests: &[String]) -> Result<(), StoreError> {
-    if digests.is_empty() {
-        return Ok(());
-    }
-    let doomed: HashSet<&str> = digests.iter().map(String::as_str).collect();
-    let tx = store.db.begin_write().map_err(db_err)?;
-    let mut freed = 0;
-    {
-        let mut blobs = tx.open_table(BLOBS).map_err(db_err)?;
-        let mut manifests = tx.open_table(MANIFESTS).map_err(db_err)?;
-        let mut access = tx.open_table(ACCESS).map_err(db_err)?;
-        let mut refs = tx.open_table(REFS).map_err(db_err)?;
-        let mut refby = tx.open_table(REFBY).map_err(db_err)?;
-        for d in &doomed {
-            if let Some(v) = blobs.remove(*d).map_err(db_err)? {
-                freed += v.value();
-            }
-            manifests.remove(*d).map_err(db_err)?;
-            access.remove(*d).map_err(db_err)?;
-            let (lo, hi) = (format!("{d}\0"), format!("{d}\x01"));
-            let children: Vec<String> = refs
-                .range(lo.as_str()..hi.as_str())
-                .map_err(db_err)?
-                .filter_map(|i| i.ok().map(|(k, _)| k.value().to_owned()))
-                .collect();
-            for k in children {
-                refs.remove(k.as_str()).map_err(db_err)?;
-                if let Some((p, c)) = k.split_once('\0') {
-                    refby.remove(format!("{c}\0{p}").as_str()).map_err(db_err)?;
-                }
-            }
-        }
-        let mut tags = tx.open_table(TAGS).map_err(db_err)?;
-        let dangling: Vec<String> = tags
-            .iter()
-            .map_err(db_err)?
-            .filter_map(|i| i.ok())
-            .filter(|(_, v)| {
-                serde_json::from_slice::<crate::store::TagRecord>(v.value())
-                    .is_ok_and(|r| doomed.contains(r.digest.as_str()))
-            })
-            .map(|(k, _)| k.value().to_owned())
-            .collect();
-        for k in dangling {
-            tags.remove(k.as_str()).map_err(db_err)?;
-        }
-    }
-    tx.commit().map_err(db_err)?;
-    for d in doomed.iter() {
-        store.forget_in_memory(d);
-    }
-    store.sub_used(freed);
-    for d in digests {
-        if let Ok(digest) = d.parse::<Digest>() {
-            let _ = std::fs::remove_file(store.blob_path(&digest));
-        }
-    }
-    Ok(())
+    let doomed: std::collections::BTreeSet<String> = digests.iter().cloned().collect();
+    store.drop_blobs(&doomed).map(|_| ())
 }
 
 /// Checks the store. With `online` (a server is using it), files in `tmp/` are fills in progress,
