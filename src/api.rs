@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use futures_util::stream;
+use futures_util::{stream, StreamExt};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full, StreamBody};
@@ -887,7 +887,10 @@ async fn blob(
         return Ok(resp);
     }
     *resp.body_mut() = match b.source {
-        BlobSource::File(f, hold) => channel_body(cache::stream_file(f, hold, start, end)),
+        BlobSource::File(f, hold) => {
+            let s = cache::stream_file(f, hold, start, end).map(|c| c.map(Frame::data));
+            BodyExt::boxed(StreamBody::new(s))
+        }
         BlobSource::Fill(f) => channel_body(cache::stream_fill(f, start, end)),
         BlobSource::Empty => empty(),
     };

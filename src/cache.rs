@@ -967,36 +967,32 @@ async fn read_next(mut file: File, offset: u64, len: usize) -> io::Result<(File,
 
 pub type BodyChunk = Result<Bytes, io::Error>;
 
-/// Streams bytes `start..=end` of a committed file into a channel.
+/// Bytes `start..=end` of a committed file, read as the client consumes them: each chunk is one
+/// trip to the blocking pool, with no task or channel in between.
 pub fn stream_file(
     file: File,
     hold: crate::store::Hold,
     start: u64,
     end: u64,
-) -> mpsc::Receiver<BodyChunk> {
-    let (tx, rx) = mpsc::channel(2);
-    tokio::spawn(async move {
-        let _hold = hold;
-        let mut file = file;
-        let mut pos = start;
-        while pos <= end {
+) -> impl futures_util::Stream<Item = BodyChunk> + Send + 'static {
+    futures_util::stream::unfold(
+        (Some(file), start, hold),
+        move |(file, pos, hold)| async move {
+            let file = file?;
+            if pos > end {
+                return None;
+            }
             let len = CHUNK.min((end + 1 - pos) as usize);
             match read_next(file, pos, len).await {
                 Ok((f, chunk)) => {
-                    file = f;
-                    pos += chunk.len() as u64;
-                    if tx.send(Ok(chunk)).await.is_err() {
-                        return; // client went away
-                    }
+                    let next = pos + chunk.len() as u64;
+                    Some((Ok(chunk), (Some(f), next, hold)))
                 }
-                Err(e) => {
-                    let _ = tx.send(Err(e)).await;
-                    return;
-                }
+                // The error ends the body (hyper aborts the response); nothing follows it.
+                Err(e) => Some((Err(e), (None, pos, hold))),
             }
-        }
-    });
-    rx
+        },
+    )
 }
 
 /// Streams bytes `start..=end` of a blob being filled, as they arrive. The last byte is sent only
