@@ -11,7 +11,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use redb::{ReadableDatabase, ReadableTable};
 
 use crate::reference::Digest;
-use crate::store::{Store, StoreError, BLOBS, MANIFESTS, PINS, REFS, TAGS};
+use crate::store::{Store, StoreError, PINS, REFS};
 
 fn db_err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Db(e.to_string())
@@ -28,7 +28,6 @@ pub struct EvictReport {
 /// A consistent picture of the store's metadata for one collection.
 struct Snapshot {
     sizes: HashMap<String, u64>,
-    manifests: HashSet<String>,
     children: HashMap<String, Vec<String>>,
     parents: HashMap<String, Vec<String>>,
     /// Tag key (`upstream \0 repo \0 tag`) → digest.
@@ -38,32 +37,14 @@ struct Snapshot {
 
 fn snapshot(store: &Store) -> Result<Snapshot, StoreError> {
     let tx = store.db.begin_read().map_err(db_err)?;
+    let (blobs, _, tags) = crate::store::read_records(&tx)?;
     let mut s = Snapshot {
-        sizes: HashMap::new(),
-        manifests: HashSet::new(),
+        sizes: blobs.into_iter().collect(),
         children: HashMap::new(),
         parents: HashMap::new(),
-        tags: Vec::new(),
+        tags: tags.into_iter().filter(|(_, d)| !d.is_empty()).collect(),
         pins: Vec::new(),
     };
-    for item in tx
-        .open_table(BLOBS)
-        .map_err(db_err)?
-        .iter()
-        .map_err(db_err)?
-    {
-        let (k, v) = item.map_err(db_err)?;
-        s.sizes.insert(k.value().to_owned(), v.value());
-    }
-    for item in tx
-        .open_table(MANIFESTS)
-        .map_err(db_err)?
-        .iter()
-        .map_err(db_err)?
-    {
-        s.manifests
-            .insert(item.map_err(db_err)?.0.value().to_owned());
-    }
     for item in tx
         .open_table(REFS)
         .map_err(db_err)?
@@ -80,17 +61,6 @@ fn snapshot(store: &Store) -> Result<Snapshot, StoreError> {
                 .entry(c.to_owned())
                 .or_default()
                 .push(p.to_owned());
-        }
-    }
-    for item in tx
-        .open_table(TAGS)
-        .map_err(db_err)?
-        .iter()
-        .map_err(db_err)?
-    {
-        let (k, v) = item.map_err(db_err)?;
-        if let Ok(rec) = serde_json::from_slice::<crate::store::TagRecord>(v.value()) {
-            s.tags.push((k.value().to_owned(), rec.digest));
         }
     }
     let mut pin_keys = Vec::new();

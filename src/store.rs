@@ -49,6 +49,46 @@ pub(crate) const ACCESS: TableDefinition<&str, u64> = TableDefinition::new("acce
 /// `upstream \0 repo \0 tag-or-digest` → unix seconds when pinned.
 pub(crate) const PINS: TableDefinition<&str, u64> = TableDefinition::new("pins");
 
+/// Every blob record (digest, size), every manifest digest and every tag (key, digest) of one
+/// read transaction: the whole-store view that eviction and verification start from.
+pub(crate) type Records = (Vec<(String, u64)>, Vec<String>, Vec<(String, String)>);
+
+pub(crate) fn read_records(tx: &redb::ReadTransaction) -> Result<Records, StoreError> {
+    let mut blobs = Vec::new();
+    for item in tx
+        .open_table(BLOBS)
+        .map_err(db_err)?
+        .iter()
+        .map_err(db_err)?
+    {
+        let (k, v) = item.map_err(db_err)?;
+        blobs.push((k.value().to_owned(), v.value()));
+    }
+    let mut manifests = Vec::new();
+    for item in tx
+        .open_table(MANIFESTS)
+        .map_err(db_err)?
+        .iter()
+        .map_err(db_err)?
+    {
+        manifests.push(item.map_err(db_err)?.0.value().to_owned());
+    }
+    let mut tags = Vec::new();
+    for item in tx
+        .open_table(TAGS)
+        .map_err(db_err)?
+        .iter()
+        .map_err(db_err)?
+    {
+        let (k, v) = item.map_err(db_err)?;
+        let digest = serde_json::from_slice::<TagRecord>(v.value())
+            .map(|r| r.digest)
+            .unwrap_or_default();
+        tags.push((k.value().to_owned(), digest));
+    }
+    Ok((blobs, manifests, tags))
+}
+
 /// The digests a manifest references: config, layers, index children, artifact blobs (not its
 /// `subject`, which it points at rather than contains).
 pub fn manifest_refs(bytes: &[u8]) -> Vec<Digest> {

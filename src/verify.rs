@@ -10,10 +10,10 @@ use std::fmt;
 use std::io::Read;
 use std::path::Path;
 
-use redb::{ReadableDatabase, ReadableTable};
+use redb::ReadableDatabase;
 
 use crate::reference::Digest;
-use crate::store::{Store, StoreError, BLOBS, MANIFESTS, TAGS};
+use crate::store::{Store, StoreError, TAGS};
 
 fn db_err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Db(e.to_string())
@@ -98,39 +98,7 @@ pub fn check(
     let mut report = Report::default();
     let (records, manifests, tags) = {
         let tx = store.db.begin_read().map_err(db_err)?;
-        let mut records: Vec<(String, u64)> = Vec::new();
-        for item in tx
-            .open_table(BLOBS)
-            .map_err(db_err)?
-            .iter()
-            .map_err(db_err)?
-        {
-            let (k, v) = item.map_err(db_err)?;
-            records.push((k.value().to_owned(), v.value()));
-        }
-        let mut manifests = Vec::new();
-        for item in tx
-            .open_table(MANIFESTS)
-            .map_err(db_err)?
-            .iter()
-            .map_err(db_err)?
-        {
-            manifests.push(item.map_err(db_err)?.0.value().to_owned());
-        }
-        let mut tags = Vec::new();
-        for item in tx
-            .open_table(TAGS)
-            .map_err(db_err)?
-            .iter()
-            .map_err(db_err)?
-        {
-            let (k, v) = item.map_err(db_err)?;
-            let digest = serde_json::from_slice::<crate::store::TagRecord>(v.value())
-                .map(|r| r.digest)
-                .unwrap_or_default();
-            tags.push((k.value().to_owned(), digest));
-        }
-        (records, manifests, tags)
+        crate::store::read_records(&tx)?
     };
     let recorded: HashMap<String, u64> = records.iter().cloned().collect();
 

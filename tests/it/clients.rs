@@ -9,15 +9,11 @@
 //! metrics (requests it answered 200, bytes it served) and, where the client says so, its log.
 
 use std::net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::support::clients::{
-    describe, registries_conf, require, run, Containerd, Dockerd, Podman,
-};
+use crate::support::clients::{describe, registries_conf, Containerd, Dockerd, Podman};
 use crate::support::process::metric;
 use crate::support::regcache::{config_for, Regcache};
 use crate::support::registry::{http_get, Registry, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX};
@@ -448,72 +444,6 @@ fn dockerd_and_podman_pull_warmed_images_from_regcache_while_upstream_is_black_h
     );
 }
 
-/// A CA (`ca.crt`) and a server certificate signed by it (`server.crt`, `server.key`) for `::1`,
-/// `127.0.0.1` and `localhost`, written to `dir`.
-fn make_certs(dir: &Path) {
-    let openssl = require("openssl", "openssl");
-    let ossl = |args: &[&str]| {
-        let mut cmd = Command::new(&openssl);
-        cmd.args(args).current_dir(dir);
-        let out = run(cmd, Duration::from_secs(30));
-        assert!(
-            out.status.success(),
-            "{}",
-            describe(&format!("openssl {}", args.join(" ")), &out)
-        );
-    };
-    ossl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=regcache clients test CA",
-    ]);
-    ossl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=localhost",
-    ]);
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=IP:::1,IP:127.0.0.1,DNS:localhost\n",
-    )
-    .expect("write ext.cnf");
-    ossl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-set_serial",
-        "0x5005",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-        "-out",
-        "server.crt",
-    ]);
-}
-
 /// A plain TCP relay from `[::1]:PORT` to `to` (the in-process regcache listens on 127.0.0.1 only,
 /// which dockerd never verifies TLS for); TLS stays end to end between the client and regcache.
 /// Counts the connections it relayed.
@@ -588,7 +518,7 @@ fn dockerd_pulls_through_an_https_mirror_trusting_a_ca_in_certs_d() {
     let upstream = Registry::start_seeded();
     let busybox = upstream_digest(&upstream, "library/busybox", "latest", DOCKER_MANIFEST);
     let certs = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("certs dir");
-    make_certs(certs.path());
+    crate::support::certs::make_certs(certs.path(), "0x5005");
     let rc = Regcache::start(&config_for(
         &upstream.url(),
         "",

@@ -14,6 +14,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::support::fake::{sha256_digest, FakeUpstream, RequestRecord, OCI_MANIFEST};
 use crate::support::regcache::{client, config_for, error_code, Regcache};
+use crate::support::reply::{get, send, Reply};
 
 // ---- helpers ------------------------------------------------------------------------------------
 
@@ -28,57 +29,6 @@ fn pseudo_random(len: usize, seed: u64) -> Bytes {
         chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
     }
     Bytes::from(v)
-}
-
-/// A response read whole.
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-
-    /// Status, headers and (the start of) the body, for assertion messages.
-    fn describe(&self) -> String {
-        let body = String::from_utf8_lossy(&self.body[..self.body.len().min(600)]).into_owned();
-        format!(
-            "status {} headers {:?} body ({} bytes) {body:?}",
-            self.status,
-            self.headers,
-            self.body.len()
-        )
-    }
-
-    fn json(&self, what: &str) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("{what}: body is not JSON ({e}): {}", self.describe()))
-    }
-}
-
-async fn send(req: reqwest::RequestBuilder, what: &str) -> Reply {
-    let resp = req
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{what}: request failed: {e}"));
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let body = resp
-        .bytes()
-        .await
-        .unwrap_or_else(|e| panic!("{what}: reading the body failed (status {status}): {e}"));
-    Reply {
-        status,
-        headers,
-        body,
-    }
-}
-
-async fn get(url: &str) -> Reply {
-    send(client().get(url), &format!("GET {url}")).await
 }
 
 /// The body is OCI error JSON: `{"errors": [{"code": "...", "message": "...", ...}, ...]}`.

@@ -18,53 +18,9 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::support::fake::{sha256_digest, FakeUpstream, OCI_MANIFEST};
 use crate::support::regcache::{client, config_for, error_code, Regcache};
+use crate::support::reply::{get, send, Reply};
 
 // ---- helpers ------------------------------------------------------------------------------------
-
-/// A response read whole.
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-
-    fn describe(&self) -> String {
-        let body = String::from_utf8_lossy(&self.body[..self.body.len().min(400)]).into_owned();
-        format!(
-            "status {} headers {:?} body ({} bytes) {body:?}",
-            self.status,
-            self.headers,
-            self.body.len()
-        )
-    }
-}
-
-async fn send(req: reqwest::RequestBuilder, what: &str) -> Reply {
-    let resp = req
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{what}: request failed: {e}"));
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let body = resp
-        .bytes()
-        .await
-        .unwrap_or_else(|e| panic!("{what}: reading the body failed (status {status}): {e}"));
-    Reply {
-        status,
-        headers,
-        body,
-    }
-}
-
-async fn get(url: &str) -> Reply {
-    send(client().get(url), &format!("GET {url}")).await
-}
 
 /// A client that opens a new connection for every request (connection limits are counted).
 fn fresh_client() -> reqwest::Client {

@@ -1,6 +1,7 @@
 //! Shared test support: real upstream registry, fixtures, fake upstream, regcache harness.
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod clients;
 pub mod consul;
 pub mod etcd;
@@ -8,3 +9,4 @@ pub mod fake;
 pub mod process;
 pub mod regcache;
 pub mod registry;
+pub mod reply;

@@ -1,0 +1,58 @@
+//! Test HTTP replies: status, headers and body read whole, with helpers for assertion messages.
+
+use bytes::Bytes;
+use reqwest::header::HeaderMap;
+use reqwest::StatusCode;
+
+use super::regcache::client;
+
+/// A response read whole.
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Status, headers and (the start of) the body, for assertion messages.
+    pub fn describe(&self) -> String {
+        let body = String::from_utf8_lossy(&self.body[..self.body.len().min(600)]).into_owned();
+        format!(
+            "status {} headers {:?} body ({} bytes) {body:?}",
+            self.status,
+            self.headers,
+            self.body.len()
+        )
+    }
+
+    pub fn json(&self, what: &str) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("{what}: body is not JSON ({e}): {}", self.describe()))
+    }
+}
+
+pub async fn send(req: reqwest::RequestBuilder, what: &str) -> Reply {
+    let resp = req
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{what}: request failed: {e}"));
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp
+        .bytes()
+        .await
+        .unwrap_or_else(|e| panic!("{what}: reading the body failed (status {status}): {e}"));
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+pub async fn get(url: &str) -> Reply {
+    send(client().get(url), &format!("GET {url}")).await
+}
