@@ -323,21 +323,7 @@ pub fn pin(args: PinArgs) -> ExitCode {
                 Target::Offline(app) => {
                     let store = &app.cache.store;
                     match image {
-                        None => {
-                            let routing = app.routing();
-                            Ok(store
-                                .pins()?
-                                .into_iter()
-                                .map(|(u, r, x)| {
-                                    let name = routing.catalog_name(&u, &r);
-                                    if x.contains(':') {
-                                        format!("{name}@{x}")
-                                    } else {
-                                        format!("{name}:{x}")
-                                    }
-                                })
-                                .collect())
-                        }
+                        None => Ok(app.routing().pin_names(store)?),
                         Some(i) => {
                             let r = crate::reference::ImageRef::parse(i)?;
                             let route = app

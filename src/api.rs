@@ -530,22 +530,10 @@ async fn admin(
             Ok(json_response(&body, false, "application/json"))
         }
         ("GET", "pins") => {
-            let routing = app.routing();
-            let pins: Vec<String> = app
-                .cache
-                .store
-                .pins()
-                .map_err(|e| internal(&e))?
-                .into_iter()
-                .map(|(u, r, x)| {
-                    let name = routing.catalog_name(&u, &r);
-                    if x.contains(':') {
-                        format!("{name}@{x}")
-                    } else {
-                        format!("{name}:{x}")
-                    }
-                })
-                .collect();
+            let pins = app
+                .routing()
+                .pin_names(&app.cache.store)
+                .map_err(|e| internal(&e))?;
             Ok(json_response(
                 &serde_json::json!({ "pins": pins }),
                 false,
@@ -835,7 +823,7 @@ async fn blob(
     if let (Some(_), None, BlobSource::Fill(f)) = (range, size, &b.source) {
         // A range needs the total size; this upstream did not announce it.
         size = Some(
-            cache::fill_size(f)
+            f.wait_done()
                 .await
                 .map_err(|e| cache_error(e, Object::Blob))?,
         );

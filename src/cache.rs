@@ -1060,8 +1060,3 @@ pub fn stream_fill(fill: Arc<Fill>, start: u64, end: u64) -> mpsc::Receiver<Body
     });
     rx
 }
-
-/// Waits for a fill to finish and gives its size (for ranges on fills of unknown size).
-pub async fn fill_size(fill: &Fill) -> Result<u64, CacheError> {
-    fill.wait_done().await
-}

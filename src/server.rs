@@ -75,6 +75,25 @@ impl Routing {
             .map(|&i| Arc::clone(&self.upstreams[i]))
     }
 
+    /// Every pin as an image reference (`name:tag` or `name@digest`).
+    pub fn pin_names(
+        &self,
+        store: &crate::store::Store,
+    ) -> Result<Vec<String>, crate::store::StoreError> {
+        Ok(store
+            .pins()?
+            .into_iter()
+            .map(|(u, r, x)| {
+                let name = self.catalog_name(&u, &r);
+                if x.contains(':') {
+                    format!("{name}@{x}")
+                } else {
+                    format!("{name}:{x}")
+                }
+            })
+            .collect())
+    }
+
     /// The name under which `/v2/_catalog` lists a cached repository.
     pub fn catalog_name(&self, upstream: &str, repo: &str) -> String {
         if upstream == self.config.default_upstream().name {
@@ -254,9 +273,6 @@ pub fn free_bytes(path: &std::path::Path) -> Option<u64> {
     let st = rustix::fs::statvfs(path).ok()?;
     Some(st.f_bavail.saturating_mul(st.f_frsize))
 }
-
-/// How long in-flight requests may take to finish after shutdown was asked for.
-pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 
 /// At most this many connections over `limits.max_connections` are being answered `503` at once;
 /// beyond that they are closed without an answer.

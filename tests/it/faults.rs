@@ -9,12 +9,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures_util::StreamExt as _;
-use http::{HeaderMap, StatusCode};
+use http::StatusCode;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::support::fake::{sha256_digest, FakeUpstream, RequestRecord, OCI_MANIFEST};
 use crate::support::regcache::{client, config_for, error_code, Regcache};
-use crate::support::reply::{get, send, Reply};
+use crate::support::reply::{get, parse_reply, send, Reply};
 
 // ---- helpers ------------------------------------------------------------------------------------
 
@@ -84,40 +84,7 @@ async fn raw_request(addr: SocketAddr, method: &str, path: &str) -> Reply {
         .await
         .unwrap_or_else(|_| panic!("{what}: no complete answer in 10 s"))
         .unwrap_or_else(|e| panic!("{what}: read: {e}"));
-    let split = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| {
-            panic!(
-                "{what}: no header end in {:?}",
-                String::from_utf8_lossy(&buf)
-            )
-        });
-    let head = String::from_utf8_lossy(&buf[..split]).into_owned();
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status: u16 = status_line
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("{what}: bad status line {status_line:?}"));
-    let mut headers = HeaderMap::new();
-    for line in lines {
-        if let Some((k, v)) = line.split_once(':') {
-            if let (Ok(k), Ok(v)) = (
-                http::HeaderName::from_bytes(k.trim().as_bytes()),
-                http::HeaderValue::from_str(v.trim()),
-            ) {
-                headers.append(k, v);
-            }
-        }
-    }
-    Reply {
-        status: StatusCode::from_u16(status)
-            .unwrap_or_else(|e| panic!("{what}: status {status}: {e}")),
-        headers,
-        body: Bytes::copy_from_slice(&buf[split + 4..]),
-    }
+    parse_reply(&buf, &what)
 }
 
 /// Reads a response body as a stream: the bytes that arrived and the error that ended it, if any.

@@ -56,3 +56,40 @@ pub async fn send(req: reqwest::RequestBuilder, what: &str) -> Reply {
 pub async fn get(url: &str) -> Reply {
     send(client().get(url), &format!("GET {url}")).await
 }
+
+/// Parses a raw HTTP/1.1 response (head and body as received; no chunked decoding).
+pub fn parse_reply(buf: &[u8], what: &str) -> Reply {
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| {
+            panic!(
+                "{what}: no header end in {:?}",
+                String::from_utf8_lossy(buf)
+            )
+        });
+    let head = String::from_utf8_lossy(&buf[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status: u16 = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{what}: bad status line {status_line:?}"));
+    let mut headers = HeaderMap::new();
+    for line in lines {
+        if let Some((k, v)) = line.split_once(':') {
+            if let (Ok(k), Ok(v)) = (
+                http::HeaderName::from_bytes(k.trim().as_bytes()),
+                http::HeaderValue::from_str(v.trim()),
+            ) {
+                headers.append(k, v);
+            }
+        }
+    }
+    Reply {
+        status: StatusCode::from_u16(status).unwrap_or_else(|e| panic!("{what}: {status}: {e}")),
+        headers,
+        body: Bytes::copy_from_slice(&buf[split + 4..]),
+    }
+}
