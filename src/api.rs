@@ -813,6 +813,25 @@ async fn blob(
     info: &mut LogInfo,
 ) -> Result<Response<Body>, ApiError> {
     let range = parse_range(headers.get(header::RANGE));
+    if !head {
+        let redirect = app
+            .cache
+            .blob_redirect(route, digest)
+            .await
+            .map_err(|e| cache_error(e, Object::Blob))?;
+        if let Some(url) = redirect {
+            info.outcome = Some(cache::Outcome::Shared);
+            let mut resp = Response::new(empty());
+            *resp.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+            set_header(resp.headers_mut(), header::LOCATION, url.as_str());
+            set_header(
+                resp.headers_mut(),
+                "docker-content-digest",
+                &digest.to_string(),
+            );
+            return Ok(resp);
+        }
+    }
     let b = app
         .cache
         .blob(route, digest, !head)

@@ -18,10 +18,11 @@ use bytes::Bytes;
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use tokio::sync::{mpsc, watch};
 
+use crate::bucket::{upstream_id, Bucket};
 use crate::metrics::Metrics;
 use crate::reference::{Digest, Reference, RepoName, Tag};
 use crate::store::{now_millis, RepoKey, Store, StoreError, TempBlob};
-use crate::upstream::{Upstream, UpstreamError};
+use crate::upstream::{media_type_from_body, Upstream, UpstreamError};
 
 /// Size of the chunks read from files and sent to clients.
 pub const CHUNK: usize = 256 * 1024;
@@ -78,6 +79,8 @@ pub enum Outcome {
     Stale,
     /// Answered by the upstream without caching (e.g. a HEAD of an uncached blob).
     Passthrough,
+    /// Served from the shared bucket (`[store.s3]`): another server fetched it.
+    Shared,
 }
 
 impl Outcome {
@@ -89,6 +92,7 @@ impl Outcome {
             Outcome::Coalesced => "coalesced",
             Outcome::Stale => "stale",
             Outcome::Passthrough => "passthrough",
+            Outcome::Shared => "shared",
         }
     }
 }
@@ -136,6 +140,14 @@ pub struct Fill {
     /// Set when the disk filled up mid-fill: the file holds the bytes before `disk_len`, memory
     /// the rest, and the blob is served to its clients without being cached.
     tail: Mutex<Option<MemoryTail>>,
+    /// Set when the bytes come from the shared bucket rather than the upstream.
+    from_bucket: std::sync::atomic::AtomicBool,
+}
+
+/// Where a fill reads from.
+enum Source {
+    Upstream(reqwest::Response),
+    Bucket(futures_util::stream::BoxStream<'static, object_store::Result<Bytes>>),
 }
 
 struct MemoryTail {
@@ -224,6 +236,8 @@ pub struct Cache {
     /// How long a new fill waits for a slot (`limits.fill_wait`), in milliseconds.
     fill_wait_ms: std::sync::atomic::AtomicU64,
     pub metrics: Arc<Metrics>,
+    /// The shared tier, when `[store.s3]` is configured.
+    pub bucket: Option<Arc<Bucket>>,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -296,6 +310,7 @@ impl Cache {
             fill_slots: Mutex::new((Arc::new(tokio::sync::Semaphore::new(64)), 64)),
             fill_wait_ms: std::sync::atomic::AtomicU64::new(30_000),
             metrics,
+            bucket: None,
         }
     }
 
@@ -415,6 +430,9 @@ impl Cache {
         let key = route.key();
         match reference {
             Reference::Digest(d) => {
+                if let Some(m) = self.shared_manifest(route, d).await? {
+                    return Ok(m);
+                }
                 if self.store.manifest_info(d)?.is_some() {
                     // Stored for another repository: the upstream must confirm this one has it.
                     up.head_manifest(&route.repo, &d.to_string()).await?;
@@ -427,6 +445,9 @@ impl Cache {
                 self.download_manifest(route, reference, None).await
             }
             Reference::Tag(t) => {
+                if let Some(m) = self.shared_tag(route, t).await? {
+                    return Ok(m);
+                }
                 let cached = match self.store.tag(&key, t)? {
                     Some(rec) => match rec.digest.parse::<Digest>() {
                         Ok(d) => self.stored_manifest(&d, Outcome::Hit)?.map(|m| (rec, m)),
@@ -462,8 +483,23 @@ impl Cache {
                 match head {
                     Ok(head) => match head.digest {
                         Some(d) if d == cached.digest => {
-                            let (store, k2, t2) = (Arc::clone(&self.store), key.clone(), t.clone());
-                            blocking(move || store.set_tag(&k2, &t2, &d, now_millis())).await?;
+                            let now = now_millis();
+                            let (store, k2, t2, d2) =
+                                (Arc::clone(&self.store), key.clone(), t.clone(), d.clone());
+                            blocking(move || store.set_tag(&k2, &t2, &d2, now)).await?;
+                            if let Some(b) = &self.bucket {
+                                let (b, id, repo, t) = (
+                                    Arc::clone(b),
+                                    upstream_id(&up.config.url),
+                                    route.repo.clone(),
+                                    t.clone(),
+                                );
+                                tokio::spawn(async move {
+                                    if let Err(e) = b.put_tag(&id, &repo, &t, &d, now).await {
+                                        tracing::debug!(error = %e, "tag record not shared");
+                                    }
+                                });
+                            }
                             Ok(Manifest {
                                 outcome: Outcome::Revalidated,
                                 ..cached
@@ -483,6 +519,157 @@ impl Cache {
                 }
             }
         }
+    }
+
+    /// A manifest by digest from the shared bucket, if the bucket says `route`'s repository has
+    /// it (another server fetched it from the upstream for that repository).
+    async fn shared_manifest(
+        &self,
+        route: &Route,
+        d: &Digest,
+    ) -> Result<Option<Manifest>, CacheError> {
+        let Some(b) = self.bucket.as_ref().filter(|b| b.is_up()) else {
+            return Ok(None);
+        };
+        match b
+            .is_linked(&upstream_id(&route.upstream.config.url), &route.repo, d)
+            .await
+        {
+            Ok(true) => self.import_manifest(b, route, d, None).await,
+            Ok(false) => Ok(None),
+            Err(e) => {
+                tracing::debug!(digest = %d, error = %e, "bucket not asked for the manifest");
+                Ok(None)
+            }
+        }
+    }
+
+    /// A tag from the shared bucket when its record is newer than ours: served (`Some`) when
+    /// still fresh, else only copied so that revalidation and stale answers start from it.
+    async fn shared_tag(&self, route: &Route, t: &Tag) -> Result<Option<Manifest>, CacheError> {
+        let Some(b) = self.bucket.as_ref().filter(|b| b.is_up()) else {
+            return Ok(None);
+        };
+        let local = self.store.tag(&route.key(), t)?.map(|r| r.checked_at_ms);
+        let rec = match b
+            .tag(&upstream_id(&route.upstream.config.url), &route.repo, t)
+            .await
+        {
+            Ok(Some(rec)) => rec,
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                tracing::debug!(tag = %t, error = %e, "bucket not asked for the tag");
+                return Ok(None);
+            }
+        };
+        if local.is_some_and(|l| l >= rec.checked_at_ms) {
+            return Ok(None);
+        }
+        let Ok(d) = rec.digest.parse::<Digest>() else {
+            return Ok(None);
+        };
+        let imported = self
+            .import_manifest(b, route, &d, Some((t, rec.checked_at_ms)))
+            .await?;
+        let age = Duration::from_millis(now_millis().saturating_sub(rec.checked_at_ms));
+        Ok(imported.filter(|_| age < route.upstream.config.freshness))
+    }
+
+    /// Stores the manifest `d` for `route` (taking the bytes from the bucket unless stored
+    /// here), and points `tag` at it with the bucket record's check time.
+    async fn import_manifest(
+        &self,
+        b: &Bucket,
+        route: &Route,
+        d: &Digest,
+        tag: Option<(&Tag, u64)>,
+    ) -> Result<Option<Manifest>, CacheError> {
+        let (media_type, bytes) = match self.store.manifest(d)? {
+            Some(m) => m,
+            None => {
+                let (mt, bytes) = match b.manifest(d).await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => return Ok(None),
+                    Err(e) => {
+                        tracing::debug!(digest = %d, error = %e, "manifest not read from the bucket");
+                        return Ok(None);
+                    }
+                };
+                let max = self
+                    .max_manifest_size
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                if bytes.len() as u64 > max || !d.matches(&bytes) {
+                    tracing::warn!(digest = %d, "the bucket's copy of a manifest is oversized or does not match its digest; ignoring it");
+                    return Ok(None);
+                }
+                let mt = mt
+                    .filter(|m| m.contains('/') && m != "application/octet-stream")
+                    .or_else(|| media_type_from_body(&bytes))
+                    .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".into());
+                (mt, bytes)
+            }
+        };
+        let subject = referrer_descriptor(&bytes, &media_type, d);
+        let (store, key, d2, mt, bytes2, tag2) = (
+            Arc::clone(&self.store),
+            route.key(),
+            d.clone(),
+            media_type.clone(),
+            bytes.clone(),
+            tag.map(|(t, at)| (t.clone(), at)),
+        );
+        blocking(move || {
+            store.put_manifest(
+                &key,
+                &d2,
+                &mt,
+                &bytes2,
+                None,
+                subject.as_ref().map(|(s, desc)| (s, desc.as_slice())),
+            )?;
+            if let Some((t, at)) = tag2 {
+                store.set_tag(&key, &t, &d2, at)?;
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(Some(Manifest {
+            digest: d.clone(),
+            media_type,
+            bytes,
+            outcome: Outcome::Shared,
+            stale_reason: None,
+        }))
+    }
+
+    /// Shares a manifest just fetched from the upstream (and its tag) through the bucket.
+    fn publish_manifest(
+        &self,
+        route: &Route,
+        d: &Digest,
+        media_type: &str,
+        bytes: &Bytes,
+        tag: Option<&Tag>,
+    ) {
+        let Some(b) = self.bucket.as_ref().filter(|b| b.is_up()) else {
+            return;
+        };
+        let (b, id, repo, d, mt, bytes, tag) = (
+            Arc::clone(b),
+            upstream_id(&route.upstream.config.url),
+            route.repo.clone(),
+            d.clone(),
+            media_type.to_owned(),
+            bytes.clone(),
+            tag.cloned(),
+        );
+        let now = now_millis();
+        tokio::spawn(async move {
+            let tag = tag.as_ref().map(|t| (t, now));
+            if let Err(e) = b.put_manifest(&id, &repo, &d, &mt, bytes, tag).await {
+                tracing::debug!(digest = %d, error = %e, "manifest not shared");
+            }
+        });
     }
 
     async fn download_manifest(
@@ -526,7 +713,10 @@ impl Cache {
         })
         .await;
         let outcome = match stored {
-            Ok(()) => Outcome::Miss,
+            Ok(()) => {
+                self.publish_manifest(route, &digest, &fetched.media_type, &fetched.bytes, tag);
+                Outcome::Miss
+            }
             Err(e) => {
                 // Verified bytes are still good to serve; they are just not cached.
                 tracing::warn!(digest = %digest, error = %e, "cannot store the manifest; serving it uncached");
@@ -593,21 +783,47 @@ impl Cache {
             .get(&fill_key)
             .cloned();
         if !want_body && existing.is_none() {
-            let size = route.upstream.head_blob(&route.repo, d).await?;
-            return Ok(Blob {
-                size,
-                source: BlobSource::Empty,
-                outcome: Outcome::Passthrough,
-            });
+            if let Some(size) = self.shared_blob_size(route, d).await? {
+                return Ok(Blob {
+                    size: Some(size),
+                    source: BlobSource::Empty,
+                    outcome: Outcome::Shared,
+                });
+            }
         }
-        let (fill, outcome) = match existing {
+        let (fill, mut outcome) = match existing {
             Some(f) => (f, Outcome::Coalesced),
+            None if !want_body => {
+                // A HEAD of a blob nobody is fetching: start the fill if a slot is free (so a
+                // HEAD through a chain of mirrors fills each of them), else just ask.
+                let slot = self
+                    .fill_slots
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0
+                    .clone()
+                    .try_acquire_owned();
+                match slot {
+                    Ok(slot) => self.start_fill(route, d, fill_key, slot)?,
+                    Err(_) => {
+                        let size = route.upstream.head_blob(&route.repo, d).await?;
+                        return Ok(Blob {
+                            size,
+                            source: BlobSource::Empty,
+                            outcome: Outcome::Passthrough,
+                        });
+                    }
+                }
+            }
             None => {
                 let slot = self.fill_slot().await?;
                 self.start_fill(route, d, fill_key, slot)?
             }
         };
         let size = fill.wait_started().await?;
+        if outcome == Outcome::Miss && fill.from_bucket.load(std::sync::atomic::Ordering::Relaxed) {
+            outcome = Outcome::Shared;
+        }
         Ok(Blob {
             size,
             source: if want_body {
@@ -617,6 +833,113 @@ impl Cache {
             },
             outcome,
         })
+    }
+
+    /// Whether the bucket may be asked for blob `d` on behalf of `route`'s repository: a manifest
+    /// of that repository references it (or it was linked there).
+    fn bucket_for_blob(
+        &self,
+        route: &Route,
+        d: &Digest,
+    ) -> Result<Option<&Arc<Bucket>>, CacheError> {
+        let Some(b) = self.bucket.as_ref().filter(|b| b.is_up()) else {
+            return Ok(None);
+        };
+        let key = route.key();
+        if self.store.is_linked(&key, d)? || self.store.is_referenced(&key, d)? {
+            Ok(Some(b))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// The size of blob `d` if the bucket holds it for `route`.
+    async fn shared_blob_size(&self, route: &Route, d: &Digest) -> Result<Option<u64>, CacheError> {
+        let Some(b) = self.bucket_for_blob(route, d)? else {
+            return Ok(None);
+        };
+        match b.head_blob(d).await {
+            Ok(size) => Ok(size),
+            Err(e) => {
+                tracing::debug!(digest = %d, error = %e, "bucket not asked for the blob");
+                Ok(None)
+            }
+        }
+    }
+
+    /// A presigned URL of the bucket's copy of `d`, when `[store.s3] redirect` is on, the blob
+    /// is not in the local tier, and `route`'s repository may have it.
+    pub async fn blob_redirect(
+        &self,
+        route: &Route,
+        d: &Digest,
+    ) -> Result<Option<reqwest::Url>, CacheError> {
+        let Some(b) = self.bucket_for_blob(route, d)?.filter(|b| b.redirects()) else {
+            return Ok(None);
+        };
+        if self.store.blob_size(d)?.is_some() {
+            return Ok(None);
+        }
+        match b.blob_url(d).await {
+            Ok(url) => Ok(url),
+            Err(e) => {
+                tracing::debug!(digest = %d, error = %e, "no presigned URL");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Opens the blob's bytes from `offset`: the bucket's copy when it may serve `route` and
+    /// holds it, else the upstream.
+    async fn open_source(
+        &self,
+        route: &Route,
+        d: &Digest,
+        offset: u64,
+        bucket: bool,
+    ) -> Result<(Source, Option<u64>), CacheError> {
+        if bucket {
+            if let Some(b) = self.bucket_for_blob(route, d)? {
+                match b.get_blob(d, offset).await {
+                    Ok(Some(blob)) => return Ok((Source::Bucket(blob.stream), Some(blob.size))),
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::debug!(digest = %d, error = %e, "bucket not asked for the blob")
+                    }
+                }
+            }
+        }
+        let resp = route.upstream.get_blob(&route.repo, d, offset).await?;
+        let size = resp.content_length();
+        Ok((Source::Upstream(resp), size))
+    }
+
+    /// The next chunk of a fill's source (`Ok(None)` at its end).
+    async fn next_chunk(
+        &self,
+        up: &Upstream,
+        source: &mut Source,
+    ) -> Result<Option<Bytes>, UpstreamError> {
+        match source {
+            Source::Upstream(resp) => up.next_chunk(resp).await,
+            Source::Bucket(stream) => {
+                let idle = up.config.idle_timeout;
+                let r =
+                    match tokio::time::timeout(idle, futures_util::StreamExt::next(stream)).await {
+                        Ok(Some(Ok(c))) => return Ok(Some(c)),
+                        Ok(None) => return Ok(None),
+                        Ok(Some(Err(e))) => e.to_string(),
+                        Err(_) => format!("no data for {idle:?}"),
+                    };
+                if let Some(b) = &self.bucket {
+                    b.failed("get", &r);
+                }
+                Err(UpstreamError::Unreachable {
+                    upstream: "bucket".into(),
+                    detail: r,
+                })
+            }
+        }
     }
 
     /// Starts (or joins, if one raced us) the fill of `d` for `route`; the fill holds `slot`
@@ -643,6 +966,7 @@ impl Cache {
             file: read,
             state: rx,
             tail: Mutex::new(None),
+            from_bucket: std::sync::atomic::AtomicBool::new(false),
         });
         fills.insert(fill_key.clone(), Arc::clone(&fill));
         drop(fills);
@@ -703,8 +1027,10 @@ impl Cache {
         fill: &Fill,
     ) -> Result<u64, CacheError> {
         let up = &route.upstream;
-        let mut resp = up.get_blob(&route.repo, d, 0).await?;
-        let size = resp.content_length();
+        let (mut source, size) = self.open_source(route, d, 0, true).await?;
+        let from_bucket = matches!(source, Source::Bucket(_));
+        fill.from_bucket
+            .store(from_bucket, std::sync::atomic::Ordering::Relaxed);
         tx.send_replace(FillState::Streaming { size, written: 0 });
         let mut state = Some((temp, d.hasher()));
         let mut written: u64 = 0;
@@ -714,7 +1040,7 @@ impl Cache {
         loop {
             let next = match carry.take() {
                 Some(r) => r,
-                None => up.next_chunk(&mut resp).await,
+                None => self.next_chunk(up, &mut source).await,
             };
             let chunk = match next {
                 Ok(Some(c)) if c.is_empty() => continue,
@@ -724,7 +1050,7 @@ impl Cache {
                     // The stream broke (or ended early): ask for the rest.
                     resumes += 1;
                     tracing::warn!(upstream = up.name(), digest = %d, written, attempt = resumes, "blob stream broke; resuming with Range");
-                    resp = up.get_blob(&route.repo, d, written).await?;
+                    source = self.open_source(route, d, written, false).await?.0;
                     continue;
                 }
                 Ok(None) => {
@@ -743,7 +1069,7 @@ impl Cache {
                 let mut parts = vec![chunk];
                 let mut total = parts[0].len();
                 while total < WRITE_BATCH {
-                    match up.next_chunk(&mut resp).now_or_never() {
+                    match self.next_chunk(up, &mut source).now_or_never() {
                         Some(Ok(Some(c))) => {
                             total += c.len();
                             parts.push(c);
@@ -825,10 +1151,12 @@ impl Cache {
             }
             state = Some((temp, hasher));
             written += len;
-            self.metrics
-                .bytes_fetched
-                .get_or_create(&Metrics::upstream(up.name()))
-                .inc_by(len);
+            if matches!(source, Source::Upstream(_)) {
+                self.metrics
+                    .bytes_fetched
+                    .get_or_create(&Metrics::upstream(up.name()))
+                    .inc_by(len);
+            }
             tx.send_replace(FillState::Streaming { size, written });
         }
         let (temp, hasher) = state
@@ -856,7 +1184,12 @@ impl Cache {
         tx.send_replace(FillState::Done { size: written });
         let (store, key, d2) = (Arc::clone(&self.store), route.key(), d.clone());
         match blocking(move || store.commit_blob(temp, &d2, written, &key, None)).await {
-            Ok(()) => self.store.set_full(false),
+            Ok(()) => {
+                self.store.set_full(false);
+                if !from_bucket {
+                    self.share_blob(d, written);
+                }
+            }
             Err(CacheError::Store(msg)) if msg.contains("os error 28") => {
                 // The bytes were verified and the clients have them; only caching failed.
                 self.store.set_full(true);
@@ -867,6 +1200,29 @@ impl Cache {
             }
         }
         Ok(written)
+    }
+}
+
+impl Cache {
+    /// Uploads a blob just committed from the upstream to the bucket, in the background.
+    fn share_blob(&self, d: &Digest, size: u64) {
+        let Some(b) = self.bucket.as_ref().filter(|b| b.is_up()) else {
+            return;
+        };
+        // Opened now, so eviction cannot take the file away during the upload.
+        let file = match self.store.open_blob(d) {
+            Ok(Some((file, _))) => file,
+            _ => return,
+        };
+        let (b, d) = (Arc::clone(b), d.clone());
+        tokio::spawn(async move {
+            match b.put_blob(&d, file, size).await {
+                Ok(()) => tracing::debug!(digest = %d, size, "blob shared"),
+                Err(e) => {
+                    tracing::warn!(digest = %d, error = %e, "blob not shared through the bucket")
+                }
+            }
+        });
     }
 }
 

@@ -270,6 +270,62 @@ pub struct RawStore {
     pub min_free: Option<ByteSize>,
     pub low_water: Option<u8>,
     pub gc_interval: Option<DurationValue>,
+    pub s3: Option<RawS3>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawS3 {
+    pub bucket: String,
+    pub endpoint: Option<UpstreamUrl>,
+    pub region: Option<String>,
+    pub prefix: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    pub secret_access_key_env: Option<String>,
+    pub virtual_hosted_style: Option<bool>,
+    pub timeout: Option<DurationValue>,
+    pub redirect: Option<bool>,
+    pub redirect_ttl: Option<DurationValue>,
+}
+
+/// The shared S3-compatible bucket behind the local store (`[store.s3]`).
+#[derive(Clone, PartialEq)]
+pub struct S3Config {
+    pub bucket: String,
+    /// `None`: AWS S3 itself (the endpoint follows from the region).
+    pub endpoint: Option<reqwest::Url>,
+    pub region: String,
+    /// Key prefix inside the bucket, without slashes at either end ("" for none).
+    pub prefix: String,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    pub virtual_hosted_style: bool,
+    /// Bound on one bucket request (a blob download is bounded per chunk instead).
+    pub timeout: Duration,
+    /// Answer GETs of blobs held by the bucket with a redirect to a presigned URL.
+    pub redirect: bool,
+    pub redirect_ttl: Duration,
+}
+
+impl std::fmt::Debug for S3Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Config")
+            .field("bucket", &self.bucket)
+            .field("endpoint", &self.endpoint.as_ref().map(|u| u.as_str()))
+            .field("region", &self.region)
+            .field("prefix", &self.prefix)
+            .field("access_key_id", &self.access_key_id)
+            .field(
+                "secret_access_key",
+                &self.secret_access_key.as_ref().map(|_| "<hidden>"),
+            )
+            .field("virtual_hosted_style", &self.virtual_hosted_style)
+            .field("timeout", &self.timeout)
+            .field("redirect", &self.redirect)
+            .field("redirect_ttl", &self.redirect_ttl)
+            .finish()
+    }
 }
 
 /// Size limits of the store and how often they are enforced.
@@ -283,6 +339,8 @@ pub struct StoreConfig {
     pub low_water: u8,
     /// Time between two background checks of the limits (and access-time flushes).
     pub gc_interval: Duration,
+    /// The shared bucket tier, when configured (`max_size` then caps the local tier).
+    pub s3: Option<S3Config>,
 }
 
 /// Which remote config store holds the overlay.
@@ -453,7 +511,7 @@ impl Config {
     /// it. Call it with the file the configuration was read from.
     pub fn check_file_mode(&mut self, path: &Path) {
         if self.inline_password {
-            if let Some(w) = readable_by_others(path, 0o044, "holds an upstream password") {
+            if let Some(w) = readable_by_others(path, 0o044, "holds a password or secret key") {
                 self.warnings.push(w);
             }
         }
@@ -560,6 +618,97 @@ fn repo_patterns(
                 .map_err(|e| format!("line {}: {key}: {e}", spanned_line(text, p)))
         })
         .collect()
+}
+
+/// Reads a secret from the environment variable named by `key` (`what` names the key in errors).
+fn secret_from_env(what: &str, var: &str) -> Result<String, String> {
+    if var.is_empty() || !var.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_') {
+        return Err(format!(
+            "{what}: {var:?} is not an environment variable name"
+        ));
+    }
+    match std::env::var(var) {
+        Ok(p) if !p.is_empty() => Ok(p),
+        Ok(_) => Err(format!("{what}: the environment variable {var} is empty")),
+        Err(_) => Err(format!(
+            "{what}: the environment variable {var} is not set (or not UTF-8)"
+        )),
+    }
+}
+
+fn validate_s3(raw: RawS3, inline_password: &mut bool) -> Result<S3Config, String> {
+    let b = &raw.bucket;
+    let valid_bucket = (3..=63).contains(&b.len())
+        && b.bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.')
+        && b.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && b.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if !valid_bucket {
+        return Err(format!(
+            "store.s3.bucket = {b:?} is not a bucket name (3 to 63 of a-z, 0-9, '-' and '.')"
+        ));
+    }
+    if let Some(e) = &raw.endpoint {
+        if e.0.query().is_some() || e.0.path() != "/" {
+            return Err(format!(
+                "store.s3.endpoint = {:?} must be a bare scheme://host[:port] URL",
+                e.0.as_str()
+            ));
+        }
+    }
+    let region = raw.region.unwrap_or_else(|| "us-east-1".into());
+    if region.is_empty()
+        || !region
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-')
+    {
+        return Err(format!("store.s3.region = {region:?} is not a region name"));
+    }
+    let prefix = raw.prefix.unwrap_or_default().trim_matches('/').to_owned();
+    if prefix.split('/').any(|s| s == "." || s == "..")
+        || prefix.contains("//")
+        || prefix.chars().any(|c| c.is_control())
+    {
+        return Err(format!("store.s3.prefix = {prefix:?} is not a key prefix"));
+    }
+    let secret = match (raw.secret_access_key, raw.secret_access_key_env) {
+        (Some(_), Some(_)) => {
+            return Err("store.s3: set one of secret_access_key and secret_access_key_env".into())
+        }
+        (Some(s), None) => {
+            *inline_password = true;
+            Some(s)
+        }
+        (None, Some(var)) => Some(secret_from_env("store.s3.secret_access_key_env", &var)?),
+        (None, None) => None,
+    };
+    if secret.is_some() != raw.access_key_id.is_some() {
+        return Err(
+            "store.s3: access_key_id and a secret go together (set both, or neither to use \
+             AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the instance's role)"
+                .into(),
+        );
+    }
+    let timeout = raw.timeout.map_or(Duration::from_secs(5), |d| d.0);
+    if timeout < Duration::from_millis(10) {
+        return Err("store.s3.timeout must be at least 10ms".into());
+    }
+    let redirect_ttl = raw.redirect_ttl.map_or(Duration::from_secs(900), |d| d.0);
+    if redirect_ttl < Duration::from_secs(1) || redirect_ttl > Duration::from_secs(7 * 24 * 3600) {
+        return Err("store.s3.redirect_ttl must be from 1s to 7 days".into());
+    }
+    Ok(S3Config {
+        bucket: raw.bucket,
+        endpoint: raw.endpoint.map(|e| e.0),
+        region,
+        prefix,
+        access_key_id: raw.access_key_id,
+        secret_access_key: secret,
+        virtual_hosted_style: raw.virtual_hosted_style.unwrap_or(false),
+        timeout,
+        redirect: raw.redirect.unwrap_or(false),
+        redirect_ttl,
+    })
 }
 
 fn validate_limits(raw: RawLimits) -> Result<LimitsConfig, String> {
@@ -815,25 +964,10 @@ impl RawConfig {
                 }
                 Some(p)
             } else if let Some(var) = &raw.password_env {
-                if var.is_empty() || !var.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_') {
-                    return Err(format!(
-                        "upstreams.{name}.password_env: {var:?} is not an environment variable name"
-                    ));
-                }
-                match std::env::var(var) {
-                    Ok(p) if !p.is_empty() => Some(p),
-                    Ok(_) => {
-                        return Err(format!(
-                            "upstreams.{name}.password_env: the environment variable {var} is empty"
-                        ))
-                    }
-                    Err(_) => {
-                        return Err(format!(
-                            "upstreams.{name}.password_env: the environment variable {var} is not \
-                             set (or not UTF-8)"
-                        ))
-                    }
-                }
+                Some(secret_from_env(
+                    &format!("upstreams.{name}.password_env"),
+                    var,
+                )?)
             } else {
                 None
             };
@@ -961,11 +1095,16 @@ impl RawConfig {
         }
         let limits = validate_limits(self.limits)?;
         let access = validate_access(text, self.access, &mut warnings)?;
+        let s3 = match self.store.s3 {
+            None => None,
+            Some(raw) => Some(validate_s3(raw, &mut inline_password)?),
+        };
         let store = StoreConfig {
             max_size: self.store.max_size.map(|b| b.0).filter(|b| *b > 0),
             min_free: self.store.min_free.map(|b| b.0).filter(|b| *b > 0),
             low_water,
             gc_interval,
+            s3,
         };
         Ok(Config {
             listen,
@@ -1308,5 +1447,59 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
         assert!(parse_duration("2 weeks").is_err());
+    }
+
+    #[test]
+    fn s3_store_settings_are_checked() {
+        let base = "[store.s3]\nbucket = \"fleet-cache\"\n";
+        let c = parse(base).expect("minimal");
+        let s3 = c.store.s3.expect("s3 set");
+        assert_eq!(s3.region, "us-east-1");
+        assert_eq!(s3.prefix, "");
+        assert_eq!(s3.timeout, Duration::from_secs(5));
+        assert!(!s3.redirect && !s3.virtual_hosted_style);
+        assert!(parse("").expect("defaults").store.s3.is_none());
+
+        let c = parse(&format!(
+            "{base}endpoint = \"http://127.0.0.1:9000\"\nprefix = \"/site-a/\"\n\
+             access_key_id = \"AK\"\nsecret_access_key = \"SK\"\nredirect = true\n\
+             redirect_ttl = \"1h\"\ntimeout = \"2s\"\n"
+        ))
+        .expect("full");
+        let s3 = c.store.s3.as_ref().expect("s3 set");
+        assert_eq!(s3.prefix, "site-a");
+        assert_eq!(s3.redirect_ttl, Duration::from_secs(3600));
+        assert!(
+            c.inline_password,
+            "an inline secret key counts as a password"
+        );
+        assert!(
+            !format!("{s3:?}").contains("SK"),
+            "the secret never reaches logs"
+        );
+
+        for (bad, want) in [
+            ("[store.s3]\nbucket = \"Bad_Name\"\n", "store.s3.bucket"),
+            ("[store.s3]\nbucket = \"ab\"\n", "store.s3.bucket"),
+            (&format!("{base}endpoint = \"http://h:1/path\"\n"), "no path"),
+            (&format!("{base}endpoint = \"ftp://h\"\n"), "endpoint"),
+            (&format!("{base}prefix = \"a/../b\"\n"), "store.s3.prefix"),
+            (&format!("{base}region = \"us east\"\n"), "store.s3.region"),
+            (&format!("{base}access_key_id = \"AK\"\n"), "go together"),
+            (
+                &format!("{base}secret_access_key = \"a\"\nsecret_access_key_env = \"PATH\"\n"),
+                "one of secret_access_key",
+            ),
+            (
+                &format!("{base}access_key_id = \"AK\"\nsecret_access_key_env = \"REGCACHE_SURELY_UNSET_9\"\n"),
+                "not set",
+            ),
+            (&format!("{base}timeout = \"1ms\"\n"), "store.s3.timeout"),
+            (&format!("{base}redirect_ttl = \"30d\"\n"), "redirect_ttl"),
+            (&format!("{base}bucket_name = \"x\"\n"), "bucket_name"),
+        ] {
+            let e = parse(bad).expect_err(bad);
+            assert!(e.contains(want), "{bad}: {e}");
+        }
     }
 }

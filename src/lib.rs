@@ -8,6 +8,7 @@
 pub mod access;
 pub mod admin;
 pub mod api;
+pub mod bucket;
 pub mod cache;
 pub mod cli;
 pub mod config;

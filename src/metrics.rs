@@ -33,6 +33,10 @@ pub struct Metrics {
     /// Requests or connections refused by a `[limits]` bound or by access control, by `limit`.
     pub limit_rejections: Family<Labels, Counter>,
     pub connections_open: Gauge,
+    pub bucket_up: Gauge,
+    pub bucket_errors: Family<Labels, Counter>,
+    pub bucket_read: Counter,
+    pub bucket_written: Counter,
 }
 
 fn fill_histogram() -> Histogram {
@@ -66,6 +70,10 @@ impl Metrics {
             evicted_blobs: Counter::default(),
             limit_rejections: Family::default(),
             connections_open: Gauge::default(),
+            bucket_up: Gauge::default(),
+            bucket_errors: Family::default(),
+            bucket_read: Counter::default(),
+            bucket_written: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -153,6 +161,26 @@ impl Metrics {
             "connections_open",
             "Client connections open now",
             m.connections_open.clone(),
+        );
+        registry.register(
+            "bucket_up",
+            "1 while the shared bucket ([store.s3]) is in use, 0 while it is skipped after a failure",
+            m.bucket_up.clone(),
+        );
+        registry.register(
+            "bucket_errors",
+            "Failed requests to the shared bucket, by operation",
+            m.bucket_errors.clone(),
+        );
+        registry.register(
+            "bucket_read_bytes",
+            "Bytes read from the shared bucket",
+            m.bucket_read.clone(),
+        );
+        registry.register(
+            "bucket_written_bytes",
+            "Bytes written to the shared bucket",
+            m.bucket_written.clone(),
         );
         Metrics { registry, ..m }
     }

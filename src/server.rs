@@ -130,11 +130,18 @@ impl App {
             )
         })?;
         let metrics = Arc::new(Metrics::new());
-        let cache = Arc::new(Cache::new(
+        let mut cache = Cache::new(
             Arc::new(store),
             config.max_manifest_size,
             Arc::clone(&metrics),
-        ));
+        );
+        if let Some(s3) = &config.store.s3 {
+            cache.bucket = Some(Arc::new(crate::bucket::Bucket::new(
+                s3,
+                Arc::clone(&metrics),
+            )?));
+        }
+        let cache = Arc::new(cache);
         let tls = match &config.tls {
             Some(t) => Some(Arc::new(crate::tls::CertReloader::new(&t.cert, &t.key)?)),
             None => None,
@@ -178,6 +185,9 @@ impl App {
         if config.config_store != old.config_store {
             tracing::warn!("config_store changed: takes effect at the next restart");
         }
+        if config.store.s3 != old.store.s3 {
+            tracing::warn!("store.s3 changed: takes effect at the next restart");
+        }
         if config.limits.max_connections != old.limits.max_connections {
             tracing::warn!(
                 new = config.limits.max_connections,
@@ -191,6 +201,10 @@ impl App {
             data_dir: old.data_dir.clone(),
             listen: old.listen,
             config_store: old.config_store.clone(),
+            store: crate::config::StoreConfig {
+                s3: old.store.s3.clone(),
+                ..config.store
+            },
             ..config
         };
         self.cache.set_max_manifest_size(config.max_manifest_size);

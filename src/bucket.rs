@@ -1,0 +1,555 @@
+//! The shared tier: an S3-compatible bucket that several regcache servers fill and read.
+//!
+//! Layout below the configured prefix (every object is content-addressed or a small record):
+//! - `blobs/sha256/<hex>`: blob bytes, uploaded only after the digest was verified and the blob
+//!   committed to the local store; one PUT (or one completed multipart upload) makes it visible
+//!   whole, so a server killed mid-upload leaves nothing under the final key;
+//! - `manifests/sha256/<hex>`: manifest bytes, `Content-Type` = the manifest's media type;
+//! - `repos/<upstream-id>/<repo>/_manifests/sha256/<hex>`: empty, the manifest belongs to that
+//!   repository (the bucket equivalent of the store's links);
+//! - `repos/<upstream-id>/<repo>/_tags/<tag>`: `{"digest", "checked_at_ms"}`, so freshness is
+//!   shared: a tag one server confirmed is fresh for all of them.
+//!
+//! `upstream-id` is the upstream URL's `host[:port][/path]`, so that servers naming the same
+//! upstream differently still share its tags. Every call is bounded by `timeout`; after a failure
+//! the bucket is skipped for [`DOWN_FOR`] and the servers carry on with their local tier and the
+//! upstream.
+
+use std::fs::File;
+use std::io::Read;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::BoxStream;
+use futures_util::{StreamExt, TryStreamExt};
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path;
+use object_store::signer::Signer;
+use object_store::{
+    Attribute, Attributes, BackoffConfig, ClientOptions, GetOptions, GetRange, ObjectStore,
+    PutMode, PutOptions, PutPayload, RetryConfig, WriteMultipart,
+};
+
+use crate::config::S3Config;
+use crate::metrics::Metrics;
+use crate::reference::{Digest, RepoName, Tag};
+use crate::store::now_millis;
+
+/// How long the bucket is left alone after a request to it failed.
+pub const DOWN_FOR: Duration = Duration::from_secs(10);
+/// Blobs up to this size are uploaded with one conditional PUT; larger ones in parts this size.
+const PART: usize = 16 << 20;
+/// Uploads running at once (each holds at most two parts in memory).
+const UPLOADS: usize = 4;
+
+/// Why the bucket could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum BucketError {
+    #[error("bucket skipped: it failed {0} s ago")]
+    Skipped(u64),
+    #[error("bucket request timed out ({0:?})")]
+    Timeout(Duration),
+    #[error("bucket: {0}")]
+    Store(#[from] object_store::Error),
+    #[error("bucket: {0}")]
+    Other(String),
+}
+
+/// A tag record as the bucket holds it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SharedTag {
+    pub digest: String,
+    pub checked_at_ms: u64,
+}
+
+/// A blob download from the bucket.
+pub struct BucketBlob {
+    pub size: u64,
+    pub stream: BoxStream<'static, object_store::Result<Bytes>>,
+}
+
+pub struct Bucket {
+    s3: Arc<AmazonS3>,
+    prefix: String,
+    timeout: Duration,
+    redirect: Option<Duration>,
+    /// `now_millis()` until which the bucket is skipped (0: in use).
+    down_until: AtomicU64,
+    uploads: Arc<tokio::sync::Semaphore>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Bucket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bucket")
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+/// The bucket's name for an upstream: its URL's `host[:port][/path]`.
+pub fn upstream_id(url: &reqwest::Url) -> String {
+    let mut id = url.host_str().unwrap_or("upstream").to_owned();
+    if let Some(port) = url.port() {
+        id.push_str(&format!(":{port}"));
+    }
+    let path = url.path().trim_matches('/');
+    if !path.is_empty() {
+        id.push('/');
+        id.push_str(path);
+    }
+    id
+}
+
+impl Bucket {
+    /// Builds the client; contacts nothing.
+    pub fn new(cfg: &S3Config, metrics: Arc<Metrics>) -> anyhow::Result<Bucket> {
+        let mut options = ClientOptions::new()
+            .with_connect_timeout(cfg.timeout)
+            // Whole-request deadlines would cut long blob downloads: each call is bounded by
+            // `timeout` here instead, and a download per chunk.
+            .with_timeout_disabled()
+            .with_pool_idle_timeout(Duration::from_secs(60));
+        if cfg.endpoint.as_ref().is_some_and(|u| u.scheme() == "http") {
+            options = options.with_allow_http(true);
+        }
+        let mut b = AmazonS3Builder::from_env()
+            .with_bucket_name(&cfg.bucket)
+            .with_region(&cfg.region)
+            .with_virtual_hosted_style_request(cfg.virtual_hosted_style)
+            .with_client_options(options)
+            .with_retry(RetryConfig {
+                backoff: BackoffConfig {
+                    init_backoff: Duration::from_millis(50),
+                    max_backoff: Duration::from_millis(500),
+                    base: 2.0,
+                },
+                max_retries: 2,
+                retry_timeout: cfg.timeout,
+            });
+        if let Some(e) = &cfg.endpoint {
+            b = b.with_endpoint(e.as_str().trim_end_matches('/'));
+        }
+        if let (Some(id), Some(secret)) = (&cfg.access_key_id, &cfg.secret_access_key) {
+            b = b.with_access_key_id(id).with_secret_access_key(secret);
+        }
+        let s3 = b.build().map_err(|e| anyhow::anyhow!("[store.s3]: {e}"))?;
+        if !cfg.prefix.is_empty() {
+            Path::parse(&cfg.prefix)
+                .map_err(|e| anyhow::anyhow!("store.s3.prefix {:?}: {e}", cfg.prefix))?;
+        }
+        metrics.bucket_up.set(1);
+        Ok(Bucket {
+            s3: Arc::new(s3),
+            prefix: cfg.prefix.clone(),
+            timeout: cfg.timeout,
+            redirect: cfg.redirect.then_some(cfg.redirect_ttl),
+            down_until: AtomicU64::new(0),
+            uploads: Arc::new(tokio::sync::Semaphore::new(UPLOADS)),
+            metrics,
+        })
+    }
+
+    /// Whether GETs of blobs the bucket holds are answered with a presigned URL.
+    pub fn redirects(&self) -> bool {
+        self.redirect.is_some()
+    }
+
+    /// Whether the bucket is in use (not skipped after a failure).
+    pub fn is_up(&self) -> bool {
+        self.down_until.load(Ordering::Relaxed) <= now_millis()
+    }
+
+    fn path(&self, key: &str) -> Result<Path, BucketError> {
+        let full = if self.prefix.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{}/{key}", self.prefix)
+        };
+        Path::parse(&full).map_err(|e| BucketError::Other(format!("key {full:?}: {e}")))
+    }
+
+    fn blob_key(d: &Digest) -> String {
+        format!("blobs/{}/{}", d.algorithm().as_str(), d.hex())
+    }
+
+    fn manifest_key(d: &Digest) -> String {
+        format!("manifests/{}/{}", d.algorithm().as_str(), d.hex())
+    }
+
+    fn link_key(upstream: &str, repo: &RepoName, d: &Digest) -> String {
+        format!(
+            "repos/{upstream}/{repo}/_manifests/{}/{}",
+            d.algorithm().as_str(),
+            d.hex()
+        )
+    }
+
+    fn tag_key(upstream: &str, repo: &RepoName, tag: &Tag) -> String {
+        format!("repos/{upstream}/{repo}/_tags/{tag}")
+    }
+
+    /// Runs one bucket call: skipped while the bucket is down, bounded by the timeout, and a
+    /// failure (other than "not found" and "already exists") marks the bucket down.
+    async fn call<T, F>(&self, op: &'static str, f: F) -> Result<T, BucketError>
+    where
+        F: std::future::Future<Output = object_store::Result<T>>,
+    {
+        let until = self.down_until.load(Ordering::Relaxed);
+        let now = now_millis();
+        if until > now {
+            return Err(BucketError::Skipped(
+                (DOWN_FOR.as_millis() as u64).saturating_sub(until - now) / 1000,
+            ));
+        }
+        let result = match tokio::time::timeout(self.timeout, f).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e @ object_store::Error::NotFound { .. }))
+            | Ok(Err(e @ object_store::Error::AlreadyExists { .. })) => return Err(e.into()),
+            Ok(Err(e)) => Err(BucketError::from(e)),
+            Err(_) => Err(BucketError::Timeout(self.timeout)),
+        };
+        match &result {
+            Ok(_) => {
+                if self.down_until.swap(0, Ordering::Relaxed) != 0 {
+                    tracing::info!("bucket reachable again");
+                }
+                self.metrics.bucket_up.set(1);
+            }
+            Err(e) => self.failed(op, e),
+        }
+        result
+    }
+
+    /// Records a failed bucket request: the bucket is skipped for [`DOWN_FOR`].
+    pub fn failed(&self, op: &'static str, e: &dyn std::fmt::Display) {
+        let was = self.down_until.swap(
+            now_millis() + DOWN_FOR.as_millis() as u64,
+            Ordering::Relaxed,
+        );
+        if was <= now_millis() {
+            tracing::warn!(op, error = %e, skip_for = ?DOWN_FOR, "bucket request failed: using the local tier and the upstream only");
+        }
+        self.metrics.bucket_up.set(0);
+        self.metrics
+            .bucket_errors
+            .get_or_create(&vec![("op", op.to_owned())])
+            .inc();
+    }
+
+    async fn get_small(
+        &self,
+        op: &'static str,
+        key: &str,
+    ) -> Result<Option<(Attributes, Bytes)>, BucketError> {
+        let path = self.path(key)?;
+        let s3 = Arc::clone(&self.s3);
+        let r = self
+            .call(op, async move {
+                let r = s3.get(&path).await?;
+                let attributes = r.attributes.clone();
+                Ok((attributes, r.bytes().await?))
+            })
+            .await;
+        match r {
+            Ok((a, b)) => {
+                self.metrics.bucket_read.inc_by(b.len() as u64);
+                Ok(Some((a, b)))
+            }
+            Err(BucketError::Store(object_store::Error::NotFound { .. })) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn put_small(
+        &self,
+        op: &'static str,
+        key: &str,
+        bytes: Bytes,
+        opts: PutOptions,
+    ) -> Result<(), BucketError> {
+        let path = self.path(key)?;
+        let len = bytes.len() as u64;
+        let s3 = Arc::clone(&self.s3);
+        match self
+            .call(op, async move {
+                s3.put_opts(&path, PutPayload::from(bytes), opts).await
+            })
+            .await
+        {
+            Ok(_) => {
+                self.metrics.bucket_written.inc_by(len);
+                Ok(())
+            }
+            Err(BucketError::Store(object_store::Error::AlreadyExists { .. })) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The size of the blob if the bucket holds it.
+    pub async fn head_blob(&self, d: &Digest) -> Result<Option<u64>, BucketError> {
+        let path = self.path(&Self::blob_key(d))?;
+        let s3 = Arc::clone(&self.s3);
+        match self.call("head", async move { s3.head(&path).await }).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(BucketError::Store(object_store::Error::NotFound { .. })) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Starts a download of the blob from `offset`; `None` if the bucket does not hold it.
+    pub async fn get_blob(
+        &self,
+        d: &Digest,
+        offset: u64,
+    ) -> Result<Option<BucketBlob>, BucketError> {
+        let path = self.path(&Self::blob_key(d))?;
+        let s3 = Arc::clone(&self.s3);
+        let opts = GetOptions {
+            range: (offset > 0).then_some(GetRange::Offset(offset)),
+            ..GetOptions::default()
+        };
+        match self
+            .call("get", async move { s3.get_opts(&path, opts).await })
+            .await
+        {
+            Ok(r) => {
+                let size = r.meta.size;
+                let metrics = Arc::clone(&self.metrics);
+                let stream = r
+                    .into_stream()
+                    .inspect_ok(move |b| {
+                        metrics.bucket_read.inc_by(b.len() as u64);
+                    })
+                    .boxed();
+                Ok(Some(BucketBlob { size, stream }))
+            }
+            Err(BucketError::Store(object_store::Error::NotFound { .. })) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A presigned URL for a blob the bucket holds (`None`: redirects are off, or it does not).
+    pub async fn blob_url(&self, d: &Digest) -> Result<Option<reqwest::Url>, BucketError> {
+        let Some(ttl) = self.redirect else {
+            return Ok(None);
+        };
+        if self.head_blob(d).await?.is_none() {
+            return Ok(None);
+        }
+        let path = self.path(&Self::blob_key(d))?;
+        let s3 = Arc::clone(&self.s3);
+        let url = self
+            .call("sign", async move {
+                s3.signed_url(http::Method::GET, &path, ttl).await
+            })
+            .await?;
+        reqwest::Url::parse(url.as_str())
+            .map(Some)
+            .map_err(|e| BucketError::Other(format!("presigned URL: {e}")))
+    }
+
+    /// Uploads a verified blob from `file` (`size` bytes) unless the bucket already holds it.
+    /// The object appears under its final key only once complete.
+    pub async fn put_blob(&self, d: &Digest, file: File, size: u64) -> Result<(), BucketError> {
+        let _permit = self
+            .uploads
+            .acquire()
+            .await
+            .map_err(|e| BucketError::Other(e.to_string()))?;
+        if self.head_blob(d).await?.is_some() {
+            return Ok(());
+        }
+        let key = Self::blob_key(d);
+        let file = Arc::new(std::sync::Mutex::new(file));
+        if size <= PART as u64 {
+            let bytes = read_part(&file, size as usize).await?;
+            return self
+                .put_small(
+                    "put",
+                    &key,
+                    bytes,
+                    PutOptions {
+                        mode: PutMode::Create,
+                        ..PutOptions::default()
+                    },
+                )
+                .await;
+        }
+        let path = self.path(&key)?;
+        let s3 = Arc::clone(&self.s3);
+        let upload = self
+            .call("put", async move { s3.put_multipart(&path).await })
+            .await?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, PART);
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(PART as u64) as usize;
+            let part = match read_part(&file, n).await {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = writer.abort().await;
+                    return Err(e);
+                }
+            };
+            let waited = tokio::time::timeout(self.timeout * 4, writer.wait_for_capacity(1)).await;
+            match waited {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    self.failed("put", &e);
+                    return Err(e.into());
+                }
+                Err(_) => {
+                    let e = BucketError::Timeout(self.timeout * 4);
+                    self.failed("put", &e);
+                    let _ = writer.abort().await;
+                    return Err(e);
+                }
+            }
+            writer.put(part);
+            left -= n as u64;
+        }
+        match tokio::time::timeout(self.timeout * 4, writer.finish()).await {
+            Ok(Ok(_)) => {
+                self.metrics.bucket_written.inc_by(size);
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                self.failed("put", &e);
+                Err(e.into())
+            }
+            Err(_) => {
+                let e = BucketError::Timeout(self.timeout * 4);
+                self.failed("put", &e);
+                Err(e)
+            }
+        }
+    }
+
+    /// A manifest's media type and bytes, if the bucket holds them (the caller verifies them).
+    pub async fn manifest(
+        &self,
+        d: &Digest,
+    ) -> Result<Option<(Option<String>, Bytes)>, BucketError> {
+        Ok(self
+            .get_small("get", &Self::manifest_key(d))
+            .await?
+            .map(|(a, b)| {
+                let mt = a.get(&Attribute::ContentType).map(|v| v.to_string());
+                (mt, b)
+            }))
+    }
+
+    /// Whether the manifest `d` belongs to `repo` of the upstream `upstream` (an id).
+    pub async fn is_linked(
+        &self,
+        upstream: &str,
+        repo: &RepoName,
+        d: &Digest,
+    ) -> Result<bool, BucketError> {
+        let path = self.path(&Self::link_key(upstream, repo, d))?;
+        let s3 = Arc::clone(&self.s3);
+        match self.call("head", async move { s3.head(&path).await }).await {
+            Ok(_) => Ok(true),
+            Err(BucketError::Store(object_store::Error::NotFound { .. })) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Publishes a verified manifest of `repo` (and the tag pointing at it, confirmed now).
+    pub async fn put_manifest(
+        &self,
+        upstream: &str,
+        repo: &RepoName,
+        d: &Digest,
+        media_type: &str,
+        bytes: Bytes,
+        tag: Option<(&Tag, u64)>,
+    ) -> Result<(), BucketError> {
+        let mut attributes = Attributes::new();
+        attributes.insert(Attribute::ContentType, media_type.to_owned().into());
+        self.put_small(
+            "put",
+            &Self::manifest_key(d),
+            bytes,
+            PutOptions {
+                mode: PutMode::Create,
+                attributes,
+                ..PutOptions::default()
+            },
+        )
+        .await?;
+        self.put_small(
+            "put",
+            &Self::link_key(upstream, repo, d),
+            Bytes::new(),
+            PutOptions::default(),
+        )
+        .await?;
+        if let Some((tag, checked_at_ms)) = tag {
+            self.put_tag(upstream, repo, tag, d, checked_at_ms).await?;
+        }
+        Ok(())
+    }
+
+    /// The tag record of `repo:tag`, if any.
+    pub async fn tag(
+        &self,
+        upstream: &str,
+        repo: &RepoName,
+        tag: &Tag,
+    ) -> Result<Option<SharedTag>, BucketError> {
+        let Some((_, bytes)) = self
+            .get_small("get", &Self::tag_key(upstream, repo, tag))
+            .await?
+        else {
+            return Ok(None);
+        };
+        match serde_json::from_slice::<SharedTag>(&bytes) {
+            Ok(t) if t.digest.parse::<Digest>().is_ok() => Ok(Some(t)),
+            _ => {
+                tracing::warn!(upstream, repo = %repo, tag = %tag, "ignoring a malformed tag record in the bucket");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Records that the upstream confirmed `repo:tag` → `d` at `checked_at_ms`.
+    pub async fn put_tag(
+        &self,
+        upstream: &str,
+        repo: &RepoName,
+        tag: &Tag,
+        d: &Digest,
+        checked_at_ms: u64,
+    ) -> Result<(), BucketError> {
+        let rec = SharedTag {
+            digest: d.to_string(),
+            checked_at_ms,
+        };
+        let body = serde_json::to_vec(&rec).map_err(|e| BucketError::Other(e.to_string()))?;
+        self.put_small(
+            "put",
+            &Self::tag_key(upstream, repo, tag),
+            Bytes::from(body),
+            PutOptions::default(),
+        )
+        .await
+    }
+}
+
+/// Reads the next `n` bytes of `file` on the blocking pool.
+async fn read_part(file: &Arc<std::sync::Mutex<File>>, n: usize) -> Result<Bytes, BucketError> {
+    let file = Arc::clone(file);
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; n];
+        let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
+        f.read_exact(&mut buf)
+            .map_err(|e| BucketError::Other(format!("reading the blob to upload: {e}")))?;
+        Ok(Bytes::from(buf))
+    })
+    .await
+    .map_err(|e| BucketError::Other(format!("read task: {e}")))?
+}
