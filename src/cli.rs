@@ -204,6 +204,21 @@ pub fn main(cli: Cli) -> ExitCode {
                         }
                     );
                 }
+                if let Some(s3) = &c.store.s3 {
+                    println!(
+                        "store.s3: bucket {} at {} region {} prefix {:?} credentials {} redirect {}",
+                        s3.bucket,
+                        s3.endpoint.as_ref().map_or("AWS S3", |u| u.as_str()),
+                        s3.region,
+                        s3.prefix,
+                        if s3.access_key_id.is_some() {
+                            "from the config"
+                        } else {
+                            "from the environment"
+                        },
+                        s3.redirect
+                    );
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {
