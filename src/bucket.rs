@@ -553,3 +553,52 @@ async fn read_part(file: &Arc<std::sync::Mutex<File>>, n: usize) -> Result<Bytes
     .await
     .map_err(|e| BucketError::Other(format!("read task: {e}")))?
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_ids_name_host_port_and_path() {
+        let id = |u: &str| upstream_id(&reqwest::Url::parse(u).expect("url"));
+        assert_eq!(id("https://registry-1.docker.io"), "registry-1.docker.io");
+        assert_eq!(id("http://127.0.0.1:5000/"), "127.0.0.1:5000");
+        assert_eq!(
+            id("https://ghcr.io:443"),
+            "ghcr.io",
+            "default ports are not part of it"
+        );
+        assert_eq!(id("https://h.example/mirror/"), "h.example/mirror");
+    }
+
+    #[test]
+    fn keys_follow_the_documented_layout() {
+        let d: Digest = format!("sha256:{}", "ab".repeat(32))
+            .parse()
+            .expect("digest");
+        let repo: RepoName = "library/alpine".parse().expect("repo");
+        let tag: Tag = "3.20".parse().expect("tag");
+        assert_eq!(
+            Bucket::blob_key(&d),
+            format!("blobs/sha256/{}", "ab".repeat(32))
+        );
+        assert_eq!(
+            Bucket::manifest_key(&d),
+            format!("manifests/sha256/{}", "ab".repeat(32))
+        );
+        assert_eq!(
+            Bucket::link_key("127.0.0.1:5000", &repo, &d),
+            format!(
+                "repos/127.0.0.1:5000/library/alpine/_manifests/sha256/{}",
+                "ab".repeat(32)
+            )
+        );
+        assert_eq!(
+            Bucket::tag_key("127.0.0.1:5000", &repo, &tag),
+            "repos/127.0.0.1:5000/library/alpine/_tags/3.20"
+        );
+        for k in [Bucket::blob_key(&d), Bucket::tag_key("h:1", &repo, &tag)] {
+            assert!(Path::parse(&k).is_ok(), "{k} is a valid object key");
+        }
+    }
+}
