@@ -525,6 +525,12 @@ impl Bucket {
         d: &Digest,
         checked_at_ms: u64,
     ) -> Result<(), BucketError> {
+        // Never replace a newer confirmation (another server's, or a retry arriving late).
+        if let Some(current) = self.tag(upstream, repo, tag).await? {
+            if current.checked_at_ms >= checked_at_ms {
+                return Ok(());
+            }
+        }
         let rec = SharedTag {
             digest: d.to_string(),
             checked_at_ms,

@@ -144,6 +144,30 @@ pub struct Fill {
     from_bucket: std::sync::atomic::AtomicBool,
 }
 
+/// A write to the shared bucket.
+#[derive(Clone)]
+enum Share {
+    /// A committed blob: uploaded from its file.
+    Blob { digest: Digest, size: u64 },
+    /// A manifest fetched for `repo`, with the tag that pointed at it and when.
+    Manifest {
+        upstream: String,
+        repo: RepoName,
+        digest: Digest,
+        media_type: String,
+        bytes: Bytes,
+        tag: Option<(Tag, u64)>,
+    },
+    /// A tag the upstream confirmed at `checked_at_ms`.
+    Tag {
+        upstream: String,
+        repo: RepoName,
+        tag: Tag,
+        digest: Digest,
+        checked_at_ms: u64,
+    },
+}
+
 /// Where a fill reads from.
 enum Source {
     Upstream(reqwest::Response),
@@ -238,6 +262,14 @@ pub struct Cache {
     pub metrics: Arc<Metrics>,
     /// The shared tier, when `[store.s3]` is configured.
     pub bucket: Option<Arc<Bucket>>,
+    /// Writes to the bucket that wait for it to answer again.
+    pending: Arc<PendingShares>,
+}
+
+/// Writes waiting for the bucket, with the gauge that counts them.
+struct PendingShares {
+    items: Mutex<std::collections::VecDeque<Share>>,
+    gauge: prometheus_client::metrics::gauge::Gauge,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -302,6 +334,10 @@ fn referrer_descriptor(bytes: &[u8], media_type: &str, d: &Digest) -> Option<(Di
 
 impl Cache {
     pub fn new(store: Arc<Store>, max_manifest_size: u64, metrics: Arc<Metrics>) -> Cache {
+        let pending = Arc::new(PendingShares {
+            items: Mutex::new(std::collections::VecDeque::new()),
+            gauge: metrics.bucket_pending.clone(),
+        });
         Cache {
             store,
             max_manifest_size: std::sync::atomic::AtomicU64::new(max_manifest_size),
@@ -311,6 +347,7 @@ impl Cache {
             fill_wait_ms: std::sync::atomic::AtomicU64::new(30_000),
             metrics,
             bucket: None,
+            pending,
         }
     }
 
@@ -487,19 +524,13 @@ impl Cache {
                             let (store, k2, t2, d2) =
                                 (Arc::clone(&self.store), key.clone(), t.clone(), d.clone());
                             blocking(move || store.set_tag(&k2, &t2, &d2, now)).await?;
-                            if let Some(b) = &self.bucket {
-                                let (b, id, repo, t) = (
-                                    Arc::clone(b),
-                                    upstream_id(&up.config.url),
-                                    route.repo.clone(),
-                                    t.clone(),
-                                );
-                                tokio::spawn(async move {
-                                    if let Err(e) = b.put_tag(&id, &repo, &t, &d, now).await {
-                                        tracing::debug!(error = %e, "tag record not shared");
-                                    }
-                                });
-                            }
+                            self.share(Share::Tag {
+                                upstream: upstream_id(&up.config.url),
+                                repo: route.repo.clone(),
+                                tag: t.clone(),
+                                digest: d,
+                                checked_at_ms: now,
+                            });
                             Ok(Manifest {
                                 outcome: Outcome::Revalidated,
                                 ..cached
@@ -642,36 +673,6 @@ impl Cache {
         }))
     }
 
-    /// Shares a manifest just fetched from the upstream (and its tag) through the bucket.
-    fn publish_manifest(
-        &self,
-        route: &Route,
-        d: &Digest,
-        media_type: &str,
-        bytes: &Bytes,
-        tag: Option<&Tag>,
-    ) {
-        let Some(b) = self.bucket.as_ref().filter(|b| b.is_up()) else {
-            return;
-        };
-        let (b, id, repo, d, mt, bytes, tag) = (
-            Arc::clone(b),
-            upstream_id(&route.upstream.config.url),
-            route.repo.clone(),
-            d.clone(),
-            media_type.to_owned(),
-            bytes.clone(),
-            tag.cloned(),
-        );
-        let now = now_millis();
-        tokio::spawn(async move {
-            let tag = tag.as_ref().map(|t| (t, now));
-            if let Err(e) = b.put_manifest(&id, &repo, &d, &mt, bytes, tag).await {
-                tracing::debug!(digest = %d, error = %e, "manifest not shared");
-            }
-        });
-    }
-
     async fn download_manifest(
         &self,
         route: &Route,
@@ -714,7 +715,14 @@ impl Cache {
         .await;
         let outcome = match stored {
             Ok(()) => {
-                self.publish_manifest(route, &digest, &fetched.media_type, &fetched.bytes, tag);
+                self.share(Share::Manifest {
+                    upstream: upstream_id(&up.config.url),
+                    repo: route.repo.clone(),
+                    digest: digest.clone(),
+                    media_type: fetched.media_type.clone(),
+                    bytes: fetched.bytes.clone(),
+                    tag: tag.map(|t| (t.clone(), now_millis())),
+                });
                 Outcome::Miss
             }
             Err(e) => {
@@ -758,8 +766,11 @@ impl Cache {
         if let Some((file, size)) = self.store.open_blob(d)? {
             let mut outcome = Outcome::Hit;
             if !self.store.is_linked(&key, d)? {
-                // Stored for another repository: only serve it here if the upstream agrees.
-                route.upstream.head_blob(&route.repo, d).await?;
+                // Stored for another repository: only serve it here if a manifest of this
+                // repository references it, or else the upstream agrees.
+                if !self.store.is_referenced(&key, d)? {
+                    route.upstream.head_blob(&route.repo, d).await?;
+                }
                 let (store, k2, d2) = (Arc::clone(&self.store), key.clone(), d.clone());
                 blocking(move || store.link(&k2, &d2)).await?;
                 outcome = Outcome::Revalidated;
@@ -1187,7 +1198,10 @@ impl Cache {
             Ok(()) => {
                 self.store.set_full(false);
                 if !from_bucket {
-                    self.share_blob(d, written);
+                    self.share(Share::Blob {
+                        digest: d.clone(),
+                        size: written,
+                    });
                 }
             }
             Err(CacheError::Store(msg)) if msg.contains("os error 28") => {
@@ -1204,25 +1218,100 @@ impl Cache {
 }
 
 impl Cache {
-    /// Uploads a blob just committed from the upstream to the bucket, in the background.
-    fn share_blob(&self, d: &Digest, size: u64) {
-        let Some(b) = self.bucket.as_ref().filter(|b| b.is_up()) else {
+    /// Writes `item` to the bucket in the background; when the bucket is skipped or the write
+    /// fails, keeps it for [`Cache::retry_shares`].
+    fn share(&self, item: Share) {
+        let Some(b) = &self.bucket else {
             return;
         };
-        // Opened now, so eviction cannot take the file away during the upload.
-        let file = match self.store.open_blob(d) {
-            Ok(Some((file, _))) => file,
-            _ => return,
+        if !b.is_up() {
+            self.pending.defer(item);
+            return;
+        }
+        // A blob's file is opened now, so eviction cannot take it away during the upload.
+        let file = match &item {
+            Share::Blob { digest, .. } => match self.store.open_blob(digest) {
+                Ok(Some((file, _))) => Some(file),
+                _ => return, // evicted meanwhile: nothing to share
+            },
+            _ => None,
         };
-        let (b, d) = (Arc::clone(b), d.clone());
+        let (b, pending) = (Arc::clone(b), Arc::clone(&self.pending));
         tokio::spawn(async move {
-            match b.put_blob(&d, file, size).await {
-                Ok(()) => tracing::debug!(digest = %d, size, "blob shared"),
-                Err(e) => {
-                    tracing::warn!(digest = %d, error = %e, "blob not shared through the bucket")
+            let r = match (&item, file) {
+                (Share::Blob { digest, size }, Some(file)) => b.put_blob(digest, file, *size).await,
+                (Share::Blob { .. }, None) => Ok(()),
+                (
+                    Share::Manifest {
+                        upstream,
+                        repo,
+                        digest,
+                        media_type,
+                        bytes,
+                        tag,
+                    },
+                    _,
+                ) => {
+                    let tag = tag.as_ref().map(|(t, at)| (t, *at));
+                    b.put_manifest(upstream, repo, digest, media_type, bytes.clone(), tag)
+                        .await
                 }
+                (
+                    Share::Tag {
+                        upstream,
+                        repo,
+                        tag,
+                        digest,
+                        checked_at_ms,
+                    },
+                    _,
+                ) => b.put_tag(upstream, repo, tag, digest, *checked_at_ms).await,
+            };
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "not shared yet; retried when the bucket answers");
+                pending.defer(item);
             }
         });
+    }
+
+    /// Writes what could not be shared earlier, once the bucket answers again (run by the
+    /// maintenance loop).
+    pub fn retry_shares(&self) {
+        if !self.bucket.as_ref().is_some_and(|b| b.is_up()) {
+            return;
+        }
+        let items: Vec<Share> = {
+            let mut q = self.pending.items.lock().unwrap_or_else(|p| p.into_inner());
+            self.pending.gauge.set(0);
+            q.drain(..).collect()
+        };
+        if !items.is_empty() {
+            tracing::info!(
+                count = items.len(),
+                "sharing what the bucket missed while it was unreachable"
+            );
+        }
+        for item in items {
+            self.share(item);
+        }
+    }
+}
+
+/// Most writes kept for the bucket while it does not answer; the oldest are dropped beyond this.
+const MAX_PENDING: usize = 10_000;
+
+impl PendingShares {
+    fn defer(&self, item: Share) {
+        let mut q = self.items.lock().unwrap_or_else(|p| p.into_inner());
+        if q.len() >= MAX_PENDING {
+            q.pop_front();
+            tracing::warn!(
+                max = MAX_PENDING,
+                "too many writes waiting for the bucket: dropping the oldest"
+            );
+        }
+        q.push_back(item);
+        self.gauge.set(q.len() as i64);
     }
 }
 

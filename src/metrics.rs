@@ -37,6 +37,7 @@ pub struct Metrics {
     pub bucket_errors: Family<Labels, Counter>,
     pub bucket_read: Counter,
     pub bucket_written: Counter,
+    pub bucket_pending: Gauge,
 }
 
 fn fill_histogram() -> Histogram {
@@ -74,6 +75,7 @@ impl Metrics {
             bucket_errors: Family::default(),
             bucket_read: Counter::default(),
             bucket_written: Counter::default(),
+            bucket_pending: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -181,6 +183,11 @@ impl Metrics {
             "bucket_written_bytes",
             "Bytes written to the shared bucket",
             m.bucket_written.clone(),
+        );
+        registry.register(
+            "bucket_pending_writes",
+            "Writes (blobs, manifests, tag records) waiting for the shared bucket to answer again",
+            m.bucket_pending.clone(),
         );
         Metrics { registry, ..m }
     }

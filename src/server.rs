@@ -254,6 +254,7 @@ impl App {
             if let Err(e) = self.collect(None).await {
                 tracing::error!(error = %e, "background collection failed");
             }
+            self.cache.retry_shares();
             let store = &self.cache.store;
             if store.is_full() && free_bytes(store.root()).is_some_and(|f| f > 64 << 20) {
                 store.set_full(false);

@@ -4,7 +4,9 @@
 #   skopeo (real client), umoci + busybox-static (offline image fixtures),
 #   etcd-server (the remote config store of the outage tests),
 #   docker.io + containerd + runc, podman + fuse-overlayfs (the real clients of tests/it/clients.rs;
-#   the tests run private daemons: the packages' own services are never started here).
+#   the tests run private daemons: the packages' own services are never started here),
+#   moto (PyPI moto[server], the S3-compatible server of tests/it/bucket.rs; Debian has none): installed
+#   with pip into the venv /opt/regcache-moto (python3-venv), giving /opt/regcache-moto/bin/moto_server.
 # Idempotent: does nothing when every tool is already present.
 set -euo pipefail
 
@@ -35,6 +37,12 @@ for d in "${deps[@]}"; do
     case " ${missing_pkgs[*]-} " in *" $pkg "*) ;; *) missing_pkgs+=("$pkg") ;; esac
   fi
 done
+# moto lives in its own venv; creating the venv needs python3-venv (which brings python3).
+MOTO_VENV=/opt/regcache-moto
+MOTO_SERVER="$MOTO_VENV/bin/moto_server"
+if [ ! -x "$MOTO_SERVER" ] && ! { [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import ensurepip, venv' >/dev/null 2>&1; }; then
+  case " ${missing_pkgs[*]-} " in *" python3-venv "*) ;; *) missing_pkgs+=("python3-venv") ;; esac
+fi
 # build-images.sh copies /bin/busybox into images: it must be the static build.
 if command -v busybox >/dev/null 2>&1 && [ -e /bin/busybox ] && ldd /bin/busybox >/dev/null 2>&1; then
   case " ${missing_pkgs[*]-} " in *" busybox-static "*) ;; *) missing_pkgs+=("busybox-static") ;; esac
@@ -62,6 +70,13 @@ if [ "${#missing_pkgs[@]}" -gt 0 ]; then
   fi
 fi
 
+if [ ! -x "$MOTO_SERVER" ]; then
+  echo "setup-deps: installing moto[server] into $MOTO_VENV" >&2
+  if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+  $SUDO /usr/bin/python3 -m venv "$MOTO_VENV"
+  $SUDO "$MOTO_VENV/bin/pip" install -q 'moto[server]'
+fi
+
 rc=0
 for d in "${deps[@]}"; do
   tool="${d%%:*}" pkg="${d#*:}"
@@ -74,5 +89,9 @@ if [ ! -x /bin/busybox ]; then
   echo "setup-deps: ERROR: /bin/busybox (Debian package busybox-static) is missing" >&2
   rc=1
 fi
-[ "$rc" -eq 0 ] && echo "setup-deps: docker-registry, skopeo, umoci, busybox, etcd, dockerd, containerd, runc, podman present" >&2
+if [ ! -x "$MOTO_SERVER" ]; then
+  echo "setup-deps: ERROR: $MOTO_SERVER (PyPI moto[server] in the venv $MOTO_VENV) is missing" >&2
+  rc=1
+fi
+[ "$rc" -eq 0 ] && echo "setup-deps: docker-registry, skopeo, umoci, busybox, etcd, dockerd, containerd, runc, podman, moto present" >&2
 exit "$rc"

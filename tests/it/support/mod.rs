@@ -6,6 +6,7 @@ pub mod clients;
 pub mod consul;
 pub mod etcd;
 pub mod fake;
+pub mod moto;
 pub mod process;
 pub mod regcache;
 pub mod registry;

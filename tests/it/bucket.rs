@@ -1,0 +1,979 @@
+//! The shared bucket tier (`[store.s3]`) against a real S3-compatible server (moto) and a real
+//! upstream (Debian's docker-registry), with skopeo as the client; a fake upstream where a fill must be
+//! slow; and tiered mirrors (a regcache whose upstream is another regcache).
+//!
+//! Bucket layout (below `<prefix>/` when a prefix is set): `blobs/sha256/<hex>`,
+//! `manifests/sha256/<hex>`, `repos/<upstream host:port>/<repo>/_manifests/sha256/<hex>` (empty) and
+//! `repos/<upstream host:port>/<repo>/_tags/<tag>` (JSON `{"digest", "checked_at_ms"}`). Uploads run
+//! shortly after a fill completes, so the tests poll the bucket.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::support::clients::{self, command, require, run};
+use crate::support::fake::{FakeUpstream, OCI_MANIFEST as FAKE_OCI_MANIFEST};
+use crate::support::moto::{request, Moto, ACCESS_KEY, SECRET_KEY};
+use crate::support::process::{free_port, Process};
+use crate::support::regcache::{config_for, Regcache};
+use crate::support::registry::{inspect_raw, sha256_digest, RawResponse, Registry, Seeded};
+
+const BUCKET: &str = "regcache-test";
+const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+/// How long an asynchronous upload may take to show in the bucket.
+const UPLOAD_WAIT: Duration = Duration::from_secs(30);
+/// How long one pull may take while the bucket is down.
+const PULL_BOUND: Duration = Duration::from_secs(60);
+/// The response header naming the cache outcome.
+const CACHE: &str = "x-regcache-cache";
+
+// ---- helpers --------------------------------------------------------------------------------------
+
+/// A `[store.s3]` table for moto's [`BUCKET`], with `prefix` if given, plus `extra` keys.
+fn s3_table(moto: &Moto, prefix: Option<&str>, extra: &str) -> String {
+    let mut t = format!(
+        "[store.s3]\nbucket = \"{BUCKET}\"\nendpoint = \"{}\"\nregion = \"us-east-1\"\n\
+         access_key_id = \"{ACCESS_KEY}\"\nsecret_access_key = \"{SECRET_KEY}\"\n\
+         virtual_hosted_style = false\ntimeout = \"5s\"\n",
+        moto.url()
+    );
+    if let Some(p) = prefix {
+        t.push_str(&format!("prefix = \"{p}\"\n"));
+    }
+    t.push_str(extra);
+    t.push('\n');
+    t
+}
+
+/// `<prefix>/` or nothing: what every key of the layout starts with.
+fn key_root(prefix: Option<&str>) -> String {
+    prefix.map_or_else(String::new, |p| format!("{p}/"))
+}
+
+fn hex_of(digest: &str) -> &str {
+    digest
+        .strip_prefix("sha256:")
+        .unwrap_or_else(|| panic!("not a sha256 digest: {digest}"))
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    hex_of(&sha256_digest(data)).to_owned()
+}
+
+/// Deterministic incompressible bytes.
+fn pseudo_random(len: usize, seed: u64) -> Bytes {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = vec![0u8; len];
+    for chunk in v.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    Bytes::from(v)
+}
+
+/// What one tagged image of the upstream is made of.
+struct Image {
+    repo: String,
+    tag: String,
+    /// `repo:tag`
+    name: String,
+    /// The tagged manifest (or index).
+    digest: String,
+    /// Every manifest: the tagged one, and the children of an index.
+    manifests: Vec<String>,
+    /// Every blob (configs and layers) with its size.
+    blobs: BTreeMap<String, u64>,
+    /// Whether it is an index (skopeo copy --all).
+    all: bool,
+}
+
+impl Image {
+    fn of(upstream: &Registry, name: &str) -> Image {
+        let (repo, tag) = name.split_once(':').expect("repo:tag");
+        let raw = inspect_raw(&upstream.host_port(), name);
+        let digest = sha256_digest(&raw);
+        let doc: serde_json::Value = serde_json::from_slice(&raw).expect("manifest JSON");
+        let mut manifests = vec![digest.clone()];
+        let mut blobs = BTreeMap::new();
+        let mut all = false;
+        let mut add_blobs = |m: &serde_json::Value| {
+            let config = &m["config"];
+            for d in std::iter::once(config).chain(m["layers"].as_array().expect("layers")) {
+                blobs.insert(
+                    d["digest"].as_str().expect("descriptor digest").to_owned(),
+                    d["size"].as_u64().expect("descriptor size"),
+                );
+            }
+        };
+        if let Some(children) = doc["manifests"].as_array() {
+            all = true;
+            for c in children {
+                let child = c["digest"].as_str().expect("child digest").to_owned();
+                let child_raw = inspect_raw(&upstream.host_port(), &format!("{repo}@{child}"));
+                assert_eq!(sha256_digest(&child_raw), child);
+                add_blobs(&serde_json::from_slice(&child_raw).expect("child JSON"));
+                manifests.push(child);
+            }
+        } else {
+            add_blobs(&doc);
+        }
+        Image {
+            repo: repo.to_owned(),
+            tag: tag.to_owned(),
+            name: name.to_owned(),
+            digest,
+            manifests,
+            blobs,
+            all,
+        }
+    }
+
+    fn by_digest(&self) -> String {
+        format!("{}@{}", self.repo, self.digest)
+    }
+
+    /// Every key the bucket holds for this image once a server pulled it from `upstream_id`.
+    fn keys(&self, root: &str, upstream_id: &str) -> BTreeSet<String> {
+        let mut keys = BTreeSet::new();
+        for b in self.blobs.keys() {
+            keys.insert(format!("{root}blobs/sha256/{}", hex_of(b)));
+        }
+        for m in &self.manifests {
+            keys.insert(format!("{root}manifests/sha256/{}", hex_of(m)));
+            keys.insert(format!(
+                "{root}repos/{upstream_id}/{}/_manifests/sha256/{}",
+                self.repo,
+                hex_of(m)
+            ));
+        }
+        keys.insert(format!(
+            "{root}repos/{upstream_id}/{}/_tags/{}",
+            self.repo, self.tag
+        ));
+        keys
+    }
+
+    /// The largest blob (a layer).
+    fn largest_blob(&self) -> (String, u64) {
+        self.blobs
+            .iter()
+            .max_by_key(|(_, s)| **s)
+            .map(|(d, s)| (d.clone(), *s))
+            .expect("an image has blobs")
+    }
+}
+
+/// Polls the bucket listing under `root` until it holds every key of `want`; returns the listing.
+fn wait_for_keys(moto: &Moto, root: &str, want: &BTreeSet<String>) -> BTreeMap<String, u64> {
+    let deadline = Instant::now() + UPLOAD_WAIT;
+    loop {
+        let listing: BTreeMap<String, u64> = moto.list(BUCKET, root).into_iter().collect();
+        let missing: Vec<&String> = want.iter().filter(|k| !listing.contains_key(*k)).collect();
+        if missing.is_empty() {
+            return listing;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after {UPLOAD_WAIT:?} the bucket still lacks {missing:#?}\nit holds {:#?}",
+            listing.keys().collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Every object under `<root>blobs/` and `<root>manifests/` is named `…/sha256/<hex>` and its bytes
+/// hash to that name; blobs have the size `sizes` says, when it knows them.
+fn check_content_addressed(moto: &Moto, root: &str, sizes: &BTreeMap<String, u64>) {
+    for kind in ["blobs", "manifests"] {
+        let under = format!("{root}{kind}/");
+        for (key, size) in moto.list(BUCKET, &under) {
+            let hex = key
+                .strip_prefix(&format!("{under}sha256/"))
+                .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+                .unwrap_or_else(|| panic!("bucket key {key:?} is not {under}sha256/<hex>"));
+            let bytes = moto
+                .get(BUCKET, &key)
+                .unwrap_or_else(|| panic!("{key} is listed but cannot be read"));
+            assert_eq!(bytes.len() as u64, size, "{key}: listed size vs bytes");
+            assert_eq!(
+                sha256_hex(&bytes),
+                hex,
+                "{key}: the object's bytes do not hash to its key"
+            );
+            if let Some(want) = sizes.get(&format!("sha256:{hex}")) {
+                assert_eq!(size, *want, "{key}: size");
+            }
+        }
+    }
+}
+
+/// Every file of a `dir:` copy, by name.
+fn dir_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
+        .map(|e| {
+            let e = e.expect("dir entry");
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).expect("read copied file"),
+            )
+        })
+        .collect()
+}
+
+fn assert_same_copy(want: &Path, got: &Path, what: &str) {
+    let (w, g) = (dir_files(want), dir_files(got));
+    assert_eq!(
+        w.keys().collect::<Vec<_>>(),
+        g.keys().collect::<Vec<_>>(),
+        "{what}: the copy through regcache has different files"
+    );
+    for (name, bytes) in &w {
+        assert!(
+            g[name] == *bytes,
+            "{what}: file {name} differs ({} vs {} bytes)",
+            bytes.len(),
+            g[name].len()
+        );
+    }
+}
+
+/// `skopeo copy` of `image` from `host_port` into `dest`; panics with skopeo's output if it fails or
+/// takes longer than twice [`PULL_BOUND`]. Returns how long it took.
+fn copy_ok(host_port: &str, image: &str, dest: &Path, all: bool) -> Duration {
+    let mut cmd = command(&require("skopeo", "skopeo"));
+    cmd.args(["copy", "--src-tls-verify=false"]);
+    if all {
+        cmd.arg("--all");
+    }
+    cmd.arg(format!("docker://{host_port}/{image}"))
+        .arg(format!("dir:{}", dest.display()));
+    let t = Instant::now();
+    let out = run(cmd, 2 * PULL_BOUND);
+    let took = t.elapsed();
+    assert!(
+        out.status.success(),
+        "{}",
+        clients::describe(
+            &format!("skopeo copy of {image} from {host_port} (after {took:?})"),
+            &out
+        )
+    );
+    took
+}
+
+/// The sum of every sample of metric `name` (any labels), 0 when absent.
+fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Whether metric `name` has a sample at all.
+fn metric_present(text: &str, name: &str) -> bool {
+    text.lines().any(|l| {
+        l.strip_prefix(name)
+            .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+    })
+}
+
+fn get(addr: SocketAddr, path: &str) -> RawResponse {
+    request(addr, "GET", path, &[("Accept", ACCEPT_ALL)], b"")
+        .unwrap_or_else(|| panic!("GET {path} on {addr}: no response"))
+}
+
+fn head(addr: SocketAddr, path: &str) -> RawResponse {
+    request(addr, "HEAD", path, &[("Accept", ACCEPT_ALL)], b"")
+        .unwrap_or_else(|| panic!("HEAD {path} on {addr}: no response"))
+}
+
+fn describe(r: &RawResponse) -> String {
+    format!(
+        "status {} headers {:?} body {:?}",
+        r.status,
+        r.headers,
+        String::from_utf8_lossy(&r.body[..r.body.len().min(400)])
+    )
+}
+
+/// A server on `addr` that accepts connections and never answers, until dropped.
+struct BlackHole {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BlackHole {
+    fn start(addr: SocketAddr) -> BlackHole {
+        let listener = TcpListener::bind(addr).expect("bind the black hole");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !stop2.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((s, _)) => held.push(s),
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        BlackHole {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for BlackHole {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+// ---- tests ----------------------------------------------------------------------------------------
+
+#[test]
+fn two_servers_share_one_bucket_and_survive_the_upstream_outage() {
+    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
+    let mut upstream = Registry::start_seeded();
+    let mut moto = Moto::start();
+    moto.create_bucket(BUCKET);
+    let prefix = Some("fleet");
+    let root = key_root(prefix);
+    let config = config_for(
+        &upstream.url(),
+        "freshness = \"10m\"",
+        &s3_table(&moto, prefix, ""),
+    );
+    let a = Regcache::start(&config);
+    let b = Regcache::start(&config);
+
+    let images = [
+        Image::of(&upstream, Seeded::SMALL_OCI),
+        Image::of(&upstream, Seeded::MULTI_DOCKER),
+    ];
+    let mut want = BTreeSet::new();
+    let mut sizes = BTreeMap::new();
+    for (i, img) in images.iter().enumerate() {
+        copy_ok(
+            &upstream.host_port(),
+            &img.name,
+            &work.path().join(format!("ref-{i}")),
+            img.all,
+        );
+        // Cold, through A: A fetches from the upstream and fills the bucket.
+        copy_ok(
+            &a.host_port(),
+            &img.name,
+            &work.path().join(format!("a-{i}")),
+            img.all,
+        );
+        assert_same_copy(
+            &work.path().join(format!("ref-{i}")),
+            &work.path().join(format!("a-{i}")),
+            &format!("{} through A", img.name),
+        );
+        want.extend(img.keys(&root, &upstream.host_port()));
+        sizes.extend(img.blobs.clone());
+    }
+    let listing = wait_for_keys(&moto, &root, &want);
+    check_content_addressed(&moto, &root, &sizes);
+    for img in &images {
+        let tag_key = format!(
+            "{root}repos/{}/{}/_tags/{}",
+            upstream.host_port(),
+            img.repo,
+            img.tag
+        );
+        let record: serde_json::Value =
+            serde_json::from_slice(&moto.get(BUCKET, &tag_key).expect("tag record"))
+                .unwrap_or_else(|e| panic!("{tag_key} is not JSON: {e}"));
+        assert_eq!(record["digest"], img.digest.as_str(), "{tag_key}: {record}");
+        assert!(
+            record["checked_at_ms"].as_u64().is_some_and(|t| t > 0),
+            "{tag_key}: {record}"
+        );
+        for m in &img.manifests {
+            let link = format!(
+                "{root}repos/{}/{}/_manifests/sha256/{}",
+                upstream.host_port(),
+                img.repo,
+                hex_of(m)
+            );
+            assert_eq!(listing[&link], 0, "{link} should be an empty object");
+        }
+    }
+    let am = a.app.metrics.render();
+    assert!(
+        metric_sum(&am, "regcache_bucket_written_bytes_total") > 0.0,
+        "A wrote to the bucket but its metrics say otherwise:\n{am}"
+    );
+
+    upstream.stop();
+
+    // B never talked to the upstream, which is down now: everything comes from the bucket.
+    let small = &images[0];
+    let r = get(
+        b.addr(),
+        &format!("/v2/{}/manifests/{}", small.repo, small.tag),
+    );
+    assert_eq!(r.status, 200, "B: manifest by tag: {}", describe(&r));
+    assert_eq!(
+        r.header(CACHE),
+        Some("shared"),
+        "B: manifest by tag: {}",
+        describe(&r)
+    );
+    assert_eq!(
+        r.header("docker-content-digest"),
+        Some(small.digest.as_str())
+    );
+    assert_eq!(sha256_digest(&r.body), small.digest);
+    let (layer, size) = small.largest_blob();
+    let r = get(b.addr(), &format!("/v2/{}/blobs/{layer}", small.repo));
+    assert_eq!(r.status, 200, "B: blob: {}", describe(&r));
+    assert_eq!(r.header(CACHE), Some("shared"), "B: blob: {}", describe(&r));
+    assert_eq!(r.body.len() as u64, size);
+    assert_eq!(sha256_digest(&r.body), layer);
+    let multi = &images[1];
+    let child = &multi.manifests[1];
+    let r = get(b.addr(), &format!("/v2/{}/manifests/{child}", multi.repo));
+    assert_eq!(r.status, 200, "B: child manifest: {}", describe(&r));
+    assert_eq!(
+        r.header(CACHE),
+        Some("shared"),
+        "B: child manifest by digest: {}",
+        describe(&r)
+    );
+    assert_eq!(sha256_digest(&r.body), *child);
+
+    for (i, img) in images.iter().enumerate() {
+        let reference = work.path().join(format!("ref-{i}"));
+        let by_tag = work.path().join(format!("b-tag-{i}"));
+        copy_ok(&b.host_port(), &img.name, &by_tag, img.all);
+        assert_same_copy(
+            &reference,
+            &by_tag,
+            &format!("{} by tag through B", img.name),
+        );
+        let by_digest = work.path().join(format!("b-digest-{i}"));
+        copy_ok(&b.host_port(), &img.by_digest(), &by_digest, img.all);
+        assert_same_copy(
+            &reference,
+            &by_digest,
+            &format!("{} by digest through B", img.by_digest()),
+        );
+    }
+
+    let bm = b.app.metrics.render();
+    assert_eq!(
+        metric_sum(&bm, "regcache_upstream_fetched_bytes_total"),
+        0.0,
+        "B fetched blob bytes from the upstream:\n{bm}"
+    );
+    assert!(
+        metric_sum(&bm, "regcache_bucket_read_bytes_total") >= size as f64,
+        "B read (almost) nothing from the bucket:\n{bm}"
+    );
+    assert_eq!(
+        metric_sum(&bm, "regcache_bucket_up"),
+        1.0,
+        "B's bucket should be up:\n{bm}"
+    );
+}
+
+#[test]
+fn bucket_outage_local_tier_serves_and_misses_stream_through() {
+    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
+    let upstream = Registry::start_seeded();
+    let mut moto = Moto::start();
+    moto.create_bucket(BUCKET);
+    // A short gc_interval: the maintenance loop is what retries the writes the bucket missed.
+    let a = Regcache::start(&config_for(
+        &upstream.url(),
+        "freshness = \"10m\"",
+        &format!(
+            "[store]\ngc_interval = \"1s\"\n{}",
+            s3_table(&moto, None, "")
+        ),
+    ));
+    let warm = Image::of(&upstream, Seeded::SMALL_OCI);
+    let cold_big = Image::of(&upstream, Seeded::BIG);
+    let cold_multi = Image::of(&upstream, Seeded::MULTI_OCI);
+    for (name, img) in [("warm", &warm), ("big", &cold_big), ("multi", &cold_multi)] {
+        copy_ok(
+            &upstream.host_port(),
+            &img.name,
+            &work.path().join(format!("ref-{name}")),
+            img.all,
+        );
+    }
+    copy_ok(
+        &a.host_port(),
+        &warm.name,
+        &work.path().join("a-warm"),
+        false,
+    );
+    assert_same_copy(
+        &work.path().join("ref-warm"),
+        &work.path().join("a-warm"),
+        "warming",
+    );
+    // The bucket works before the outage: the warm image reaches it.
+    wait_for_keys(&moto, "", &warm.keys("", &upstream.host_port()));
+    let m = a.app.metrics.render();
+    assert_eq!(metric_sum(&m, "regcache_bucket_up"), 1.0, "{m}");
+    let fetched_before = metric_sum(&m, "regcache_upstream_fetched_bytes_total");
+
+    // The bucket goes away: first its port accepts connections and never answers (every bucket call
+    // can only end by its timeout), then nothing listens there.
+    let moto_addr = moto.addr();
+    moto.stop();
+    let (_, big_layer) = cold_big.largest_blob();
+    let mut hole = Some(BlackHole::start(moto_addr));
+    for (outage, cold, cold_name) in [
+        ("black-holed", &cold_big, "big"),
+        ("refusing", &cold_multi, "multi"),
+    ] {
+        if outage == "refusing" {
+            drop(hole.take());
+        }
+        let took = copy_ok(
+            &a.host_port(),
+            &warm.name,
+            &work.path().join(format!("{outage}-warm")),
+            false,
+        );
+        assert!(
+            took < PULL_BOUND,
+            "a local hit took {took:?} with the bucket {outage}"
+        );
+        assert_same_copy(
+            &work.path().join("ref-warm"),
+            &work.path().join(format!("{outage}-warm")),
+            &format!("warm image with the bucket {outage}"),
+        );
+        let t = Instant::now();
+        let r = get(
+            a.addr(),
+            &format!("/v2/{}/manifests/{}", warm.repo, warm.tag),
+        );
+        assert_eq!(r.status, 200, "{}", describe(&r));
+        assert_eq!(r.header(CACHE), Some("hit"), "{}", describe(&r));
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "a local manifest hit took {:?} with the bucket {outage}",
+            t.elapsed()
+        );
+        let took = copy_ok(
+            &a.host_port(),
+            &cold.name,
+            &work.path().join(format!("{outage}-{cold_name}")),
+            cold.all,
+        );
+        assert!(
+            took < PULL_BOUND,
+            "a cold pull of {} took {took:?} with the bucket {outage}",
+            cold.name
+        );
+        assert_same_copy(
+            &work.path().join(format!("ref-{cold_name}")),
+            &work.path().join(format!("{outage}-{cold_name}")),
+            &format!("cold {} with the bucket {outage}", cold.name),
+        );
+        let m = a.app.metrics.render();
+        assert!(
+            metric_present(&m, "regcache_bucket_up"),
+            "no regcache_bucket_up sample:\n{m}"
+        );
+        assert_eq!(
+            metric_sum(&m, "regcache_bucket_up"),
+            0.0,
+            "the bucket is {outage} but regcache_bucket_up says otherwise:\n{m}"
+        );
+    }
+    let m = a.app.metrics.render();
+    assert!(
+        metric_sum(&m, "regcache_upstream_fetched_bytes_total")
+            >= fetched_before + big_layer as f64,
+        "the cold big layer did not come from the upstream:\n{m}"
+    );
+    assert!(
+        metric_sum(&m, "regcache_bucket_pending_writes") > 0.0,
+        "what was fetched during the outage should wait for the bucket:\n{m}"
+    );
+
+    // The bucket comes back (empty: moto keeps nothing across a restart). What A fetched while it
+    // was away is written to it once it answers, with no client asking.
+    // (Blobs the warm image shares with them were uploaded before the outage; a real bucket would
+    // still hold them, this restarted moto does not, and nothing is pending for them.)
+    moto.restart();
+    let mut want = cold_big.keys("", &upstream.host_port());
+    want.extend(cold_multi.keys("", &upstream.host_port()));
+    let before = warm.keys("", &upstream.host_port());
+    want.retain(|k| !before.contains(k));
+    let sizes = wait_for_keys(&moto, "", &want);
+    check_content_addressed(&moto, "", &sizes);
+    let m = a.app.metrics.render();
+    assert_eq!(
+        metric_sum(&m, "regcache_bucket_up"),
+        1.0,
+        "the bucket answers again:\n{m}"
+    );
+}
+
+#[test]
+fn killed_fill_leaves_no_visible_object() {
+    const SIZE: usize = 12 << 20;
+    let rt = tokio::runtime::Runtime::new().expect("runtime for the fake upstream");
+    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
+    let fake = rt.block_on(FakeUpstream::start());
+    let layer = pseudo_random(SIZE, 7);
+    let (manifest, digest) = fake.add_image("kill/app", "v1", layer.clone());
+    let mut moto = Moto::start();
+    moto.create_bucket(BUCKET);
+    let prefix = Some("killed");
+    let root = key_root(prefix);
+    let blob_key = format!("{root}blobs/sha256/{}", hex_of(&digest));
+
+    let config = work.path().join("regcache.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\n{}",
+            work.path().join("data").display(),
+            config_for(&fake.url(), "", &s3_table(&moto, prefix, ""))
+        ),
+    )
+    .expect("write config");
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut rc = Process::start(&config, addr, &work.path().join("regcache.log"));
+
+    let r = get(addr, "/v2/kill/app/manifests/v1");
+    assert_eq!(r.status, 200, "{}", describe(&r));
+    assert_eq!(r.header("content-type"), Some(FAKE_OCI_MANIFEST));
+    assert_eq!(sha256_digest(&r.body), manifest);
+
+    // 256 KiB every 100 ms: the 12 MiB fill takes about 5 s.
+    fake.set_slow_blobs(256 << 10, Duration::from_millis(100));
+    let received = Arc::new(AtomicU64::new(0));
+    let reader = {
+        let received = Arc::clone(&received);
+        let path = format!("/v2/kill/app/blobs/{digest}");
+        std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).expect("connect to regcache");
+            s.set_read_timeout(Some(Duration::from_secs(30)))
+                .expect("read timeout");
+            write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+            )
+            .expect("send GET");
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        received.fetch_add(n as u64, Ordering::SeqCst);
+                    }
+                }
+            }
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while received.load(Ordering::SeqCst) < 1 << 20 {
+        assert!(
+            Instant::now() < deadline,
+            "the client got only {} bytes in 30 s\n{}",
+            received.load(Ordering::SeqCst),
+            rc.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    rc.kill9();
+    let sent_at_kill = fake.blob_bytes_sent();
+    reader.join().expect("reader thread");
+    assert!(
+        sent_at_kill < SIZE as u64,
+        "the fill was meant to be killed midway, but the upstream had sent all {sent_at_kill} bytes"
+    );
+    assert!(
+        received.load(Ordering::SeqCst) < SIZE as u64,
+        "the client got the whole blob before the kill"
+    );
+    for wait in [Duration::ZERO, Duration::from_secs(3)] {
+        std::thread::sleep(wait);
+        let blobs = moto.list(BUCKET, &format!("{root}blobs/"));
+        assert!(
+            blobs.is_empty(),
+            "a killed fill left objects in the bucket: {blobs:?}"
+        );
+    }
+
+    fake.set_slow_blobs(0, Duration::ZERO);
+    rc.restart();
+    let r = get(addr, &format!("/v2/kill/app/blobs/{digest}"));
+    assert_eq!(r.status, 200, "{}", describe(&r));
+    assert_eq!(r.body.len(), SIZE, "GET after the restart: short body");
+    assert_eq!(sha256_digest(&r.body), digest);
+    let listing = wait_for_keys(&moto, &root, &BTreeSet::from([blob_key.clone()]));
+    assert_eq!(listing[&blob_key], SIZE as u64, "{blob_key}: size");
+    let stored = moto.get(BUCKET, &blob_key).expect("the blob object");
+    assert!(
+        stored == layer,
+        "{blob_key}: the object differs from the blob"
+    );
+    check_content_addressed(&moto, &root, &BTreeMap::from([(digest, SIZE as u64)]));
+    drop(rc);
+    drop(fake);
+    drop(rt);
+}
+
+#[test]
+fn concurrent_fills_through_two_servers_store_one_correct_copy() {
+    const SIZE: usize = 16 << 20;
+    let rt = tokio::runtime::Runtime::new().expect("runtime for the fake upstream");
+    let fake = rt.block_on(FakeUpstream::start());
+    let layer = pseudo_random(SIZE, 11);
+    let (manifest, digest) = fake.add_image("race/app", "v1", layer.clone());
+    let mut moto = Moto::start();
+    moto.create_bucket(BUCKET);
+    let config = config_for(&fake.url(), "", &s3_table(&moto, None, ""));
+    let a = Regcache::start(&config);
+    let b = Regcache::start(&config);
+    for rc in [&a, &b] {
+        let r = get(rc.addr(), "/v2/race/app/manifests/v1");
+        assert_eq!(r.status, 200, "{}", describe(&r));
+        assert_eq!(sha256_digest(&r.body), manifest);
+    }
+
+    // 1 MiB every 50 ms: both fills are under way at the same time.
+    fake.set_slow_blobs(1 << 20, Duration::from_millis(50));
+    let barrier = Arc::new(Barrier::new(2));
+    let path = format!("/v2/race/app/blobs/{digest}");
+    let fetches: Vec<_> = [a.addr(), b.addr()]
+        .into_iter()
+        .map(|addr| {
+            let (barrier, path) = (Arc::clone(&barrier), path.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                request(addr, "GET", &path, &[], b"")
+            })
+        })
+        .collect();
+    for (name, f) in ["A", "B"].iter().zip(fetches) {
+        let r = f
+            .join()
+            .expect("client thread")
+            .unwrap_or_else(|| panic!("{name}: GET blob: no response"));
+        assert_eq!(r.status, 200, "{name}: {}", describe(&r));
+        assert_eq!(r.body.len(), SIZE, "{name}: body length");
+        assert!(r.body == layer, "{name}: wrong body");
+    }
+
+    // Neither found the blob in the bucket: both filled from the upstream at the same time.
+    assert_eq!(
+        fake.blob_gets(&digest),
+        2,
+        "the two fills were meant to race, each from the upstream"
+    );
+    let key = format!("blobs/sha256/{}", hex_of(&digest));
+    wait_for_keys(&moto, "", &BTreeSet::from([key.clone()]));
+    // Let the slower server's upload land too, then look at what stays.
+    std::thread::sleep(Duration::from_secs(5));
+    let blobs = moto.list(BUCKET, "blobs/");
+    let matching: Vec<_> = blobs
+        .iter()
+        .filter(|(k, _)| k.contains(hex_of(&digest)))
+        .collect();
+    assert_eq!(
+        matching,
+        vec![&(key.clone(), SIZE as u64)],
+        "the bucket should hold one copy of the blob: {blobs:?}"
+    );
+    let stored = moto.get(BUCKET, &key).expect("the blob object");
+    assert_eq!(sha256_digest(&stored), digest, "{key}: content");
+    check_content_addressed(&moto, "", &BTreeMap::from([(digest, SIZE as u64)]));
+    drop(a);
+    drop(b);
+    drop(fake);
+    drop(rt);
+}
+
+#[test]
+fn tiered_mirror_head_fills_through_the_chain() {
+    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
+    let mut upstream = Registry::start_seeded();
+    let region = Regcache::start(&format!(
+        "[upstreams.region]\nurl = \"{}\"\nfreshness = \"10m\"\n",
+        upstream.url()
+    ));
+    let site = Regcache::start(&format!(
+        "[upstreams.region]\nurl = \"{}\"\nfreshness = \"10m\"\n",
+        region.url()
+    ));
+    let img = Image::of(&upstream, Seeded::SMALL_OCI);
+    copy_ok(
+        &upstream.host_port(),
+        &img.name,
+        &work.path().join("ref"),
+        false,
+    );
+
+    let r = get(
+        site.addr(),
+        &format!("/v2/{}/manifests/{}", img.repo, img.tag),
+    );
+    assert_eq!(r.status, 200, "site: manifest: {}", describe(&r));
+    assert_eq!(sha256_digest(&r.body), img.digest);
+
+    // A cold HEAD through the site: answered, and a fill starts down the chain.
+    for (blob, size) in &img.blobs {
+        let r = head(site.addr(), &format!("/v2/{}/blobs/{blob}", img.repo));
+        assert_eq!(r.status, 200, "site: HEAD {blob}: {}", describe(&r));
+        assert_ne!(r.header(CACHE), Some("hit"), "site: {blob} was not cold");
+        assert_eq!(
+            r.header("content-length"),
+            Some(size.to_string().as_str()),
+            "site: HEAD {blob}"
+        );
+    }
+    // Only the site is asked while the fill runs, so its hit can only come from that fill.
+    let deadline = Instant::now() + UPLOAD_WAIT;
+    for blob in img.blobs.keys() {
+        loop {
+            let r = head(site.addr(), &format!("/v2/{}/blobs/{blob}", img.repo));
+            if r.status == 200 && r.header(CACHE) == Some("hit") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "site: {blob} is still not held after {UPLOAD_WAIT:?}: {}",
+                describe(&r)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    upstream.stop();
+
+    for blob in img.blobs.keys() {
+        let path = format!("/v2/{}/blobs/{blob}", img.repo);
+        for (name, rc) in [("region", &region), ("site", &site)] {
+            let r = head(rc.addr(), &path);
+            assert_eq!(
+                (r.status, r.header(CACHE)),
+                (200, Some("hit")),
+                "{name}: HEAD {blob} with the upstream stopped: {}",
+                describe(&r)
+            );
+        }
+        let r = get(site.addr(), &path);
+        assert_eq!(r.status, 200, "site: GET {blob}: {}", describe(&r));
+        assert_eq!(sha256_digest(&r.body), *blob);
+    }
+    for (name, rc) in [("region", &region), ("site", &site)] {
+        let dest = work.path().join(name);
+        copy_ok(&rc.host_port(), &img.name, &dest, false);
+        assert_same_copy(
+            &work.path().join("ref"),
+            &dest,
+            &format!("{} through the {name} with the upstream stopped", img.name),
+        );
+    }
+}
+
+#[test]
+fn presigned_redirect_serves_bucket_blobs() {
+    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
+    let mut upstream = Registry::start_seeded();
+    let mut moto = Moto::start();
+    moto.create_bucket(BUCKET);
+    let prefix = Some("presign");
+    let root = key_root(prefix);
+    let a = Regcache::start(&config_for(
+        &upstream.url(),
+        "freshness = \"10m\"",
+        &s3_table(&moto, prefix, ""),
+    ));
+    let b = Regcache::start(&config_for(
+        &upstream.url(),
+        "freshness = \"10m\"",
+        &s3_table(&moto, prefix, "redirect = true\nredirect_ttl = \"15m\""),
+    ));
+    let img = Image::of(&upstream, Seeded::SMALL_OCI);
+    copy_ok(
+        &upstream.host_port(),
+        &img.name,
+        &work.path().join("ref"),
+        false,
+    );
+    copy_ok(&a.host_port(), &img.name, &work.path().join("a"), false);
+    wait_for_keys(&moto, &root, &img.keys(&root, &upstream.host_port()));
+    upstream.stop();
+
+    // A client asks for the manifest first: B finds it in the bucket.
+    let r = get(b.addr(), &format!("/v2/{}/manifests/{}", img.repo, img.tag));
+    assert_eq!(r.status, 200, "B: manifest: {}", describe(&r));
+    assert_eq!(
+        r.header(CACHE),
+        Some("shared"),
+        "B: manifest: {}",
+        describe(&r)
+    );
+    assert_eq!(sha256_digest(&r.body), img.digest);
+    let (layer, size) = img.largest_blob();
+    let r = get(b.addr(), &format!("/v2/{}/blobs/{layer}", img.repo));
+    assert_eq!(r.status, 307, "B: GET blob: {}", describe(&r));
+    let location = r
+        .header("location")
+        .unwrap_or_else(|| panic!("307 without Location: {}", describe(&r)))
+        .to_owned();
+    let target = location
+        .strip_prefix(&moto.url())
+        .filter(|t| t.starts_with('/'))
+        .unwrap_or_else(|| {
+            panic!(
+                "Location {location:?} is not at the bucket endpoint {}",
+                moto.url()
+            )
+        });
+    assert!(
+        target.contains("X-Amz-Signature=") || target.contains("Signature="),
+        "Location {location:?} is not a presigned URL"
+    );
+    // The presigned URL works on its own (no credentials of ours).
+    let r = request(moto.addr(), "GET", target, &[], b"")
+        .unwrap_or_else(|| panic!("GET {location}: no response"));
+    assert_eq!(r.status, 200, "GET {location}: {}", describe(&r));
+    assert_eq!(r.body.len() as u64, size);
+    assert_eq!(sha256_digest(&r.body), layer);
+
+    copy_ok(&b.host_port(), &img.name, &work.path().join("b"), false);
+    assert_same_copy(
+        &work.path().join("ref"),
+        &work.path().join("b"),
+        &format!("{} through B's redirects", img.name),
+    );
+    let m = b.app.metrics.render();
+    assert_eq!(
+        metric_sum(&m, "regcache_upstream_fetched_bytes_total"),
+        0.0,
+        "B fetched blob bytes from the upstream:\n{m}"
+    );
+}
