@@ -8,21 +8,23 @@
 //! shortly after a fill completes, so the tests poll the bucket.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::Read as _;
+use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-
 use crate::support::clients::{self, command, require, run};
 use crate::support::fake::{FakeUpstream, OCI_MANIFEST as FAKE_OCI_MANIFEST};
+use crate::support::images::{assert_same_copy, pseudo_random};
 use crate::support::moto::{request, Moto, ACCESS_KEY, SECRET_KEY};
+use crate::support::net::BlackHole;
 use crate::support::process::{free_port, Process};
 use crate::support::regcache::{config_for, Regcache};
-use crate::support::registry::{inspect_raw, sha256_digest, RawResponse, Registry, Seeded};
+use crate::support::registry::{
+    inspect_raw, send_request, sha256_digest, RawResponse, Registry, Seeded,
+};
 
 const BUCKET: &str = "regcache-test";
 const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
@@ -51,6 +53,28 @@ fn s3_table(moto: &Moto, prefix: Option<&str>, extra: &str) -> String {
     t
 }
 
+/// moto with [`BUCKET`] made.
+fn moto_with_bucket() -> Moto {
+    let mut moto = Moto::start();
+    moto.create_bucket(BUCKET);
+    moto
+}
+
+/// What most tests start from: a work dir, a seeded upstream, and moto with [`BUCKET`] made.
+fn work_upstream_and_bucket() -> (tempfile::TempDir, Registry, Moto) {
+    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
+    (work, Registry::start_seeded(), moto_with_bucket())
+}
+
+/// A regcache config for `upstream` (tags fresh for 10 minutes) with [`s3_table`].
+fn shared_config(upstream: &Registry, moto: &Moto, prefix: Option<&str>, extra: &str) -> String {
+    config_for(
+        &upstream.url(),
+        "freshness = \"10m\"",
+        &s3_table(moto, prefix, extra),
+    )
+}
+
 /// `<prefix>/` or nothing: what every key of the layout starts with.
 fn key_root(prefix: Option<&str>) -> String {
     prefix.map_or_else(String::new, |p| format!("{p}/"))
@@ -64,19 +88,6 @@ fn hex_of(digest: &str) -> &str {
 
 fn sha256_hex(data: &[u8]) -> String {
     hex_of(&sha256_digest(data)).to_owned()
-}
-
-/// Deterministic incompressible bytes.
-fn pseudo_random(len: usize, seed: u64) -> Bytes {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut v = vec![0u8; len];
-    for chunk in v.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
-    Bytes::from(v)
 }
 
 /// What one tagged image of the upstream is made of.
@@ -134,6 +145,14 @@ impl Image {
             blobs,
             all,
         }
+    }
+
+    /// [`Image::of`], and a copy of the image straight from the upstream into `dest`: the reference
+    /// that copies through regcache are compared with.
+    fn with_reference_copy(upstream: &Registry, name: &str, dest: &Path) -> Image {
+        let img = Image::of(upstream, name);
+        copy_ok(&upstream.host_port(), &img.name, dest, img.all);
+        img
     }
 
     fn by_digest(&self) -> String {
@@ -215,37 +234,6 @@ fn check_content_addressed(moto: &Moto, root: &str, sizes: &BTreeMap<String, u64
     }
 }
 
-/// Every file of a `dir:` copy, by name.
-fn dir_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    std::fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
-        .map(|e| {
-            let e = e.expect("dir entry");
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                std::fs::read(e.path()).expect("read copied file"),
-            )
-        })
-        .collect()
-}
-
-fn assert_same_copy(want: &Path, got: &Path, what: &str) {
-    let (w, g) = (dir_files(want), dir_files(got));
-    assert_eq!(
-        w.keys().collect::<Vec<_>>(),
-        g.keys().collect::<Vec<_>>(),
-        "{what}: the copy through regcache has different files"
-    );
-    for (name, bytes) in &w {
-        assert!(
-            g[name] == *bytes,
-            "{what}: file {name} differs ({} vs {} bytes)",
-            bytes.len(),
-            g[name].len()
-        );
-    }
-}
-
 /// `skopeo copy` of `image` from `host_port` into `dest`; panics with skopeo's output if it fails or
 /// takes longer than twice [`PULL_BOUND`]. Returns how long it took.
 fn copy_ok(host_port: &str, image: &str, dest: &Path, all: bool) -> Duration {
@@ -308,58 +296,14 @@ fn describe(r: &RawResponse) -> String {
     )
 }
 
-/// A server on `addr` that accepts connections and never answers, until dropped.
-struct BlackHole {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl BlackHole {
-    fn start(addr: SocketAddr) -> BlackHole {
-        let listener = TcpListener::bind(addr).expect("bind the black hole");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = Arc::clone(&stop);
-        let thread = std::thread::spawn(move || {
-            let mut held = Vec::new();
-            while !stop2.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((s, _)) => held.push(s),
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                }
-            }
-        });
-        BlackHole {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for BlackHole {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 // ---- tests ----------------------------------------------------------------------------------------
 
 #[test]
 fn two_servers_share_one_bucket_and_survive_the_upstream_outage() {
-    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
-    let mut upstream = Registry::start_seeded();
-    let mut moto = Moto::start();
-    moto.create_bucket(BUCKET);
+    let (work, mut upstream, moto) = work_upstream_and_bucket();
     let prefix = Some("fleet");
     let root = key_root(prefix);
-    let config = config_for(
-        &upstream.url(),
-        "freshness = \"10m\"",
-        &s3_table(&moto, prefix, ""),
-    );
+    let config = shared_config(&upstream, &moto, prefix, "");
     let a = Regcache::start(&config);
     let b = Regcache::start(&config);
 
@@ -499,10 +443,7 @@ fn two_servers_share_one_bucket_and_survive_the_upstream_outage() {
 
 #[test]
 fn bucket_outage_local_tier_serves_and_misses_stream_through() {
-    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
-    let upstream = Registry::start_seeded();
-    let mut moto = Moto::start();
-    moto.create_bucket(BUCKET);
+    let (work, upstream, mut moto) = work_upstream_and_bucket();
     // A short gc_interval: the maintenance loop is what retries the writes the bucket missed.
     let a = Regcache::start(&config_for(
         &upstream.url(),
@@ -645,8 +586,7 @@ fn killed_fill_leaves_no_visible_object() {
     let fake = rt.block_on(FakeUpstream::start());
     let layer = pseudo_random(SIZE, 7);
     let (manifest, digest) = fake.add_image("kill/app", "v1", layer.clone());
-    let mut moto = Moto::start();
-    moto.create_bucket(BUCKET);
+    let moto = moto_with_bucket();
     let prefix = Some("killed");
     let root = key_root(prefix);
     let blob_key = format!("{root}blobs/sha256/{}", hex_of(&digest));
@@ -676,14 +616,8 @@ fn killed_fill_leaves_no_visible_object() {
         let received = Arc::clone(&received);
         let path = format!("/v2/kill/app/blobs/{digest}");
         std::thread::spawn(move || {
-            let mut s = TcpStream::connect(addr).expect("connect to regcache");
-            s.set_read_timeout(Some(Duration::from_secs(30)))
-                .expect("read timeout");
-            write!(
-                s,
-                "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-            )
-            .expect("send GET");
+            let mut s = send_request(addr, "GET", &path, &[], b"", Duration::from_secs(30))
+                .expect("send GET to regcache");
             let mut buf = vec![0u8; 64 << 10];
             loop {
                 match s.read(&mut buf) {
@@ -751,8 +685,7 @@ fn concurrent_fills_through_two_servers_store_one_correct_copy() {
     let fake = rt.block_on(FakeUpstream::start());
     let layer = pseudo_random(SIZE, 11);
     let (manifest, digest) = fake.add_image("race/app", "v1", layer.clone());
-    let mut moto = Moto::start();
-    moto.create_bucket(BUCKET);
+    let moto = moto_with_bucket();
     let config = config_for(&fake.url(), "", &s3_table(&moto, None, ""));
     let a = Regcache::start(&config);
     let b = Regcache::start(&config);
@@ -827,13 +760,7 @@ fn tiered_mirror_head_fills_through_the_chain() {
         "[upstreams.region]\nurl = \"{}\"\nfreshness = \"10m\"\n",
         region.url()
     ));
-    let img = Image::of(&upstream, Seeded::SMALL_OCI);
-    copy_ok(
-        &upstream.host_port(),
-        &img.name,
-        &work.path().join("ref"),
-        false,
-    );
+    let img = Image::with_reference_copy(&upstream, Seeded::SMALL_OCI, &work.path().join("ref"));
 
     let r = get(
         site.addr(),
@@ -900,29 +827,17 @@ fn tiered_mirror_head_fills_through_the_chain() {
 
 #[test]
 fn presigned_redirect_serves_bucket_blobs() {
-    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
-    let mut upstream = Registry::start_seeded();
-    let mut moto = Moto::start();
-    moto.create_bucket(BUCKET);
+    let (work, mut upstream, moto) = work_upstream_and_bucket();
     let prefix = Some("presign");
     let root = key_root(prefix);
-    let a = Regcache::start(&config_for(
-        &upstream.url(),
-        "freshness = \"10m\"",
-        &s3_table(&moto, prefix, ""),
+    let a = Regcache::start(&shared_config(&upstream, &moto, prefix, ""));
+    let b = Regcache::start(&shared_config(
+        &upstream,
+        &moto,
+        prefix,
+        "redirect = true\nredirect_ttl = \"15m\"",
     ));
-    let b = Regcache::start(&config_for(
-        &upstream.url(),
-        "freshness = \"10m\"",
-        &s3_table(&moto, prefix, "redirect = true\nredirect_ttl = \"15m\""),
-    ));
-    let img = Image::of(&upstream, Seeded::SMALL_OCI);
-    copy_ok(
-        &upstream.host_port(),
-        &img.name,
-        &work.path().join("ref"),
-        false,
-    );
+    let img = Image::with_reference_copy(&upstream, Seeded::SMALL_OCI, &work.path().join("ref"));
     copy_ok(&a.host_port(), &img.name, &work.path().join("a"), false);
     wait_for_keys(&moto, &root, &img.keys(&root, &upstream.host_port()));
     upstream.stop();

@@ -9,11 +9,12 @@
 //! metrics (requests it answered 200, bytes it served) and, where the client says so, its log.
 
 use std::net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::support::clients::{describe, registries_conf, Containerd, Dockerd, Podman};
+use crate::support::net::{Acceptor, BlackHole};
 use crate::support::process::metric;
 use crate::support::regcache::{config_for, Regcache};
 use crate::support::registry::{http_get, Registry, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX};
@@ -339,55 +340,6 @@ fn podman_pulls_through_registries_conf_mirror_with_and_without_path_prefix_and_
     podman_pulls(&prefixed, &prefixed_location, &rc, "multi/oci", &digests);
 }
 
-/// A listener on the upstream's port that accepts connections and never answers, until dropped;
-/// counts the connections it swallowed.
-struct BlackHole {
-    stop: Arc<AtomicBool>,
-    accepted: Arc<AtomicUsize>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl BlackHole {
-    fn start(addr: SocketAddr) -> BlackHole {
-        let listener =
-            TcpListener::bind(addr).expect("bind the upstream's port for the black hole");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let stop = Arc::new(AtomicBool::new(false));
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let (stop2, accepted2) = (Arc::clone(&stop), Arc::clone(&accepted));
-        let thread = std::thread::spawn(move || {
-            let mut held: Vec<TcpStream> = Vec::new();
-            while !stop2.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((s, _)) => {
-                        accepted2.fetch_add(1, Ordering::Relaxed);
-                        held.push(s);
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                }
-            }
-        });
-        BlackHole {
-            stop,
-            accepted,
-            thread: Some(thread),
-        }
-    }
-
-    fn accepted(&self) -> usize {
-        self.accepted.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for BlackHole {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 #[test]
 fn dockerd_and_podman_pull_warmed_images_from_regcache_while_upstream_is_black_holed() {
     let mut upstream = Registry::start_seeded();
@@ -449,63 +401,43 @@ fn dockerd_and_podman_pull_warmed_images_from_regcache_while_upstream_is_black_h
 /// Counts the connections it relayed.
 struct Ipv6Front {
     addr: SocketAddr,
-    stop: Arc<AtomicBool>,
     accepted: Arc<AtomicUsize>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _acceptor: Acceptor,
 }
 
 impl Ipv6Front {
     fn start(to: SocketAddr) -> Ipv6Front {
+        fn pipe(mut from: TcpStream, mut to: TcpStream) {
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut from, &mut to);
+                let _ = to.shutdown(std::net::Shutdown::Write);
+            });
+        }
         let listener = TcpListener::bind((Ipv6Addr::LOCALHOST, 0))
             .expect("bind [::1]:0 (this test needs IPv6 on loopback)");
         let addr = listener.local_addr().expect("local addr");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let stop = Arc::new(AtomicBool::new(false));
         let accepted = Arc::new(AtomicUsize::new(0));
-        let (stop2, accepted2) = (Arc::clone(&stop), Arc::clone(&accepted));
-        let thread = std::thread::spawn(move || {
-            fn pipe(mut from: TcpStream, mut to: TcpStream) {
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut from, &mut to);
-                    let _ = to.shutdown(std::net::Shutdown::Write);
-                });
-            }
-            while !stop2.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((client, _)) => {
-                        accepted2.fetch_add(1, Ordering::Relaxed);
-                        let _ = client.set_nonblocking(false);
-                        let Ok(server) = TcpStream::connect(to) else {
-                            continue;
-                        };
-                        if let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) {
-                            pipe(client, s2);
-                            pipe(server, c2);
-                        }
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                }
+        let accepted2 = Arc::clone(&accepted);
+        let acceptor = Acceptor::serve(listener, move |client| {
+            accepted2.fetch_add(1, Ordering::Relaxed);
+            let _ = client.set_nonblocking(false);
+            let Ok(server) = TcpStream::connect(to) else {
+                return;
+            };
+            if let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) {
+                pipe(client, s2);
+                pipe(server, c2);
             }
         });
         Ipv6Front {
             addr,
-            stop,
             accepted,
-            thread: Some(thread),
+            _acceptor: acceptor,
         }
     }
 
     fn accepted(&self) -> usize {
         self.accepted.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for Ipv6Front {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

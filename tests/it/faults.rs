@@ -13,23 +13,11 @@ use http::StatusCode;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::support::fake::{sha256_digest, FakeUpstream, RequestRecord, OCI_MANIFEST};
+use crate::support::images::pseudo_random;
 use crate::support::regcache::{client, config_for, error_code, Regcache};
 use crate::support::reply::{get, parse_reply, send, Reply};
 
 // ---- helpers ------------------------------------------------------------------------------------
-
-/// `len` deterministic pseudo-random bytes (xorshift64), different for each `seed`.
-fn pseudo_random(len: usize, seed: u64) -> Bytes {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut v = vec![0u8; len];
-    for chunk in v.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
-    Bytes::from(v)
-}
 
 /// The body is OCI error JSON: `{"errors": [{"code": "...", "message": "...", ...}, ...]}`.
 fn assert_error_json(r: &Reply, what: &str) {

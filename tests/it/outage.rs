@@ -2,13 +2,12 @@
 //! restart hygiene.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use crate::support::etcd::Etcd;
 use crate::support::fake::FakeUpstream;
+use crate::support::net::Acceptor;
 use crate::support::process::{free_port, metric, Process};
 use crate::support::regcache::{client, config_for, Regcache};
 use crate::support::registry::{
@@ -31,51 +30,29 @@ enum Fault {
 
 /// A server on the upstream's port that misbehaves as `fault` says, until dropped.
 struct FaultyUpstream {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _acceptor: Option<Acceptor>,
 }
 
 impl FaultyUpstream {
     fn start(addr: SocketAddr, fault: Fault) -> FaultyUpstream {
-        let stop = Arc::new(AtomicBool::new(false));
         if let Fault::Refused = fault {
-            return FaultyUpstream { stop, thread: None };
+            return FaultyUpstream { _acceptor: None };
         }
-        let listener = TcpListener::bind(addr).expect("bind the upstream's port for the fault");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let stop2 = Arc::clone(&stop);
-        let thread = std::thread::spawn(move || {
-            let mut held: Vec<TcpStream> = Vec::new();
-            while !stop2.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((mut s, _)) => match fault {
-                        Fault::BlackHole => held.push(s),
-                        _ => {
-                            let _ = s.set_nonblocking(false);
-                            let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-                            let mut buf = [0u8; 4096];
-                            let _ = s.read(&mut buf);
-                            let _ = s.write_all(
-                                b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
-                            );
-                        }
-                    },
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                }
+        let mut held: Vec<TcpStream> = Vec::new();
+        let acceptor = Acceptor::bind(addr, move |mut s| match fault {
+            Fault::BlackHole => held.push(s),
+            _ => {
+                let _ = s.set_nonblocking(false);
+                let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf);
+                let _ = s.write_all(
+                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+                );
             }
         });
         FaultyUpstream {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for FaultyUpstream {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            _acceptor: Some(acceptor),
         }
     }
 }

@@ -2,11 +2,9 @@
 //! multi-platform images, pins, idempotence, exit codes; then the prefetched images are pulled
 //! with the upstream black-holed.
 
-use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::net::BlackHole;
 use crate::support::process::Process;
 use crate::support::regcache::{config_for, Regcache};
 use crate::support::registry::{copy_to_dir, http_get, Registry};
@@ -15,37 +13,6 @@ fn prefetch(server: &str, args: &[&str]) -> std::process::Output {
     let mut all = vec!["prefetch", "--server", server];
     all.extend_from_slice(args);
     Process::run_to_end(&all)
-}
-
-/// Accepts connections on `addr` and never answers, until dropped.
-struct BlackHole(Arc<AtomicBool>, Option<std::thread::JoinHandle<()>>);
-
-impl BlackHole {
-    fn at(addr: std::net::SocketAddr) -> BlackHole {
-        let l = TcpListener::bind(addr).expect("bind the upstream's port");
-        l.set_nonblocking(true).expect("nonblocking");
-        let stop = Arc::new(AtomicBool::new(false));
-        let s2 = Arc::clone(&stop);
-        let t = std::thread::spawn(move || {
-            let mut held: Vec<TcpStream> = Vec::new();
-            while !s2.load(Ordering::Relaxed) {
-                match l.accept() {
-                    Ok((s, _)) => held.push(s),
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                }
-            }
-        });
-        BlackHole(stop, Some(t))
-    }
-}
-
-impl Drop for BlackHole {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-        if let Some(t) = self.1.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 #[test]
@@ -159,7 +126,7 @@ fn prefetched_images_are_pulled_with_the_upstream_black_holed_and_a_second_run_m
     // The outage: every prefetched image still pulls.
     let up_addr = upstream.addr();
     upstream.stop();
-    let _hole = BlackHole::at(up_addr);
+    let _hole = BlackHole::start(up_addr);
     std::thread::sleep(Duration::from_millis(1100));
     for (i, (image, all)) in [
         ("small/oci:latest", false),

@@ -1,11 +1,11 @@
 //! Pull-through against a real upstream (Debian's docker-registry) with a real client (skopeo).
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
 use sha2::{Digest as _, Sha256};
 
+use crate::support::images::assert_same_copy;
 use crate::support::regcache::{client, Regcache};
 use crate::support::registry::{
     copy_to_dir, http_get, inspect_raw, sha256_digest, Registry, Seeded, DOCKER_LIST, OCI_INDEX,
@@ -13,37 +13,6 @@ use crate::support::registry::{
 };
 
 const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
-
-/// Every file of a `dir:` copy, by name.
-fn dir_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    std::fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
-        .map(|e| {
-            let e = e.expect("dir entry");
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                std::fs::read(e.path()).expect("read copied file"),
-            )
-        })
-        .collect()
-}
-
-fn assert_same_copy(want: &Path, got: &Path, what: &str) {
-    let (w, g) = (dir_files(want), dir_files(got));
-    assert_eq!(
-        w.keys().collect::<Vec<_>>(),
-        g.keys().collect::<Vec<_>>(),
-        "{what}: the copy through regcache has different files"
-    );
-    for (name, bytes) in &w {
-        assert!(
-            g[name] == *bytes,
-            "{what}: file {name} differs ({} vs {} bytes)",
-            bytes.len(),
-            g[name].len()
-        );
-    }
-}
 
 fn copy_ok(host_port: &str, image: &str, dest: &Path, all: bool) {
     let out = copy_to_dir(host_port, image, dest, all);

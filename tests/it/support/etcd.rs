@@ -7,24 +7,26 @@
 //! when the [`Etcd`] is dropped. `tests/setup-deps.sh` installs `etcd-server`.
 
 use std::fs;
-use std::io::{Read as _, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::io::Read as _;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Duration;
 
 use base64::Engine as _;
 use tempfile::TempDir;
 
+use super::clients::command;
+use super::daemon::{home_dir, Daemon};
 use super::process::free_port;
-use super::registry::{http_get, PROXY_ENV};
+use super::registry::{http_get, parse_raw_response, send_request};
 
 const ETCD: &str = "/usr/bin/etcd";
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A running single-member etcd on 127.0.0.1.
 pub struct Etcd {
-    child: Option<Child>,
+    child: Daemon,
     client_port: u16,
     peer_port: u16,
     home: TempDir,
@@ -33,21 +35,23 @@ pub struct Etcd {
 /// `POST path` with a JSON body on a loopback address (`Connection: close`); the status and body,
 /// or `None` when the connection or the response fails.
 pub fn http_post(addr: SocketAddr, path: &str, body: &str) -> Option<(u16, String)> {
-    assert!(addr.ip().is_loopback(), "http_post only talks to loopback");
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    let request = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).ok()?;
+    let length = body.len().to_string();
+    let headers = [
+        ("Content-Type", "application/json"),
+        ("Content-Length", length.as_str()),
+    ];
+    let mut stream = send_request(
+        addr,
+        "POST",
+        path,
+        &headers,
+        body.as_bytes(),
+        Duration::from_secs(5),
+    )?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response).ok()?;
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, body.to_owned()))
+    let r = parse_raw_response(&response)?;
+    Some((r.status, String::from_utf8_lossy(&r.body).into_owned()))
 }
 
 fn b64(s: &str) -> String {
@@ -61,17 +65,11 @@ impl Etcd {
             Path::new(ETCD).is_file(),
             "{ETCD} is missing: install Debian's etcd-server (tests/setup-deps.sh)"
         );
-        let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
-        fs::create_dir_all(root).expect("create CARGO_TARGET_TMPDIR");
-        let home = tempfile::Builder::new()
-            .prefix("regcache-etcd-")
-            .tempdir_in(root)
-            .expect("create a temp dir for etcd");
         let mut etcd = Etcd {
-            child: None,
+            child: Daemon::default(),
             client_port: 0,
             peer_port: 0,
-            home,
+            home: home_dir("regcache-etcd-"),
         };
         // Free ports are picked then released: another process may take one meanwhile, so retry.
         let mut why = String::new();
@@ -106,7 +104,7 @@ impl Etcd {
             .append(true)
             .open(self.log_path())
             .expect("open the etcd log");
-        let mut cmd = Command::new(ETCD);
+        let mut cmd = command(Path::new(ETCD));
         cmd.arg("--name")
             .arg("default")
             .arg("--data-dir")
@@ -121,33 +119,20 @@ impl Etcd {
             .arg(&peer)
             .arg("--initial-cluster")
             .arg(format!("default={peer}"))
-            .envs(PROXY_ENV)
-            .env_remove("http_proxy")
-            .env_remove("https_proxy")
-            .env_remove("no_proxy")
-            .env_remove("all_proxy")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
-        self.child = Some(cmd.spawn().expect("spawn etcd"));
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            let child = self.child.as_mut().expect("etcd was just spawned");
-            if let Ok(Some(status)) = child.try_wait() {
-                self.child = None;
-                return Err(format!("etcd exited during startup ({status})"));
-            }
-            let healthy = http_get(self.addr(), "/health", &[])
-                .is_some_and(|r| r.status == 200 && r.body.windows(6).any(|w| w == b"\"true\""));
-            if healthy {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                self.stop();
-                return Err(format!("/health not true within {READY_TIMEOUT:?}"));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let addr = self.addr();
+        self.child.wait_ready(
+            cmd.spawn().expect("spawn etcd"),
+            READY_TIMEOUT,
+            Duration::from_millis(50),
+            "GET /health says true",
+            || {
+                http_get(addr, "/health", &[])
+                    .is_some_and(|r| r.status == 200 && r.body.windows(6).any(|w| w == b"\"true\""))
+            },
+        )
     }
 
     /// The client address (`127.0.0.1:PORT`).
@@ -195,17 +180,12 @@ impl Etcd {
     }
 
     pub fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child.is_running()
     }
 
     /// Kills etcd (SIGKILL) and reaps it; its port then refuses connections. No-op when stopped.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.child.stop();
     }
 
     /// Starts it again on the same ports with the same data, and waits until healthy.
@@ -222,11 +202,5 @@ impl Etcd {
     /// Everything etcd wrote to stderr so far.
     pub fn logs(&self) -> String {
         fs::read_to_string(self.log_path()).unwrap_or_default()
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        self.stop();
     }
 }

@@ -4,9 +4,12 @@
 pub mod certs;
 pub mod clients;
 pub mod consul;
+pub mod daemon;
 pub mod etcd;
 pub mod fake;
+pub mod images;
 pub mod moto;
+pub mod net;
 pub mod process;
 pub mod regcache;
 pub mod registry;

@@ -12,17 +12,18 @@
 
 use std::fmt::Write as _;
 use std::fs;
-use std::io::{Read as _, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::io::Read as _;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Duration;
 
 use tempfile::TempDir;
 
-use super::clients::require;
+use super::clients::{command, require};
+use super::daemon::{home_dir, Daemon};
 use super::process::free_port;
-use super::registry::{RawResponse, PROXY_ENV};
+use super::registry::{parse_raw_response, send_request, RawResponse};
 
 /// Where `tests/setup-deps.sh` installs moto.
 pub const MOTO_SERVER: &str = "/opt/regcache-moto/bin/moto_server";
@@ -35,12 +36,9 @@ pub const SECRET_KEY: &str = "test";
 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Lower-case proxy variables that could point a child somewhere else; removed from every child.
-const LOWERCASE_PROXY_VARS: [&str; 4] = ["http_proxy", "https_proxy", "no_proxy", "all_proxy"];
-
 /// A running `moto_server` on 127.0.0.1.
 pub struct Moto {
-    child: Option<Child>,
+    child: Daemon,
     port: u16,
     buckets: Vec<String>,
     home: TempDir,
@@ -55,53 +53,35 @@ pub fn request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> Option<RawResponse> {
-    assert!(
-        addr.ip().is_loopback(),
-        "request only talks to loopback, not {addr}"
-    );
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .ok()?;
-    let mut head = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (name, value) in headers {
-        write!(head, "{name}: {value}\r\n").expect("writing to a String cannot fail");
-    }
+    let length = body.len().to_string();
+    let mut headers = headers.to_vec();
     if !body.is_empty() || method == "PUT" || method == "POST" {
-        write!(head, "Content-Length: {}\r\n", body.len()).expect("writing to a String");
+        headers.push(("Content-Length", &length));
     }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).ok()?;
-    stream.write_all(body).ok()?;
+    let mut stream = send_request(
+        addr,
+        method,
+        target,
+        &headers,
+        body,
+        Duration::from_secs(60),
+    )?;
     let mut response = Vec::new();
     // A server may close right after a HEAD's headers: whatever arrived is what counts.
     if stream.read_to_end(&mut response).is_err() && response.is_empty() {
         return None;
     }
-    let split = response.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = String::from_utf8_lossy(&response[..split]).into_owned();
-    let mut lines = head.split("\r\n");
-    let status: u16 = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|line| line.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    let raw = &response[split + 4..];
-    let chunked = headers
+    let mut r = parse_raw_response(&response)?;
+    let chunked = r
+        .headers
         .iter()
         .any(|(n, v)| n == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked"));
-    let body = if method == "HEAD" {
-        Vec::new()
+    if method == "HEAD" {
+        r.body.clear();
     } else if chunked {
-        dechunk(raw)?
-    } else {
-        raw.to_vec()
-    };
-    Some(RawResponse {
-        status,
-        headers,
-        body,
-    })
+        r.body = dechunk(&r.body)?;
+    }
+    Some(r)
 }
 
 /// Decodes a complete `Transfer-Encoding: chunked` body; `None` if it is cut short.
@@ -166,17 +146,11 @@ impl Moto {
             "{MOTO_SERVER} is missing: the bucket tests need moto (PyPI moto[server]); \
              run `bash tests/setup-deps.sh` (as root) to install it"
         );
-        let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
-        fs::create_dir_all(root).expect("create CARGO_TARGET_TMPDIR");
-        let home = tempfile::Builder::new()
-            .prefix("regcache-moto-")
-            .tempdir_in(root)
-            .expect("create a temp dir for moto");
         let mut moto = Moto {
-            child: None,
+            child: Daemon::default(),
             port: 0,
             buckets: Vec::new(),
-            home,
+            home: home_dir("regcache-moto-"),
         };
         // Free ports are picked then released: another process may take one meanwhile, so retry.
         let mut why = String::new();
@@ -205,36 +179,24 @@ impl Moto {
             .expect("open the moto log");
         let log2 = log.try_clone().expect("clone the moto log handle");
         // setpriv --pdeathsig: moto dies with the test process even if a panic skips Drop.
-        let mut cmd = Command::new(require("setpriv", "util-linux"));
+        let mut cmd = command(&require("setpriv", "util-linux"));
         cmd.args(["--pdeathsig", "KILL", "--", MOTO_SERVER])
             .args(["-H", "127.0.0.1", "-p", &self.port.to_string()])
-            .envs(PROXY_ENV)
             .env("PYTHONUNBUFFERED", "1")
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2);
-        for var in LOWERCASE_PROXY_VARS {
-            cmd.env_remove(var);
-        }
-        self.child = Some(cmd.spawn().expect("spawn moto_server"));
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            let child = self.child.as_mut().expect("moto was just spawned");
-            if let Ok(Some(status)) = child.try_wait() {
-                self.child = None;
-                return Err(format!("moto_server exited during startup ({status})"));
-            }
-            if request(self.addr(), "GET", "/", &[("Authorization", AUTH)], b"")
-                .is_some_and(|r| r.status == 200)
-            {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                self.stop();
-                return Err(format!("GET / did not answer 200 within {READY_TIMEOUT:?}"));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let addr = self.addr();
+        self.child.wait_ready(
+            cmd.spawn().expect("spawn moto_server"),
+            READY_TIMEOUT,
+            Duration::from_millis(100),
+            "GET / answers 200",
+            || {
+                request(addr, "GET", "/", &[("Authorization", AUTH)], b"")
+                    .is_some_and(|r| r.status == 200)
+            },
+        )
     }
 
     /// `127.0.0.1:PORT`
@@ -379,18 +341,9 @@ impl Moto {
         }
     }
 
-    pub fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
-    }
-
     /// Kills moto (SIGKILL) and reaps it; its port then refuses connections. No-op when stopped.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.child.stop();
     }
 
     /// Starts it again on the same port; it is empty (moto keeps data in memory) but for the buckets
@@ -411,12 +364,6 @@ impl Moto {
     /// Everything moto wrote so far (its request log included).
     pub fn logs(&self) -> String {
         fs::read_to_string(self.log_path()).unwrap_or_default()
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 

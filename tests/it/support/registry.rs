@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 use sha2::{Digest as _, Sha256};
 use tempfile::TempDir;
 
+use super::daemon::{home_dir, Daemon};
+
 /// Environment for every tool the tests run: a proxy that refuses everything, except loopback.
 pub const PROXY_ENV: [(&str, &str); 3] = [
     ("HTTP_PROXY", "http://127.0.0.1:9"),
@@ -319,7 +321,7 @@ impl Home {
 
 /// A `docker-registry serve` child on 127.0.0.1 with its own storage; stopped on drop.
 pub struct Registry {
-    child: Option<Child>,
+    child: Daemon,
     port: u16,
     remote: Option<String>,
     home: Home,
@@ -335,12 +337,7 @@ fn free_port() -> u16 {
 }
 
 fn new_home() -> TempDir {
-    let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
-    fs::create_dir_all(root).unwrap_or_else(|e| panic!("cannot create {}: {e}", root.display()));
-    let home = tempfile::Builder::new()
-        .prefix("regcache-registry-")
-        .tempdir_in(root)
-        .expect("cannot create a temp dir for a registry");
+    let home = home_dir("regcache-registry-");
     fs::create_dir_all(home.path().join("storage")).expect("cannot create registry storage dir");
     home
 }
@@ -382,7 +379,7 @@ impl Registry {
     /// Starts on a fresh port, retrying a few times if another process took the port in between.
     fn launch(home: Home, remote: Option<String>) -> Registry {
         let mut registry = Registry {
-            child: None,
+            child: Daemon::default(),
             port: 0,
             remote,
             home,
@@ -457,25 +454,14 @@ impl Registry {
             .stderr(open_log("registry.log"))
             .spawn()
             .expect("cannot spawn docker-registry (run tests/setup-deps.sh)");
-        self.child = Some(child);
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            let child = self.child.as_mut().expect("child was just spawned");
-            if let Some(status) = child.try_wait().expect("try_wait on docker-registry") {
-                self.child = None;
-                return Err(format!("exited during startup ({status})"));
-            }
-            if http_get(self.addr(), "/v2/", &[]).map(|r| r.status) == Some(200) {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                self.stop();
-                return Err(format!(
-                    "GET /v2/ did not answer 200 within {READY_TIMEOUT:?}"
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let addr = self.addr();
+        self.child.wait_ready(
+            child,
+            READY_TIMEOUT,
+            Duration::from_millis(50),
+            "GET /v2/ answers 200",
+            || http_get(addr, "/v2/", &[]).map(|r| r.status) == Some(200),
+        )
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -509,18 +495,12 @@ impl Registry {
     }
 
     pub fn is_running(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(child) => matches!(child.try_wait(), Ok(None)),
-            None => false,
-        }
+        self.child.is_running()
     }
 
     /// Kills the registry (SIGKILL) and reaps it; a no-op when it is not running.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.child.stop();
     }
 
     /// Starts the registry again on the same port and storage (stopping it first if it runs).
@@ -529,12 +509,6 @@ impl Registry {
         if let Err(why) = self.spawn_and_wait() {
             self.fail(&format!("restart on the same port failed: {why}"));
         }
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 
@@ -626,26 +600,36 @@ impl RawResponse {
     }
 }
 
-/// Blocking `GET path` with `Connection: close` on a loopback address; `None` if the connection or the
-/// response fails. Bodies are returned as sent (no chunked decoding), which suits the registry's
-/// manifests (it sends `Content-Length`).
-pub fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Option<RawResponse> {
+/// Connects to `addr` (loopback only; 2 s at most), sends `METHOD target` with `headers`,
+/// `Connection: close` and `body` as is, and sets `read_timeout` for the answer; `None` when any of
+/// that fails.
+pub fn send_request(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    read_timeout: Duration,
+) -> Option<TcpStream> {
     assert!(
         addr.ip().is_loopback(),
-        "http_get only talks to loopback, not {addr}"
+        "{method} {target}: the tests only talk to loopback, not {addr}"
     );
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .ok()?;
-    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    stream.set_read_timeout(Some(read_timeout)).ok()?;
+    let mut head = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (name, value) in headers {
-        write!(request, "{name}: {value}\r\n").expect("writing to a String cannot fail");
+        write!(head, "{name}: {value}\r\n").expect("writing to a String cannot fail");
     }
-    request.push_str("\r\n");
-    stream.write_all(request.as_bytes()).ok()?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).ok()?;
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).ok()?;
+    stream.write_all(body).ok()?;
+    Some(stream)
+}
+
+/// A raw HTTP/1.1 response split into status, headers (names lower-cased) and the body as received
+/// (no chunked decoding); `None` without a whole head or a status.
+pub fn parse_raw_response(response: &[u8]) -> Option<RawResponse> {
     let split = response.windows(4).position(|w| w == b"\r\n\r\n")?;
     let head = String::from_utf8_lossy(&response[..split]).into_owned();
     let mut lines = head.split("\r\n");
@@ -659,6 +643,16 @@ pub fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Optio
         headers,
         body: response[split + 4..].to_vec(),
     })
+}
+
+/// Blocking `GET path` with `Connection: close` on a loopback address; `None` if the connection or the
+/// response fails. Bodies are returned as sent (no chunked decoding), which suits the registry's
+/// manifests (it sends `Content-Length`).
+pub fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Option<RawResponse> {
+    let mut stream = send_request(addr, "GET", path, headers, b"", Duration::from_secs(10))?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).ok()?;
+    parse_raw_response(&response)
 }
 
 #[cfg(test)]
