@@ -1410,6 +1410,30 @@ async fn read_next(mut file: File, offset: u64, len: usize) -> io::Result<(File,
     .map_err(io::Error::other)?
 }
 
+/// Reads up to `len` bytes at `offset` if the page cache holds them, without blocking
+/// (`preadv2` with `RWF_NOWAIT`). `None`: they are not all cached (or the filesystem cannot say),
+/// so read on the blocking pool instead. A short result is fine: the stream asks for the rest.
+fn read_cached(file: &File, offset: u64, len: usize) -> Option<io::Result<Bytes>> {
+    let mut buf = vec![0u8; len];
+    let r = rustix::io::preadv2(
+        file,
+        &mut [io::IoSliceMut::new(&mut buf)],
+        offset,
+        rustix::io::ReadWriteFlags::NOWAIT,
+    );
+    match r {
+        Ok(0) => Some(Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "blob file is shorter than recorded",
+        ))),
+        Ok(n) => {
+            buf.truncate(n);
+            Some(Ok(Bytes::from(buf)))
+        }
+        Err(_) => None, // EAGAIN (not cached), EOPNOTSUPP, …: the blocking read decides
+    }
+}
+
 pub type BodyChunk = Result<Bytes, io::Error>;
 
 /// Bytes `start..=end` of a committed file, read as the client consumes them: each chunk is one
@@ -1428,7 +1452,13 @@ pub fn stream_file(
                 return None;
             }
             let len = CHUNK.min((end + 1 - pos) as usize);
-            match read_next(file, pos, len).await {
+            // Bytes already in the page cache are read right here; only a read that would wait
+            // for the disk goes to the blocking pool (a hand-off costs more than the copy).
+            let read = match read_cached(&file, pos, len) {
+                Some(r) => r.map(|chunk| (file, chunk)),
+                None => read_next(file, pos, len).await,
+            };
+            match read {
                 Ok((f, chunk)) => {
                     let next = pos + chunk.len() as u64;
                     Some((Ok(chunk), (Some(f), next, hold)))
@@ -1470,7 +1500,10 @@ pub fn stream_fill(fill: Arc<Fill>, start: u64, end: u64) -> mpsc::Receiver<Body
                 let from_memory = fill.memory_slice(pos, len);
                 let read = match from_memory {
                     Ok(chunk) if !chunk.is_empty() => Ok((file, chunk)),
-                    Err(len) if len > 0 => read_at(file, pos, len).await,
+                    Err(len) if len > 0 => match read_cached(&file, pos, len) {
+                        Some(r) => r.map(|chunk| (file, chunk)),
+                        None => read_at(file, pos, len).await,
+                    },
                     _ => Err(io::Error::other(format!("fill has no byte at {pos}"))),
                 };
                 match read {
@@ -1504,4 +1537,39 @@ pub fn stream_fill(fill: Arc<Fill>, start: u64, end: u64) -> mpsc::Receiver<Body
         }
     });
     rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn cached_reads_return_the_file_bytes_or_defer_to_the_blocking_read() {
+        let mut f = tempfile::tempfile().expect("temp file");
+        let data: Vec<u8> = (0..CHUNK * 2 + 123).map(|i| (i * 7 % 251) as u8).collect();
+        f.write_all(&data).expect("write");
+        // Just written, so in the page cache: on filesystems with RWF_NOWAIT this reads inline.
+        let mut pos = 0usize;
+        let mut inline = 0;
+        while pos < data.len() {
+            let len = CHUNK.min(data.len() - pos);
+            let chunk = match read_cached(&f, pos as u64, len) {
+                Some(r) => {
+                    inline += 1;
+                    r.expect("cached read")
+                }
+                None => Bytes::from(data[pos..pos + len].to_vec()),
+            };
+            assert!(!chunk.is_empty() && chunk.len() <= len);
+            assert_eq!(&chunk[..], &data[pos..pos + chunk.len()], "bytes at {pos}");
+            pos += chunk.len();
+        }
+        if let Some(r) = read_cached(&f, data.len() as u64, 10) {
+            inline += 1;
+            let e = r.expect_err("past the end");
+            assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        }
+        eprintln!("{inline} reads served inline");
+    }
 }
