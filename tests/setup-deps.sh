@@ -74,7 +74,7 @@ if [ ! -x "$MOTO_SERVER" ]; then
   echo "setup-deps: installing moto[server] into $MOTO_VENV" >&2
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   $SUDO /usr/bin/python3 -m venv "$MOTO_VENV"
-  $SUDO "$MOTO_VENV/bin/pip" install -q 'moto[server]'
+  $SUDO "$MOTO_VENV/bin/pip" install -q 'moto[server]==5.2.5'
 fi
 
 rc=0
