@@ -260,13 +260,17 @@ fn ops_endpoint(
                 .iter()
                 .map(|u| u.status())
                 .collect();
-            let body = serde_json::json!({
+            let mut body = serde_json::json!({
                 "ready": store_ok.is_ok(),
                 "store_full": app.cache.store.is_full(),
                 "store_used_bytes": app.cache.store.used_bytes(),
                 "store": match &store_ok { Ok(()) => "ok".to_owned(), Err(e) => e.to_string() },
                 "upstreams": upstreams,
             });
+            if let Some(b) = &app.cache.bucket {
+                // Like an upstream, a bucket that is down does not make regcache unready.
+                body["bucket"] = serde_json::json!({ "up": b.is_up() });
+            }
             let status = if store_ok.is_ok() {
                 StatusCode::OK
             } else {

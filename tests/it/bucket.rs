@@ -547,6 +547,11 @@ fn bucket_outage_local_tier_serves_and_misses_stream_through() {
             0.0,
             "the bucket is {outage} but regcache_bucket_up says otherwise:\n{m}"
         );
+        // A bucket that is down does not make the server unready; /readyz says it is down.
+        let r = get(a.addr(), "/readyz");
+        assert_eq!(r.status, 200, "{}", describe(&r));
+        let ready: serde_json::Value = serde_json::from_slice(&r.body).expect("readyz JSON");
+        assert_eq!(ready["bucket"]["up"], false, "{ready}");
     }
     let m = a.app.metrics.render();
     assert!(
