@@ -1414,10 +1414,11 @@ async fn read_next(mut file: File, offset: u64, len: usize) -> io::Result<(File,
 /// (`preadv2` with `RWF_NOWAIT`). `None`: they are not all cached (or the filesystem cannot say),
 /// so read on the blocking pool instead. A short result is fine: the stream asks for the rest.
 fn read_cached(file: &File, offset: u64, len: usize) -> Option<io::Result<Bytes>> {
-    let mut buf = vec![0u8; len];
+    let mut buf = PooledBuf::take();
+    let want = len.min(buf.0.len());
     let r = rustix::io::preadv2(
         file,
-        &mut [io::IoSliceMut::new(&mut buf)],
+        &mut [io::IoSliceMut::new(&mut buf.0[..want])],
         offset,
         rustix::io::ReadWriteFlags::NOWAIT,
     );
@@ -1427,10 +1428,42 @@ fn read_cached(file: &File, offset: u64, len: usize) -> Option<io::Result<Bytes>
             "blob file is shorter than recorded",
         ))),
         Ok(n) => {
-            buf.truncate(n);
-            Some(Ok(Bytes::from(buf)))
+            buf.1 = n;
+            Some(Ok(Bytes::from_owner(buf)))
         }
         Err(_) => None, // EAGAIN (not cached), EOPNOTSUPP, …: the blocking read decides
+    }
+}
+
+/// Read buffers of [`CHUNK`] bytes, zeroed once and reused: a chunk handed to hyper returns its
+/// buffer here when hyper drops it, so a hot stream neither allocates nor zeroes per chunk
+/// (`preadv2` needs initialised memory). At most [`POOL_MAX`] idle buffers are kept.
+static POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+const POOL_MAX: usize = 32;
+
+/// A pooled buffer and how many of its bytes are valid.
+struct PooledBuf(Vec<u8>, usize);
+
+impl PooledBuf {
+    fn take() -> PooledBuf {
+        let buf = POOL.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        PooledBuf(buf.unwrap_or_else(|| vec![0u8; CHUNK]), 0)
+    }
+}
+
+impl AsRef<[u8]> for PooledBuf {
+    fn as_ref(&self) -> &[u8] {
+        &self.0[..self.1]
+    }
+}
+
+impl Drop for PooledBuf {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.0);
+        let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < POOL_MAX {
+            pool.push(buf);
+        }
     }
 }
 
@@ -1571,5 +1604,29 @@ mod tests {
             assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
         }
         eprintln!("{inline} reads served inline");
+    }
+
+    #[test]
+    fn reused_read_buffers_expose_only_the_bytes_just_read() {
+        let mut big = tempfile::tempfile().expect("temp file");
+        big.write_all(&vec![0xAA; CHUNK]).expect("write");
+        let mut small = tempfile::tempfile().expect("temp file");
+        small.write_all(b"tiny").expect("write");
+        for _ in 0..3 {
+            // Fill the pool with buffers full of 0xAA, then read 4 bytes into one of them.
+            let chunks: Vec<Bytes> = (0..4)
+                .filter_map(|_| read_cached(&big, 0, CHUNK))
+                .map(|r| r.expect("read"))
+                .collect();
+            assert!(chunks.iter().all(|c| c.iter().all(|b| *b == 0xAA)));
+            drop(chunks);
+            if let Some(r) = read_cached(&small, 0, CHUNK) {
+                assert_eq!(
+                    &r.expect("read")[..],
+                    b"tiny",
+                    "no stale byte after the read"
+                );
+            }
+        }
     }
 }
