@@ -368,7 +368,10 @@ fn two_servers_share_one_bucket_and_survive_the_upstream_outage() {
         "A wrote to the bucket but its metrics say otherwise:\n{am}"
     );
 
+    // The upstream is black-holed: its port accepts connections and never answers.
+    let upstream_addr = upstream.addr();
     upstream.stop();
+    let hole = BlackHole::start(upstream_addr);
 
     // B never talked to the upstream, which is down now: everything comes from the bucket.
     let small = &images[0];
@@ -429,6 +432,11 @@ fn two_servers_share_one_bucket_and_survive_the_upstream_outage() {
         metric_sum(&bm, "regcache_upstream_fetched_bytes_total"),
         0.0,
         "B fetched blob bytes from the upstream:\n{bm}"
+    );
+    assert_eq!(
+        hole.accepted(),
+        0,
+        "B tried the upstream although the bucket held everything (tags within freshness)"
     );
     assert!(
         metric_sum(&bm, "regcache_bucket_read_bytes_total") >= size as f64,
