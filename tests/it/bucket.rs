@@ -905,3 +905,82 @@ fn presigned_redirect_serves_bucket_blobs() {
         "B fetched blob bytes from the upstream:\n{m}"
     );
 }
+
+#[test]
+fn tag_freshness_is_shared_through_the_bucket() {
+    let (_work, mut upstream, moto) = work_upstream_and_bucket();
+    // Tags are fresh for 4 s: long enough for B to use A's record (and for the bucket writes to
+    // land on a loaded machine), short enough to expire in the test.
+    let config = config_for(
+        &upstream.url(),
+        "freshness = \"4s\"",
+        &s3_table(&moto, None, ""),
+    );
+    let a = Regcache::start(&config);
+    let b = Regcache::start(&config);
+    let (repo, tag) = ("small/oci", "latest");
+    let path = format!("/v2/{repo}/manifests/{tag}");
+    let key = format!("repos/{}/{repo}/_tags/{tag}", upstream.host_port());
+    let record = |moto: &Moto| -> Option<serde_json::Value> {
+        moto.get(BUCKET, &key)
+            .map(|body| serde_json::from_slice(&body).expect("tag record JSON"))
+    };
+    let wait_record = |newer_than: u64| -> serde_json::Value {
+        let deadline = Instant::now() + UPLOAD_WAIT;
+        loop {
+            if let Some(r) = record(&moto) {
+                if r["checked_at_ms"].as_u64().unwrap_or(0) > newer_than {
+                    return r;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no tag record newer than {newer_than} at {key}: {:?}",
+                record(&moto)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+
+    // A asks the upstream and shares the answer with its time.
+    let r = get(a.addr(), &path);
+    assert_eq!(r.status, 200, "A: {}", describe(&r));
+    assert_eq!(r.header(CACHE), Some("miss"), "A: {}", describe(&r));
+    let first = wait_record(0);
+    let digest = first["digest"].as_str().expect("digest").to_owned();
+    let t1 = first["checked_at_ms"].as_u64().expect("checked_at_ms");
+
+    // B, within freshness of A's check, answers from the bucket without asking the upstream.
+    let r = get(b.addr(), &path);
+    assert_eq!(r.status, 200, "B: {}", describe(&r));
+    assert_eq!(r.header(CACHE), Some("shared"), "B: {}", describe(&r));
+    assert_eq!(r.header("docker-content-digest"), Some(digest.as_str()));
+
+    // Once the record is stale, B confirms with the upstream and shares the newer time.
+    std::thread::sleep(Duration::from_millis(4200));
+    let r = get(b.addr(), &path);
+    assert_eq!(r.status, 200, "B after expiry: {}", describe(&r));
+    assert_eq!(
+        r.header(CACHE),
+        Some("revalidated"),
+        "B after expiry: {}",
+        describe(&r)
+    );
+    let second = wait_record(t1);
+    assert_eq!(second["digest"].as_str(), Some(digest.as_str()));
+
+    // A's own record is stale now, but B's confirmation is fresh: A serves it without the
+    // upstream, which is black-holed to prove it.
+    let upstream_addr = upstream.addr();
+    upstream.stop();
+    let hole = BlackHole::start(upstream_addr);
+    let r = get(a.addr(), &path);
+    assert_eq!(r.status, 200, "A after B's check: {}", describe(&r));
+    assert_eq!(
+        r.header(CACHE),
+        Some("shared"),
+        "A after B's check: {}",
+        describe(&r)
+    );
+    assert_eq!(hole.accepted(), 0, "A asked the upstream");
+}
