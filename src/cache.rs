@@ -270,6 +270,139 @@ pub struct Cache {
 struct PendingShares {
     items: Mutex<std::collections::VecDeque<Share>>,
     gauge: prometheus_client::metrics::gauge::Gauge,
+    /// Where deferred writes are also recorded (the `outbox` table), to survive a restart.
+    store: Arc<Store>,
+}
+
+/// A write owed to the bucket as the `outbox` table keeps it (a manifest's bytes are read back
+/// from the store).
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+enum ShareRecord {
+    Blob {
+        digest: String,
+        size: u64,
+    },
+    Manifest {
+        upstream: String,
+        repo: String,
+        digest: String,
+        media_type: String,
+        tag: Option<String>,
+        checked_at_ms: u64,
+    },
+    Tag {
+        upstream: String,
+        repo: String,
+        tag: String,
+        digest: String,
+        checked_at_ms: u64,
+    },
+}
+
+impl Share {
+    /// The outbox key: one entry per object it writes (a newer write replaces an older one).
+    fn key(&self) -> String {
+        match self {
+            Share::Blob { digest, .. } => format!("blob\0{digest}"),
+            Share::Manifest {
+                upstream,
+                repo,
+                digest,
+                ..
+            } => format!("manifest\0{upstream}\0{repo}\0{digest}"),
+            Share::Tag {
+                upstream,
+                repo,
+                tag,
+                ..
+            } => format!("tag\0{upstream}\0{repo}\0{tag}"),
+        }
+    }
+
+    fn record(&self) -> ShareRecord {
+        match self.clone() {
+            Share::Blob { digest, size } => ShareRecord::Blob {
+                digest: digest.to_string(),
+                size,
+            },
+            Share::Manifest {
+                upstream,
+                repo,
+                digest,
+                media_type,
+                tag,
+                ..
+            } => ShareRecord::Manifest {
+                upstream,
+                repo: repo.to_string(),
+                digest: digest.to_string(),
+                media_type,
+                checked_at_ms: tag.as_ref().map_or(0, |(_, at)| *at),
+                tag: tag.map(|(t, _)| t.to_string()),
+            },
+            Share::Tag {
+                upstream,
+                repo,
+                tag,
+                digest,
+                checked_at_ms,
+            } => ShareRecord::Tag {
+                upstream,
+                repo: repo.to_string(),
+                tag: tag.to_string(),
+                digest: digest.to_string(),
+                checked_at_ms,
+            },
+        }
+    }
+
+    /// The write a record describes, if it still can be done (`None`: malformed, or the
+    /// manifest is no longer stored).
+    fn from_record(r: ShareRecord, store: &Store) -> Option<Share> {
+        Some(match r {
+            ShareRecord::Blob { digest, size } => Share::Blob {
+                digest: digest.parse().ok()?,
+                size,
+            },
+            ShareRecord::Manifest {
+                upstream,
+                repo,
+                digest,
+                media_type,
+                tag,
+                checked_at_ms,
+            } => {
+                let digest: Digest = digest.parse().ok()?;
+                let (_, bytes) = store.manifest(&digest).ok()??;
+                let tag = match tag {
+                    Some(t) => Some((t.parse().ok()?, checked_at_ms)),
+                    None => None,
+                };
+                Share::Manifest {
+                    upstream,
+                    repo: repo.parse().ok()?,
+                    digest,
+                    media_type,
+                    bytes,
+                    tag,
+                }
+            }
+            ShareRecord::Tag {
+                upstream,
+                repo,
+                tag,
+                digest,
+                checked_at_ms,
+            } => Share::Tag {
+                upstream,
+                repo: repo.parse().ok()?,
+                tag: tag.parse().ok()?,
+                digest: digest.parse().ok()?,
+                checked_at_ms,
+            },
+        })
+    }
 }
 
 async fn blocking<T: Send + 'static>(
@@ -337,6 +470,7 @@ impl Cache {
         let pending = Arc::new(PendingShares {
             items: Mutex::new(std::collections::VecDeque::new()),
             gauge: metrics.bucket_pending.clone(),
+            store: Arc::clone(&store),
         });
         Cache {
             store,
@@ -1221,18 +1355,28 @@ impl Cache {
     /// Writes `item` to the bucket in the background; when the bucket is skipped or the write
     /// fails, keeps it for [`Cache::retry_shares`].
     fn share(&self, item: Share) {
+        self.share_item(item, false);
+    }
+
+    /// [`Cache::share`]; `recorded`: the write is in the outbox (a retry), to be removed from
+    /// it once done.
+    fn share_item(&self, item: Share, recorded: bool) {
         let Some(b) = &self.bucket else {
             return;
         };
         if !b.is_up() {
-            self.pending.defer(item);
+            self.pending.defer(item, recorded);
             return;
         }
         // A blob's file is opened now, so eviction cannot take it away during the upload.
         let file = match &item {
             Share::Blob { digest, .. } => match self.store.open_blob(digest) {
                 Ok(Some((file, _))) => Some(file),
-                _ => return, // evicted meanwhile: nothing to share
+                _ => {
+                    // Evicted meanwhile: nothing to share.
+                    self.pending.forget(&item, recorded);
+                    return;
+                }
             },
             _ => None,
         };
@@ -1267,9 +1411,12 @@ impl Cache {
                     _,
                 ) => b.put_tag(upstream, repo, tag, digest, *checked_at_ms).await,
             };
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "not shared yet; retried when the bucket answers");
-                pending.defer(item);
+            match r {
+                Ok(()) => pending.forget(&item, recorded),
+                Err(e) => {
+                    tracing::debug!(error = %e, "not shared yet; retried when the bucket answers");
+                    pending.defer(item, recorded);
+                }
             }
         });
     }
@@ -1292,7 +1439,7 @@ impl Cache {
             );
         }
         for item in items {
-            self.share(item);
+            self.share_item(item, true);
         }
     }
 }
@@ -1301,10 +1448,24 @@ impl Cache {
 const MAX_PENDING: usize = 10_000;
 
 impl PendingShares {
-    fn defer(&self, item: Share) {
+    /// Keeps `item` for a retry, in memory and (unless `recorded` already) in the outbox.
+    fn defer(&self, item: Share, recorded: bool) {
+        if !recorded {
+            let (key, record) = (item.key(), serde_json::to_vec(&item.record()));
+            let store = Arc::clone(&self.store);
+            if let Ok(record) = record {
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = store.outbox_add(&key, &record) {
+                        tracing::warn!(error = %e, "cannot record a write owed to the bucket");
+                    }
+                });
+            }
+        }
         let mut q = self.items.lock().unwrap_or_else(|p| p.into_inner());
         if q.len() >= MAX_PENDING {
-            q.pop_front();
+            if let Some(old) = q.pop_front() {
+                self.forget(&old, true);
+            }
             tracing::warn!(
                 max = MAX_PENDING,
                 "too many writes waiting for the bucket: dropping the oldest"
@@ -1312,6 +1473,46 @@ impl PendingShares {
         }
         q.push_back(item);
         self.gauge.set(q.len() as i64);
+    }
+
+    /// Drops `item` from the outbox once written (or no longer writable).
+    fn forget(&self, item: &Share, recorded: bool) {
+        if recorded {
+            let (key, store) = (item.key(), Arc::clone(&self.store));
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = store.outbox_remove(&key) {
+                    tracing::warn!(error = %e, "cannot clear a write owed to the bucket");
+                }
+            });
+        }
+    }
+}
+
+impl Cache {
+    /// Queues the writes owed to the bucket that a previous run recorded (called once at start;
+    /// the maintenance loop retries them).
+    pub fn load_outbox(&self) -> Result<usize, CacheError> {
+        if self.bucket.is_none() {
+            return Ok(0);
+        }
+        let mut n = 0;
+        let records = self.store.outbox()?;
+        let mut q = self.pending.items.lock().unwrap_or_else(|p| p.into_inner());
+        for (key, raw) in records {
+            let share = serde_json::from_slice::<ShareRecord>(&raw)
+                .ok()
+                .and_then(|r| Share::from_record(r, &self.store));
+            match share {
+                Some(item) => {
+                    q.push_back(item);
+                    n += 1;
+                }
+                // Malformed, or its manifest was evicted: nothing left to write.
+                None => self.store.outbox_remove(&key)?,
+            }
+        }
+        self.pending.gauge.set(q.len() as i64);
+        Ok(n)
     }
 }
 
@@ -1604,6 +1805,52 @@ mod tests {
             assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
         }
         eprintln!("{inline} reads served inline");
+    }
+
+    #[test]
+    fn owed_bucket_writes_survive_their_record() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("store");
+        let d = Digest::sha256_of(b"layer");
+        let items = [
+            Share::Blob {
+                digest: d.clone(),
+                size: 5,
+            },
+            Share::Tag {
+                upstream: "127.0.0.1:5000".into(),
+                repo: "library/alpine".parse().expect("repo"),
+                tag: "3.20".parse().expect("tag"),
+                digest: d.clone(),
+                checked_at_ms: 42,
+            },
+        ];
+        for item in items {
+            let json = serde_json::to_vec(&item.record()).expect("json");
+            let back = serde_json::from_slice::<ShareRecord>(&json).expect("parse");
+            let again = Share::from_record(back, &store).expect("still writable");
+            assert_eq!(again.key(), item.key());
+            assert_eq!(
+                serde_json::to_vec(&again.record()).expect("json"),
+                json,
+                "the record round-trips"
+            );
+        }
+        // A manifest whose bytes are gone from the store is no longer owed.
+        let gone = ShareRecord::Manifest {
+            upstream: "h".into(),
+            repo: "r".into(),
+            digest: d.to_string(),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            tag: None,
+            checked_at_ms: 0,
+        };
+        assert!(Share::from_record(gone, &store).is_none());
+        let bad = ShareRecord::Blob {
+            digest: "sha256:nothex".into(),
+            size: 1,
+        };
+        assert!(Share::from_record(bad, &store).is_none());
     }
 
     #[test]

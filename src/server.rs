@@ -141,6 +141,16 @@ impl App {
                 Arc::clone(&metrics),
             )?));
         }
+        match cache.load_outbox() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                count = n,
+                "writes owed to the shared bucket from the last run"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the writes owed to the shared bucket")
+            }
+        }
         let cache = Arc::new(cache);
         let tls = match &config.tls {
             Some(t) => Some(Arc::new(crate::tls::CertReloader::new(&t.cert, &t.key)?)),

@@ -48,6 +48,8 @@ pub(crate) const REFBY: TableDefinition<&str, ()> = TableDefinition::new("refby"
 pub(crate) const ACCESS: TableDefinition<&str, u64> = TableDefinition::new("access");
 /// `upstream \0 repo \0 tag-or-digest` → unix seconds when pinned.
 pub(crate) const PINS: TableDefinition<&str, u64> = TableDefinition::new("pins");
+/// Writes owed to the shared bucket (`[store.s3]`): key → a JSON record, removed once written.
+pub(crate) const OUTBOX: TableDefinition<&str, &[u8]> = TableDefinition::new("outbox");
 
 /// Every blob record (digest, size), every manifest digest and every tag (key, digest) of one
 /// read transaction: the whole-store view that eviction and verification start from.
@@ -373,6 +375,7 @@ impl Store {
             tx.open_table(REFBY).map_err(db_err)?;
             tx.open_table(ACCESS).map_err(db_err)?;
             tx.open_table(PINS).map_err(db_err)?;
+            tx.open_table(OUTBOX).map_err(db_err)?;
         }
         tx.commit().map_err(db_err)
     }
@@ -555,6 +558,38 @@ impl Store {
             if let (Some(u), Some(r), Some(x)) = (parts.next(), parts.next(), parts.next()) {
                 out.push((u.to_owned(), r.to_owned(), x.to_owned()));
             }
+        }
+        Ok(out)
+    }
+
+    /// Records a write owed to the shared bucket (replacing one with the same key).
+    pub fn outbox_add(&self, key: &str, record: &[u8]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        tx.open_table(OUTBOX)
+            .map_err(db_err)?
+            .insert(key, record)
+            .map_err(db_err)?;
+        tx.commit().map_err(db_err)
+    }
+
+    /// Forgets a write owed to the shared bucket, once done.
+    pub fn outbox_remove(&self, key: &str) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        tx.open_table(OUTBOX)
+            .map_err(db_err)?
+            .remove(key)
+            .map_err(db_err)?;
+        tx.commit().map_err(db_err)
+    }
+
+    /// Every write owed to the shared bucket, as recorded.
+    pub fn outbox(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let t = tx.open_table(OUTBOX).map_err(db_err)?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(db_err)? {
+            let (k, v) = item.map_err(db_err)?;
+            out.push((k.value().to_owned(), v.value().to_vec()));
         }
         Ok(out)
     }

@@ -453,14 +453,15 @@ fn two_servers_share_one_bucket_and_survive_the_upstream_outage() {
 fn bucket_outage_local_tier_serves_and_misses_stream_through() {
     let (work, upstream, mut moto) = work_upstream_and_bucket();
     // A short gc_interval: the maintenance loop is what retries the writes the bucket missed.
-    let a = Regcache::start(&config_for(
+    let config = config_for(
         &upstream.url(),
         "freshness = \"10m\"",
         &format!(
             "[store]\ngc_interval = \"1s\"\n{}",
             s3_table(&moto, None, "")
         ),
-    ));
+    );
+    let mut a = Regcache::start(&config);
     let warm = Image::of(&upstream, Seeded::SMALL_OCI);
     let cold_big = Image::of(&upstream, Seeded::BIG);
     let cold_multi = Image::of(&upstream, Seeded::MULTI_OCI);
@@ -576,6 +577,17 @@ fn bucket_outage_local_tier_serves_and_misses_stream_through() {
     // was away is written to it once it answers, with no client asking.
     // (Blobs the warm image shares with them were uploaded before the outage; a real bucket would
     // still hold them, this restarted moto does not, and nothing is pending for them.)
+    // A restarts while the bucket is still away: what it owes the bucket is in its database (the
+    // outbox table), not only in memory.
+    let dir = a.take_dir().expect("A's data directory");
+    a.stop();
+    drop(a);
+    let a = Regcache::start_in(dir.path(), &config);
+    let m = a.app.metrics.render();
+    assert!(
+        metric_sum(&m, "regcache_bucket_pending_writes") > 0.0,
+        "the writes owed to the bucket did not survive A's restart:\n{m}"
+    );
     moto.restart();
     let mut want = cold_big.keys("", &upstream.host_port());
     want.extend(cold_multi.keys("", &upstream.host_port()));
@@ -589,6 +601,20 @@ fn bucket_outage_local_tier_serves_and_misses_stream_through() {
         1.0,
         "the bucket answers again:\n{m}"
     );
+    // Written, so no longer owed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let owed = a.app.cache.store.outbox().expect("read the outbox");
+        if owed.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} writes still recorded as owed to the bucket",
+            owed.len()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]
