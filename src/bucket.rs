@@ -239,6 +239,14 @@ impl Bucket {
             .inc();
     }
 
+    /// Counts an object that failed verification (`bucket_errors_total{op="verify"}`).
+    pub fn corrupt(&self) {
+        self.metrics
+            .bucket_errors
+            .get_or_create(&vec![("op", "verify".to_owned())])
+            .inc();
+    }
+
     async fn get_small(
         &self,
         op: &'static str,

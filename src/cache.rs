@@ -262,6 +262,8 @@ pub struct Cache {
     pub metrics: Arc<Metrics>,
     /// The shared tier, when `[store.s3]` is configured.
     pub bucket: Option<Arc<Bucket>>,
+    /// Blobs whose copy in the bucket failed verification: fetched from the upstream instead.
+    bucket_bad: Mutex<std::collections::HashSet<Digest>>,
     /// Writes to the bucket that wait for it to answer again.
     pending: Arc<PendingShares>,
 }
@@ -481,6 +483,7 @@ impl Cache {
             fill_wait_ms: std::sync::atomic::AtomicU64::new(30_000),
             metrics,
             bucket: None,
+            bucket_bad: Mutex::new(std::collections::HashSet::new()),
             pending,
         }
     }
@@ -764,6 +767,7 @@ impl Cache {
                     .max_manifest_size
                     .load(std::sync::atomic::Ordering::Relaxed);
                 if bytes.len() as u64 > max || !d.matches(&bytes) {
+                    b.corrupt();
                     tracing::warn!(digest = %d, "the bucket's copy of a manifest is oversized or does not match its digest; ignoring it");
                     return Ok(None);
                 }
@@ -990,6 +994,14 @@ impl Cache {
         let Some(b) = self.bucket.as_ref().filter(|b| b.is_up()) else {
             return Ok(None);
         };
+        if self
+            .bucket_bad
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(d)
+        {
+            return Ok(None);
+        }
         let key = route.key();
         if self.store.is_linked(&key, d)? || self.store.is_referenced(&key, d)? {
             Ok(Some(b))
@@ -1121,6 +1133,23 @@ impl Cache {
             let _slot = slot;
             let started = std::time::Instant::now();
             let result = this.run_fill(&route, &d, temp, &tx, &fill2).await;
+            let from_bucket = fill2.from_bucket.load(std::sync::atomic::Ordering::Relaxed);
+            if from_bucket
+                && matches!(
+                    result,
+                    Err(CacheError::DigestMismatch { .. } | CacheError::SizeMismatch { .. })
+                )
+            {
+                // Never serve that copy again: the next request fetches from the upstream.
+                tracing::error!(digest = %d, "the shared bucket's copy of a blob failed verification; using the upstream for it from now on");
+                if let Some(b) = &this.bucket {
+                    b.corrupt();
+                }
+                this.bucket_bad
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(d.clone());
+            }
             let labels = Metrics::upstream(route.upstream.name());
             match &result {
                 Ok(_) => this

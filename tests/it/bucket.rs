@@ -1010,3 +1010,57 @@ fn tag_freshness_is_shared_through_the_bucket() {
     );
     assert_eq!(hole.accepted(), 0, "A asked the upstream");
 }
+
+#[test]
+fn corrupt_bucket_copy_is_never_served_and_the_upstream_takes_over() {
+    let (work, upstream, moto) = work_upstream_and_bucket();
+    let a = Regcache::start(&shared_config(&upstream, &moto, None, ""));
+    let b = Regcache::start(&shared_config(&upstream, &moto, None, ""));
+    let img = Image::with_reference_copy(&upstream, Seeded::SMALL_OCI, &work.path().join("ref"));
+    copy_ok(&a.host_port(), &img.name, &work.path().join("a"), false);
+    wait_for_keys(&moto, "", &img.keys("", &upstream.host_port()));
+
+    // Someone overwrites the layer in the bucket with other bytes of the same length.
+    let (layer, size) = img.largest_blob();
+    let key = format!("blobs/sha256/{}", hex_of(&layer));
+    moto.put(BUCKET, &key, &pseudo_random(size as usize, 99));
+
+    let r = get(b.addr(), &format!("/v2/{}/manifests/{}", img.repo, img.tag));
+    assert_eq!(r.status, 200, "B: manifest: {}", describe(&r));
+    let path = format!("/v2/{}/blobs/{layer}", img.repo);
+    // The first answer comes from the bad copy: the client never gets all of it (the last byte is
+    // held until the digest is checked), so it cannot take it for the layer.
+    let first = request(b.addr(), "GET", &path, &[], b"");
+    if let Some(r) = &first {
+        assert!(
+            r.status != 200 || sha256_digest(&r.body) != layer,
+            "the corrupt copy was served whole"
+        );
+        assert!(
+            r.body.len() < size as usize,
+            "{} of {size} bytes: the last byte must be held back",
+            r.body.len()
+        );
+    }
+    // The next request goes to the upstream and gets the right bytes.
+    let r = get(b.addr(), &path);
+    assert_eq!(r.status, 200, "B: second GET: {}", describe(&r));
+    assert_eq!(
+        r.header(CACHE),
+        Some("miss"),
+        "B: second GET: {}",
+        describe(&r)
+    );
+    assert_eq!(
+        sha256_digest(&r.body),
+        layer,
+        "B served the upstream's bytes"
+    );
+    let m = b.app.metrics.render();
+    assert!(
+        m.lines().any(
+            |l| l.starts_with("regcache_bucket_errors_total{op=\"verify\"}") && !l.ends_with(" 0")
+        ),
+        "the bad copy is counted:\n{m}"
+    );
+}
