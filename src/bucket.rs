@@ -5,8 +5,8 @@
 //!   committed to the local store; one PUT (or one completed multipart upload) makes it visible
 //!   whole, so a server killed mid-upload leaves nothing under the final key;
 //! - `manifests/sha256/<hex>`: manifest bytes, `Content-Type` = the manifest's media type;
-//! - `repos/<upstream-id>/<repo>/_manifests/sha256/<hex>`: empty, the manifest belongs to that
-//!   repository (the bucket equivalent of the store's links);
+//! - `repos/<upstream-id>/<repo>/_manifests/sha256/<hex>` and `…/_layers/sha256/<hex>`: empty, the
+//!   manifest or blob belongs to that repository (the bucket equivalent of the store's links);
 //! - `repos/<upstream-id>/<repo>/_tags/<tag>`: `{"digest", "checked_at_ms"}`, so freshness is
 //!   shared: a tag one server confirmed is fresh for all of them.
 //!
@@ -41,8 +41,10 @@ use crate::store::now_millis;
 pub const DOWN_FOR: Duration = Duration::from_secs(10);
 /// Blobs up to this size are uploaded with one conditional PUT; larger ones in parts this size.
 const PART: usize = 16 << 20;
-/// Uploads running at once (each holds at most two parts in memory).
+/// Writes to the bucket running at once (an upload holds at most two parts in memory).
 const UPLOADS: usize = 4;
+/// The most a tag record may weigh (it is a digest and a time).
+const MAX_TAG_RECORD: u64 = 4096;
 
 /// Why the bucket could not answer.
 #[derive(Debug, thiserror::Error)]
@@ -187,6 +189,14 @@ impl Bucket {
         )
     }
 
+    fn blob_link_key(upstream: &str, repo: &RepoName, d: &Digest) -> String {
+        format!(
+            "repos/{upstream}/{repo}/_layers/{}/{}",
+            d.algorithm().as_str(),
+            d.hex()
+        )
+    }
+
     fn tag_key(upstream: &str, repo: &RepoName, tag: &Tag) -> String {
         format!("repos/{upstream}/{repo}/_tags/{tag}")
     }
@@ -197,6 +207,19 @@ impl Bucket {
     where
         F: std::future::Future<Output = object_store::Result<T>>,
     {
+        self.call_within(op, self.timeout, f).await
+    }
+
+    /// [`Bucket::call`] with its own deadline (uploads get time in proportion to their size).
+    async fn call_within<T, F>(
+        &self,
+        op: &'static str,
+        deadline: Duration,
+        f: F,
+    ) -> Result<T, BucketError>
+    where
+        F: std::future::Future<Output = object_store::Result<T>>,
+    {
         let until = self.down_until.load(Ordering::Relaxed);
         let now = now_millis();
         if until > now {
@@ -204,12 +227,12 @@ impl Bucket {
                 (DOWN_FOR.as_millis() as u64).saturating_sub(until - now) / 1000,
             ));
         }
-        let result = match tokio::time::timeout(self.timeout, f).await {
+        let result = match tokio::time::timeout(deadline, f).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e @ object_store::Error::NotFound { .. }))
             | Ok(Err(e @ object_store::Error::AlreadyExists { .. })) => return Err(e.into()),
             Ok(Err(e)) => Err(BucketError::from(e)),
-            Err(_) => Err(BucketError::Timeout(self.timeout)),
+            Err(_) => Err(BucketError::Timeout(deadline)),
         };
         match &result {
             Ok(_) => {
@@ -247,24 +270,36 @@ impl Bucket {
             .inc();
     }
 
+    /// A small object whole (`None` when absent); one larger than `max` bytes is refused
+    /// before its body is read.
     async fn get_small(
         &self,
         op: &'static str,
         key: &str,
+        max: u64,
     ) -> Result<Option<(Attributes, Bytes)>, BucketError> {
         let path = self.path(key)?;
         let s3 = Arc::clone(&self.s3);
         let r = self
             .call(op, async move {
                 let r = s3.get(&path).await?;
+                if r.meta.size > max {
+                    return Ok(None);
+                }
                 let attributes = r.attributes.clone();
-                Ok((attributes, r.bytes().await?))
+                Ok(Some((attributes, r.bytes().await?)))
             })
             .await;
         match r {
-            Ok((a, b)) => {
+            Ok(Some((a, b))) => {
                 self.metrics.bucket_read.inc_by(b.len() as u64);
                 Ok(Some((a, b)))
+            }
+            Ok(None) => {
+                self.corrupt();
+                Err(BucketError::Other(format!(
+                    "{key}: larger than the {max} bytes such an object may have"
+                )))
             }
             Err(BucketError::Store(object_store::Error::NotFound { .. })) => Ok(None),
             Err(e) => Err(e),
@@ -281,8 +316,9 @@ impl Bucket {
         let path = self.path(key)?;
         let len = bytes.len() as u64;
         let s3 = Arc::clone(&self.s3);
+        let deadline = self.upload_time(len);
         match self
-            .call(op, async move {
+            .call_within(op, deadline, async move {
                 s3.put_opts(&path, PutPayload::from(bytes), opts).await
             })
             .await
@@ -359,33 +395,55 @@ impl Bucket {
             .map_err(|e| BucketError::Other(format!("presigned URL: {e}")))
     }
 
-    /// Uploads a verified blob from `file` (`size` bytes) unless the bucket already holds it.
-    /// The object appears under its final key only once complete.
-    pub async fn put_blob(&self, d: &Digest, file: File, size: u64) -> Result<(), BucketError> {
-        let _permit = self
-            .uploads
-            .acquire()
+    /// Time allowed to write `bytes`: `timeout`, plus a second per MiB (the upload must keep
+    /// at least 1 MiB/s).
+    fn upload_time(&self, bytes: u64) -> Duration {
+        self.timeout + Duration::from_secs(bytes >> 20)
+    }
+
+    /// Waits for one of the [`UPLOADS`] upload slots.
+    pub async fn upload_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, BucketError> {
+        Arc::clone(&self.uploads)
+            .acquire_owned()
             .await
-            .map_err(|e| BucketError::Other(e.to_string()))?;
-        if self.head_blob(d).await?.is_some() {
+            .map_err(|e| BucketError::Other(e.to_string()))
+    }
+
+    /// Uploads a verified blob from `file` (`size` bytes) unless the bucket already holds it
+    /// (`replace`: even then, over a copy that failed verification). The object appears under
+    /// its final key only once complete. The caller holds an [`Bucket::upload_slot`].
+    pub async fn put_blob(
+        &self,
+        d: &Digest,
+        file: File,
+        size: u64,
+        replace: bool,
+    ) -> Result<(), BucketError> {
+        if !replace && self.head_blob(d).await?.is_some() {
             return Ok(());
         }
         let key = Self::blob_key(d);
         let file = Arc::new(std::sync::Mutex::new(file));
         if size <= PART as u64 {
             let bytes = read_part(&file, size as usize).await?;
+            let mode = if replace {
+                PutMode::Overwrite
+            } else {
+                PutMode::Create
+            };
             return self
                 .put_small(
                     "put",
                     &key,
                     bytes,
                     PutOptions {
-                        mode: PutMode::Create,
+                        mode,
                         ..PutOptions::default()
                     },
                 )
                 .await;
         }
+        let part_time = self.upload_time(PART as u64);
         let path = self.path(&key)?;
         let s3 = Arc::clone(&self.s3);
         let upload = self
@@ -398,11 +456,11 @@ impl Bucket {
             let part = match read_part(&file, n).await {
                 Ok(p) => p,
                 Err(e) => {
-                    let _ = writer.abort().await;
+                    let _ = tokio::time::timeout(self.timeout, writer.abort()).await;
                     return Err(e);
                 }
             };
-            let waited = tokio::time::timeout(self.timeout * 4, writer.wait_for_capacity(1)).await;
+            let waited = tokio::time::timeout(part_time, writer.wait_for_capacity(1)).await;
             match waited {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
@@ -410,16 +468,17 @@ impl Bucket {
                     return Err(e.into());
                 }
                 Err(_) => {
-                    let e = BucketError::Timeout(self.timeout * 4);
+                    let e = BucketError::Timeout(part_time);
                     self.failed("put", &e);
-                    let _ = writer.abort().await;
+                    // Bounded too: the bucket is hanging. Parts left behind are invisible.
+                    let _ = tokio::time::timeout(self.timeout, writer.abort()).await;
                     return Err(e);
                 }
             }
             writer.put(part);
             left -= n as u64;
         }
-        match tokio::time::timeout(self.timeout * 4, writer.finish()).await {
+        match tokio::time::timeout(part_time, writer.finish()).await {
             Ok(Ok(_)) => {
                 self.metrics.bucket_written.inc_by(size);
                 Ok(())
@@ -429,7 +488,7 @@ impl Bucket {
                 Err(e.into())
             }
             Err(_) => {
-                let e = BucketError::Timeout(self.timeout * 4);
+                let e = BucketError::Timeout(part_time);
                 self.failed("put", &e);
                 Err(e)
             }
@@ -440,9 +499,10 @@ impl Bucket {
     pub async fn manifest(
         &self,
         d: &Digest,
+        max: u64,
     ) -> Result<Option<(Option<String>, Bytes)>, BucketError> {
         Ok(self
-            .get_small("get", &Self::manifest_key(d))
+            .get_small("get", &Self::manifest_key(d), max)
             .await?
             .map(|(a, b)| {
                 let mt = a.get(&Attribute::ContentType).map(|v| v.to_string());
@@ -458,6 +518,39 @@ impl Bucket {
         d: &Digest,
     ) -> Result<bool, BucketError> {
         let path = self.path(&Self::link_key(upstream, repo, d))?;
+        let s3 = Arc::clone(&self.s3);
+        match self.call("head", async move { s3.head(&path).await }).await {
+            Ok(_) => Ok(true),
+            Err(BucketError::Store(object_store::Error::NotFound { .. })) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Records that blob `d` belongs to `repo` (so any server may serve it for that repository
+    /// from the bucket, even one that has not seen a manifest naming it).
+    pub async fn put_blob_link(
+        &self,
+        upstream: &str,
+        repo: &RepoName,
+        d: &Digest,
+    ) -> Result<(), BucketError> {
+        self.put_small(
+            "put",
+            &Self::blob_link_key(upstream, repo, d),
+            Bytes::new(),
+            PutOptions::default(),
+        )
+        .await
+    }
+
+    /// Whether the bucket links blob `d` to `repo`.
+    pub async fn is_blob_linked(
+        &self,
+        upstream: &str,
+        repo: &RepoName,
+        d: &Digest,
+    ) -> Result<bool, BucketError> {
+        let path = self.path(&Self::blob_link_key(upstream, repo, d))?;
         let s3 = Arc::clone(&self.s3);
         match self.call("head", async move { s3.head(&path).await }).await {
             Ok(_) => Ok(true),
@@ -510,13 +603,17 @@ impl Bucket {
         tag: &Tag,
     ) -> Result<Option<SharedTag>, BucketError> {
         let Some((_, bytes)) = self
-            .get_small("get", &Self::tag_key(upstream, repo, tag))
+            .get_small("get", &Self::tag_key(upstream, repo, tag), MAX_TAG_RECORD)
             .await?
         else {
             return Ok(None);
         };
         match serde_json::from_slice::<SharedTag>(&bytes) {
-            Ok(t) if t.digest.parse::<Digest>().is_ok() => Ok(Some(t)),
+            Ok(mut t) if t.digest.parse::<Digest>().is_ok() => {
+                // A server whose clock runs ahead must not make a tag fresh for longer.
+                t.checked_at_ms = t.checked_at_ms.min(now_millis());
+                Ok(Some(t))
+            }
             _ => {
                 tracing::warn!(upstream, repo = %repo, tag = %tag, "ignoring a malformed tag record in the bucket");
                 Ok(None)
@@ -533,9 +630,13 @@ impl Bucket {
         d: &Digest,
         checked_at_ms: u64,
     ) -> Result<(), BucketError> {
-        // Never replace a newer confirmation (another server's, or a retry arriving late).
+        // Never replace a newer confirmation (another server's, or a retry arriving late). The
+        // record's time was capped at our clock when read, so one written by a server whose
+        // clock runs ahead is replaced by the next confirmation.
         if let Some(current) = self.tag(upstream, repo, tag).await? {
-            if current.checked_at_ms >= checked_at_ms {
+            if current.checked_at_ms > checked_at_ms
+                || (current.checked_at_ms == checked_at_ms && current.digest == d.to_string())
+            {
                 return Ok(());
             }
         }

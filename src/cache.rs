@@ -147,8 +147,13 @@ pub struct Fill {
 /// A write to the shared bucket.
 #[derive(Clone)]
 enum Share {
-    /// A committed blob: uploaded from its file.
-    Blob { digest: Digest, size: u64 },
+    /// A committed blob: uploaded from its file, then linked to the repository it was
+    /// fetched for (`upstream-id`, repository).
+    Blob {
+        digest: Digest,
+        size: u64,
+        link: Option<(String, RepoName)>,
+    },
     /// A manifest fetched for `repo`, with the tag that pointed at it and when.
     Manifest {
         upstream: String,
@@ -284,6 +289,10 @@ enum ShareRecord {
     Blob {
         digest: String,
         size: u64,
+        #[serde(default)]
+        upstream: Option<String>,
+        #[serde(default)]
+        repo: Option<String>,
     },
     Manifest {
         upstream: String,
@@ -324,9 +333,11 @@ impl Share {
 
     fn record(&self) -> ShareRecord {
         match self.clone() {
-            Share::Blob { digest, size } => ShareRecord::Blob {
+            Share::Blob { digest, size, link } => ShareRecord::Blob {
                 digest: digest.to_string(),
                 size,
+                upstream: link.as_ref().map(|(u, _)| u.clone()),
+                repo: link.map(|(_, r)| r.to_string()),
             },
             Share::Manifest {
                 upstream,
@@ -363,9 +374,18 @@ impl Share {
     /// manifest is no longer stored).
     fn from_record(r: ShareRecord, store: &Store) -> Option<Share> {
         Some(match r {
-            ShareRecord::Blob { digest, size } => Share::Blob {
+            ShareRecord::Blob {
+                digest,
+                size,
+                upstream,
+                repo,
+            } => Share::Blob {
                 digest: digest.parse().ok()?,
                 size,
+                link: match (upstream, repo) {
+                    (Some(u), Some(r)) => Some((u, r.parse().ok()?)),
+                    _ => None,
+                },
             },
             ShareRecord::Manifest {
                 upstream,
@@ -755,7 +775,10 @@ impl Cache {
         let (media_type, bytes) = match self.store.manifest(d)? {
             Some(m) => m,
             None => {
-                let (mt, bytes) = match b.manifest(d).await {
+                let max = self
+                    .max_manifest_size
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                let (mt, bytes) = match b.manifest(d, max).await {
                     Ok(Some(m)) => m,
                     Ok(None) => return Ok(None),
                     Err(e) => {
@@ -986,7 +1009,7 @@ impl Cache {
 
     /// Whether the bucket may be asked for blob `d` on behalf of `route`'s repository: a manifest
     /// of that repository references it (or it was linked there).
-    fn bucket_for_blob(
+    async fn bucket_for_blob(
         &self,
         route: &Route,
         d: &Digest,
@@ -1004,15 +1027,26 @@ impl Cache {
         }
         let key = route.key();
         if self.store.is_linked(&key, d)? || self.store.is_referenced(&key, d)? {
-            Ok(Some(b))
-        } else {
-            Ok(None)
+            return Ok(Some(b));
+        }
+        // No manifest of this repository seen here: the bucket may still link the blob to it
+        // (another server fetched it for that repository).
+        match b
+            .is_blob_linked(&upstream_id(&route.upstream.config.url), &route.repo, d)
+            .await
+        {
+            Ok(true) => Ok(Some(b)),
+            Ok(false) => Ok(None),
+            Err(e) => {
+                tracing::debug!(digest = %d, error = %e, "bucket not asked for the blob link");
+                Ok(None)
+            }
         }
     }
 
     /// The size of blob `d` if the bucket holds it for `route`.
     async fn shared_blob_size(&self, route: &Route, d: &Digest) -> Result<Option<u64>, CacheError> {
-        let Some(b) = self.bucket_for_blob(route, d)? else {
+        let Some(b) = self.bucket_for_blob(route, d).await? else {
             return Ok(None);
         };
         match b.head_blob(d).await {
@@ -1031,7 +1065,11 @@ impl Cache {
         route: &Route,
         d: &Digest,
     ) -> Result<Option<reqwest::Url>, CacheError> {
-        let Some(b) = self.bucket_for_blob(route, d)?.filter(|b| b.redirects()) else {
+        let Some(b) = self
+            .bucket_for_blob(route, d)
+            .await?
+            .filter(|b| b.redirects())
+        else {
             return Ok(None);
         };
         if self.store.blob_size(d)?.is_some() {
@@ -1056,7 +1094,7 @@ impl Cache {
         bucket: bool,
     ) -> Result<(Source, Option<u64>), CacheError> {
         if bucket {
-            if let Some(b) = self.bucket_for_blob(route, d)? {
+            if let Some(b) = self.bucket_for_blob(route, d).await? {
                 match b.get_blob(d, offset).await {
                     Ok(Some(blob)) => return Ok((Source::Bucket(blob.stream), Some(blob.size))),
                     Ok(None) => {}
@@ -1364,6 +1402,7 @@ impl Cache {
                     self.share(Share::Blob {
                         digest: d.clone(),
                         size: written,
+                        link: Some((upstream_id(&up.config.url), route.repo.clone())),
                     });
                 }
             }
@@ -1397,48 +1436,67 @@ impl Cache {
             self.pending.defer(item, recorded);
             return;
         }
-        // A blob's file is opened now, so eviction cannot take it away during the upload.
-        let file = match &item {
-            Share::Blob { digest, .. } => match self.store.open_blob(digest) {
-                Ok(Some((file, _))) => Some(file),
-                _ => {
-                    // Evicted meanwhile: nothing to share.
-                    self.pending.forget(&item, recorded);
-                    return;
-                }
-            },
-            _ => None,
+        // Over a copy that failed verification here, the good one is written anyway.
+        let replace = match &item {
+            Share::Blob { digest, .. } => self
+                .bucket_bad
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(digest),
+            _ => false,
         };
-        let (b, pending) = (Arc::clone(b), Arc::clone(&self.pending));
+        let (b, pending, store) = (
+            Arc::clone(b),
+            Arc::clone(&self.pending),
+            Arc::clone(&self.store),
+        );
         tokio::spawn(async move {
-            let r = match (&item, file) {
-                (Share::Blob { digest, size }, Some(file)) => b.put_blob(digest, file, *size).await,
-                (Share::Blob { .. }, None) => Ok(()),
-                (
-                    Share::Manifest {
-                        upstream,
-                        repo,
-                        digest,
-                        media_type,
-                        bytes,
-                        tag,
-                    },
-                    _,
-                ) => {
+            // One of a few write slots first: a retry of thousands of writes neither opens
+            // thousands of files nor floods the bucket.
+            let _slot = match b.upload_slot().await {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+            let r = match &item {
+                Share::Blob { digest, size, link } => {
+                    // Opened now, so eviction cannot take the file away during the upload.
+                    match store.open_blob(digest) {
+                        Ok(Some((file, _))) => {
+                            let r = b.put_blob(digest, file, *size, replace).await;
+                            match (r, link) {
+                                (Ok(()), Some((upstream, repo))) => {
+                                    b.put_blob_link(upstream, repo, digest).await
+                                }
+                                (r, _) => r,
+                            }
+                        }
+                        Ok(None) => {
+                            // Evicted meanwhile: nothing left to share.
+                            pending.forget(&item, recorded);
+                            return;
+                        }
+                        Err(e) => Err(crate::bucket::BucketError::Other(e.to_string())),
+                    }
+                }
+                Share::Manifest {
+                    upstream,
+                    repo,
+                    digest,
+                    media_type,
+                    bytes,
+                    tag,
+                } => {
                     let tag = tag.as_ref().map(|(t, at)| (t, *at));
                     b.put_manifest(upstream, repo, digest, media_type, bytes.clone(), tag)
                         .await
                 }
-                (
-                    Share::Tag {
-                        upstream,
-                        repo,
-                        tag,
-                        digest,
-                        checked_at_ms,
-                    },
-                    _,
-                ) => b.put_tag(upstream, repo, tag, digest, *checked_at_ms).await,
+                Share::Tag {
+                    upstream,
+                    repo,
+                    tag,
+                    digest,
+                    checked_at_ms,
+                } => b.put_tag(upstream, repo, tag, digest, *checked_at_ms).await,
             };
             match r {
                 Ok(()) => pending.forget(&item, recorded),
@@ -1491,6 +1549,12 @@ impl PendingShares {
             }
         }
         let mut q = self.items.lock().unwrap_or_else(|p| p.into_inner());
+        // One entry per object: a newer write (a later tag confirmation) replaces the older.
+        let key = item.key();
+        if let Some(old) = q.iter_mut().find(|x| x.key() == key) {
+            *old = item;
+            return;
+        }
         if q.len() >= MAX_PENDING {
             if let Some(old) = q.pop_front() {
                 self.forget(&old, true);
@@ -1845,6 +1909,10 @@ mod tests {
             Share::Blob {
                 digest: d.clone(),
                 size: 5,
+                link: Some((
+                    "127.0.0.1:5000".into(),
+                    "library/alpine".parse().expect("repo"),
+                )),
             },
             Share::Tag {
                 upstream: "127.0.0.1:5000".into(),
@@ -1878,6 +1946,8 @@ mod tests {
         let bad = ShareRecord::Blob {
             digest: "sha256:nothex".into(),
             size: 1,
+            upstream: None,
+            repo: None,
         };
         assert!(Share::from_record(bad, &store).is_none());
     }

@@ -1063,4 +1063,60 @@ fn corrupt_bucket_copy_is_never_served_and_the_upstream_takes_over() {
         ),
         "the bad copy is counted:\n{m}"
     );
+    // B writes the verified bytes over the bad copy.
+    let deadline = Instant::now() + UPLOAD_WAIT;
+    while moto.get(BUCKET, &key).map(|b| sha256_digest(&b)) != Some(layer.clone()) {
+        assert!(
+            Instant::now() < deadline,
+            "the bad copy in the bucket was not replaced"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn any_server_serves_a_blob_the_bucket_links_to_the_repository() {
+    // Behind a load balancer a client may get the manifest from one server and the layers from
+    // another that never saw that manifest.
+    let (work, mut upstream, moto) = work_upstream_and_bucket();
+    let a = Regcache::start(&shared_config(&upstream, &moto, None, ""));
+    let img = Image::with_reference_copy(&upstream, Seeded::SMALL_OCI, &work.path().join("ref"));
+    copy_ok(&a.host_port(), &img.name, &work.path().join("a"), false);
+    let (layer, _) = img.largest_blob();
+    let mut want = img.keys("", &upstream.host_port());
+    want.insert(format!(
+        "repos/{}/{}/_layers/sha256/{}",
+        upstream.host_port(),
+        img.repo,
+        hex_of(&layer)
+    ));
+    wait_for_keys(&moto, "", &want);
+
+    let upstream_addr = upstream.addr();
+    upstream.stop();
+    let hole = BlackHole::start(upstream_addr);
+    let c = Regcache::start(&shared_config(&upstream, &moto, None, ""));
+    let path = format!("/v2/{}/blobs/{layer}", img.repo);
+    let r = head(c.addr(), &path);
+    assert_eq!(r.status, 200, "C: HEAD: {}", describe(&r));
+    assert_eq!(r.header(CACHE), Some("shared"), "C: HEAD: {}", describe(&r));
+    let r = get(c.addr(), &path);
+    assert_eq!(r.status, 200, "C: GET: {}", describe(&r));
+    assert_eq!(r.header(CACHE), Some("shared"), "C: GET: {}", describe(&r));
+    assert_eq!(sha256_digest(&r.body), layer);
+    // Another repository gets nothing from that link.
+    let r = request(
+        c.addr(),
+        "GET",
+        &format!("/v2/small/docker-other/blobs/{layer}"),
+        &[],
+        b"",
+    );
+    if let Some(r) = r {
+        assert_ne!(r.status, 200, "served for a repository it is not linked to");
+    }
+    assert!(
+        hole.accepted() > 0,
+        "the other repository had to ask the upstream"
+    );
 }
