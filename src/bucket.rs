@@ -517,7 +517,12 @@ impl Bucket {
         repo: &RepoName,
         d: &Digest,
     ) -> Result<bool, BucketError> {
-        let path = self.path(&Self::link_key(upstream, repo, d))?;
+        self.exists(&Self::link_key(upstream, repo, d)).await
+    }
+
+    /// Whether an object exists under `key` (one `HEAD`).
+    async fn exists(&self, key: &str) -> Result<bool, BucketError> {
+        let path = self.path(key)?;
         let s3 = Arc::clone(&self.s3);
         match self.call("head", async move { s3.head(&path).await }).await {
             Ok(_) => Ok(true),
@@ -550,13 +555,7 @@ impl Bucket {
         repo: &RepoName,
         d: &Digest,
     ) -> Result<bool, BucketError> {
-        let path = self.path(&Self::blob_link_key(upstream, repo, d))?;
-        let s3 = Arc::clone(&self.s3);
-        match self.call("head", async move { s3.head(&path).await }).await {
-            Ok(_) => Ok(true),
-            Err(BucketError::Store(object_store::Error::NotFound { .. })) => Ok(false),
-            Err(e) => Err(e),
-        }
+        self.exists(&Self::blob_link_key(upstream, repo, d)).await
     }
 
     /// Publishes a verified manifest of `repo` (and the tag pointing at it, confirmed now).
