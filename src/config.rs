@@ -1502,4 +1502,34 @@ mod tests {
             assert!(e.contains(want), "{bad}: {e}");
         }
     }
+
+    #[test]
+    fn the_example_config_is_valid_and_so_is_its_s3_block() {
+        let example = include_str!("../config/regcache.toml");
+        parse(example).expect("config/regcache.toml as shipped");
+        // Uncomment the [store.s3] block, as an operator would.
+        let mut text = String::new();
+        let mut in_s3 = false;
+        for line in example.lines() {
+            if line.trim() == "# [store.s3]" {
+                in_s3 = true;
+            }
+            if in_s3 && line.trim().is_empty() {
+                in_s3 = false;
+            }
+            match line.strip_prefix("# ") {
+                Some(rest) if in_s3 => text.push_str(rest),
+                _ => text.push_str(line),
+            }
+            text.push('\n');
+        }
+        assert!(text.contains("\n[store.s3]\n"), "the block was found");
+        // PATH is set in any test environment and stands for the secret here.
+        let text = text.replace("REGCACHE_S3_SECRET", "PATH");
+        let c = parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let s3 = c.store.s3.expect("s3 configured");
+        assert_eq!(s3.bucket, "regcache-fleet");
+        assert_eq!(s3.prefix, "fleet-a");
+        assert_eq!(s3.redirect_ttl, Duration::from_secs(900));
+    }
 }
