@@ -1065,16 +1065,15 @@ impl Cache {
         route: &Route,
         d: &Digest,
     ) -> Result<Option<reqwest::Url>, CacheError> {
-        let Some(b) = self
-            .bucket_for_blob(route, d)
-            .await?
-            .filter(|b| b.redirects())
-        else {
-            return Ok(None);
-        };
-        if self.store.blob_size(d)?.is_some() {
+        // Cheap checks first: this runs before every blob GET when a bucket is configured.
+        if !self.bucket.as_ref().is_some_and(|b| b.redirects())
+            || self.store.blob_size(d)?.is_some()
+        {
             return Ok(None);
         }
+        let Some(b) = self.bucket_for_blob(route, d).await? else {
+            return Ok(None);
+        };
         match b.blob_url(d).await {
             Ok(url) => Ok(url),
             Err(e) => {
