@@ -68,6 +68,16 @@ impl Env {
         std::fs::write(&self.config, text).expect("write the regcache config file");
     }
 
+    /// Writes [`local_config`] for this environment's data directory.
+    fn write_local(&self, default_url: &str, docker_keys: &str, store: &str) {
+        self.write_config(&local_config(
+            default_url,
+            docker_keys,
+            &self.data_dir,
+            store,
+        ));
+    }
+
     fn last_good(&self) -> Option<String> {
         std::fs::read_to_string(self.data_dir.join(LAST_GOOD)).ok()
     }
@@ -218,6 +228,26 @@ fn expect_now(p: &Process, path: &str, status: u16, code: Option<&str>, what: &s
     );
 }
 
+/// Asserts that the overlay's [`EXTRA_REPO`] is served through `host` within `within`.
+fn expect_served(p: &Process, host: &str, within: Duration, what: &str) {
+    expect_route(p, &extra_path(host), 200, None, within, what);
+}
+
+/// Asserts that the overlay's [`EXTRA_REPO`] is served through `host` at once.
+fn expect_served_now(p: &Process, host: &str, what: &str) {
+    expect_now(p, &extra_path(host), 200, None, what);
+}
+
+/// Asserts that no upstream claims `host`, at once.
+fn expect_unknown_now(p: &Process, host: &str, what: &str) {
+    expect_now(p, &extra_path(host), 404, Some("NAME_UNKNOWN"), what);
+}
+
+/// Asserts that the default upstream serves [`DEFAULT_MANIFEST`] at once.
+fn expect_default_now(p: &Process, what: &str) {
+    expect_now(p, DEFAULT_MANIFEST, 200, None, what);
+}
+
 // ---- etcd ---------------------------------------------------------------------------------------
 
 #[test]
@@ -227,29 +257,19 @@ fn etcd_overlay_is_applied_live_and_kept_as_last_good() {
     let fake = extra_upstream(&rt);
     let etcd = Etcd::start();
     let env = Env::new();
-    env.write_config(&local_config(
-        &registry.url(),
-        "",
-        &env.data_dir,
-        &store("etcd", &etcd.url(), "200ms"),
-    ));
+    env.write_local(&registry.url(), "", &store("etcd", &etcd.url(), "200ms"));
     let first = overlay(&fake.url(), "extra.example");
     etcd.put(KEY, &first);
     let (p, _) = env.start();
 
-    expect_route(
+    expect_served(
         &p,
-        &extra_path("extra.example"),
-        200,
-        None,
+        "extra.example",
         Duration::from_secs(5),
         "the etcd overlay's upstream is routed without a restart",
     );
-    expect_now(
+    expect_default_now(
         &p,
-        DEFAULT_MANIFEST,
-        200,
-        None,
         "the local file's default upstream still serves under the overlay",
     );
     expect_last_good(
@@ -270,11 +290,9 @@ fn etcd_overlay_is_applied_live_and_kept_as_last_good() {
         Duration::from_secs(5),
         "an overlay with an unknown key is logged as ignored",
     );
-    expect_now(
+    expect_served_now(
         &p,
-        &extra_path("extra.example"),
-        200,
-        None,
+        "extra.example",
         "after an invalid overlay the previous routing is in force",
     );
     // And so is one with a URL regcache cannot use.
@@ -287,18 +305,14 @@ fn etcd_overlay_is_applied_live_and_kept_as_last_good() {
         Duration::from_secs(5),
         "an overlay with a bad URL is logged as ignored",
     );
-    expect_now(
+    expect_served_now(
         &p,
-        &extra_path("extra.example"),
-        200,
-        None,
+        "extra.example",
         "after a second invalid overlay the previous routing is in force",
     );
-    expect_now(
+    expect_unknown_now(
         &p,
-        &extra_path("broken.example"),
-        404,
-        Some("NAME_UNKNOWN"),
+        "broken.example",
         "nothing of the invalid overlay is applied",
     );
     assert_eq!(
@@ -311,19 +325,15 @@ fn etcd_overlay_is_applied_live_and_kept_as_last_good() {
     // A changed valid overlay moves the upstream to another host name, live.
     let second = overlay(&fake.url(), "other.example");
     etcd.put(KEY, &second);
-    expect_route(
+    expect_served(
         &p,
-        &extra_path("other.example"),
-        200,
-        None,
+        "other.example",
         Duration::from_secs(5),
         "a changed overlay is applied live",
     );
-    expect_now(
+    expect_unknown_now(
         &p,
-        &extra_path("extra.example"),
-        404,
-        Some("NAME_UNKNOWN"),
+        "extra.example",
         "the host the new overlay dropped is no longer routed",
     );
     expect_last_good(
@@ -342,20 +352,13 @@ fn start_with_config_store_down_uses_last_good_copy() {
     let fake = extra_upstream(&rt);
     let mut etcd = Etcd::start();
     let env = Env::new();
-    env.write_config(&local_config(
-        &registry.url(),
-        "",
-        &env.data_dir,
-        &store("etcd", &etcd.url(), "200ms"),
-    ));
+    env.write_local(&registry.url(), "", &store("etcd", &etcd.url(), "200ms"));
     let text = overlay(&fake.url(), "extra.example");
     etcd.put(KEY, &text);
     let (mut p, _) = env.start();
-    expect_route(
+    expect_served(
         &p,
-        &extra_path("extra.example"),
-        200,
-        None,
+        "extra.example",
         Duration::from_secs(5),
         "warm-up: the etcd overlay is applied",
     );
@@ -379,20 +382,12 @@ fn start_with_config_store_down_uses_last_good_copy() {
          --- regcache log ---\n{}",
         p.log_text()
     );
-    expect_now(
+    expect_served_now(
         &p,
-        &extra_path("extra.example"),
-        200,
-        None,
+        "extra.example",
         "right after a restart with the store down, the last good copy's routing is in force",
     );
-    expect_now(
-        &p,
-        DEFAULT_MANIFEST,
-        200,
-        None,
-        "the default upstream serves after the restart",
-    );
+    expect_default_now(&p, "the default upstream serves after the restart");
     expect_log(
         &p,
         0,
@@ -400,11 +395,9 @@ fn start_with_config_store_down_uses_last_good_copy() {
         Duration::from_secs(3),
         "the unreachable store is reported",
     );
-    expect_now(
+    expect_served_now(
         &p,
-        &extra_path("extra.example"),
-        200,
-        None,
+        "extra.example",
         "an unreachable store does not drop the last good copy's routing",
     );
     assert_eq!(
@@ -419,12 +412,7 @@ fn start_with_config_store_down_uses_last_good_copy() {
     let hang = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a store that never answers");
     let hang_url = format!("http://{}", hang.local_addr().expect("local_addr"));
     let fresh = Env::new();
-    fresh.write_config(&local_config(
-        &registry.url(),
-        "",
-        &fresh.data_dir,
-        &store("etcd", &hang_url, "200ms"),
-    ));
+    fresh.write_local(&registry.url(), "", &store("etcd", &hang_url, "200ms"));
     let (p2, ready) = fresh.start();
     assert!(
         ready < Duration::from_secs(3),
@@ -432,18 +420,13 @@ fn start_with_config_store_down_uses_last_good_copy() {
          ready after {ready:?}\n--- regcache log ---\n{}",
         p2.log_text()
     );
-    expect_now(
+    expect_default_now(
         &p2,
-        DEFAULT_MANIFEST,
-        200,
-        None,
         "the local file's upstream serves with no store and no last good copy",
     );
-    expect_now(
+    expect_unknown_now(
         &p2,
-        &extra_path("extra.example"),
-        404,
-        Some("NAME_UNKNOWN"),
+        "extra.example",
         "without a last good copy the overlay's host is unknown",
     );
     assert!(
@@ -463,21 +446,14 @@ fn consul_blocking_queries_apply_changes() {
     let env = Env::new();
     // Blocking queries wait up to poll_interval: changes must arrive well before it elapses.
     let poll = Duration::from_secs(3);
-    env.write_config(&local_config(
-        &registry.url(),
-        "",
-        &env.data_dir,
-        &store("consul", &consul.url(), "3s"),
-    ));
+    env.write_local(&registry.url(), "", &store("consul", &consul.url(), "3s"));
     let first = overlay(&fake.url(), "extra.example");
     consul.put(KEY, &first);
     let (p, _) = env.start();
 
-    expect_route(
+    expect_served(
         &p,
-        &extra_path("extra.example"),
-        200,
-        None,
+        "extra.example",
         Duration::from_secs(5),
         "the consul overlay's upstream is routed without a restart",
     );
@@ -509,14 +485,7 @@ fn consul_blocking_queries_apply_changes() {
     let second = overlay(&fake.url(), "other.example");
     let t = Instant::now();
     consul.put(KEY, &second);
-    expect_route(
-        &p,
-        &extra_path("other.example"),
-        200,
-        None,
-        poll,
-        "a consul change is applied live",
-    );
+    expect_served(&p, "other.example", poll, "a consul change is applied live");
     let took = t.elapsed();
     assert!(
         took < Duration::from_secs(2),
@@ -524,11 +493,9 @@ fn consul_blocking_queries_apply_changes() {
          took {took:?}\n--- regcache log ---\n{}",
         p.log_text()
     );
-    expect_now(
+    expect_unknown_now(
         &p,
-        &extra_path("extra.example"),
-        404,
-        Some("NAME_UNKNOWN"),
+        "extra.example",
         "the host the new consul value dropped is no longer routed",
     );
     expect_last_good(
@@ -549,11 +516,9 @@ fn consul_blocking_queries_apply_changes() {
         Duration::from_secs(2),
         "an invalid consul value is logged as ignored",
     );
-    expect_now(
+    expect_served_now(
         &p,
-        &extra_path("other.example"),
-        200,
-        None,
+        "other.example",
         "after an invalid consul value the previous routing is in force",
     );
     assert_eq!(
@@ -572,30 +537,20 @@ fn consul_blocking_queries_apply_changes() {
         Duration::from_secs(2) + poll,
         "consul going down is reported",
     );
-    expect_now(
+    expect_served_now(
         &p,
-        &extra_path("other.example"),
-        200,
-        None,
+        "other.example",
         "with consul down the overlay's routing stays",
     );
-    expect_now(
-        &p,
-        DEFAULT_MANIFEST,
-        200,
-        None,
-        "with consul down the default upstream serves",
-    );
+    expect_default_now(&p, "with consul down the default upstream serves");
 
     // A change made while it was down is picked up once it is back.
     let third = overlay(&fake.url(), "third.example");
     consul.put(KEY, &third);
     consul.set_down(false);
-    expect_route(
+    expect_served(
         &p,
-        &extra_path("third.example"),
-        200,
-        None,
+        "third.example",
         poll + Duration::from_secs(4),
         "the value written while consul was down is applied once it is back",
     );
@@ -621,7 +576,7 @@ fn consul_blocking_queries_apply_changes() {
 fn sighup_reloads_the_local_file_and_refuses_invalid_edits() {
     let registry = Registry::start_seeded();
     let env = Env::new();
-    env.write_config(&local_config(&registry.url(), "", &env.data_dir, ""));
+    env.write_local(&registry.url(), "", "");
     let (p, _) = env.start();
     let added = "/v2/small/oci/manifests/latest?ns=added.example";
     expect_now(
@@ -632,12 +587,7 @@ fn sighup_reloads_the_local_file_and_refuses_invalid_edits() {
         "before the edit no upstream claims added.example",
     );
 
-    env.write_config(&local_config(
-        &registry.url(),
-        "hosts = [\"added.example\"]",
-        &env.data_dir,
-        "",
-    ));
+    env.write_local(&registry.url(), "hosts = [\"added.example\"]", "");
     let mark = log_mark(&p);
     p.signal("HUP");
     expect_route(
@@ -657,12 +607,11 @@ fn sighup_reloads_the_local_file_and_refuses_invalid_edits() {
     );
 
     // An invalid edit is refused whole; the configuration in force stays.
-    env.write_config(&local_config(
+    env.write_local(
         &registry.url(),
         "hosts = [\"added.example\", \"second.example\"]\nfreshnes = \"1s\"",
-        &env.data_dir,
         "",
-    ));
+    );
     let mark = log_mark(&p);
     p.signal("HUP");
     expect_log(
@@ -679,13 +628,7 @@ fn sighup_reloads_the_local_file_and_refuses_invalid_edits() {
         None,
         "after an invalid edit the previous routing is in force",
     );
-    expect_now(
-        &p,
-        DEFAULT_MANIFEST,
-        200,
-        None,
-        "after an invalid edit the default upstream serves",
-    );
+    expect_default_now(&p, "after an invalid edit the default upstream serves");
     expect_now(
         &p,
         "/v2/small/oci/manifests/latest?ns=second.example",
@@ -712,19 +655,16 @@ fn consul_blocking_query_timeout_allows_for_consul_wait_jitter() {
     consul.set_max_jitter(true);
     let env = Env::new();
     // wait 4 s + jitter 250 ms, against a client bound of 4 s + 100 ms.
-    env.write_config(&local_config(
+    env.write_local(
         &registry.url(),
         "",
-        &env.data_dir,
         &store_with("consul", &consul.url(), KEY, "4s", "100ms"),
-    ));
+    );
     consul.put(KEY, &overlay(&fake.url(), "extra.example"));
     let (p, _) = env.start();
-    expect_route(
+    expect_served(
         &p,
-        &extra_path("extra.example"),
-        200,
-        None,
+        "extra.example",
         Duration::from_secs(3),
         "warm-up: the consul overlay is applied",
     );
@@ -739,11 +679,9 @@ fn consul_blocking_query_timeout_allows_for_consul_wait_jitter() {
     );
     let t = Instant::now();
     consul.put(KEY, &overlay(&fake.url(), "other.example"));
-    expect_route(
+    expect_served(
         &p,
-        &extra_path("other.example"),
-        200,
-        None,
+        "other.example",
         Duration::from_secs(2),
         "a change after a quiet blocking query is applied at once",
     );
@@ -757,12 +695,11 @@ fn consul_blocking_query_timeout_allows_for_consul_wait_jitter() {
 fn config_store_zero_poll_interval_or_timeout_is_refused() {
     let env = Env::new();
     for (what, poll, timeout) in [("poll_interval", "0s", "1s"), ("timeout", "1s", "0s")] {
-        env.write_config(&local_config(
+        env.write_local(
             "http://127.0.0.1:1",
             "",
-            &env.data_dir,
             &store_with("etcd", "http://127.0.0.1:2", KEY, poll, timeout),
-        ));
+        );
         let config = env.config.to_str().expect("temp path is UTF-8");
         let out = Process::run_to_end(&["check-config", config]);
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -790,28 +727,20 @@ fn sighup_changing_the_config_store_is_applied_or_reported() {
     etcd.put(KEY, &overlay(&fake.url(), "extra.example"));
     etcd.put(other_key, &overlay(&fake.url(), "other.example"));
     let env = Env::new();
-    env.write_config(&local_config(
-        &registry.url(),
-        "",
-        &env.data_dir,
-        &store("etcd", &etcd.url(), "200ms"),
-    ));
+    env.write_local(&registry.url(), "", &store("etcd", &etcd.url(), "200ms"));
     let (p, _) = env.start();
-    expect_route(
+    expect_served(
         &p,
-        &extra_path("extra.example"),
-        200,
-        None,
+        "extra.example",
         Duration::from_secs(5),
         "warm-up: the overlay of the first key is applied",
     );
 
-    env.write_config(&local_config(
+    env.write_local(
         &registry.url(),
         "",
-        &env.data_dir,
         &store_with("etcd", &etcd.url(), other_key, "200ms", "1s"),
-    ));
+    );
     let mark = log_mark(&p);
     p.signal("HUP");
     expect_log(
