@@ -127,11 +127,9 @@ impl Digests {
 /// dockerd gives up on a mirror with this log line before it tries the next endpoint (Docker Hub).
 const DOCKERD_FALLBACK: &str = "Attempting next endpoint";
 
-/// The dockerd pulls of these tests: `busybox` (unqualified Docker Hub name), the multi-arch Docker
-/// manifest list by digest and then by tag, and the OCI index by tag, into a fresh dockerd. Each must
-/// be served by regcache.
-fn dockerd_pulls(docker: &Dockerd, rc: &Regcache, d: &Digests) {
-    assert_mirror_served(rc, "docker pull busybox", 1.0, 2.0, || {
+/// `docker pull busybox`, served by regcache (`what` names it), gives the upstream's `digest`.
+fn docker_pull_busybox(docker: &Dockerd, rc: &Regcache, what: &str, digest: &str) {
+    assert_mirror_served(rc, what, 1.0, 2.0, || {
         let out = docker.docker_ok(&["pull", "busybox"]);
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(
@@ -141,9 +139,16 @@ fn dockerd_pulls(docker: &Dockerd, rc: &Regcache, d: &Digests) {
     });
     assert_eq!(
         docker.inspect("busybox", "{{index .RepoDigests 0}}"),
-        format!("busybox@{}", d.busybox),
+        format!("busybox@{digest}"),
         "dockerd's busybox is not the upstream's"
     );
+}
+
+/// The dockerd pulls of these tests: `busybox` (unqualified Docker Hub name), the multi-arch Docker
+/// manifest list by digest and then by tag, and the OCI index by tag, into a fresh dockerd. Each must
+/// be served by regcache.
+fn dockerd_pulls(docker: &Dockerd, rc: &Regcache, d: &Digests) {
+    docker_pull_busybox(docker, rc, "docker pull busybox", &d.busybox);
 
     // by digest first: a dockerd that already knows a digest asks the mirror nothing for it
     let (list, _, _) = &d.multi_docker;
@@ -226,6 +231,33 @@ fn podman_pulls(podman: &Podman, location: &str, rc: &Regcache, multi: &str, d: 
     }
 }
 
+/// The line of `ctr images ls` for the image `reference` (`short` names it in the panic).
+fn ctr_image_line(containerd: &Containerd, reference: &str, short: &str) -> String {
+    let images = String::from_utf8_lossy(&containerd.ctr_ok(&["images", "ls"]).stdout).into_owned();
+    images
+        .lines()
+        .find(|l| l.starts_with(reference))
+        .unwrap_or_else(|| panic!("ctr images ls has no {short}:\n{images}"))
+        .to_owned()
+}
+
+/// `ctr images pull` of `image` with the native snapshotter through the mirror in `hosts`, with
+/// `flags` before the others.
+fn ctr_pull(containerd: &Containerd, hosts: &str, flags: &[&str], image: &str) {
+    let mut args = vec!["images", "pull"];
+    args.extend_from_slice(flags);
+    args.extend_from_slice(&["--snapshotter", "native", "--hosts-dir", hosts, image]);
+    containerd.ctr_ok(&args);
+}
+
+/// The upstream's access log `access` has the request path `wanted`.
+fn assert_upstream_saw(access: &str, wanted: &str) {
+    assert!(
+        access.contains(wanted),
+        "the upstream never saw {wanted}:\n{access}"
+    );
+}
+
 #[test]
 fn dockerd_with_registry_mirrors_pulls_hub_names_and_multi_arch_by_tag_and_digest() {
     let upstream = Registry::start_seeded();
@@ -243,10 +275,7 @@ fn dockerd_with_registry_mirrors_pulls_hub_names_and_multi_arch_by_tag_and_diges
         format!("/v2/multi/docker/manifests/{}", digests.multi_docker.1),
         "/v2/multi/oci/manifests/latest".to_owned(),
     ] {
-        assert!(
-            access.contains(&wanted),
-            "the upstream never saw {wanted}:\n{access}"
-        );
+        assert_upstream_saw(&access, &wanted);
     }
 }
 
@@ -261,21 +290,9 @@ fn containerd_ctr_pulls_through_hosts_toml_mirror_including_all_platforms() {
 
     // tag resolved with HEAD, manifest by digest, config and layer
     assert_mirror_served(&rc, "ctr pull busybox", 2.0, 2.0, || {
-        containerd.ctr_ok(&[
-            "images",
-            "pull",
-            "--snapshotter",
-            "native",
-            "--hosts-dir",
-            hosts,
-            "docker.io/library/busybox:latest",
-        ]);
+        ctr_pull(&containerd, hosts, &[], "docker.io/library/busybox:latest");
     });
-    let images = String::from_utf8_lossy(&containerd.ctr_ok(&["images", "ls"]).stdout).into_owned();
-    let line = images
-        .lines()
-        .find(|l| l.starts_with("docker.io/library/busybox:latest"))
-        .unwrap_or_else(|| panic!("ctr images ls has no busybox:\n{images}"));
+    let line = ctr_image_line(&containerd, "docker.io/library/busybox:latest", "busybox");
     assert!(
         line.contains(&digests.busybox),
         "ctr's busybox is not the upstream's {}: {line}",
@@ -285,22 +302,14 @@ fn containerd_ctr_pulls_through_hosts_toml_mirror_including_all_platforms() {
     // the index, both children, both configs (the layer is busybox's, already there)
     let (index, amd64, arm64) = &digests.multi_oci;
     assert_mirror_served(&rc, "ctr pull --all-platforms multi/oci", 4.0, 2.0, || {
-        containerd.ctr_ok(&[
-            "images",
-            "pull",
-            "--all-platforms",
-            "--snapshotter",
-            "native",
-            "--hosts-dir",
+        ctr_pull(
+            &containerd,
             hosts,
+            &["--all-platforms"],
             "docker.io/multi/oci:latest",
-        ]);
+        );
     });
-    let images = String::from_utf8_lossy(&containerd.ctr_ok(&["images", "ls"]).stdout).into_owned();
-    let line = images
-        .lines()
-        .find(|l| l.starts_with("docker.io/multi/oci:latest"))
-        .unwrap_or_else(|| panic!("ctr images ls has no multi/oci:\n{images}"));
+    let line = ctr_image_line(&containerd, "docker.io/multi/oci:latest", "multi/oci");
     assert!(
         line.contains(index.as_str()) && line.contains("linux/amd64") && line.contains("linux/arm64"),
         "ctr's multi/oci should be the upstream's index {index} for linux/amd64 and linux/arm64: {line}"
@@ -317,10 +326,7 @@ fn containerd_ctr_pulls_through_hosts_toml_mirror_including_all_platforms() {
     let access = upstream.access_log();
     for child in [amd64, arm64] {
         let wanted = format!("/v2/multi/oci/manifests/{child}");
-        assert!(
-            access.contains(&wanted),
-            "the upstream never saw {wanted}:\n{access}"
-        );
+        assert_upstream_saw(&access, &wanted);
     }
 }
 
@@ -340,6 +346,23 @@ fn podman_pulls_through_registries_conf_mirror_with_and_without_path_prefix_and_
     podman_pulls(&prefixed, &prefixed_location, &rc, "multi/oci", &digests);
 }
 
+/// [`dockerd_pulls`] into a fresh dockerd, then [`podman_pulls`] into fresh podmans through the
+/// mirror at `plain_location` and at `prefixed_location`; returns the clients.
+fn pull_with_every_client(
+    rc: &Regcache,
+    digests: &Digests,
+    plain_location: &str,
+    prefixed_location: &str,
+) -> (Dockerd, Podman, Podman) {
+    let docker = Dockerd::start(&rc.host_port());
+    dockerd_pulls(&docker, rc, digests);
+    let plain = Podman::new(&registries_conf(plain_location));
+    podman_pulls(&plain, plain_location, rc, "multi/docker", digests);
+    let prefixed = Podman::new(&registries_conf(prefixed_location));
+    podman_pulls(&prefixed, prefixed_location, rc, "multi/oci", digests);
+    (docker, plain, prefixed)
+}
+
 #[test]
 fn dockerd_and_podman_pull_warmed_images_from_regcache_while_upstream_is_black_holed() {
     let mut upstream = Registry::start_seeded();
@@ -356,12 +379,7 @@ fn dockerd_and_podman_pull_warmed_images_from_regcache_while_upstream_is_black_h
 
     // Warm the cache with the clients themselves.
     {
-        let docker = Dockerd::start(&rc.host_port());
-        dockerd_pulls(&docker, &rc, &digests);
-        let plain = Podman::new(&registries_conf(&plain_location));
-        podman_pulls(&plain, &plain_location, &rc, "multi/docker", &digests);
-        let prefixed = Podman::new(&registries_conf(&prefixed_location));
-        podman_pulls(&prefixed, &prefixed_location, &rc, "multi/oci", &digests);
+        let _clients = pull_with_every_client(&rc, &digests, &plain_location, &prefixed_location);
     }
 
     // The outage: the upstream's port accepts connections and never answers.
@@ -373,12 +391,7 @@ fn dockerd_and_podman_pull_warmed_images_from_regcache_while_upstream_is_black_h
 
     // Fresh client storage: every image must come from regcache again.
     let started = Instant::now();
-    let docker = Dockerd::start(&rc.host_port());
-    dockerd_pulls(&docker, &rc, &digests);
-    let plain = Podman::new(&registries_conf(&plain_location));
-    podman_pulls(&plain, &plain_location, &rc, "multi/docker", &digests);
-    let prefixed = Podman::new(&registries_conf(&prefixed_location));
-    podman_pulls(&prefixed, &prefixed_location, &rc, "multi/oci", &digests);
+    let _clients = pull_with_every_client(&rc, &digests, &plain_location, &prefixed_location);
     let took = started.elapsed();
 
     let after = served(&rc);
@@ -505,19 +518,7 @@ fn dockerd_pulls_through_an_https_mirror_trusting_a_ca_in_certs_d() {
 
     // With the CA in its private /etc/docker/certs.d/[::1]:PORT/ca.crt: pulled from the mirror.
     let docker = Dockerd::start_https(&mirror, Some(&certs.path().join("ca.crt")));
-    assert_mirror_served(&rc, "docker pull busybox over TLS", 1.0, 2.0, || {
-        let out = docker.docker_ok(&["pull", "busybox"]);
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            text.contains("docker.io/library/busybox:latest"),
-            "docker pull busybox: {text}"
-        );
-    });
-    assert_eq!(
-        docker.inspect("busybox", "{{index .RepoDigests 0}}"),
-        format!("busybox@{busybox}"),
-        "dockerd's busybox is not the upstream's"
-    );
+    docker_pull_busybox(&docker, &rc, "docker pull busybox over TLS", &busybox);
     let log = docker.log_text();
     assert!(
         !log.contains(DOCKERD_FALLBACK) && !log.contains(UNKNOWN_AUTHORITY),

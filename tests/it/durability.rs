@@ -71,24 +71,43 @@ fn write_config(path: &Path, data: &Path, upstream: &str, store: &str) {
     .expect("write config");
 }
 
+/// A work directory, a seeded upstream registry, and in the work directory regcache's data
+/// directory and config file (written with `store`), plus a free address for regcache:
+/// `(work, upstream, data, config, addr)`.
+fn seeded_setup(store: &str) -> (tempfile::TempDir, Registry, PathBuf, PathBuf, SocketAddr) {
+    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
+    let upstream = Registry::start_seeded();
+    let data = work.path().join("data");
+    let config = work.path().join("rc.toml");
+    write_config(&config, &data, &upstream.url(), store);
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    (work, upstream, data, config, addr)
+}
+
+/// Where the store under `root` keeps the blob `digest`.
+fn blob_file(root: &Path, digest: &str) -> PathBuf {
+    let hex = digest.trim_start_matches("sha256:");
+    root.join("blobs/sha256").join(&hex[..2]).join(hex)
+}
+
+/// The command exited successfully, else its stderr is the message.
+fn assert_success(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn verify_offline(config: &Path) -> std::process::Output {
     Process::run_to_end(&["verify", "--config", &config.display().to_string()])
 }
 
 #[test]
 fn kill9_at_random_moments_never_serves_wrong_bytes_and_verify_finds_the_store_consistent() {
-    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
-    let upstream = Registry::start_seeded();
-    let data = work.path().join("data");
-    let config = work.path().join("rc.toml");
     // A cap below the big image's size makes eviction part of the mix.
-    write_config(
-        &config,
-        &data,
-        &upstream.url(),
-        "max_size = \"100MiB\"\ngc_interval = \"100ms\"",
-    );
-    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (work, upstream, _data, config, addr) =
+        seeded_setup("max_size = \"100MiB\"\ngc_interval = \"100ms\"");
     let mut rc = Process::start(&config, addr, &work.path().join("rc.log"));
     let (_, small_blobs) = image_digests(&upstream.host_port(), Seeded::SMALL_OCI);
     let (_, big_blobs) = image_digests(&upstream.host_port(), Seeded::BIG);
@@ -154,12 +173,7 @@ fn kill9_at_random_moments_never_serves_wrong_bytes_and_verify_finds_the_store_c
 
 #[test]
 fn verify_reports_corruption_and_repair_makes_it_fetched_again() {
-    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
-    let upstream = Registry::start_seeded();
-    let data = work.path().join("data");
-    let config = work.path().join("rc.toml");
-    write_config(&config, &data, &upstream.url(), "");
-    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (work, upstream, data, config, addr) = seeded_setup("");
     let mut rc = Process::start(&config, addr, &work.path().join("rc.log"));
     let out = copy_to_dir(
         &addr.to_string(),
@@ -167,17 +181,12 @@ fn verify_reports_corruption_and_repair_makes_it_fetched_again() {
         &work.path().join("p"),
         false,
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let (_, blobs) = image_digests(&upstream.host_port(), Seeded::SMALL_OCI);
     rc.kill9();
 
     let layer = blobs.last().expect("a layer").clone();
-    let hex = layer.trim_start_matches("sha256:");
-    let path: PathBuf = data.join("blobs/sha256").join(&hex[..2]).join(hex);
+    let path = blob_file(&data, &layer);
     let mut bytes = std::fs::read(&path).expect("stored layer");
     bytes[10] ^= 0xff;
     std::fs::write(&path, &bytes).expect("corrupt the layer");
@@ -327,16 +336,8 @@ async fn disk_full_streams_through_without_caching_and_caching_resumes_with_spac
     assert_eq!(ready["store_full"], true, "{ready}");
     let m = rc.app.metrics.render();
     assert!(m.contains("regcache_store_full 1"), "{m}");
-    let hex = big.trim_start_matches("sha256:");
-    assert!(
-        !disk
-            .path()
-            .join("blobs/sha256")
-            .join(&hex[..2])
-            .join(hex)
-            .exists(),
-        "nothing partial committed"
-    );
+    let big_file = blob_file(disk.path(), &big);
+    assert!(!big_file.exists(), "nothing partial committed");
     assert!(
         std::fs::read_dir(disk.path().join("tmp"))
             .expect("tmp")
@@ -362,13 +363,7 @@ async fn disk_full_streams_through_without_caching_and_caching_resumes_with_spac
         .expect("GET big again");
     assert_eq!(sha256(&r.bytes().await.expect("body")), big);
     let t = Instant::now();
-    while !disk
-        .path()
-        .join("blobs/sha256")
-        .join(&hex[..2])
-        .join(hex)
-        .exists()
-    {
+    while !big_file.exists() {
         assert!(
             t.elapsed() < Duration::from_secs(10),
             "caching did not resume with space"
@@ -379,6 +374,23 @@ async fn disk_full_streams_through_without_caching_and_caching_resumes_with_spac
         !rc.app.cache.store.is_full(),
         "the full flag clears once a commit succeeds"
     );
+}
+
+/// The body of `GET /v2/app/img{i}/blobs/{layer}` on `rc` (`what` names the request).
+async fn get_img_blob(
+    c: &reqwest::Client,
+    rc: &Regcache,
+    i: usize,
+    layer: &str,
+    what: &str,
+) -> Bytes {
+    c.get(format!("{}/v2/app/img{i}/blobs/{layer}", rc.url()))
+        .send()
+        .await
+        .expect(what)
+        .bytes()
+        .await
+        .expect("body")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -409,12 +421,8 @@ async fn the_size_cap_evicts_least_recently_used_images_but_never_pinned_ones() 
             .await
             .expect("manifest");
         assert_eq!(r.status(), 200);
-        let r = c
-            .get(format!("{}/v2/app/img{i}/blobs/{layer}", rc.url()))
-            .send()
-            .await
-            .expect("blob");
-        assert_eq!(r.bytes().await.expect("body").len(), 8 << 20);
+        let body = get_img_blob(&c, &rc, i, layer, "blob").await;
+        assert_eq!(body.len(), 8 << 20);
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let t = Instant::now();
@@ -430,24 +438,16 @@ async fn the_size_cap_evicts_least_recently_used_images_but_never_pinned_ones() 
     assert!(!m.contains("regcache_evicted_bytes_total 0\n"), "{m}");
     // The pinned image is whole; the oldest unpinned one (img1) was evicted with its tag.
     let before = fake.blob_gets(&images[0].1);
-    let r = c
-        .get(format!("{}/v2/app/img0/blobs/{}", rc.url(), images[0].1))
-        .send()
-        .await
-        .expect("pinned blob");
-    assert_eq!(r.bytes().await.expect("body").len(), 8 << 20);
+    let body = get_img_blob(&c, &rc, 0, &images[0].1, "pinned blob").await;
+    assert_eq!(body.len(), 8 << 20);
     assert_eq!(
         fake.blob_gets(&images[0].1),
         before,
         "the pinned image was served from the cache"
     );
     let before = fake.blob_gets(&images[1].1);
-    let r = c
-        .get(format!("{}/v2/app/img1/blobs/{}", rc.url(), images[1].1))
-        .send()
-        .await
-        .expect("evicted blob");
-    assert_eq!(r.bytes().await.expect("body").len(), 8 << 20);
+    let body = get_img_blob(&c, &rc, 1, &images[1].1, "evicted blob").await;
+    assert_eq!(body.len(), 8 << 20);
     assert_eq!(
         fake.blob_gets(&images[1].1),
         before + 1,
@@ -464,22 +464,13 @@ async fn the_size_cap_evicts_least_recently_used_images_but_never_pinned_ones() 
 
 #[test]
 fn gc_and_pin_commands_work_offline_and_against_a_running_server() {
-    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
-    let upstream = Registry::start_seeded();
-    let data = work.path().join("data");
-    let config = work.path().join("rc.toml");
-    write_config(&config, &data, &upstream.url(), "");
-    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (work, _upstream, _data, config, addr) = seeded_setup("");
     let cfg = config.display().to_string();
     let listen = addr.to_string();
     let mut rc = Process::start(&config, addr, &work.path().join("rc.log"));
     for (i, image) in [Seeded::SMALL_OCI, Seeded::MULTI_DOCKER].iter().enumerate() {
         let out = copy_to_dir(&listen, image, &work.path().join(format!("p{i}")), true);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_success(&out);
     }
     // Against the running server (it holds the data directory).
     let out = Process::run_to_end(&[
@@ -491,11 +482,7 @@ fn gc_and_pin_commands_work_offline_and_against_a_running_server() {
         "--listen",
         &listen,
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let out = Process::run_to_end(&["pin", "list", "--config", &cfg, "--listen", &listen]);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("small/oci:latest"),
@@ -525,11 +512,7 @@ fn gc_and_pin_commands_work_offline_and_against_a_running_server() {
         "{out:?}"
     );
     let out = Process::run_to_end(&["pin", "rm", "small/oci:latest", "--config", &cfg]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let out = Process::run_to_end(&["gc", "--config", &cfg, "--max-size", "1"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(

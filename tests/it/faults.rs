@@ -102,6 +102,16 @@ fn summary(reqs: &[RequestRecord]) -> Vec<String> {
         .collect()
 }
 
+/// `fake` has had no request since index `n`; else the message is `what` and those requests.
+fn assert_no_requests_since(fake: &FakeUpstream, n: usize, what: &str) {
+    assert_eq!(
+        fake.request_count(),
+        n,
+        "{what}{:?}",
+        summary(&requests_since(fake, n))
+    );
+}
+
 fn parse_digest(d: &str) -> regcache::reference::Digest {
     d.parse()
         .unwrap_or_else(|e| panic!("test digest {d} does not parse: {e}"))
@@ -154,8 +164,9 @@ async fn wait_for_subsecond(from_ms: u32, to_ms: u32) {
     }
 }
 
-/// A small OCI manifest that references nothing (fine for the manifest paths regcache serves).
-fn tiny_manifest(note: &str) -> Bytes {
+/// An OCI manifest that references nothing (fine for the manifest paths regcache serves), with
+/// `annotations`.
+fn empty_manifest(annotations: serde_json::Value) -> Bytes {
     let v = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
@@ -165,9 +176,14 @@ fn tiny_manifest(note: &str) -> Bytes {
             "size": 2
         },
         "layers": [],
-        "annotations": { "note": note },
+        "annotations": annotations,
     });
     Bytes::from(serde_json::to_vec(&v).expect("serialize manifest"))
+}
+
+/// A small OCI manifest that references nothing (fine for the manifest paths regcache serves).
+fn tiny_manifest(note: &str) -> Bytes {
+    empty_manifest(serde_json::json!({ "note": note }))
 }
 
 /// The config digest of an OCI manifest body.
@@ -358,6 +374,15 @@ async fn blob_fill_is_fetched_once_for_16_concurrent_clients() {
 
 // ---- 2. token auth ------------------------------------------------------------------------------
 
+/// A regcache in front of `fake` with the credentials `u`/`p`.
+fn with_credentials(fake: &FakeUpstream) -> Regcache {
+    Regcache::start(&config_for(
+        &fake.url(),
+        "username = \"u\"\npassword = \"p\"",
+        "",
+    ))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_auth_pulls_work_and_tokens_are_reused() {
     let fake = FakeUpstream::start().await;
@@ -419,11 +444,7 @@ async fn token_auth_with_basic_credentials_works_and_without_them_is_unauthorize
     fake.set_token_auth(true);
     fake.set_basic_auth(Some(("u", "p")));
 
-    let rc = Regcache::start(&config_for(
-        &fake.url(),
-        "username = \"u\"\npassword = \"p\"",
-        "",
-    ));
+    let rc = with_credentials(&fake);
     let base = format!("{}/v2/team/private", rc.url());
     let m = get(&format!("{base}/manifests/v1")).await;
     assert_eq!(
@@ -493,11 +514,7 @@ async fn basic_auth_upstream_works_with_credentials_and_is_unauthorized_without(
     let layer = pseudo_random(5_000, 22);
     let (mdigest, ldigest) = fake.add_image("team/basic", "v1", layer.clone());
     fake.set_basic_auth(Some(("u", "p")));
-    let rc = Regcache::start(&config_for(
-        &fake.url(),
-        "username = \"u\"\npassword = \"p\"",
-        "",
-    ));
+    let rc = with_credentials(&fake);
     let base = format!("{}/v2/team/basic", rc.url());
     let m = get(&format!("{base}/manifests/v1")).await;
     assert_eq!(m.status, StatusCode::OK, "{}", m.describe());
@@ -518,6 +535,31 @@ async fn basic_auth_upstream_works_with_credentials_and_is_unauthorized_without(
 }
 
 // ---- 3. and 4. broken blob bodies ---------------------------------------------------------------
+
+/// A fake upstream with a 300 000-byte blob (`seed`) in `repo`, a regcache in front of it, and
+/// the blob's URL on regcache: `(fake, data, digest, rc, url)`.
+async fn blob_behind_regcache(
+    repo: &str,
+    seed: u64,
+) -> (FakeUpstream, Bytes, String, Regcache, String) {
+    let fake = FakeUpstream::start().await;
+    let data = pseudo_random(300_000, seed);
+    let digest = fake.add_blob(repo, data.clone());
+    let rc = Regcache::with_upstream(&fake.url());
+    let url = format!("{}/v2/{repo}/blobs/{digest}", rc.url());
+    (fake, data, digest, rc, url)
+}
+
+/// `r` is a 200 carrying exactly `data`.
+fn assert_whole(r: &Reply, data: &Bytes, what: &str) {
+    assert_eq!(r.status, StatusCode::OK, "{what}: {}", r.describe());
+    assert!(
+        r.body == data,
+        "{what}: {} bytes, equal {}",
+        r.body.len(),
+        r.body == data
+    );
+}
 
 /// GETs a blob whose fill must fail: either an OCI error before the body, or a body that breaks
 /// (never a complete body of the right length with wrong bytes). Returns a description.
@@ -563,11 +605,7 @@ async fn get_failing_blob(url: &str, data: &Bytes, what: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_blob_aborts_the_client_body_and_is_not_stored() {
-    let fake = FakeUpstream::start().await;
-    let data = pseudo_random(300_000, 4);
-    let digest = fake.add_blob("team/corrupt", data.clone());
-    let rc = Regcache::with_upstream(&fake.url());
-    let url = format!("{}/v2/team/corrupt/blobs/{digest}", rc.url());
+    let (fake, data, digest, rc, url) = blob_behind_regcache("team/corrupt", 4).await;
 
     fake.set_corrupt_blobs(true);
     let outcome = get_failing_blob(&url, &data, "corrupt blob").await;
@@ -579,18 +617,7 @@ async fn corrupt_blob_aborts_the_client_body_and_is_not_stored() {
 
     fake.set_corrupt_blobs(false);
     let r = get(&url).await;
-    assert_eq!(
-        r.status,
-        StatusCode::OK,
-        "after the fault: {}",
-        r.describe()
-    );
-    assert!(
-        r.body == data,
-        "after the fault: {} bytes, equal {}",
-        r.body.len(),
-        r.body == data
-    );
+    assert_whole(&r, &data, "after the fault");
     assert_eq!(
         fake.blob_gets(&digest),
         2,
@@ -601,11 +628,7 @@ async fn corrupt_blob_aborts_the_client_body_and_is_not_stored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_blob_is_resumed_then_aborted_and_not_stored() {
-    let fake = FakeUpstream::start().await;
-    let data = pseudo_random(300_000, 5);
-    let digest = fake.add_blob("team/short", data.clone());
-    let rc = Regcache::with_upstream(&fake.url());
-    let url = format!("{}/v2/team/short/blobs/{digest}", rc.url());
+    let (fake, data, digest, rc, url) = blob_behind_regcache("team/short", 5).await;
 
     fake.set_short_blobs(true);
     let outcome = get_failing_blob(&url, &data, "short blob").await;
@@ -637,18 +660,7 @@ async fn short_blob_is_resumed_then_aborted_and_not_stored() {
     fake.set_short_blobs(false);
     let before = fake.blob_gets(&digest);
     let r = get(&url).await;
-    assert_eq!(
-        r.status,
-        StatusCode::OK,
-        "after the fault: {}",
-        r.describe()
-    );
-    assert!(
-        r.body == data,
-        "after the fault: {} bytes, equal {}",
-        r.body.len(),
-        r.body == data
-    );
+    assert_whole(&r, &data, "after the fault");
     assert_eq!(fake.blob_gets(&digest), before + 1, "fetched again");
     assert!(stored_soon(&rc, &digest), "the good blob is stored");
 }
@@ -664,11 +676,7 @@ fn range_start(range: &str) -> Option<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blob_cut_once_is_resumed_with_range_and_served_whole() {
-    let fake = FakeUpstream::start().await;
-    let data = pseudo_random(300_000, 55);
-    let digest = fake.add_blob("team/flaky", data.clone());
-    let rc = Regcache::with_upstream(&fake.url());
-    let url = format!("{}/v2/team/flaky/blobs/{digest}", rc.url());
+    let (fake, data, digest, rc, url) = blob_behind_regcache("team/flaky", 55).await;
 
     // The first upstream response is cut after half the body (50 ms after the last byte sent);
     // the switch is off again before regcache asks for the rest.
@@ -813,12 +821,7 @@ async fn blob_cached_for_one_repo_needs_upstream_confirmation_for_another() {
     let n = fake.request_count();
     let r = get(&two).await;
     assert_eq!(r.status, StatusCode::OK);
-    assert_eq!(
-        fake.request_count(),
-        n,
-        "linked now: {:?}",
-        summary(&requests_since(&fake, n))
-    );
+    assert_no_requests_since(&fake, n, "linked now: ");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1056,50 +1059,59 @@ async fn two_upstreams() -> TwoUpstreams {
     }
 }
 
+/// GETs each `(path, upstream_path)` of `routes` on regcache at `u`: it answers 200 and reaches
+/// `upstream_path` once on `upstream` (the `which` upstream).
+async fn expect_routes(u: &str, upstream: &FakeUpstream, which: &str, routes: &[(&str, &str)]) {
+    for (path, upstream_path) in routes {
+        let r = get(&format!("{u}{path}")).await;
+        assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.describe());
+        assert_eq!(
+            upstream.hits("GET", upstream_path),
+            1,
+            "{path} reaches {upstream_path} on the {which} upstream: {:?}",
+            summary(&upstream.requests())
+        );
+    }
+}
+
 /// Pulls every manifest of [`two_upstreams`] through each way of naming an upstream.
 async fn pull_through_every_route(t: &TwoUpstreams) {
     let (hub, other, u) = (&t.hub, &t.other, t.rc.url());
-    for (path, upstream_path) in [
-        ("/v2/x/manifests/latest", "/v2/library/x/manifests/latest"),
-        (
-            "/v2/y/manifests/latest?ns=docker.io",
-            "/v2/library/y/manifests/latest",
-        ),
-        (
-            "/v2/docker.io/library/z/manifests/latest",
-            "/v2/library/z/manifests/latest",
-        ),
-    ] {
-        let r = get(&format!("{u}{path}")).await;
-        assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.describe());
-        assert_eq!(
-            hub.hits("GET", upstream_path),
-            1,
-            "{path} reaches {upstream_path} on the default upstream: {:?}",
-            summary(&hub.requests())
-        );
-    }
+    expect_routes(
+        &u,
+        hub,
+        "default",
+        &[
+            ("/v2/x/manifests/latest", "/v2/library/x/manifests/latest"),
+            (
+                "/v2/y/manifests/latest?ns=docker.io",
+                "/v2/library/y/manifests/latest",
+            ),
+            (
+                "/v2/docker.io/library/z/manifests/latest",
+                "/v2/library/z/manifests/latest",
+            ),
+        ],
+    )
+    .await;
     assert_eq!(other.request_count(), 0, "{:?}", summary(&other.requests()));
 
-    for (path, upstream_path) in [
-        (
-            "/v2/repo/manifests/v1?ns=other.example",
-            "/v2/repo/manifests/v1",
-        ),
-        (
-            "/v2/other.example/repo2/manifests/v1",
-            "/v2/repo2/manifests/v1",
-        ),
-    ] {
-        let r = get(&format!("{u}{path}")).await;
-        assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.describe());
-        assert_eq!(
-            other.hits("GET", upstream_path),
-            1,
-            "{path} reaches {upstream_path} on the other upstream: {:?}",
-            summary(&other.requests())
-        );
-    }
+    expect_routes(
+        &u,
+        other,
+        "other",
+        &[
+            (
+                "/v2/repo/manifests/v1?ns=other.example",
+                "/v2/repo/manifests/v1",
+            ),
+            (
+                "/v2/other.example/repo2/manifests/v1",
+                "/v2/repo2/manifests/v1",
+            ),
+        ],
+    )
+    .await;
     let d = &t.layer_digest;
     let r = get(&format!("{u}/v2/other.example/repo2/blobs/{d}")).await;
     assert_eq!(
@@ -1220,12 +1232,7 @@ async fn tags_are_revalidated_with_head_after_freshness() {
         fetched.elapsed() < Duration::from_millis(500),
         "premise: the second GET was quick"
     );
-    assert_eq!(
-        fake.request_count(),
-        n,
-        "fresh tag: no upstream request; got {:?}",
-        summary(&requests_since(&fake, n))
-    );
+    assert_no_requests_since(&fake, n, "fresh tag: no upstream request; got ");
 
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let n = fake.request_count();
@@ -1260,12 +1267,7 @@ async fn tags_are_revalidated_with_head_after_freshness() {
         assert_eq!(r.status, StatusCode::OK, "{d}: {}", r.describe());
         assert_eq!(sha256_digest(&r.body), *d);
     }
-    assert_eq!(
-        fake.request_count(),
-        n,
-        "cached digests need no upstream: {:?}",
-        summary(&requests_since(&fake, n))
-    );
+    assert_no_requests_since(&fake, n, "cached digests need no upstream: ");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1287,11 +1289,10 @@ async fn tag_freshness_is_not_cut_short_at_a_wall_clock_second_boundary() {
     let elapsed = fetched.elapsed();
     assert_eq!(r.status, StatusCode::OK, "{}", r.describe());
     assert!(elapsed < Duration::from_millis(800), "premise: {elapsed:?}");
-    assert_eq!(
-        fake.request_count(),
+    assert_no_requests_since(
+        &fake,
         n,
-        "freshness = 1s, but {elapsed:?} after the fetch the tag was revalidated: {:?}",
-        summary(&requests_since(&fake, n))
+        &format!("freshness = 1s, but {elapsed:?} after the fetch the tag was revalidated: "),
     );
 }
 
@@ -1299,18 +1300,7 @@ async fn tag_freshness_is_not_cut_short_at_a_wall_clock_second_boundary() {
 
 /// An OCI manifest of at least `size` bytes (padded with an annotation).
 fn big_manifest(size: usize) -> Bytes {
-    let v = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {
-            "mediaType": "application/vnd.oci.empty.v1+json",
-            "digest": "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a",
-            "size": 2
-        },
-        "layers": [],
-        "annotations": { "padding": "x".repeat(size) },
-    });
-    Bytes::from(serde_json::to_vec(&v).expect("serialize big manifest"))
+    empty_manifest(serde_json::json!({ "padding": "x".repeat(size) }))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,6 +2,8 @@
 //! multi-platform images, pins, idempotence, exit codes; then the prefetched images are pulled
 //! with the upstream black-holed.
 
+use std::path::Path;
+use std::process::Output;
 use std::time::Duration;
 
 use crate::support::net::BlackHole;
@@ -9,10 +11,19 @@ use crate::support::process::Process;
 use crate::support::regcache::{config_for, Regcache};
 use crate::support::registry::{copy_to_dir, http_get, Registry};
 
-fn prefetch(server: &str, args: &[&str]) -> std::process::Output {
+fn prefetch(server: &str, args: &[&str]) -> Output {
     let mut all = vec!["prefetch", "--server", server];
     all.extend_from_slice(args);
     Process::run_to_end(&all)
+}
+
+/// `prefetch` of the images of `dockerfile` and of the list file `list`, with `extra` arguments.
+fn prefetch_files(server: &str, dockerfile: &Path, list: &Path, extra: &[&str]) -> Output {
+    let dockerfile = dockerfile.display().to_string();
+    let list = list.display().to_string();
+    let mut args = vec!["--dockerfile", &dockerfile, "-f", &list];
+    args.extend_from_slice(extra);
+    prefetch(server, &args)
 }
 
 #[test]
@@ -42,17 +53,7 @@ fn prefetched_images_are_pulled_with_the_upstream_black_holed_and_a_second_run_m
     )
     .expect("list");
 
-    let out = prefetch(
-        &server,
-        &[
-            "--dockerfile",
-            &dockerfile.display().to_string(),
-            "-f",
-            &list.display().to_string(),
-            "--pin",
-            "--json",
-        ],
-    );
+    let out = prefetch_files(&server, &dockerfile, &list, &["--pin", "--json"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON summary");
@@ -101,16 +102,7 @@ fn prefetched_images_are_pulled_with_the_upstream_black_holed_and_a_second_run_m
     );
 
     // Idempotent: nothing moves the second time.
-    let out = prefetch(
-        &server,
-        &[
-            "--dockerfile",
-            &dockerfile.display().to_string(),
-            "-f",
-            &list.display().to_string(),
-            "--json",
-        ],
-    );
+    let out = prefetch_files(&server, &dockerfile, &list, &["--json"]);
     assert_eq!(out.status.code(), Some(0));
     let again: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(again["fetched_bytes"], 0, "{again}");
