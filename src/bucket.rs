@@ -91,6 +91,15 @@ impl std::fmt::Debug for Bucket {
     }
 }
 
+/// A bucket answer, or `T::default()` (not held, not linked) when the bucket could not answer:
+/// the caller then goes on without it (the local tier and the upstream).
+pub fn or_without<T: Default>(r: Result<T, BucketError>, what: &'static str) -> T {
+    r.unwrap_or_else(|e| {
+        tracing::debug!(what, error = %e, "going on without the bucket");
+        T::default()
+    })
+}
+
 /// The bucket's name for an upstream: its URL's `host[:port][/path]`.
 pub fn upstream_id(url: &reqwest::Url) -> String {
     let mut id = url.host_str().unwrap_or("upstream").to_owned();

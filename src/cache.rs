@@ -18,7 +18,7 @@ use bytes::Bytes;
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use tokio::sync::{mpsc, watch};
 
-use crate::bucket::{upstream_id, Bucket};
+use crate::bucket::{or_without, upstream_id, Bucket};
 use crate::metrics::Metrics;
 use crate::reference::{Digest, Reference, RepoName, Tag};
 use crate::store::{now_millis, RepoKey, Store, StoreError, TempBlob};
@@ -719,16 +719,13 @@ impl Cache {
         let Some(b) = self.bucket.as_ref().filter(|b| b.is_up()) else {
             return Ok(None);
         };
-        match b
+        let linked = b
             .is_linked(&upstream_id(&route.upstream.config.url), &route.repo, d)
-            .await
-        {
-            Ok(true) => self.import_manifest(b, route, d, None).await,
-            Ok(false) => Ok(None),
-            Err(e) => {
-                tracing::debug!(digest = %d, error = %e, "bucket not asked for the manifest");
-                Ok(None)
-            }
+            .await;
+        if or_without(linked, "manifest link") {
+            self.import_manifest(b, route, d, None).await
+        } else {
+            Ok(None)
         }
     }
 
@@ -739,16 +736,11 @@ impl Cache {
             return Ok(None);
         };
         let local = self.store.tag(&route.key(), t)?.map(|r| r.checked_at_ms);
-        let rec = match b
+        let rec = b
             .tag(&upstream_id(&route.upstream.config.url), &route.repo, t)
-            .await
-        {
-            Ok(Some(rec)) => rec,
-            Ok(None) => return Ok(None),
-            Err(e) => {
-                tracing::debug!(tag = %t, error = %e, "bucket not asked for the tag");
-                return Ok(None);
-            }
+            .await;
+        let Some(rec) = or_without(rec, "tag record") else {
+            return Ok(None);
         };
         if local.is_some_and(|l| l >= rec.checked_at_ms) {
             return Ok(None);
@@ -778,17 +770,9 @@ impl Cache {
                 let max = self
                     .max_manifest_size
                     .load(std::sync::atomic::Ordering::Relaxed);
-                let (mt, bytes) = match b.manifest(d, max).await {
-                    Ok(Some(m)) => m,
-                    Ok(None) => return Ok(None),
-                    Err(e) => {
-                        tracing::debug!(digest = %d, error = %e, "manifest not read from the bucket");
-                        return Ok(None);
-                    }
+                let Some((mt, bytes)) = or_without(b.manifest(d, max).await, "manifest") else {
+                    return Ok(None);
                 };
-                let max = self
-                    .max_manifest_size
-                    .load(std::sync::atomic::Ordering::Relaxed);
                 if bytes.len() as u64 > max || !d.matches(&bytes) {
                     b.corrupt();
                     tracing::warn!(digest = %d, "the bucket's copy of a manifest is oversized or does not match its digest; ignoring it");
@@ -1031,17 +1015,10 @@ impl Cache {
         }
         // No manifest of this repository seen here: the bucket may still link the blob to it
         // (another server fetched it for that repository).
-        match b
+        let linked = b
             .is_blob_linked(&upstream_id(&route.upstream.config.url), &route.repo, d)
-            .await
-        {
-            Ok(true) => Ok(Some(b)),
-            Ok(false) => Ok(None),
-            Err(e) => {
-                tracing::debug!(digest = %d, error = %e, "bucket not asked for the blob link");
-                Ok(None)
-            }
-        }
+            .await;
+        Ok(or_without(linked, "blob link").then_some(b))
     }
 
     /// The size of blob `d` if the bucket holds it for `route`.
@@ -1049,13 +1026,7 @@ impl Cache {
         let Some(b) = self.bucket_for_blob(route, d).await? else {
             return Ok(None);
         };
-        match b.head_blob(d).await {
-            Ok(size) => Ok(size),
-            Err(e) => {
-                tracing::debug!(digest = %d, error = %e, "bucket not asked for the blob");
-                Ok(None)
-            }
-        }
+        Ok(or_without(b.head_blob(d).await, "blob size"))
     }
 
     /// A presigned URL of the bucket's copy of `d`, when `[store.s3] redirect` is on, the blob
@@ -1074,13 +1045,7 @@ impl Cache {
         let Some(b) = self.bucket_for_blob(route, d).await? else {
             return Ok(None);
         };
-        match b.blob_url(d).await {
-            Ok(url) => Ok(url),
-            Err(e) => {
-                tracing::debug!(digest = %d, error = %e, "no presigned URL");
-                Ok(None)
-            }
-        }
+        Ok(or_without(b.blob_url(d).await, "presigned URL"))
     }
 
     /// Opens the blob's bytes from `offset`: the bucket's copy when it may serve `route` and
@@ -1094,12 +1059,8 @@ impl Cache {
     ) -> Result<(Source, Option<u64>), CacheError> {
         if bucket {
             if let Some(b) = self.bucket_for_blob(route, d).await? {
-                match b.get_blob(d, offset).await {
-                    Ok(Some(blob)) => return Ok((Source::Bucket(blob.stream), Some(blob.size))),
-                    Ok(None) => {}
-                    Err(e) => {
-                        tracing::debug!(digest = %d, error = %e, "bucket not asked for the blob")
-                    }
+                if let Some(blob) = or_without(b.get_blob(d, offset).await, "blob") {
+                    return Ok((Source::Bucket(blob.stream), Some(blob.size)));
                 }
             }
         }
