@@ -785,7 +785,8 @@ async fn route_request(
         Endpoint::Blob(name, d) => {
             let route = app.route(name, query.ns.as_deref())?;
             let digest: Digest = d.parse()?;
-            blob(app, &route, &digest, req.headers(), head, info).await
+            let lane = req.extensions().get::<crate::sendfile::LaneRef>();
+            blob(app, &route, &digest, req.headers(), lane, head, info).await
         }
         Endpoint::Upload => Err(ApiError::unsupported("uploads")),
         Endpoint::Tags(name) => tags(app, name, &query, head).await,
@@ -813,6 +814,7 @@ async fn blob(
     route: &Route,
     digest: &Digest,
     headers: &HeaderMap,
+    lane: Option<&crate::sendfile::LaneRef>,
     head: bool,
     info: &mut LogInfo,
 ) -> Result<Response<Body>, ApiError> {
@@ -898,10 +900,21 @@ async fn blob(
         return Ok(resp);
     }
     *resp.body_mut() = match b.source {
-        BlobSource::File(f, hold) => {
-            let s = cache::stream_file(f, hold, start, end).map(|c| c.map(Frame::data));
-            BodyExt::boxed(StreamBody::new(s))
-        }
+        BlobSource::File(file, hold) => match lane {
+            Some(lane) => {
+                let source = crate::sendfile::Source {
+                    file,
+                    hold: Some(hold),
+                };
+                let s = crate::sendfile::stream(Arc::clone(&lane.0), source, start, end)
+                    .map(|c| c.map(Frame::data));
+                BodyExt::boxed(StreamBody::new(s))
+            }
+            None => {
+                let s = cache::stream_file(file, hold, start, end).map(|c| c.map(Frame::data));
+                BodyExt::boxed(StreamBody::new(s))
+            }
+        },
         BlobSource::Fill(f) => channel_body(cache::stream_fill(f, start, end)),
         BlobSource::Empty => empty(),
     };

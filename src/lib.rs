@@ -19,6 +19,7 @@ pub mod fuzzing;
 pub mod metrics;
 pub mod prefetch;
 pub mod reference;
+pub mod sendfile;
 pub mod server;
 pub mod store;
 pub mod tls;

@@ -18,6 +18,8 @@ pub struct Metrics {
     pub requests: Family<Labels, Counter>,
     pub cache_outcomes: Family<Labels, Counter>,
     pub bytes_served: Counter,
+    /// Body bytes sent with `sendfile(2)` (part of `bytes_served`).
+    pub sendfile_bytes: Counter,
     pub bytes_fetched: Family<Labels, Counter>,
     pub upstream_up: Family<Labels, Gauge>,
     pub upstream_errors: Family<Labels, Counter>,
@@ -57,6 +59,7 @@ impl Metrics {
             requests: Family::default(),
             cache_outcomes: Family::default(),
             bytes_served: Counter::default(),
+            sendfile_bytes: Counter::default(),
             bytes_fetched: Family::default(),
             upstream_up: Family::default(),
             upstream_errors: Family::default(),
@@ -92,6 +95,11 @@ impl Metrics {
             "served_bytes",
             "Body bytes sent to clients",
             m.bytes_served.clone(),
+        );
+        registry.register(
+            "sendfile_bytes",
+            "Body bytes sent with sendfile(2), straight from the page cache (part of served_bytes)",
+            m.sendfile_bytes.clone(),
         );
         registry.register(
             "upstream_fetched_bytes",

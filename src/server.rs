@@ -416,22 +416,38 @@ pub async fn run(
                 let _ = stream.set_nodelay(true);
                 let limits = app.routing().config.limits.clone();
                 let app2 = Arc::clone(&app);
-                let service = service_fn(move |req| crate::api::handle(Arc::clone(&app2), peer, req));
+                // Plain connections send cached blob ranges with sendfile: their requests carry
+                // the connection's lane (see `sendfile`). TLS connections have none.
+                let (conn, lane) = match acceptor.clone() {
+                    None => {
+                        let (io, lane) = crate::sendfile::LaneIo::new(stream, app.metrics.sendfile_bytes.clone());
+                        (Ok(io), Some(crate::sendfile::LaneRef(lane)))
+                    }
+                    Some(acceptor) => (Err((stream, acceptor)), None),
+                };
+                let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    if let Some(lane) = &lane {
+                        req.extensions_mut().insert(lane.clone());
+                    }
+                    crate::api::handle(Arc::clone(&app2), peer, req)
+                });
                 let mut http = hyper::server::conn::http1::Builder::new();
                 http.timer(TokioTimer::new())
                     .header_read_timeout(limits.header_read_timeout)
                     .max_header_size(limits.max_header_size)
-                    .keep_alive(true);
+                    .keep_alive(true)
+                    // Body chunks must reach the writer as they are (no copying into one buffer):
+                    // the sendfile placeholders depend on it.
+                    .writev(true);
                 let metrics = Arc::clone(&app.metrics);
                 let watcher = graceful.watcher();
-                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let _slot = slot;
                     metrics.connections_open.inc();
                     let _open = OpenGuard(metrics);
-                    let result = match acceptor {
-                        None => watcher.watch(http.serve_connection(TokioIo::new(stream), service)).await,
-                        Some(acceptor) => {
+                    let result = match conn {
+                        Ok(io) => watcher.watch(http.serve_connection(TokioIo::new(io), service)).await,
+                        Err((stream, acceptor)) => {
                             let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
                                 Ok(Ok(s)) => s,
                                 Ok(Err(e)) => {

@@ -6,10 +6,11 @@ use std::time::Instant;
 use sha2::{Digest as _, Sha256};
 
 use crate::support::images::assert_same_copy;
+use crate::support::process::metric;
 use crate::support::regcache::{client, Regcache};
 use crate::support::registry::{
-    copy_to_dir, http_get, inspect_raw, sha256_digest, Registry, Seeded, DOCKER_LIST, OCI_INDEX,
-    SEEDED_IMAGES,
+    copy_to_dir, http_get, inspect_raw, parse_raw_response, sha256_digest, RawResponse, Registry,
+    Seeded, DOCKER_LIST, OCI_INDEX, SEEDED_IMAGES,
 };
 
 const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
@@ -243,5 +244,138 @@ fn serve_refuses_a_config_with_an_unknown_key() {
     assert!(
         err.contains("line 2") && err.contains("listen_port"),
         "stderr: {err}"
+    );
+}
+
+/// Reads one response with a `Content-Length` body (none for `HEAD`) off a keep-alive connection.
+fn read_one(stream: &mut std::net::TcpStream, head: bool, what: &str) -> RawResponse {
+    use std::io::Read as _;
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        let n = stream
+            .read(&mut byte)
+            .unwrap_or_else(|e| panic!("{what}: reading the head: {e}"));
+        assert!(n == 1, "{what}: connection closed inside the head");
+        buf.push(byte[0]);
+    }
+    let mut r = parse_raw_response(&buf).unwrap_or_else(|| panic!("{what}: no response head"));
+    let len: usize = r
+        .header("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{what}: no Content-Length"));
+    if !head {
+        r.body = vec![0u8; len];
+        stream
+            .read_exact(&mut r.body)
+            .unwrap_or_else(|e| panic!("{what}: reading {len} body bytes: {e}"));
+    }
+    r
+}
+
+fn sendfile_bytes(rc: &Regcache) -> f64 {
+    let m = http_get(rc.addr(), "/metrics", &[]).expect("GET /metrics");
+    metric(
+        &String::from_utf8_lossy(&m.body),
+        "regcache_sendfile_bytes_total",
+    )
+    .expect("regcache_sendfile_bytes_total in /metrics")
+}
+
+#[test]
+fn warm_blobs_are_sent_with_sendfile_byte_exact_on_one_keep_alive_connection() {
+    use std::io::Write as _;
+    let upstream = Registry::start_seeded();
+    let rc = Regcache::with_upstream(&upstream.url());
+    let raw = inspect_raw(&upstream.host_port(), Seeded::BIG);
+    let m: serde_json::Value = serde_json::from_slice(&raw).expect("manifest JSON");
+    let big = m["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .max_by_key(|l| l["size"].as_u64())
+        .and_then(|l| l["digest"].as_str())
+        .expect("a layer")
+        .to_owned();
+    let config = m["config"]["digest"].as_str().expect("config").to_owned();
+    let path = format!("/v2/big/image/blobs/{big}");
+
+    // Cold: the fill (no sendfile: the body follows the download).
+    let cold = http_get(rc.addr(), &path, &[]).expect("cold GET");
+    assert_eq!(cold.status, 200);
+    assert_eq!(sha256_digest(&cold.body), big, "cold body");
+    let full = cold.body;
+    assert!(full.len() > 3 << 20, "the big layer is {} bytes", full.len());
+    let before = sendfile_bytes(&rc);
+
+    // Warm, all on one connection: whole blob, HEAD, a range across 1 MiB chunk edges, a small
+    // blob, the whole blob again. Any lane out of step would corrupt or cut a later answer.
+    let mut s = std::net::TcpStream::connect(rc.addr()).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .expect("timeout");
+    let (a, z) = (1_000_000usize, 3_200_000usize);
+    let requests = [
+        ("GET", path.clone(), String::new()),
+        ("HEAD", path.clone(), String::new()),
+        ("GET", path.clone(), format!("Range: bytes={a}-{z}\r\n")),
+        ("GET", format!("/v2/big/image/blobs/{config}"), String::new()),
+        ("GET", path.clone(), String::new()),
+    ];
+    for (i, (method, target, extra)) in requests.iter().enumerate() {
+        let what = format!("request {i}: {method} {target} {extra}");
+        write!(
+            s,
+            "{method} {target} HTTP/1.1\r\nHost: {}\r\n{extra}\r\n",
+            rc.addr()
+        )
+        .expect("send request");
+        let r = read_one(&mut s, *method == "HEAD", &what);
+        match i {
+            0 | 4 => {
+                assert_eq!(r.status, 200, "{what}");
+                assert!(r.body == full, "{what}: body differs from the blob");
+            }
+            1 => {
+                assert_eq!(r.status, 200, "{what}");
+                assert_eq!(r.header("content-length"), Some(full.len().to_string().as_str()));
+            }
+            2 => {
+                assert_eq!(r.status, 206, "{what}");
+                assert!(r.body == full[a..=z], "{what}: range body differs");
+            }
+            _ => {
+                assert_eq!(r.status, 200, "{what}");
+                assert_eq!(sha256_digest(&r.body), config, "{what}");
+            }
+        }
+    }
+    let warm = sendfile_bytes(&rc) - before;
+    let at_least = (2 * full.len() + (z + 1 - a)) as f64;
+    assert!(
+        warm >= at_least,
+        "warm answers sent {warm} bytes with sendfile; expected at least {at_least}"
+    );
+
+    // Pages dropped from the page cache: those chunks are read on the blocking pool instead (no
+    // sendfile that would wait for the disk on a runtime thread), and the bytes are still exact.
+    let file = std::fs::File::open(
+        rc.data_dir()
+            .join("blobs/sha256")
+            .join(&big[7..9])
+            .join(&big[7..]),
+    )
+    .expect("open the stored blob");
+    file.sync_all().expect("sync");
+    rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).expect("fadvise");
+    let before = sendfile_bytes(&rc);
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", rc.addr()).expect("send request");
+    let r = read_one(&mut s, false, "GET after dropping the page cache");
+    assert_eq!(r.status, 200);
+    assert!(r.body == full, "body after dropping the page cache differs");
+    let after = sendfile_bytes(&rc) - before;
+    assert!(
+        after < full.len() as f64,
+        "with the pages dropped, {after} of {} bytes still went by sendfile",
+        full.len()
     );
 }

@@ -1,0 +1,262 @@
+//! Zero-copy blob bodies on plain-HTTP connections: hyper is handed placeholder chunks, and the
+//! connection's writer sends the file's bytes in their place with `sendfile(2)`.
+//!
+//! hyper only writes what a body yields, so it cannot send a file without copying it through
+//! memory twice (file → buffer → socket). Here a body yields, for each chunk, a *placeholder*: a
+//! slice of [`PLACEHOLDER`], a static region that is never read, with the chunk's length; and it
+//! queues the matching file range on the connection's [`Lane`]. hyper queues the placeholder
+//! unchanged (its vectored write strategy, forced with `writev(true)`), and when it writes it,
+//! [`LaneIo`] sees a slice inside [`PLACEHOLDER`], takes the range at the head of the lane and
+//! calls `sendfile` instead; the bytes go from the page cache to the socket without a copy through
+//! user space. A placeholder that does not match the lane's head ends the connection with an error:
+//! placeholder bytes are never sent.
+//!
+//! Only chunks whose pages are already cached take this path (checked with `preadv2(RWF_NOWAIT)`
+//! probes), so `sendfile` does not wait for the disk on a runtime thread; other chunks are read on
+//! the blocking pool and sent as ordinary bytes. TLS connections have no lane and never see a
+//! placeholder.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, IoSlice};
+use std::os::unix::fs::FileExt;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use prometheus_client::metrics::counter::Counter;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::cache::BodyChunk;
+
+/// Largest chunk sent with one placeholder.
+pub const SEND_CHUNK: usize = 1 << 20;
+
+/// The placeholder region: body chunks pointing into it stand for file ranges. It lives in `.bss`
+/// and nothing reads it.
+static PLACEHOLDER: [u8; SEND_CHUNK] = [0; SEND_CHUNK];
+
+/// Distance between page-cache probes within a chunk.
+const PROBE_STEP: usize = 128 * 1024;
+
+/// A file being sent, kept open (and held against eviction) until its last range is written.
+pub struct Source {
+    pub file: File,
+    pub hold: Option<crate::store::Hold>,
+}
+
+/// One file range standing behind one placeholder.
+struct Job {
+    source: Arc<Source>,
+    offset: u64,
+    len: usize,
+}
+
+/// The file ranges a connection owes, in the order their placeholders were yielded to hyper.
+#[derive(Default)]
+pub struct Lane {
+    jobs: Mutex<VecDeque<Job>>,
+}
+
+/// The connection's lane, reachable from its requests (a request extension).
+#[derive(Clone)]
+pub struct LaneRef(pub Arc<Lane>);
+
+/// Where `buf` sits in [`PLACEHOLDER`], if it is a placeholder.
+fn placeholder_offset(buf: &[u8]) -> Option<usize> {
+    let base = PLACEHOLDER.as_ptr() as usize;
+    let p = buf.as_ptr() as usize;
+    (!buf.is_empty() && p >= base && p < base + SEND_CHUNK).then(|| p - base)
+}
+
+/// Whether every probed page of `offset..offset + len` is in the page cache.
+fn cached(file: &File, offset: u64, len: usize) -> bool {
+    let mut byte = [0u8; 1];
+    let last = offset + len as u64 - 1;
+    let probes = (offset..last)
+        .step_by(PROBE_STEP)
+        .chain(std::iter::once(last));
+    for at in probes {
+        let r = rustix::io::preadv2(
+            file,
+            &mut [io::IoSliceMut::new(&mut byte)],
+            at,
+            rustix::io::ReadWriteFlags::NOWAIT,
+        );
+        if r != Ok(1) {
+            return false;
+        }
+    }
+    true
+}
+
+/// Bytes `start..=end` of `source` as a body for a connection with `lane`: placeholders for cached
+/// chunks, real bytes (read on the blocking pool) for the rest.
+pub fn stream(
+    lane: Arc<Lane>,
+    source: Source,
+    start: u64,
+    end: u64,
+) -> impl futures_util::Stream<Item = BodyChunk> + Send + 'static {
+    let source = Arc::new(source);
+    futures_util::stream::unfold(Some(start), move |pos| {
+        let lane = Arc::clone(&lane);
+        let source = Arc::clone(&source);
+        async move {
+            let pos = pos?;
+            if pos > end {
+                return None;
+            }
+            let len = SEND_CHUNK.min((end + 1 - pos) as usize);
+            if cached(&source.file, pos, len) {
+                lane.jobs
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push_back(Job {
+                        source,
+                        offset: pos,
+                        len,
+                    });
+                let chunk = Bytes::from_static(&PLACEHOLDER[..len]);
+                return Some((Ok(chunk), Some(pos + len as u64)));
+            }
+            let read = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; len];
+                source.file.read_exact_at(&mut buf, pos).map(|()| buf)
+            })
+            .await
+            .map_err(io::Error::other)
+            .and_then(|r| r);
+            match read {
+                Ok(buf) => Some((Ok(Bytes::from(buf)), Some(pos + len as u64))),
+                // The error ends the body (hyper aborts the response); nothing follows it.
+                Err(e) => Some((Err(e), None)),
+            }
+        }
+    })
+}
+
+/// A plain TCP connection whose writes turn placeholders into `sendfile` calls.
+pub struct LaneIo {
+    stream: TcpStream,
+    lane: Arc<Lane>,
+    sent: Counter,
+}
+
+impl LaneIo {
+    /// Wraps `stream`; `sent` counts the bytes sent with `sendfile`.
+    pub fn new(stream: TcpStream, sent: Counter) -> (LaneIo, Arc<Lane>) {
+        let lane = Arc::new(Lane::default());
+        (
+            LaneIo {
+                stream,
+                lane: Arc::clone(&lane),
+                sent,
+            },
+            lane,
+        )
+    }
+
+    /// Sends (part of) the range behind the placeholder `buf`, which starts `at` bytes into it.
+    fn poll_send_range(
+        &self,
+        cx: &mut Context<'_>,
+        at: usize,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let mut jobs = self.lane.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(job) = jobs.front() else {
+            return Poll::Ready(Err(out_of_step("no file range is queued")));
+        };
+        if at + buf.len() != job.len {
+            return Poll::Ready(Err(out_of_step("the placeholder does not match the range")));
+        }
+        let source = Arc::clone(&job.source);
+        let mut offset = job.offset + at as u64;
+        let len = buf.len();
+        loop {
+            ready!(self.stream.poll_write_ready(cx))?;
+            let sent = self.stream.try_io(Interest::WRITABLE, || {
+                rustix::fs::sendfile(&self.stream, &source.file, Some(&mut offset), len)
+                    .map_err(io::Error::from)
+            });
+            match sent {
+                Ok(0) => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "blob file is shorter than recorded",
+                    )))
+                }
+                Ok(n) => {
+                    self.sent.inc_by(n as u64);
+                    if n == len {
+                        jobs.pop_front();
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+fn out_of_step(what: &str) -> io::Error {
+    tracing::error!(what, "sendfile lane out of step; closing the connection");
+    io::Error::other(format!("sendfile lane out of step: {what}"))
+}
+
+impl AsyncRead for LaneIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for LaneIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        // Ordinary bytes up to the first placeholder go out with one `writev`; a placeholder at the
+        // front goes out with `sendfile`.
+        let Some(first) = bufs.iter().position(|b| !b.is_empty()) else {
+            return Poll::Ready(Ok(0));
+        };
+        if let Some(at) = placeholder_offset(&bufs[first]) {
+            return this.poll_send_range(cx, at, &bufs[first]);
+        }
+        let end = bufs[first..]
+            .iter()
+            .position(|b| placeholder_offset(b).is_some())
+            .map_or(bufs.len(), |i| first + i);
+        Pin::new(&mut this.stream).poll_write_vectored(cx, &bufs[first..end])
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
