@@ -35,8 +35,12 @@ use crate::cache::BodyChunk;
 pub const SEND_CHUNK: usize = 1 << 20;
 
 /// The placeholder region: body chunks pointing into it stand for file ranges. It lives in `.bss`
-/// and nothing reads it.
-static PLACEHOLDER: [u8; SEND_CHUNK] = [0; SEND_CHUNK];
+/// and nothing reads it. Twice [`SEND_CHUNK`], so that each placeholder can start at its own
+/// offset (see [`Job::start`]).
+static PLACEHOLDER: [u8; 2 * SEND_CHUNK] = [0; 2 * SEND_CHUNK];
+
+/// Placeholders start at one of this many offsets, in turn.
+const STARTS: usize = 256;
 
 /// Distance between page-cache probes within a chunk.
 const PROBE_STEP: usize = 128 * 1024;
@@ -52,12 +56,17 @@ struct Job {
     source: Arc<Source>,
     offset: u64,
     len: usize,
+    /// Where the placeholder starts in [`PLACEHOLDER`]: successive placeholders start at
+    /// different offsets, so a placeholder that is not the lane's head is recognised as such.
+    start: usize,
 }
 
 /// The file ranges a connection owes, in the order their placeholders were yielded to hyper.
 #[derive(Default)]
 pub struct Lane {
     jobs: Mutex<VecDeque<Job>>,
+    /// Placeholders handed out so far.
+    issued: std::sync::atomic::AtomicUsize,
 }
 
 /// The connection's lane, reachable from its requests (a request extension).
@@ -68,7 +77,7 @@ pub struct LaneRef(pub Arc<Lane>);
 fn placeholder_offset(buf: &[u8]) -> Option<usize> {
     let base = PLACEHOLDER.as_ptr() as usize;
     let p = buf.as_ptr() as usize;
-    (!buf.is_empty() && p >= base && p < base + SEND_CHUNK).then(|| p - base)
+    (!buf.is_empty() && p >= base && p < base + PLACEHOLDER.len()).then(|| p - base)
 }
 
 /// Whether every probed page of `offset..offset + len` is in the page cache.
@@ -111,6 +120,10 @@ pub fn stream(
             }
             let len = SEND_CHUNK.min((end + 1 - pos) as usize);
             if cached(&source.file, pos, len) {
+                let n = lane
+                    .issued
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let start = (n % STARTS) * (SEND_CHUNK / STARTS);
                 lane.jobs
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -118,8 +131,9 @@ pub fn stream(
                         source,
                         offset: pos,
                         len,
+                        start,
                     });
-                let chunk = Bytes::from_static(&PLACEHOLDER[..len]);
+                let chunk = Bytes::from_static(&PLACEHOLDER[start..start + len]);
                 return Some((Ok(chunk), Some(pos + len as u64)));
             }
             let read = tokio::task::spawn_blocking(move || {
@@ -159,18 +173,21 @@ impl LaneIo {
         )
     }
 
-    /// Sends (part of) the range behind the placeholder `buf`, which starts `at` bytes into it.
+    /// Sends (part of) the range behind the placeholder `buf`, found `pos` bytes into
+    /// [`PLACEHOLDER`].
     fn poll_send_range(
         &self,
         cx: &mut Context<'_>,
-        at: usize,
+        pos: usize,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let mut jobs = self.lane.jobs.lock().unwrap_or_else(|p| p.into_inner());
         let Some(job) = jobs.front() else {
             return Poll::Ready(Err(out_of_step("no file range is queued")));
         };
-        if at + buf.len() != job.len {
+        // What is left of the head's placeholder ends where it ends: `pos + len == start + len`.
+        let at = pos.wrapping_sub(job.start);
+        if pos < job.start || at + buf.len() != job.len {
             return Poll::Ready(Err(out_of_step("the placeholder does not match the range")));
         }
         let source = Arc::clone(&job.source);
@@ -238,8 +255,8 @@ impl AsyncWrite for LaneIo {
         let Some(first) = bufs.iter().position(|b| !b.is_empty()) else {
             return Poll::Ready(Ok(0));
         };
-        if let Some(at) = placeholder_offset(&bufs[first]) {
-            return this.poll_send_range(cx, at, &bufs[first]);
+        if let Some(pos) = placeholder_offset(&bufs[first]) {
+            return this.poll_send_range(cx, pos, &bufs[first]);
         }
         let end = bufs[first..]
             .iter()
@@ -258,5 +275,112 @@ impl AsyncWrite for LaneIo {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    /// A connected pair on loopback: (the server side wrapped in a lane, the client side).
+    async fn pair() -> (LaneIo, Arc<Lane>, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (io, lane) = LaneIo::new(accepted.expect("accept").0, Counter::default());
+        (io, lane, client.expect("connect"))
+    }
+
+    fn file_with(data: &[u8]) -> File {
+        let mut f = tempfile::tempfile().expect("temp file");
+        std::io::Write::write_all(&mut f, data).expect("write");
+        f
+    }
+
+    #[tokio::test]
+    async fn placeholders_become_the_file_bytes_around_plain_bytes() {
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        let (mut io, lane, mut client) = pair().await;
+        let source = Source {
+            file: file_with(&data),
+            hold: None,
+        };
+        let (a, z) = (100u64, 2_500_000u64);
+        let chunks: Vec<Bytes> = {
+            use futures_util::StreamExt as _;
+            stream(Arc::clone(&lane), source, a, z)
+                .map(|c| c.expect("chunk"))
+                .collect()
+                .await
+        };
+        assert_eq!(chunks.len(), 3, "1 MiB chunks");
+        assert!(
+            chunks.iter().all(|c| placeholder_offset(c).is_some()),
+            "a cached file gives placeholders"
+        );
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.expect("read");
+            got
+        });
+        io.write_all(b"head").await.expect("plain bytes");
+        for c in &chunks {
+            io.write_all(c).await.expect("placeholder");
+        }
+        io.write_all(b"tail").await.expect("plain bytes");
+        io.shutdown().await.expect("shutdown");
+        drop(io);
+        let got = reader.await.expect("reader");
+        let mut want = b"head".to_vec();
+        want.extend_from_slice(&data[a as usize..=z as usize]);
+        want.extend_from_slice(b"tail");
+        assert!(
+            got == want,
+            "the client got {} bytes, not the range",
+            got.len()
+        );
+        assert!(
+            lane.jobs.lock().expect("lock").is_empty(),
+            "every range sent"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_placeholder_out_of_step_is_an_error_and_sends_nothing() {
+        let data = vec![7u8; 300_000];
+        let (mut io, lane, mut client) = pair().await;
+        // Nothing queued: a placeholder cannot be written.
+        let e = io
+            .write(&PLACEHOLDER[..10])
+            .await
+            .expect_err("a placeholder with no range");
+        assert!(e.to_string().contains("out of step"), "{e}");
+        let source = Source {
+            file: file_with(&data),
+            hold: None,
+        };
+        let chunks: Vec<Bytes> = {
+            use futures_util::StreamExt as _;
+            stream(Arc::clone(&lane), source, 0, 299_999)
+                .map(|c| c.expect("chunk"))
+                .collect()
+                .await
+        };
+        assert_eq!(chunks.len(), 1);
+        // The right length at the wrong start (another placeholder's), and a wrong length.
+        let start = lane.jobs.lock().expect("lock")[0].start;
+        let other = (start + SEND_CHUNK / STARTS) % SEND_CHUNK;
+        for wrong in [&PLACEHOLDER[other..other + 300_000], &chunks[0][..299_999]] {
+            let e = io.write(wrong).await.expect_err("a mismatched placeholder");
+            assert!(e.to_string().contains("out of step"), "{e}");
+        }
+        io.shutdown().await.expect("shutdown");
+        drop(io);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.expect("read");
+        assert!(got.is_empty(), "{} bytes were sent", got.len());
     }
 }

@@ -305,7 +305,11 @@ fn warm_blobs_are_sent_with_sendfile_byte_exact_on_one_keep_alive_connection() {
     assert_eq!(cold.status, 200);
     assert_eq!(sha256_digest(&cold.body), big, "cold body");
     let full = cold.body;
-    assert!(full.len() > 3 << 20, "the big layer is {} bytes", full.len());
+    assert!(
+        full.len() > 3 << 20,
+        "the big layer is {} bytes",
+        full.len()
+    );
     let before = sendfile_bytes(&rc);
 
     // Warm, all on one connection: whole blob, HEAD, a range across 1 MiB chunk edges, a small
@@ -318,7 +322,11 @@ fn warm_blobs_are_sent_with_sendfile_byte_exact_on_one_keep_alive_connection() {
         ("GET", path.clone(), String::new()),
         ("HEAD", path.clone(), String::new()),
         ("GET", path.clone(), format!("Range: bytes={a}-{z}\r\n")),
-        ("GET", format!("/v2/big/image/blobs/{config}"), String::new()),
+        (
+            "GET",
+            format!("/v2/big/image/blobs/{config}"),
+            String::new(),
+        ),
         ("GET", path.clone(), String::new()),
     ];
     for (i, (method, target, extra)) in requests.iter().enumerate() {
@@ -337,7 +345,10 @@ fn warm_blobs_are_sent_with_sendfile_byte_exact_on_one_keep_alive_connection() {
             }
             1 => {
                 assert_eq!(r.status, 200, "{what}");
-                assert_eq!(r.header("content-length"), Some(full.len().to_string().as_str()));
+                assert_eq!(
+                    r.header("content-length"),
+                    Some(full.len().to_string().as_str())
+                );
             }
             2 => {
                 assert_eq!(r.status, 206, "{what}");
