@@ -915,7 +915,10 @@ async fn blob(
                 BodyExt::boxed(StreamBody::new(s))
             }
         },
-        BlobSource::Fill(f) => channel_body(cache::stream_fill(f, start, end)),
+        BlobSource::Fill(f) => {
+            let lane = lane.map(|l| Arc::clone(&l.0));
+            channel_body(cache::stream_fill(f, lane, start, end))
+        }
         BlobSource::Empty => empty(),
     };
     Ok(resp)

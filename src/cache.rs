@@ -10,7 +10,6 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::future::Future;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -1621,27 +1620,6 @@ impl Fill {
     }
 }
 
-/// Reads `len` bytes at `offset` off the async threads.
-async fn read_at(file: File, offset: u64, len: usize) -> io::Result<(File, Bytes)> {
-    tokio::task::spawn_blocking(move || {
-        let mut buf = vec![0u8; len];
-        let mut got = 0;
-        while got < len {
-            let n = file.read_at(&mut buf[got..], offset + got as u64)?;
-            if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "blob file is shorter than recorded",
-                ));
-            }
-            got += n;
-        }
-        Ok((file, Bytes::from(buf)))
-    })
-    .await
-    .map_err(io::Error::other)?
-}
-
 /// Reads the next `len` bytes of a file this stream owns (its own file position: the first read
 /// seeks to `offset`). Unlike [`read_at`], the buffer is not zeroed first.
 async fn read_next(mut file: File, offset: u64, len: usize) -> io::Result<(File, Bytes)> {
@@ -1759,17 +1737,25 @@ pub fn stream_file(
 
 /// Streams bytes `start..=end` of a blob being filled, as they arrive. The last byte is sent only
 /// once the fill has verified and committed the blob; a failed fill ends the stream with an error.
-pub fn stream_fill(fill: Arc<Fill>, start: u64, end: u64) -> mpsc::Receiver<BodyChunk> {
+pub fn stream_fill(
+    fill: Arc<Fill>,
+    lane: Option<Arc<crate::sendfile::Lane>>,
+    start: u64,
+    end: u64,
+) -> mpsc::Receiver<BodyChunk> {
+    use crate::sendfile::{placeholder, read_range, Source, SEND_CHUNK};
     let (tx, rx) = mpsc::channel(2);
     tokio::spawn(async move {
         let mut rx_state = fill.state.clone();
-        let mut file = match fill.file.try_clone() {
-            Ok(f) => f,
+        let source = match fill.file.try_clone() {
+            Ok(file) => Arc::new(Source { file, hold: None }),
             Err(e) => {
                 let _ = tx.send(Err(e)).await;
                 return;
             }
         };
+        // With a lane, written bytes go out with sendfile (they were just written, so cached).
+        let step = if lane.is_some() { SEND_CHUNK } else { CHUNK };
         let mut pos = start;
         loop {
             let state = rx_state.borrow_and_update().clone();
@@ -1783,19 +1769,25 @@ pub fn stream_fill(fill: Arc<Fill>, start: u64, end: u64) -> mpsc::Receiver<Body
                 }
             };
             while pos < limit {
-                let len = CHUNK.min((limit - pos) as usize);
-                let from_memory = fill.memory_slice(pos, len);
-                let read = match from_memory {
-                    Ok(chunk) if !chunk.is_empty() => Ok((file, chunk)),
-                    Err(len) if len > 0 => match read_cached(&file, pos, len) {
-                        Some(r) => r.map(|chunk| (file, chunk)),
-                        None => read_at(file, pos, len).await,
-                    },
+                let len = step.min((limit - pos) as usize);
+                let read = match fill.memory_slice(pos, len) {
+                    Ok(chunk) if !chunk.is_empty() => Ok(chunk),
+                    Err(len) if len > 0 => {
+                        let placed = lane
+                            .as_ref()
+                            .and_then(|l| placeholder(l, &source, pos, len));
+                        match placed {
+                            Some(p) => Ok(p),
+                            None => match read_cached(&source.file, pos, len) {
+                                Some(r) => r,
+                                None => read_range(Arc::clone(&source), pos, len.min(CHUNK)).await,
+                            },
+                        }
+                    }
                     _ => Err(io::Error::other(format!("fill has no byte at {pos}"))),
                 };
                 match read {
-                    Ok((f, chunk)) => {
-                        file = f;
+                    Ok(chunk) => {
                         pos += chunk.len() as u64;
                         if tx.send(Ok(chunk)).await.is_err() {
                             return;

@@ -13,8 +13,9 @@
 //!
 //! Only chunks whose pages are already cached take this path (checked with `preadv2(RWF_NOWAIT)`
 //! probes), so `sendfile` does not wait for the disk on a runtime thread; other chunks are read on
-//! the blocking pool and sent as ordinary bytes. TLS connections have no lane and never see a
-//! placeholder.
+//! the blocking pool and sent as ordinary bytes. Committed blobs ([`stream`]) and fills in progress
+//! (`cache::stream_fill`, up to the bytes already written) both use it. TLS connections have no
+//! lane and never see a placeholder.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -29,10 +30,11 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::cache::BodyChunk;
+use crate::cache::{BodyChunk, CHUNK};
 
-/// Largest chunk sent with one placeholder.
-pub const SEND_CHUNK: usize = 1 << 20;
+/// Largest chunk sent with one placeholder (one `sendfile` call when the socket keeps up; nginx's
+/// `sendfile_max_chunk` is the same).
+pub const SEND_CHUNK: usize = 2 << 20;
 
 /// The placeholder region: body chunks pointing into it stand for file ranges. It lives in `.bss`
 /// and nothing reads it. Twice [`SEND_CHUNK`], so that each placeholder can start at its own
@@ -43,7 +45,7 @@ static PLACEHOLDER: [u8; 2 * SEND_CHUNK] = [0; 2 * SEND_CHUNK];
 const STARTS: usize = 256;
 
 /// Distance between page-cache probes within a chunk.
-const PROBE_STEP: usize = 128 * 1024;
+const PROBE_STEP: usize = 256 * 1024;
 
 /// A file being sent, kept open (and held against eviction) until its last range is written.
 pub struct Source {
@@ -101,6 +103,40 @@ fn cached(file: &File, offset: u64, len: usize) -> bool {
     true
 }
 
+/// A placeholder for the `len` bytes of `source` at `offset`, queued on `lane`, if the page cache
+/// holds them (`None`: read them instead).
+pub fn placeholder(lane: &Lane, source: &Arc<Source>, offset: u64, len: usize) -> Option<Bytes> {
+    if len == 0 || !cached(&source.file, offset, len) {
+        return None;
+    }
+    let len = len.min(SEND_CHUNK);
+    let n = lane
+        .issued
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let start = (n % STARTS) * (SEND_CHUNK / STARTS);
+    lane.jobs
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push_back(Job {
+            source: Arc::clone(source),
+            offset,
+            len,
+            start,
+        });
+    Some(Bytes::from_static(&PLACEHOLDER[start..start + len]))
+}
+
+/// Reads the `len` bytes of `source` at `offset` on the blocking pool.
+pub async fn read_range(source: Arc<Source>, offset: u64, len: usize) -> io::Result<Bytes> {
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; len];
+        source.file.read_exact_at(&mut buf, offset).map(|()| buf)
+    })
+    .await
+    .map_err(io::Error::other)?
+    .map(Bytes::from)
+}
+
 /// Bytes `start..=end` of `source` as a body for a connection with `lane`: placeholders for cached
 /// chunks, real bytes (read on the blocking pool) for the rest.
 pub fn stream(
@@ -119,32 +155,15 @@ pub fn stream(
                 return None;
             }
             let len = SEND_CHUNK.min((end + 1 - pos) as usize);
-            if cached(&source.file, pos, len) {
-                let n = lane
-                    .issued
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let start = (n % STARTS) * (SEND_CHUNK / STARTS);
-                lane.jobs
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push_back(Job {
-                        source,
-                        offset: pos,
-                        len,
-                        start,
-                    });
-                let chunk = Bytes::from_static(&PLACEHOLDER[start..start + len]);
-                return Some((Ok(chunk), Some(pos + len as u64)));
-            }
-            let read = tokio::task::spawn_blocking(move || {
-                let mut buf = vec![0u8; len];
-                source.file.read_exact_at(&mut buf, pos).map(|()| buf)
-            })
-            .await
-            .map_err(io::Error::other)
-            .and_then(|r| r);
-            match read {
-                Ok(buf) => Some((Ok(Bytes::from(buf)), Some(pos + len as u64))),
+            let chunk = match placeholder(&lane, &source, pos, len) {
+                Some(p) => Ok(p),
+                None => read_range(source, pos, len.min(CHUNK)).await,
+            };
+            match chunk {
+                Ok(c) => {
+                    let next = pos + c.len() as u64;
+                    Some((Ok(c), Some(next)))
+                }
                 // The error ends the body (hyper aborts the response); nothing follows it.
                 Err(e) => Some((Err(e), None)),
             }
@@ -302,13 +321,13 @@ mod tests {
 
     #[tokio::test]
     async fn placeholders_become_the_file_bytes_around_plain_bytes() {
-        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        let data: Vec<u8> = (0..5_000_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
         let (mut io, lane, mut client) = pair().await;
         let source = Source {
             file: file_with(&data),
             hold: None,
         };
-        let (a, z) = (100u64, 2_500_000u64);
+        let (a, z) = (100u64, 4_500_000u64);
         let chunks: Vec<Bytes> = {
             use futures_util::StreamExt as _;
             stream(Arc::clone(&lane), source, a, z)
@@ -316,7 +335,7 @@ mod tests {
                 .collect()
                 .await
         };
-        assert_eq!(chunks.len(), 3, "1 MiB chunks");
+        assert_eq!(chunks.len(), 3, "2 MiB chunks");
         assert!(
             chunks.iter().all(|c| placeholder_offset(c).is_some()),
             "a cached file gives placeholders"

@@ -300,7 +300,9 @@ fn warm_blobs_are_sent_with_sendfile_byte_exact_on_one_keep_alive_connection() {
     let config = m["config"]["digest"].as_str().expect("config").to_owned();
     let path = format!("/v2/big/image/blobs/{big}");
 
-    // Cold: the fill (no sendfile: the body follows the download).
+    // Cold: the body follows the fill; what is already written to the temporary file goes out
+    // with sendfile too.
+    let before = sendfile_bytes(&rc);
     let cold = http_get(rc.addr(), &path, &[]).expect("cold GET");
     assert_eq!(cold.status, 200);
     assert_eq!(sha256_digest(&cold.body), big, "cold body");
@@ -310,9 +312,15 @@ fn warm_blobs_are_sent_with_sendfile_byte_exact_on_one_keep_alive_connection() {
         "the big layer is {} bytes",
         full.len()
     );
+    let cold_sent = sendfile_bytes(&rc) - before;
+    assert!(
+        cold_sent > 0.0 && cold_sent <= full.len() as f64,
+        "the cold GET sent {cold_sent} of {} bytes with sendfile",
+        full.len()
+    );
     let before = sendfile_bytes(&rc);
 
-    // Warm, all on one connection: whole blob, HEAD, a range across 1 MiB chunk edges, a small
+    // Warm, all on one connection: whole blob, HEAD, a range across chunk edges, a small
     // blob, the whole blob again. Any lane out of step would corrupt or cut a later answer.
     let mut s = std::net::TcpStream::connect(rc.addr()).expect("connect");
     s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
