@@ -152,7 +152,10 @@ pub fn main(cli: Cli) -> ExitCode {
                 }
             };
             init_logging(&config.log_level, config.log_format);
+            // Connections are served by the server's shards (one thread each); this runtime
+            // keeps the signals, the maintenance loop and the config watchers.
             let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
                 .enable_all()
                 .build()
             {
@@ -263,10 +266,16 @@ async fn serve(
     // systemd (Type=notify): ready once the listener is bound and the store is open.
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     if let Some(interval) = sd_notify::watchdog_enabled() {
+        let app = std::sync::Arc::clone(&app);
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(interval / 2).await;
-                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                // Pinged only while every shard serving connections still runs.
+                if app.shards_responsive(interval / 2) {
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                } else {
+                    tracing::error!("a connection shard has not run for {:?}; withholding the systemd watchdog ping", interval / 2);
+                }
             }
         });
     }

@@ -8,7 +8,8 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -118,6 +119,8 @@ pub struct App {
     pub tls: Option<Arc<crate::tls::CertReloader>>,
     /// Checks client credentials against `[access] htpasswd`, remembering the answers.
     pub auth: crate::access::Verifier,
+    /// Each shard's last sign of life (milliseconds since the epoch), for the systemd watchdog.
+    shard_beats: Mutex<Vec<Arc<AtomicU64>>>,
 }
 
 impl App {
@@ -165,7 +168,20 @@ impl App {
             routing: RwLock::new(Arc::new(routing)),
             tls,
             auth: crate::access::Verifier::new(),
+            shard_beats: Mutex::new(Vec::new()),
         }))
+    }
+
+    /// Whether every shard has run within `within` (true before the shards start). A shard
+    /// stuck in a blocking call stops beating, and the watchdog ping is withheld.
+    pub fn shards_responsive(&self, within: Duration) -> bool {
+        let now = crate::store::now_millis();
+        let limit = u64::try_from(within.as_millis()).unwrap_or(u64::MAX);
+        self.shard_beats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .all(|b| now.saturating_sub(b.load(Ordering::Relaxed)) <= limit)
     }
 
     /// The routing in force now.
@@ -366,26 +382,124 @@ impl Drop for OpenGuard {
     }
 }
 
+/// What every shard shares: the connection limits and the TLS acceptor.
+struct Shared {
+    app: Arc<App>,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    /// One permit per open connection, across all shards (`limits.max_connections`).
+    open: Arc<tokio::sync::Semaphore>,
+    refusing: Arc<tokio::sync::Semaphore>,
+    over_capacity: bytes::Bytes,
+    grace: Duration,
+}
+
+/// How many shards serve connections: one per CPU this process may use.
+pub fn shard_count() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// Serves `app` on `listener` until `shutdown` completes, then drains connections for at most
 /// `grace`.
+///
+/// Connections are served by [`shard_count`] shards: one thread each, with its own
+/// single-threaded runtime, accepting from the same listening socket (like nginx's workers). A
+/// connection stays on the shard that accepted it, so its wake-ups never cross threads and each
+/// shard polls only its own sockets. What the connections start (fills, uploads) runs on their
+/// shard; the maintenance loop runs on the caller's runtime.
 pub async fn run(
     listener: TcpListener,
     app: Arc<App>,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) -> anyhow::Result<()> {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let acceptor = match &app.tls {
         Some(reloader) => Some(crate::tls::acceptor(Arc::clone(reloader))?),
         None => None,
     };
-    let upkeep = tokio::spawn(Arc::clone(&app).maintain());
     let max_connections = app.routing().config.limits.max_connections;
-    let open = Arc::new(tokio::sync::Semaphore::new(max_connections));
-    let refusing = Arc::new(tokio::sync::Semaphore::new(MAX_REFUSING));
-    let over_capacity = over_capacity_response();
+    let shared = Arc::new(Shared {
+        app: Arc::clone(&app),
+        acceptor,
+        open: Arc::new(tokio::sync::Semaphore::new(max_connections)),
+        refusing: Arc::new(tokio::sync::Semaphore::new(MAX_REFUSING)),
+        over_capacity: over_capacity_response(),
+        grace,
+    });
+    let listener = listener.into_std()?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut shards = Vec::new();
+    for i in 0..shard_count() {
+        let listener = listener.try_clone()?;
+        let shared = Arc::clone(&shared);
+        let beat = Arc::new(AtomicU64::new(crate::store::now_millis()));
+        app.shard_beats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Arc::clone(&beat));
+        let stop = stop_rx.clone();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name(format!("rc-shard-{i}"))
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(error = %e, shard = i, "cannot start a shard's runtime");
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let heart = tokio::spawn(async move {
+                        loop {
+                            beat.store(crate::store::now_millis(), Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    });
+                    serve_shard(listener, shared, stop).await;
+                    heart.abort();
+                });
+                // Blocking work still running (a fill's write) is not waited for: the process is
+                // stopping, and recovery at the next start cleans up after it.
+                rt.shutdown_timeout(Duration::from_secs(1));
+                drop(done_tx);
+            })?;
+        shards.push(done_rx);
+    }
+    drop(listener);
+    let upkeep = tokio::spawn(Arc::clone(&app).maintain());
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    upkeep.abort();
+    let _ = app.cache.store.flush_access();
+    tracing::info!("shutting down: draining in-flight requests");
+    for done in shards {
+        let _ = done.await;
+    }
+    let _ = app.cache.store.flush_access();
+    tracing::info!("all connections closed");
+    Ok(())
+}
+
+/// One shard: accepts connections and serves them until `stop` turns true, then drains them for
+/// at most the grace period.
+async fn serve_shard(
+    listener: std::net::TcpListener,
+    shared: Arc<Shared>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "a shard cannot use the listener");
+            return;
+        }
+    };
+    let app = &shared.app;
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut last_refusal_log: Option<std::time::Instant> = None;
-    tokio::pin!(shutdown);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -398,7 +512,7 @@ pub async fn run(
                         continue;
                     }
                 };
-                let slot = match Arc::clone(&open).try_acquire_owned() {
+                let slot = match Arc::clone(&shared.open).try_acquire_owned() {
                     Ok(slot) => slot,
                     Err(_) => {
                         app.metrics
@@ -407,76 +521,94 @@ pub async fn run(
                             .inc();
                         if last_refusal_log.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
                             last_refusal_log = Some(std::time::Instant::now());
+                            let max_connections = app.routing().config.limits.max_connections;
                             tracing::warn!(%peer, max_connections, "too many open connections (limits.max_connections): refusing new ones with 503");
                         }
-                        refuse(stream, acceptor.is_some(), &refusing, &over_capacity);
+                        refuse(stream, shared.acceptor.is_some(), &shared.refusing, &shared.over_capacity);
                         continue;
                     }
                 };
-                let _ = stream.set_nodelay(true);
-                let limits = app.routing().config.limits.clone();
-                let app2 = Arc::clone(&app);
-                // Plain connections send cached blob ranges with sendfile: their requests carry
-                // the connection's lane (see `sendfile`). TLS connections have none.
-                let (conn, lane) = match acceptor.clone() {
-                    None => {
-                        let (io, lane) = crate::sendfile::LaneIo::new(stream, app.metrics.sendfile_bytes.clone());
-                        (Ok(io), Some(crate::sendfile::LaneRef(lane)))
-                    }
-                    Some(acceptor) => (Err((stream, acceptor)), None),
-                };
-                let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                    if let Some(lane) = &lane {
-                        req.extensions_mut().insert(lane.clone());
-                    }
-                    crate::api::handle(Arc::clone(&app2), peer, req)
-                });
-                let mut http = hyper::server::conn::http1::Builder::new();
-                http.timer(TokioTimer::new())
-                    .header_read_timeout(limits.header_read_timeout)
-                    .max_header_size(limits.max_header_size)
-                    .keep_alive(true)
-                    // Body chunks must reach the writer as they are (no copying into one buffer):
-                    // the sendfile placeholders depend on it.
-                    .writev(true);
-                let metrics = Arc::clone(&app.metrics);
-                let watcher = graceful.watcher();
-                tokio::spawn(async move {
-                    let _slot = slot;
-                    metrics.connections_open.inc();
-                    let _open = OpenGuard(metrics);
-                    let result = match conn {
-                        Ok(io) => watcher.watch(http.serve_connection(TokioIo::new(io), service)).await,
-                        Err((stream, acceptor)) => {
-                            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
-                                Ok(Ok(s)) => s,
-                                Ok(Err(e)) => {
-                                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                                    return;
-                                }
-                                Err(_) => {
-                                    tracing::debug!(%peer, "TLS handshake timed out");
-                                    return;
-                                }
-                            };
-                            watcher.watch(http.serve_connection(TokioIo::new(tls), service)).await
-                        }
-                    };
-                    if let Err(e) = result {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    }
-                });
+                serve_connection(&shared, &graceful, stream, peer, slot);
             }
-            () = &mut shutdown => break,
+            _ = stop.wait_for(|s| *s) => break,
         }
     }
     drop(listener);
-    upkeep.abort();
-    let _ = app.cache.store.flush_access();
-    tracing::info!("shutting down: draining in-flight requests");
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all connections closed"),
-        () = tokio::time::sleep(grace) => tracing::warn!(grace_s = grace.as_secs(), "grace period over; closing remaining connections"),
+        () = graceful.shutdown() => tracing::debug!("a shard's connections are closed"),
+        () = tokio::time::sleep(shared.grace) => tracing::warn!(grace_s = shared.grace.as_secs(), "grace period over; closing remaining connections"),
     }
-    Ok(())
+}
+
+/// Serves one accepted connection on the current shard.
+fn serve_connection(
+    shared: &Arc<Shared>,
+    graceful: &hyper_util::server::graceful::GracefulShutdown,
+    stream: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    slot: tokio::sync::OwnedSemaphorePermit,
+) {
+    let app = &shared.app;
+    let _ = stream.set_nodelay(true);
+    let limits = app.routing().config.limits.clone();
+    let app2 = Arc::clone(app);
+    // Plain connections send cached blob ranges with sendfile: their requests carry the
+    // connection's lane (see `sendfile`). TLS connections have none.
+    let (conn, lane) = match shared.acceptor.clone() {
+        None => {
+            let (io, lane) =
+                crate::sendfile::LaneIo::new(stream, app.metrics.sendfile_bytes.clone());
+            (Ok(io), Some(crate::sendfile::LaneRef(lane)))
+        }
+        Some(acceptor) => (Err((stream, acceptor)), None),
+    };
+    let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        if let Some(lane) = &lane {
+            req.extensions_mut().insert(lane.clone());
+        }
+        crate::api::handle(Arc::clone(&app2), peer, req)
+    });
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_header_size(limits.max_header_size)
+        .keep_alive(true)
+        // Body chunks must reach the writer as they are (no copying into one buffer): the
+        // sendfile placeholders depend on it.
+        .writev(true);
+    let metrics = Arc::clone(&app.metrics);
+    let watcher = graceful.watcher();
+    tokio::spawn(async move {
+        let _slot = slot;
+        metrics.connections_open.inc();
+        let _open = OpenGuard(metrics);
+        let result = match conn {
+            Ok(io) => {
+                watcher
+                    .watch(http.serve_connection(TokioIo::new(io), service))
+                    .await
+            }
+            Err((stream, acceptor)) => {
+                let handshake =
+                    tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await;
+                let tls = match handshake {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                };
+                watcher
+                    .watch(http.serve_connection(TokioIo::new(tls), service))
+                    .await
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
+    });
 }

@@ -330,3 +330,120 @@ fn cloud_init_installs_the_same_unit_and_a_valid_config() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn connections_are_served_by_one_shard_thread_per_cpu_under_one_connection_limit() {
+    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
+    let config = work.path().join("rc.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\n[limits]\nmax_connections = 3\n[upstreams.docker]\nurl = \"http://127.0.0.1:9\"\n",
+            work.path().join("d").display()
+        ),
+    )
+    .expect("config");
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut rc = Process::start(&config, addr, &work.path().join("log"));
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", rc.pid())).expect("task list");
+    let shards = tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with("rc-shard-"))
+        .count();
+    assert_eq!(shards, cpus, "one shard thread per CPU");
+
+    // The limit holds across shards: 3 idle keep-alive connections fill it, the 4th gets 503.
+    let mut held = Vec::new();
+    for i in 0..3 {
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        std::io::Write::write_all(&mut s, b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n").expect("send");
+        let mut buf = [0u8; 512];
+        let n = std::io::Read::read(&mut s, &mut buf).expect("answer");
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "connection {i}: {}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        held.push(s);
+    }
+    let over = http_get(addr, "/v2/", &[]).expect("an answer over the limit");
+    assert_eq!(
+        over.status, 503,
+        "the 4th connection, over max_connections = 3"
+    );
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match http_get(addr, "/v2/", &[]) {
+            Some(r) if r.status == 200 => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "no 200 after the held connections closed: {:?}",
+                other.map(|r| r.status)
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    rc.signal("TERM");
+    assert_eq!(
+        rc.wait_exit(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        rc.log_text()
+    );
+}
+
+#[test]
+fn systemd_gets_ready_then_watchdog_pings_while_the_shards_run() {
+    use std::os::unix::net::UnixDatagram;
+    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
+    let config = work.path().join("rc.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\n[upstreams.docker]\nurl = \"http://127.0.0.1:9\"\n",
+            work.path().join("d").display()
+        ),
+    )
+    .expect("config");
+    let notify = work.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&notify).expect("bind the notify socket");
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_regcache"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .args(["--listen", &addr.to_string()])
+        .env_remove("REGCACHE_CONFIG")
+        .env("NOTIFY_SOCKET", &notify)
+        .env("WATCHDOG_USEC", "1000000")
+        .envs(crate::support::registry::PROXY_ENV)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn regcache");
+    let mut messages = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(4);
+    let mut buf = [0u8; 512];
+    while Instant::now() < deadline {
+        if let Ok(n) = sock.recv(&mut buf) {
+            messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        messages.first().is_some_and(|m| m.contains("READY=1")),
+        "READY=1 first: {messages:?}"
+    );
+    let pings = messages.iter().filter(|m| m.contains("WATCHDOG=1")).count();
+    assert!(
+        pings >= 4,
+        "a ping every 0.5 s while the shards run; got {pings} in 4 s: {messages:?}"
+    );
+}
