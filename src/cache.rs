@@ -1235,44 +1235,31 @@ impl Cache {
                 Err(e) => return Err(e.into()),
             };
             // Whatever else has already arrived goes to disk in the same write (fewer trips to
-            // the blocking pool, fewer wake-ups of the readers).
-            let chunk = if chunk.len() < WRITE_BATCH {
-                let mut parts = vec![chunk];
-                let mut total = parts[0].len();
-                while total < WRITE_BATCH {
-                    match self.next_chunk(up, &mut source).now_or_never() {
-                        Some(Ok(Some(c))) => {
-                            total += c.len();
-                            parts.push(c);
-                        }
-                        Some(other) => {
-                            carry = Some(other);
-                            break;
-                        }
-                        None => break,
+            // the blocking pool, fewer wake-ups of the readers), without copying it together.
+            let mut parts = vec![chunk];
+            let mut total = parts[0].len();
+            while total < WRITE_BATCH {
+                match self.next_chunk(up, &mut source).now_or_never() {
+                    Some(Ok(Some(c))) => {
+                        total += c.len();
+                        parts.push(c);
                     }
-                }
-                if parts.len() == 1 {
-                    parts.swap_remove(0)
-                } else {
-                    let mut buf = bytes::BytesMut::with_capacity(total);
-                    for p in parts {
-                        buf.extend_from_slice(&p);
+                    Some(other) => {
+                        carry = Some(other);
+                        break;
                     }
-                    buf.freeze()
+                    None => break,
                 }
-            } else {
-                chunk
-            };
-            if size.is_some_and(|s| written + chunk.len() as u64 > s) {
+            }
+            let len = total as u64;
+            if size.is_some_and(|s| written + len > s) {
                 return Err(CacheError::SizeMismatch {
                     upstream: up.name().to_owned(),
                     digest: d.to_string(),
                     expected: size.unwrap_or(0),
-                    actual: written + chunk.len() as u64,
+                    actual: written + len,
                 });
             }
-            let len = chunk.len() as u64;
             let (mut temp, mut hasher) = state
                 .take()
                 .ok_or_else(|| CacheError::Internal("fill state lost".into()))?;
@@ -1282,33 +1269,49 @@ impl Cache {
                 .unwrap_or_else(|p| p.into_inner())
                 .is_none();
             if on_disk {
-                let (t, h, result) = tokio::task::spawn_blocking(move || {
-                    hasher.update(&chunk);
-                    let r = temp.write_all(&chunk);
-                    let r = match r {
-                        Ok(()) => Ok(()),
-                        Err(e) => Err((e, chunk)),
-                    };
-                    (temp, hasher, r)
-                })
-                .await
-                .map_err(|e| CacheError::Internal(format!("write task: {e}")))?;
+                // Hashing and writing the batch run side by side on two blocking threads.
+                let for_hash = parts.clone();
+                let hashed = tokio::task::spawn_blocking(move || {
+                    for p in &for_hash {
+                        hasher.update(p);
+                    }
+                    hasher
+                });
+                let wrote = tokio::task::spawn_blocking(move || {
+                    let r = temp.write_all_parts(&parts).map_err(|e| (e, parts));
+                    (temp, r)
+                });
+                let (h, w) = tokio::join!(hashed, wrote);
+                let task_failed =
+                    |e: tokio::task::JoinError| CacheError::Internal(format!("write task: {e}"));
+                let (h, (t, result)) = (h.map_err(task_failed)?, w.map_err(task_failed)?);
                 (temp, hasher) = (t, h);
-                if let Err((e, chunk)) = result {
+                if let Err((e, parts)) = result {
                     if !crate::store::is_disk_full(&e) {
                         return Err(CacheError::Store(format!("writing temporary blob: {e}")));
                     }
                     // Disk full: keep serving this fill's clients from memory, cache nothing.
                     self.store.set_full(true);
                     tracing::warn!(digest = %d, at = written, "disk full during a fill: streaming through without caching");
+                    let mut at = written;
+                    let chunks = parts
+                        .into_iter()
+                        .map(|p| {
+                            let c = (at, p);
+                            at += c.1.len() as u64;
+                            c
+                        })
+                        .collect();
                     *fill.tail.lock().unwrap_or_else(|p| p.into_inner()) = Some(MemoryTail {
                         disk_len: written,
                         bytes: len,
-                        chunks: vec![(written, chunk)],
+                        chunks,
                     });
                 }
             } else {
-                hasher.update(&chunk);
+                for p in &parts {
+                    hasher.update(p);
+                }
                 let mut tail = fill.tail.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some(t) = tail.as_mut() {
                     t.bytes += len;
@@ -1317,7 +1320,12 @@ impl Cache {
                             "disk full and the blob is too large to stream from memory".into(),
                         ));
                     }
-                    t.chunks.push((written, chunk));
+                    let mut at = written;
+                    for p in parts {
+                        let n = p.len() as u64;
+                        t.chunks.push((at, p));
+                        at += n;
+                    }
                 }
             }
             state = Some((temp, hasher));

@@ -291,6 +291,24 @@ impl TempBlob {
             None => Err(io::Error::other("temporary file already closed")),
         }
     }
+
+    /// Appends several buffers, with as few `writev` calls as the kernel allows.
+    pub fn write_all_parts(&mut self, parts: &[bytes::Bytes]) -> io::Result<()> {
+        let Some(f) = self.file.as_mut() else {
+            return Err(io::Error::other("temporary file already closed"));
+        };
+        let mut slices: Vec<io::IoSlice<'_>> = parts.iter().map(|p| io::IoSlice::new(p)).collect();
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            match f.write_vectored(rest) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => io::IoSlice::advance_slices(&mut rest, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Drop for TempBlob {

@@ -318,6 +318,21 @@ fn warm_blobs_are_sent_with_sendfile_byte_exact_on_one_keep_alive_connection() {
         "the cold GET sent {cold_sent} of {} bytes with sendfile",
         full.len()
     );
+    // The commit (fsync, then rename) ends before the warm part: pages locked for writeback
+    // fail the page-cache probe, and those chunks would rightly be read instead.
+    let stored = rc
+        .data_dir()
+        .join("blobs/sha256")
+        .join(&big[7..9])
+        .join(&big[7..]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !stored.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the blob was not committed in 30 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let before = sendfile_bytes(&rc);
 
     // Warm, all on one connection: whole blob, HEAD, a range across chunk edges, a small
@@ -377,13 +392,7 @@ fn warm_blobs_are_sent_with_sendfile_byte_exact_on_one_keep_alive_connection() {
 
     // Pages dropped from the page cache: those chunks are read on the blocking pool instead (no
     // sendfile that would wait for the disk on a runtime thread), and the bytes are still exact.
-    let file = std::fs::File::open(
-        rc.data_dir()
-            .join("blobs/sha256")
-            .join(&big[7..9])
-            .join(&big[7..]),
-    )
-    .expect("open the stored blob");
+    let file = std::fs::File::open(&stored).expect("open the stored blob");
     file.sync_all().expect("sync");
     rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).expect("fadvise");
     let before = sendfile_bytes(&rc);
