@@ -1770,7 +1770,8 @@ pub fn stream_fill(
             let (limit, done) = match state {
                 FillState::Connecting => (pos, false),
                 FillState::Streaming { written, .. } => (written.min(end), false),
-                FillState::Done { .. } => (end + 1, true),
+                // `end` is u64::MAX when the size was not announced: stop at the size.
+                FillState::Done { size } => (size.min(end.saturating_add(1)), true),
                 FillState::Failed(e) => {
                     let _ = tx.send(Err(io::Error::other(e.to_string()))).await;
                     return;

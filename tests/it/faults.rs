@@ -1584,3 +1584,44 @@ async fn tags_list_paginates_with_link_to_regcache() {
         assert_error_json(&r, &format!("n={n}"));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_of_unannounced_size_reaches_a_slow_reader_whole() {
+    const SIZE: usize = 8 << 20;
+    let fake = FakeUpstream::start().await;
+    let data = pseudo_random(SIZE, 77);
+    let digest = fake.add_blob("team/nolength", data.clone());
+    // No Content-Length from the upstream: regcache streams the fill chunked, and the reader is
+    // slower than the fill, so the fill is done long before the reader has everything.
+    fake.set_unannounced_size(true);
+    let rc = Regcache::with_upstream(&fake.url());
+    let url = format!("{}/v2/team/nolength/blobs/{digest}", rc.url());
+    let mut resp = client().get(&url).send().await.expect("GET");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        resp.content_length(),
+        None,
+        "no size announced, so none passed on"
+    );
+    let mut body = Vec::new();
+    let mut err = None;
+    loop {
+        match resp.chunk().await {
+            Ok(Some(c)) => {
+                body.extend_from_slice(&c);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Ok(None) => break,
+            Err(e) => {
+                err = Some(e);
+                break;
+            }
+        }
+    }
+    assert!(
+        err.is_none() && body[..] == data[..],
+        "{} of {SIZE} bytes, error {err:?}",
+        body.len()
+    );
+    assert_eq!(fake.blob_gets(&digest), 1);
+}

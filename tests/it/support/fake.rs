@@ -241,6 +241,11 @@ impl FakeUpstream {
         lock(&self.state.cfg).short = on;
     }
 
+    /// Blob `GET`s are answered without `Content-Length` (chunked): the size is not announced.
+    pub fn set_unannounced_size(&self, on: bool) {
+        lock(&self.state.cfg).no_length = on;
+    }
+
     /// Blob bodies are trickled: `chunk` bytes, then sleep `delay`, ...; `chunk == 0` turns it off.
     pub fn set_slow_blobs(&self, chunk: usize, delay: Duration) {
         let mut cfg = lock(&self.state.cfg);
@@ -377,6 +382,7 @@ struct Config {
     basic: Option<(String, String)>,
     corrupt: bool,
     short: bool,
+    no_length: bool,
     slow_chunk: usize,
     slow_delay: Duration,
     status: Option<u16>,
@@ -748,8 +754,10 @@ fn serve_blob(
         .status(status)
         .header("content-type", "application/octet-stream")
         .header("docker-content-digest", digest)
-        .header("accept-ranges", "bytes")
-        .header("content-length", slice.len());
+        .header("accept-ranges", "bytes");
+    if !(cfg.no_length && *method == Method::GET) {
+        builder = builder.header("content-length", slice.len());
+    }
     if let Some(cr) = content_range {
         builder = builder.header("content-range", cr);
     }
