@@ -121,6 +121,8 @@ pub struct App {
     pub auth: crate::access::Verifier,
     /// Each shard's last sign of life (milliseconds since the epoch), for the systemd watchdog.
     shard_beats: Mutex<Vec<Arc<AtomicU64>>>,
+    /// Set once shutdown has begun: draining shards stop beating, and that is expected.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl App {
@@ -169,12 +171,17 @@ impl App {
             tls,
             auth: crate::access::Verifier::new(),
             shard_beats: Mutex::new(Vec::new()),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
-    /// Whether every shard has run within `within` (true before the shards start). A shard
-    /// stuck in a blocking call stops beating, and the watchdog ping is withheld.
+    /// Whether every shard has run within `within` (true before the shards start and once
+    /// shutdown has begun). A shard stuck in a blocking call stops beating (it beats every
+    /// 250 ms), and the watchdog ping is withheld.
     pub fn shards_responsive(&self, within: Duration) -> bool {
+        if self.stopping.load(Ordering::Relaxed) {
+            return true;
+        }
         let now = crate::store::now_millis();
         let limit = u64::try_from(within.as_millis()).unwrap_or(u64::MAX);
         self.shard_beats
@@ -426,51 +433,49 @@ pub async fn run(
         grace,
     });
     let listener = listener.into_std()?;
+    app.shard_beats
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clear();
+    app.stopping.store(false, Ordering::Relaxed);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let count = shard_count();
+    // How many shards have drained their connections. A shard keeps its runtime running until all
+    // have: a fill or an upstream connection that lives on it may still serve another shard's
+    // clients during their drain.
+    let (drained, _) = tokio::sync::watch::channel(0usize);
+    let drained = Arc::new(drained);
     let mut shards = Vec::new();
-    for i in 0..shard_count() {
-        let listener = listener.try_clone()?;
-        let shared = Arc::clone(&shared);
-        let beat = Arc::new(AtomicU64::new(crate::store::now_millis()));
-        app.shard_beats
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Arc::clone(&beat));
-        let stop = stop_rx.clone();
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-        std::thread::Builder::new()
-            .name(format!("rc-shard-{i}"))
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        tracing::error!(error = %e, shard = i, "cannot start a shard's runtime");
-                        return;
-                    }
-                };
-                rt.block_on(async move {
-                    let heart = tokio::spawn(async move {
-                        loop {
-                            beat.store(crate::store::now_millis(), Ordering::Relaxed);
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                        }
-                    });
-                    serve_shard(listener, shared, stop).await;
-                    heart.abort();
-                });
-                // Blocking work still running (a fill's write) is not waited for: the process is
-                // stopping, and recovery at the next start cleans up after it.
-                rt.shutdown_timeout(Duration::from_secs(1));
-                drop(done_tx);
-            })?;
-        shards.push(done_rx);
+    let mut started = Ok(());
+    for i in 0..count {
+        let shard = Shard {
+            index: i,
+            count,
+            shared: Arc::clone(&shared),
+            stop: stop_rx.clone(),
+            drained: Arc::clone(&drained),
+        };
+        match shard.start(&listener) {
+            Ok(done) => shards.push(done),
+            Err(e) => {
+                started = Err(e);
+                break;
+            }
+        }
     }
     drop(listener);
+    let unstarted = count - shards.len();
+    drained.send_modify(|n| *n += unstarted);
+    if let Err(e) = started {
+        let _ = stop_tx.send(true);
+        for done in shards {
+            let _ = done.await;
+        }
+        return Err(e);
+    }
     let upkeep = tokio::spawn(Arc::clone(&app).maintain());
     shutdown.await;
+    app.stopping.store(true, Ordering::Relaxed);
     let _ = stop_tx.send(true);
     upkeep.abort();
     let _ = app.cache.store.flush_access();
@@ -481,6 +486,73 @@ pub async fn run(
     let _ = app.cache.store.flush_access();
     tracing::info!("all connections closed");
     Ok(())
+}
+
+/// One shard before it starts: its place among the shards and what it shares with them.
+struct Shard {
+    index: usize,
+    count: usize,
+    shared: Arc<Shared>,
+    stop: tokio::sync::watch::Receiver<bool>,
+    drained: Arc<tokio::sync::watch::Sender<usize>>,
+}
+
+impl Shard {
+    /// Starts the shard's thread; the receiver completes when the thread is done.
+    fn start(
+        self,
+        listener: &std::net::TcpListener,
+    ) -> anyhow::Result<tokio::sync::oneshot::Receiver<()>> {
+        let listener = listener.try_clone()?;
+        let beat = Arc::new(AtomicU64::new(crate::store::now_millis()));
+        self.shared
+            .app
+            .shard_beats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Arc::clone(&beat));
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name(format!("rc-shard-{}", self.index))
+            .spawn(move || {
+                self.run(listener, &beat);
+                drop(done_tx);
+            })?;
+        Ok(done_rx)
+    }
+
+    fn run(self, listener: std::net::TcpListener, beat: &Arc<AtomicU64>) {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!(error = %e, shard = self.index, "cannot start a shard's runtime");
+                // Not watched, and counted as drained, so that nothing waits for it.
+                beat.store(u64::MAX, Ordering::Relaxed);
+                self.drained.send_modify(|n| *n += 1);
+                return;
+            }
+        };
+        let beat = Arc::clone(beat);
+        rt.block_on(async move {
+            let heart = tokio::spawn(async move {
+                loop {
+                    beat.store(crate::store::now_millis(), Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            });
+            serve_shard(listener, Arc::clone(&self.shared), self.stop).await;
+            self.drained.send_modify(|n| *n += 1);
+            let count = self.count;
+            let _ = self.drained.subscribe().wait_for(|n| *n >= count).await;
+            heart.abort();
+        });
+        // Blocking work still running (a fill's write) is not waited for: the process is stopping,
+        // and recovery at the next start cleans up after it.
+        rt.shutdown_timeout(Duration::from_secs(1));
+    }
 }
 
 /// One shard: accepts connections and serves them until `stop` turns true, then drains them for
