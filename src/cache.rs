@@ -1653,7 +1653,7 @@ async fn read_next(mut file: File, offset: u64, len: usize) -> io::Result<(File,
 /// Reads up to `len` bytes at `offset` if the page cache holds them, without blocking
 /// (`preadv2` with `RWF_NOWAIT`). `None`: they are not all cached (or the filesystem cannot say),
 /// so read on the blocking pool instead. A short result is fine: the stream asks for the rest.
-fn read_cached(file: &File, offset: u64, len: usize) -> Option<io::Result<Bytes>> {
+pub(crate) fn read_cached(file: &File, offset: u64, len: usize) -> Option<io::Result<Bytes>> {
     let mut buf = PooledBuf::take();
     let want = len.min(buf.0.len());
     let r = rustix::io::preadv2(

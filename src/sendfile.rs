@@ -157,7 +157,12 @@ pub fn stream(
             let len = SEND_CHUNK.min((end + 1 - pos) as usize);
             let chunk = match placeholder(&lane, &source, pos, len) {
                 Some(p) => Ok(p),
-                None => read_range(source, pos, len.min(CHUNK)).await,
+                // Some page is not cached: the next 256 KiB as bytes, into a pooled buffer if
+                // those are cached, else read on the blocking pool.
+                None => match crate::cache::read_cached(&source.file, pos, len.min(CHUNK)) {
+                    Some(r) => r,
+                    None => read_range(source, pos, len.min(CHUNK)).await,
+                },
             };
             match chunk {
                 Ok(c) => {
