@@ -27,6 +27,8 @@ use crate::upstream::{media_type_from_body, Upstream, UpstreamError};
 pub const CHUNK: usize = 256 * 1024;
 /// Bytes gathered from the upstream before one write to the temporary file.
 const WRITE_BATCH: usize = 1 << 20;
+/// Batches a fill may receive and write ahead of its hash.
+const HASH_AHEAD: usize = 16;
 /// How many times a broken upstream blob stream is resumed with a `Range` request.
 const RESUME_ATTEMPTS: u32 = 3;
 
@@ -1203,7 +1205,20 @@ impl Cache {
         fill.from_bucket
             .store(from_bucket, std::sync::atomic::Ordering::Relaxed);
         tx.send_replace(FillState::Streaming { size, written: 0 });
-        let mut state = Some((temp, d.hasher()));
+        // The hash runs on its own blocking thread, fed batch by batch: a batch is published to
+        // the readers once written, without waiting for its hash (only the last byte waits for
+        // the digest). At most HASH_AHEAD batches wait for it.
+        let (hash_tx, mut hash_rx) = mpsc::channel::<Vec<Bytes>>(HASH_AHEAD);
+        let mut hasher = d.hasher();
+        let hashing = tokio::task::spawn_blocking(move || {
+            while let Some(parts) = hash_rx.blocking_recv() {
+                for p in &parts {
+                    hasher.update(p);
+                }
+            }
+            hasher
+        });
+        let mut state = Some(temp);
         let mut written: u64 = 0;
         let mut resumes = 0;
         // A read that came back while batching, to handle first on the next turn.
@@ -1260,32 +1275,26 @@ impl Cache {
                     actual: written + len,
                 });
             }
-            let (mut temp, mut hasher) = state
+            let mut temp = state
                 .take()
                 .ok_or_else(|| CacheError::Internal("fill state lost".into()))?;
+            hash_tx
+                .send(parts.clone())
+                .await
+                .map_err(|_| CacheError::Internal("hash task ended early".into()))?;
             let on_disk = fill
                 .tail
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .is_none();
             if on_disk {
-                // Hashing and writing the batch run side by side on two blocking threads.
-                let for_hash = parts.clone();
-                let hashed = tokio::task::spawn_blocking(move || {
-                    for p in &for_hash {
-                        hasher.update(p);
-                    }
-                    hasher
-                });
-                let wrote = tokio::task::spawn_blocking(move || {
+                let (t, result) = tokio::task::spawn_blocking(move || {
                     let r = temp.write_all_parts(&parts).map_err(|e| (e, parts));
                     (temp, r)
-                });
-                let (h, w) = tokio::join!(hashed, wrote);
-                let task_failed =
-                    |e: tokio::task::JoinError| CacheError::Internal(format!("write task: {e}"));
-                let (h, (t, result)) = (h.map_err(task_failed)?, w.map_err(task_failed)?);
-                (temp, hasher) = (t, h);
+                })
+                .await
+                .map_err(|e| CacheError::Internal(format!("write task: {e}")))?;
+                temp = t;
                 if let Err((e, parts)) = result {
                     if !crate::store::is_disk_full(&e) {
                         return Err(CacheError::Store(format!("writing temporary blob: {e}")));
@@ -1309,9 +1318,6 @@ impl Cache {
                     });
                 }
             } else {
-                for p in &parts {
-                    hasher.update(p);
-                }
                 let mut tail = fill.tail.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some(t) = tail.as_mut() {
                     t.bytes += len;
@@ -1328,7 +1334,7 @@ impl Cache {
                     }
                 }
             }
-            state = Some((temp, hasher));
+            state = Some(temp);
             written += len;
             if matches!(source, Source::Upstream(_)) {
                 self.metrics
@@ -1338,10 +1344,14 @@ impl Cache {
             }
             tx.send_replace(FillState::Streaming { size, written });
         }
-        let (temp, hasher) = state
+        let temp = state
             .take()
             .ok_or_else(|| CacheError::Internal("fill state lost".into()))?;
-        let actual = hasher.finish();
+        drop(hash_tx);
+        let actual = hashing
+            .await
+            .map_err(|e| CacheError::Internal(format!("hash task: {e}")))?
+            .finish();
         if actual != *d {
             return Err(CacheError::DigestMismatch {
                 upstream: up.name().to_owned(),
