@@ -110,15 +110,7 @@ fn tls_listener_serves_https_and_reloads_its_certificate_on_sighup() {
 #[test]
 fn health_command_exits_0_when_ready_and_1_when_not() {
     let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
-    let config = work.path().join("rc.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = \"{}\"\n[upstreams.docker]\nurl = \"http://127.0.0.1:9\"\n",
-            work.path().join("d").display()
-        ),
-    )
-    .expect("config");
+    let config = offline_config(work.path(), "");
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let mut rc = Process::start(&config, addr, &work.path().join("log"));
     let cfg = config.display().to_string();
@@ -334,15 +326,7 @@ fn cloud_init_installs_the_same_unit_and_a_valid_config() {
 #[test]
 fn connections_are_served_by_one_shard_thread_per_cpu_under_one_connection_limit() {
     let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
-    let config = work.path().join("rc.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = \"{}\"\n[limits]\nmax_connections = 3\n[upstreams.docker]\nurl = \"http://127.0.0.1:9\"\n",
-            work.path().join("d").display()
-        ),
-    )
-    .expect("config");
+    let config = offline_config(work.path(), "[limits]\nmax_connections = 3\n");
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let mut rc = Process::start(&config, addr, &work.path().join("log"));
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -400,15 +384,7 @@ fn connections_are_served_by_one_shard_thread_per_cpu_under_one_connection_limit
 fn systemd_gets_ready_then_watchdog_pings_while_the_shards_run() {
     use std::os::unix::net::UnixDatagram;
     let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
-    let config = work.path().join("rc.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = \"{}\"\n[upstreams.docker]\nurl = \"http://127.0.0.1:9\"\n",
-            work.path().join("d").display()
-        ),
-    )
-    .expect("config");
+    let config = offline_config(work.path(), "");
     let notify = work.path().join("notify.sock");
     let sock = UnixDatagram::bind(&notify).expect("bind the notify socket");
     sock.set_read_timeout(Some(Duration::from_millis(200)))
@@ -446,4 +422,18 @@ fn systemd_gets_ready_then_watchdog_pings_while_the_shards_run() {
         pings >= 4,
         "a ping every 0.5 s while the shards run; got {pings} in 4 s: {messages:?}"
     );
+}
+
+/// A config in `dir` for a server with no reachable upstream (port 9), plus `extra` TOML.
+fn offline_config(dir: &Path, extra: &str) -> std::path::PathBuf {
+    let config = dir.join("rc.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\n{extra}[upstreams.docker]\nurl = \"http://127.0.0.1:9\"\n",
+            dir.join("d").display()
+        ),
+    )
+    .expect("config");
+    config
 }
