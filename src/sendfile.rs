@@ -106,10 +106,10 @@ fn cached(file: &File, offset: u64, len: usize) -> bool {
 /// A placeholder for the `len` bytes of `source` at `offset`, queued on `lane`, if the page cache
 /// holds them (`None`: read them instead).
 pub fn placeholder(lane: &Lane, source: &Arc<Source>, offset: u64, len: usize) -> Option<Bytes> {
+    let len = len.min(SEND_CHUNK);
     if len == 0 || !cached(&source.file, offset, len) {
         return None;
     }
-    let len = len.min(SEND_CHUNK);
     let n = lane
         .issued
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -154,7 +154,7 @@ pub fn stream(
             if pos > end {
                 return None;
             }
-            let len = SEND_CHUNK.min((end + 1 - pos) as usize);
+            let len = SEND_CHUNK.min((end.saturating_add(1) - pos) as usize);
             let chunk = match placeholder(&lane, &source, pos, len) {
                 Some(p) => Ok(p),
                 // Some page is not cached: the next 256 KiB as bytes, into a pooled buffer if
