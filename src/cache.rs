@@ -1302,15 +1302,7 @@ impl Cache {
                     // Disk full: keep serving this fill's clients from memory, cache nothing.
                     self.store.set_full(true);
                     tracing::warn!(digest = %d, at = written, "disk full during a fill: streaming through without caching");
-                    let mut at = written;
-                    let chunks = parts
-                        .into_iter()
-                        .map(|p| {
-                            let c = (at, p);
-                            at += c.1.len() as u64;
-                            c
-                        })
-                        .collect();
+                    let chunks = at_offsets(written, parts).collect();
                     *fill.tail.lock().unwrap_or_else(|p| p.into_inner()) = Some(MemoryTail {
                         disk_len: written,
                         bytes: len,
@@ -1326,12 +1318,7 @@ impl Cache {
                             "disk full and the blob is too large to stream from memory".into(),
                         ));
                     }
-                    let mut at = written;
-                    for p in parts {
-                        let n = p.len() as u64;
-                        t.chunks.push((at, p));
-                        at += n;
-                    }
+                    t.chunks.extend(at_offsets(written, parts));
                 }
             }
             state = Some(temp);
@@ -1636,6 +1623,16 @@ impl Fill {
             }
         }
     }
+}
+
+/// Consecutive `parts` paired with their offsets, the first at `start`.
+fn at_offsets(start: u64, parts: Vec<Bytes>) -> impl Iterator<Item = (u64, Bytes)> {
+    let mut at = start;
+    parts.into_iter().map(move |p| {
+        let here = at;
+        at += p.len() as u64;
+        (here, p)
+    })
 }
 
 /// Reads the next `len` bytes of a file this stream owns (its own file position: the first read
