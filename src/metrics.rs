@@ -35,6 +35,8 @@ pub struct Metrics {
     /// Requests or connections refused by a `[limits]` bound or by access control, by `limit`.
     pub limit_rejections: Family<Labels, Counter>,
     pub connections_open: Gauge,
+    /// Open client connections by shard (`shard`), which the shards balance.
+    pub shard_connections: Family<Labels, Gauge>,
     pub bucket_up: Gauge,
     pub bucket_errors: Family<Labels, Counter>,
     pub bucket_read: Counter,
@@ -74,6 +76,7 @@ impl Metrics {
             evicted_blobs: Counter::default(),
             limit_rejections: Family::default(),
             connections_open: Gauge::default(),
+            shard_connections: Family::default(),
             bucket_up: Gauge::default(),
             bucket_errors: Family::default(),
             bucket_read: Counter::default(),
@@ -171,6 +174,11 @@ impl Metrics {
             "connections_open",
             "Client connections open now",
             m.connections_open.clone(),
+        );
+        registry.register(
+            "shard_connections",
+            "Client connections open now, by shard (a new connection goes to the least loaded)",
+            m.shard_connections.clone(),
         );
         registry.register(
             "bucket_up",

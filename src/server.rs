@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpListener;
 
 use crate::cache::Cache;
@@ -389,10 +390,33 @@ impl Drop for OpenGuard {
     }
 }
 
-/// What every shard shares: the connection limits and the TLS acceptor.
+/// Counts a connection out of its shard's load when the connection ends, however it ends
+/// (including before it reaches the shard it was handed to).
+struct LoadGuard(Gauge);
+
+impl Drop for LoadGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// An accepted connection on its way to the shard that will serve it.
+struct Handoff {
+    stream: std::net::TcpStream,
+    peer: std::net::SocketAddr,
+    slot: tokio::sync::OwnedSemaphorePermit,
+    load: LoadGuard,
+}
+
+/// What every shard shares: the connection limits, the TLS acceptor, and each shard's load and
+/// hand-off queue.
 struct Shared {
     app: Arc<App>,
     acceptor: Option<tokio_rustls::TlsAcceptor>,
+    /// Open connections per shard (also the `shard_connections` metric).
+    loads: Vec<Gauge>,
+    /// Where a shard sends a connection it accepted for another shard.
+    handoffs: Vec<tokio::sync::mpsc::UnboundedSender<Handoff>>,
     /// One permit per open connection, across all shards (`limits.max_connections`).
     open: Arc<tokio::sync::Semaphore>,
     refusing: Arc<tokio::sync::Semaphore>,
@@ -403,6 +427,23 @@ struct Shared {
 /// How many shards serve connections: one per CPU this process may use.
 pub fn shard_count() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+impl Shared {
+    /// The shard that should serve a connection `me` has just accepted: `me` unless another shard
+    /// has fewer open connections (the least loaded one, the lowest index on a tie). Counts the
+    /// connection in the chosen shard's load at once, so that the next choice sees it.
+    fn place(&self, me: usize) -> (usize, LoadGuard) {
+        let mut to = me;
+        for (i, load) in self.loads.iter().enumerate() {
+            if load.get() < self.loads[to].get() {
+                to = i;
+            }
+        }
+        let load = self.loads[to].clone();
+        load.inc();
+        (to, LoadGuard(load))
+    }
 }
 
 /// Serves `app` on `listener` until `shutdown` completes, then drains connections for at most
@@ -424,9 +465,26 @@ pub async fn run(
         None => None,
     };
     let max_connections = app.routing().config.limits.max_connections;
+    let count = shard_count();
+    let (handoffs, mut inboxes): (Vec<_>, Vec<_>) = (0..count)
+        .map(|_| tokio::sync::mpsc::unbounded_channel())
+        .unzip();
+    let loads = (0..count)
+        .map(|i| {
+            let gauge = app
+                .metrics
+                .shard_connections
+                .get_or_create(&vec![("shard", i.to_string())])
+                .clone();
+            gauge.set(0);
+            gauge
+        })
+        .collect();
     let shared = Arc::new(Shared {
         app: Arc::clone(&app),
         acceptor,
+        loads,
+        handoffs,
         open: Arc::new(tokio::sync::Semaphore::new(max_connections)),
         refusing: Arc::new(tokio::sync::Semaphore::new(MAX_REFUSING)),
         over_capacity: over_capacity_response(),
@@ -439,7 +497,6 @@ pub async fn run(
         .clear();
     app.stopping.store(false, Ordering::Relaxed);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let count = shard_count();
     // How many shards have drained their connections. A shard keeps its runtime running until all
     // have: a fill or an upstream connection that lives on it may still serve another shard's
     // clients during their drain.
@@ -447,10 +504,11 @@ pub async fn run(
     let drained = Arc::new(drained);
     let mut shards = Vec::new();
     let mut started = Ok(());
-    for i in 0..count {
+    for (i, inbox) in inboxes.drain(..).enumerate() {
         let shard = Shard {
             index: i,
             count,
+            inbox,
             shared: Arc::clone(&shared),
             stop: stop_rx.clone(),
             drained: Arc::clone(&drained),
@@ -492,6 +550,8 @@ pub async fn run(
 struct Shard {
     index: usize,
     count: usize,
+    /// Connections other shards accepted for this one.
+    inbox: tokio::sync::mpsc::UnboundedReceiver<Handoff>,
     shared: Arc<Shared>,
     stop: tokio::sync::watch::Receiver<bool>,
     drained: Arc<tokio::sync::watch::Sender<usize>>,
@@ -543,7 +603,14 @@ impl Shard {
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }
             });
-            serve_shard(listener, Arc::clone(&self.shared), self.stop).await;
+            serve_shard(
+                self.index,
+                listener,
+                self.inbox,
+                Arc::clone(&self.shared),
+                self.stop,
+            )
+            .await;
             self.drained.send_modify(|n| *n += 1);
             let count = self.count;
             let _ = self.drained.subscribe().wait_for(|n| *n >= count).await;
@@ -557,8 +624,15 @@ impl Shard {
 
 /// One shard: accepts connections and serves them until `stop` turns true, then drains them for
 /// at most the grace period.
+///
+/// All shards accept from one socket, and the first to wake takes every connection waiting: a
+/// burst (wrk, a fleet starting at once) would all land on one shard, which then does all the
+/// sending while the others idle. So a shard serves a connection it accepted only if no other
+/// shard has fewer open; else it hands it to the least loaded one (see [`Shared::place`]).
 async fn serve_shard(
+    me: usize,
     listener: std::net::TcpListener,
+    mut inbox: tokio::sync::mpsc::UnboundedReceiver<Handoff>,
     shared: Arc<Shared>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -600,12 +674,32 @@ async fn serve_shard(
                         continue;
                     }
                 };
-                serve_connection(&shared, &graceful, stream, peer, slot);
+                let (to, load) = shared.place(me);
+                if to == me {
+                    serve_connection(&shared, &graceful, stream, peer, slot, load);
+                    continue;
+                }
+                match stream.into_std() {
+                    // A shard that has stopped drops what it is sent, closing the connection,
+                    // like one still waiting to be accepted.
+                    Ok(stream) => {
+                        let _ = shared.handoffs[to].send(Handoff { stream, peer, slot, load });
+                    }
+                    Err(e) => tracing::warn!(%peer, error = %e, "cannot hand a connection to another shard"),
+                }
+            }
+            Some(handoff) = inbox.recv() => {
+                let Handoff { stream, peer, slot, load } = handoff;
+                match tokio::net::TcpStream::from_std(stream) {
+                    Ok(stream) => serve_connection(&shared, &graceful, stream, peer, slot, load),
+                    Err(e) => tracing::warn!(%peer, error = %e, "cannot take a connection from another shard"),
+                }
             }
             _ = stop.wait_for(|s| *s) => break,
         }
     }
     drop(listener);
+    drop(inbox);
     tokio::select! {
         () = graceful.shutdown() => tracing::debug!("a shard's connections are closed"),
         () = tokio::time::sleep(shared.grace) => tracing::warn!(grace_s = shared.grace.as_secs(), "grace period over; closing remaining connections"),
@@ -619,6 +713,7 @@ fn serve_connection(
     stream: tokio::net::TcpStream,
     peer: std::net::SocketAddr,
     slot: tokio::sync::OwnedSemaphorePermit,
+    load: LoadGuard,
 ) {
     let app = &shared.app;
     let _ = stream.set_nodelay(true);
@@ -651,7 +746,7 @@ fn serve_connection(
     let metrics = Arc::clone(&app.metrics);
     let watcher = graceful.watcher();
     tokio::spawn(async move {
-        let _slot = slot;
+        let (_slot, _load) = (slot, load);
         metrics.connections_open.inc();
         let _open = OpenGuard(metrics);
         let result = match conn {

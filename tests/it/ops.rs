@@ -381,6 +381,65 @@ fn connections_are_served_by_one_shard_thread_per_cpu_under_one_connection_limit
 }
 
 #[test]
+fn a_burst_of_connections_is_spread_evenly_over_the_shards() {
+    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
+    let config = offline_config(work.path(), "");
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut rc = Process::start(&config, addr, &work.path().join("log"));
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Like wrk or a fleet of pullers starting at once: all connect before any sends a request, so
+    // one shard's wake-up finds them all waiting to be accepted.
+    let mut held: Vec<std::net::TcpStream> = (0..4 * cpus)
+        .map(|_| std::net::TcpStream::connect(addr).expect("connect"))
+        .collect();
+    for (i, s) in held.iter_mut().enumerate() {
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        std::io::Write::write_all(s, b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n").expect("send");
+        let mut buf = [0u8; 512];
+        let n = std::io::Read::read(s, &mut buf).expect("answer");
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "connection {i}");
+    }
+    // Ask on one of the held connections, so that the count is exactly the burst.
+    let s = &mut held[0];
+    std::io::Write::write_all(s, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("send");
+    let mut text = Vec::new();
+    let mut buf = [0u8; 65536];
+    while !text.ends_with(b"# EOF\n") {
+        let n = std::io::Read::read(s, &mut buf).expect("metrics");
+        assert!(n > 0, "metrics cut short");
+        text.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&text);
+    let per_shard: Vec<u64> = (0..cpus)
+        .map(|i| {
+            let prefix = format!("regcache_shard_connections{{shard=\"{i}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(prefix.as_str())?.parse().ok())
+                .unwrap_or_else(|| panic!("no {prefix}in\n{text}"))
+        })
+        .collect();
+    assert_eq!(
+        per_shard.iter().sum::<u64>(),
+        4 * cpus as u64,
+        "{per_shard:?}"
+    );
+    let (least, most) = (per_shard.iter().min(), per_shard.iter().max());
+    assert!(
+        most.zip(least).is_some_and(|(m, l)| m - l <= 1),
+        "connections per shard: {per_shard:?}"
+    );
+    drop(held);
+    rc.signal("TERM");
+    assert_eq!(
+        rc.wait_exit(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        rc.log_text()
+    );
+}
+
+#[test]
 fn systemd_gets_ready_then_watchdog_pings_while_the_shards_run() {
     use std::os::unix::net::UnixDatagram;
     let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
