@@ -238,6 +238,91 @@ async fn sigterm_lets_an_in_flight_download_finish_then_exits_0_and_logs_json() 
     );
 }
 
+/// The shard parts of shutdown: a fill lives on the shard of the client that started it, and a
+/// client on another shard that joined it must still get every byte when the first client leaves
+/// during the drain (its shard then has nothing left to drain, but must keep the fill running).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_on_one_shard_keeps_feeding_a_client_on_another_through_shutdown() {
+    let fake = FakeUpstream::start().await;
+    let size = 4 << 20;
+    let layer = Bytes::from((0..size).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+    let (_, digest) = fake.add_image("app/slow", "v1", layer.clone());
+    fake.set_slow_blobs(256 << 10, Duration::from_millis(100)); // about 1.6 s
+    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
+    let config = work.path().join("rc.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\nshutdown_grace = \"20s\"\n[upstreams.docker]\nurl = \"{}\"\n",
+            work.path().join("d").display(),
+            fake.url()
+        ),
+    )
+    .expect("config");
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut rc =
+        tokio::task::block_in_place(|| Process::start(&config, addr, &work.path().join("log")));
+    let url = format!("http://{addr}/v2/app/slow/blobs/{digest}");
+    // Two clients, two connections: the second goes to the other shard (the least loaded).
+    let (starter, joiner) = (
+        crate::support::regcache::client(),
+        crate::support::regcache::client(),
+    );
+    let mut first = starter
+        .get(&url)
+        .send()
+        .await
+        .expect("GET (starts the fill)");
+    let head = first.chunk().await.expect("chunk").expect("some bytes");
+    let mut second = joiner.get(&url).send().await.expect("GET (joins the fill)");
+    assert_eq!((first.status().as_u16(), second.status().as_u16()), (200, 200));
+    let mut got = second
+        .chunk()
+        .await
+        .expect("chunk")
+        .expect("some bytes")
+        .to_vec();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus > 1 {
+        let text = crate::support::regcache::client()
+            .get(format!("http://{addr}/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        let busy = text
+            .lines()
+            .filter(|l| l.starts_with("regcache_shard_connections{"))
+            .filter(|l| !l.ends_with(" 0"))
+            .count();
+        assert!(
+            busy >= 2,
+            "the two clients are on different shards:\n{text}"
+        );
+    }
+    rc.signal("TERM");
+    // The client that started the fill leaves: its shard has drained.
+    assert!(!head.is_empty());
+    drop(first);
+    drop(starter);
+    while let Some(chunk) = second
+        .chunk()
+        .await
+        .expect("the joined body must complete during the drain")
+    {
+        got.extend_from_slice(&chunk);
+    }
+    assert!(
+        got == layer,
+        "the joined body: {} bytes, exact: false",
+        got.len()
+    );
+    let code = tokio::task::block_in_place(|| rc.wait_exit(Duration::from_secs(25)));
+    assert_eq!(code, Some(0), "{}", rc.log_text());
+}
+
 #[test]
 fn systemd_unit_and_socket_pass_systemd_analyze_verify() {
     let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
