@@ -16,6 +16,7 @@ pub mod config_store;
 pub mod evict;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
+pub mod logbuf;
 pub mod metrics;
 pub mod prefetch;
 pub mod reference;

@@ -596,10 +596,13 @@ impl Shard {
             }
         };
         let beat = Arc::clone(beat);
+        // The access log of a busy shard goes out in batches, written at each beat.
+        crate::logbuf::batch_this_thread();
         rt.block_on(async move {
             let heart = tokio::spawn(async move {
                 loop {
                     beat.store(crate::store::now_millis(), Ordering::Relaxed);
+                    crate::logbuf::flush();
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }
             });
@@ -619,6 +622,7 @@ impl Shard {
         // Blocking work still running (a fill's write) is not waited for: the process is stopping,
         // and recovery at the next start cleans up after it.
         rt.shutdown_timeout(Duration::from_secs(1));
+        crate::logbuf::flush();
     }
 }
 

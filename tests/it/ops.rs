@@ -275,7 +275,10 @@ async fn a_fill_on_one_shard_keeps_feeding_a_client_on_another_through_shutdown(
         .expect("GET (starts the fill)");
     let head = first.chunk().await.expect("chunk").expect("some bytes");
     let mut second = joiner.get(&url).send().await.expect("GET (joins the fill)");
-    assert_eq!((first.status().as_u16(), second.status().as_u16()), (200, 200));
+    assert_eq!(
+        (first.status().as_u16(), second.status().as_u16()),
+        (200, 200)
+    );
     let mut got = second
         .chunk()
         .await
