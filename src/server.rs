@@ -417,6 +417,8 @@ struct Shared {
     loads: Vec<Gauge>,
     /// Where a shard sends a connection it accepted for another shard.
     handoffs: Vec<tokio::sync::mpsc::UnboundedSender<Handoff>>,
+    /// Held while a connection's shard is chosen.
+    placing: Mutex<()>,
     /// One permit per open connection, across all shards (`limits.max_connections`).
     open: Arc<tokio::sync::Semaphore>,
     refusing: Arc<tokio::sync::Semaphore>,
@@ -434,6 +436,8 @@ impl Shared {
     /// has fewer open connections (the least loaded one, the lowest index on a tie). Counts the
     /// connection in the chosen shard's load at once, so that the next choice sees it.
     fn place(&self, me: usize) -> (usize, LoadGuard) {
+        // One choice at a time: two shards accepting at once would both see the same loads.
+        let _one = self.placing.lock().unwrap_or_else(|p| p.into_inner());
         let mut to = me;
         for (i, load) in self.loads.iter().enumerate() {
             if load.get() < self.loads[to].get() {
@@ -485,6 +489,7 @@ pub async fn run(
         acceptor,
         loads,
         handoffs,
+        placing: Mutex::new(()),
         open: Arc::new(tokio::sync::Semaphore::new(max_connections)),
         refusing: Arc::new(tokio::sync::Semaphore::new(MAX_REFUSING)),
         over_capacity: over_capacity_response(),

@@ -475,9 +475,22 @@ fn a_burst_of_connections_is_spread_evenly_over_the_shards() {
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let mut rc = Process::start(&config, addr, &work.path().join("log"));
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // First a connection that sees itself alone (the start-up probes have closed): the shards
+    // are then balanced on the burst alone.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut probe = loop {
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        if shard_loads(&mut s, cpus).iter().sum::<u64>() == 1 {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "other connections stay open");
+        std::thread::sleep(Duration::from_millis(20));
+    };
     // Like wrk or a fleet of pullers starting at once: all connect before any sends a request, so
     // one shard's wake-up finds them all waiting to be accepted.
-    let mut held: Vec<std::net::TcpStream> = (0..4 * cpus)
+    let mut held: Vec<std::net::TcpStream> = (1..4 * cpus)
         .map(|_| std::net::TcpStream::connect(addr).expect("connect"))
         .collect();
     for (i, s) in held.iter_mut().enumerate() {
@@ -488,25 +501,7 @@ fn a_burst_of_connections_is_spread_evenly_over_the_shards() {
         let n = std::io::Read::read(s, &mut buf).expect("answer");
         assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "connection {i}");
     }
-    // Ask on one of the held connections, so that the count is exactly the burst.
-    let s = &mut held[0];
-    std::io::Write::write_all(s, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("send");
-    let mut text = Vec::new();
-    let mut buf = [0u8; 65536];
-    while !text.ends_with(b"# EOF\n") {
-        let n = std::io::Read::read(s, &mut buf).expect("metrics");
-        assert!(n > 0, "metrics cut short");
-        text.extend_from_slice(&buf[..n]);
-    }
-    let text = String::from_utf8_lossy(&text);
-    let per_shard: Vec<u64> = (0..cpus)
-        .map(|i| {
-            let prefix = format!("regcache_shard_connections{{shard=\"{i}\"}} ");
-            text.lines()
-                .find_map(|l| l.strip_prefix(prefix.as_str())?.parse().ok())
-                .unwrap_or_else(|| panic!("no {prefix}in\n{text}"))
-        })
-        .collect();
+    let per_shard = shard_loads(&mut probe, cpus);
     assert_eq!(
         per_shard.iter().sum::<u64>(),
         4 * cpus as u64,
@@ -525,6 +520,27 @@ fn a_burst_of_connections_is_spread_evenly_over_the_shards() {
         "{}",
         rc.log_text()
     );
+}
+
+/// `regcache_shard_connections` of each of the `shards`, asked on the keep-alive connection `s`.
+fn shard_loads(s: &mut std::net::TcpStream, shards: usize) -> Vec<u64> {
+    std::io::Write::write_all(s, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("send");
+    let mut text = Vec::new();
+    let mut buf = [0u8; 65536];
+    while !text.ends_with(b"# EOF\n") {
+        let n = std::io::Read::read(s, &mut buf).expect("metrics");
+        assert!(n > 0, "metrics cut short");
+        text.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&text);
+    (0..shards)
+        .map(|i| {
+            let prefix = format!("regcache_shard_connections{{shard=\"{i}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(prefix.as_str())?.parse().ok())
+                .unwrap_or_else(|| panic!("no {prefix}in\n{text}"))
+        })
+        .collect()
 }
 
 #[test]
