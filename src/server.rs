@@ -417,6 +417,8 @@ struct Shared {
     loads: Vec<Gauge>,
     /// Where a shard sends a connection it accepted for another shard.
     handoffs: Vec<tokio::sync::mpsc::UnboundedSender<Handoff>>,
+    /// Each shard's last heartbeat (milliseconds since the epoch; also in `App::shard_beats`).
+    beats: Vec<Arc<AtomicU64>>,
     /// Held while a connection's shard is chosen.
     placing: Mutex<()>,
     /// One permit per open connection, across all shards (`limits.max_connections`).
@@ -435,28 +437,44 @@ impl Shared {
     /// The shard that should serve a connection `me` has just accepted: `me` unless another shard
     /// has fewer open connections (the least loaded one, the lowest index on a tie). Counts the
     /// connection in the chosen shard's load at once, so that the next choice sees it.
+    ///
+    /// A shard that has stopped (its inbox is closed) or stalled (no heartbeat for
+    /// [`STALLED_AFTER_MS`]) is never chosen.
     fn place(&self, me: usize) -> (usize, LoadGuard) {
         // One choice at a time: two shards accepting at once would both see the same loads.
         let _one = self.placing.lock().unwrap_or_else(|p| p.into_inner());
+        let now = crate::store::now_millis();
+        let usable = |i: usize| {
+            !self.handoffs[i].is_closed()
+                && now.saturating_sub(self.beats[i].load(Ordering::Relaxed)) < STALLED_AFTER_MS
+        };
         let mut to = me;
         for (i, load) in self.loads.iter().enumerate() {
-            if load.get() < self.loads[to].get() {
+            if load.get() < self.loads[to].get() && usable(i) {
                 to = i;
             }
         }
-        let load = self.loads[to].clone();
+        (to, self.count_in(to))
+    }
+
+    /// Counts one more connection in shard `i`'s load, until the guard is dropped.
+    fn count_in(&self, i: usize) -> LoadGuard {
+        let load = self.loads[i].clone();
         load.inc();
-        (to, LoadGuard(load))
+        LoadGuard(load)
     }
 }
+
+/// A shard whose last heartbeat is older than this gets no new connections from the others.
+const STALLED_AFTER_MS: u64 = 1000;
 
 /// Serves `app` on `listener` until `shutdown` completes, then drains connections for at most
 /// `grace`.
 ///
 /// Connections are served by [`shard_count`] shards: one thread each, with its own
 /// single-threaded runtime, accepting from the same listening socket (like nginx's workers). A
-/// connection stays on the shard that accepted it, so its wake-ups never cross threads and each
-/// shard polls only its own sockets. What the connections start (fills, uploads) runs on their
+/// connection goes to the least loaded shard and stays there, so its wake-ups never cross threads
+/// and each shard polls only its own sockets. What the connections start (fills, uploads) runs on their
 /// shard; the maintenance loop runs on the caller's runtime.
 pub async fn run(
     listener: TcpListener,
@@ -489,6 +507,9 @@ pub async fn run(
         acceptor,
         loads,
         handoffs,
+        beats: (0..count)
+            .map(|_| Arc::new(AtomicU64::new(crate::store::now_millis())))
+            .collect(),
         placing: Mutex::new(()),
         open: Arc::new(tokio::sync::Semaphore::new(max_connections)),
         refusing: Arc::new(tokio::sync::Semaphore::new(MAX_REFUSING)),
@@ -496,10 +517,7 @@ pub async fn run(
         grace,
     });
     let listener = listener.into_std()?;
-    app.shard_beats
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clear();
+    *app.shard_beats.lock().unwrap_or_else(|p| p.into_inner()) = shared.beats.clone();
     app.stopping.store(false, Ordering::Relaxed);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // How many shards have drained their connections. A shard keeps its runtime running until all
@@ -569,13 +587,7 @@ impl Shard {
         listener: &std::net::TcpListener,
     ) -> anyhow::Result<tokio::sync::oneshot::Receiver<()>> {
         let listener = listener.try_clone()?;
-        let beat = Arc::new(AtomicU64::new(crate::store::now_millis()));
-        self.shared
-            .app
-            .shard_beats
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Arc::clone(&beat));
+        let beat = Arc::clone(&self.shared.beats[self.index]);
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         std::thread::Builder::new()
             .name(format!("rc-shard-{}", self.index))
@@ -601,8 +613,9 @@ impl Shard {
             }
         };
         let beat = Arc::clone(beat);
-        // The access log of a busy shard goes out in batches, written at each beat.
-        crate::logbuf::batch_this_thread();
+        // The access log of a busy shard goes out in batches, written at each beat (and when the
+        // thread ends, however it ends).
+        let _batching = crate::logbuf::batch_this_thread();
         rt.block_on(async move {
             let heart = tokio::spawn(async move {
                 loop {
@@ -627,7 +640,6 @@ impl Shard {
         // Blocking work still running (a fill's write) is not waited for: the process is stopping,
         // and recovery at the next start cleans up after it.
         rt.shutdown_timeout(Duration::from_secs(1));
-        crate::logbuf::flush();
     }
 }
 
@@ -689,21 +701,18 @@ async fn serve_shard(
                     continue;
                 }
                 match stream.into_std() {
-                    // A shard that has stopped drops what it is sent, closing the connection,
-                    // like one still waiting to be accepted.
                     Ok(stream) => {
-                        let _ = shared.handoffs[to].send(Handoff { stream, peer, slot, load });
+                        let handoff = Handoff { stream, peer, slot, load };
+                        if let Err(back) = shared.handoffs[to].send(handoff) {
+                            // That shard stopped since it was chosen: serve it here after all.
+                            let back = Handoff { load: shared.count_in(me), ..back.0 };
+                            take(&shared, &graceful, back);
+                        }
                     }
                     Err(e) => tracing::warn!(%peer, error = %e, "cannot hand a connection to another shard"),
                 }
             }
-            Some(handoff) = inbox.recv() => {
-                let Handoff { stream, peer, slot, load } = handoff;
-                match tokio::net::TcpStream::from_std(stream) {
-                    Ok(stream) => serve_connection(&shared, &graceful, stream, peer, slot, load),
-                    Err(e) => tracing::warn!(%peer, error = %e, "cannot take a connection from another shard"),
-                }
-            }
+            Some(handoff) = inbox.recv() => take(&shared, &graceful, handoff),
             _ = stop.wait_for(|s| *s) => break,
         }
     }
@@ -712,6 +721,24 @@ async fn serve_shard(
     tokio::select! {
         () = graceful.shutdown() => tracing::debug!("a shard's connections are closed"),
         () = tokio::time::sleep(shared.grace) => tracing::warn!(grace_s = shared.grace.as_secs(), "grace period over; closing remaining connections"),
+    }
+}
+
+/// Serves a connection another shard accepted (or one it could not hand over) on this shard.
+fn take(
+    shared: &Arc<Shared>,
+    graceful: &hyper_util::server::graceful::GracefulShutdown,
+    handoff: Handoff,
+) {
+    let Handoff {
+        stream,
+        peer,
+        slot,
+        load,
+    } = handoff;
+    match tokio::net::TcpStream::from_std(stream) {
+        Ok(stream) => serve_connection(shared, graceful, stream, peer, slot, load),
+        Err(e) => tracing::warn!(%peer, error = %e, "cannot take a connection from another shard"),
     }
 }
 

@@ -1459,7 +1459,20 @@ struct Child {
 }
 
 impl Drop for Child {
+    /// Stops it as systemd would: SIGTERM (which also writes out the access-log lines the shards
+    /// batch), then SIGKILL if it is still running after 20 s.
     fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
