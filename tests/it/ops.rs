@@ -180,26 +180,51 @@ fn socket_activation_serves_on_the_inherited_listener() {
     let _ = child.wait();
 }
 
+/// A fake upstream serving one blob of `app/slow` at 256 KiB per 100 ms, and a regcache in front
+/// of it with a 20 s shutdown grace (and `extra` config before its `[upstreams]`).
+struct SlowBlob {
+    rc: Process,
+    addr: SocketAddr,
+    /// The blob's digest.
+    digest: String,
+    _fake: FakeUpstream,
+    _work: tempfile::TempDir,
+}
+
+impl SlowBlob {
+    async fn start(layer: Bytes, extra: &str) -> SlowBlob {
+        let fake = FakeUpstream::start().await;
+        let (_, digest) = fake.add_image("app/slow", "v1", layer);
+        fake.set_slow_blobs(256 << 10, Duration::from_millis(100)); // 4 MiB in about 1.6 s
+        let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
+        let config = work.path().join("rc.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = \"{}\"\nshutdown_grace = \"20s\"\n{extra}[upstreams.docker]\nurl = \"{}\"\n",
+                work.path().join("d").display(),
+                fake.url()
+            ),
+        )
+        .expect("config");
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let log = work.path().join("log");
+        let rc = tokio::task::block_in_place(|| Process::start(&config, addr, &log));
+        SlowBlob {
+            rc,
+            addr,
+            digest,
+            _fake: fake,
+            _work: work,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_an_in_flight_download_finish_then_exits_0_and_logs_json() {
-    let fake = FakeUpstream::start().await;
     let layer = Bytes::from(vec![7u8; 4 << 20]);
-    let (_, digest) = fake.add_image("app/slow", "v1", layer);
-    fake.set_slow_blobs(256 << 10, Duration::from_millis(100)); // about 1.6 s
-    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
-    let config = work.path().join("rc.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = \"{}\"\nshutdown_grace = \"20s\"\n[log]\nformat = \"json\"\n[upstreams.docker]\nurl = \"{}\"\n",
-            work.path().join("d").display(),
-            fake.url()
-        ),
-    )
-    .expect("config");
-    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let log = work.path().join("log");
-    let mut rc = tokio::task::block_in_place(|| Process::start(&config, addr, &log));
+    let mut slow = SlowBlob::start(layer, "[log]\nformat = \"json\"\n").await;
+    let (addr, digest, rc) = (slow.addr, slow.digest.clone(), &mut slow.rc);
     let c = crate::support::regcache::client();
     let mut resp = c
         .get(format!("http://{addr}/v2/app/slow/blobs/{digest}"))
@@ -243,25 +268,9 @@ async fn sigterm_lets_an_in_flight_download_finish_then_exits_0_and_logs_json() 
 /// during the drain (its shard then has nothing left to drain, but must keep the fill running).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fill_on_one_shard_keeps_feeding_a_client_on_another_through_shutdown() {
-    let fake = FakeUpstream::start().await;
-    let size = 4 << 20;
-    let layer = Bytes::from((0..size).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
-    let (_, digest) = fake.add_image("app/slow", "v1", layer.clone());
-    fake.set_slow_blobs(256 << 10, Duration::from_millis(100)); // about 1.6 s
-    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
-    let config = work.path().join("rc.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = \"{}\"\nshutdown_grace = \"20s\"\n[upstreams.docker]\nurl = \"{}\"\n",
-            work.path().join("d").display(),
-            fake.url()
-        ),
-    )
-    .expect("config");
-    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let mut rc =
-        tokio::task::block_in_place(|| Process::start(&config, addr, &work.path().join("log")));
+    let layer = Bytes::from((0..4 << 20).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+    let mut slow = SlowBlob::start(layer.clone(), "").await;
+    let (addr, digest, rc) = (slow.addr, slow.digest.clone(), &mut slow.rc);
     let url = format!("http://{addr}/v2/app/slow/blobs/{digest}");
     // Two clients, two connections: the second goes to the other shard (the least loaded).
     let (starter, joiner) = (
