@@ -434,9 +434,10 @@ fn connections_are_served_by_one_shard_thread_per_cpu_under_one_connection_limit
         .count();
     assert_eq!(shards, cpus, "one shard thread per CPU");
 
-    // The limit holds across shards: 3 idle keep-alive connections fill it, the 4th gets 503.
-    let mut held = Vec::new();
-    for i in 0..3 {
+    // The limit holds across shards: 3 idle keep-alive connections fill it, the 4th gets 503. The
+    // first sees itself alone, so no start-up probe holds a place.
+    let mut held = vec![alone(addr, cpus)];
+    for i in 1..3 {
         let mut s = std::net::TcpStream::connect(addr).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(10)))
             .expect("timeout");
@@ -484,19 +485,8 @@ fn a_burst_of_connections_is_spread_evenly_over_the_shards() {
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let mut rc = Process::start(&config, addr, &work.path().join("log"));
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    // First a connection that sees itself alone (the start-up probes have closed): the shards
-    // are then balanced on the burst alone.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut probe = loop {
-        let mut s = std::net::TcpStream::connect(addr).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        if shard_loads(&mut s, cpus).iter().sum::<u64>() == 1 {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "other connections stay open");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    // First a connection that sees itself alone: the shards are then balanced on the burst alone.
+    let mut probe = alone(addr, cpus);
     // Like wrk or a fleet of pullers starting at once: all connect before any sends a request, so
     // one shard's wake-up finds them all waiting to be accepted.
     let mut held: Vec<std::net::TcpStream> = (1..4 * cpus)
@@ -529,6 +519,22 @@ fn a_burst_of_connections_is_spread_evenly_over_the_shards() {
         "{}",
         rc.log_text()
     );
+}
+
+/// A keep-alive connection to regcache on `addr` once it is the only one open (the start-up
+/// probes of [`Process::start`] may still be closing).
+fn alone(addr: SocketAddr, shards: usize) -> std::net::TcpStream {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        if shard_loads(&mut s, shards).iter().sum::<u64>() == 1 {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "other connections stay open");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// `regcache_shard_connections` of each of the `shards`, asked on the keep-alive connection `s`.
