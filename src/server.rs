@@ -474,8 +474,8 @@ const STALLED_AFTER_MS: u64 = 1000;
 /// Connections are served by [`shard_count`] shards: one thread each, with its own
 /// single-threaded runtime, accepting from the same listening socket (like nginx's workers). A
 /// connection goes to the least loaded shard and stays there, so its wake-ups never cross threads
-/// and each shard polls only its own sockets. What the connections start (fills, uploads) runs on their
-/// shard; the maintenance loop runs on the caller's runtime.
+/// and each shard polls only its own sockets. What the connections start (fills, uploads) runs on
+/// their shard; the maintenance loop runs on the caller's runtime.
 pub async fn run(
     listener: TcpListener,
     app: Arc<App>,
