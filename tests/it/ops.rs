@@ -422,10 +422,7 @@ fn cloud_init_installs_the_same_unit_and_a_valid_config() {
 
 #[test]
 fn connections_are_served_by_one_shard_thread_per_cpu_under_one_connection_limit() {
-    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
-    let config = offline_config(work.path(), "[limits]\nmax_connections = 3\n");
-    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let mut rc = Process::start(&config, addr, &work.path().join("log"));
+    let (_work, addr, mut rc) = start_offline("[limits]\nmax_connections = 3\n");
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let tasks = std::fs::read_dir(format!("/proc/{}/task", rc.pid())).expect("task list");
     let shards = tasks
@@ -469,21 +466,12 @@ fn connections_are_served_by_one_shard_thread_per_cpu_under_one_connection_limit
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    rc.signal("TERM");
-    assert_eq!(
-        rc.wait_exit(Duration::from_secs(20)),
-        Some(0),
-        "{}",
-        rc.log_text()
-    );
+    stops_cleanly(&mut rc);
 }
 
 #[test]
 fn a_burst_of_connections_is_spread_evenly_over_the_shards() {
-    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
-    let config = offline_config(work.path(), "");
-    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let mut rc = Process::start(&config, addr, &work.path().join("log"));
+    let (_work, addr, mut rc) = start_offline("");
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     // First a connection that sees itself alone: the shards are then balanced on the burst alone.
     let mut probe = alone(addr, cpus);
@@ -512,13 +500,7 @@ fn a_burst_of_connections_is_spread_evenly_over_the_shards() {
         "connections per shard: {per_shard:?}"
     );
     drop(held);
-    rc.signal("TERM");
-    assert_eq!(
-        rc.wait_exit(Duration::from_secs(20)),
-        Some(0),
-        "{}",
-        rc.log_text()
-    );
+    stops_cleanly(&mut rc);
 }
 
 /// A keep-alive connection to regcache on `addr` once it is the only one open (the start-up
@@ -603,6 +585,26 @@ fn systemd_gets_ready_then_watchdog_pings_while_the_shards_run() {
 }
 
 /// A config in `dir` for a server with no reachable upstream (port 9), plus `extra` TOML.
+/// regcache started on `offline_config(extra)`: its work directory, address and process.
+fn start_offline(extra: &str) -> (tempfile::TempDir, SocketAddr, Process) {
+    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
+    let config = offline_config(work.path(), extra);
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let rc = Process::start(&config, addr, &work.path().join("log"));
+    (work, addr, rc)
+}
+
+/// SIGTERM, then the process must exit 0 within 20 s.
+fn stops_cleanly(rc: &mut Process) {
+    rc.signal("TERM");
+    assert_eq!(
+        rc.wait_exit(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        rc.log_text()
+    );
+}
+
 fn offline_config(dir: &Path, extra: &str) -> std::path::PathBuf {
     let config = dir.join("rc.toml");
     std::fs::write(
