@@ -12,7 +12,7 @@ use futures_util::StreamExt as _;
 use http::StatusCode;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use crate::support::fake::{sha256_digest, FakeUpstream, RequestRecord, OCI_MANIFEST};
+use crate::support::fake::{sha256_digest, FakeUpstream, RequestRecord, TokenAnswer, OCI_MANIFEST};
 use crate::support::images::pseudo_random;
 use crate::support::regcache::{client, config_for, error_code, Regcache};
 use crate::support::reply::{get, parse_reply, send, Reply};
@@ -532,6 +532,141 @@ async fn basic_auth_upstream_works_with_credentials_and_is_unauthorized_without(
         "UNAUTHORIZED",
         "Basic upstream without credentials",
     );
+}
+
+/// The ways a token service can fail other than by refusing the credentials, as the fake's switch.
+const BROKEN_TOKEN_SERVICES: [(&str, TokenAnswer); 5] = [
+    ("404", TokenAnswer::Status(404)),
+    ("500", TokenAnswer::Status(500)),
+    ("no answer", TokenAnswer::Stall),
+    ("200 without a token", TokenAnswer::NoToken),
+    ("200 with a body that is not JSON", TokenAnswer::Garbage),
+];
+
+/// `503 UNAVAILABLE` with a `Retry-After`: what a client gets when the upstream cannot answer.
+fn assert_unavailable(r: &Reply, what: &str) {
+    assert_oci_error(r, 503, "UNAVAILABLE", what);
+    assert!(
+        r.header("retry-after").is_some(),
+        "{what}: no Retry-After: {}",
+        r.describe()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_token_service_is_an_unavailable_upstream_never_a_missing_image() {
+    for (how, answer) in BROKEN_TOKEN_SERVICES {
+        let what = |s: &str| format!("token service answering {how}: {s}");
+        let fake = FakeUpstream::start().await;
+        let (mdigest, ldigest) = fake.add_image("team/app", "v1", pseudo_random(20_000, 31));
+        let (_, new_layer) = fake.add_image("team/app", "v2", pseudo_random(20_000, 32));
+        fake.add_image("team/other", "v1", pseudo_random(1_000, 33));
+        fake.set_token_auth(true);
+        // Tags are revalidated at every request (freshness 0 s), a token request that gets no
+        // answer is given up after 500 ms, and the circuit stays closed so that every request
+        // meets the token service itself (the breaker has its own test in outage.rs).
+        let config = config_for(
+            &fake.url(),
+            "freshness = \"0s\"\nheader_timeout = \"500ms\"\nfailure_threshold = 1000",
+            "",
+        );
+        let mut rc = Regcache::start(&config);
+        let m = get(&format!("{}/v2/team/app/manifests/v1", rc.url())).await;
+        assert_eq!(m.status, StatusCode::OK, "{}", what(&m.describe()));
+        for d in [&ldigest, &config_digest(&m.body)] {
+            let b = get(&format!("{}/v2/team/app/blobs/{d}", rc.url())).await;
+            assert_eq!(b.status, StatusCode::OK, "{}", what(&b.describe()));
+        }
+        // The upstream has the same image in team/copy, which regcache has not seen.
+        fake.add_manifest("team/copy", Some("v1"), OCI_MANIFEST, m.body.clone());
+        fake.add_blob("team/copy", pseudo_random(20_000, 31));
+
+        // A restart forgets the tokens (they are kept in memory only).
+        let dir = rc.take_dir().expect("the data directory");
+        rc.stop();
+        drop(rc);
+        let rc = Regcache::start_in(dir.path(), &config);
+        fake.set_token_answer(answer);
+        let tokens_before = fake.token_requests();
+        let u = rc.url();
+
+        let r = get(&format!("{u}/v2/team/app/manifests/v1")).await;
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "{}",
+            what(&format!("cached tag: {}", r.describe()))
+        );
+        assert_eq!(sha256_digest(&r.body), mdigest, "{}", what("cached tag"));
+        assert_eq!(
+            r.header("x-regcache-cache"),
+            Some("stale"),
+            "{}",
+            what(&r.describe())
+        );
+        assert!(
+            r.header("warning").is_some_and(|w| w.starts_with("110 ")),
+            "{}",
+            what(&format!(
+                "cached tag without Warning: 110: {}",
+                r.describe()
+            ))
+        );
+        let b = get(&format!("{u}/v2/team/app/blobs/{ldigest}")).await;
+        assert_eq!(b.status, StatusCode::OK, "{}", what(&b.describe()));
+        assert_eq!(
+            b.header("x-regcache-cache"),
+            Some("hit"),
+            "{}",
+            what("blob")
+        );
+        let t = get(&format!("{u}/v2/team/app/tags/list")).await;
+        assert_eq!(t.status, StatusCode::OK, "{}", what(&t.describe()));
+        assert_eq!(
+            t.json("tags")["tags"],
+            serde_json::json!(["v1"]),
+            "{}",
+            what("the cached tags are listed")
+        );
+        let r = get(&format!("{u}/v2/team/app/referrers/{mdigest}")).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", what(&r.describe()));
+
+        for (path, object) in [
+            ("team/app/manifests/v2".to_owned(), "uncached tag"),
+            (format!("team/app/blobs/{new_layer}"), "uncached blob"),
+            (
+                format!("team/copy/manifests/{mdigest}"),
+                "manifest stored for another repository",
+            ),
+            (
+                format!("team/copy/blobs/{ldigest}"),
+                "blob stored for another repository",
+            ),
+            (
+                "team/other/tags/list".to_owned(),
+                "tags of an uncached repository",
+            ),
+        ] {
+            let r = get(&format!("{u}/v2/{path}")).await;
+            assert_unavailable(&r, &what(&format!("{object} ({path})")));
+        }
+        let r = send(
+            client().head(format!("{u}/v2/team/app/blobs/{new_layer}")),
+            "HEAD uncached blob",
+        )
+        .await;
+        assert_eq!(
+            r.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{}",
+            what(&format!("HEAD of an uncached blob: {}", r.describe()))
+        );
+        assert!(
+            fake.token_requests() > tokens_before,
+            "{}",
+            what("the token service was never asked")
+        );
+    }
 }
 
 // ---- 3. and 4. broken blob bodies ---------------------------------------------------------------
