@@ -895,25 +895,6 @@ impl Store {
         Ok(t.get(key.as_str()).map_err(db_err)?.is_some())
     }
 
-    /// Whether a manifest linked to `repo` references `d` (so `repo` may serve it even before
-    /// it is stored here, e.g. from the shared bucket).
-    pub fn is_referenced(&self, repo: &RepoKey, d: &Digest) -> Result<bool, StoreError> {
-        let tx = self.db.begin_read().map_err(db_err)?;
-        let refby = tx.open_table(REFBY).map_err(db_err)?;
-        let links = tx.open_table(LINKS).map_err(db_err)?;
-        let (start, end) = (format!("{d}\0"), format!("{d}\x01"));
-        for item in refby.range(start.as_str()..end.as_str()).map_err(db_err)? {
-            let (k, _) = item.map_err(db_err)?;
-            if let Some(parent) = k.value().strip_prefix(start.as_str()) {
-                let link = format!("{}{parent}", repo.prefix());
-                if links.get(link.as_str()).map_err(db_err)?.is_some() {
-                    return Ok(true);
-                }
-            }
-        }
-        Ok(false)
-    }
-
     /// Links an already stored blob to `repo` (after the upstream confirmed that repo has it).
     pub fn link(&self, repo: &RepoKey, d: &Digest) -> Result<(), StoreError> {
         let Some(size) = self.blob_size(d)? else {

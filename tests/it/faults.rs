@@ -959,6 +959,104 @@ async fn blob_cached_for_one_repo_needs_upstream_confirmation_for_another() {
     assert_no_requests_since(&fake, n, "linked now: ");
 }
 
+/// A manifest that names `layer` (as its only layer, with an empty config).
+fn manifest_naming(layer: &str, len: usize) -> Bytes {
+    let v = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {
+            "mediaType": "application/vnd.oci.empty.v1+json",
+            "digest": "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a",
+            "size": 2
+        },
+        "layers": [{ "mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer, "size": len }],
+    });
+    Bytes::from(serde_json::to_vec(&v).expect("serialize manifest"))
+}
+
+// The fake upstream, not docker-registry: the real registry refuses to store a manifest that names
+// a blob the repository lacks, and that manifest is the whole point here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_naming_a_blob_does_not_open_it_to_its_repository_without_the_upstream() {
+    let fake = FakeUpstream::start().await;
+    let data = pseudo_random(30_000, 7);
+    let digest = fake.add_blob("t/private", data.clone());
+    let claim = manifest_naming(&digest, data.len());
+    fake.add_manifest("t/evil", Some("v1"), OCI_MANIFEST, claim.clone());
+    fake.add_manifest("t/late", Some("v1"), OCI_MANIFEST, claim.clone());
+    let rc = Regcache::with_upstream(&fake.url());
+    let u = rc.url();
+
+    let r = get(&format!("{u}/v2/t/private/blobs/{digest}")).await;
+    assert_eq!(r.status, StatusCode::OK, "t/private: {}", r.describe());
+    let evil = format!("{u}/v2/t/evil/blobs/{digest}");
+    let evil_path = format!("/v2/t/evil/blobs/{digest}");
+    let r = get(&evil).await;
+    assert_oci_error(&r, 404, "BLOB_UNKNOWN", "t/evil, before its manifest");
+
+    // t/evil's manifest names the digest: a claim, which the upstream still refuses.
+    for repo in ["t/evil", "t/late"] {
+        let m = get(&format!("{u}/v2/{repo}/manifests/v1")).await;
+        assert_eq!(
+            m.status,
+            StatusCode::OK,
+            "{repo} manifest: {}",
+            m.describe()
+        );
+    }
+    let heads = fake.hits("HEAD", &evil_path);
+    let r = get(&evil).await;
+    assert_oci_error(
+        &r,
+        404,
+        "BLOB_UNKNOWN",
+        "t/evil, whose manifest names the blob that the upstream refuses it",
+    );
+    assert_eq!(
+        fake.hits("HEAD", &evil_path),
+        heads + 1,
+        "regcache asked the upstream: {:?}",
+        summary(&fake.requests())
+    );
+    let r = send(client().head(&evil), "HEAD t/evil").await;
+    assert_eq!(
+        r.status,
+        StatusCode::NOT_FOUND,
+        "HEAD t/evil: {}",
+        r.describe()
+    );
+    assert_eq!(fake.blob_gets(&digest), 1, "only t/private's fill");
+
+    // Once the upstream has it for t/evil, one HEAD confirms it and the link is kept.
+    fake.add_blob("t/evil", data.clone());
+    let r = get(&evil).await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "t/evil, confirmed: {}",
+        r.describe()
+    );
+    assert!(r.body == data, "t/evil content ({} bytes)", r.body.len());
+    assert_eq!(r.header("x-regcache-cache"), Some("revalidated"));
+
+    // During an outage only the confirmed link serves: t/late's manifest names the digest too,
+    // but the upstream never confirmed it for t/late.
+    fake.set_status(Some(503));
+    let r = get(&evil).await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "t/evil during the outage: {}",
+        r.describe()
+    );
+    assert_eq!(r.header("x-regcache-cache"), Some("hit"));
+    let r = get(&format!("{u}/v2/t/late/blobs/{digest}")).await;
+    assert_unavailable(
+        &r,
+        "t/late during the outage: named by its manifest, never confirmed",
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manifest_cached_for_one_repo_needs_upstream_confirmation_for_another() {
     let fake = FakeUpstream::start().await;
