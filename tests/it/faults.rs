@@ -167,6 +167,11 @@ async fn wait_for_subsecond(from_ms: u32, to_ms: u32) {
 /// An OCI manifest that references nothing (fine for the manifest paths regcache serves), with
 /// `annotations`.
 fn empty_manifest(annotations: serde_json::Value) -> Bytes {
+    oci_manifest(serde_json::json!([]), annotations)
+}
+
+/// An OCI manifest with an empty config, the descriptors `layers` and `annotations`.
+fn oci_manifest(layers: serde_json::Value, annotations: serde_json::Value) -> Bytes {
     let v = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
@@ -175,7 +180,7 @@ fn empty_manifest(annotations: serde_json::Value) -> Bytes {
             "digest": "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a",
             "size": 2
         },
-        "layers": [],
+        "layers": layers,
         "annotations": annotations,
     });
     Bytes::from(serde_json::to_vec(&v).expect("serialize manifest"))
@@ -961,17 +966,10 @@ async fn blob_cached_for_one_repo_needs_upstream_confirmation_for_another() {
 
 /// A manifest that names `layer` (as its only layer, with an empty config).
 fn manifest_naming(layer: &str, len: usize) -> Bytes {
-    let v = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {
-            "mediaType": "application/vnd.oci.empty.v1+json",
-            "digest": "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a",
-            "size": 2
-        },
-        "layers": [{ "mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer, "size": len }],
-    });
-    Bytes::from(serde_json::to_vec(&v).expect("serialize manifest"))
+    oci_manifest(
+        serde_json::json!([{ "mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer, "size": len }]),
+        serde_json::json!({}),
+    )
 }
 
 // The fake upstream, not docker-registry: the real registry refuses to store a manifest that names
