@@ -671,6 +671,15 @@ async fn a_broken_token_service_is_an_unavailable_upstream_never_a_missing_image
             "{}",
             what("the token service was never asked")
         );
+        let m = rc.app.metrics.render();
+        assert!(
+            m.lines().any(|l| l
+                .strip_prefix("regcache_upstream_errors_total{upstream=\"docker\",kind=\"token\"} ")
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .is_some_and(|v| v > 0.0)),
+            "{}",
+            what(&format!("not counted as kind=\"token\":\n{m}"))
+        );
     }
 }
 
