@@ -186,8 +186,9 @@ fn upstream_error(u: &UpstreamError, object: Object) -> ApiError {
             tracing::warn!(error = %u, "refused an invalid upstream response");
             ApiError::new(StatusCode::BAD_GATEWAY, "UNKNOWN", u.to_string())
         }
-        // Unreachable, timed out, 5xx, anything else: the upstream is unavailable. Never a 404,
-        // which would tell the client the image does not exist.
+        // Unreachable, timed out, 5xx, a token service that gave no token, anything else: the
+        // upstream is unavailable. Never a 404, which would tell the client the image does not
+        // exist.
         _ => ApiError {
             retry_after: Some("10".into()),
             ..ApiError::new(

@@ -912,14 +912,24 @@ impl Cache {
         if let Some((file, size)) = self.store.open_blob(d)? {
             let mut outcome = Outcome::Hit;
             if !self.store.is_linked(&key, d)? {
-                // Stored for another repository: only serve it here if a manifest of this
-                // repository references it, or else the upstream agrees.
-                if !self.store.is_referenced(&key, d)? {
+                // Stored for another repository: only served here once the upstream confirmed
+                // that this repository has it, to a server of the bucket (its link there) or now.
+                // A manifest of this repository that names the digest is a claim, not proof.
+                if self.bucket_links_blob(route, d).await {
+                    outcome = Outcome::Shared;
+                } else {
                     route.upstream.head_blob(&route.repo, d).await?;
+                    // The confirmed link goes to the bucket too, so that another server may
+                    // serve the blob for this repository while the upstream is down.
+                    self.share(Share::Blob {
+                        digest: d.clone(),
+                        size,
+                        link: Some((upstream_id(&route.upstream.config.url), route.repo.clone())),
+                    });
+                    outcome = Outcome::Revalidated;
                 }
                 let (store, k2, d2) = (Arc::clone(&self.store), key.clone(), d.clone());
                 blocking(move || store.link(&k2, &d2)).await?;
-                outcome = Outcome::Revalidated;
             }
             return Ok(Blob {
                 size: Some(size),
@@ -992,8 +1002,9 @@ impl Cache {
         })
     }
 
-    /// Whether the bucket may be asked for blob `d` on behalf of `route`'s repository: a manifest
-    /// of that repository references it (or it was linked there).
+    /// Whether the bucket may be asked for blob `d` on behalf of `route`'s repository: the
+    /// upstream confirmed that repository has it, here (a local link) or to the server that
+    /// wrote the bucket's link. A manifest of the repository that names the digest is not enough.
     async fn bucket_for_blob(
         &self,
         route: &Route,
@@ -1010,16 +1021,23 @@ impl Cache {
         {
             return Ok(None);
         }
-        let key = route.key();
-        if self.store.is_linked(&key, d)? || self.store.is_referenced(&key, d)? {
+        if self.store.is_linked(&route.key(), d)? || self.bucket_links_blob(route, d).await {
             return Ok(Some(b));
         }
-        // No manifest of this repository seen here: the bucket may still link the blob to it
-        // (another server fetched it for that repository).
+        Ok(None)
+    }
+
+    /// Whether the bucket links blob `d` to `route`'s repository: a server fetched it from the
+    /// upstream for that repository, or the upstream confirmed it there. False without a bucket
+    /// in use.
+    async fn bucket_links_blob(&self, route: &Route, d: &Digest) -> bool {
+        let Some(b) = self.bucket.as_ref().filter(|b| b.is_up()) else {
+            return false;
+        };
         let linked = b
             .is_blob_linked(&upstream_id(&route.upstream.config.url), &route.repo, d)
             .await;
-        Ok(or_without(linked, "blob link").then_some(b))
+        or_without(linked, "blob link")
     }
 
     /// The size of blob `d` if the bucket holds it for `route`.

@@ -107,6 +107,32 @@ impl Snapshot {
         }
         out
     }
+
+    /// What evicting `root` removes: the root, then whatever below it is not `protected` and has
+    /// no parent left (every parent doomed, already `gone`, or not recorded).
+    fn doomed(
+        &self,
+        root: &str,
+        protected: &HashSet<String>,
+        gone: &HashSet<String>,
+    ) -> BTreeSet<String> {
+        let mut doomed: BTreeSet<String> = BTreeSet::new();
+        for x in self.closure(root) {
+            if protected.contains(&x) || gone.contains(&x) {
+                continue;
+            }
+            let orphaned = x == root
+                || self.parents.get(&x).is_none_or(|ps| {
+                    ps.iter().all(|p| {
+                        doomed.contains(p) || gone.contains(p) || !self.sizes.contains_key(p)
+                    })
+                });
+            if orphaned {
+                doomed.insert(x);
+            }
+        }
+        doomed
+    }
 }
 
 /// Evicts least recently used roots until the store holds at most `target` bytes.
@@ -151,27 +177,14 @@ pub fn evict_to(store: &Store, target: u64) -> Result<EvictReport, StoreError> {
         if protected.contains(&root) || gone.contains(&root) {
             continue;
         }
-        // Remove the root, then whatever below it has no remaining parent.
-        let mut doomed: BTreeSet<String> = BTreeSet::new();
-        for x in snap.closure(&root) {
-            if protected.contains(&x) || gone.contains(&x) {
-                continue;
-            }
-            let orphaned = x == root
-                || snap.parents.get(&x).is_none_or(|ps| {
-                    ps.iter().all(|p| {
-                        doomed.contains(p) || gone.contains(p) || !snap.sizes.contains_key(p)
-                    })
-                });
-            if orphaned {
-                doomed.insert(x);
-            }
-        }
-        let r = remove(store, &doomed)?;
+        let doomed = snap.doomed(&root, &protected, &gone);
+        let (r, removed) = remove(store, &doomed)?;
         report.manifests += r.manifests;
         report.blobs += r.blobs;
         report.bytes += r.bytes;
-        gone.extend(doomed);
+        // Only what was removed: a digest kept because a manifest recorded after the snapshot
+        // references it still counts as a parent for the roots that follow.
+        gone.extend(removed);
     }
     if report.bytes > 0 {
         tracing::info!(
@@ -185,14 +198,28 @@ pub fn evict_to(store: &Store, target: u64) -> Result<EvictReport, StoreError> {
     Ok(report)
 }
 
-/// Removes `doomed` digests: records first (one transaction), then files.
-fn remove(store: &Store, doomed: &BTreeSet<String>) -> Result<EvictReport, StoreError> {
-    let (manifests, blobs, bytes) = store.drop_blobs(doomed)?;
-    Ok(EvictReport {
-        manifests,
-        blobs,
-        bytes,
-    })
+/// Removes `doomed` digests: records first (one transaction), then files. `doomed` comes from
+/// the snapshot, so the store keeps any of it that a manifest recorded since references (a blob
+/// committed after the snapshot is never doomed: it is not in the snapshot). Returns what was
+/// removed.
+fn remove(
+    store: &Store,
+    doomed: &BTreeSet<String>,
+) -> Result<(EvictReport, BTreeSet<String>), StoreError> {
+    let r = store.evict_blobs(doomed)?;
+    let kept = doomed.len() - r.digests.len();
+    if kept > 0 {
+        tracing::debug!(
+            kept,
+            "kept content that a manifest recorded during the collection references"
+        );
+    }
+    let report = EvictReport {
+        manifests: r.manifests,
+        blobs: r.blobs,
+        bytes: r.bytes,
+    };
+    Ok((report, r.digests))
 }
 
 /// The size the store should be brought down to, if it is over a limit now.
@@ -250,19 +277,28 @@ mod tests {
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
             "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": layers[0].to_string(), "size": 1},
             "layers": layers[1..].iter().map(|l| serde_json::json!({"mediaType": "x", "digest": l.to_string(), "size": 1})).collect::<Vec<_>>(),
-        })
-        .to_string();
+        });
+        tagged(store, repo, tag, &body)
+    }
+
+    fn index(store: &Store, repo: &str, tag: &str, children: &[&Digest]) -> Digest {
+        let body = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "annotations": {"org.example.repo": repo},
+            "manifests": children.iter().map(|c| serde_json::json!({"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": c.to_string(), "size": 1})).collect::<Vec<_>>(),
+        });
+        tagged(store, repo, tag, &body)
+    }
+
+    /// Stores the manifest `body` for `repo` and tags it `tag`.
+    fn tagged(store: &Store, repo: &str, tag: &str, body: &serde_json::Value) -> Digest {
+        let media_type = body["mediaType"].as_str().expect("mediaType").to_owned();
+        let body = body.to_string();
         let d = Digest::sha256_of(body.as_bytes());
         let t: crate::reference::Tag = tag.parse().expect("tag");
         store
-            .put_manifest(
-                &key(repo),
-                &d,
-                "application/vnd.oci.image.manifest.v1+json",
-                body.as_bytes(),
-                Some(&t),
-                None,
-            )
+            .put_manifest(&key(repo), &d, &media_type, body.as_bytes(), Some(&t), None)
             .expect("put manifest");
         d
     }
@@ -303,6 +339,87 @@ mod tests {
             "its tag goes"
         );
         assert_eq!(store.used_bytes(), before - report.bytes);
+    }
+
+    /// The doomed set of `root` as [`evict_to`] computes it from a snapshot taken now.
+    fn doomed_now(store: &Store, root: &Digest) -> BTreeSet<String> {
+        let snap = snapshot(store).expect("snapshot");
+        snap.doomed(&root.to_string(), &HashSet::new(), &HashSet::new())
+    }
+
+    #[test]
+    fn a_manifest_recorded_after_the_snapshot_keeps_the_layer_it_shares() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let config = blob(&store, "a", &[1u8; 100]);
+        let shared = blob(&store, "a", &[2u8; 5000]);
+        let old = image(&store, "a", "v1", &[&config, &shared]);
+        let old_size = store.blob_size(&old).expect("size").expect("stored");
+        let doomed = doomed_now(&store, &old);
+        assert!(
+            doomed.contains(&shared.to_string()),
+            "premise: in the snapshot only the old image uses the layer: {doomed:?}"
+        );
+
+        // Between the snapshot and the removal, another image that uses the layer is recorded.
+        let new_config = blob(&store, "b", &[3u8; 100]);
+        let new = image(&store, "b", "v1", &[&new_config, &shared]);
+        let (report, _) = remove(&store, &doomed).expect("remove");
+
+        assert!(
+            store.manifest_info(&old).expect("info").is_none(),
+            "the old image goes"
+        );
+        assert!(
+            store.blob_size(&config).expect("size").is_none(),
+            "with its own config"
+        );
+        assert!(
+            store.blob_size(&shared).expect("size").is_some() && store.blob_path(&shared).exists(),
+            "the layer that the image recorded after the snapshot uses stays: {report:?}"
+        );
+        assert!(store.manifest_info(&new).expect("info").is_some());
+        assert_eq!(
+            report,
+            EvictReport {
+                manifests: 1,
+                blobs: 2,
+                bytes: old_size + 100,
+            },
+            "only what was removed is reported"
+        );
+    }
+
+    #[test]
+    fn a_child_manifest_an_index_recorded_after_the_snapshot_names_is_kept_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let config = blob(&store, "a", &[4u8; 100]);
+        let layer = blob(&store, "a", &[5u8; 5000]);
+        let child = image(&store, "a", "child", &[&config, &layer]);
+        let old_index = index(&store, "a", "v1", &[&child]);
+        let doomed = doomed_now(&store, &old_index);
+        assert_eq!(
+            doomed.len(),
+            4,
+            "premise: the whole old index is doomed: {doomed:?}"
+        );
+
+        let new_index = index(&store, "b", "v1", &[&child]);
+        remove(&store, &doomed).expect("remove");
+
+        assert!(store.manifest_info(&old_index).expect("info").is_none());
+        for (d, what) in [
+            (&child, "child manifest"),
+            (&config, "config"),
+            (&layer, "layer"),
+        ] {
+            assert!(
+                store.blob_size(d).expect("size").is_some(),
+                "the {what} of the index recorded after the snapshot stays"
+            );
+        }
+        assert!(store.manifest_info(&new_index).expect("info").is_some());
     }
 
     #[test]

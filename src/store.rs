@@ -91,6 +91,51 @@ pub(crate) fn read_records(tx: &redb::ReadTransaction) -> Result<Records, StoreE
     Ok((blobs, manifests, tags))
 }
 
+/// What an eviction removed.
+#[derive(Debug, Default)]
+pub(crate) struct Removed {
+    /// The digests whose records and files were removed.
+    pub digests: std::collections::BTreeSet<String>,
+    pub manifests: u64,
+    pub blobs: u64,
+    pub bytes: u64,
+}
+
+/// The digests of `doomed` that no recorded manifest outside the result references, read in the
+/// removal's write transaction (so nothing can be recorded between this check and the removal).
+/// Sparing a manifest spares what it references, hence the loop until nothing changes.
+fn still_unreferenced(
+    tx: &redb::WriteTransaction,
+    doomed: &std::collections::BTreeSet<String>,
+) -> Result<std::collections::BTreeSet<String>, StoreError> {
+    let blobs = tx.open_table(BLOBS).map_err(db_err)?;
+    let refby = tx.open_table(REFBY).map_err(db_err)?;
+    let mut gone = doomed.clone();
+    loop {
+        let mut spared = Vec::new();
+        for d in &gone {
+            let (lo, hi) = (format!("{d}\0"), format!("{d}\x01"));
+            for item in refby.range(lo.as_str()..hi.as_str()).map_err(db_err)? {
+                let (k, _) = item.map_err(db_err)?;
+                let Some(parent) = k.value().strip_prefix(lo.as_str()).map(str::to_owned) else {
+                    continue;
+                };
+                if !gone.contains(&parent) && blobs.get(parent.as_str()).map_err(db_err)?.is_some()
+                {
+                    spared.push(d.clone());
+                    break;
+                }
+            }
+        }
+        if spared.is_empty() {
+            return Ok(gone);
+        }
+        for d in spared {
+            gone.remove(&d);
+        }
+    }
+}
+
 /// The digests a manifest references: config, layers, index children, artifact blobs (not its
 /// `subject`, which it points at rather than contains).
 pub fn manifest_refs(bytes: &[u8]) -> Vec<Digest> {
@@ -803,29 +848,55 @@ impl Store {
 
     /// Removes the records of `doomed` (blob, manifest, access time, references, and the tags
     /// that point at them: a cached tag is always complete) in one transaction, then their files.
-    /// Returns the manifests, blobs and bytes removed.
+    /// Returns the manifests, blobs and bytes removed. For `verify --repair`: bad digests go,
+    /// whatever references them.
     pub(crate) fn drop_blobs(
         &self,
         doomed: &std::collections::BTreeSet<String>,
     ) -> Result<(u64, u64, u64), StoreError> {
-        let (mut manifests_n, mut blobs_n, mut bytes) = (0, 0, 0);
+        let r = self.remove_blobs(doomed, false)?;
+        Ok((r.manifests, r.blobs, r.bytes))
+    }
+
+    /// Eviction's removal: [`Store::drop_blobs`], except that `doomed` was chosen from a snapshot,
+    /// and a manifest recorded since may reference some of it. Inside the removal's transaction,
+    /// every doomed digest that a recorded manifest outside the removed set references (a `refby`
+    /// row) is kept, and so, in turn, is what a kept manifest references.
+    pub(crate) fn evict_blobs(
+        &self,
+        doomed: &std::collections::BTreeSet<String>,
+    ) -> Result<Removed, StoreError> {
+        self.remove_blobs(doomed, true)
+    }
+
+    fn remove_blobs(
+        &self,
+        doomed: &std::collections::BTreeSet<String>,
+        spare_referenced: bool,
+    ) -> Result<Removed, StoreError> {
+        let mut removed = Removed::default();
         if doomed.is_empty() {
-            return Ok((0, 0, 0));
+            return Ok(removed);
         }
         let tx = self.db.begin_write().map_err(db_err)?;
+        let gone = if spare_referenced {
+            still_unreferenced(&tx, doomed)?
+        } else {
+            doomed.clone()
+        };
         {
             let mut blobs = tx.open_table(BLOBS).map_err(db_err)?;
             let mut manifests = tx.open_table(MANIFESTS).map_err(db_err)?;
             let mut access = tx.open_table(ACCESS).map_err(db_err)?;
             let mut refs = tx.open_table(REFS).map_err(db_err)?;
             let mut refby = tx.open_table(REFBY).map_err(db_err)?;
-            for d in doomed {
+            for d in &gone {
                 if let Some(v) = blobs.remove(d.as_str()).map_err(db_err)? {
-                    bytes += v.value();
-                    blobs_n += 1;
+                    removed.bytes += v.value();
+                    removed.blobs += 1;
                 }
                 if manifests.remove(d.as_str()).map_err(db_err)?.is_some() {
-                    manifests_n += 1;
+                    removed.manifests += 1;
                 }
                 access.remove(d.as_str()).map_err(db_err)?;
                 let (lo, hi) = (format!("{d}\0"), format!("{d}\x01"));
@@ -848,7 +919,7 @@ impl Store {
                 .filter_map(|i| i.ok())
                 .filter(|(_, v)| {
                     serde_json::from_slice::<TagRecord>(v.value())
-                        .is_ok_and(|r| doomed.contains(&r.digest))
+                        .is_ok_and(|r| gone.contains(&r.digest))
                 })
                 .map(|(k, _)| k.value().to_owned())
                 .collect();
@@ -857,16 +928,17 @@ impl Store {
             }
         }
         tx.commit().map_err(db_err)?;
-        for d in doomed {
+        for d in &gone {
             self.forget_in_memory(d);
         }
-        self.sub_used(bytes);
-        for d in doomed {
+        self.sub_used(removed.bytes);
+        for d in &gone {
             if let Ok(digest) = d.parse::<Digest>() {
                 let _ = fs::remove_file(self.blob_path(&digest));
             }
         }
-        Ok((manifests_n, blobs_n, bytes))
+        removed.digests = gone;
+        Ok(removed)
     }
 
     /// Records an intact blob file found without a record (no repository link: it is served
@@ -893,25 +965,6 @@ impl Store {
         let t = tx.open_table(LINKS).map_err(db_err)?;
         let key = format!("{}{d}", repo.prefix());
         Ok(t.get(key.as_str()).map_err(db_err)?.is_some())
-    }
-
-    /// Whether a manifest linked to `repo` references `d` (so `repo` may serve it even before
-    /// it is stored here, e.g. from the shared bucket).
-    pub fn is_referenced(&self, repo: &RepoKey, d: &Digest) -> Result<bool, StoreError> {
-        let tx = self.db.begin_read().map_err(db_err)?;
-        let refby = tx.open_table(REFBY).map_err(db_err)?;
-        let links = tx.open_table(LINKS).map_err(db_err)?;
-        let (start, end) = (format!("{d}\0"), format!("{d}\x01"));
-        for item in refby.range(start.as_str()..end.as_str()).map_err(db_err)? {
-            let (k, _) = item.map_err(db_err)?;
-            if let Some(parent) = k.value().strip_prefix(start.as_str()) {
-                let link = format!("{}{parent}", repo.prefix());
-                if links.get(link.as_str()).map_err(db_err)?.is_some() {
-                    return Ok(true);
-                }
-            }
-        }
-        Ok(false)
     }
 
     /// Links an already stored blob to `repo` (after the upstream confirmed that repo has it).

@@ -10,7 +10,8 @@
 //! - `GET|HEAD /v2/<name>/manifests/<tag|digest>` — stored media type, `Docker-Content-Digest`.
 //! - `GET|HEAD /v2/<name>/blobs/<digest>` — octet-stream, single `Range` supported (206 / 416).
 //! - `GET /v2/<name>/tags/list[?n=&last=]` — paginated with a `Link: <...>; rel="next"` header.
-//! - `GET /token?service=..&scope=..` — bearer token issuer (when token auth is on).
+//! - `GET /token?service=..&scope=..` — bearer token issuer (when token auth is on); it can be made
+//!   to fail with [`FakeUpstream::set_token_answer`].
 //! - `GET|HEAD /redirected/<digest>` — "blob storage" target of [`FakeUpstream::set_blob_redirect`];
 //!   serves the blob from any repository of this fake, with no authentication.
 
@@ -71,6 +72,22 @@ impl RequestRecord {
 /// `sha256:<hex>` of `data`.
 pub fn sha256_digest(data: &[u8]) -> String {
     format!("sha256:{}", hex(&Sha256::digest(data)))
+}
+
+/// How the fake's token service answers (see [`FakeUpstream::set_token_answer`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TokenAnswer {
+    /// A token for the scopes asked for (after the Basic check, when one is set).
+    #[default]
+    Token,
+    /// This status, with an OCI error body.
+    Status(u16),
+    /// `200` with a JSON object that holds no token.
+    NoToken,
+    /// `200` with a body that is not JSON.
+    Garbage,
+    /// Reads the request and never answers (the connection is held open).
+    Stall,
 }
 
 /// A fake upstream registry; stops serving (and cuts all its connections) when dropped.
@@ -231,6 +248,18 @@ impl FakeUpstream {
         lock(&self.state.cfg).basic = creds.map(|(u, p)| (u.to_string(), p.to_string()));
     }
 
+    /// How `GET /token` answers from now on ([`TokenAnswer::Token`] by default), whatever the
+    /// credentials; the registry endpoints keep asking for a token.
+    pub fn set_token_answer(&self, answer: TokenAnswer) {
+        if let TokenAnswer::Status(s) = answer {
+            assert!(
+                StatusCode::from_u16(s).is_ok(),
+                "fake upstream: set_token_answer(Status({s})) is not a valid HTTP status"
+            );
+        }
+        lock(&self.state.cfg).token_answer = answer;
+    }
+
     /// Blob bodies are served with their last byte flipped (same length, wrong digest).
     pub fn set_corrupt_blobs(&self, on: bool) {
         lock(&self.state.cfg).corrupt = on;
@@ -379,6 +408,7 @@ struct TokenInfo {
 struct Config {
     token_auth: bool,
     token_ttl: u64,
+    token_answer: TokenAnswer,
     basic: Option<(String, String)>,
     corrupt: bool,
     short: bool,
@@ -468,6 +498,9 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     let headers = req.headers();
 
     if path == "/token" {
+        if cfg.token_answer == TokenAnswer::Stall {
+            std::future::pending::<()>().await;
+        }
         return token_endpoint(&state, &cfg, &method, headers, query.as_deref());
     }
     if let Some(digest) = path.strip_prefix("/redirected/") {
@@ -954,6 +987,25 @@ fn token_endpoint(
 ) -> Response<Body> {
     if *method != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+    }
+    match cfg.token_answer {
+        TokenAnswer::Token | TokenAnswer::Stall => {}
+        TokenAnswer::Status(s) => {
+            let status = StatusCode::from_u16(s).expect("validated in set_token_answer");
+            return oci_error(status, "UNKNOWN", "fake token service: forced status");
+        }
+        TokenAnswer::NoToken => {
+            let body =
+                Bytes::from_static(br#"{"expires_in":300,"issued_at":"2024-01-01T00:00:00Z"}"#);
+            return json(StatusCode::OK, body, &Method::GET);
+        }
+        TokenAnswer::Garbage => {
+            return json(
+                StatusCode::OK,
+                Bytes::from_static(b"<html>sign in</html>"),
+                &Method::GET,
+            );
+        }
     }
     if let Some(creds) = &cfg.basic {
         if !basic_ok(headers, creds) {
