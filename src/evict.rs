@@ -84,6 +84,14 @@ fn snapshot(store: &Store) -> Result<Snapshot, StoreError> {
             s.pins.push(reference.to_owned());
         } else if let Some(d) = tag_digest.get(key.as_str()) {
             s.pins.push((*d).to_owned());
+            // And what the tag gives clients with narrower Accept sets (`key \0 accept=…`).
+            let narrower = format!("{key}\0");
+            s.pins.extend(
+                s.tags
+                    .iter()
+                    .filter(|(k, _)| k.starts_with(&narrower))
+                    .map(|(_, d)| d.clone()),
+            );
         }
     }
     Ok(s)
@@ -260,7 +268,7 @@ mod tests {
                 &d,
                 "application/vnd.oci.image.manifest.v1+json",
                 body.as_bytes(),
-                Some(&t),
+                Some((&t, crate::media::Accept::ALL)),
                 None,
             )
             .expect("put manifest");
@@ -312,13 +320,26 @@ mod tests {
         let l1 = blob(&store, "a", &[1u8; 3000]);
         let l2 = blob(&store, "b", &[2u8; 3000]);
         let loose = blob(&store, "c", &[3u8; 3000]);
+        let l3 = blob(&store, "a", &[4u8; 3000]);
         let pinned = image(&store, "a", "v1", &[&l1]);
+        // What `a:v1` gives clients accepting only Docker schema 2.
+        let narrow = image(&store, "a", "v1-build", &[&l3]);
+        let s2 = crate::media::Accept::parse([crate::media::DOCKER_MANIFEST.as_bytes()]);
+        let v1: crate::reference::Tag = "v1".parse().expect("tag");
+        store
+            .set_tag_for(&key("a"), &v1, s2, &narrow, 1)
+            .expect("narrow record");
         let _other = image(&store, "b", "v1", &[&l2]);
         store.pin(&key("a"), "v1").expect("pin");
         let _hold = store.hold(&loose);
         let report = evict_to(&store, 0).expect("evict");
         assert!(store.manifest_info(&pinned).expect("info").is_some());
         assert!(store.blob_size(&l1).expect("size").is_some());
+        assert!(
+            store.manifest_info(&narrow).expect("info").is_some(),
+            "the pinned tag's manifest for a narrower Accept stays"
+        );
+        assert!(store.blob_size(&l3).expect("size").is_some());
         assert!(
             store.blob_size(&loose).expect("size").is_some(),
             "held blob stays"
