@@ -82,9 +82,11 @@ fn snapshot(store: &Store) -> Result<Snapshot, StoreError> {
         let reference = key.rsplit('\0').next().unwrap_or("");
         if reference.parse::<Digest>().is_ok() {
             s.pins.push(reference.to_owned());
-        } else if let Some(d) = tag_digest.get(key.as_str()) {
-            s.pins.push((*d).to_owned());
-            // And what the tag gives clients with narrower Accept sets (`key \0 accept=…`).
+        } else {
+            s.pins
+                .extend(tag_digest.get(key.as_str()).map(|d| (*d).to_owned()));
+            // And what the tag gives clients with narrower Accept sets (`key \0 accept=…`), which
+            // may be all that is cached of it.
             let narrower = format!("{key}\0");
             s.pins.extend(
                 s.tags
@@ -329,6 +331,14 @@ mod tests {
         store
             .set_tag_for(&key("a"), &v1, s2, &narrow, 1)
             .expect("narrow record");
+        // A pinned tag cached only for clients accepting only Docker schema 2.
+        let l4 = blob(&store, "a", &[5u8; 3000]);
+        let narrow_only = image(&store, "a", "v2-build", &[&l4]);
+        let v2: crate::reference::Tag = "v2".parse().expect("tag");
+        store
+            .set_tag_for(&key("a"), &v2, s2, &narrow_only, 1)
+            .expect("narrow record");
+        store.pin(&key("a"), "v2").expect("pin");
         let _other = image(&store, "b", "v1", &[&l2]);
         store.pin(&key("a"), "v1").expect("pin");
         let _hold = store.hold(&loose);
@@ -341,6 +351,10 @@ mod tests {
         );
         assert!(store.blob_size(&l3).expect("size").is_some());
         assert!(
+            store.manifest_info(&narrow_only).expect("info").is_some(),
+            "a pinned tag cached only for a narrower Accept stays"
+        );
+        assert!(
             store.blob_size(&loose).expect("size").is_some(),
             "held blob stays"
         );
@@ -348,7 +362,7 @@ mod tests {
             store.blob_size(&l2).expect("size").is_none(),
             "unpinned image goes: {report:?}"
         );
-        assert_eq!(store.pins().expect("pins").len(), 1);
+        assert_eq!(store.pins().expect("pins").len(), 2);
         assert!(store.unpin(&key("a"), "v1").expect("unpin"));
     }
 }

@@ -1136,10 +1136,13 @@ impl Store {
         let mut out = Vec::new();
         for item in t.range(prefix.as_str()..end.as_str()).map_err(db_err)? {
             let (k, _) = item.map_err(db_err)?;
-            // Records for narrower Accept sets (`tag \0 accept=…`) are not tags of their own.
-            match k.value().strip_prefix(prefix.as_str()) {
-                Some(tag) if !tag.contains('\0') => out.push(tag.to_owned()),
-                _ => {}
+            // A tag's records for narrower Accept sets (`tag \0 accept=…`) follow its own, if any:
+            // one name per tag.
+            if let Some(rest) = k.value().strip_prefix(prefix.as_str()) {
+                let tag = rest.split('\0').next().unwrap_or(rest);
+                if out.last().map(String::as_str) != Some(tag) {
+                    out.push(tag.to_owned());
+                }
             }
         }
         Ok(out)
@@ -1243,7 +1246,13 @@ mod tests {
         let narrow = store.tag_for(&key("x"), &tag, s2).expect("tag");
         assert_eq!(narrow.map(|r| r.checked_at_ms), Some(7));
         assert_eq!(store.tag(&key("x"), &tag).expect("tag"), Some(rec));
-        assert_eq!(store.tags(&key("x")).expect("tags"), vec!["v1".to_string()]);
+        let v0: Tag = "v0".parse().expect("tag");
+        store.set_tag_for(&key("x"), &v0, s2, &d, 7).expect("set");
+        assert_eq!(
+            store.tags(&key("x")).expect("tags"),
+            vec!["v0".to_string(), "v1".to_string()],
+            "a tag cached for any Accept is listed once"
+        );
         assert!(store.tags(&key("xy")).expect("tags").is_empty());
         assert_eq!(
             store.read_manifest(&d).expect("read").as_deref(),
