@@ -477,3 +477,62 @@ async fn a_narrow_accept_answer_is_revalidated_with_that_accept_served_stale_and
         "schema-2-only GET after the tag moved to a new list (the old child was {amd64})"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema1_answers_are_checked_over_their_payload_and_never_stored() {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let fake = FakeUpstream::start().await;
+    // A signed schema 1 manifest as libtrust writes it: the payload, cut before its closing
+    // "\n}", then the signatures; the protected header says where the cut was.
+    let payload =
+        "{\n   \"schemaVersion\": 1,\n   \"name\": \"library/old\",\n   \"tag\": \"v1\"\n}";
+    let cut = payload.len() - 2;
+    let protected = b64.encode(format!(
+        r#"{{"formatLength":{cut},"formatTail":"{}","time":"2024-01-01T00:00:00Z"}}"#,
+        b64.encode(&payload[cut..])
+    ));
+    let signed = format!(
+        "{},\n   \"signatures\": [{{\"protected\": \"{protected}\", \"signature\": \"x\"}}]\n}}",
+        &payload[..cut]
+    );
+    // The fake names the digest of the whole body, not of the payload: a lie for schema 1.
+    fake.add_manifest(
+        "library/old",
+        Some("v1"),
+        SCHEMA1,
+        Bytes::from(signed.clone()),
+    );
+    // No signature to find the payload by.
+    fake.add_manifest(
+        "library/old",
+        Some("unsigned"),
+        SCHEMA1,
+        Bytes::from_static(b"{\"schemaVersion\": 1}"),
+    );
+    let rc = Regcache::with_upstream(&fake.url());
+    for (tag, what) in [
+        ("v1", "Docker-Content-Digest over the signed body"),
+        ("unsigned", "no signature"),
+    ] {
+        let (status, digest, _) =
+            get_manifest(&rc, &format!("/v2/library/old/manifests/{tag}"), SCHEMA1).await;
+        assert_eq!(
+            (status, digest),
+            (502, None),
+            "a schema 1 manifest with {what} is refused"
+        );
+    }
+    assert!(
+        rc.app
+            .cache
+            .store
+            .tags(&regcache::store::RepoKey {
+                upstream: "docker".into(),
+                repo: "library/old".parse().expect("repo"),
+            })
+            .expect("tags")
+            .is_empty(),
+        "nothing of them is stored"
+    );
+}
