@@ -21,7 +21,7 @@ use crate::bucket::{or_without, upstream_id, Bucket};
 use crate::media::{self, Accept, Negotiated};
 use crate::metrics::Metrics;
 use crate::reference::{Digest, Reference, RepoName, Tag};
-use crate::store::{now_millis, RepoKey, Store, StoreError, TagRecord, TempBlob};
+use crate::store::{now_millis, RepoKey, Store, StoreError, TempBlob};
 use crate::upstream::{media_type_from_body, Upstream, UpstreamError};
 
 /// Size of the chunks read from files and sent to clients.
@@ -59,7 +59,7 @@ pub enum CacheError {
     #[error("busy: {0}")]
     Busy(String),
     /// What the upstream answers this client for this manifest, by its `Accept`, is "unknown"
-    /// (an OCI type it does not accept, a list without a linux/amd64 entry).
+    /// (an OCI type it does not accept, a list without a linux/amd64 entry): a `404`.
     #[error("{0}")]
     NotAcceptable(&'static str),
 }
@@ -677,20 +677,20 @@ impl Cache {
         Ok(None)
     }
 
-    /// A tag's record for `accept` and the stored manifest it points at, however old.
-    fn tag_manifest(
+    /// The stored manifest a tag's record for `accept` points at, however old the record.
+    fn tagged_manifest(
         &self,
         key: &RepoKey,
         t: &Tag,
         accept: Accept,
-    ) -> Result<Option<(TagRecord, Manifest)>, CacheError> {
+    ) -> Result<Option<Manifest>, CacheError> {
         let Some(rec) = self.store.tag_for(key, t, accept)? else {
             return Ok(None);
         };
         let Ok(d) = rec.digest.parse::<Digest>() else {
             return Ok(None);
         };
-        Ok(self.stored_manifest(&d, Outcome::Hit)?.map(|m| (rec, m)))
+        self.stored_manifest(&d, Outcome::Hit)
     }
 
     /// The slow path of [`Cache::manifest`], run once per key at a time.
@@ -739,7 +739,7 @@ impl Cache {
                 if let Some(m) = self.fresh_tag(route, t, accept)? {
                     return Ok(m); // another flight refreshed it meanwhile
                 }
-                if let Some((_, cached)) = self.tag_manifest(&key, t, accept)? {
+                if let Some(cached) = self.tagged_manifest(&key, t, accept)? {
                     return self.revalidate_tag(route, t, accept, cached).await;
                 }
                 match self
@@ -834,14 +834,11 @@ impl Cache {
     ) -> Result<Manifest, CacheError> {
         let key = route.key();
         let (stored, by_tag) = match reference {
-            Reference::Digest(d) => match self.store.is_linked(&key, d)? {
-                true => (self.stored_manifest(d, Outcome::Stale)?, false),
-                false => (None, false),
-            },
-            Reference::Tag(t) => (
-                self.tag_manifest(&key, t, Accept::ALL)?.map(|(_, m)| m),
-                true,
-            ),
+            Reference::Digest(d) if self.store.is_linked(&key, d)? => {
+                (self.stored_manifest(d, Outcome::Stale)?, false)
+            }
+            Reference::Digest(_) => (None, false),
+            Reference::Tag(t) => (self.tagged_manifest(&key, t, Accept::ALL)?, true),
         };
         let Some(stored) = stored else {
             return Err(e.into());
@@ -850,9 +847,10 @@ impl Cache {
             Negotiated::AsIs => stored,
             Negotiated::Refused(why) => return Err(CacheError::NotAcceptable(why)),
             Negotiated::Child(d) => {
-                let child = match self.store.is_linked(&key, &d)? {
-                    true => self.stored_manifest(&d, Outcome::Stale)?,
-                    false => None,
+                let child = if self.store.is_linked(&key, &d)? {
+                    self.stored_manifest(&d, Outcome::Stale)?
+                } else {
+                    None
                 };
                 match child {
                     Some(c) if media::serves_as_is(&c.media_type, accept, true) => c,
