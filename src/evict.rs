@@ -82,8 +82,18 @@ fn snapshot(store: &Store) -> Result<Snapshot, StoreError> {
         let reference = key.rsplit('\0').next().unwrap_or("");
         if reference.parse::<Digest>().is_ok() {
             s.pins.push(reference.to_owned());
-        } else if let Some(d) = tag_digest.get(key.as_str()) {
-            s.pins.push((*d).to_owned());
+        } else {
+            s.pins
+                .extend(tag_digest.get(key.as_str()).map(|d| (*d).to_owned()));
+            // And what the tag gives clients with narrower Accept sets (`key \0 accept=…`), which
+            // may be all that is cached of it.
+            let narrower = format!("{key}\0");
+            s.pins.extend(
+                s.tags
+                    .iter()
+                    .filter(|(k, _)| k.starts_with(&narrower))
+                    .map(|(_, d)| d.clone()),
+            );
         }
     }
     Ok(s)
@@ -298,7 +308,14 @@ mod tests {
         let d = Digest::sha256_of(body.as_bytes());
         let t: crate::reference::Tag = tag.parse().expect("tag");
         store
-            .put_manifest(&key(repo), &d, &media_type, body.as_bytes(), Some(&t), None)
+            .put_manifest(
+                &key(repo),
+                &d,
+                &media_type,
+                body.as_bytes(),
+                Some((&t, crate::media::Accept::ALL)),
+                None,
+            )
             .expect("put manifest");
         d
     }
@@ -429,13 +446,38 @@ mod tests {
         let l1 = blob(&store, "a", &[1u8; 3000]);
         let l2 = blob(&store, "b", &[2u8; 3000]);
         let loose = blob(&store, "c", &[3u8; 3000]);
+        let l3 = blob(&store, "a", &[4u8; 3000]);
         let pinned = image(&store, "a", "v1", &[&l1]);
+        // What `a:v1` gives clients accepting only Docker schema 2.
+        let narrow = image(&store, "a", "v1-build", &[&l3]);
+        let s2 = crate::media::Accept::parse([crate::media::DOCKER_MANIFEST.as_bytes()]);
+        let v1: crate::reference::Tag = "v1".parse().expect("tag");
+        store
+            .set_tag_for(&key("a"), &v1, s2, &narrow, 1)
+            .expect("narrow record");
+        // A pinned tag cached only for clients accepting only Docker schema 2.
+        let l4 = blob(&store, "a", &[5u8; 3000]);
+        let narrow_only = image(&store, "a", "v2-build", &[&l4]);
+        let v2: crate::reference::Tag = "v2".parse().expect("tag");
+        store
+            .set_tag_for(&key("a"), &v2, s2, &narrow_only, 1)
+            .expect("narrow record");
+        store.pin(&key("a"), "v2").expect("pin");
         let _other = image(&store, "b", "v1", &[&l2]);
         store.pin(&key("a"), "v1").expect("pin");
         let _hold = store.hold(&loose);
         let report = evict_to(&store, 0).expect("evict");
         assert!(store.manifest_info(&pinned).expect("info").is_some());
         assert!(store.blob_size(&l1).expect("size").is_some());
+        assert!(
+            store.manifest_info(&narrow).expect("info").is_some(),
+            "the pinned tag's manifest for a narrower Accept stays"
+        );
+        assert!(store.blob_size(&l3).expect("size").is_some());
+        assert!(
+            store.manifest_info(&narrow_only).expect("info").is_some(),
+            "a pinned tag cached only for a narrower Accept stays"
+        );
         assert!(
             store.blob_size(&loose).expect("size").is_some(),
             "held blob stays"
@@ -444,7 +486,7 @@ mod tests {
             store.blob_size(&l2).expect("size").is_none(),
             "unpinned image goes: {report:?}"
         );
-        assert_eq!(store.pins().expect("pins").len(), 1);
+        assert_eq!(store.pins().expect("pins").len(), 2);
         assert!(store.unpin(&key("a"), "v1").expect("unpin"));
     }
 }

@@ -19,6 +19,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use crate::media::Accept;
 use crate::reference::{Digest, RepoName, Tag};
 
 /// Version of the database layout this build writes. History:
@@ -31,7 +32,9 @@ pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta")
 pub(crate) const BLOBS: TableDefinition<&str, u64> = TableDefinition::new("blobs");
 /// digest → media type, for blobs that are manifests.
 pub(crate) const MANIFESTS: TableDefinition<&str, &str> = TableDefinition::new("manifests");
-/// `upstream \0 repo \0 tag` → JSON [`TagRecord`].
+/// `upstream \0 repo \0 tag` → JSON [`TagRecord`]: the tag's manifest for the full `Accept`.
+/// `upstream \0 repo \0 tag \0 accept=<set>` → the same for clients accepting only `<set>`
+/// (see [`Accept`]), when that answer is another manifest.
 pub(crate) const TAGS: TableDefinition<&str, &[u8]> = TableDefinition::new("tags");
 /// `upstream \0 repo \0 digest` → unix time the link was made.
 pub(crate) const LINKS: TableDefinition<&str, u64> = TableDefinition::new("links");
@@ -1086,7 +1089,7 @@ impl Store {
         d: &Digest,
         media_type: &str,
         bytes: &[u8],
-        tag: Option<&Tag>,
+        tag: Option<(&Tag, Accept)>,
         subject: Option<(&Digest, &[u8])>,
     ) -> Result<(), StoreError> {
         let refs = manifest_refs(bytes);
@@ -1107,26 +1110,59 @@ impl Store {
                 .map_err(db_err)?;
             tx.commit().map_err(db_err)?;
         }
-        if let Some(tag) = tag {
-            self.set_tag(repo, tag, d, now_millis())?;
+        if let Some((tag, accept)) = tag {
+            self.set_tag_for(repo, tag, accept, d, now_millis())?;
         }
         Ok(())
     }
 
+    /// The `tags` key of a tag's record for clients accepting `accept`.
+    fn tag_key(repo: &RepoKey, tag: &Tag, accept: Accept) -> String {
+        if accept.is_all() {
+            format!("{}{tag}", repo.prefix())
+        } else {
+            format!("{}{tag}\0accept={accept}", repo.prefix())
+        }
+    }
+
+    /// The tag's record for the full `Accept`.
     pub fn tag(&self, repo: &RepoKey, tag: &Tag) -> Result<Option<TagRecord>, StoreError> {
+        self.tag_for(repo, tag, Accept::ALL)
+    }
+
+    /// The tag's record for clients accepting `accept`.
+    pub fn tag_for(
+        &self,
+        repo: &RepoKey,
+        tag: &Tag,
+        accept: Accept,
+    ) -> Result<Option<TagRecord>, StoreError> {
         let tx = self.db.begin_read().map_err(db_err)?;
         let t = tx.open_table(TAGS).map_err(db_err)?;
-        let key = format!("{}{tag}", repo.prefix());
+        let key = Store::tag_key(repo, tag, accept);
         let Some(v) = t.get(key.as_str()).map_err(db_err)? else {
             return Ok(None);
         };
         Ok(serde_json::from_slice(v.value()).ok())
     }
 
+    /// Points the tag's record for the full `Accept` at `d`.
     pub fn set_tag(
         &self,
         repo: &RepoKey,
         tag: &Tag,
+        d: &Digest,
+        checked_at_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.set_tag_for(repo, tag, Accept::ALL, d, checked_at_ms)
+    }
+
+    /// Points the tag's record for clients accepting `accept` at `d`.
+    pub fn set_tag_for(
+        &self,
+        repo: &RepoKey,
+        tag: &Tag,
+        accept: Accept,
         d: &Digest,
         checked_at_ms: u64,
     ) -> Result<(), StoreError> {
@@ -1135,7 +1171,7 @@ impl Store {
             checked_at_ms,
         };
         let value = serde_json::to_vec(&rec).map_err(db_err)?;
-        let key = format!("{}{tag}", repo.prefix());
+        let key = Store::tag_key(repo, tag, accept);
         let tx = self.db.begin_write().map_err(db_err)?;
         tx.open_table(TAGS)
             .map_err(db_err)?
@@ -1153,8 +1189,13 @@ impl Store {
         let mut out = Vec::new();
         for item in t.range(prefix.as_str()..end.as_str()).map_err(db_err)? {
             let (k, _) = item.map_err(db_err)?;
-            if let Some(tag) = k.value().strip_prefix(prefix.as_str()) {
-                out.push(tag.to_owned());
+            // A tag's records for narrower Accept sets (`tag \0 accept=…`) follow its own, if any:
+            // one name per tag.
+            if let Some(rest) = k.value().strip_prefix(prefix.as_str()) {
+                let tag = rest.split('\0').next().unwrap_or(rest);
+                if out.last().map(String::as_str) != Some(tag) {
+                    out.push(tag.to_owned());
+                }
             }
         }
         Ok(out)
@@ -1245,13 +1286,26 @@ mod tests {
                 &d,
                 "application/vnd.oci.image.manifest.v1+json",
                 body,
-                Some(&tag),
+                Some((&tag, Accept::ALL)),
                 None,
             )
             .expect("put");
         let rec = store.tag(&key("x"), &tag).expect("tag").expect("present");
         assert_eq!(rec.digest, d.to_string());
-        assert_eq!(store.tags(&key("x")).expect("tags"), vec!["v1".to_string()]);
+        // The record for a narrower Accept is the tag's, not a tag of its own.
+        let s2 = Accept::parse([crate::media::DOCKER_MANIFEST.as_bytes()]);
+        assert_eq!(store.tag_for(&key("x"), &tag, s2).expect("tag"), None);
+        store.set_tag_for(&key("x"), &tag, s2, &d, 7).expect("set");
+        let narrow = store.tag_for(&key("x"), &tag, s2).expect("tag");
+        assert_eq!(narrow.map(|r| r.checked_at_ms), Some(7));
+        assert_eq!(store.tag(&key("x"), &tag).expect("tag"), Some(rec));
+        let v0: Tag = "v0".parse().expect("tag");
+        store.set_tag_for(&key("x"), &v0, s2, &d, 7).expect("set");
+        assert_eq!(
+            store.tags(&key("x")).expect("tags"),
+            vec!["v0".to_string(), "v1".to_string()],
+            "a tag cached for any Accept is listed once"
+        );
         assert!(store.tags(&key("xy")).expect("tags").is_empty());
         assert_eq!(
             store.read_manifest(&d).expect("read").as_deref(),
@@ -1260,6 +1314,12 @@ mod tests {
         std::fs::write(store.blob_path(&d), b"tampered").expect("tamper");
         assert_eq!(store.read_manifest(&d).expect("read"), None);
         assert_eq!(store.manifest_info(&d).expect("info"), None);
+        // Records that point at a dropped manifest go with it, the narrower Accept's too.
+        store
+            .drop_blobs(&std::collections::BTreeSet::from([d.to_string()]))
+            .expect("drop");
+        assert_eq!(store.tag(&key("x"), &tag).expect("tag"), None);
+        assert_eq!(store.tag_for(&key("x"), &tag, s2).expect("tag"), None);
     }
 
     #[test]

@@ -16,14 +16,9 @@ use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, WWW_AUTHENTICATE};
 use reqwest::{Method, Response, StatusCode};
 
 use crate::config::{Credentials, UpstreamConfig};
+use crate::media::Accept;
 use crate::metrics::Metrics;
 use crate::reference::{Digest, RepoName};
-
-/// Every manifest media type regcache asks for, in the upstream `Accept` header.
-pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
-application/vnd.oci.image.manifest.v1+json, \
-application/vnd.docker.distribution.manifest.list.v2+json, \
-application/vnd.docker.distribution.manifest.v2+json";
 
 /// Most redirects followed for one request.
 pub const MAX_REDIRECTS: usize = 10;
@@ -909,9 +904,15 @@ impl Upstream {
         Err(e)
     }
 
-    fn manifest_headers() -> HeaderMap {
+    /// Asks for the manifest types `accept` names (none: no `Accept`).
+    fn manifest_headers(accept: Accept) -> HeaderMap {
         let mut h = HeaderMap::new();
-        h.insert(ACCEPT, HeaderValue::from_static(MANIFEST_ACCEPT));
+        if let Some(v) = accept
+            .header_value()
+            .and_then(|v| HeaderValue::from_str(&v).ok())
+        {
+            h.insert(ACCEPT, v);
+        }
         h
     }
 
@@ -930,15 +931,21 @@ impl Upstream {
         }
     }
 
-    /// `HEAD /v2/<repo>/manifests/<reference>`.
+    /// `HEAD /v2/<repo>/manifests/<reference>`, for a client accepting `accept`.
     pub async fn head_manifest(
         &self,
         repo: &RepoName,
         reference: &str,
+        accept: Accept,
     ) -> Result<ManifestHead, UpstreamError> {
         let path = format!("/v2/{repo}/manifests/{reference}");
         let resp = self
-            .send(Method::HEAD, Some(repo), &path, Self::manifest_headers())
+            .send(
+                Method::HEAD,
+                Some(repo),
+                &path,
+                Self::manifest_headers(accept),
+            )
             .await?;
         Ok(ManifestHead {
             digest: self.digest_header(&resp)?,
@@ -947,16 +954,22 @@ impl Upstream {
         })
     }
 
-    /// `GET /v2/<repo>/manifests/<reference>`, at most `max` bytes.
+    /// `GET /v2/<repo>/manifests/<reference>` for a client accepting `accept`, at most `max` bytes.
     pub async fn get_manifest(
         &self,
         repo: &RepoName,
         reference: &str,
         max: u64,
+        accept: Accept,
     ) -> Result<FetchedManifest, UpstreamError> {
         let path = format!("/v2/{repo}/manifests/{reference}");
         let resp = self
-            .send(Method::GET, Some(repo), &path, Self::manifest_headers())
+            .send(
+                Method::GET,
+                Some(repo),
+                &path,
+                Self::manifest_headers(accept),
+            )
             .await?;
         let header_digest = self.digest_header(&resp)?;
         let media_type = content_type(&resp);

@@ -7,7 +7,9 @@
 //!
 //! Routes:
 //! - `GET|HEAD /v2/` — `200 {}` with `Docker-Distribution-API-Version: registry/2.0`.
-//! - `GET|HEAD /v2/<name>/manifests/<tag|digest>` — stored media type, `Docker-Content-Digest`.
+//! - `GET|HEAD /v2/<name>/manifests/<tag|digest>` — stored media type, `Docker-Content-Digest`. A
+//!   Docker manifest list asked for by tag without the list type in `Accept` is answered with its
+//!   linux/amd64 child, as distribution does.
 //! - `GET|HEAD /v2/<name>/blobs/<digest>` — octet-stream, single `Range` supported (206 / 416).
 //! - `GET /v2/<name>/tags/list[?n=&last=]` — paginated with a `Link: <...>; rel="next"` header.
 //! - `GET /token?service=..&scope=..` — bearer token issuer (when token auth is on); it can be made
@@ -40,6 +42,8 @@ const STREAM_CHUNK: usize = 64 * 1024;
 pub const SERVICE: &str = "fake-registry";
 /// Media type [`FakeUpstream::add_image`] uses for its manifest.
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+/// Media type of a Docker manifest list.
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 /// Media type [`FakeUpstream::add_image`] uses for its config blob.
 pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 /// Media type [`FakeUpstream::add_image`] uses for its (uncompressed tar) layer.
@@ -299,6 +303,12 @@ impl FakeUpstream {
         lock(&self.state.cfg).stall = on;
     }
 
+    /// While closed, manifest requests are received (and counted) but not answered; opening the
+    /// gate answers them all.
+    pub fn set_manifest_gate(&self, closed: bool) {
+        self.state.manifest_gate.send_replace(closed);
+    }
+
     /// Manifest responses carry a `Docker-Content-Digest` that is valid in form but wrong.
     pub fn set_lying_digest_header(&self, on: bool) {
         lock(&self.state.cfg).lying_digest = on;
@@ -366,6 +376,8 @@ struct State {
     stats: Mutex<Stats>,
     blob_bytes: AtomicU64,
     token_seq: AtomicU64,
+    /// `true` while manifest requests are held ([`FakeUpstream::set_manifest_gate`]).
+    manifest_gate: tokio::sync::watch::Sender<bool>,
 }
 
 impl State {
@@ -380,6 +392,7 @@ impl State {
             stats: Mutex::new(Stats::default()),
             blob_bytes: AtomicU64::new(0),
             token_seq: AtomicU64::new(0),
+            manifest_gate: tokio::sync::watch::Sender::new(false),
         }
     }
 }
@@ -494,6 +507,11 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     let cfg = lock(&state.cfg).clone();
     if cfg.stall {
         std::future::pending::<()>().await;
+    }
+    if path.contains("/manifests/") {
+        let mut gate = state.manifest_gate.subscribe();
+        // An error means the fake is being dropped: answer anyway.
+        let _ = gate.wait_for(|closed| !closed).await;
     }
     let headers = req.headers();
 
@@ -639,6 +657,14 @@ fn registry(
                         r.tags.get(&reference)?.clone()
                     };
                     let (mt, body) = r.manifests.get(&digest)?;
+                    if mt == DOCKER_LIST
+                        && !reference.contains(':')
+                        && !accepts(headers, DOCKER_LIST)
+                    {
+                        let child = amd64_child(body)?;
+                        let (cmt, cbody) = r.manifests.get(&child)?;
+                        return Some((child, cmt.clone(), cbody.clone()));
+                    }
                     Some((digest, mt.clone(), body.clone()))
                 })
             };
@@ -697,6 +723,26 @@ fn registry(
         }
         Route::Tags { name } => tags_list(state, name, query),
     }
+}
+
+/// Whether the request's `Accept` lines name `media_type`.
+fn accepts(headers: &HeaderMap, media_type: &str) -> bool {
+    headers
+        .get_all(http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.split(';').next().unwrap_or("").trim() == media_type)
+}
+
+/// The digest of the linux/amd64 entry of a manifest list.
+fn amd64_child(list: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(list).ok()?;
+    v.get("manifests")?.as_array()?.iter().find_map(|m| {
+        let p = m.get("platform")?;
+        (p.get("architecture")? == "amd64" && p.get("os")? == "linux")
+            .then(|| m.get("digest")?.as_str().map(str::to_owned))?
+    })
 }
 
 fn tags_list(state: &Arc<State>, name: &str, query: Option<&str>) -> Response<Body> {
