@@ -665,6 +665,29 @@ async fn short_blob_is_resumed_then_aborted_and_not_stored() {
     assert!(stored_soon(&rc, &digest), "the good blob is stored");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_blob_of_unannounced_size_never_reaches_the_client_whole() {
+    let (fake, data, digest, rc, url) = blob_behind_regcache("team/chunked", 57).await;
+
+    // No Content-Length: the client cannot tell the last byte from the others, so regcache must
+    // keep at least one back until the digest has been checked. Trickled, so that the client has
+    // caught up with the fill when the last (wrong) chunk arrives.
+    fake.set_unannounced_size(true);
+    fake.set_corrupt_blobs(true);
+    fake.set_slow_blobs(64 << 10, Duration::from_millis(20));
+    let outcome = get_failing_blob(&url, &data, "corrupt blob of unannounced size").await;
+    assert_eq!(fake.blob_gets(&digest), 1, "{outcome}");
+    assert!(
+        !stored(&rc, &digest),
+        "a corrupt blob is not stored ({outcome})"
+    );
+
+    fake.set_corrupt_blobs(false);
+    let r = get(&url).await;
+    assert_whole(&r, &data, "after the fault");
+    assert!(stored_soon(&rc, &digest), "the good blob is stored");
+}
+
 /// `N` of a `bytes=N-` Range header.
 fn range_start(range: &str) -> Option<u64> {
     range
@@ -730,6 +753,80 @@ async fn blob_cut_once_is_resumed_with_range_and_served_whole() {
         r.describe()
     );
     assert_eq!(fake.request_count(), n, "served from the store");
+}
+
+/// How many fills regcache counted as failed for `reason` (`digest`, `upstream`, …).
+fn fills_failed(rc: &Regcache, reason: &str) -> f64 {
+    let text = rc.app.metrics.render();
+    crate::support::process::metric(
+        &text,
+        &format!("regcache_fills_failed_total{{reason=\"{reason}\"}}"),
+    )
+    .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_answered_from_the_wrong_offset_is_refused_and_nothing_wrong_is_sent() {
+    let (fake, data, digest, rc, url) = blob_behind_regcache("team/offset", 56).await;
+
+    // The first response is cut after half the body; the resume is answered 206 from offset 0
+    // (with a Content-Range that says so) instead of from where regcache asked.
+    fake.set_wrong_content_range(true);
+    fake.set_short_blobs(true);
+    let client_get = tokio::spawn({
+        let url = url.clone();
+        async move {
+            let resp = client()
+                .get(&url)
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+            (resp.status(), read_streamed(resp).await)
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fake.blob_gets(&digest) == 0 {
+        assert!(Instant::now() < deadline, "regcache never fetched the blob");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    fake.set_short_blobs(false);
+    let (status, (body, err)) = client_get.await.expect("client task");
+    let reqs = summary(&fake.requests());
+    let ranges: Vec<String> = fake
+        .requests()
+        .iter()
+        .filter_map(|r| r.header("range").map(str::to_owned))
+        .collect();
+    assert_eq!(
+        ranges,
+        vec!["bytes=150000-".to_string()],
+        "one resume, from the cut; upstream saw {reqs:?}"
+    );
+    let first_wrong = body.iter().zip(data.iter()).position(|(a, b)| a != b);
+    assert!(
+        status == StatusCode::OK && err.is_some() && body.len() < data.len(),
+        "the body must end in an error before it is complete: status {status}, {} bytes, error \
+         {err:?}",
+        body.len()
+    );
+    assert_eq!(
+        first_wrong,
+        None,
+        "bytes from the misplaced 206 reached the client ({} bytes received)",
+        body.len()
+    );
+    assert_eq!(
+        (fills_failed(&rc, "upstream"), fills_failed(&rc, "digest")),
+        (1.0, 0.0),
+        "the 206 is refused as an upstream error when it arrives, not appended and caught by the \
+         digest check; upstream saw {reqs:?}"
+    );
+    assert!(!stored(&rc, &digest), "nothing stored");
+
+    fake.set_wrong_content_range(false);
+    let r = get(&url).await;
+    assert_whole(&r, &data, "after the fault");
+    assert!(stored_soon(&rc, &digest), "the good blob is stored");
 }
 
 // ---- 5. lying digest header ---------------------------------------------------------------------
