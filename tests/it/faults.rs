@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::support::fake::{sha256_digest, FakeUpstream, RequestRecord, OCI_MANIFEST};
 use crate::support::images::pseudo_random;
-use crate::support::regcache::{client, config_for, error_code, Regcache};
+use crate::support::regcache::{client, config_for, error_code, stored, Regcache};
 use crate::support::reply::{get, parse_reply, send, Reply};
 
 // ---- helpers ------------------------------------------------------------------------------------
@@ -112,12 +112,6 @@ fn assert_no_requests_since(fake: &FakeUpstream, n: usize, what: &str) {
     );
 }
 
-fn parse_digest(d: &str) -> regcache::reference::Digest {
-    d.parse()
-        .unwrap_or_else(|e| panic!("test digest {d} does not parse: {e}"))
-}
-
-/// Whether regcache's store records the blob (or manifest) `digest`.
 /// Whether the blob is committed within a few seconds: clients get their last byte once the
 /// digest is verified, and the commit (fsync, rename, database) follows.
 fn stored_soon(rc: &Regcache, digest: &str) -> bool {
@@ -129,15 +123,6 @@ fn stored_soon(rc: &Regcache, digest: &str) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
     false
-}
-
-fn stored(rc: &Regcache, digest: &str) -> bool {
-    rc.app
-        .cache
-        .store
-        .blob_size(&parse_digest(digest))
-        .expect("store: blob_size")
-        .is_some()
 }
 
 /// Milliseconds into the current wall-clock second.
@@ -603,27 +588,40 @@ async fn get_failing_blob(url: &str, data: &Bytes, what: &str) -> String {
     format!("body cut after {} bytes: {err:?}", got.len())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn corrupt_blob_aborts_the_client_body_and_is_not_stored() {
-    let (fake, data, digest, rc, url) = blob_behind_regcache("team/corrupt", 4).await;
-
+/// GETs the blob of [`blob_behind_regcache`] while the fake serves it corrupt (`what` says how
+/// else it misbehaves): the body fails and nothing is stored. Then, with the fault gone, the blob
+/// is fetched again, served whole and stored.
+async fn corrupt_fill_fails_then_the_blob_is_fetched_again(
+    (fake, data, digest, rc, url): (&FakeUpstream, &Bytes, &str, &Regcache, &str),
+    what: &str,
+) {
     fake.set_corrupt_blobs(true);
-    let outcome = get_failing_blob(&url, &data, "corrupt blob").await;
-    assert_eq!(fake.blob_gets(&digest), 1, "{outcome}");
+    let outcome = get_failing_blob(url, data, what).await;
+    assert_eq!(fake.blob_gets(digest), 1, "{outcome}");
     assert!(
-        !stored(&rc, &digest),
-        "a corrupt blob must not be stored ({outcome})"
+        !stored(rc, digest),
+        "{what}: a corrupt blob must not be stored ({outcome})"
     );
 
     fake.set_corrupt_blobs(false);
-    let r = get(&url).await;
-    assert_whole(&r, &data, "after the fault");
+    let r = get(url).await;
+    assert_whole(&r, data, "after the fault");
     assert_eq!(
-        fake.blob_gets(&digest),
+        fake.blob_gets(digest),
         2,
         "the blob is fetched again after the corrupt fill ({outcome})"
     );
-    assert!(stored_soon(&rc, &digest), "the good blob is stored");
+    assert!(stored_soon(rc, digest), "the good blob is stored");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_blob_aborts_the_client_body_and_is_not_stored() {
+    let (fake, data, digest, rc, url) = blob_behind_regcache("team/corrupt", 4).await;
+    corrupt_fill_fails_then_the_blob_is_fetched_again(
+        (&fake, &data, &digest, &rc, &url),
+        "corrupt blob",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -673,19 +671,12 @@ async fn a_corrupt_blob_of_unannounced_size_never_reaches_the_client_whole() {
     // keep at least one back until the digest has been checked. Trickled, so that the client has
     // caught up with the fill when the last (wrong) chunk arrives.
     fake.set_unannounced_size(true);
-    fake.set_corrupt_blobs(true);
     fake.set_slow_blobs(64 << 10, Duration::from_millis(20));
-    let outcome = get_failing_blob(&url, &data, "corrupt blob of unannounced size").await;
-    assert_eq!(fake.blob_gets(&digest), 1, "{outcome}");
-    assert!(
-        !stored(&rc, &digest),
-        "a corrupt blob is not stored ({outcome})"
-    );
-
-    fake.set_corrupt_blobs(false);
-    let r = get(&url).await;
-    assert_whole(&r, &data, "after the fault");
-    assert!(stored_soon(&rc, &digest), "the good blob is stored");
+    corrupt_fill_fails_then_the_blob_is_fetched_again(
+        (&fake, &data, &digest, &rc, &url),
+        "corrupt blob of unannounced size",
+    )
+    .await;
 }
 
 /// `N` of a `bytes=N-` Range header.
@@ -697,15 +688,25 @@ fn range_start(range: &str) -> Option<u64> {
         .ok()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn blob_cut_once_is_resumed_with_range_and_served_whole() {
-    let (fake, data, digest, rc, url) = blob_behind_regcache("team/flaky", 55).await;
+/// The `Range` headers of the requests `fake` received, in order.
+fn ranges_asked(fake: &FakeUpstream) -> Vec<String> {
+    fake.requests()
+        .iter()
+        .filter_map(|r| r.header("range").map(str::to_owned))
+        .collect()
+}
 
-    // The first upstream response is cut after half the body (50 ms after the last byte sent);
-    // the switch is off again before regcache asks for the rest.
+/// GETs `url` while the first upstream response for `digest` is cut after half the body (50 ms
+/// after the last byte sent); the switch is off again before regcache asks for the rest. Returns
+/// the status, the body and the error that ended it.
+async fn get_with_the_first_upstream_answer_cut(
+    fake: &FakeUpstream,
+    digest: &str,
+    url: &str,
+) -> (StatusCode, (Vec<u8>, Option<String>)) {
     fake.set_short_blobs(true);
     let client_get = tokio::spawn({
-        let url = url.clone();
+        let url = url.to_owned();
         async move {
             let resp = client()
                 .get(&url)
@@ -716,12 +717,19 @@ async fn blob_cut_once_is_resumed_with_range_and_served_whole() {
         }
     });
     let deadline = Instant::now() + Duration::from_secs(10);
-    while fake.blob_gets(&digest) == 0 {
+    while fake.blob_gets(digest) == 0 {
         assert!(Instant::now() < deadline, "regcache never fetched the blob");
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     fake.set_short_blobs(false);
-    let (status, (body, err)) = client_get.await.expect("client task");
+    client_get.await.expect("client task")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blob_cut_once_is_resumed_with_range_and_served_whole() {
+    let (fake, data, digest, rc, url) = blob_behind_regcache("team/flaky", 55).await;
+
+    let (status, (body, err)) = get_with_the_first_upstream_answer_cut(&fake, &digest, &url).await;
     let reqs = summary(&fake.requests());
     assert!(
         status == StatusCode::OK && err.is_none() && body[..] == data[..],
@@ -734,11 +742,7 @@ async fn blob_cut_once_is_resumed_with_range_and_served_whole() {
         2,
         "one resume; upstream saw {reqs:?}"
     );
-    let ranges: Vec<String> = fake
-        .requests()
-        .iter()
-        .filter_map(|r| r.header("range").map(str::to_owned))
-        .collect();
+    let ranges = ranges_asked(&fake);
     assert_eq!(
         ranges,
         vec!["bytes=150000-".to_string()],
@@ -772,31 +776,9 @@ async fn a_resume_answered_from_the_wrong_offset_is_refused_and_nothing_wrong_is
     // The first response is cut after half the body; the resume is answered 206 from offset 0
     // (with a Content-Range that says so) instead of from where regcache asked.
     fake.set_wrong_content_range(true);
-    fake.set_short_blobs(true);
-    let client_get = tokio::spawn({
-        let url = url.clone();
-        async move {
-            let resp = client()
-                .get(&url)
-                .send()
-                .await
-                .unwrap_or_else(|e| panic!("GET {url}: {e}"));
-            (resp.status(), read_streamed(resp).await)
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while fake.blob_gets(&digest) == 0 {
-        assert!(Instant::now() < deadline, "regcache never fetched the blob");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    fake.set_short_blobs(false);
-    let (status, (body, err)) = client_get.await.expect("client task");
+    let (status, (body, err)) = get_with_the_first_upstream_answer_cut(&fake, &digest, &url).await;
     let reqs = summary(&fake.requests());
-    let ranges: Vec<String> = fake
-        .requests()
-        .iter()
-        .filter_map(|r| r.header("range").map(str::to_owned))
-        .collect();
+    let ranges = ranges_asked(&fake);
     assert_eq!(
         ranges,
         vec!["bytes=150000-".to_string()],
