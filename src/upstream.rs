@@ -948,24 +948,25 @@ impl Upstream {
             }
         }
         let resp = self.send(Method::GET, Some(repo), &path, h).await?;
-        if from > 0 && resp.status() != StatusCode::PARTIAL_CONTENT {
-            return Err(UpstreamError::Invalid {
-                upstream: self.name().to_owned(),
-                detail: format!(
-                    "asked for bytes from {from} but got status {}",
-                    resp.status()
-                ),
-            });
+        if from == 0 {
+            return Ok(resp);
         }
-        if from > 0 {
-            let range = resp
-                .headers()
-                .get(reqwest::header::CONTENT_RANGE)
-                .map(|v| v.to_str().unwrap_or("(not text)"));
-            check_content_range(range, from, total).map_err(|detail| UpstreamError::Invalid {
+        let range = resp
+            .headers()
+            .get(reqwest::header::CONTENT_RANGE)
+            .map(|v| v.to_str().unwrap_or("(not text)"));
+        let checked = if resp.status() == StatusCode::PARTIAL_CONTENT {
+            check_content_range(range, from, total)
+        } else {
+            Err(format!("got status {}", resp.status()))
+        };
+        if let Err(detail) = checked {
+            let e = UpstreamError::Invalid {
                 upstream: self.name().to_owned(),
                 detail: format!("asked for bytes from {from}: {detail}"),
-            })?;
+            };
+            self.record_failure(&e);
+            return Err(e);
         }
         Ok(resp)
     }

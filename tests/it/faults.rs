@@ -803,6 +803,15 @@ async fn a_resume_answered_from_the_wrong_offset_is_refused_and_nothing_wrong_is
         "the 206 is refused as an upstream error when it arrives, not appended and caught by the \
          digest check; upstream saw {reqs:?}"
     );
+    let text = rc.app.metrics.render();
+    assert_eq!(
+        crate::support::process::metric(
+            &text,
+            "regcache_upstream_errors_total{upstream=\"docker\",kind=\"invalid\"}"
+        ),
+        Some(1.0),
+        "the refused 206 is counted as an invalid upstream answer:\n{text}"
+    );
     assert!(!stored(&rc, &digest), "nothing stored");
 
     fake.set_wrong_content_range(false);
