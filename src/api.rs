@@ -926,9 +926,9 @@ async fn blob(
                 BodyExt::boxed(StreamBody::new(s))
             }
         },
-        BlobSource::Fill(f) => {
+        BlobSource::Fill(reader) => {
             let lane = lane.map(|l| Arc::clone(&l.0));
-            channel_body(cache::stream_fill(f, lane, start, end))
+            channel_body(cache::stream_fill(reader, lane, start, end))
         }
         BlobSource::Empty => empty(),
     };

@@ -26,6 +26,8 @@ pub struct Metrics {
     pub upstream_state_changes: Family<Labels, Counter>,
     pub fill_seconds: Family<Labels, Histogram, fn() -> Histogram>,
     pub fills_failed: Family<Labels, Counter>,
+    /// Blob bytes that fills on a full disk hold in memory.
+    pub fill_memory: Gauge,
     pub store_blobs: Gauge,
     pub store_bytes: Gauge,
     pub store_free_bytes: Gauge,
@@ -68,6 +70,7 @@ impl Metrics {
             upstream_state_changes: Family::default(),
             fill_seconds: Family::new_with_constructor(fill_histogram as fn() -> Histogram),
             fills_failed: Family::default(),
+            fill_memory: Gauge::default(),
             store_blobs: Gauge::default(),
             store_bytes: Gauge::default(),
             store_free_bytes: Gauge::default(),
@@ -133,6 +136,12 @@ impl Metrics {
             "fills_failed",
             "Blob fills that failed, by reason",
             m.fills_failed.clone(),
+        );
+        registry.register(
+            "fill_memory_bytes",
+            "Blob bytes held in memory by fills on a full disk (limits.fill_memory bounds what is \
+             kept for later clients to join)",
+            m.fill_memory.clone(),
         );
         registry.register(
             "store_blobs",

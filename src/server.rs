@@ -162,7 +162,11 @@ impl App {
             Some(t) => Some(Arc::new(crate::tls::CertReloader::new(&t.cert, &t.key)?)),
             None => None,
         };
-        cache.set_fill_limits(config.limits.max_fills, config.limits.fill_wait);
+        cache.set_fill_limits(
+            config.limits.max_fills,
+            config.limits.fill_wait,
+            config.limits.fill_memory,
+        );
         log_warnings(&config);
         let routing = Routing::build(config, &metrics, None)?;
         Ok(Arc::new(App {
@@ -229,8 +233,11 @@ impl App {
             );
         }
         log_warnings(&config);
-        self.cache
-            .set_fill_limits(config.limits.max_fills, config.limits.fill_wait);
+        self.cache.set_fill_limits(
+            config.limits.max_fills,
+            config.limits.fill_wait,
+            config.limits.fill_memory,
+        );
         let config = Config {
             data_dir: old.data_dir.clone(),
             listen: old.listen,

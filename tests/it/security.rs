@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::support::fake::{sha256_digest, FakeUpstream, OCI_MANIFEST};
-use crate::support::regcache::{client, config_for, error_code, Regcache};
+use crate::support::regcache::{client, config_for, error_code, stored, Regcache};
 use crate::support::reply::{get, parse_reply, send, Reply};
 
 // ---- helpers ------------------------------------------------------------------------------------
@@ -112,16 +112,6 @@ fn metric(text: &str, prefix: &str) -> f64 {
         .filter(|l| l.starts_with(prefix))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
-}
-
-fn stored(rc: &Regcache, digest: &str) -> bool {
-    let d: regcache::reference::Digest = digest.parse().expect("test digest");
-    rc.app
-        .cache
-        .store
-        .blob_size(&d)
-        .expect("store: blob_size")
-        .is_some()
 }
 
 /// A GET whose body must not arrive complete: `(status, bytes received, stream error)`.
