@@ -121,6 +121,7 @@ async fn call(method: reqwest::Method, url: String) -> anyhow::Result<serde_json
         .build()?;
     let resp = client
         .request(method, &url)
+        .header(crate::api::OPERATOR_HEADER, "1")
         .send()
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach the running regcache at {url}: {e}"))?;
@@ -257,7 +258,7 @@ pub fn verify(args: VerifyArgs) -> ExitCode {
                     if let Some(n) = args.sample {
                         u = format!("{u}&sample={n}");
                     }
-                    call(reqwest::Method::GET, u).await
+                    call(reqwest::Method::POST, u).await
                 }
             }
         })

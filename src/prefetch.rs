@@ -683,7 +683,12 @@ async fn prefetch_inner(
             ctx.server,
             crate::admin::urlencode(&job.shown)
         );
-        let resp = ctx.client.post(&url).send().await?;
+        let resp = ctx
+            .client
+            .post(&url)
+            .header(crate::api::OPERATOR_HEADER, "1")
+            .send()
+            .await?;
         if !resp.status().is_success() {
             let status = resp.status();
             let body = resp.bytes().await.unwrap_or_default();

@@ -108,7 +108,12 @@ fn prefetched_images_are_pulled_with_the_upstream_black_holed_and_a_second_run_m
     assert_eq!(again["fetched_bytes"], 0, "{again}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("already cached"));
 
-    let pins = http_get(rc.addr(), "/_regcache/pins", &[]).expect("pins");
+    let pins = http_get(
+        rc.addr(),
+        "/_regcache/pins",
+        &[("x-regcache-operator", "1")],
+    )
+    .expect("pins");
     let pins = String::from_utf8_lossy(&pins.body);
     assert!(
         pins.contains("big/image:latest") && pins.contains("multi/docker:latest"),

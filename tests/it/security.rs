@@ -921,6 +921,182 @@ async fn htpasswd_guards_everything_but_health_probes() {
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
 }
 
+// ---- operator endpoints -------------------------------------------------------------------------
+
+/// The header `regcache gc`, `verify` and `pin` send to the operator endpoints.
+const OPERATOR: (&str, &str) = ("x-regcache-operator", "1");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_endpoints_refuse_what_a_web_page_can_send_and_change_nothing() {
+    let fake = FakeUpstream::start().await;
+    let (_, layer) = fake.add_image("team/app", "v1", Bytes::from(vec![7u8; 64 << 10]));
+    let rc = Regcache::start(&config_for(&fake.url(), "", ""));
+    let u = rc.url();
+    let c = client();
+    let r = send(
+        c.get(format!("{u}/v2/team/app/manifests/v1"))
+            .header("accept", OCI_MANIFEST),
+        "manifest",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.describe());
+    let r = send(c.get(format!("{u}/v2/team/app/blobs/{layer}")), "blob").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.describe());
+    // The fill commits right after the last byte is sent: wait for it.
+    for _ in 0..100 {
+        if stored(&rc, &layer) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(stored(&rc, &layer), "the layer is stored");
+    let used = rc.app.cache.store.used_bytes();
+    let pins = || {
+        rc.app
+            .routing()
+            .pin_names(&rc.app.cache.store)
+            .expect("pin names")
+    };
+
+    // What a page on any site can make the browser send without a CORS preflight: a form POST
+    // (or a plain GET, an <img>), with the page's Origin and no custom header.
+    let targets = [
+        (http::Method::POST, "/_regcache/gc?target=0"),
+        (http::Method::GET, "/_regcache/verify?repair=true"),
+        (http::Method::POST, "/_regcache/verify?repair=true"),
+        (http::Method::POST, "/_regcache/pins?image=team/app:v1"),
+        (http::Method::GET, "/_regcache/pins"),
+    ];
+    for (method, path) in &targets {
+        for origin in ["http://evil.example", "null"] {
+            let what = format!("{method} {path} as a form from {origin}");
+            let r = send(
+                c.request(method.clone(), format!("{u}{path}"))
+                    .header("content-type", "application/x-www-form-urlencoded")
+                    .header("origin", origin)
+                    .body("a=b"),
+                &what,
+            )
+            .await;
+            assert_oci(&r, 403, "DENIED", &what);
+        }
+        // Without an Origin (a page that managed to drop it) and without the operator header.
+        let what = format!("{method} {path} without the operator header");
+        let r = send(
+            c.request(method.clone(), format!("{u}{path}"))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body("a=b"),
+            &what,
+        )
+        .await;
+        assert_oci(&r, 403, "DENIED", &what);
+        // The operator header does not help a request that carries an Origin: a page can send
+        // it only after a preflight, which regcache never grants.
+        let what = format!("{method} {path} with the operator header and an Origin");
+        let r = send(
+            c.request(method.clone(), format!("{u}{path}"))
+                .header(OPERATOR.0, OPERATOR.1)
+                .header("origin", "http://evil.example"),
+            &what,
+        )
+        .await;
+        assert_oci(&r, 403, "DENIED", &what);
+    }
+    // A preflight is never granted.
+    let r = send(
+        c.request(http::Method::OPTIONS, format!("{u}/_regcache/gc"))
+            .header("origin", "http://evil.example")
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", OPERATOR.0),
+        "preflight",
+    )
+    .await;
+    assert!(
+        !r.status.is_success() && r.header("access-control-allow-origin").is_none(),
+        "preflight: {}",
+        r.describe()
+    );
+    // DNS rebinding: a page whose name now resolves to 127.0.0.1 is same-origin, may send any
+    // header on a GET, and sends no Origin. Its Host header names the page's host.
+    let r = raw(
+        rc.addr(),
+        format!(
+            "GET /_regcache/pins HTTP/1.1\r\nHost: rebind.example:{}\r\n{}: {}\r\n\
+             Connection: close\r\n\r\n",
+            rc.addr().port(),
+            OPERATOR.0,
+            OPERATOR.1
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_oci(&r, 403, "DENIED", "GET /_regcache/pins with a foreign Host");
+
+    assert_eq!(
+        rc.app.cache.store.used_bytes(),
+        used,
+        "nothing was evicted by the refused requests"
+    );
+    assert!(pins().is_empty(), "nothing was pinned: {:?}", pins());
+    let r = send(
+        c.get(format!("{u}/v2/team/app/blobs/{layer}")),
+        "blob again",
+    )
+    .await;
+    assert_eq!(
+        r.header("x-regcache-cache"),
+        Some("hit"),
+        "still cached: {}",
+        r.describe()
+    );
+
+    // What the commands send works: POST (DELETE) with the header, no Origin.
+    let op = |method: http::Method, path: &str| {
+        c.request(method, format!("{u}{path}"))
+            .header(OPERATOR.0, OPERATOR.1)
+    };
+    let r = send(
+        op(http::Method::GET, "/_regcache/verify"),
+        "GET verify with the header",
+    )
+    .await;
+    assert_oci(
+        &r,
+        405,
+        "UNSUPPORTED",
+        "GET /_regcache/verify (it is a POST)",
+    );
+    assert_eq!(r.header("allow"), Some("POST"), "{}", r.describe());
+    let r = send(
+        op(http::Method::POST, "/_regcache/verify?repair=true"),
+        "verify",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "verify: {}", r.describe());
+    let r = send(
+        op(http::Method::POST, "/_regcache/pins?image=team/app:v1"),
+        "pin",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "pin: {}", r.describe());
+    assert_eq!(pins(), vec!["team/app:v1".to_string()]);
+    let r = send(op(http::Method::GET, "/_regcache/pins"), "pins").await;
+    assert_eq!(r.status, StatusCode::OK, "pins: {}", r.describe());
+    let r = send(
+        op(http::Method::DELETE, "/_regcache/pins?image=team/app:v1"),
+        "unpin",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "unpin: {}", r.describe());
+    let r = send(op(http::Method::POST, "/_regcache/gc?target=0"), "gc").await;
+    assert_eq!(r.status, StatusCode::OK, "gc: {}", r.describe());
+    assert_eq!(
+        rc.app.cache.store.used_bytes(),
+        0,
+        "gc with the header evicts"
+    );
+}
+
 #[test]
 fn htpasswd_with_other_hash_kinds_is_a_config_error_naming_the_line() {
     let dir = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
