@@ -557,7 +557,19 @@ async fn admin(
                 .ok_or_else(|| bad_request("the image parameter is required"))?;
             let r = crate::reference::ImageRef::parse(image)?;
             let route = app.route(&r.name, None)?;
-            let reference = r.reference().to_string();
+            let reference = r.reference();
+            if method == Method::POST {
+                // Through the cache, so that an image not cached yet is fetched; one that does
+                // not exist (or cannot be had now) is not pinned.
+                app.cache.manifest(&route, &reference).await.map_err(|e| {
+                    let e = cache_error(e, Object::Manifest);
+                    ApiError {
+                        message: format!("cannot pin {image}: {}", e.message),
+                        ..e
+                    }
+                })?;
+            }
+            let reference = reference.to_string();
             let store = &app.cache.store;
             let changed = if method == Method::POST {
                 store.pin(&route.key(), &reference).map(|()| true)

@@ -490,7 +490,8 @@ async fn get_manifest(
     Ok((media_type, v, digest))
 }
 
-fn error_message(body: &[u8]) -> String {
+/// The code and message of an OCI error body (`{"errors":[…]}`), else the start of the body.
+pub fn error_message(body: &[u8]) -> String {
     serde_json::from_slice::<serde_json::Value>(body)
         .ok()
         .and_then(|v| {

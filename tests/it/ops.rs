@@ -717,3 +717,88 @@ async fn gc_verify_repair_and_pin_commands_work_against_a_running_server() {
     );
     assert_eq!(rc.app.cache.store.used_bytes(), 0, "gc evicted everything");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pin_add_resolves_the_image_and_refuses_one_that_does_not_exist() {
+    let fake = FakeUpstream::start().await;
+    fake.add_image("team/app", "v1", Bytes::from_static(b"layer"));
+    fake.add_image("team/other", "v2", Bytes::from_static(b"other layer"));
+    let mut rc = Regcache::with_upstream(&fake.url());
+    let url = rc.url();
+    let pins = |rc: &Regcache| {
+        rc.app
+            .routing()
+            .pin_names(&rc.app.cache.store)
+            .expect("pin names")
+    };
+
+    // Against a running server: resolved through the cache, so an uncached image is fetched.
+    let out = command(&["pin", "add", "library/nothing:nope", "--server", &url]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        stderr.contains("cannot pin library/nothing:nope") && stderr.contains("MANIFEST_UNKNOWN"),
+        "the error names the image and why: {}",
+        describe(&out)
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("pinned"),
+        "{}",
+        describe(&out)
+    );
+    assert!(pins(&rc).is_empty(), "nothing pinned: {:?}", pins(&rc));
+    let out = command(&["pin", "add", "team/app:v1", "--server", &url]).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "pinned team/app:v1"
+    );
+    assert_eq!(pins(&rc), vec!["team/app:v1".to_string()]);
+    assert_eq!(
+        fake.hits("GET", "/v2/team/app/manifests/v1"),
+        1,
+        "pinning fetched the manifest through the cache: {:?}",
+        fake.requests()
+    );
+    let out = command(&["pin", "list", "--server", &url]).await;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "team/app:v1",
+        "{}",
+        describe(&out)
+    );
+
+    // Offline, on the data directory: only what is stored can be pinned.
+    let _keep = rc.take_dir();
+    let dir = rc.data_dir().to_owned();
+    // Dropping the server releases the store's lock.
+    drop(rc);
+    let config = dir.join("offline.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n[upstreams.docker]\nurl = \"{}\"\n",
+            dir.display().to_string(),
+            fake.url()
+        ),
+    )
+    .expect("config");
+    let cfg = config.display().to_string();
+    let out = command(&["pin", "add", "team/other:v2", "--config", &cfg]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        stderr.contains("cannot pin team/other:v2") && stderr.contains("not stored"),
+        "offline, an image that is not stored cannot be fetched, and the error says so: {}",
+        describe(&out)
+    );
+    let out = command(&["pin", "add", "team/app:v1", "--config", &cfg]).await;
+    assert!(out.status.success(), "a stored image: {}", describe(&out));
+    let out = command(&["pin", "list", "--config", &cfg]).await;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "team/app:v1",
+        "{}",
+        describe(&out)
+    );
+}
