@@ -351,7 +351,30 @@ pub fn parse_dockerfile(
 struct Job {
     reference: ImageRef,
     shown: String,
+    /// The repository the server keeps it under ([`Names::repo`]): one key for every spelling.
+    repo: String,
     platforms: Vec<Platform>,
+}
+
+/// Normalises image names the way the server routes them (`Routing::route`): `busybox`,
+/// `library/busybox`, `docker.io/library/busybox` and `index.docker.io/busybox` are one repository
+/// of the default upstream. Without a configuration to route with, names are compared as written.
+struct Names(Option<crate::server::Routing>);
+
+impl Names {
+    fn new(config: Option<crate::config::Config>) -> Names {
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        Names(config.and_then(|c| crate::server::Routing::build(c, &metrics, None).ok()))
+    }
+
+    /// `upstream NUL repository` for a name the configuration routes; the name itself otherwise
+    /// (the server then says what is wrong with it).
+    fn repo(&self, name: &str) -> String {
+        match self.0.as_ref().map(|r| r.route(name, None)) {
+            Some(Ok(route)) => format!("{}\0{}", route.upstream.name(), route.repo),
+            _ => name.to_owned(),
+        }
+    }
 }
 
 /// What happened to one image.
@@ -370,10 +393,16 @@ struct Outcome {
     already_cached: bool,
 }
 
+/// A blob of one repository handled during this run: its size once the server holds it.
+type BlobCell = Arc<tokio::sync::OnceCell<u64>>;
+
 struct Ctx {
     client: reqwest::Client,
     server: String,
     blob_slots: tokio::sync::Semaphore,
+    /// Blobs by repository and digest, so that images sharing a blob (the same image by tag and
+    /// by digest, platforms of one index, layers in common) move it once.
+    blobs: std::sync::Mutex<HashMap<(String, String), BlobCell>>,
     multi: indicatif::MultiProgress,
     overall: indicatif::ProgressBar,
     terminal: bool,
@@ -385,7 +414,7 @@ fn usage_error(msg: impl std::fmt::Display) -> ExitCode {
 }
 
 /// Builds the job list; every error here is a usage error, before anything is fetched.
-fn jobs(args: &PrefetchArgs) -> Result<Vec<Job>, String> {
+fn jobs(args: &PrefetchArgs, names: &Names) -> Result<Vec<Job>, String> {
     let default_platforms: Vec<Platform> = if args.platforms.is_empty() {
         vec![Platform::host()]
     } else {
@@ -438,8 +467,14 @@ fn jobs(args: &PrefetchArgs) -> Result<Vec<Job>, String> {
             Some(p) => vec![Platform::parse(&p).map_err(|e| format!("{origin}: {e}"))?],
             None => default_platforms.clone(),
         };
-        let shown = reference.to_string();
-        if let Some(existing) = out.iter_mut().find(|j| j.shown == shown) {
+        // One job per repository and reference (the digest when given, as docker pulls it): the
+        // first spelling names it.
+        let repo = names.repo(&reference.name);
+        let wanted = reference.reference();
+        if let Some(existing) = out
+            .iter_mut()
+            .find(|j| j.repo == repo && j.reference.reference() == wanted)
+        {
             for p in platforms {
                 if !existing.platforms.contains(&p) {
                     existing.platforms.push(p);
@@ -447,8 +482,9 @@ fn jobs(args: &PrefetchArgs) -> Result<Vec<Job>, String> {
             }
         } else {
             out.push(Job {
+                shown: reference.to_string(),
                 reference,
-                shown,
+                repo,
                 platforms,
             });
         }
@@ -503,6 +539,41 @@ pub fn error_message(body: &[u8]) -> String {
             ))
         })
         .unwrap_or_else(|| String::from_utf8_lossy(body).chars().take(200).collect())
+}
+
+/// [`fetch_blob`] once per repository and digest in this run; later callers wait for the first
+/// and move nothing.
+async fn fetch_blob_once(
+    ctx: &Ctx,
+    repo: &str,
+    name: &str,
+    digest: &str,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<(u64, u64)> {
+    let cell = Arc::clone(
+        ctx.blobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((repo.to_owned(), digest.to_owned()))
+            .or_default(),
+    );
+    let mut ran = None;
+    let size = *cell
+        .get_or_try_init(|| async {
+            let (size, moved) = fetch_blob(ctx, name, digest, bar).await?;
+            ran = Some(moved);
+            anyhow::Ok(size)
+        })
+        .await?;
+    match ran {
+        Some(moved) => Ok((size, moved)),
+        None => {
+            // Handled for another image of this run: its progress is complete.
+            bar.inc(size);
+            ctx.overall.inc(size);
+            Ok((size, 0))
+        }
+    }
 }
 
 /// Makes sure the server holds one blob; returns (size, bytes moved).
@@ -668,9 +739,12 @@ async fn prefetch_inner(
         bar.set_style(style);
     }
     bar.set_message(job.shown.clone());
-    let results =
-        futures_util::future::join_all(blobs.iter().map(|(d, _)| fetch_blob(ctx, name, d, &bar)))
-            .await;
+    let results = futures_util::future::join_all(
+        blobs
+            .iter()
+            .map(|(d, _)| fetch_blob_once(ctx, &job.repo, name, d, &bar)),
+    )
+    .await;
     bar.finish_and_clear();
     for r in results {
         let (size, moved) = r?;
@@ -723,24 +797,29 @@ fn line_for(o: &Outcome) -> String {
 }
 
 pub fn run(args: PrefetchArgs) -> ExitCode {
-    let jobs = match jobs(&args) {
+    // The configuration names the server (without --server) and routes names like it does.
+    let (config, server) = match (args.config.load(None), &args.server) {
+        (Ok(c), Some(s)) => (Some(c), s.trim_end_matches('/').to_owned()),
+        (Ok(c), None) => {
+            let scheme = if c.tls.is_some() { "https" } else { "http" };
+            let url = format!("{scheme}://{}", c.listen);
+            (Some(c), url)
+        }
+        (Err(e), None) => return usage_error(e),
+        (Err(e), Some(s)) => {
+            eprintln!(
+                "regcache prefetch: warning: {e}; images are merged only when written the same way"
+            );
+            (None, s.trim_end_matches('/').to_owned())
+        }
+    };
+    let jobs = match jobs(&args, &Names::new(config)) {
         Ok(j) => j,
         Err(e) => return usage_error(e),
     };
     if args.concurrency == 0 {
         return usage_error("--concurrency must be at least 1");
     }
-    let server = match &args.server {
-        Some(s) => s.trim_end_matches('/').to_owned(),
-        None => match args.config.load(None) {
-            Ok(c) => format!(
-                "{}://{}",
-                if c.tls.is_some() { "https" } else { "http" },
-                c.listen
-            ),
-            Err(e) => return usage_error(e),
-        },
-    };
     if args.dry_run {
         for j in &jobs {
             let platforms = if args.all_platforms {
@@ -831,6 +910,7 @@ pub fn run(args: PrefetchArgs) -> ExitCode {
         client,
         server,
         blob_slots: tokio::sync::Semaphore::new(args.concurrency),
+        blobs: std::sync::Mutex::new(HashMap::new()),
         multi,
         overall,
         terminal,

@@ -252,3 +252,68 @@ fn prefetch_sends_credentials_to_an_htpasswd_protected_regcache() {
     let out = prefetch(&rc.url(), &["small/oci:latest", "--auth", "no-colon"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetch_fetches_an_image_once_however_its_reference_is_spelled() {
+    let fake = crate::support::fake::FakeUpstream::start().await;
+    let layer = bytes::Bytes::from(vec![5u8; 1 << 20]);
+    let (manifest, layer_digest) = fake.add_image("library/busybox", "1.36", layer);
+    let rc = Regcache::with_upstream(&fake.url());
+    let server = rc.url();
+    let spellings = [
+        "busybox:1.36".to_owned(),
+        "docker.io/library/busybox:1.36".to_owned(),
+        "index.docker.io/busybox:1.36".to_owned(),
+        format!("busybox:1.36@{manifest}"),
+        format!("docker.io/library/busybox@{manifest}"),
+    ];
+    let mut args: Vec<&str> = vec!["--json"];
+    args.extend(spellings.iter().map(String::as_str));
+    let out = tokio::task::spawn_blocking({
+        let (server, args): (String, Vec<String>) =
+            (server.clone(), args.iter().map(|a| a.to_string()).collect());
+        move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            prefetch(&server, &args)
+        }
+    })
+    .await
+    .expect("prefetch thread");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON summary");
+    let images: Vec<&str> = summary["images"]
+        .as_array()
+        .expect("images")
+        .iter()
+        .filter_map(|i| i["image"].as_str())
+        .collect();
+    assert_eq!(
+        images,
+        vec!["busybox:1.36", spellings[3].as_str()],
+        "one entry per image, named by its first spelling: {summary}"
+    );
+    // The layer and the config blob, each counted once.
+    let image_bytes = summary["images"][0]["bytes"].as_u64().expect("bytes");
+    assert!(image_bytes > 1 << 20, "{summary}");
+    assert_eq!(
+        summary["fetched_bytes"].as_u64(),
+        Some(image_bytes),
+        "each blob crosses to the prefetcher once: {summary}"
+    );
+    let blob_gets = rc
+        .app
+        .metrics
+        .render()
+        .lines()
+        .filter(|l| l.starts_with("regcache_requests_total{route=\"blob\",status=\"200\"}"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>();
+    assert_eq!(
+        fake.blob_gets(&layer_digest),
+        1,
+        "the upstream sent the layer once"
+    );
+    // Two HEADs (config and layer), then two GETs, whatever the number of spellings.
+    assert_eq!(blob_gets, 4.0, "blob requests answered by regcache");
+}
