@@ -134,218 +134,6 @@ impl std::fmt::Display for Platform {
     }
 }
 
-/// An image found in a Dockerfile, with the platform its FROM asked for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DockerfileImage {
-    pub image: String,
-    pub platform: Option<String>,
-    pub line: usize,
-}
-
-/// Substitutes `$VAR`, `${VAR}`, `${VAR:-default}` and `${VAR:+alt}` from `vars`.
-fn substitute(s: &str, vars: &HashMap<String, String>) -> String {
-    let mut out = String::new();
-    let chars: Vec<char> = s.chars().collect();
-    let mut i = 0;
-    while i < chars.len() {
-        if chars[i] != '$' || i + 1 >= chars.len() {
-            out.push(chars[i]);
-            i += 1;
-            continue;
-        }
-        if chars[i + 1] == '{' {
-            let Some(close) = chars[i + 2..].iter().position(|c| *c == '}') else {
-                out.extend(&chars[i..]);
-                break;
-            };
-            let inner: String = chars[i + 2..i + 2 + close].iter().collect();
-            let value = if let Some((name, default)) = inner.split_once(":-") {
-                vars.get(name)
-                    .filter(|v| !v.is_empty())
-                    .cloned()
-                    .unwrap_or_else(|| default.to_owned())
-            } else if let Some((name, alt)) = inner.split_once(":+") {
-                if vars.get(name).is_some_and(|v| !v.is_empty()) {
-                    alt.to_owned()
-                } else {
-                    String::new()
-                }
-            } else {
-                vars.get(&inner).cloned().unwrap_or_default()
-            };
-            out.push_str(&value);
-            i += close + 3;
-        } else {
-            let name: String = chars[i + 1..]
-                .iter()
-                .take_while(|c| c.is_ascii_alphanumeric() || **c == '_')
-                .collect();
-            if name.is_empty() {
-                out.push('$');
-                i += 1;
-            } else {
-                out.push_str(vars.get(&name).map_or("", String::as_str));
-                i += 1 + name.len();
-            }
-        }
-    }
-    out
-}
-
-fn unquote(s: &str) -> &str {
-    let s = s.trim();
-    if s.len() >= 2
-        && ((s.starts_with('"') && s.ends_with('"')) || (s.starts_with('\'') && s.ends_with('\'')))
-    {
-        &s[1..s.len() - 1]
-    } else {
-        s
-    }
-}
-
-/// Every image a Dockerfile pulls: FROM images (with `--platform`) and `COPY --from` images,
-/// with global `ARG` defaults and `build_args` substituted; stage names and `scratch` skipped.
-pub fn parse_dockerfile(
-    text: &str,
-    build_args: &HashMap<String, String>,
-) -> Result<Vec<DockerfileImage>, String> {
-    // Parser directives come first: only `escape` matters here.
-    let mut escape = '\\';
-    for line in text.lines() {
-        let t = line.trim();
-        let Some(directive) = t.strip_prefix('#') else {
-            break;
-        };
-        let Some((k, v)) = directive.split_once('=') else {
-            break;
-        };
-        let k = k.trim().to_ascii_lowercase();
-        if k == "escape" {
-            escape = v.trim().chars().next().unwrap_or('\\');
-        } else if k != "syntax" && k != "check" {
-            break;
-        }
-    }
-    // Logical lines: continuations joined, comment lines dropped.
-    let mut logical: Vec<(usize, String)> = Vec::new();
-    let mut current: Option<(usize, String)> = None;
-    for (n, raw) in text.lines().enumerate() {
-        let line = raw.trim_end_matches('\r');
-        let trimmed = line.trim_start();
-        if trimmed.starts_with('#') {
-            continue;
-        }
-        if current.is_some() && trimmed.is_empty() {
-            continue;
-        }
-        let body = line.trim_end();
-        let (body, continues) = match body.strip_suffix(escape) {
-            Some(b) => (b, true),
-            None => (body, false),
-        };
-        let entry = current.get_or_insert_with(|| (n + 1, String::new()));
-        if !entry.1.is_empty() {
-            entry.1.push(' ');
-        }
-        entry.1.push_str(body.trim());
-        if !continues {
-            if let Some(done) = current.take() {
-                logical.push(done);
-            }
-        }
-    }
-    if let Some(done) = current.take() {
-        logical.push(done);
-    }
-
-    let mut globals: HashMap<String, String> = HashMap::new();
-    let mut seen_from = false;
-    let mut stages: Vec<String> = Vec::new();
-    let mut out = Vec::new();
-    let mut push = |image: String,
-                    platform: Option<String>,
-                    line: usize,
-                    stages: &[String]|
-     -> Result<(), String> {
-        let lower = image.to_ascii_lowercase();
-        if lower == "scratch" || stages.contains(&lower) {
-            return Ok(());
-        }
-        if image.is_empty() {
-            return Err(format!(
-                "line {line}: the image is empty after substituting ARGs"
-            ));
-        }
-        ImageRef::parse(&image).map_err(|e| format!("line {line}: {e}"))?;
-        out.push(DockerfileImage {
-            image,
-            platform,
-            line,
-        });
-        Ok(())
-    };
-    for (line, text) in logical {
-        let text = text.trim();
-        if text.is_empty() {
-            continue;
-        }
-        let (instr, rest) = text.split_once(char::is_whitespace).unwrap_or((text, ""));
-        match instr.to_ascii_uppercase().as_str() {
-            "ARG" if !seen_from => {
-                for decl in rest.split_whitespace() {
-                    let (name, default) = match decl.split_once('=') {
-                        Some((n, d)) => (n, Some(unquote(d).to_owned())),
-                        None => (decl, None),
-                    };
-                    let value = build_args.get(name).cloned().or(default);
-                    if let Some(v) = value {
-                        let v = substitute(&v, &globals);
-                        globals.insert(name.to_owned(), v);
-                    }
-                }
-            }
-            "FROM" => {
-                seen_from = true;
-                let mut platform = None;
-                let mut words = Vec::new();
-                for w in rest.split_whitespace() {
-                    if let Some(p) = w.strip_prefix("--platform=") {
-                        platform = Some(p.to_owned());
-                    } else if w.starts_with("--") {
-                        continue;
-                    } else {
-                        words.push(w);
-                    }
-                }
-                let Some(image) = words.first() else {
-                    return Err(format!("line {line}: FROM without an image"));
-                };
-                let image = substitute(image, &globals);
-                // Platform args are set by the builder: they mean "the default platform".
-                let platform = platform
-                    .map(|p| substitute(&p, &globals))
-                    .filter(|p| !p.is_empty() && !p.contains('$'));
-                push(image, platform, line, &stages)?;
-                if words.len() >= 3 && words[1].eq_ignore_ascii_case("as") {
-                    stages.push(words[2].to_ascii_lowercase());
-                }
-            }
-            "COPY" | "ADD" => {
-                for w in rest.split_whitespace() {
-                    if let Some(from) = w.strip_prefix("--from=") {
-                        let from = substitute(from, &globals);
-                        if from.parse::<usize>().is_err() {
-                            push(from, None, line, &stages)?;
-                        }
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    Ok(out)
-}
-
 /// One image to prefetch.
 #[derive(Debug, Clone)]
 struct Job {
@@ -408,9 +196,20 @@ struct Ctx {
     terminal: bool,
 }
 
-fn usage_error(msg: impl std::fmt::Display) -> ExitCode {
+/// Ends a run that fetched nothing: the message on stderr and, with `--json`, as
+/// `{"ok":false,"exit_code":N,"error":"…"}` on stdout, so that a script reading stdout always gets
+/// one JSON document.
+pub fn fail_early(json: bool, code: u8, msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("regcache prefetch: {msg}");
-    ExitCode::from(EXIT_USAGE)
+    if json {
+        println!("{}", json_error(code, &msg.to_string()));
+    }
+    ExitCode::from(code)
+}
+
+/// The JSON document of a run that ended before fetching anything.
+pub fn json_error(code: u8, msg: &str) -> serde_json::Value {
+    serde_json::json!({ "ok": false, "exit_code": code, "error": msg })
 }
 
 /// Builds the job list; every error here is a usage error, before anything is fetched.
@@ -430,7 +229,7 @@ fn jobs(args: &PrefetchArgs, names: &Names) -> Result<Vec<Job>, String> {
             .ok_or_else(|| format!("--build-arg {kv:?} is not K=V"))?;
         build_args.insert(k.to_owned(), v.to_owned());
     }
-    let mut wanted: Vec<(String, Option<String>, String)> = Vec::new();
+    let mut wanted: Vec<(String, Option<Platform>, String)> = Vec::new();
     for i in &args.images {
         wanted.push((i.clone(), None, format!("argument {i:?}")));
     }
@@ -444,17 +243,19 @@ fn jobs(args: &PrefetchArgs, names: &Names) -> Result<Vec<Job>, String> {
             }
         }
     }
+    // A build runs on this machine (BUILDPLATFORM) for each target platform (TARGETPLATFORM):
+    // the Dockerfile is read once per target, and each image gets the platform it is pulled for.
+    let build = Platform::host();
     for d in &args.dockerfiles {
         let text =
             std::fs::read_to_string(d).map_err(|e| format!("cannot read {}: {e}", d.display()))?;
-        for img in
-            parse_dockerfile(&text, &build_args).map_err(|e| format!("{}: {e}", d.display()))?
-        {
-            wanted.push((
-                img.image,
-                img.platform,
-                format!("{}:{}", d.display(), img.line),
-            ));
+        for target in &default_platforms {
+            let images = crate::dockerfile::images(&text, &build_args, target, &build)
+                .map_err(|e| format!("{}: {e}", d.display()))?;
+            for img in images {
+                let origin = format!("{}:{}", d.display(), img.line);
+                wanted.push((img.image, Some(img.platform), origin));
+            }
         }
     }
     if wanted.is_empty() {
@@ -464,7 +265,7 @@ fn jobs(args: &PrefetchArgs, names: &Names) -> Result<Vec<Job>, String> {
     for (text, platform, origin) in wanted {
         let reference = ImageRef::parse(&text).map_err(|e| format!("{origin}: {e}"))?;
         let platforms = match platform {
-            Some(p) => vec![Platform::parse(&p).map_err(|e| format!("{origin}: {e}"))?],
+            Some(p) => vec![p],
             None => default_platforms.clone(),
         };
         // One job per repository and reference (the digest when given, as docker pulls it): the
@@ -805,7 +606,7 @@ pub fn run(args: PrefetchArgs) -> ExitCode {
             let url = format!("{scheme}://{}", c.listen);
             (Some(c), url)
         }
-        (Err(e), None) => return usage_error(e),
+        (Err(e), None) => return fail_early(args.json, EXIT_USAGE, e),
         (Err(e), Some(s)) => {
             eprintln!(
                 "regcache prefetch: warning: {e}; images are merged only when written the same way"
@@ -815,10 +616,10 @@ pub fn run(args: PrefetchArgs) -> ExitCode {
     };
     let jobs = match jobs(&args, &Names::new(config)) {
         Ok(j) => j,
-        Err(e) => return usage_error(e),
+        Err(e) => return fail_early(args.json, EXIT_USAGE, e),
     };
     if args.concurrency == 0 {
-        return usage_error("--concurrency must be at least 1");
+        return fail_early(args.json, EXIT_USAGE, "--concurrency must be at least 1");
     }
     if args.dry_run {
         for j in &jobs {
@@ -851,10 +652,7 @@ pub fn run(args: PrefetchArgs) -> ExitCode {
         .build()
     {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("regcache prefetch: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
+        Err(e) => return fail_early(args.json, EXIT_FAILURE, e),
     };
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let multi = indicatif::MultiProgress::with_draw_target(if terminal {
@@ -885,7 +683,7 @@ pub fn run(args: PrefetchArgs) -> ExitCode {
     }
     if let Some(auth) = &args.auth {
         let Some((user, pass)) = auth.split_once(':') else {
-            return usage_error("--auth must be USER:PASSWORD");
+            return fail_early(args.json, EXIT_USAGE, "--auth must be USER:PASSWORD");
         };
         use base64::Engine as _;
         let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
@@ -895,16 +693,19 @@ pub fn run(args: PrefetchArgs) -> ExitCode {
                 v.set_sensitive(true);
                 headers.insert(reqwest::header::AUTHORIZATION, v);
             }
-            Err(_) => return usage_error("--auth holds characters that cannot be sent"),
+            Err(_) => {
+                return fail_early(
+                    args.json,
+                    EXIT_USAGE,
+                    "--auth holds characters that cannot be sent",
+                )
+            }
         }
         builder = builder.default_headers(headers);
     }
     let client = match builder.build() {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("regcache prefetch: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
+        Err(e) => return fail_early(args.json, EXIT_FAILURE, e),
     };
     let ctx = Arc::new(Ctx {
         client,
@@ -959,8 +760,7 @@ pub fn run(args: PrefetchArgs) -> ExitCode {
     });
     ctx.overall.finish_and_clear();
     let Some(outcomes) = outcomes else {
-        eprintln!("regcache prefetch: interrupted");
-        return ExitCode::from(EXIT_INTERRUPTED);
+        return fail_early(args.json, EXIT_INTERRUPTED, "interrupted");
     };
     let failed = outcomes.iter().filter(|o| o.status != "cached").count();
     let all_cached = outcomes.iter().all(|o| o.already_cached);
@@ -997,74 +797,6 @@ pub fn run(args: PrefetchArgs) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn images(text: &str, args: &[(&str, &str)]) -> Vec<(String, Option<String>)> {
-        let a = args
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        parse_dockerfile(text, &a)
-            .expect("parses")
-            .into_iter()
-            .map(|i| (i.image, i.platform))
-            .collect()
-    }
-
-    #[test]
-    fn dockerfile_args_stages_scratch_and_platform() {
-        let text = r#"
-# syntax=docker/dockerfile:1
-ARG BASE=alpine
-ARG VERSION="3.20"
-ARG GO
-FROM golang:${GO:-1.22} AS build
-RUN echo hi \
-    && echo there
-FROM --platform=linux/arm64 $BASE:${VERSION} as runtime
-COPY --from=build /out /out
-COPY --from=busybox:1.36 /bin/busybox /bin/
-FROM scratch
-FROM runtime
-FROM Build
-"#;
-        assert_eq!(
-            images(text, &[]),
-            vec![
-                ("golang:1.22".to_string(), None),
-                ("alpine:3.20".to_string(), Some("linux/arm64".to_string())),
-                ("busybox:1.36".to_string(), None),
-            ]
-        );
-        let with_args = images(text, &[("VERSION", "3.19"), ("GO", "1.21")]);
-        assert_eq!(with_args[0].0, "golang:1.21");
-        assert_eq!(with_args[1].0, "alpine:3.19");
-    }
-
-    #[test]
-    fn dockerfile_continuations_comments_and_escape_directive() {
-        let text = "# escape=`\nFROM `\n  --platform=$BUILDPLATFORM `\n  # a comment inside\n  debian:12 `\n  AS base\nFROM base\n";
-        assert_eq!(images(text, &[]), vec![("debian:12".to_string(), None)]);
-        let text = "FROM \\\n  --platform=linux/amd64 \\\n  ubuntu:24.04\n";
-        assert_eq!(
-            images(text, &[]),
-            vec![("ubuntu:24.04".to_string(), Some("linux/amd64".to_string()))]
-        );
-    }
-
-    #[test]
-    fn dockerfile_errors_name_the_line() {
-        let e = parse_dockerfile("FROM\n", &HashMap::new()).expect_err("no image");
-        assert!(e.contains("line 1"), "{e}");
-        let e = parse_dockerfile("ARG X\nFROM $X\n", &HashMap::new()).expect_err("empty image");
-        assert!(e.contains("line 2") && e.contains("empty"), "{e}");
-        let e = parse_dockerfile("FROM Bad Name\n", &HashMap::new()).expect_err("bad reference");
-        assert!(e.contains("line 1"), "{e}");
-        // A stage name that was never defined is an image to pull.
-        assert_eq!(
-            images("FROM unknownstage\n", &[]),
-            vec![("unknownstage".to_string(), None)]
-        );
-    }
 
     #[test]
     fn platforms_parse_and_match() {
