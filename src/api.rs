@@ -22,6 +22,7 @@ use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full, StreamBody};
 use hyper::body::Frame;
 use tokio::sync::mpsc;
 
+use crate::access::Verdict;
 use crate::cache::{self, BlobSource, BodyChunk, CacheError, Outcome, Route};
 use crate::reference::{Digest, ParseError, Reference, RepoName};
 use crate::server::App;
@@ -770,11 +771,31 @@ async fn check_access(
         let given = req.headers().get(header::AUTHORIZATION);
         match app
             .auth
-            .check(htpasswd, given.map(HeaderValue::as_bytes))
+            .check(htpasswd, given.map(HeaderValue::as_bytes), peer.ip())
             .await
         {
-            Some(u) => *user = Some(u),
-            None => {
+            Verdict::Allowed(u) => *user = Some(u),
+            // 429, not 401: the credentials were not checked, so "wrong password" would not be
+            // true. Clients treat both as a failed pull.
+            Verdict::Limited { retry_after } => {
+                let secs =
+                    (retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0)).max(1);
+                return Err((
+                    ApiError {
+                        retry_after: Some(format!("{secs}")),
+                        ..ApiError::new(
+                            StatusCode::TOO_MANY_REQUESTS,
+                            "TOOMANYREQUESTS",
+                            format!(
+                                "too many failed logins from this address; the credentials were \
+                                 not checked; retry in {secs} s"
+                            ),
+                        )
+                    },
+                    "auth_rate",
+                ));
+            }
+            Verdict::Refused => {
                 let message = if given.is_some() {
                     "wrong user name or password"
                 } else {

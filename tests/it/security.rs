@@ -1097,6 +1097,158 @@ async fn operator_endpoints_refuse_what_a_web_page_can_send_and_change_nothing()
     );
 }
 
+/// A client that connects from `source` (any 127.0.0.0/8 address: one per simulated machine).
+fn client_from(source: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .local_address(source.parse::<std::net::IpAddr>().expect("source address"))
+        .timeout(Duration::from_secs(120))
+        .build()
+        .expect("reqwest client")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_flood_neither_delays_nor_locks_out_valid_users() {
+    let fake = FakeUpstream::start().await;
+    let dir = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+    // Cost 8: each check takes real time, so that checks queue up behind each other.
+    let htpasswd = dir.path().join("htpasswd");
+    let text: String = [
+        ("alice", "alice-pw"),
+        ("bob", "bob-pw"),
+        ("carol", "carol-pw"),
+    ]
+    .iter()
+    .map(|(u, p)| format!("{u}:{}\n", bcrypt::hash(p, 8).expect("bcrypt")))
+    .collect();
+    std::fs::write(&htpasswd, text).expect("write htpasswd");
+    let rc = Regcache::start(&config_for(
+        &fake.url(),
+        "",
+        &format!(
+            "[access]\nhtpasswd = {:?}\n",
+            htpasswd.display().to_string()
+        ),
+    ));
+    let u = rc.url();
+    let checks = |m: &str| metric(m, "regcache_auth_bcrypt_checks_total");
+    let login = |from: &str, user: &str, pw: &str| {
+        let req = client_from(from)
+            .get(format!("{u}/v2/"))
+            .basic_auth(user, Some(pw));
+        async move { send(req, "login").await }
+    };
+
+    // alice logged in before the flood: her verified credentials are remembered.
+    let r = login("127.0.0.2", "alice", "alice-pw").await;
+    assert_eq!(r.status, StatusCode::OK, "alice: {}", r.describe());
+    let before = checks(&rc.app.metrics.render());
+    assert_eq!(before, 1.0, "one bcrypt check for alice");
+
+    // The flood: 20 machines, 30 different wrong passwords each, all at once, for carol.
+    let answered_401 = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut flood = Vec::new();
+    for m in 0..20u8 {
+        let c = client_from(&format!("127.0.1.{}", m + 1));
+        for i in 0..30 {
+            let req = c
+                .get(format!("{u}/v2/"))
+                .basic_auth("carol", Some(format!("guess-{m}-{i}")));
+            let answered_401 = Arc::clone(&answered_401);
+            flood.push(tokio::spawn(async move {
+                let r = send(req, "flood").await;
+                if r.status == StatusCode::UNAUTHORIZED {
+                    answered_401.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                r
+            }));
+        }
+    }
+    // Once the flood's first wrong passwords have been checked, bob (whose credentials were never
+    // checked) logs in from his own machine.
+    let start = Instant::now();
+    while answered_401.load(std::sync::atomic::Ordering::SeqCst) < 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the flood never got a 401"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let r = login("127.0.2.1", "bob", "bob-pw").await;
+    let checked_before_bob = answered_401.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "bob during the flood: {}",
+        r.describe()
+    );
+
+    let mut refused_401 = 0;
+    let mut limited = Vec::new();
+    for t in flood {
+        let r = t.await.expect("flood task");
+        match r.status {
+            StatusCode::UNAUTHORIZED => refused_401 += 1,
+            StatusCode::TOO_MANY_REQUESTS => limited.push(r),
+            other => panic!("a wrong password got {other}: {}", r.describe()),
+        }
+    }
+    // The flood's bcrypt work is bounded before it is done: the first guess of each machine
+    // (which looked as clean as bob's), carol's budget of failures, and what the limits earned
+    // back meanwhile. So bob can wait behind that much at most, never behind the whole flood.
+    let bound = 20 + regcache::access::USER_FAILURES as usize + 2;
+    assert!(
+        checked_before_bob <= bound && refused_401 <= bound,
+        "bob waited behind the flood: {checked_before_bob} of the flood's {refused_401} checked \
+         guesses were answered before him (at most {bound} should have been checked at all)"
+    );
+    let m = rc.app.metrics.render();
+    assert_eq!(
+        checks(&m) - before,
+        refused_401 as f64 + 1.0,
+        "one bcrypt check per 401 answered to the flood, plus bob's; none for the 429s: {m}"
+    );
+    assert_eq!(limited.len(), 600 - refused_401);
+    let r = &limited[0];
+    assert_oci(r, 429, "TOOMANYREQUESTS", "a guess over the limit");
+    assert!(
+        r.header("retry-after")
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|s| s >= 1),
+        "{}",
+        r.describe()
+    );
+    assert_eq!(
+        metric(&m, "regcache_limit_rejections_total{limit=\"auth_rate\"}"),
+        limited.len() as f64,
+        "{m}"
+    );
+
+    // alice is still remembered: no new bcrypt check.
+    let r = login("127.0.0.2", "alice", "alice-pw").await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "alice after the flood: {}",
+        r.describe()
+    );
+    let after = checks(&rc.app.metrics.render());
+    assert_eq!(after, checks(&m), "alice's credentials stayed cached");
+
+    // From a flooding machine, nothing more is checked for carol until the failures have aged...
+    let r = login("127.0.1.1", "carol", "carol-pw").await;
+    assert_oci(&r, 429, "TOOMANYREQUESTS", "carol from a flooding machine");
+    // ...but carol is not locked out: her right password from a machine that did not flood is
+    // checked, whatever the flood against her name.
+    let r = login("127.0.2.2", "carol", "carol-pw").await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "carol from her machine: {}",
+        r.describe()
+    );
+}
+
 #[test]
 fn htpasswd_with_other_hash_kinds_is_a_config_error_naming_the_line() {
     let dir = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
