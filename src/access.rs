@@ -795,14 +795,20 @@ mod tests {
         )
     }
 
+    /// An htpasswd file where each of `names` has the password "right".
+    fn users(names: &[&str]) -> Htpasswd {
+        let hash = bcrypt::hash("right", 4).expect("hash");
+        let text: String = names.iter().map(|n| format!("{n}:{hash}\n")).collect();
+        Htpasswd::parse(&text, Path::new("h")).expect("valid")
+    }
+
     fn ip(s: &str) -> IpAddr {
         s.parse().expect("ip")
     }
 
     #[tokio::test]
     async fn verifier_checks_and_remembers() {
-        let hash = bcrypt::hash("right", 4).expect("hash");
-        let h = Htpasswd::parse(&format!("alice:{hash}\n"), Path::new("h")).expect("valid");
+        let h = users(&["alice"]);
         let v = Verifier::default();
         let peer = ip("10.0.0.1");
         let check = |u: &str, p: &str| {
@@ -899,8 +905,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_flooded_user_is_still_checked_from_an_address_without_failures() {
-        let hash = bcrypt::hash("right", 4).expect("hash");
-        let h = Htpasswd::parse(&format!("alice:{hash}\n"), Path::new("h")).expect("valid");
+        let h = users(&["alice"]);
         let v = Verifier::default();
         // Failures for alice from many addresses, a few each: her name's budget runs out.
         for n in 0..USER_FAILURES {
@@ -927,8 +932,7 @@ mod tests {
 
     #[tokio::test]
     async fn wrong_passwords_never_evict_remembered_right_ones() {
-        let hash = bcrypt::hash("right", 4).expect("hash");
-        let h = Htpasswd::parse(&format!("alice:{hash}\n"), Path::new("h")).expect("valid");
+        let h = users(&["alice"]);
         let v = Verifier::default();
         let peer = ip("10.0.0.1");
         assert_eq!(

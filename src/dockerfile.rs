@@ -790,6 +790,12 @@ mod tests {
         Platform::parse(&format!("linux/{arch}")).expect("platform")
     }
 
+    /// The error reading `text` for linux/amd64 gives.
+    fn error_of(text: &str) -> String {
+        let amd64 = linux("amd64");
+        images(text, &HashMap::new(), &amd64, &amd64).expect_err(text)
+    }
+
     fn list(text: &str, target: &Platform) -> Vec<(String, String)> {
         images(text, &HashMap::new(), target, &linux("amd64"))
             .expect("parses")
@@ -836,13 +842,7 @@ mod tests {
                 ("busybox".into(), "linux/amd64".into()),
             ]
         );
-        let e = images(
-            "FROM a\nRUN <<EOF\nno end\n",
-            &HashMap::new(),
-            &linux("amd64"),
-            &linux("amd64"),
-        )
-        .expect_err("unterminated");
+        let e = error_of("FROM a\nRUN <<EOF\nno end\n");
         assert!(e.contains("line 2") && e.contains("EOF"), "{e}");
     }
 
@@ -903,18 +903,17 @@ FROM Build
     #[test]
     fn errors_name_the_line() {
         let amd64 = linux("amd64");
-        let err = |text: &str| images(text, &HashMap::new(), &amd64, &amd64).expect_err(text);
-        let e = err("FROM\n");
+        let e = error_of("FROM\n");
         assert!(e.contains("line 1"), "{e}");
-        let e = err("ARG X\nFROM $X\n");
+        let e = error_of("ARG X\nFROM $X\n");
         assert!(e.contains("line 2") && e.contains("empty"), "{e}");
-        let e = err("FROM Bad Name\n");
+        let e = error_of("FROM Bad Name\n");
         assert!(e.contains("line 1"), "{e}");
-        let e = err("\nARG V\nFROM busybox:${V:?set_a_tag}\n");
+        let e = error_of("\nARG V\nFROM busybox:${V:?set_a_tag}\n");
         assert!(e.contains("line 3") && e.contains("V: set_a_tag"), "{e}");
-        let e = err("ARG P\nFROM --platform=$P alpine\n");
+        let e = error_of("ARG P\nFROM --platform=$P alpine\n");
         assert!(e.contains("line 2") && e.contains("--platform"), "{e}");
-        let e = err("FROM --platform=linux/ alpine\n");
+        let e = error_of("FROM --platform=linux/ alpine\n");
         assert!(e.contains("line 1") && e.contains("linux/"), "{e}");
         // A stage name that was never defined is an image to pull.
         assert_eq!(
@@ -942,13 +941,7 @@ FROM Build
                 ("busybox:1.36".into(), "linux/arm64".into()),
             ]
         );
-        let e = images(
-            "FROM a\nCOPY --from=$X / /\n",
-            &HashMap::new(),
-            &linux("amd64"),
-            &linux("amd64"),
-        )
-        .expect_err("variable in --from");
+        let e = error_of("FROM a\nCOPY --from=$X / /\n");
         assert!(e.contains("line 2"), "{e}");
     }
 }

@@ -11,6 +11,16 @@ use crate::support::process::Process;
 use crate::support::regcache::{config_for, Regcache};
 use crate::support::registry::{copy_to_dir, http_get, Registry};
 
+/// The `image` of each entry of a `--json` summary.
+fn summary_images(summary: &serde_json::Value) -> Vec<&str> {
+    summary["images"]
+        .as_array()
+        .expect("images")
+        .iter()
+        .filter_map(|i| i["image"].as_str())
+        .collect()
+}
+
 fn prefetch(server: &str, args: &[&str]) -> Output {
     let mut all = vec!["prefetch", "--server", server];
     all.extend_from_slice(args);
@@ -58,12 +68,7 @@ fn prefetched_images_are_pulled_with_the_upstream_black_holed_and_a_second_run_m
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON summary");
     assert_eq!(summary["ok"], true, "{summary}");
-    let images: Vec<&str> = summary["images"]
-        .as_array()
-        .expect("images")
-        .iter()
-        .filter_map(|i| i["image"].as_str())
-        .collect();
+    let images = summary_images(&summary);
     for want in [
         "small/oci:latest",
         "multi/oci:latest",
@@ -282,12 +287,7 @@ async fn prefetch_fetches_an_image_once_however_its_reference_is_spelled() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON summary");
-    let images: Vec<&str> = summary["images"]
-        .as_array()
-        .expect("images")
-        .iter()
-        .filter_map(|i| i["image"].as_str())
-        .collect();
+    let images = summary_images(&summary);
     assert_eq!(
         images,
         vec!["busybox:1.36", spellings[3].as_str()],

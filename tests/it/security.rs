@@ -785,13 +785,30 @@ async fn clients_outside_the_allow_list_get_403_denied() {
 }
 
 fn write_htpasswd(dir: &Path, users: &[(&str, &str)]) -> PathBuf {
+    write_htpasswd_with_cost(dir, users, 4)
+}
+
+/// An htpasswd file in `dir` with bcrypt hashes of cost `cost`.
+fn write_htpasswd_with_cost(dir: &Path, users: &[(&str, &str)], cost: u32) -> PathBuf {
     let path = dir.join("htpasswd");
     let text: String = users
         .iter()
-        .map(|(u, p)| format!("{u}:{}\n", bcrypt::hash(p, 4).expect("bcrypt")))
+        .map(|(u, p)| format!("{u}:{}\n", bcrypt::hash(p, cost).expect("bcrypt")))
         .collect();
     std::fs::write(&path, text).expect("write htpasswd");
     path
+}
+
+/// regcache for `upstream_url`, with `[access] htpasswd` set to `htpasswd`.
+fn behind_htpasswd(upstream_url: &str, htpasswd: &Path) -> Regcache {
+    Regcache::start(&config_for(
+        upstream_url,
+        "",
+        &format!(
+            "[access]\nhtpasswd = {:?}\n",
+            htpasswd.display().to_string()
+        ),
+    ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -800,14 +817,7 @@ async fn htpasswd_guards_everything_but_health_probes() {
     let (mdigest, ldigest) = fake.add_image("team/app", "v1", Bytes::from_static(b"layer"));
     let dir = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
     let htpasswd = write_htpasswd(dir.path(), &[("alice", "s3cret-pw"), ("bob", "other")]);
-    let rc = Regcache::start(&config_for(
-        &fake.url(),
-        "",
-        &format!(
-            "[access]\nhtpasswd = {:?}\n",
-            htpasswd.display().to_string()
-        ),
-    ));
+    let rc = behind_htpasswd(&fake.url(), &htpasswd);
     let u = rc.url();
     let c = client();
 
@@ -967,40 +977,33 @@ async fn operator_endpoints_refuse_what_a_web_page_can_send_and_change_nothing()
         (http::Method::POST, "/_regcache/pins?image=team/app:v1"),
         (http::Method::GET, "/_regcache/pins"),
     ];
+    // (what, Origin, with the operator header): each a request a page can make a browser send,
+    // or one that an Origin header gives away.
+    let shapes = [
+        ("as a form from a page", Some("http://evil.example"), false),
+        ("as a form from a sandboxed page", Some("null"), false),
+        ("without an Origin or the operator header", None, false),
+        (
+            "with the operator header and an Origin",
+            Some("http://evil.example"),
+            true,
+        ),
+    ];
     for (method, path) in &targets {
-        for origin in ["http://evil.example", "null"] {
-            let what = format!("{method} {path} as a form from {origin}");
-            let r = send(
-                c.request(method.clone(), format!("{u}{path}"))
-                    .header("content-type", "application/x-www-form-urlencoded")
-                    .header("origin", origin)
-                    .body("a=b"),
-                &what,
-            )
-            .await;
-            assert_oci(&r, 403, "DENIED", &what);
-        }
-        // Without an Origin (a page that managed to drop it) and without the operator header.
-        let what = format!("{method} {path} without the operator header");
-        let r = send(
-            c.request(method.clone(), format!("{u}{path}"))
+        for (shape, origin, operator) in shapes {
+            let what = format!("{method} {path} {shape}");
+            let mut req = c
+                .request(method.clone(), format!("{u}{path}"))
                 .header("content-type", "application/x-www-form-urlencoded")
-                .body("a=b"),
-            &what,
-        )
-        .await;
-        assert_oci(&r, 403, "DENIED", &what);
-        // The operator header does not help a request that carries an Origin: a page can send
-        // it only after a preflight, which regcache never grants.
-        let what = format!("{method} {path} with the operator header and an Origin");
-        let r = send(
-            c.request(method.clone(), format!("{u}{path}"))
-                .header(OPERATOR.0, OPERATOR.1)
-                .header("origin", "http://evil.example"),
-            &what,
-        )
-        .await;
-        assert_oci(&r, 403, "DENIED", &what);
+                .body("a=b");
+            if let Some(o) = origin {
+                req = req.header("origin", o);
+            }
+            if operator {
+                req = req.header(OPERATOR.0, OPERATOR.1);
+            }
+            assert_oci(&send(req, &what).await, 403, "DENIED", &what);
+        }
     }
     // A preflight is never granted.
     let r = send(
@@ -1112,24 +1115,15 @@ async fn a_wrong_password_flood_neither_delays_nor_locks_out_valid_users() {
     let fake = FakeUpstream::start().await;
     let dir = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
     // Cost 8: each check takes real time, so that checks queue up behind each other.
-    let htpasswd = dir.path().join("htpasswd");
-    let text: String = [
+    let users = [
         ("alice", "alice-pw"),
         ("bob", "bob-pw"),
         ("carol", "carol-pw"),
-    ]
-    .iter()
-    .map(|(u, p)| format!("{u}:{}\n", bcrypt::hash(p, 8).expect("bcrypt")))
-    .collect();
-    std::fs::write(&htpasswd, text).expect("write htpasswd");
-    let rc = Regcache::start(&config_for(
+    ];
+    let rc = behind_htpasswd(
         &fake.url(),
-        "",
-        &format!(
-            "[access]\nhtpasswd = {:?}\n",
-            htpasswd.display().to_string()
-        ),
-    ));
+        &write_htpasswd_with_cost(dir.path(), &users, 8),
+    );
     let u = rc.url();
     let checks = |m: &str| metric(m, "regcache_auth_bcrypt_checks_total");
     let login = |from: &str, user: &str, pw: &str| {
