@@ -648,7 +648,7 @@ pub fn images(
                                 "--platform={p} is empty after substituting ARGs"
                             )));
                         }
-                        Platform::parse(&value).map_err(at)?
+                        Platform::parse(&value).map_err(|e| at(format!("--platform={p}: {e}")))?
                     }
                     None => parent.map_or_else(|| target.clone(), |s| s.platform.clone()),
                 };
