@@ -469,6 +469,10 @@ struct Reservation {
     clean: bool,
 }
 
+/// A check that identical requests share: right or wrong, or the time to wait when the limits
+/// refused it.
+type Flight = Arc<tokio::sync::OnceCell<Result<bool, Duration>>>;
+
 /// Remembered answers: right pairs and wrong pairs apart, each bounded.
 struct Remembered {
     verified: HashMap<[u8; 32], Instant>,
@@ -486,6 +490,8 @@ pub struct Verifier {
     suspect_lane: Arc<tokio::sync::Semaphore>,
     /// bcrypt computations run (`regcache_auth_bcrypt_checks_total`).
     checks: prometheus_client::metrics::counter::Counter,
+    /// Checks running, by credentials key, for identical requests to join.
+    in_flight: Mutex<HashMap<[u8; 32], Flight>>,
 }
 
 impl Default for Verifier {
@@ -509,6 +515,7 @@ impl Verifier {
             slots: Arc::new(tokio::sync::Semaphore::new(MAX_BCRYPT)),
             suspect_lane: Arc::new(tokio::sync::Semaphore::new(1)),
             checks,
+            in_flight: Mutex::new(HashMap::new()),
         }
     }
 
@@ -545,17 +552,50 @@ impl Verifier {
         let Some(stored) = hash.or(htpasswd.decoy.as_deref()).map(str::to_owned) else {
             return Verdict::Refused;
         };
-        let reservation = match self.reserve(peer, &user) {
-            Ok(r) => r,
-            Err(retry_after) => return Verdict::Limited { retry_after },
-        };
+        // Identical credentials arriving together (a client starting several pulls at once) share
+        // one check, one bcrypt computation and one reservation.
+        let flight = Arc::clone(
+            self.in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(key)
+                .or_default(),
+        );
+        let outcome = *flight
+            .get_or_init(|| self.verify(key, peer, &user, password, stored, known))
+            .await;
+        {
+            let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            if in_flight.get(&key).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
+                in_flight.remove(&key);
+            }
+        }
+        match outcome {
+            Ok(true) => Verdict::Allowed(user),
+            Ok(false) => Verdict::Refused,
+            Err(retry_after) => Verdict::Limited { retry_after },
+        }
+    }
+
+    /// Reserves a failure, runs bcrypt in the right lane, gives the reservation back on success
+    /// and remembers the answer; the time to wait when the limits refuse the check.
+    async fn verify(
+        &self,
+        key: [u8; 32],
+        peer: IpAddr,
+        user: &str,
+        password: String,
+        stored: String,
+        known: bool,
+    ) -> Result<bool, Duration> {
+        let reservation = self.reserve(peer, user)?;
         let lane = if reservation.clean {
             None
         } else {
             Arc::clone(&self.suspect_lane).acquire_owned().await.ok()
         };
         let Ok(permit) = Arc::clone(&self.slots).acquire_owned().await else {
-            return Verdict::Refused;
+            return Ok(false);
         };
         self.checks.inc();
         let ok = tokio::task::spawn_blocking(move || {
@@ -577,11 +617,7 @@ impl Verifier {
             }
         }
         self.remember(key, ok);
-        if ok {
-            Verdict::Allowed(user)
-        } else {
-            Verdict::Refused
-        }
+        Ok(ok)
     }
 
     /// Takes a failure token from the address and, when it has one, from the user, before any
@@ -928,6 +964,35 @@ mod tests {
                 .await,
             Verdict::Allowed("alice".into())
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn identical_credentials_arriving_together_share_one_check() {
+        let h = Arc::new(users(&["alice"]));
+        let v = Arc::new(Verifier::default());
+        let peer = ip("10.0.0.1");
+        // More at once than the address's failure budget: none is refused unchecked.
+        let n = ADDRESS_FAILURES as usize * 3;
+        let barrier = Arc::new(tokio::sync::Barrier::new(n));
+        let tasks: Vec<_> = (0..n)
+            .map(|_| {
+                let (h, v, barrier) = (Arc::clone(&h), Arc::clone(&v), Arc::clone(&barrier));
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    v.check(&h, Some(hdr("alice", "right").as_bytes()), peer)
+                        .await
+                })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.expect("task"), Verdict::Allowed("alice".into()));
+        }
+        assert!(
+            v.checks.get() < n as u64,
+            "{} bcrypt checks for {n} identical requests",
+            v.checks.get()
+        );
+        assert!(v.in_flight.lock().expect("lock").is_empty());
     }
 
     #[tokio::test]
