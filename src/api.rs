@@ -24,6 +24,7 @@ use tokio::sync::mpsc;
 
 use crate::access::Verdict;
 use crate::cache::{self, BlobSource, BodyChunk, CacheError, Outcome, Route};
+use crate::media::{self, Accept};
 use crate::reference::{Digest, ParseError, Reference, RepoName};
 use crate::server::App;
 use crate::upstream::UpstreamError;
@@ -123,6 +124,9 @@ enum Object {
 fn cache_error(e: CacheError, object: Object) -> ApiError {
     match &e {
         CacheError::Upstream(u) => upstream_error(u, object),
+        CacheError::NotAcceptable(why) => {
+            ApiError::new(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", *why)
+        }
         CacheError::DigestMismatch { .. } | CacheError::SizeMismatch { .. } => {
             tracing::error!(error = %e, "upstream sent content that failed verification");
             ApiError::new(StatusCode::BAD_GATEWAY, "UNKNOWN", e.to_string())
@@ -187,8 +191,9 @@ fn upstream_error(u: &UpstreamError, object: Object) -> ApiError {
             tracing::warn!(error = %u, "refused an invalid upstream response");
             ApiError::new(StatusCode::BAD_GATEWAY, "UNKNOWN", u.to_string())
         }
-        // Unreachable, timed out, 5xx, anything else: the upstream is unavailable. Never a 404,
-        // which would tell the client the image does not exist.
+        // Unreachable, timed out, 5xx, a token service that gave no token, anything else: the
+        // upstream is unavailable. Never a 404, which would tell the client the image does not
+        // exist.
         _ => ApiError {
             retry_after: Some("10".into()),
             ..ApiError::new(
@@ -858,9 +863,15 @@ async fn route_request(
         Endpoint::Manifest(name, r) => {
             let route = app.route(name, query.ns.as_deref())?;
             let reference = Reference::parse(r)?;
+            let accept = Accept::parse(
+                req.headers()
+                    .get_all(header::ACCEPT)
+                    .iter()
+                    .map(HeaderValue::as_bytes),
+            );
             let m = app
                 .cache
-                .manifest(&route, &reference)
+                .manifest(&route, &reference, accept)
                 .await
                 .map_err(|e| cache_error(e, Object::Manifest))?;
             info.outcome = Some(m.outcome);
@@ -1207,7 +1218,11 @@ async fn referrers(
             // The spec's fallback: an index tagged `<alg>-<hex>` lists the referrers.
             let tag = format!("{}-{}", subject.algorithm().as_str(), subject.hex());
             if let Ok(Reference::Tag(t)) = Reference::parse(&tag) {
-                if let Ok(m) = app.cache.manifest(route, &Reference::Tag(t)).await {
+                if let Ok(m) = app
+                    .cache
+                    .manifest(route, &Reference::Tag(t), Accept::ALL)
+                    .await
+                {
                     if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&m.bytes) {
                         if let Some(list) = v.get("manifests").and_then(|m| m.as_array()) {
                             descriptors.extend(list.iter().cloned());
@@ -1237,10 +1252,10 @@ async fn referrers(
     }
     let index = serde_json::json!({
         "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "mediaType": media::OCI_INDEX,
         "manifests": descriptors,
     });
-    let mut resp = json_response(&index, head, "application/vnd.oci.image.index.v1+json");
+    let mut resp = json_response(&index, head, media::OCI_INDEX);
     if artifact_type.is_some() {
         resp.headers_mut().insert(
             "oci-filters-applied",

@@ -540,8 +540,8 @@ impl Bucket {
         }
     }
 
-    /// Records that blob `d` belongs to `repo` (so any server may serve it for that repository
-    /// from the bucket, even one that has not seen a manifest naming it).
+    /// Records that blob `d` belongs to `repo`: the upstream gave or confirmed it for that
+    /// repository, so any server may serve it for the repository from the bucket.
     pub async fn put_blob_link(
         &self,
         upstream: &str,

@@ -18,6 +18,7 @@ use futures_util::future::{BoxFuture, FutureExt, Shared};
 use tokio::sync::{mpsc, watch};
 
 use crate::bucket::{or_without, upstream_id, Bucket};
+use crate::media::{self, Accept, Negotiated};
 use crate::metrics::Metrics;
 use crate::reference::{Digest, Reference, RepoName, Tag};
 use crate::store::{now_millis, RepoKey, Store, StoreError, TempBlob};
@@ -57,6 +58,10 @@ pub enum CacheError {
     /// A limit was reached (`limits.max_fills`): try again later.
     #[error("busy: {0}")]
     Busy(String),
+    /// What the upstream answers this client for this manifest, by its `Accept`, is "unknown"
+    /// (an OCI type it does not accept, a list without a linux/amd64 entry): a `404`.
+    #[error("{0}")]
+    NotAcceptable(&'static str),
 }
 
 impl From<StoreError> for CacheError {
@@ -438,12 +443,23 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// The digest a client gets for a manifest body: the header's algorithm if given, else sha256.
+/// A signed schema 1 manifest's digest covers its body without the signatures.
 fn verify_manifest(
     up: &Upstream,
-    bytes: &[u8],
-    header: Option<&Digest>,
+    fetched: &crate::upstream::FetchedManifest,
     expected: Option<&Digest>,
 ) -> Result<Digest, CacheError> {
+    let header = fetched.header_digest.as_ref();
+    let signed;
+    let bytes: &[u8] = if fetched.media_type == media::DOCKER_SCHEMA1_SIGNED {
+        signed = media::schema1_payload(&fetched.bytes).ok_or_else(|| UpstreamError::Invalid {
+            upstream: up.name().to_owned(),
+            detail: "a schema 1 manifest without a readable signature".into(),
+        })?;
+        &signed
+    } else {
+        &fetched.bytes
+    };
     let alg_of = expected.or(header);
     let actual = match alg_of {
         Some(d) => {
@@ -572,40 +588,44 @@ impl Cache {
         }))
     }
 
-    /// A manifest by tag or digest.
+    /// A manifest by tag or digest, as the upstream answers a client accepting `accept`.
     pub async fn manifest(
         self: &Arc<Self>,
         route: &Route,
         reference: &Reference,
+        accept: Accept,
     ) -> Result<Manifest, CacheError> {
         let key = route.key();
         match reference {
             Reference::Digest(d) => {
                 if self.store.is_linked(&key, d)? {
                     if let Some(m) = self.stored_manifest(d, Outcome::Hit)? {
-                        return Ok(m);
-                    }
-                }
-            }
-            Reference::Tag(t) => {
-                if let Some(rec) = self.store.tag(&key, t)? {
-                    let age = now_millis().saturating_sub(rec.checked_at_ms);
-                    if Duration::from_millis(age) < route.upstream.config.freshness {
-                        if let Ok(d) = rec.digest.parse::<Digest>() {
-                            if let Some(m) = self.stored_manifest(&d, Outcome::Hit)? {
-                                return Ok(m);
-                            }
+                        if accept.is_all() || media::serves_as_is(&m.media_type, accept, false) {
+                            return Ok(m);
                         }
                     }
                 }
             }
+            Reference::Tag(t) => {
+                if let Some(m) = self.fresh_tag(route, t, accept)? {
+                    return Ok(m);
+                }
+            }
         }
-        let flight_key = format!("{}/{}@{}", key.upstream, key.repo, reference);
+        // Clients with other Accept sets may get other answers: they never share a flight.
+        let flight_key = if accept.is_all() {
+            format!("{}/{}@{}", key.upstream, key.repo, reference)
+        } else {
+            format!(
+                "{}/{}@{} accept={accept}",
+                key.upstream, key.repo, reference
+            )
+        };
         let (this, route2, reference2) = (Arc::clone(self), route.clone(), reference.clone());
         let (result, joined) = self
             .manifests
             .run(flight_key, move || async move {
-                this.fetch_manifest(&route2, &reference2).await
+                this.fetch_manifest(&route2, &reference2, accept).await
             })
             .await;
         let mut m = result?;
@@ -615,99 +635,236 @@ impl Cache {
         Ok(m)
     }
 
+    /// A tag's manifest from the store, with no upstream contact: the full-Accept record's when
+    /// it is fresh and served as it is to `accept`, else the fresh record of `accept` itself.
+    fn fresh_tag(
+        &self,
+        route: &Route,
+        t: &Tag,
+        accept: Accept,
+    ) -> Result<Option<Manifest>, CacheError> {
+        let key = route.key();
+        let records: &[Accept] = if accept.is_all() {
+            &[Accept::ALL]
+        } else {
+            &[Accept::ALL, accept]
+        };
+        for &record in records {
+            let Some(rec) = self.store.tag_for(&key, t, record)? else {
+                continue;
+            };
+            let age = Duration::from_millis(now_millis().saturating_sub(rec.checked_at_ms));
+            if age >= route.upstream.config.freshness {
+                continue;
+            }
+            let Ok(d) = rec.digest.parse::<Digest>() else {
+                continue;
+            };
+            let Some((media_type, bytes)) = self.store.manifest(&d)? else {
+                continue;
+            };
+            if record == accept || media::serves_as_is(&media_type, accept, true) {
+                self.store.touch(&d);
+                return Ok(Some(Manifest {
+                    digest: d,
+                    media_type,
+                    bytes,
+                    outcome: Outcome::Hit,
+                    stale_reason: None,
+                }));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The stored manifest a tag's record for `accept` points at, however old the record.
+    fn tagged_manifest(
+        &self,
+        key: &RepoKey,
+        t: &Tag,
+        accept: Accept,
+    ) -> Result<Option<Manifest>, CacheError> {
+        let Some(rec) = self.store.tag_for(key, t, accept)? else {
+            return Ok(None);
+        };
+        let Ok(d) = rec.digest.parse::<Digest>() else {
+            return Ok(None);
+        };
+        self.stored_manifest(&d, Outcome::Hit)
+    }
+
     /// The slow path of [`Cache::manifest`], run once per key at a time.
     async fn fetch_manifest(
         &self,
         route: &Route,
         reference: &Reference,
+        accept: Accept,
     ) -> Result<Manifest, CacheError> {
         let up = &route.upstream;
         let key = route.key();
         match reference {
+            Reference::Digest(_) if !accept.is_all() => {
+                // Not stored here, or stored with a type this client may not be given: the
+                // upstream decides, and the store answers as it would when it cannot.
+                match self.download_manifest(route, reference, None, accept).await {
+                    Err(CacheError::Upstream(e)) if e.is_unavailable() => {
+                        self.answer_without_upstream(route, reference, accept, e)
+                    }
+                    r => r,
+                }
+            }
             Reference::Digest(d) => {
                 if let Some(m) = self.shared_manifest(route, d).await? {
                     return Ok(m);
                 }
                 if self.store.manifest_info(d)?.is_some() {
                     // Stored for another repository: the upstream must confirm this one has it.
-                    up.head_manifest(&route.repo, &d.to_string()).await?;
+                    up.head_manifest(&route.repo, &d.to_string(), Accept::ALL)
+                        .await?;
                     let (store, k2, d2) = (Arc::clone(&self.store), key.clone(), d.clone());
                     blocking(move || store.link(&k2, &d2)).await?;
                     if let Some(m) = self.stored_manifest(d, Outcome::Revalidated)? {
                         return Ok(m);
                     }
                 }
-                self.download_manifest(route, reference, None).await
+                self.download_manifest(route, reference, None, Accept::ALL)
+                    .await
             }
             Reference::Tag(t) => {
-                if let Some(m) = self.shared_tag(route, t).await? {
-                    return Ok(m);
-                }
-                let cached = match self.store.tag(&key, t)? {
-                    Some(rec) => match rec.digest.parse::<Digest>() {
-                        Ok(d) => self.stored_manifest(&d, Outcome::Hit)?.map(|m| (rec, m)),
-                        Err(_) => None,
-                    },
-                    None => None,
-                };
-                let Some((rec, cached)) = cached else {
-                    return self.download_manifest(route, reference, Some(t)).await;
-                };
-                if Duration::from_millis(now_millis().saturating_sub(rec.checked_at_ms))
-                    < up.config.freshness
-                {
-                    return Ok(cached); // another flight refreshed it meanwhile
-                }
-                // A cached tag never waits for the upstream longer than the connect timeout.
-                let head = match tokio::time::timeout(
-                    up.config.connect_timeout,
-                    up.head_manifest(&route.repo, t.as_str()),
-                )
-                .await
-                {
-                    Ok(r) => r,
-                    Err(_) => {
-                        let e = UpstreamError::Timeout {
-                            upstream: up.name().to_owned(),
-                            what: "tag revalidation",
-                        };
-                        up.record_failure(&e);
-                        Err(e)
+                if accept.is_all() {
+                    if let Some(m) = self.shared_tag(route, t).await? {
+                        return Ok(m);
                     }
-                };
-                match head {
-                    Ok(head) => match head.digest {
-                        Some(d) if d == cached.digest => {
-                            let now = now_millis();
-                            let (store, k2, t2, d2) =
-                                (Arc::clone(&self.store), key.clone(), t.clone(), d.clone());
-                            blocking(move || store.set_tag(&k2, &t2, &d2, now)).await?;
-                            self.share(Share::Tag {
-                                upstream: upstream_id(&up.config.url),
-                                repo: route.repo.clone(),
-                                tag: t.clone(),
-                                digest: d,
-                                checked_at_ms: now,
-                            });
-                            Ok(Manifest {
-                                outcome: Outcome::Revalidated,
-                                ..cached
-                            })
-                        }
-                        _ => self.download_manifest(route, reference, Some(t)).await,
-                    },
-                    Err(e) if e.is_unavailable() => {
-                        tracing::warn!(upstream = up.name(), repo = %route.repo, tag = %t, error = %e, "upstream cannot answer; serving the cached tag");
-                        Ok(Manifest {
-                            outcome: Outcome::Stale,
-                            stale_reason: Some(e.to_string()),
-                            ..cached
-                        })
+                }
+                if let Some(m) = self.fresh_tag(route, t, accept)? {
+                    return Ok(m); // another flight refreshed it meanwhile
+                }
+                if let Some(cached) = self.tagged_manifest(&key, t, accept)? {
+                    return self.revalidate_tag(route, t, accept, cached).await;
+                }
+                match self
+                    .download_manifest(route, reference, Some(t), accept)
+                    .await
+                {
+                    Err(CacheError::Upstream(e)) if e.is_unavailable() && !accept.is_all() => {
+                        self.answer_without_upstream(route, reference, accept, e)
                     }
-                    Err(e) => Err(e.into()),
+                    r => r,
                 }
             }
         }
+    }
+
+    /// Asks the upstream whether the cached manifest of tag `t` for `accept` is still the one
+    /// (`HEAD` with that Accept); fetches the new one if not, serves the cached one stale if the
+    /// upstream cannot answer.
+    async fn revalidate_tag(
+        &self,
+        route: &Route,
+        t: &Tag,
+        accept: Accept,
+        cached: Manifest,
+    ) -> Result<Manifest, CacheError> {
+        let up = &route.upstream;
+        // A cached tag never waits for the upstream longer than the connect timeout.
+        let head = match tokio::time::timeout(
+            up.config.connect_timeout,
+            up.head_manifest(&route.repo, t.as_str(), accept),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => {
+                let e = UpstreamError::Timeout {
+                    upstream: up.name().to_owned(),
+                    what: "tag revalidation",
+                };
+                up.record_failure(&e);
+                Err(e)
+            }
+        };
+        match head {
+            Ok(head) => match head.digest {
+                Some(d) if d == cached.digest => {
+                    let now = now_millis();
+                    let (store, k2, t2, d2) =
+                        (Arc::clone(&self.store), route.key(), t.clone(), d.clone());
+                    blocking(move || store.set_tag_for(&k2, &t2, accept, &d2, now)).await?;
+                    if accept.is_all() {
+                        self.share(Share::Tag {
+                            upstream: upstream_id(&up.config.url),
+                            repo: route.repo.clone(),
+                            tag: t.clone(),
+                            digest: d,
+                            checked_at_ms: now,
+                        });
+                    }
+                    Ok(Manifest {
+                        outcome: Outcome::Revalidated,
+                        ..cached
+                    })
+                }
+                _ => {
+                    self.download_manifest(route, &Reference::Tag(t.clone()), Some(t), accept)
+                        .await
+                }
+            },
+            Err(e) if e.is_unavailable() => {
+                tracing::warn!(upstream = up.name(), repo = %route.repo, tag = %t, %accept, error = %e, "upstream cannot answer; serving the cached tag");
+                Ok(Manifest {
+                    outcome: Outcome::Stale,
+                    stale_reason: Some(e.to_string()),
+                    ..cached
+                })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// What the upstream would answer a client accepting `accept` (narrower than all four),
+    /// worked out from the store while the upstream cannot answer (`e`): the full-Accept
+    /// manifest as it is, a refusal, or a list's linux/amd64 child if stored. Anything else
+    /// (a schema 1 conversion, a child not stored here) is `e`, as for any uncached content.
+    fn answer_without_upstream(
+        &self,
+        route: &Route,
+        reference: &Reference,
+        accept: Accept,
+        e: UpstreamError,
+    ) -> Result<Manifest, CacheError> {
+        let key = route.key();
+        let (stored, by_tag) = match reference {
+            Reference::Digest(d) if self.store.is_linked(&key, d)? => {
+                (self.stored_manifest(d, Outcome::Stale)?, false)
+            }
+            Reference::Digest(_) => (None, false),
+            Reference::Tag(t) => (self.tagged_manifest(&key, t, Accept::ALL)?, true),
+        };
+        let Some(stored) = stored else {
+            return Err(e.into());
+        };
+        let served = match media::negotiate(&stored.media_type, &stored.bytes, accept, by_tag) {
+            Negotiated::AsIs => stored,
+            Negotiated::Refused(why) => return Err(CacheError::NotAcceptable(why)),
+            Negotiated::Child(d) => {
+                let child = if self.store.is_linked(&key, &d)? {
+                    self.stored_manifest(&d, Outcome::Stale)?
+                } else {
+                    None
+                };
+                match child {
+                    Some(c) if media::serves_as_is(&c.media_type, accept, true) => c,
+                    _ => return Err(e.into()),
+                }
+            }
+            Negotiated::Schema1 => return Err(e.into()),
+        };
+        tracing::warn!(upstream = route.upstream.name(), repo = %route.repo, reference = %reference, %accept, digest = %served.digest, error = %e, "upstream cannot answer; serving what it would from the cache");
+        Ok(Manifest {
+            outcome: Outcome::Stale,
+            stale_reason: Some(e.to_string()),
+            ..served
+        })
     }
 
     /// A manifest by digest from the shared bucket, if the bucket says `route`'s repository has
@@ -782,7 +939,7 @@ impl Cache {
                 let mt = mt
                     .filter(|m| m.contains('/') && m != "application/octet-stream")
                     .or_else(|| media_type_from_body(&bytes))
-                    .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".into());
+                    .unwrap_or_else(|| media::OCI_MANIFEST.into());
                 (mt, bytes)
             }
         };
@@ -819,11 +976,14 @@ impl Cache {
         }))
     }
 
+    /// Fetches a manifest as the upstream answers a client accepting `accept`, verifies it,
+    /// stores it and points `tag`'s record for `accept` at it.
     async fn download_manifest(
         &self,
         route: &Route,
         reference: &Reference,
         tag: Option<&Tag>,
+        accept: Accept,
     ) -> Result<Manifest, CacheError> {
         let up = &route.upstream;
         let fetched = up
@@ -832,13 +992,25 @@ impl Cache {
                 &reference.to_string(),
                 self.max_manifest_size
                     .load(std::sync::atomic::Ordering::Relaxed),
+                accept,
             )
             .await?;
         let expected = match reference {
             Reference::Digest(d) => Some(d),
             Reference::Tag(_) => None,
         };
-        let digest = verify_manifest(up, &fetched.bytes, fetched.header_digest.as_ref(), expected)?;
+        let digest = verify_manifest(up, &fetched, expected)?;
+        if !digest.matches(&fetched.bytes) {
+            // A signed schema 1 conversion: signed anew at each request, its bytes do not hash to
+            // its digest, so the store (content-addressed) cannot keep it.
+            return Ok(Manifest {
+                digest,
+                media_type: fetched.media_type,
+                bytes: fetched.bytes,
+                outcome: Outcome::Passthrough,
+                stale_reason: None,
+            });
+        }
         let subject = referrer_descriptor(&fetched.bytes, &fetched.media_type, &digest);
         let (store, key, d2, mt, bytes, tag2) = (
             Arc::clone(&self.store),
@@ -854,20 +1026,23 @@ impl Cache {
                 &d2,
                 &mt,
                 &bytes,
-                tag2.as_ref(),
+                tag2.as_ref().map(|t| (t, accept)),
                 subject.as_ref().map(|(s, desc)| (s, desc.as_slice())),
             )
         })
         .await;
         let outcome = match stored {
             Ok(()) => {
+                // The bucket's tag records are for the full Accept only.
                 self.share(Share::Manifest {
                     upstream: upstream_id(&up.config.url),
                     repo: route.repo.clone(),
                     digest: digest.clone(),
                     media_type: fetched.media_type.clone(),
                     bytes: fetched.bytes.clone(),
-                    tag: tag.map(|t| (t.clone(), now_millis())),
+                    tag: tag
+                        .filter(|_| accept.is_all())
+                        .map(|t| (t.clone(), now_millis())),
                 });
                 Outcome::Miss
             }
@@ -912,14 +1087,24 @@ impl Cache {
         if let Some((file, size)) = self.store.open_blob(d)? {
             let mut outcome = Outcome::Hit;
             if !self.store.is_linked(&key, d)? {
-                // Stored for another repository: only serve it here if a manifest of this
-                // repository references it, or else the upstream agrees.
-                if !self.store.is_referenced(&key, d)? {
+                // Stored for another repository: only served here once the upstream confirmed
+                // that this repository has it, to a server of the bucket (its link there) or now.
+                // A manifest of this repository that names the digest is a claim, not proof.
+                if self.bucket_links_blob(route, d).await {
+                    outcome = Outcome::Shared;
+                } else {
                     route.upstream.head_blob(&route.repo, d).await?;
+                    // The confirmed link goes to the bucket too, so that another server may
+                    // serve the blob for this repository while the upstream is down.
+                    self.share(Share::Blob {
+                        digest: d.clone(),
+                        size,
+                        link: Some((upstream_id(&route.upstream.config.url), route.repo.clone())),
+                    });
+                    outcome = Outcome::Revalidated;
                 }
                 let (store, k2, d2) = (Arc::clone(&self.store), key.clone(), d.clone());
                 blocking(move || store.link(&k2, &d2)).await?;
-                outcome = Outcome::Revalidated;
             }
             return Ok(Blob {
                 size: Some(size),
@@ -992,8 +1177,9 @@ impl Cache {
         })
     }
 
-    /// Whether the bucket may be asked for blob `d` on behalf of `route`'s repository: a manifest
-    /// of that repository references it (or it was linked there).
+    /// Whether the bucket may be asked for blob `d` on behalf of `route`'s repository: the
+    /// upstream confirmed that repository has it, here (a local link) or to the server that
+    /// wrote the bucket's link. A manifest of the repository that names the digest is not enough.
     async fn bucket_for_blob(
         &self,
         route: &Route,
@@ -1010,16 +1196,23 @@ impl Cache {
         {
             return Ok(None);
         }
-        let key = route.key();
-        if self.store.is_linked(&key, d)? || self.store.is_referenced(&key, d)? {
+        if self.store.is_linked(&route.key(), d)? || self.bucket_links_blob(route, d).await {
             return Ok(Some(b));
         }
-        // No manifest of this repository seen here: the bucket may still link the blob to it
-        // (another server fetched it for that repository).
+        Ok(None)
+    }
+
+    /// Whether the bucket links blob `d` to `route`'s repository: a server fetched it from the
+    /// upstream for that repository, or the upstream confirmed it there. False without a bucket
+    /// in use.
+    async fn bucket_links_blob(&self, route: &Route, d: &Digest) -> bool {
+        let Some(b) = self.bucket.as_ref().filter(|b| b.is_up()) else {
+            return false;
+        };
         let linked = b
             .is_blob_linked(&upstream_id(&route.upstream.config.url), &route.repo, d)
             .await;
-        Ok(or_without(linked, "blob link").then_some(b))
+        or_without(linked, "blob link")
     }
 
     /// The size of blob `d` if the bucket holds it for `route`.
@@ -1158,7 +1351,7 @@ impl Cache {
                     .observe(started.elapsed().as_secs_f64()),
                 Err(e) => {
                     let reason = match e {
-                        CacheError::Upstream(_) => "upstream",
+                        CacheError::Upstream(_) | CacheError::NotAcceptable(_) => "upstream",
                         CacheError::DigestMismatch { .. } => "digest",
                         CacheError::SizeMismatch { .. } => "size",
                         CacheError::Store(_) => "store",

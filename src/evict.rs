@@ -82,8 +82,18 @@ fn snapshot(store: &Store) -> Result<Snapshot, StoreError> {
         let reference = key.rsplit('\0').next().unwrap_or("");
         if reference.parse::<Digest>().is_ok() {
             s.pins.push(reference.to_owned());
-        } else if let Some(d) = tag_digest.get(key.as_str()) {
-            s.pins.push((*d).to_owned());
+        } else {
+            s.pins
+                .extend(tag_digest.get(key.as_str()).map(|d| (*d).to_owned()));
+            // And what the tag gives clients with narrower Accept sets (`key \0 accept=…`), which
+            // may be all that is cached of it.
+            let narrower = format!("{key}\0");
+            s.pins.extend(
+                s.tags
+                    .iter()
+                    .filter(|(k, _)| k.starts_with(&narrower))
+                    .map(|(_, d)| d.clone()),
+            );
         }
     }
     Ok(s)
@@ -106,6 +116,32 @@ impl Snapshot {
             i += 1;
         }
         out
+    }
+
+    /// What evicting `root` removes: the root, then whatever below it is not `protected` and has
+    /// no parent left (every parent doomed, already `gone`, or not recorded).
+    fn doomed(
+        &self,
+        root: &str,
+        protected: &HashSet<String>,
+        gone: &HashSet<String>,
+    ) -> BTreeSet<String> {
+        let mut doomed: BTreeSet<String> = BTreeSet::new();
+        for x in self.closure(root) {
+            if protected.contains(&x) || gone.contains(&x) {
+                continue;
+            }
+            let orphaned = x == root
+                || self.parents.get(&x).is_none_or(|ps| {
+                    ps.iter().all(|p| {
+                        doomed.contains(p) || gone.contains(p) || !self.sizes.contains_key(p)
+                    })
+                });
+            if orphaned {
+                doomed.insert(x);
+            }
+        }
+        doomed
     }
 }
 
@@ -151,27 +187,14 @@ pub fn evict_to(store: &Store, target: u64) -> Result<EvictReport, StoreError> {
         if protected.contains(&root) || gone.contains(&root) {
             continue;
         }
-        // Remove the root, then whatever below it has no remaining parent.
-        let mut doomed: BTreeSet<String> = BTreeSet::new();
-        for x in snap.closure(&root) {
-            if protected.contains(&x) || gone.contains(&x) {
-                continue;
-            }
-            let orphaned = x == root
-                || snap.parents.get(&x).is_none_or(|ps| {
-                    ps.iter().all(|p| {
-                        doomed.contains(p) || gone.contains(p) || !snap.sizes.contains_key(p)
-                    })
-                });
-            if orphaned {
-                doomed.insert(x);
-            }
-        }
-        let r = remove(store, &doomed)?;
+        let doomed = snap.doomed(&root, &protected, &gone);
+        let (r, removed) = remove(store, &doomed)?;
         report.manifests += r.manifests;
         report.blobs += r.blobs;
         report.bytes += r.bytes;
-        gone.extend(doomed);
+        // Only what was removed: a digest kept because a manifest recorded after the snapshot
+        // references it still counts as a parent for the roots that follow.
+        gone.extend(removed);
     }
     if report.bytes > 0 {
         tracing::info!(
@@ -185,14 +208,28 @@ pub fn evict_to(store: &Store, target: u64) -> Result<EvictReport, StoreError> {
     Ok(report)
 }
 
-/// Removes `doomed` digests: records first (one transaction), then files.
-fn remove(store: &Store, doomed: &BTreeSet<String>) -> Result<EvictReport, StoreError> {
-    let (manifests, blobs, bytes) = store.drop_blobs(doomed)?;
-    Ok(EvictReport {
-        manifests,
-        blobs,
-        bytes,
-    })
+/// Removes `doomed` digests: records first (one transaction), then files. `doomed` comes from
+/// the snapshot, so the store keeps any of it that a manifest recorded since references (a blob
+/// committed after the snapshot is never doomed: it is not in the snapshot). Returns what was
+/// removed.
+fn remove(
+    store: &Store,
+    doomed: &BTreeSet<String>,
+) -> Result<(EvictReport, BTreeSet<String>), StoreError> {
+    let r = store.evict_blobs(doomed)?;
+    let kept = doomed.len() - r.digests.len();
+    if kept > 0 {
+        tracing::debug!(
+            kept,
+            "kept content that a manifest recorded during the collection references"
+        );
+    }
+    let report = EvictReport {
+        manifests: r.manifests,
+        blobs: r.blobs,
+        bytes: r.bytes,
+    };
+    Ok((report, r.digests))
 }
 
 /// The size the store should be brought down to, if it is over a limit now.
@@ -250,17 +287,33 @@ mod tests {
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
             "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": layers[0].to_string(), "size": 1},
             "layers": layers[1..].iter().map(|l| serde_json::json!({"mediaType": "x", "digest": l.to_string(), "size": 1})).collect::<Vec<_>>(),
-        })
-        .to_string();
+        });
+        tagged(store, repo, tag, &body)
+    }
+
+    fn index(store: &Store, repo: &str, tag: &str, children: &[&Digest]) -> Digest {
+        let body = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "annotations": {"org.example.repo": repo},
+            "manifests": children.iter().map(|c| serde_json::json!({"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": c.to_string(), "size": 1})).collect::<Vec<_>>(),
+        });
+        tagged(store, repo, tag, &body)
+    }
+
+    /// Stores the manifest `body` for `repo` and tags it `tag`.
+    fn tagged(store: &Store, repo: &str, tag: &str, body: &serde_json::Value) -> Digest {
+        let media_type = body["mediaType"].as_str().expect("mediaType").to_owned();
+        let body = body.to_string();
         let d = Digest::sha256_of(body.as_bytes());
         let t: crate::reference::Tag = tag.parse().expect("tag");
         store
             .put_manifest(
                 &key(repo),
                 &d,
-                "application/vnd.oci.image.manifest.v1+json",
+                &media_type,
                 body.as_bytes(),
-                Some(&t),
+                Some((&t, crate::media::Accept::ALL)),
                 None,
             )
             .expect("put manifest");
@@ -305,6 +358,87 @@ mod tests {
         assert_eq!(store.used_bytes(), before - report.bytes);
     }
 
+    /// The doomed set of `root` as [`evict_to`] computes it from a snapshot taken now.
+    fn doomed_now(store: &Store, root: &Digest) -> BTreeSet<String> {
+        let snap = snapshot(store).expect("snapshot");
+        snap.doomed(&root.to_string(), &HashSet::new(), &HashSet::new())
+    }
+
+    #[test]
+    fn a_manifest_recorded_after_the_snapshot_keeps_the_layer_it_shares() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let config = blob(&store, "a", &[1u8; 100]);
+        let shared = blob(&store, "a", &[2u8; 5000]);
+        let old = image(&store, "a", "v1", &[&config, &shared]);
+        let old_size = store.blob_size(&old).expect("size").expect("stored");
+        let doomed = doomed_now(&store, &old);
+        assert!(
+            doomed.contains(&shared.to_string()),
+            "premise: in the snapshot only the old image uses the layer: {doomed:?}"
+        );
+
+        // Between the snapshot and the removal, another image that uses the layer is recorded.
+        let new_config = blob(&store, "b", &[3u8; 100]);
+        let new = image(&store, "b", "v1", &[&new_config, &shared]);
+        let (report, _) = remove(&store, &doomed).expect("remove");
+
+        assert!(
+            store.manifest_info(&old).expect("info").is_none(),
+            "the old image goes"
+        );
+        assert!(
+            store.blob_size(&config).expect("size").is_none(),
+            "with its own config"
+        );
+        assert!(
+            store.blob_size(&shared).expect("size").is_some() && store.blob_path(&shared).exists(),
+            "the layer that the image recorded after the snapshot uses stays: {report:?}"
+        );
+        assert!(store.manifest_info(&new).expect("info").is_some());
+        assert_eq!(
+            report,
+            EvictReport {
+                manifests: 1,
+                blobs: 2,
+                bytes: old_size + 100,
+            },
+            "only what was removed is reported"
+        );
+    }
+
+    #[test]
+    fn a_child_manifest_an_index_recorded_after_the_snapshot_names_is_kept_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let config = blob(&store, "a", &[4u8; 100]);
+        let layer = blob(&store, "a", &[5u8; 5000]);
+        let child = image(&store, "a", "child", &[&config, &layer]);
+        let old_index = index(&store, "a", "v1", &[&child]);
+        let doomed = doomed_now(&store, &old_index);
+        assert_eq!(
+            doomed.len(),
+            4,
+            "premise: the whole old index is doomed: {doomed:?}"
+        );
+
+        let new_index = index(&store, "b", "v1", &[&child]);
+        remove(&store, &doomed).expect("remove");
+
+        assert!(store.manifest_info(&old_index).expect("info").is_none());
+        for (d, what) in [
+            (&child, "child manifest"),
+            (&config, "config"),
+            (&layer, "layer"),
+        ] {
+            assert!(
+                store.blob_size(d).expect("size").is_some(),
+                "the {what} of the index recorded after the snapshot stays"
+            );
+        }
+        assert!(store.manifest_info(&new_index).expect("info").is_some());
+    }
+
     #[test]
     fn pinned_and_held_content_is_never_evicted() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -312,13 +446,38 @@ mod tests {
         let l1 = blob(&store, "a", &[1u8; 3000]);
         let l2 = blob(&store, "b", &[2u8; 3000]);
         let loose = blob(&store, "c", &[3u8; 3000]);
+        let l3 = blob(&store, "a", &[4u8; 3000]);
         let pinned = image(&store, "a", "v1", &[&l1]);
+        // What `a:v1` gives clients accepting only Docker schema 2.
+        let narrow = image(&store, "a", "v1-build", &[&l3]);
+        let s2 = crate::media::Accept::parse([crate::media::DOCKER_MANIFEST.as_bytes()]);
+        let v1: crate::reference::Tag = "v1".parse().expect("tag");
+        store
+            .set_tag_for(&key("a"), &v1, s2, &narrow, 1)
+            .expect("narrow record");
+        // A pinned tag cached only for clients accepting only Docker schema 2.
+        let l4 = blob(&store, "a", &[5u8; 3000]);
+        let narrow_only = image(&store, "a", "v2-build", &[&l4]);
+        let v2: crate::reference::Tag = "v2".parse().expect("tag");
+        store
+            .set_tag_for(&key("a"), &v2, s2, &narrow_only, 1)
+            .expect("narrow record");
+        store.pin(&key("a"), "v2").expect("pin");
         let _other = image(&store, "b", "v1", &[&l2]);
         store.pin(&key("a"), "v1").expect("pin");
         let _hold = store.hold(&loose);
         let report = evict_to(&store, 0).expect("evict");
         assert!(store.manifest_info(&pinned).expect("info").is_some());
         assert!(store.blob_size(&l1).expect("size").is_some());
+        assert!(
+            store.manifest_info(&narrow).expect("info").is_some(),
+            "the pinned tag's manifest for a narrower Accept stays"
+        );
+        assert!(store.blob_size(&l3).expect("size").is_some());
+        assert!(
+            store.manifest_info(&narrow_only).expect("info").is_some(),
+            "a pinned tag cached only for a narrower Accept stays"
+        );
         assert!(
             store.blob_size(&loose).expect("size").is_some(),
             "held blob stays"
@@ -327,7 +486,7 @@ mod tests {
             store.blob_size(&l2).expect("size").is_none(),
             "unpinned image goes: {report:?}"
         );
-        assert_eq!(store.pins().expect("pins").len(), 1);
+        assert_eq!(store.pins().expect("pins").len(), 2);
         assert!(store.unpin(&key("a"), "v1").expect("unpin"));
     }
 }

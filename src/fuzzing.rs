@@ -14,6 +14,7 @@ use http::HeaderValue;
 
 use crate::access::{Cidr, Htpasswd, RepoPattern};
 use crate::api::{self, Endpoint};
+use crate::media::{self, Accept, Kind};
 use crate::reference::{Digest, ImageRef, Reference, RepoName, Tag, MAX_NAME_LEN, MAX_TAG_LEN};
 use crate::server::Routing;
 
@@ -312,6 +313,35 @@ pub fn json(data: &[u8]) {
     }
 }
 
+/// Client `Accept` lines (one per input line) and manifests from upstreams: the `Accept` set holds
+/// exactly the manifest types some line names (parameters cut at `;`) and reads back from the
+/// value regcache sends upstream; reading a list's platforms and a schema 1 signature never panics.
+pub fn accept(data: &[u8]) {
+    let lines: Vec<&[u8]> = data.split(|&b| b == b'\n').collect();
+    let set = Accept::parse(lines.iter().copied());
+    for k in Kind::ALL {
+        let named = lines
+            .iter()
+            .flat_map(|l| l.split(|&b| b == b','))
+            .any(|item| {
+                let t = item.split(|&b| b == b';').next().unwrap_or(item);
+                t.trim_ascii() == k.media_type().as_bytes()
+            });
+        assert_eq!(
+            set.contains(k),
+            named,
+            "{k:?} in {:?}",
+            String::from_utf8_lossy(data)
+        );
+    }
+    let sent = set.header_value();
+    assert_eq!(Accept::parse(sent.as_deref().map(str::as_bytes)), set);
+    for by_tag in [true, false] {
+        let _ = media::negotiate(media::DOCKER_LIST, data, set, by_tag);
+    }
+    let _ = media::schema1_payload(data);
+}
+
 /// Client credentials and address lists: htpasswd files, `Authorization` headers, CIDRs.
 pub fn access(data: &[u8]) {
     let _ = crate::access::parse_basic(data);
@@ -544,6 +574,9 @@ mod tests {
         "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]",
         "alice:$2y$04$\nbob",
         "::ffff:10.0.0.1/104",
+        "application/vnd.docker.distribution.manifest.v2+json ;q=0,*/*\n\napplication/vnd.oci.image.index.v1+json;;,",
+        r#"{"manifests":[{"digest":"sha256:x","platform":{"architecture":"amd64","os":"linux"}}]}"#,
+        r#"{"signatures":[{"protected":"eyJmb3JtYXRMZW5ndGgiOjk5OTl9"}]}"#,
     ];
 
     fn drive(check: fn(&[u8]), seed: u64, runs: usize) {
@@ -610,6 +643,11 @@ mod tests {
     #[test]
     fn property_access() {
         drive(access, 11, 20_000);
+    }
+
+    #[test]
+    fn property_accept() {
+        drive(accept, 13, 20_000);
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod evict;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod logbuf;
+pub mod media;
 pub mod metrics;
 pub mod prefetch;
 pub mod reference;

@@ -15,12 +15,11 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::cli::{ConfigArgs, EXIT_FAILURE, EXIT_USAGE};
+use crate::media::{Accept, Kind};
 use crate::reference::{Digest, ImageRef};
 
 /// Exit code when Ctrl-C stopped the run.
 pub const EXIT_INTERRUPTED: u8 = 130;
-
-const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
 
 #[derive(Debug, Args)]
 pub struct PrefetchArgs {
@@ -294,9 +293,11 @@ fn jobs(args: &PrefetchArgs, names: &Names) -> Result<Vec<Job>, String> {
 }
 
 fn is_index(media_type: &str, v: &serde_json::Value) -> bool {
-    media_type.contains("index")
-        || media_type.contains("manifest.list")
-        || v.get("manifests").is_some()
+    let media_type = media_type.split(';').next().unwrap_or(media_type).trim();
+    matches!(
+        Kind::of(media_type),
+        Some(Kind::OciIndex | Kind::DockerList)
+    ) || v.get("manifests").is_some()
 }
 
 async fn get_manifest(
@@ -305,7 +306,9 @@ async fn get_manifest(
     reference: &str,
 ) -> anyhow::Result<(String, serde_json::Value, String)> {
     let url = format!("{}/v2/{name}/manifests/{reference}", ctx.server);
-    let resp = ctx.client.get(&url).header("accept", ACCEPT).send().await?;
+    // All four types: prefetch stores what docker, containerd and podman pull.
+    let accept = Accept::ALL.header_value().unwrap_or_default();
+    let resp = ctx.client.get(&url).header("accept", accept).send().await?;
     let status = resp.status();
     let media_type = resp
         .headers()

@@ -19,6 +19,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use crate::media::Accept;
 use crate::reference::{Digest, RepoName, Tag};
 
 /// Version of the database layout this build writes. History:
@@ -31,7 +32,9 @@ pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta")
 pub(crate) const BLOBS: TableDefinition<&str, u64> = TableDefinition::new("blobs");
 /// digest → media type, for blobs that are manifests.
 pub(crate) const MANIFESTS: TableDefinition<&str, &str> = TableDefinition::new("manifests");
-/// `upstream \0 repo \0 tag` → JSON [`TagRecord`].
+/// `upstream \0 repo \0 tag` → JSON [`TagRecord`]: the tag's manifest for the full `Accept`.
+/// `upstream \0 repo \0 tag \0 accept=<set>` → the same for clients accepting only `<set>`
+/// (see [`Accept`]), when that answer is another manifest.
 pub(crate) const TAGS: TableDefinition<&str, &[u8]> = TableDefinition::new("tags");
 /// `upstream \0 repo \0 digest` → unix time the link was made.
 pub(crate) const LINKS: TableDefinition<&str, u64> = TableDefinition::new("links");
@@ -89,6 +92,51 @@ pub(crate) fn read_records(tx: &redb::ReadTransaction) -> Result<Records, StoreE
         tags.push((k.value().to_owned(), digest));
     }
     Ok((blobs, manifests, tags))
+}
+
+/// What an eviction removed.
+#[derive(Debug, Default)]
+pub(crate) struct Removed {
+    /// The digests whose records and files were removed.
+    pub digests: std::collections::BTreeSet<String>,
+    pub manifests: u64,
+    pub blobs: u64,
+    pub bytes: u64,
+}
+
+/// The digests of `doomed` that no recorded manifest outside the result references, read in the
+/// removal's write transaction (so nothing can be recorded between this check and the removal).
+/// Sparing a manifest spares what it references, hence the loop until nothing changes.
+fn still_unreferenced(
+    tx: &redb::WriteTransaction,
+    doomed: &std::collections::BTreeSet<String>,
+) -> Result<std::collections::BTreeSet<String>, StoreError> {
+    let blobs = tx.open_table(BLOBS).map_err(db_err)?;
+    let refby = tx.open_table(REFBY).map_err(db_err)?;
+    let mut gone = doomed.clone();
+    loop {
+        let mut spared = Vec::new();
+        for d in &gone {
+            let (lo, hi) = (format!("{d}\0"), format!("{d}\x01"));
+            for item in refby.range(lo.as_str()..hi.as_str()).map_err(db_err)? {
+                let (k, _) = item.map_err(db_err)?;
+                let Some(parent) = k.value().strip_prefix(lo.as_str()).map(str::to_owned) else {
+                    continue;
+                };
+                if !gone.contains(&parent) && blobs.get(parent.as_str()).map_err(db_err)?.is_some()
+                {
+                    spared.push(d.clone());
+                    break;
+                }
+            }
+        }
+        if spared.is_empty() {
+            return Ok(gone);
+        }
+        for d in spared {
+            gone.remove(&d);
+        }
+    }
 }
 
 /// The digests a manifest references: config, layers, index children, artifact blobs (not its
@@ -803,29 +851,55 @@ impl Store {
 
     /// Removes the records of `doomed` (blob, manifest, access time, references, and the tags
     /// that point at them: a cached tag is always complete) in one transaction, then their files.
-    /// Returns the manifests, blobs and bytes removed.
+    /// Returns the manifests, blobs and bytes removed. For `verify --repair`: bad digests go,
+    /// whatever references them.
     pub(crate) fn drop_blobs(
         &self,
         doomed: &std::collections::BTreeSet<String>,
     ) -> Result<(u64, u64, u64), StoreError> {
-        let (mut manifests_n, mut blobs_n, mut bytes) = (0, 0, 0);
+        let r = self.remove_blobs(doomed, false)?;
+        Ok((r.manifests, r.blobs, r.bytes))
+    }
+
+    /// Eviction's removal: [`Store::drop_blobs`], except that `doomed` was chosen from a snapshot,
+    /// and a manifest recorded since may reference some of it. Inside the removal's transaction,
+    /// every doomed digest that a recorded manifest outside the removed set references (a `refby`
+    /// row) is kept, and so, in turn, is what a kept manifest references.
+    pub(crate) fn evict_blobs(
+        &self,
+        doomed: &std::collections::BTreeSet<String>,
+    ) -> Result<Removed, StoreError> {
+        self.remove_blobs(doomed, true)
+    }
+
+    fn remove_blobs(
+        &self,
+        doomed: &std::collections::BTreeSet<String>,
+        spare_referenced: bool,
+    ) -> Result<Removed, StoreError> {
+        let mut removed = Removed::default();
         if doomed.is_empty() {
-            return Ok((0, 0, 0));
+            return Ok(removed);
         }
         let tx = self.db.begin_write().map_err(db_err)?;
+        let gone = if spare_referenced {
+            still_unreferenced(&tx, doomed)?
+        } else {
+            doomed.clone()
+        };
         {
             let mut blobs = tx.open_table(BLOBS).map_err(db_err)?;
             let mut manifests = tx.open_table(MANIFESTS).map_err(db_err)?;
             let mut access = tx.open_table(ACCESS).map_err(db_err)?;
             let mut refs = tx.open_table(REFS).map_err(db_err)?;
             let mut refby = tx.open_table(REFBY).map_err(db_err)?;
-            for d in doomed {
+            for d in &gone {
                 if let Some(v) = blobs.remove(d.as_str()).map_err(db_err)? {
-                    bytes += v.value();
-                    blobs_n += 1;
+                    removed.bytes += v.value();
+                    removed.blobs += 1;
                 }
                 if manifests.remove(d.as_str()).map_err(db_err)?.is_some() {
-                    manifests_n += 1;
+                    removed.manifests += 1;
                 }
                 access.remove(d.as_str()).map_err(db_err)?;
                 let (lo, hi) = (format!("{d}\0"), format!("{d}\x01"));
@@ -848,7 +922,7 @@ impl Store {
                 .filter_map(|i| i.ok())
                 .filter(|(_, v)| {
                     serde_json::from_slice::<TagRecord>(v.value())
-                        .is_ok_and(|r| doomed.contains(&r.digest))
+                        .is_ok_and(|r| gone.contains(&r.digest))
                 })
                 .map(|(k, _)| k.value().to_owned())
                 .collect();
@@ -857,16 +931,17 @@ impl Store {
             }
         }
         tx.commit().map_err(db_err)?;
-        for d in doomed {
+        for d in &gone {
             self.forget_in_memory(d);
         }
-        self.sub_used(bytes);
-        for d in doomed {
+        self.sub_used(removed.bytes);
+        for d in &gone {
             if let Ok(digest) = d.parse::<Digest>() {
                 let _ = fs::remove_file(self.blob_path(&digest));
             }
         }
-        Ok((manifests_n, blobs_n, bytes))
+        removed.digests = gone;
+        Ok(removed)
     }
 
     /// Records an intact blob file found without a record (no repository link: it is served
@@ -893,25 +968,6 @@ impl Store {
         let t = tx.open_table(LINKS).map_err(db_err)?;
         let key = format!("{}{d}", repo.prefix());
         Ok(t.get(key.as_str()).map_err(db_err)?.is_some())
-    }
-
-    /// Whether a manifest linked to `repo` references `d` (so `repo` may serve it even before
-    /// it is stored here, e.g. from the shared bucket).
-    pub fn is_referenced(&self, repo: &RepoKey, d: &Digest) -> Result<bool, StoreError> {
-        let tx = self.db.begin_read().map_err(db_err)?;
-        let refby = tx.open_table(REFBY).map_err(db_err)?;
-        let links = tx.open_table(LINKS).map_err(db_err)?;
-        let (start, end) = (format!("{d}\0"), format!("{d}\x01"));
-        for item in refby.range(start.as_str()..end.as_str()).map_err(db_err)? {
-            let (k, _) = item.map_err(db_err)?;
-            if let Some(parent) = k.value().strip_prefix(start.as_str()) {
-                let link = format!("{}{parent}", repo.prefix());
-                if links.get(link.as_str()).map_err(db_err)?.is_some() {
-                    return Ok(true);
-                }
-            }
-        }
-        Ok(false)
     }
 
     /// Links an already stored blob to `repo` (after the upstream confirmed that repo has it).
@@ -1033,7 +1089,7 @@ impl Store {
         d: &Digest,
         media_type: &str,
         bytes: &[u8],
-        tag: Option<&Tag>,
+        tag: Option<(&Tag, Accept)>,
         subject: Option<(&Digest, &[u8])>,
     ) -> Result<(), StoreError> {
         let refs = manifest_refs(bytes);
@@ -1054,26 +1110,59 @@ impl Store {
                 .map_err(db_err)?;
             tx.commit().map_err(db_err)?;
         }
-        if let Some(tag) = tag {
-            self.set_tag(repo, tag, d, now_millis())?;
+        if let Some((tag, accept)) = tag {
+            self.set_tag_for(repo, tag, accept, d, now_millis())?;
         }
         Ok(())
     }
 
+    /// The `tags` key of a tag's record for clients accepting `accept`.
+    fn tag_key(repo: &RepoKey, tag: &Tag, accept: Accept) -> String {
+        if accept.is_all() {
+            format!("{}{tag}", repo.prefix())
+        } else {
+            format!("{}{tag}\0accept={accept}", repo.prefix())
+        }
+    }
+
+    /// The tag's record for the full `Accept`.
     pub fn tag(&self, repo: &RepoKey, tag: &Tag) -> Result<Option<TagRecord>, StoreError> {
+        self.tag_for(repo, tag, Accept::ALL)
+    }
+
+    /// The tag's record for clients accepting `accept`.
+    pub fn tag_for(
+        &self,
+        repo: &RepoKey,
+        tag: &Tag,
+        accept: Accept,
+    ) -> Result<Option<TagRecord>, StoreError> {
         let tx = self.db.begin_read().map_err(db_err)?;
         let t = tx.open_table(TAGS).map_err(db_err)?;
-        let key = format!("{}{tag}", repo.prefix());
+        let key = Store::tag_key(repo, tag, accept);
         let Some(v) = t.get(key.as_str()).map_err(db_err)? else {
             return Ok(None);
         };
         Ok(serde_json::from_slice(v.value()).ok())
     }
 
+    /// Points the tag's record for the full `Accept` at `d`.
     pub fn set_tag(
         &self,
         repo: &RepoKey,
         tag: &Tag,
+        d: &Digest,
+        checked_at_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.set_tag_for(repo, tag, Accept::ALL, d, checked_at_ms)
+    }
+
+    /// Points the tag's record for clients accepting `accept` at `d`.
+    pub fn set_tag_for(
+        &self,
+        repo: &RepoKey,
+        tag: &Tag,
+        accept: Accept,
         d: &Digest,
         checked_at_ms: u64,
     ) -> Result<(), StoreError> {
@@ -1082,7 +1171,7 @@ impl Store {
             checked_at_ms,
         };
         let value = serde_json::to_vec(&rec).map_err(db_err)?;
-        let key = format!("{}{tag}", repo.prefix());
+        let key = Store::tag_key(repo, tag, accept);
         let tx = self.db.begin_write().map_err(db_err)?;
         tx.open_table(TAGS)
             .map_err(db_err)?
@@ -1100,8 +1189,13 @@ impl Store {
         let mut out = Vec::new();
         for item in t.range(prefix.as_str()..end.as_str()).map_err(db_err)? {
             let (k, _) = item.map_err(db_err)?;
-            if let Some(tag) = k.value().strip_prefix(prefix.as_str()) {
-                out.push(tag.to_owned());
+            // A tag's records for narrower Accept sets (`tag \0 accept=…`) follow its own, if any:
+            // one name per tag.
+            if let Some(rest) = k.value().strip_prefix(prefix.as_str()) {
+                let tag = rest.split('\0').next().unwrap_or(rest);
+                if out.last().map(String::as_str) != Some(tag) {
+                    out.push(tag.to_owned());
+                }
             }
         }
         Ok(out)
@@ -1192,13 +1286,26 @@ mod tests {
                 &d,
                 "application/vnd.oci.image.manifest.v1+json",
                 body,
-                Some(&tag),
+                Some((&tag, Accept::ALL)),
                 None,
             )
             .expect("put");
         let rec = store.tag(&key("x"), &tag).expect("tag").expect("present");
         assert_eq!(rec.digest, d.to_string());
-        assert_eq!(store.tags(&key("x")).expect("tags"), vec!["v1".to_string()]);
+        // The record for a narrower Accept is the tag's, not a tag of its own.
+        let s2 = Accept::parse([crate::media::DOCKER_MANIFEST.as_bytes()]);
+        assert_eq!(store.tag_for(&key("x"), &tag, s2).expect("tag"), None);
+        store.set_tag_for(&key("x"), &tag, s2, &d, 7).expect("set");
+        let narrow = store.tag_for(&key("x"), &tag, s2).expect("tag");
+        assert_eq!(narrow.map(|r| r.checked_at_ms), Some(7));
+        assert_eq!(store.tag(&key("x"), &tag).expect("tag"), Some(rec));
+        let v0: Tag = "v0".parse().expect("tag");
+        store.set_tag_for(&key("x"), &v0, s2, &d, 7).expect("set");
+        assert_eq!(
+            store.tags(&key("x")).expect("tags"),
+            vec!["v0".to_string(), "v1".to_string()],
+            "a tag cached for any Accept is listed once"
+        );
         assert!(store.tags(&key("xy")).expect("tags").is_empty());
         assert_eq!(
             store.read_manifest(&d).expect("read").as_deref(),
@@ -1207,6 +1314,12 @@ mod tests {
         std::fs::write(store.blob_path(&d), b"tampered").expect("tamper");
         assert_eq!(store.read_manifest(&d).expect("read"), None);
         assert_eq!(store.manifest_info(&d).expect("info"), None);
+        // Records that point at a dropped manifest go with it, the narrower Accept's too.
+        store
+            .drop_blobs(&std::collections::BTreeSet::from([d.to_string()]))
+            .expect("drop");
+        assert_eq!(store.tag(&key("x"), &tag).expect("tag"), None);
+        assert_eq!(store.tag_for(&key("x"), &tag, s2).expect("tag"), None);
     }
 
     #[test]

@@ -16,14 +16,9 @@ use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, WWW_AUTHENTICATE};
 use reqwest::{Method, Response, StatusCode};
 
 use crate::config::{Credentials, UpstreamConfig};
+use crate::media::Accept;
 use crate::metrics::Metrics;
 use crate::reference::{Digest, RepoName};
-
-/// Every manifest media type regcache asks for, in the upstream `Accept` header.
-pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
-application/vnd.oci.image.manifest.v1+json, \
-application/vnd.docker.distribution.manifest.list.v2+json, \
-application/vnd.docker.distribution.manifest.v2+json";
 
 /// Most redirects followed for one request.
 pub const MAX_REDIRECTS: usize = 10;
@@ -197,6 +192,12 @@ pub enum UpstreamError {
     /// The upstream's answer breaks the protocol (bad digest header, oversized manifest, …).
     #[error("upstream {upstream} sent an invalid response: {detail}")]
     Invalid { upstream: String, detail: String },
+    /// The upstream asked for a Bearer token and its token service gave none: it did not answer
+    /// (in time), answered a status other than `401`/`403`, or answered without a usable token.
+    /// The registry could not be asked at all, so this is an unavailable upstream, never a "not
+    /// found".
+    #[error("upstream {upstream}: its token service gave no token: {detail}")]
+    Token { upstream: String, detail: String },
 }
 
 impl UpstreamError {
@@ -206,6 +207,7 @@ impl UpstreamError {
             UpstreamError::Unreachable { .. } | UpstreamError::Timeout { .. } => true,
             UpstreamError::Status { status, .. } => *status == 429 || *status >= 500,
             UpstreamError::Invalid { .. } => false,
+            UpstreamError::Token { .. } => true,
         }
     }
     pub fn status(&self) -> Option<u16> {
@@ -215,12 +217,24 @@ impl UpstreamError {
         }
     }
 
+    /// What went wrong, without the upstream's name (for wrapping into another error).
+    fn cause(&self) -> String {
+        match self {
+            UpstreamError::Unreachable { detail, .. }
+            | UpstreamError::Invalid { detail, .. }
+            | UpstreamError::Token { detail, .. } => detail.clone(),
+            UpstreamError::Timeout { what, .. } => format!("timed out waiting for {what}"),
+            UpstreamError::Status { status, path, .. } => format!("answered {status} for {path}"),
+        }
+    }
+
     fn kind(&self) -> &'static str {
         match self {
             UpstreamError::Unreachable { .. } => "unreachable",
             UpstreamError::Timeout { .. } => "timeout",
             UpstreamError::Status { .. } => "status",
             UpstreamError::Invalid { .. } => "invalid",
+            UpstreamError::Token { .. } => "token",
         }
     }
 }
@@ -534,16 +548,29 @@ impl Upstream {
         }
     }
 
-    /// One probe: `GET /v2/`. Any answer that is not 5xx or 429 means the upstream is back.
+    /// One probe: `GET /v2/`. Any answer that is not 5xx or 429 means the upstream is back,
+    /// except a `401` with a Bearer challenge: no request gets through without a token, so the
+    /// challenge's token service is asked too, and must give a token or refuse the credentials
+    /// (any failure that [`UpstreamError::is_unavailable`] counts keeps the circuit open).
     async fn probe(&self) -> bool {
         let req = self.client.get(self.url("/v2/"));
         let total = self.config.connect_timeout + self.config.header_timeout;
-        match tokio::time::timeout(total, req.send()).await {
-            Ok(Ok(resp)) => {
-                let s = resp.status();
-                !(s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS)
-            }
-            _ => false,
+        let resp = match tokio::time::timeout(total, req.send()).await {
+            Ok(Ok(resp)) => resp,
+            _ => return false,
+        };
+        let s = resp.status();
+        if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS {
+            return false;
+        }
+        let bearer = match challenge(&resp) {
+            Some(ch) if s == StatusCode::UNAUTHORIZED && ch.scheme == "bearer" => ch,
+            _ => return true,
+        };
+        match tokio::time::timeout(total, self.request_token(&bearer, None)).await {
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) => !e.is_unavailable(),
+            Err(_) => false,
         }
     }
 
@@ -575,8 +602,35 @@ impl Upstream {
         req.basic_auth(&creds.username, Some(&creds.password))
     }
 
-    /// Gets a Bearer token from the challenge's realm.
+    /// Gets a Bearer token for `scope` from the challenge's realm, and caches it.
     async fn fetch_token(&self, ch: &Challenge, scope: &str) -> Result<String, UpstreamError> {
+        let (token, expires_in) = self.request_token(ch, Some(scope)).await?;
+        // The spec's default lifetime is 60 s; renew a little early.
+        let ttl = expires_in.unwrap_or(60).max(10);
+        let expires = Instant::now() + Duration::from_secs(ttl - ttl.min(10).min(ttl / 2));
+        self.tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                scope.to_owned(),
+                CachedToken {
+                    token: token.clone(),
+                    expires,
+                },
+            );
+        Ok(token)
+    }
+
+    /// Asks the challenge's realm for a token: for the challenge's own scope, else `scope` (none
+    /// when probing `/v2/`). Returns the token and its `expires_in`. A realm regcache refuses to
+    /// call is `Invalid`; the token service refusing the credentials (`401`, `403`) is a `401`;
+    /// any other failure of the token service is [`UpstreamError::Token`]. Nothing is counted
+    /// here: the caller counts the failure once.
+    async fn request_token(
+        &self,
+        ch: &Challenge,
+        scope: Option<&str>,
+    ) -> Result<(String, Option<u64>), UpstreamError> {
         let name = self.name();
         let realm = ch
             .params
@@ -593,83 +647,73 @@ impl Upstream {
         // upstream cannot make regcache (with its credentials) call an internal address.
         if let Err(e) = check_redirect(&self.config.url, &url, self.config.allow_private_redirects)
         {
-            let e = UpstreamError::Invalid {
+            return Err(UpstreamError::Invalid {
                 upstream: name.to_owned(),
                 detail: format!("Bearer realm: {e}"),
-            };
-            self.record_failure(&e);
-            return Err(e);
+            });
         }
         {
             let mut q = url.query_pairs_mut();
             if let Some(service) = ch.params.get("service") {
                 q.append_pair("service", service);
             }
-            q.append_pair(
-                "scope",
-                ch.params.get("scope").map_or(scope, |s| s.as_str()),
-            );
+            if let Some(scope) = ch.params.get("scope").map(String::as_str).or(scope) {
+                q.append_pair("scope", scope);
+            }
         }
+        let failed = |detail: String| UpstreamError::Token {
+            upstream: name.to_owned(),
+            detail,
+        };
         let mut req = self.client.get(url);
         if let Some(c) = &self.config.credentials {
             req = self.with_basic(req, c);
         }
-        let resp = tokio::time::timeout(self.config.header_timeout, req.send())
-            .await
-            .map_err(|_| UpstreamError::Timeout {
-                upstream: name.to_owned(),
-                what: "a token",
-            })?
-            .map_err(|e| classify(name, e))?;
-        if !resp.status().is_success() {
+        let resp = match tokio::time::timeout(self.config.header_timeout, req.send()).await {
+            Err(_) => {
+                let waited = self.config.header_timeout;
+                return Err(failed(format!("no answer within {waited:?}")));
+            }
+            Ok(Err(e)) => return Err(failed(classify(name, e).cause())),
+            Ok(Ok(resp)) => resp,
+        };
+        let status = resp.status();
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            // An answer about regcache's credentials, not a failure of the service.
             return Err(UpstreamError::Status {
                 upstream: name.to_owned(),
-                status: if resp.status() == StatusCode::UNAUTHORIZED
-                    || resp.status() == StatusCode::FORBIDDEN
-                {
-                    401
-                } else {
-                    resp.status().as_u16()
-                },
+                status: 401,
                 path: "token realm".into(),
                 retry_after: None,
             });
         }
-        let body = self.read_body(resp, 1 << 20, "token").await?;
-        self.check_depth(&body, "token response")?;
+        if !status.is_success() {
+            return Err(failed(format!("it answered {status}")));
+        }
+        let body = self
+            .collect_body(resp, 1 << 20, "token response")
+            .await
+            .map_err(|e| failed(e.cause()))?;
+        let depth = json_depth(&body);
+        if depth > MAX_JSON_DEPTH {
+            return Err(failed(format!(
+                "its answer nests JSON {depth} levels deep (the limit is {MAX_JSON_DEPTH})"
+            )));
+        }
         #[derive(serde::Deserialize)]
         struct TokenResponse {
             token: Option<String>,
             access_token: Option<String>,
             expires_in: Option<u64>,
         }
-        let t: TokenResponse =
-            serde_json::from_slice(&body).map_err(|e| UpstreamError::Invalid {
-                upstream: name.to_owned(),
-                detail: format!("token response is not JSON: {e}"),
-            })?;
+        let t: TokenResponse = serde_json::from_slice(&body)
+            .map_err(|e| failed(format!("its answer is not JSON: {e}")))?;
         let token = t
             .token
             .or(t.access_token)
             .filter(|t| !t.is_empty())
-            .ok_or_else(|| UpstreamError::Invalid {
-                upstream: name.to_owned(),
-                detail: "token response has no token".into(),
-            })?;
-        // The spec's default lifetime is 60 s; renew a little early.
-        let ttl = t.expires_in.unwrap_or(60).max(10);
-        let expires = Instant::now() + Duration::from_secs(ttl - ttl.min(10).min(ttl / 2));
-        self.tokens
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                scope.to_owned(),
-                CachedToken {
-                    token: token.clone(),
-                    expires,
-                },
-            );
-        Ok(token)
+            .ok_or_else(|| failed("its answer holds no token".into()))?;
+        Ok((token, t.expires_in))
     }
 
     /// Sends a request for `path` (starting with `/v2/`) with auth; returns a 2xx response or an
@@ -731,12 +775,7 @@ impl Upstream {
             let status = resp.status();
             if status == StatusCode::UNAUTHORIZED && !refreshed {
                 refreshed = true;
-                let challenge = resp
-                    .headers()
-                    .get(WWW_AUTHENTICATE)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(parse_challenge);
-                match challenge {
+                match challenge(&resp) {
                     Some(ch) if ch.scheme == "bearer" => {
                         self.tokens
                             .lock()
@@ -792,39 +831,54 @@ impl Upstream {
 
     /// Reads the next body chunk, bounded by the idle timeout.
     pub async fn next_chunk(&self, resp: &mut Response) -> Result<Option<Bytes>, UpstreamError> {
-        let r = match tokio::time::timeout(self.config.idle_timeout, resp.chunk()).await {
-            Err(_) => Err(UpstreamError::Timeout {
-                upstream: self.name().to_owned(),
-                what: "the next body chunk",
-            }),
-            Ok(r) => r.map_err(|e| classify(self.name(), e)),
-        };
+        let r = self.chunk_in_time(resp).await;
         if let Err(e) = &r {
             self.record_failure(e);
         }
         r
     }
 
+    /// [`Upstream::next_chunk`] without counting a failure.
+    async fn chunk_in_time(&self, resp: &mut Response) -> Result<Option<Bytes>, UpstreamError> {
+        match tokio::time::timeout(self.config.idle_timeout, resp.chunk()).await {
+            Err(_) => Err(UpstreamError::Timeout {
+                upstream: self.name().to_owned(),
+                what: "the next body chunk",
+            }),
+            Ok(r) => r.map_err(|e| classify(self.name(), e)),
+        }
+    }
+
     /// Reads a whole (small) body, refusing more than `max` bytes.
     pub async fn read_body(
+        &self,
+        resp: Response,
+        max: u64,
+        what: &str,
+    ) -> Result<Bytes, UpstreamError> {
+        let r = self.collect_body(resp, max, what).await;
+        if let Err(e) = &r {
+            self.record_failure(e);
+        }
+        r
+    }
+
+    /// [`Upstream::read_body`] without counting a failure.
+    async fn collect_body(
         &self,
         mut resp: Response,
         max: u64,
         what: &str,
     ) -> Result<Bytes, UpstreamError> {
-        let too_big = || {
-            let e = UpstreamError::Invalid {
-                upstream: self.name().to_owned(),
-                detail: format!("{what} is larger than {max} bytes"),
-            };
-            self.record_failure(&e);
-            e
+        let too_big = || UpstreamError::Invalid {
+            upstream: self.name().to_owned(),
+            detail: format!("{what} is larger than {max} bytes"),
         };
         if resp.content_length().is_some_and(|n| n > max) {
             return Err(too_big());
         }
         let mut buf = Vec::new();
-        while let Some(chunk) = self.next_chunk(&mut resp).await? {
+        while let Some(chunk) = self.chunk_in_time(&mut resp).await? {
             if buf.len() as u64 + chunk.len() as u64 > max {
                 return Err(too_big());
             }
@@ -850,9 +904,15 @@ impl Upstream {
         Err(e)
     }
 
-    fn manifest_headers() -> HeaderMap {
+    /// Asks for the manifest types `accept` names (none: no `Accept`).
+    fn manifest_headers(accept: Accept) -> HeaderMap {
         let mut h = HeaderMap::new();
-        h.insert(ACCEPT, HeaderValue::from_static(MANIFEST_ACCEPT));
+        if let Some(v) = accept
+            .header_value()
+            .and_then(|v| HeaderValue::from_str(&v).ok())
+        {
+            h.insert(ACCEPT, v);
+        }
         h
     }
 
@@ -871,15 +931,21 @@ impl Upstream {
         }
     }
 
-    /// `HEAD /v2/<repo>/manifests/<reference>`.
+    /// `HEAD /v2/<repo>/manifests/<reference>`, for a client accepting `accept`.
     pub async fn head_manifest(
         &self,
         repo: &RepoName,
         reference: &str,
+        accept: Accept,
     ) -> Result<ManifestHead, UpstreamError> {
         let path = format!("/v2/{repo}/manifests/{reference}");
         let resp = self
-            .send(Method::HEAD, Some(repo), &path, Self::manifest_headers())
+            .send(
+                Method::HEAD,
+                Some(repo),
+                &path,
+                Self::manifest_headers(accept),
+            )
             .await?;
         Ok(ManifestHead {
             digest: self.digest_header(&resp)?,
@@ -888,16 +954,22 @@ impl Upstream {
         })
     }
 
-    /// `GET /v2/<repo>/manifests/<reference>`, at most `max` bytes.
+    /// `GET /v2/<repo>/manifests/<reference>` for a client accepting `accept`, at most `max` bytes.
     pub async fn get_manifest(
         &self,
         repo: &RepoName,
         reference: &str,
         max: u64,
+        accept: Accept,
     ) -> Result<FetchedManifest, UpstreamError> {
         let path = format!("/v2/{repo}/manifests/{reference}");
         let resp = self
-            .send(Method::GET, Some(repo), &path, Self::manifest_headers())
+            .send(
+                Method::GET,
+                Some(repo),
+                &path,
+                Self::manifest_headers(accept),
+            )
             .await?;
         let header_digest = self.digest_header(&resp)?;
         let media_type = content_type(&resp);
@@ -996,6 +1068,14 @@ async fn probe_until_up(upstream: Weak<Upstream>) {
         );
         backoff = (backoff * 2).min(up.config.probe_max_interval);
     }
+}
+
+/// The `WWW-Authenticate` challenge of an answer, if it has a readable one.
+fn challenge(resp: &Response) -> Option<Challenge> {
+    resp.headers()
+        .get(WWW_AUTHENTICATE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_challenge)
 }
 
 /// The `Content-Length` header (reqwest's `content_length()` is the body's size, 0 for a HEAD).

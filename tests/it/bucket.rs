@@ -15,6 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+
 use crate::support::clients::{self, command, require, run};
 use crate::support::fake::{FakeUpstream, OCI_MANIFEST as FAKE_OCI_MANIFEST};
 use crate::support::images::{assert_same_copy, pseudo_random};
@@ -1118,5 +1120,108 @@ fn any_server_serves_a_blob_the_bucket_links_to_the_repository() {
     assert!(
         hole.accepted() > 0,
         "the other repository had to ask the upstream"
+    );
+}
+
+// The fake upstream, not docker-registry: the real registry refuses to store a manifest that names
+// a blob the repository lacks, and that manifest is the point here.
+#[test]
+fn the_bucket_serves_a_blob_to_a_repository_only_once_the_upstream_confirmed_it_there() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime for the fake upstream");
+    let fake = rt.block_on(FakeUpstream::start());
+    let data = pseudo_random(40_000, 17);
+    let digest = fake.add_blob("t/private", data.clone());
+    let hex = hex_of(&digest).to_owned();
+    let claim = Bytes::from(
+        serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": FAKE_OCI_MANIFEST,
+            "config": {
+                "mediaType": "application/vnd.oci.empty.v1+json",
+                "digest": "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a",
+                "size": 2
+            },
+            "layers": [{ "mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest, "size": data.len() }],
+        }))
+        .expect("serialize manifest"),
+    );
+    for repo in ["t/evil", "t/late"] {
+        fake.add_manifest(repo, Some("v1"), FAKE_OCI_MANIFEST, claim.clone());
+    }
+    let moto = moto_with_bucket();
+    let config = config_for(&fake.url(), "", &s3_table(&moto, None, ""));
+    let up = fake.host();
+    let layers = |repo: &str| format!("repos/{up}/{repo}/_layers/sha256/{hex}");
+
+    // A fills the blob for t/private: the bucket holds it, linked to t/private only.
+    let a = Regcache::start(&config);
+    let r = get(a.addr(), &format!("/v2/t/private/blobs/{digest}"));
+    assert_eq!(r.status, 200, "A: t/private: {}", describe(&r));
+    wait_for_keys(
+        &moto,
+        "",
+        &BTreeSet::from([format!("blobs/sha256/{hex}"), layers("t/private")]),
+    );
+
+    // B sees t/evil's and t/late's manifests, which name the digest: a claim the upstream refuses.
+    let b = Regcache::start(&config);
+    for repo in ["t/evil", "t/late"] {
+        let r = get(b.addr(), &format!("/v2/{repo}/manifests/v1"));
+        assert_eq!(r.status, 200, "B: {repo} manifest: {}", describe(&r));
+    }
+    let evil_path = format!("/v2/t/evil/blobs/{digest}");
+    let r = get(b.addr(), &evil_path);
+    assert_eq!(
+        r.status,
+        404,
+        "B: t/evil, whose manifest names a blob the upstream refuses it, got it from the bucket: {}",
+        describe(&r)
+    );
+    assert!(
+        fake.hits("GET", &evil_path) > 0,
+        "B asked the upstream: {:?}",
+        fake.requests()
+    );
+
+    // The upstream has it for t/evil now: A (which stores it) confirms it with a HEAD and links
+    // it in the bucket too.
+    fake.add_blob("t/evil", data.clone());
+    let r = get(a.addr(), &evil_path);
+    assert_eq!(r.status, 200, "A: t/evil, confirmed: {}", describe(&r));
+    assert_eq!(r.header(CACHE), Some("revalidated"), "A: {}", describe(&r));
+    let mut want = BTreeSet::from([layers("t/evil")]);
+    for repo in ["t/evil", "t/late"] {
+        want.insert(format!("repos/{up}/{repo}/_tags/v1"));
+    }
+    wait_for_keys(&moto, "", &want);
+
+    // The upstream is down. C, which never saw any of it, serves t/evil's blob from the bucket
+    // (the upstream confirmed that link), but not t/late's (only its manifest names it).
+    fake.set_status(Some(503));
+    let c = Regcache::start(&config);
+    for repo in ["t/evil", "t/late"] {
+        let r = get(c.addr(), &format!("/v2/{repo}/manifests/v1"));
+        assert_eq!(r.status, 200, "C: {repo} manifest: {}", describe(&r));
+    }
+    let r = get(c.addr(), &evil_path);
+    assert_eq!(
+        r.status,
+        200,
+        "C: t/evil during the outage: {}",
+        describe(&r)
+    );
+    assert_eq!(
+        r.header(CACHE),
+        Some("shared"),
+        "C: t/evil: {}",
+        describe(&r)
+    );
+    assert_eq!(sha256_digest(&r.body), digest);
+    let r = get(c.addr(), &format!("/v2/t/late/blobs/{digest}"));
+    assert_eq!(
+        r.status,
+        503,
+        "C: t/late during the outage: named by its manifest, never confirmed: {}",
+        describe(&r)
     );
 }

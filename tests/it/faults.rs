@@ -12,7 +12,7 @@ use futures_util::StreamExt as _;
 use http::StatusCode;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use crate::support::fake::{sha256_digest, FakeUpstream, RequestRecord, OCI_MANIFEST};
+use crate::support::fake::{sha256_digest, FakeUpstream, RequestRecord, TokenAnswer, OCI_MANIFEST};
 use crate::support::images::pseudo_random;
 use crate::support::regcache::{client, config_for, error_code, Regcache};
 use crate::support::reply::{get, parse_reply, send, Reply};
@@ -167,6 +167,11 @@ async fn wait_for_subsecond(from_ms: u32, to_ms: u32) {
 /// An OCI manifest that references nothing (fine for the manifest paths regcache serves), with
 /// `annotations`.
 fn empty_manifest(annotations: serde_json::Value) -> Bytes {
+    oci_manifest(serde_json::json!([]), annotations)
+}
+
+/// An OCI manifest with an empty config, the descriptors `layers` and `annotations`.
+fn oci_manifest(layers: serde_json::Value, annotations: serde_json::Value) -> Bytes {
     let v = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
@@ -175,7 +180,7 @@ fn empty_manifest(annotations: serde_json::Value) -> Bytes {
             "digest": "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a",
             "size": 2
         },
-        "layers": [],
+        "layers": layers,
         "annotations": annotations,
     });
     Bytes::from(serde_json::to_vec(&v).expect("serialize manifest"))
@@ -534,6 +539,150 @@ async fn basic_auth_upstream_works_with_credentials_and_is_unauthorized_without(
     );
 }
 
+/// The ways a token service can fail other than by refusing the credentials, as the fake's switch.
+const BROKEN_TOKEN_SERVICES: [(&str, TokenAnswer); 5] = [
+    ("404", TokenAnswer::Status(404)),
+    ("500", TokenAnswer::Status(500)),
+    ("no answer", TokenAnswer::Stall),
+    ("200 without a token", TokenAnswer::NoToken),
+    ("200 with a body that is not JSON", TokenAnswer::Garbage),
+];
+
+/// `503 UNAVAILABLE` with a `Retry-After`: what a client gets when the upstream cannot answer.
+fn assert_unavailable(r: &Reply, what: &str) {
+    assert_oci_error(r, 503, "UNAVAILABLE", what);
+    assert!(
+        r.header("retry-after").is_some(),
+        "{what}: no Retry-After: {}",
+        r.describe()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_token_service_is_an_unavailable_upstream_never_a_missing_image() {
+    for (how, answer) in BROKEN_TOKEN_SERVICES {
+        let what = |s: &str| format!("token service answering {how}: {s}");
+        let fake = FakeUpstream::start().await;
+        let (mdigest, ldigest) = fake.add_image("team/app", "v1", pseudo_random(20_000, 31));
+        let (_, new_layer) = fake.add_image("team/app", "v2", pseudo_random(20_000, 32));
+        fake.add_image("team/other", "v1", pseudo_random(1_000, 33));
+        fake.set_token_auth(true);
+        // Tags are revalidated at every request (freshness 0 s), a token request that gets no
+        // answer is given up after 500 ms, and the circuit stays closed so that every request
+        // meets the token service itself (the breaker has its own test in outage.rs).
+        let config = config_for(
+            &fake.url(),
+            "freshness = \"0s\"\nheader_timeout = \"500ms\"\nfailure_threshold = 1000",
+            "",
+        );
+        let mut rc = Regcache::start(&config);
+        let m = get(&format!("{}/v2/team/app/manifests/v1", rc.url())).await;
+        assert_eq!(m.status, StatusCode::OK, "{}", what(&m.describe()));
+        for d in [&ldigest, &config_digest(&m.body)] {
+            let b = get(&format!("{}/v2/team/app/blobs/{d}", rc.url())).await;
+            assert_eq!(b.status, StatusCode::OK, "{}", what(&b.describe()));
+        }
+        // The upstream has the same image in team/copy, which regcache has not seen.
+        fake.add_manifest("team/copy", Some("v1"), OCI_MANIFEST, m.body.clone());
+        fake.add_blob("team/copy", pseudo_random(20_000, 31));
+
+        // A restart forgets the tokens (they are kept in memory only).
+        let dir = rc.take_dir().expect("the data directory");
+        rc.stop();
+        drop(rc);
+        let rc = Regcache::start_in(dir.path(), &config);
+        fake.set_token_answer(answer);
+        let tokens_before = fake.token_requests();
+        let u = rc.url();
+
+        let r = get(&format!("{u}/v2/team/app/manifests/v1")).await;
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "{}",
+            what(&format!("cached tag: {}", r.describe()))
+        );
+        assert_eq!(sha256_digest(&r.body), mdigest, "{}", what("cached tag"));
+        assert_eq!(
+            r.header("x-regcache-cache"),
+            Some("stale"),
+            "{}",
+            what(&r.describe())
+        );
+        assert!(
+            r.header("warning").is_some_and(|w| w.starts_with("110 ")),
+            "{}",
+            what(&format!(
+                "cached tag without Warning: 110: {}",
+                r.describe()
+            ))
+        );
+        let b = get(&format!("{u}/v2/team/app/blobs/{ldigest}")).await;
+        assert_eq!(b.status, StatusCode::OK, "{}", what(&b.describe()));
+        assert_eq!(
+            b.header("x-regcache-cache"),
+            Some("hit"),
+            "{}",
+            what("blob")
+        );
+        let t = get(&format!("{u}/v2/team/app/tags/list")).await;
+        assert_eq!(t.status, StatusCode::OK, "{}", what(&t.describe()));
+        assert_eq!(
+            t.json("tags")["tags"],
+            serde_json::json!(["v1"]),
+            "{}",
+            what("the cached tags are listed")
+        );
+        let r = get(&format!("{u}/v2/team/app/referrers/{mdigest}")).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", what(&r.describe()));
+
+        for (path, object) in [
+            ("team/app/manifests/v2".to_owned(), "uncached tag"),
+            (format!("team/app/blobs/{new_layer}"), "uncached blob"),
+            (
+                format!("team/copy/manifests/{mdigest}"),
+                "manifest stored for another repository",
+            ),
+            (
+                format!("team/copy/blobs/{ldigest}"),
+                "blob stored for another repository",
+            ),
+            (
+                "team/other/tags/list".to_owned(),
+                "tags of an uncached repository",
+            ),
+        ] {
+            let r = get(&format!("{u}/v2/{path}")).await;
+            assert_unavailable(&r, &what(&format!("{object} ({path})")));
+        }
+        let r = send(
+            client().head(format!("{u}/v2/team/app/blobs/{new_layer}")),
+            "HEAD uncached blob",
+        )
+        .await;
+        assert_eq!(
+            r.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{}",
+            what(&format!("HEAD of an uncached blob: {}", r.describe()))
+        );
+        assert!(
+            fake.token_requests() > tokens_before,
+            "{}",
+            what("the token service was never asked")
+        );
+        let m = rc.app.metrics.render();
+        assert!(
+            m.lines().any(|l| l
+                .strip_prefix("regcache_upstream_errors_total{upstream=\"docker\",kind=\"token\"} ")
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .is_some_and(|v| v > 0.0)),
+            "{}",
+            what(&format!("not counted as kind=\"token\":\n{m}"))
+        );
+    }
+}
+
 // ---- 3. and 4. broken blob bodies ---------------------------------------------------------------
 
 /// A fake upstream with a 300 000-byte blob (`seed`) in `repo`, a regcache in front of it, and
@@ -822,6 +971,97 @@ async fn blob_cached_for_one_repo_needs_upstream_confirmation_for_another() {
     let r = get(&two).await;
     assert_eq!(r.status, StatusCode::OK);
     assert_no_requests_since(&fake, n, "linked now: ");
+}
+
+/// A manifest that names `layer` (as its only layer, with an empty config).
+fn manifest_naming(layer: &str, len: usize) -> Bytes {
+    oci_manifest(
+        serde_json::json!([{ "mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer, "size": len }]),
+        serde_json::json!({}),
+    )
+}
+
+// The fake upstream, not docker-registry: the real registry refuses to store a manifest that names
+// a blob the repository lacks, and that manifest is the whole point here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_naming_a_blob_does_not_open_it_to_its_repository_without_the_upstream() {
+    let fake = FakeUpstream::start().await;
+    let data = pseudo_random(30_000, 7);
+    let digest = fake.add_blob("t/private", data.clone());
+    let claim = manifest_naming(&digest, data.len());
+    fake.add_manifest("t/evil", Some("v1"), OCI_MANIFEST, claim.clone());
+    fake.add_manifest("t/late", Some("v1"), OCI_MANIFEST, claim.clone());
+    let rc = Regcache::with_upstream(&fake.url());
+    let u = rc.url();
+
+    let r = get(&format!("{u}/v2/t/private/blobs/{digest}")).await;
+    assert_eq!(r.status, StatusCode::OK, "t/private: {}", r.describe());
+    let evil = format!("{u}/v2/t/evil/blobs/{digest}");
+    let evil_path = format!("/v2/t/evil/blobs/{digest}");
+    let r = get(&evil).await;
+    assert_oci_error(&r, 404, "BLOB_UNKNOWN", "t/evil, before its manifest");
+
+    // t/evil's manifest names the digest: a claim, which the upstream still refuses.
+    for repo in ["t/evil", "t/late"] {
+        let m = get(&format!("{u}/v2/{repo}/manifests/v1")).await;
+        assert_eq!(
+            m.status,
+            StatusCode::OK,
+            "{repo} manifest: {}",
+            m.describe()
+        );
+    }
+    let heads = fake.hits("HEAD", &evil_path);
+    let r = get(&evil).await;
+    assert_oci_error(
+        &r,
+        404,
+        "BLOB_UNKNOWN",
+        "t/evil, whose manifest names the blob that the upstream refuses it",
+    );
+    assert_eq!(
+        fake.hits("HEAD", &evil_path),
+        heads + 1,
+        "regcache asked the upstream: {:?}",
+        summary(&fake.requests())
+    );
+    let r = send(client().head(&evil), "HEAD t/evil").await;
+    assert_eq!(
+        r.status,
+        StatusCode::NOT_FOUND,
+        "HEAD t/evil: {}",
+        r.describe()
+    );
+    assert_eq!(fake.blob_gets(&digest), 1, "only t/private's fill");
+
+    // Once the upstream has it for t/evil, one HEAD confirms it and the link is kept.
+    fake.add_blob("t/evil", data.clone());
+    let r = get(&evil).await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "t/evil, confirmed: {}",
+        r.describe()
+    );
+    assert!(r.body == data, "t/evil content ({} bytes)", r.body.len());
+    assert_eq!(r.header("x-regcache-cache"), Some("revalidated"));
+
+    // During an outage only the confirmed link serves: t/late's manifest names the digest too,
+    // but the upstream never confirmed it for t/late.
+    fake.set_status(Some(503));
+    let r = get(&evil).await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "t/evil during the outage: {}",
+        r.describe()
+    );
+    assert_eq!(r.header("x-regcache-cache"), Some("hit"));
+    let r = get(&format!("{u}/v2/t/late/blobs/{digest}")).await;
+    assert_unavailable(
+        &r,
+        "t/late during the outage: named by its manifest, never confirmed",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,5 +1,6 @@
 //! regcache's integration tests: one test binary, real upstream (docker-registry) and real clients.
 
+mod accept;
 mod bucket;
 mod clients;
 mod config_store;

@@ -3,10 +3,11 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::support::etcd::Etcd;
-use crate::support::fake::FakeUpstream;
+use crate::support::fake::{FakeUpstream, TokenAnswer};
 use crate::support::net::Acceptor;
 use crate::support::process::{free_port, metric, Process};
 use crate::support::regcache::{client, config_for, Regcache};
@@ -292,6 +293,81 @@ async fn breaker_opens_after_failures_then_a_background_probe_closes_it() {
     assert!(
         r.headers().get("warning").is_none(),
         "fresh answer after recovery"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_token_service_opens_the_circuit_and_probes_keep_it_open_until_it_answers() {
+    let fake = FakeUpstream::start().await;
+    let (mdigest, _) = fake.add_image("app/t", "v1", bytes::Bytes::from_static(b"layer"));
+    fake.set_token_auth(true);
+    fake.set_token_answer(TokenAnswer::Status(404));
+    let rc = Regcache::start(&config_for(
+        &fake.url(),
+        "failure_threshold = 2\nprobe_max_interval = \"1s\"",
+        "",
+    ));
+    let upstream = Arc::clone(&rc.app.routing().upstreams()[0]);
+    let c = client();
+    let url = format!("{}/v2/app/t/manifests/v1", rc.url());
+    for i in 0..2 {
+        let r = c.get(&url).send().await.expect("GET");
+        let status = r.status();
+        let body = r.text().await.expect("body");
+        assert_eq!(
+            status,
+            503,
+            "request {i} with a token service answering 404: {body}; upstream saw {:?}",
+            fake.requests()
+        );
+    }
+    assert!(
+        !upstream.is_up(),
+        "two token failures in a row (failure_threshold = 2) mark the upstream down"
+    );
+
+    // The probe asks the token service too (a registry answering 401 is not usable without it),
+    // so the circuit stays open: a second probe happens only after the first one failed.
+    let t = Instant::now();
+    while fake.hits("GET", "/v2/") < 2 {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no second probe: {:?}",
+            fake.requests()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !upstream.is_up(),
+        "a probe closed the circuit although the token service still answers 404: {:?}",
+        fake.requests()
+    );
+    let reqs = fake.requests();
+    let probes: Vec<usize> = (0..reqs.len())
+        .filter(|i| reqs[*i].method == "GET" && reqs[*i].path == "/v2/")
+        .collect();
+    assert!(
+        reqs.get(probes[0] + 1).is_some_and(|r| r.path == "/token"),
+        "the first probe did not ask the token service: {reqs:?}"
+    );
+
+    fake.set_token_answer(TokenAnswer::Token);
+    let t = Instant::now();
+    while !upstream.is_up() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the probe never closed the circuit once tokens came back: {:?}",
+            fake.requests()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = c.get(&url).send().await.expect("GET after recovery");
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok()),
+        Some(mdigest.as_str())
     );
 }
 

@@ -7,10 +7,13 @@
 //!
 //! Routes:
 //! - `GET|HEAD /v2/` — `200 {}` with `Docker-Distribution-API-Version: registry/2.0`.
-//! - `GET|HEAD /v2/<name>/manifests/<tag|digest>` — stored media type, `Docker-Content-Digest`.
+//! - `GET|HEAD /v2/<name>/manifests/<tag|digest>` — stored media type, `Docker-Content-Digest`. A
+//!   Docker manifest list asked for by tag without the list type in `Accept` is answered with its
+//!   linux/amd64 child, as distribution does.
 //! - `GET|HEAD /v2/<name>/blobs/<digest>` — octet-stream, single `Range` supported (206 / 416).
 //! - `GET /v2/<name>/tags/list[?n=&last=]` — paginated with a `Link: <...>; rel="next"` header.
-//! - `GET /token?service=..&scope=..` — bearer token issuer (when token auth is on).
+//! - `GET /token?service=..&scope=..` — bearer token issuer (when token auth is on); it can be made
+//!   to fail with [`FakeUpstream::set_token_answer`].
 //! - `GET|HEAD /redirected/<digest>` — "blob storage" target of [`FakeUpstream::set_blob_redirect`];
 //!   serves the blob from any repository of this fake, with no authentication.
 
@@ -39,6 +42,8 @@ const STREAM_CHUNK: usize = 64 * 1024;
 pub const SERVICE: &str = "fake-registry";
 /// Media type [`FakeUpstream::add_image`] uses for its manifest.
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+/// Media type of a Docker manifest list.
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 /// Media type [`FakeUpstream::add_image`] uses for its config blob.
 pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 /// Media type [`FakeUpstream::add_image`] uses for its (uncompressed tar) layer.
@@ -71,6 +76,22 @@ impl RequestRecord {
 /// `sha256:<hex>` of `data`.
 pub fn sha256_digest(data: &[u8]) -> String {
     format!("sha256:{}", hex(&Sha256::digest(data)))
+}
+
+/// How the fake's token service answers (see [`FakeUpstream::set_token_answer`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TokenAnswer {
+    /// A token for the scopes asked for (after the Basic check, when one is set).
+    #[default]
+    Token,
+    /// This status, with an OCI error body.
+    Status(u16),
+    /// `200` with a JSON object that holds no token.
+    NoToken,
+    /// `200` with a body that is not JSON.
+    Garbage,
+    /// Reads the request and never answers (the connection is held open).
+    Stall,
 }
 
 /// A fake upstream registry; stops serving (and cuts all its connections) when dropped.
@@ -231,6 +252,18 @@ impl FakeUpstream {
         lock(&self.state.cfg).basic = creds.map(|(u, p)| (u.to_string(), p.to_string()));
     }
 
+    /// How `GET /token` answers from now on ([`TokenAnswer::Token`] by default), whatever the
+    /// credentials; the registry endpoints keep asking for a token.
+    pub fn set_token_answer(&self, answer: TokenAnswer) {
+        if let TokenAnswer::Status(s) = answer {
+            assert!(
+                StatusCode::from_u16(s).is_ok(),
+                "fake upstream: set_token_answer(Status({s})) is not a valid HTTP status"
+            );
+        }
+        lock(&self.state.cfg).token_answer = answer;
+    }
+
     /// Blob bodies are served with their last byte flipped (same length, wrong digest).
     pub fn set_corrupt_blobs(&self, on: bool) {
         lock(&self.state.cfg).corrupt = on;
@@ -268,6 +301,12 @@ impl FakeUpstream {
     /// Accept and read requests but never answer them (connections are held open).
     pub fn set_stall(&self, on: bool) {
         lock(&self.state.cfg).stall = on;
+    }
+
+    /// While closed, manifest requests are received (and counted) but not answered; opening the
+    /// gate answers them all.
+    pub fn set_manifest_gate(&self, closed: bool) {
+        self.state.manifest_gate.send_replace(closed);
     }
 
     /// Manifest responses carry a `Docker-Content-Digest` that is valid in form but wrong.
@@ -337,6 +376,8 @@ struct State {
     stats: Mutex<Stats>,
     blob_bytes: AtomicU64,
     token_seq: AtomicU64,
+    /// `true` while manifest requests are held ([`FakeUpstream::set_manifest_gate`]).
+    manifest_gate: tokio::sync::watch::Sender<bool>,
 }
 
 impl State {
@@ -351,6 +392,7 @@ impl State {
             stats: Mutex::new(Stats::default()),
             blob_bytes: AtomicU64::new(0),
             token_seq: AtomicU64::new(0),
+            manifest_gate: tokio::sync::watch::Sender::new(false),
         }
     }
 }
@@ -379,6 +421,7 @@ struct TokenInfo {
 struct Config {
     token_auth: bool,
     token_ttl: u64,
+    token_answer: TokenAnswer,
     basic: Option<(String, String)>,
     corrupt: bool,
     short: bool,
@@ -465,9 +508,17 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     if cfg.stall {
         std::future::pending::<()>().await;
     }
+    if path.contains("/manifests/") {
+        let mut gate = state.manifest_gate.subscribe();
+        // An error means the fake is being dropped: answer anyway.
+        let _ = gate.wait_for(|closed| !closed).await;
+    }
     let headers = req.headers();
 
     if path == "/token" {
+        if cfg.token_answer == TokenAnswer::Stall {
+            std::future::pending::<()>().await;
+        }
         return token_endpoint(&state, &cfg, &method, headers, query.as_deref());
     }
     if let Some(digest) = path.strip_prefix("/redirected/") {
@@ -606,6 +657,14 @@ fn registry(
                         r.tags.get(&reference)?.clone()
                     };
                     let (mt, body) = r.manifests.get(&digest)?;
+                    if mt == DOCKER_LIST
+                        && !reference.contains(':')
+                        && !accepts(headers, DOCKER_LIST)
+                    {
+                        let child = amd64_child(body)?;
+                        let (cmt, cbody) = r.manifests.get(&child)?;
+                        return Some((child, cmt.clone(), cbody.clone()));
+                    }
                     Some((digest, mt.clone(), body.clone()))
                 })
             };
@@ -664,6 +723,26 @@ fn registry(
         }
         Route::Tags { name } => tags_list(state, name, query),
     }
+}
+
+/// Whether the request's `Accept` lines name `media_type`.
+fn accepts(headers: &HeaderMap, media_type: &str) -> bool {
+    headers
+        .get_all(http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.split(';').next().unwrap_or("").trim() == media_type)
+}
+
+/// The digest of the linux/amd64 entry of a manifest list.
+fn amd64_child(list: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(list).ok()?;
+    v.get("manifests")?.as_array()?.iter().find_map(|m| {
+        let p = m.get("platform")?;
+        (p.get("architecture")? == "amd64" && p.get("os")? == "linux")
+            .then(|| m.get("digest")?.as_str().map(str::to_owned))?
+    })
 }
 
 fn tags_list(state: &Arc<State>, name: &str, query: Option<&str>) -> Response<Body> {
@@ -954,6 +1033,25 @@ fn token_endpoint(
 ) -> Response<Body> {
     if *method != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+    }
+    match cfg.token_answer {
+        TokenAnswer::Token | TokenAnswer::Stall => {}
+        TokenAnswer::Status(s) => {
+            let status = StatusCode::from_u16(s).expect("validated in set_token_answer");
+            return oci_error(status, "UNKNOWN", "fake token service: forced status");
+        }
+        TokenAnswer::NoToken => {
+            let body =
+                Bytes::from_static(br#"{"expires_in":300,"issued_at":"2024-01-01T00:00:00Z"}"#);
+            return json(StatusCode::OK, body, &Method::GET);
+        }
+        TokenAnswer::Garbage => {
+            return json(
+                StatusCode::OK,
+                Bytes::from_static(b"<html>sign in</html>"),
+                &Method::GET,
+            );
+        }
     }
     if let Some(creds) = &cfg.basic {
         if !basic_ok(headers, creds) {

@@ -53,8 +53,17 @@ pub async fn send(req: reqwest::RequestBuilder, what: &str) -> Reply {
     }
 }
 
+/// `GET url` as docker, containerd and podman send it: naming all four manifest types in
+/// `Accept` (a client naming none would be refused OCI manifests, as by distribution).
 pub async fn get(url: &str) -> Reply {
-    send(client().get(url), &format!("GET {url}")).await
+    let accept = regcache::media::Accept::ALL
+        .header_value()
+        .unwrap_or_default();
+    send(
+        client().get(url).header("accept", accept),
+        &format!("GET {url}"),
+    )
+    .await
 }
 
 /// Parses a raw HTTP/1.1 response (head and body as received; no chunked decoding).
