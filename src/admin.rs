@@ -400,7 +400,8 @@ fn stored(
     let digest = match reference {
         Reference::Tag(t) => match store.tag(repo, t)? {
             Some(rec) => rec.digest.parse::<Digest>().ok(),
-            None => None,
+            // Cached only for clients accepting fewer manifest types: a record under the tag.
+            None => return Ok(store.tags(repo)?.iter().any(|x| x == t.as_str())),
         },
         Reference::Digest(d) => store.is_linked(repo, d)?.then(|| d.clone()),
     };

@@ -567,13 +567,16 @@ async fn admin(
             if method == Method::POST {
                 // Through the cache, so that an image not cached yet is fetched; one that does
                 // not exist (or cannot be had now) is not pinned.
-                app.cache.manifest(&route, &reference).await.map_err(|e| {
-                    let e = cache_error(e, Object::Manifest);
-                    ApiError {
-                        message: format!("cannot pin {image}: {}", e.message),
-                        ..e
-                    }
-                })?;
+                app.cache
+                    .manifest(&route, &reference, Accept::ALL)
+                    .await
+                    .map_err(|e| {
+                        let e = cache_error(e, Object::Manifest);
+                        ApiError {
+                            message: format!("cannot pin {image}: {}", e.message),
+                            ..e
+                        }
+                    })?;
             }
             let reference = reference.to_string();
             let store = &app.cache.store;
