@@ -446,8 +446,9 @@ impl Pattern {
         Ok(Pattern(out))
     }
 
-    /// Whether the pattern matches all of `s` (a dynamic programme, linear in each).
-    fn matches(&self, s: &[char]) -> bool {
+    /// For each `j` in `0..=s.len()`, whether the pattern matches all of `s[..j]`: one dynamic
+    /// programme, O(pattern × s).
+    fn prefix_matches(&self, s: &[char]) -> Vec<bool> {
         let mut row = vec![false; s.len() + 1];
         row[0] = true;
         for t in &self.0 {
@@ -461,29 +462,31 @@ impl Pattern {
             }
             row = next;
         }
-        row[s.len()]
+        row
+    }
+
+    /// The shortest (or longest) `j` whose prefix `s[..j]` the pattern matches.
+    fn prefix_end(&self, s: &[char], longest: bool) -> Option<usize> {
+        let ends = self.prefix_matches(s);
+        if longest {
+            ends.iter().rposition(|m| *m)
+        } else {
+            ends.iter().position(|m| *m)
+        }
     }
 
     fn trim_prefix(&self, v: &[char], longest: bool) -> String {
-        let mut ends: Vec<usize> = (0..=v.len()).collect();
-        if longest {
-            ends.reverse();
-        }
-        match ends.into_iter().find(|&e| self.matches(&v[..e])) {
-            Some(e) => v[e..].iter().collect(),
-            None => v.iter().collect(),
-        }
+        let from = self.prefix_end(v, longest).unwrap_or(0);
+        v[from..].iter().collect()
     }
 
     fn trim_suffix(&self, v: &[char], longest: bool) -> String {
-        let mut starts: Vec<usize> = (0..=v.len()).collect();
-        if !longest {
-            starts.reverse();
-        }
-        match starts.into_iter().find(|&s| self.matches(&v[s..])) {
-            Some(s) => v[..s].iter().collect(),
-            None => v.iter().collect(),
-        }
+        // A suffix of `v` matching the pattern is a prefix of reversed `v` matching the reversed
+        // pattern.
+        let reversed = Pattern(self.0.iter().rev().copied().collect());
+        let rv: Vec<char> = v.iter().rev().copied().collect();
+        let len = reversed.prefix_end(&rv, longest).unwrap_or(0);
+        v[..v.len() - len].iter().collect()
     }
 
     /// Replaces the leftmost longest match (every match, left to right, with `all`).
@@ -491,24 +494,28 @@ impl Pattern {
         let mut out = String::new();
         let mut i = 0;
         let mut replaced = false;
+        // Where the last match ended: an empty match right there is not another one.
+        let mut last_end = None;
         while i <= v.len() {
             let found = if replaced && !all {
                 None
             } else {
-                (i..=v.len()).rev().find(|&e| self.matches(&v[i..e]))
+                self.prefix_end(&v[i..], true)
+                    .filter(|&len| len > 0 || last_end != Some(i))
             };
             match found {
-                Some(e) => {
+                Some(len) => {
                     out.push_str(with);
                     replaced = true;
-                    if e == i {
+                    last_end = Some(i + len);
+                    if len == 0 {
                         // An empty match: keep the character and move on.
                         if let Some(c) = v.get(i) {
                             out.push(*c);
                         }
                         i += 1;
                     } else {
-                        i = e;
+                        i += len;
                     }
                 }
                 None => {
@@ -757,6 +764,13 @@ mod tests {
             ("${IMAGE/1.27/1.26}", "nginx:1.26-alpine3.20"),
             ("${PATH_//a/x}", "x/b/x/b"),
             ("${PATH_/a/x}", "x/b/a/b"),
+            ("${PATH_//*/x}", "x"),
+            ("${PATH_//b*/x}", "a/x"),
+            ("${PATH_/?\\//}", "b/a/b"),
+            ("${PATH_%/*}", "a/b/a"),
+            ("${PATH_%%/*}", "a"),
+            ("${PATH_#*/}", "b/a/b"),
+            ("${PATH_##*/}", "b"),
             ("${UNSET:-${V}}", "1.36"),
             ("'$V'", "$V"),
             ("\"$V\"", "1.36"),
