@@ -36,6 +36,8 @@ pub struct Metrics {
     pub evicted_blobs: Counter,
     /// Requests or connections refused by a `[limits]` bound or by access control, by `limit`.
     pub limit_rejections: Family<Labels, Counter>,
+    /// bcrypt computations run to check client credentials (`[access] htpasswd`).
+    pub auth_bcrypt_checks: Counter,
     pub connections_open: Gauge,
     /// Open client connections by shard (`shard`), which the shards balance.
     pub shard_connections: Family<Labels, Gauge>,
@@ -78,6 +80,7 @@ impl Metrics {
             evicted_bytes: Counter::default(),
             evicted_blobs: Counter::default(),
             limit_rejections: Family::default(),
+            auth_bcrypt_checks: Counter::default(),
             connections_open: Gauge::default(),
             shard_connections: Family::default(),
             bucket_up: Gauge::default(),
@@ -176,8 +179,14 @@ impl Metrics {
         registry.register(
             "limit_rejections",
             "Connections and requests refused by a limit or access control, by limit \
-             (max_connections, max_uri_length, max_fills, access_allow, auth)",
+             (max_connections, max_uri_length, max_fills, access_allow, auth, auth_rate)",
             m.limit_rejections.clone(),
+        );
+        registry.register(
+            "auth_bcrypt_checks",
+            "bcrypt computations run to check client credentials (answers remembered or refused \
+             by the failure limits cost none)",
+            m.auth_bcrypt_checks.clone(),
         );
         registry.register(
             "connections_open",

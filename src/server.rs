@@ -169,12 +169,13 @@ impl App {
         );
         log_warnings(&config);
         let routing = Routing::build(config, &metrics, None)?;
+        let auth = crate::access::Verifier::new(metrics.auth_bcrypt_checks.clone());
         Ok(Arc::new(App {
             cache,
             metrics,
             routing: RwLock::new(Arc::new(routing)),
             tls,
-            auth: crate::access::Verifier::new(),
+            auth,
             shard_beats: Mutex::new(Vec::new()),
             stopping: std::sync::atomic::AtomicBool::new(false),
         }))

@@ -409,6 +409,7 @@ async fn the_size_cap_evicts_least_recently_used_images_but_never_pinned_ones() 
     let c = client();
     let r = c
         .post(format!("{}/_regcache/pins?image=app/img0:v1", rc.url()))
+        .header("x-regcache-operator", "1")
         .send()
         .await
         .expect("pin");
@@ -455,6 +456,7 @@ async fn the_size_cap_evicts_least_recently_used_images_but_never_pinned_ones() 
     );
     let pins = c
         .get(format!("{}/_regcache/pins", rc.url()))
+        .header("x-regcache-operator", "1")
         .send()
         .await
         .expect("pins");
