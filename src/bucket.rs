@@ -33,9 +33,9 @@ use object_store::{
 };
 
 use crate::config::S3Config;
-use crate::metrics::Metrics;
-use crate::reference::{Digest, RepoName, Tag};
+use crate::oci::reference::{Digest, RepoName, Tag};
 use crate::store::now_millis;
+use crate::telemetry::metrics::Metrics;
 
 /// How long the bucket is left alone after a request to it failed.
 pub const DOWN_FOR: Duration = Duration::from_secs(10);

@@ -12,13 +12,15 @@ use std::sync::{Arc, OnceLock};
 
 use http::HeaderValue;
 
-use crate::access::{Cidr, Htpasswd, RepoPattern};
-use crate::api::{self, Endpoint};
-use crate::dockerfile;
-use crate::media::{self, Accept, Kind};
-use crate::prefetch::Platform;
-use crate::reference::{Digest, ImageRef, Reference, RepoName, Tag, MAX_NAME_LEN, MAX_TAG_LEN};
-use crate::server::Routing;
+use crate::app::Routing;
+use crate::cmd::prefetch::dockerfile;
+use crate::cmd::prefetch::Platform;
+use crate::http::access::{Cidr, Htpasswd, RepoPattern};
+use crate::http::api::{self, Endpoint};
+use crate::oci::media::{self, Accept, Kind};
+use crate::oci::reference::{
+    Digest, ImageRef, Reference, RepoName, Tag, MAX_NAME_LEN, MAX_TAG_LEN,
+};
 
 fn text(data: &[u8]) -> Option<&str> {
     std::str::from_utf8(data).ok()
@@ -162,7 +164,7 @@ pub fn n_last(data: &[u8]) {
     assert!(p.windows(2).all(|w| w[0] < w[1]), "page is sorted");
     assert!(p.iter().all(|t| items.contains(t)));
     if let Some(ns) = &q.ns {
-        let again = api::percent_decode(&crate::admin::urlencode(ns));
+        let again = api::percent_decode(&crate::cmd::admin::urlencode(ns));
         assert_eq!(again.as_deref(), Some(ns.as_str()));
     }
 }
@@ -179,7 +181,7 @@ pub fn routing() -> &'static Routing {
             allow_repos = [\"team/*\", \"org/**\"]\ndeny_repos = [\"org/secret/**\"]\n";
         let config = crate::config::Config::parse(text, "fuzzing", &Default::default())
             .unwrap_or_else(|e| panic!("fuzzing config: {e}"));
-        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let metrics = Arc::new(crate::telemetry::metrics::Metrics::new());
         Routing::build(config, &metrics, None).unwrap_or_else(|e| panic!("fuzzing routing: {e}"))
     })
 }
@@ -195,8 +197,12 @@ fn check_route(raw_name: &str, ns: Option<&str>) {
                 .any(|u| Arc::ptr_eq(u, &route.upstream)));
             let c = &route.upstream.config;
             assert!(
-                crate::access::repo_allowed(&c.allow_repos, &c.deny_repos, route.repo.as_str())
-                    .is_ok(),
+                crate::http::access::repo_allowed(
+                    &c.allow_repos,
+                    &c.deny_repos,
+                    route.repo.as_str()
+                )
+                .is_ok(),
                 "{raw_name:?} routed to a repository its upstream refuses"
             );
             if route.upstream.name() == "local" {
@@ -381,7 +387,7 @@ pub fn dockerfile(data: &[u8]) {
 
 /// Client credentials and address lists: htpasswd files, `Authorization` headers, CIDRs.
 pub fn access(data: &[u8]) {
-    let _ = crate::access::parse_basic(data);
+    let _ = crate::http::access::parse_basic(data);
     let Some(s) = text(data) else { return };
     if let Ok(h) = Htpasswd::parse(s, std::path::Path::new("fuzz")) {
         assert!(!format!("{h:?}").contains("$2"), "hashes stay out of Debug");

@@ -659,7 +659,7 @@ async fn gc_verify_repair_and_pin_commands_work_against_a_running_server() {
         assert_eq!(r.status(), 200, "{path}");
         r.bytes().await.expect("body");
     }
-    let digest: regcache::reference::Digest = layer.parse().expect("digest");
+    let digest: regcache::oci::reference::Digest = layer.parse().expect("digest");
     let stored = || {
         rc.app
             .cache

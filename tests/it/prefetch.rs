@@ -357,7 +357,7 @@ fn normalised(lines: impl IntoIterator<Item = String>) -> Vec<String> {
 
 #[test]
 fn dockerfile_corpus_yields_exactly_the_expected_images() {
-    let build = regcache::prefetch::Platform::host().to_string();
+    let build = regcache::cmd::prefetch::Platform::host().to_string();
     let mut failures = Vec::new();
     for (dockerfile, expected) in dockerfile_corpus() {
         let text = std::fs::read_to_string(&expected)

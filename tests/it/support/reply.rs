@@ -56,7 +56,7 @@ pub async fn send(req: reqwest::RequestBuilder, what: &str) -> Reply {
 /// `GET url` as docker, containerd and podman send it: naming all four manifest types in
 /// `Accept` (a client naming none would be refused OCI manifests, as by distribution).
 pub async fn get(url: &str) -> Reply {
-    let accept = regcache::media::Accept::ALL
+    let accept = regcache::oci::media::Accept::ALL
         .header_value()
         .unwrap_or_default();
     send(

@@ -16,9 +16,9 @@ use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, WWW_AUTHENTICATE};
 use reqwest::{Method, Response, StatusCode};
 
 use crate::config::{Credentials, UpstreamConfig};
-use crate::media::Accept;
-use crate::metrics::Metrics;
-use crate::reference::{Digest, RepoName};
+use crate::oci::media::Accept;
+use crate::oci::reference::{Digest, RepoName};
+use crate::telemetry::metrics::Metrics;
 
 /// Most redirects followed for one request.
 pub const MAX_REDIRECTS: usize = 10;

@@ -6,10 +6,9 @@
 //! open connections (the next ones get a `503` and are closed), `max_header_size` for a request
 //! head and `header_read_timeout` to send it.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -17,319 +16,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpListener;
 
-use crate::cache::Cache;
-use crate::config::Config;
-use crate::metrics::Metrics;
-use crate::store::Store;
-use crate::upstream::Upstream;
-
-/// The part of the configuration that can change while serving: upstreams and routing.
-pub struct Routing {
-    pub config: Config,
-    upstreams: Vec<Arc<Upstream>>,
-    /// Lower-case host name → index in `upstreams`.
-    hosts: HashMap<String, usize>,
-}
-
-impl Routing {
-    /// Builds the upstream clients, reusing those of `previous` whose settings did not change (so
-    /// their tokens and circuit state survive a reload).
-    pub fn build(
-        config: Config,
-        metrics: &Arc<Metrics>,
-        previous: Option<&Routing>,
-    ) -> anyhow::Result<Routing> {
-        let mut upstreams = Vec::new();
-        let mut hosts = HashMap::new();
-        for (i, u) in config.upstreams.iter().enumerate() {
-            for h in &u.hosts {
-                hosts.insert(h.to_ascii_lowercase(), i);
-            }
-            let reused = previous
-                .and_then(|p| p.upstreams.iter().find(|old| old.config == *u))
-                .cloned();
-            let up = match reused {
-                Some(up) => up,
-                None => Upstream::new(u.clone(), Arc::clone(metrics)).map_err(|e| {
-                    anyhow::anyhow!("cannot build the HTTP client for upstream {}: {e}", u.name)
-                })?,
-            };
-            upstreams.push(up);
-        }
-        Ok(Routing {
-            config,
-            upstreams,
-            hosts,
-        })
-    }
-
-    pub fn default_upstream(&self) -> Arc<Upstream> {
-        Arc::clone(&self.upstreams[self.config.default_upstream])
-    }
-
-    pub fn upstreams(&self) -> &[Arc<Upstream>] {
-        &self.upstreams
-    }
-
-    pub fn upstream_for_host(&self, host: &str) -> Option<Arc<Upstream>> {
-        self.hosts
-            .get(&host.to_ascii_lowercase())
-            .map(|&i| Arc::clone(&self.upstreams[i]))
-    }
-
-    /// Every pin as an image reference (`name:tag` or `name@digest`).
-    pub fn pin_names(
-        &self,
-        store: &crate::store::Store,
-    ) -> Result<Vec<String>, crate::store::StoreError> {
-        Ok(store
-            .pins()?
-            .into_iter()
-            .map(|(u, r, x)| {
-                let name = self.catalog_name(&u, &r);
-                if x.contains(':') {
-                    format!("{name}@{x}")
-                } else {
-                    format!("{name}:{x}")
-                }
-            })
-            .collect())
-    }
-
-    /// The name under which `/v2/_catalog` lists a cached repository.
-    pub fn catalog_name(&self, upstream: &str, repo: &str) -> String {
-        if upstream == self.config.default_upstream().name {
-            return repo.to_owned();
-        }
-        match self.upstreams.iter().find(|u| u.name() == upstream) {
-            Some(u) => {
-                let host = u.config.hosts.first().cloned().unwrap_or_default();
-                format!("{host}/{repo}")
-            }
-            None => format!("{upstream}/{repo}"),
-        }
-    }
-}
-
-/// Everything a request handler needs.
-pub struct App {
-    pub cache: Arc<Cache>,
-    pub metrics: Arc<Metrics>,
-    routing: RwLock<Arc<Routing>>,
-    /// The listener's certificate, when serving HTTPS.
-    pub tls: Option<Arc<crate::tls::CertReloader>>,
-    /// Checks client credentials against `[access] htpasswd`, remembering the answers.
-    pub auth: crate::access::Verifier,
-    /// Each shard's last sign of life (milliseconds since the epoch), for the systemd watchdog.
-    shard_beats: Mutex<Vec<Arc<AtomicU64>>>,
-    /// Set once shutdown has begun: draining shards stop beating, and that is expected.
-    stopping: std::sync::atomic::AtomicBool,
-}
-
-impl App {
-    /// Opens (and locks) the store and builds the upstream clients. Contacts no upstream.
-    pub fn open(config: Config) -> anyhow::Result<Arc<App>> {
-        let store = Store::open(&config.data_dir).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot open the store in {}: {e}",
-                config.data_dir.display()
-            )
-        })?;
-        let metrics = Arc::new(Metrics::new());
-        let mut cache = Cache::new(
-            Arc::new(store),
-            config.max_manifest_size,
-            Arc::clone(&metrics),
-        );
-        if let Some(s3) = &config.store.s3 {
-            cache.bucket = Some(Arc::new(crate::bucket::Bucket::new(
-                s3,
-                Arc::clone(&metrics),
-            )?));
-        }
-        match cache.load_outbox() {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(
-                count = n,
-                "writes owed to the shared bucket from the last run"
-            ),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the writes owed to the shared bucket")
-            }
-        }
-        let cache = Arc::new(cache);
-        let tls = match &config.tls {
-            Some(t) => Some(Arc::new(crate::tls::CertReloader::new(&t.cert, &t.key)?)),
-            None => None,
-        };
-        cache.set_fill_limits(
-            config.limits.max_fills,
-            config.limits.fill_wait,
-            config.limits.fill_memory,
-        );
-        log_warnings(&config);
-        let routing = Routing::build(config, &metrics, None)?;
-        let auth = crate::access::Verifier::new(metrics.auth_bcrypt_checks.clone());
-        Ok(Arc::new(App {
-            cache,
-            metrics,
-            routing: RwLock::new(Arc::new(routing)),
-            tls,
-            auth,
-            shard_beats: Mutex::new(Vec::new()),
-            stopping: std::sync::atomic::AtomicBool::new(false),
-        }))
-    }
-
-    /// Whether every shard has run within `within` (true before the shards start and once
-    /// shutdown has begun). A shard stuck in a blocking call stops beating (it beats every
-    /// 250 ms), and the watchdog ping is withheld.
-    pub fn shards_responsive(&self, within: Duration) -> bool {
-        if self.stopping.load(Ordering::Relaxed) {
-            return true;
-        }
-        let now = crate::store::now_millis();
-        let limit = u64::try_from(within.as_millis()).unwrap_or(u64::MAX);
-        self.shard_beats
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .all(|b| now.saturating_sub(b.load(Ordering::Relaxed)) <= limit)
-    }
-
-    /// The routing in force now.
-    pub fn routing(&self) -> Arc<Routing> {
-        Arc::clone(&self.routing.read().unwrap_or_else(|p| p.into_inner()))
-    }
-
-    /// Applies a new, already validated configuration. Settings that need a restart (listen
-    /// address, data directory) are reported and left as they are.
-    pub fn reload(&self, config: Config) -> anyhow::Result<()> {
-        let current = self.routing();
-        let old = &current.config;
-        if config.data_dir != old.data_dir {
-            tracing::warn!(new = %config.data_dir.display(), "data_dir changed: takes effect at the next restart");
-        }
-        if config.listen != old.listen {
-            tracing::warn!(new = %config.listen, "listen changed: takes effect at the next restart");
-        }
-        if let Some(tls) = &self.tls {
-            if let Err(e) = tls.reload() {
-                tracing::error!(error = %e, "cannot reload the TLS certificate; the one in force stays");
-            }
-        }
-        if config.tls.is_some() != self.tls.is_some() {
-            tracing::warn!("tls turned on or off: takes effect at the next restart");
-        }
-        if config.config_store != old.config_store {
-            tracing::warn!("config_store changed: takes effect at the next restart");
-        }
-        if config.store.s3 != old.store.s3 {
-            tracing::warn!("store.s3 changed: takes effect at the next restart");
-        }
-        if config.limits.max_connections != old.limits.max_connections {
-            tracing::warn!(
-                new = config.limits.max_connections,
-                "limits.max_connections changed: takes effect at the next restart"
-            );
-        }
-        log_warnings(&config);
-        self.cache.set_fill_limits(
-            config.limits.max_fills,
-            config.limits.fill_wait,
-            config.limits.fill_memory,
-        );
-        let config = Config {
-            data_dir: old.data_dir.clone(),
-            listen: old.listen,
-            config_store: old.config_store.clone(),
-            store: crate::config::StoreConfig {
-                s3: old.store.s3.clone(),
-                ..config.store
-            },
-            ..config
-        };
-        self.cache.set_max_manifest_size(config.max_manifest_size);
-        let routing = Routing::build(config, &self.metrics, Some(&current))?;
-        let names: Vec<String> = routing
-            .upstreams
-            .iter()
-            .map(|u| format!("{}={}", u.name(), u.config.url))
-            .collect();
-        *self.routing.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(routing);
-        tracing::info!(upstreams = ?names, "configuration applied");
-        Ok(())
-    }
-
-    /// Flushes access times and, if the store is over a limit (or over `target` when given),
-    /// evicts least recently used content.
-    pub async fn collect(&self, target: Option<u64>) -> anyhow::Result<crate::evict::EvictReport> {
-        let store = Arc::clone(&self.cache.store);
-        let cfg = self.routing().config.store.clone();
-        let report = tokio::task::spawn_blocking(move || {
-            store.flush_access()?;
-            let target = target.or_else(|| {
-                crate::evict::target(&store, cfg.max_size, cfg.min_free, cfg.low_water)
-            });
-            match target {
-                Some(t) => crate::evict::evict_to(&store, t),
-                None => Ok(crate::evict::EvictReport::default()),
-            }
-        })
-        .await??;
-        self.metrics.evicted_bytes.inc_by(report.bytes);
-        self.metrics.evicted_blobs.inc_by(report.blobs);
-        Ok(report)
-    }
-
-    /// Background upkeep: recovery at start, then access-time flushes and eviction.
-    pub async fn maintain(self: Arc<Self>) {
-        let store = Arc::clone(&self.cache.store);
-        match tokio::task::spawn_blocking(move || crate::verify::recover(&store)).await {
-            Ok(Err(e)) => tracing::error!(error = %e, "store recovery failed"),
-            Err(e) => tracing::error!(error = %e, "store recovery task failed"),
-            Ok(Ok(_)) => {}
-        }
-        loop {
-            let interval = self.routing().config.store.gc_interval;
-            tokio::time::sleep(interval).await;
-            if let Err(e) = self.collect(None).await {
-                tracing::error!(error = %e, "background collection failed");
-            }
-            self.cache.retry_shares();
-            let store = &self.cache.store;
-            if store.is_full() && free_bytes(store.root()).is_some_and(|f| f > 64 << 20) {
-                store.set_full(false);
-            }
-        }
-    }
-
-    /// Updates the store gauges (called when metrics are scraped).
-    pub fn refresh_store_metrics(&self) {
-        self.metrics
-            .store_full
-            .set(i64::from(self.cache.store.is_full()));
-        if let Ok((n, bytes)) = self.cache.store.usage() {
-            self.metrics.store_blobs.set(n as i64);
-            self.metrics.store_bytes.set(bytes as i64);
-        }
-        if let Some(free) = free_bytes(self.cache.store.root()) {
-            self.metrics.store_free_bytes.set(free as i64);
-        }
-    }
-}
-
-fn log_warnings(config: &Config) {
-    for w in &config.warnings {
-        tracing::warn!("{w}");
-    }
-}
-
-/// Free bytes on the filesystem holding `path` (available to unprivileged users), via `statvfs`.
-pub fn free_bytes(path: &std::path::Path) -> Option<u64> {
-    let st = rustix::fs::statvfs(path).ok()?;
-    Some(st.f_bavail.saturating_mul(st.f_frsize))
-}
+use crate::app::App;
+use crate::telemetry::metrics::Metrics;
 
 /// At most this many connections over `limits.max_connections` are being answered `503` at once;
 /// beyond that they are closed without an answer.
@@ -491,7 +179,7 @@ pub async fn run(
     grace: Duration,
 ) -> anyhow::Result<()> {
     let acceptor = match &app.tls {
-        Some(reloader) => Some(crate::tls::acceptor(Arc::clone(reloader))?),
+        Some(reloader) => Some(crate::http::tls::acceptor(Arc::clone(reloader))?),
         None => None,
     };
     let max_connections = app.routing().config.limits.max_connections;
@@ -525,8 +213,7 @@ pub async fn run(
         grace,
     });
     let listener = listener.into_std()?;
-    *app.shard_beats.lock().unwrap_or_else(|p| p.into_inner()) = shared.beats.clone();
-    app.stopping.store(false, Ordering::Relaxed);
+    app.watch_shards(shared.beats.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // How many shards have drained their connections. A shard keeps its runtime running until all
     // have: a fill or an upstream connection that lives on it may still serve another shard's
@@ -564,7 +251,7 @@ pub async fn run(
     }
     let upkeep = tokio::spawn(Arc::clone(&app).maintain());
     shutdown.await;
-    app.stopping.store(true, Ordering::Relaxed);
+    app.set_stopping();
     let _ = stop_tx.send(true);
     upkeep.abort();
     let _ = app.cache.store.flush_access();
@@ -623,12 +310,12 @@ impl Shard {
         let beat = Arc::clone(beat);
         // The access log of a busy shard goes out in batches, written at each beat (and when the
         // thread ends, however it ends).
-        let _batching = crate::logbuf::batch_this_thread();
+        let _batching = crate::telemetry::logbuf::batch_this_thread();
         rt.block_on(async move {
             let heart = tokio::spawn(async move {
                 loop {
                     beat.store(crate::store::now_millis(), Ordering::Relaxed);
-                    crate::logbuf::flush();
+                    crate::telemetry::logbuf::flush();
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }
             });
@@ -768,8 +455,8 @@ fn serve_connection(
     let (conn, lane) = match shared.acceptor.clone() {
         None => {
             let (io, lane) =
-                crate::sendfile::LaneIo::new(stream, app.metrics.sendfile_bytes.clone());
-            (Ok(io), Some(crate::sendfile::LaneRef(lane)))
+                crate::http::sendfile::LaneIo::new(stream, app.metrics.sendfile_bytes.clone());
+            (Ok(io), Some(crate::http::sendfile::LaneRef(lane)))
         }
         Some(acceptor) => (Err((stream, acceptor)), None),
     };
@@ -777,7 +464,7 @@ fn serve_connection(
         if let Some(lane) = &lane {
             req.extensions_mut().insert(lane.clone());
         }
-        crate::api::handle(Arc::clone(&app2), peer, req)
+        crate::http::api::handle(Arc::clone(&app2), peer, req)
     });
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())

@@ -6,6 +6,8 @@
 //! sees real progress. A blob the server already holds is only `HEAD`ed (the server answers
 //! `x-regcache-cache: hit`), so a second run moves almost no bytes.
 
+pub mod dockerfile;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,9 +16,9 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::cli::{ConfigArgs, EXIT_FAILURE, EXIT_USAGE};
-use crate::media::{Accept, Kind};
-use crate::reference::{Digest, ImageRef};
+use crate::cmd::{ConfigArgs, EXIT_FAILURE, EXIT_USAGE};
+use crate::oci::media::{Accept, Kind};
+use crate::oci::reference::{Digest, ImageRef};
 
 /// Exit code when Ctrl-C stopped the run.
 pub const EXIT_INTERRUPTED: u8 = 130;
@@ -146,12 +148,12 @@ struct Job {
 /// Normalises image names the way the server routes them (`Routing::route`): `busybox`,
 /// `library/busybox`, `docker.io/library/busybox` and `index.docker.io/busybox` are one repository
 /// of the default upstream. Without a configuration to route with, names are compared as written.
-struct Names(Option<crate::server::Routing>);
+struct Names(Option<crate::app::Routing>);
 
 impl Names {
     fn new(config: Option<crate::config::Config>) -> Names {
-        let metrics = Arc::new(crate::metrics::Metrics::new());
-        Names(config.and_then(|c| crate::server::Routing::build(c, &metrics, None).ok()))
+        let metrics = Arc::new(crate::telemetry::metrics::Metrics::new());
+        Names(config.and_then(|c| crate::app::Routing::build(c, &metrics, None).ok()))
     }
 
     /// `upstream NUL repository` for a name the configuration routes; the name itself otherwise
@@ -249,8 +251,9 @@ fn jobs(args: &PrefetchArgs, names: &Names) -> Result<Vec<Job>, String> {
         let text =
             std::fs::read_to_string(d).map_err(|e| format!("cannot read {}: {e}", d.display()))?;
         for target in &default_platforms {
-            let images = crate::dockerfile::images(&text, &build_args, target, &build)
-                .map_err(|e| format!("{}: {e}", d.display()))?;
+            let images =
+                crate::cmd::prefetch::dockerfile::images(&text, &build_args, target, &build)
+                    .map_err(|e| format!("{}: {e}", d.display()))?;
             for img in images {
                 let origin = format!("{}:{}", d.display(), img.line);
                 wanted.push((img.image, Some(img.platform), origin));
@@ -395,7 +398,7 @@ async fn fetch_blob(
     let size = crate::upstream::header_length(&head).unwrap_or(0);
     let hit = head
         .headers()
-        .get(crate::api::CACHE_HEADER)
+        .get(crate::http::api::CACHE_HEADER)
         .is_some_and(|v| v.as_bytes() == b"hit");
     if hit {
         bar.inc(size);
@@ -560,12 +563,12 @@ async fn prefetch_inner(
         let url = format!(
             "{}/_regcache/pins?image={}",
             ctx.server,
-            crate::admin::urlencode(&job.shown)
+            crate::cmd::admin::urlencode(&job.shown)
         );
         let resp = ctx
             .client
             .post(&url)
-            .header(crate::api::OPERATOR_HEADER, "1")
+            .header(crate::http::api::OPERATOR_HEADER, "1")
             .send()
             .await?;
         if !resp.status().is_success() {

@@ -10,7 +10,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 
 use redb::{ReadableDatabase, ReadableTable};
 
-use crate::reference::Digest;
+use crate::oci::reference::Digest;
 use crate::store::{Store, StoreError, PINS, REFS};
 
 fn db_err(e: impl std::fmt::Display) -> StoreError {
@@ -247,7 +247,7 @@ pub fn target(
         }
     }
     if let Some(floor) = min_free {
-        if let Some(free) = crate::server::free_bytes(store.root()) {
+        if let Some(free) = crate::store::free_bytes(store.root()) {
             if free < floor {
                 // Free the deficit plus the same low-water slack.
                 let slack = max_size.map_or(0, |m| m / 100 * u64::from(100 - low_water_percent));
@@ -306,14 +306,14 @@ mod tests {
         let media_type = body["mediaType"].as_str().expect("mediaType").to_owned();
         let body = body.to_string();
         let d = Digest::sha256_of(body.as_bytes());
-        let t: crate::reference::Tag = tag.parse().expect("tag");
+        let t: crate::oci::reference::Tag = tag.parse().expect("tag");
         store
             .put_manifest(
                 &key(repo),
                 &d,
                 &media_type,
                 body.as_bytes(),
-                Some((&t, crate::media::Accept::ALL)),
+                Some((&t, crate::oci::media::Accept::ALL)),
                 None,
             )
             .expect("put manifest");
@@ -450,15 +450,15 @@ mod tests {
         let pinned = image(&store, "a", "v1", &[&l1]);
         // What `a:v1` gives clients accepting only Docker schema 2.
         let narrow = image(&store, "a", "v1-build", &[&l3]);
-        let s2 = crate::media::Accept::parse([crate::media::DOCKER_MANIFEST.as_bytes()]);
-        let v1: crate::reference::Tag = "v1".parse().expect("tag");
+        let s2 = crate::oci::media::Accept::parse([crate::oci::media::DOCKER_MANIFEST.as_bytes()]);
+        let v1: crate::oci::reference::Tag = "v1".parse().expect("tag");
         store
             .set_tag_for(&key("a"), &v1, s2, &narrow, 1)
             .expect("narrow record");
         // A pinned tag cached only for clients accepting only Docker schema 2.
         let l4 = blob(&store, "a", &[5u8; 3000]);
         let narrow_only = image(&store, "a", "v2-build", &[&l4]);
-        let v2: crate::reference::Tag = "v2".parse().expect("tag");
+        let v2: crate::oci::reference::Tag = "v2".parse().expect("tag");
         store
             .set_tag_for(&key("a"), &v2, s2, &narrow_only, 1)
             .expect("narrow record");

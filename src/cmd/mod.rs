@@ -3,6 +3,9 @@
 //! Exit codes: 0 success; 1 a runtime failure (store, network, listener); 2 a usage or
 //! configuration error.
 
+pub mod admin;
+pub mod prefetch;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -33,15 +36,15 @@ pub enum Command {
     /// Validate a config file (and flags) without starting; prints the effective settings.
     CheckConfig(CheckConfigArgs),
     /// Evict least recently used content down to the configured limits (or --max-size).
-    Gc(crate::admin::GcArgs),
+    Gc(crate::cmd::admin::GcArgs),
     /// Check the store: re-hash blobs, compare the database with the disk both ways.
-    Verify(crate::admin::VerifyArgs),
+    Verify(crate::cmd::admin::VerifyArgs),
     /// Pin images against eviction, unpin them, list pins.
-    Pin(crate::admin::PinArgs),
+    Pin(crate::cmd::admin::PinArgs),
     /// Ask a running regcache whether it is ready (for probes): exit 0 if so, 1 if not.
     Health(HealthArgs),
     /// Warm a running regcache with images (arguments, a list file, Dockerfiles).
-    Prefetch(crate::prefetch::PrefetchArgs),
+    Prefetch(crate::cmd::prefetch::PrefetchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -127,7 +130,7 @@ fn init_logging(level: &str, format: LogFormat) {
         .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(crate::logbuf::Stderr);
+        .with_writer(crate::telemetry::logbuf::Stderr);
     let _ = match format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder
@@ -148,7 +151,7 @@ pub fn parse_error(e: clap::Error) -> ExitCode {
         let rendered = e.render().to_string();
         let first = rendered.lines().next().unwrap_or("invalid arguments");
         let msg = first.strip_prefix("error: ").unwrap_or(first);
-        println!("{}", crate::prefetch::json_error(EXIT_USAGE, msg));
+        println!("{}", crate::cmd::prefetch::json_error(EXIT_USAGE, msg));
     }
     ExitCode::from(EXIT_USAGE)
 }
@@ -157,7 +160,7 @@ pub fn parse_error(e: clap::Error) -> ExitCode {
 pub fn main(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Serve(args) => {
-            let source = std::sync::Arc::new(crate::config_store::ConfigSource::new(
+            let source = std::sync::Arc::new(crate::config::source::ConfigSource::new(
                 args.config.config.clone(),
                 args.config.overrides(),
             ));
@@ -191,11 +194,11 @@ pub fn main(cli: Cli) -> ExitCode {
                 }
             }
         }
-        Command::Gc(args) => crate::admin::gc(args),
+        Command::Gc(args) => crate::cmd::admin::gc(args),
         Command::Health(args) => health(args),
-        Command::Prefetch(args) => crate::prefetch::run(args),
-        Command::Verify(args) => crate::admin::verify(args),
-        Command::Pin(args) => crate::admin::pin(args),
+        Command::Prefetch(args) => crate::cmd::prefetch::run(args),
+        Command::Verify(args) => crate::cmd::admin::verify(args),
+        Command::Pin(args) => crate::cmd::admin::pin(args),
         Command::CheckConfig(args) => match args.config.load(args.file.as_ref()) {
             Ok(c) => {
                 for w in &c.warnings {
@@ -268,9 +271,9 @@ async fn shutdown_signal() {
 
 async fn serve(
     config: Config,
-    source: std::sync::Arc<crate::config_store::ConfigSource>,
+    source: std::sync::Arc<crate::config::source::ConfigSource>,
 ) -> anyhow::Result<()> {
-    let app = crate::server::App::open(config.clone())?;
+    let app = crate::app::App::open(config.clone())?;
     let (listener, listen) = listener(&config).await?;
     tracing::info!(
         listen = %listen,
@@ -279,7 +282,7 @@ async fn serve(
         default_upstream = %app.routing().config.default_upstream().url,
         "regcache serving"
     );
-    crate::config_store::spawn_watchers(&app, &source, &config);
+    crate::config::source::spawn_watchers(&app, &source, &config);
     // systemd (Type=notify): ready once the listener is bound and the store is open.
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     if let Some(interval) = sd_notify::watchdog_enabled() {
@@ -300,7 +303,7 @@ async fn serve(
         shutdown_signal().await;
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     };
-    crate::server::run(listener, app, shutdown, config.shutdown_grace).await
+    crate::http::server::run(listener, app, shutdown, config.shutdown_grace).await
 }
 
 /// The listening socket: inherited from systemd (socket activation) or bound here.

@@ -8,6 +8,9 @@
 //! A blob is recorded in the database only after its file was verified, fsynced and renamed into
 //! place, so every recorded blob exists with its digest's content.
 
+pub mod evict;
+pub mod verify;
+
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -19,8 +22,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use crate::media::Accept;
-use crate::reference::{Digest, RepoName, Tag};
+use crate::oci::media::Accept;
+use crate::oci::reference::{Digest, RepoName, Tag};
 
 /// Version of the database layout this build writes. History:
 /// 1. blobs, manifests, tags (seconds), links, repos, referrers;
@@ -1230,6 +1233,12 @@ impl Store {
     }
 }
 
+/// Free bytes on the filesystem holding `path` (available to unprivileged users), via `statvfs`.
+pub fn free_bytes(path: &std::path::Path) -> Option<u64> {
+    let st = rustix::fs::statvfs(path).ok()?;
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1293,7 +1302,7 @@ mod tests {
         let rec = store.tag(&key("x"), &tag).expect("tag").expect("present");
         assert_eq!(rec.digest, d.to_string());
         // The record for a narrower Accept is the tag's, not a tag of its own.
-        let s2 = Accept::parse([crate::media::DOCKER_MANIFEST.as_bytes()]);
+        let s2 = Accept::parse([crate::oci::media::DOCKER_MANIFEST.as_bytes()]);
         assert_eq!(store.tag_for(&key("x"), &tag, s2).expect("tag"), None);
         store.set_tag_for(&key("x"), &tag, s2, &d, 7).expect("set");
         let narrow = store.tag_for(&key("x"), &tag, s2).expect("tag");

@@ -14,8 +14,8 @@
 
 use std::collections::HashMap;
 
-use crate::prefetch::Platform;
-use crate::reference::ImageRef;
+use crate::cmd::prefetch::Platform;
+use crate::oci::reference::ImageRef;
 
 /// An image the build pulls, for one platform, and the line that names it.
 #[derive(Debug, Clone, PartialEq, Eq)]

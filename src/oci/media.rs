@@ -9,7 +9,7 @@ use std::fmt;
 
 use base64::Engine as _;
 
-use crate::reference::Digest;
+use crate::oci::reference::Digest;
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";

@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 
 use base64::Engine as _;
 
+use crate::app::App;
 use crate::config::{Config, ConfigError, ConfigStoreConfig, ConfigStoreKind, Overrides};
-use crate::server::App;
 
 /// Name of the last good remote copy inside the data directory.
 pub const LAST_GOOD_FILE: &str = "config-store.last-good.toml";

@@ -4,6 +4,8 @@
 //! with its line), then [`RawConfig::validate`] turns it into a typed [`Config`]. Every key has a
 //! default, so an empty file (or none) is a working configuration.
 
+pub mod source;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -13,7 +15,7 @@ use std::time::Duration;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
-use crate::access::{AccessConfig, Cidr, Htpasswd, RepoPattern};
+use crate::http::access::{AccessConfig, Cidr, Htpasswd, RepoPattern};
 
 /// Docker Hub's registry endpoint, the default upstream.
 pub const DOCKER_HUB_URL: &str = "https://registry-1.docker.io";
@@ -1129,7 +1131,7 @@ impl RawConfig {
                 None => None,
                 Some(t) => {
                     // Read now, so that a bad file is a configuration error (exit 2).
-                    crate::tls::CertReloader::new(&t.cert, &t.key)
+                    crate::http::tls::CertReloader::new(&t.cert, &t.key)
                         .map_err(|e| format!("[tls]: {e:#}"))?;
                     Some(TlsConfig {
                         cert: t.cert,
@@ -1517,7 +1519,7 @@ mod tests {
 
     #[test]
     fn the_example_config_is_valid_and_so_is_its_s3_block() {
-        let example = include_str!("../config/regcache.toml");
+        let example = include_str!("../../config/regcache.toml");
         parse(example).expect("config/regcache.toml as shipped");
         // Uncomment the [store.s3] block, as an operator would.
         let mut text = String::new();

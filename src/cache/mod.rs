@@ -19,10 +19,10 @@ use futures_util::future::{BoxFuture, FutureExt, Shared};
 use tokio::sync::{mpsc, watch};
 
 use crate::bucket::{or_without, upstream_id, Bucket};
-use crate::media::{self, Accept, Negotiated};
-use crate::metrics::Metrics;
-use crate::reference::{Digest, Reference, RepoName, Tag};
+use crate::oci::media::{self, Accept, Negotiated};
+use crate::oci::reference::{Digest, Reference, RepoName, Tag};
 use crate::store::{now_millis, Hold, RepoKey, Store, StoreError, TempBlob};
+use crate::telemetry::metrics::Metrics;
 use crate::upstream::{media_type_from_body, Upstream, UpstreamError};
 
 /// Size of the chunks read from files and sent to clients.
@@ -2302,11 +2302,11 @@ pub fn stream_file(
 /// the stream with an error.
 pub fn stream_fill(
     mut reader: FillReader,
-    lane: Option<Arc<crate::sendfile::Lane>>,
+    lane: Option<Arc<crate::http::sendfile::Lane>>,
     start: u64,
     end: u64,
 ) -> mpsc::Receiver<BodyChunk> {
-    use crate::sendfile::{placeholder, read_range, Source, SEND_CHUNK};
+    use crate::http::sendfile::{placeholder, read_range, Source, SEND_CHUNK};
     let (tx, rx) = mpsc::channel(2);
     tokio::spawn(async move {
         let fill = Arc::clone(&reader.fill);

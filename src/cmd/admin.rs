@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use clap::{Args, Subcommand};
 
-use crate::cli::{ConfigArgs, EXIT_FAILURE, EXIT_USAGE};
+use crate::app::App;
+use crate::cmd::{ConfigArgs, EXIT_FAILURE, EXIT_USAGE};
 use crate::config::Config;
-use crate::server::App;
 
 /// Exit code of `verify` when it found inconsistencies.
 pub const EXIT_PROBLEMS: u8 = 3;
@@ -121,7 +121,7 @@ async fn call(method: reqwest::Method, url: String) -> anyhow::Result<serde_json
         .build()?;
     let resp = client
         .request(method, &url)
-        .header(crate::api::OPERATOR_HEADER, "1")
+        .header(crate::http::api::OPERATOR_HEADER, "1")
         .send()
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach the running regcache at {url}: {e}"))?;
@@ -130,7 +130,7 @@ async fn call(method: reqwest::Method, url: String) -> anyhow::Result<serde_json
     if !status.is_success() {
         anyhow::bail!(
             "{} (the server at {url} answered {status})",
-            crate::prefetch::error_message(&body)
+            crate::cmd::prefetch::error_message(&body)
         );
     }
     Ok(serde_json::from_slice(&body)?)
@@ -208,7 +208,7 @@ pub fn gc(args: GcArgs) -> ExitCode {
 /// A terminal progress bar for `verify` (nothing when stderr is not a terminal).
 struct Bar(Option<indicatif::ProgressBar>);
 
-impl crate::verify::Progress for Bar {
+impl crate::store::verify::Progress for Bar {
     fn start(&mut self, total: u64) {
         if total > 0 && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
             let bar = indicatif::ProgressBar::new(total);
@@ -232,7 +232,7 @@ pub fn verify(args: VerifyArgs) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let opts = crate::verify::Options {
+    let opts = crate::store::verify::Options {
         hash: true,
         sample: args.sample,
         repair: args.repair,
@@ -244,7 +244,7 @@ pub fn verify(args: VerifyArgs) -> ExitCode {
                     let store = Arc::clone(&app.cache.store);
                     let report = tokio::task::spawn_blocking(move || {
                         let mut bar = Bar(None);
-                        let r = crate::verify::check(&store, opts, false, &mut bar);
+                        let r = crate::store::verify::check(&store, opts, false, &mut bar);
                         if let Some(b) = bar.0 {
                             b.finish_and_clear();
                         }
@@ -313,7 +313,7 @@ pub fn pin(args: PinArgs) -> ExitCode {
         Err(code) => return code,
     };
     if let Some(i) = image {
-        if let Err(e) = crate::reference::ImageRef::parse(i) {
+        if let Err(e) = crate::oci::reference::ImageRef::parse(i) {
             eprintln!("regcache: {e}");
             return ExitCode::from(EXIT_USAGE);
         }
@@ -326,7 +326,7 @@ pub fn pin(args: PinArgs) -> ExitCode {
                     match image {
                         None => Ok(app.routing().pin_names(store)?),
                         Some(i) => {
-                            let r = crate::reference::ImageRef::parse(i)?;
+                            let r = crate::oci::reference::ImageRef::parse(i)?;
                             let route = app
                                 .route(&r.name, None)
                                 .map_err(|e| anyhow::anyhow!("{}", e.message))?;
@@ -394,9 +394,9 @@ pub fn pin(args: PinArgs) -> ExitCode {
 fn stored(
     store: &crate::store::Store,
     repo: &crate::store::RepoKey,
-    reference: &crate::reference::Reference,
+    reference: &crate::oci::reference::Reference,
 ) -> anyhow::Result<bool> {
-    use crate::reference::{Digest, Reference};
+    use crate::oci::reference::{Digest, Reference};
     let digest = match reference {
         Reference::Tag(t) => match store.tag(repo, t)? {
             Some(rec) => rec.digest.parse::<Digest>().ok(),

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use redb::ReadableDatabase;
 
-use crate::reference::Digest;
+use crate::oci::reference::Digest;
 use crate::store::{Store, StoreError, TAGS};
 
 fn db_err(e: impl std::fmt::Display) -> StoreError {

@@ -22,11 +22,11 @@ use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full, StreamBody};
 use hyper::body::Frame;
 use tokio::sync::mpsc;
 
-use crate::access::Verdict;
+use crate::app::App;
 use crate::cache::{self, BlobSource, BodyChunk, CacheError, Outcome, Route};
-use crate::media::{self, Accept};
-use crate::reference::{Digest, ParseError, Reference, RepoName};
-use crate::server::App;
+use crate::http::access::Verdict;
+use crate::oci::media::{self, Accept};
+use crate::oci::reference::{Digest, ParseError, Reference, RepoName};
 use crate::upstream::UpstreamError;
 
 pub type Body = BoxBody<Bytes, io::Error>;
@@ -531,14 +531,14 @@ async fn admin(
         }
         // A check re-reads the whole store: a POST, so that no page can make a browser start one.
         ("POST", "verify") => {
-            let opts = crate::verify::Options {
+            let opts = crate::store::verify::Options {
                 hash: q.get("hash").is_none_or(|v| v != "false"),
                 sample: q.get("sample").and_then(|n| n.parse().ok()),
                 repair: q.get("repair").is_some_and(|v| v == "true"),
             };
             let store = Arc::clone(&app.cache.store);
             let report = tokio::task::spawn_blocking(move || {
-                crate::verify::check(&store, opts, true, &mut ())
+                crate::store::verify::check(&store, opts, true, &mut ())
             })
             .await
             .map_err(|e| internal(&e))?
@@ -561,7 +561,7 @@ async fn admin(
             let image = q
                 .get("image")
                 .ok_or_else(|| bad_request("the image parameter is required"))?;
-            let r = crate::reference::ImageRef::parse(image)?;
+            let r = crate::oci::reference::ImageRef::parse(image)?;
             let route = app.route(&r.name, None)?;
             let reference = r.reference();
             if method == Method::POST {
@@ -763,7 +763,7 @@ async fn check_access(
             "max_uri_length",
         ));
     }
-    if !crate::access::address_allowed(&access.allow, peer.ip()) {
+    if !crate::http::access::address_allowed(&access.allow, peer.ip()) {
         return Err((
             ApiError::new(
                 StatusCode::FORBIDDEN,
@@ -895,7 +895,7 @@ async fn route_request(
         Endpoint::Blob(name, d) => {
             let route = app.route(name, query.ns.as_deref())?;
             let digest: Digest = d.parse()?;
-            let lane = req.extensions().get::<crate::sendfile::LaneRef>();
+            let lane = req.extensions().get::<crate::http::sendfile::LaneRef>();
             blob(app, &route, &digest, req.headers(), lane, head, info).await
         }
         Endpoint::Upload => Err(ApiError::unsupported("uploads")),
@@ -924,7 +924,7 @@ async fn blob(
     route: &Route,
     digest: &Digest,
     headers: &HeaderMap,
-    lane: Option<&crate::sendfile::LaneRef>,
+    lane: Option<&crate::http::sendfile::LaneRef>,
     head: bool,
     info: &mut LogInfo,
 ) -> Result<Response<Body>, ApiError> {
@@ -1012,11 +1012,11 @@ async fn blob(
     *resp.body_mut() = match b.source {
         BlobSource::File(file, hold) => match lane {
             Some(lane) => {
-                let source = crate::sendfile::Source {
+                let source = crate::http::sendfile::Source {
                     file,
                     hold: Some(hold),
                 };
-                let s = crate::sendfile::stream(Arc::clone(&lane.0), source, start, end)
+                let s = crate::http::sendfile::stream(Arc::clone(&lane.0), source, start, end)
                     .map(|c| c.map(Frame::data));
                 BodyExt::boxed(StreamBody::new(s))
             }
@@ -1275,7 +1275,7 @@ impl App {
     }
 }
 
-impl crate::server::Routing {
+impl crate::app::Routing {
     /// Picks the upstream and repository for a request's name.
     pub fn route(&self, raw_name: &str, ns: Option<&str>) -> Result<Route, ApiError> {
         let unknown_host = |h: &str| {
@@ -1316,11 +1316,12 @@ impl crate::server::Routing {
             repo = repo.docker_hub_normalised();
         }
         let c = &upstream.config;
-        if let Err(why) = crate::access::repo_allowed(&c.allow_repos, &c.deny_repos, repo.as_str())
+        if let Err(why) =
+            crate::http::access::repo_allowed(&c.allow_repos, &c.deny_repos, repo.as_str())
         {
             let key = match why {
-                crate::access::RepoDenied::Denied(_) => "deny_repos",
-                crate::access::RepoDenied::NotAllowed => "allow_repos",
+                crate::http::access::RepoDenied::Denied(_) => "deny_repos",
+                crate::http::access::RepoDenied::NotAllowed => "allow_repos",
             };
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
@@ -1339,7 +1340,7 @@ impl crate::server::Routing {
     pub fn repo_listed(&self, upstream: &str, repo: &str) -> bool {
         match self.upstreams().iter().find(|u| u.name() == upstream) {
             Some(u) => {
-                crate::access::repo_allowed(&u.config.allow_repos, &u.config.deny_repos, repo)
+                crate::http::access::repo_allowed(&u.config.allow_repos, &u.config.deny_repos, repo)
                     .is_ok()
             }
             None => true,
