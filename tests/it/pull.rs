@@ -12,6 +12,7 @@ use crate::support::registry::{
     copy_to_dir, http_get, inspect_raw, parse_raw_response, sha256_digest, RawResponse, Registry,
     Seeded, DOCKER_LIST, OCI_INDEX, SEEDED_IMAGES,
 };
+use crate::support::reply::{send, Reply};
 
 const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
 
@@ -119,6 +120,109 @@ fn docker_hub_names_ns_and_host_segments_reach_the_default_upstream() {
     let resp = http_get(rc.addr(), "/v2/_catalog", &[]).expect("catalog");
     let body = String::from_utf8_lossy(&resp.body);
     assert!(body.contains("\"library/busybox\""), "catalog: {body}");
+}
+
+/// The distribution spec's registry proxying: a registry that scopes a request by the `ns` query
+/// parameter returns that value in `OCI-Namespace`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_scoped_by_ns_answer_oci_namespace_and_no_others_do() {
+    let upstream = Registry::start_seeded();
+    let rc = Regcache::with_upstream(&upstream.url());
+    let raw = inspect_raw(&upstream.host_port(), Seeded::SMALL_OCI);
+    let manifest = sha256_digest(&raw);
+    let m: serde_json::Value = serde_json::from_slice(&raw).expect("manifest JSON");
+    let layer = m["layers"][0]["digest"]
+        .as_str()
+        .expect("small/oci has a layer")
+        .to_owned();
+    let u = rc.url();
+    let (head, get) = (reqwest::Method::HEAD, reqwest::Method::GET);
+    async fn ask(u: &str, method: &reqwest::Method, path: &str) -> Reply {
+        let req = client()
+            .request(method.clone(), format!("{u}{path}"))
+            .header("accept", ACCEPT_ALL);
+        send(req, &format!("{method} {path}")).await
+    }
+    let scoped = [
+        (
+            &get,
+            "/v2/small/oci/manifests/latest?ns=docker.io".to_owned(),
+            200,
+        ),
+        (
+            &head,
+            "/v2/small/oci/manifests/latest?ns=docker.io".to_owned(),
+            200,
+        ),
+        (
+            &get,
+            format!("/v2/small/oci/manifests/{manifest}?ns=docker.io"),
+            200,
+        ),
+        (
+            &get,
+            format!("/v2/small/oci/blobs/{layer}?ns=docker.io"),
+            200,
+        ),
+        (
+            &head,
+            format!("/v2/small/oci/blobs/{layer}?ns=docker.io"),
+            200,
+        ),
+        (&get, "/v2/small/oci/tags/list?ns=docker.io".to_owned(), 200),
+        // Scoped by ns too, though the upstream has no such tag.
+        (
+            &get,
+            "/v2/small/oci/manifests/nope?ns=docker.io".to_owned(),
+            404,
+        ),
+    ];
+    for (method, path, status) in &scoped {
+        let r = ask(&u, method, path).await;
+        assert_eq!(
+            r.status.as_u16(),
+            *status,
+            "{method} {path}: {}",
+            r.describe()
+        );
+        assert_eq!(
+            r.header("oci-namespace"),
+            Some("docker.io"),
+            "{method} {path} was scoped by ns: {}",
+            r.describe()
+        );
+    }
+    let unscoped = [
+        (&get, "/v2/small/oci/manifests/latest".to_owned(), 200),
+        (
+            &get,
+            "/v2/docker.io/small/oci/manifests/latest".to_owned(),
+            200,
+        ),
+        (&head, format!("/v2/small/oci/blobs/{layer}"), 200),
+        (&get, "/v2/?ns=docker.io".to_owned(), 200),
+        // An ns naming no configured upstream scopes nothing.
+        (
+            &get,
+            "/v2/small/oci/manifests/latest?ns=quay.io".to_owned(),
+            404,
+        ),
+    ];
+    for (method, path, status) in &unscoped {
+        let r = ask(&u, method, path).await;
+        assert_eq!(
+            r.status.as_u16(),
+            *status,
+            "{method} {path}: {}",
+            r.describe()
+        );
+        assert_eq!(
+            r.header("oci-namespace"),
+            None,
+            "{method} {path} was not scoped by ns: {}",
+            r.describe()
+        );
+    }
 }
 
 /// The largest layer of the big image and its size.
