@@ -1868,6 +1868,21 @@ async fn a_blob_of_unannounced_size_reaches_a_slow_reader_whole() {
 
 // ---- 14. HEAD answers without Content-Length ----------------------------------------------------
 
+/// `r` is a `200` blob `HEAD` answer with cache outcome `outcome` and `Content-Length` `length`.
+fn assert_blob_head(r: &Reply, outcome: &str, length: Option<usize>, what: &str) {
+    let length = length.map(|n| n.to_string());
+    assert_eq!(
+        (
+            r.status,
+            r.header("x-regcache-cache"),
+            r.header("content-length")
+        ),
+        (StatusCode::OK, Some(outcome), length.as_deref()),
+        "{what}: {}",
+        r.describe()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blob_heads_never_invent_a_length_the_upstream_head_did_not_give() {
     let fake = FakeUpstream::start().await;
@@ -1886,17 +1901,11 @@ async fn blob_heads_never_invent_a_length_the_upstream_head_did_not_give() {
         "HEAD that starts a fill",
     )
     .await;
-    assert_eq!(
-        (r.status, r.header("x-regcache-cache")),
-        (StatusCode::OK, Some("miss")),
-        "{}",
-        r.describe()
-    );
-    assert_eq!(
-        r.header("content-length"),
-        Some(filled.len().to_string().as_str()),
-        "the size the fill's GET announced: {}",
-        r.describe()
+    assert_blob_head(
+        &r,
+        "miss",
+        Some(filled.len()),
+        "the size the fill's GET announced",
     );
     assert_eq!(
         fake.hits("HEAD", &format!("/v2/team/filled/blobs/{filled_digest}")),
@@ -1919,18 +1928,11 @@ async fn blob_heads_never_invent_a_length_the_upstream_head_did_not_give() {
     }
     let url = format!("{}/v2/team/nolen/blobs/{digest}", rc.url());
     let r = send(client().head(&url), "HEAD, upstream HEAD without length").await;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.describe());
-    assert_eq!(
-        r.header("x-regcache-cache"),
-        Some("passthrough"),
-        "premise: the fill slot is taken, so the upstream's HEAD answers: {}",
-        r.describe()
-    );
-    assert_eq!(
-        r.header("content-length"),
+    assert_blob_head(
+        &r,
+        "passthrough",
         None,
-        "the upstream gave no size, so regcache gives none: {}",
-        r.describe()
+        "the fill slot is taken, so the upstream's HEAD answers; it gave no size, so regcache gives none",
     );
     assert_eq!(
         r.header("docker-content-digest"),
@@ -1953,17 +1955,11 @@ async fn blob_heads_never_invent_a_length_the_upstream_head_did_not_give() {
 
     fake.set_head_without_length(false);
     let r = send(client().head(&url), "HEAD, upstream HEAD with length").await;
-    assert_eq!(
-        (r.status, r.header("x-regcache-cache")),
-        (StatusCode::OK, Some("passthrough")),
-        "{}",
-        r.describe()
-    );
-    assert_eq!(
-        r.header("content-length"),
-        Some(data.len().to_string().as_str()),
-        "the upstream's size is passed on: {}",
-        r.describe()
+    assert_blob_head(
+        &r,
+        "passthrough",
+        Some(data.len()),
+        "the upstream's size is passed on",
     );
     slow.abort();
 }
