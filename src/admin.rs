@@ -121,6 +121,7 @@ async fn call(method: reqwest::Method, url: String) -> anyhow::Result<serde_json
         .build()?;
     let resp = client
         .request(method, &url)
+        .header(crate::api::OPERATOR_HEADER, "1")
         .send()
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach the running regcache at {url}: {e}"))?;
@@ -128,8 +129,8 @@ async fn call(method: reqwest::Method, url: String) -> anyhow::Result<serde_json
     let body = resp.bytes().await?;
     if !status.is_success() {
         anyhow::bail!(
-            "{url} answered {status}: {}",
-            String::from_utf8_lossy(&body)
+            "{} (the server at {url} answered {status})",
+            crate::prefetch::error_message(&body)
         );
     }
     Ok(serde_json::from_slice(&body)?)
@@ -257,7 +258,7 @@ pub fn verify(args: VerifyArgs) -> ExitCode {
                     if let Some(n) = args.sample {
                         u = format!("{u}&sample={n}");
                     }
-                    call(reqwest::Method::GET, u).await
+                    call(reqwest::Method::POST, u).await
                 }
             }
         })
@@ -329,11 +330,22 @@ pub fn pin(args: PinArgs) -> ExitCode {
                             let route = app
                                 .route(&r.name, None)
                                 .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-                            let reference = r.reference().to_string();
+                            let reference = r.reference();
+                            let key = route.key();
+                            if method == reqwest::Method::POST && !stored(store, &key, &reference)?
+                            {
+                                anyhow::bail!(
+                                    "cannot pin {i}: it is not stored in {}, and the store \
+                                     commands cannot fetch images offline; start regcache (or \
+                                     pass --server) and pin it again, which fetches it",
+                                    config.data_dir.display()
+                                );
+                            }
+                            let reference = reference.to_string();
                             if method == reqwest::Method::POST {
-                                store.pin(&route.key(), &reference)?;
+                                store.pin(&key, &reference)?;
                                 Ok(vec![format!("pinned {i}")])
-                            } else if store.unpin(&route.key(), &reference)? {
+                            } else if store.unpin(&key, &reference)? {
                                 Ok(vec![format!("unpinned {i}")])
                             } else {
                                 anyhow::bail!("{i} was not pinned")
@@ -375,6 +387,28 @@ pub fn pin(args: PinArgs) -> ExitCode {
         }
         Err(e) => fail(e),
     }
+}
+
+/// Whether the store holds the manifest that `reference` names for `repo`: the tag's manifest, or
+/// the digest's manifest obtained for that repository.
+fn stored(
+    store: &crate::store::Store,
+    repo: &crate::store::RepoKey,
+    reference: &crate::reference::Reference,
+) -> anyhow::Result<bool> {
+    use crate::reference::{Digest, Reference};
+    let digest = match reference {
+        Reference::Tag(t) => match store.tag(repo, t)? {
+            Some(rec) => rec.digest.parse::<Digest>().ok(),
+            // Cached only for clients accepting fewer manifest types: a record under the tag.
+            None => return Ok(store.tags(repo)?.iter().any(|x| x == t.as_str())),
+        },
+        Reference::Digest(d) => store.is_linked(repo, d)?.then(|| d.clone()),
+    };
+    Ok(match digest {
+        Some(d) => store.manifest_info(&d)?.is_some(),
+        None => false,
+    })
 }
 
 /// Percent-encodes a query value.

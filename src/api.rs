@@ -22,6 +22,7 @@ use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full, StreamBody};
 use hyper::body::Frame;
 use tokio::sync::mpsc;
 
+use crate::access::Verdict;
 use crate::cache::{self, BlobSource, BodyChunk, CacheError, Outcome, Route};
 use crate::media::{self, Accept};
 use crate::reference::{Digest, ParseError, Reference, RepoName};
@@ -483,6 +484,11 @@ pub const CACHE_HEADER: &str = "x-regcache-cache";
 /// Path prefix of the operator endpoints (gc, verify, pins): loopback clients only.
 pub const ADMIN_PREFIX: &str = "/_regcache/";
 
+/// Header every operator request must carry (`regcache gc`, `verify`, `pin` and `prefetch --pin`
+/// send it). A web page cannot add a custom header to a cross-origin request without a CORS
+/// preflight, which regcache never grants.
+pub const OPERATOR_HEADER: &str = "x-regcache-operator";
+
 fn bad_request(msg: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "UNSUPPORTED", msg)
 }
@@ -500,6 +506,7 @@ async fn admin(
             "operator endpoints answer loopback clients only",
         ));
     }
+    operator_request(req.headers())?;
     let path = &req.uri().path()[ADMIN_PREFIX.len()..];
     let q: std::collections::HashMap<String, String> = req
         .uri()
@@ -528,7 +535,8 @@ async fn admin(
             });
             Ok(json_response(&body, false, "application/json"))
         }
-        ("GET", "verify") => {
+        // A check re-reads the whole store: a POST, so that no page can make a browser start one.
+        ("POST", "verify") => {
             let opts = crate::verify::Options {
                 hash: q.get("hash").is_none_or(|v| v != "false"),
                 sample: q.get("sample").and_then(|n| n.parse().ok()),
@@ -561,7 +569,22 @@ async fn admin(
                 .ok_or_else(|| bad_request("the image parameter is required"))?;
             let r = crate::reference::ImageRef::parse(image)?;
             let route = app.route(&r.name, None)?;
-            let reference = r.reference().to_string();
+            let reference = r.reference();
+            if method == Method::POST {
+                // Through the cache, so that an image not cached yet is fetched; one that does
+                // not exist (or cannot be had now) is not pinned.
+                app.cache
+                    .manifest(&route, &reference, Accept::ALL)
+                    .await
+                    .map_err(|e| {
+                        let e = cache_error(e, Object::Manifest);
+                        ApiError {
+                            message: format!("cannot pin {image}: {}", e.message),
+                            ..e
+                        }
+                    })?;
+            }
+            let reference = reference.to_string();
             let store = &app.cache.store;
             let changed = if method == Method::POST {
                 store.pin(&route.key(), &reference).map(|()| true)
@@ -572,12 +595,68 @@ async fn admin(
             let body = serde_json::json!({ "image": image, "changed": changed });
             Ok(json_response(&body, false, "application/json"))
         }
+        (_, "gc" | "verify" | "pins") => {
+            let allow = if path == "pins" {
+                "GET, POST, DELETE"
+            } else {
+                "POST"
+            };
+            let mut resp = ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "UNSUPPORTED",
+                format!("{method} {}: use {allow}", req.uri().path()),
+            )
+            .into_response(method == Method::HEAD);
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allow));
+            Ok(resp)
+        }
         _ => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "UNSUPPORTED",
             format!("no such operator endpoint: {method} {}", req.uri().path()),
         )),
     }
+}
+
+/// Refuses an operator request that a web page could have made a browser send: one with an
+/// `Origin` header (every cross-origin request and every browser `POST` has one), one without
+/// [`OPERATOR_HEADER`] (which a page can add only after a preflight), and one whose `Host` is a
+/// DNS name (a page on a name rebound to 127.0.0.1 is same-origin and may add headers to a `GET`,
+/// but its `Host` still names it).
+fn operator_request(headers: &HeaderMap) -> Result<(), ApiError> {
+    let denied = |m: String| ApiError::new(StatusCode::FORBIDDEN, "DENIED", m);
+    if headers.contains_key(header::ORIGIN) {
+        return Err(denied(
+            "operator endpoints refuse requests with an Origin header (sent by web pages)".into(),
+        ));
+    }
+    if !headers.contains_key(OPERATOR_HEADER) {
+        return Err(denied(format!(
+            "operator requests need the header {OPERATOR_HEADER} (regcache gc, verify and pin \
+             send it)"
+        )));
+    }
+    if let Some(host) = headers.get(header::HOST) {
+        let host = host.to_str().unwrap_or("");
+        if !address_host(host) {
+            return Err(denied(format!(
+                "operator requests must name the server by address (127.0.0.1, [::1]) or \
+                 localhost, not Host {host:?}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Whether a `Host` header is an IP address or `localhost` (any port): no DNS name that a web
+/// page could have pointed at this machine.
+fn address_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split_once(']').map_or("", |(ip, _)| ip),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok()
 }
 
 /// Handles one request (never fails: errors become OCI error responses).
@@ -710,11 +789,31 @@ async fn check_access(
         let given = req.headers().get(header::AUTHORIZATION);
         match app
             .auth
-            .check(htpasswd, given.map(HeaderValue::as_bytes))
+            .check(htpasswd, given.map(HeaderValue::as_bytes), peer.ip())
             .await
         {
-            Some(u) => *user = Some(u),
-            None => {
+            Verdict::Allowed(u) => *user = Some(u),
+            // 429, not 401: the credentials were not checked, so "wrong password" would not be
+            // true. Clients treat both as a failed pull.
+            Verdict::Limited { retry_after } => {
+                let secs =
+                    (retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0)).max(1);
+                return Err((
+                    ApiError {
+                        retry_after: Some(format!("{secs}")),
+                        ..ApiError::new(
+                            StatusCode::TOO_MANY_REQUESTS,
+                            "TOOMANYREQUESTS",
+                            format!(
+                                "too many failed logins from this address; the credentials were \
+                                 not checked; retry in {secs} s"
+                            ),
+                        )
+                    },
+                    "auth_rate",
+                ));
+            }
+            Verdict::Refused => {
                 let message = if given.is_some() {
                     "wrong user name or password"
                 } else {
@@ -939,9 +1038,9 @@ async fn blob(
                 BodyExt::boxed(StreamBody::new(s))
             }
         },
-        BlobSource::Fill(f) => {
+        BlobSource::Fill(reader) => {
             let lane = lane.map(|l| Arc::clone(&l.0));
-            channel_body(cache::stream_fill(f, lane, start, end))
+            channel_body(cache::stream_fill(reader, lane, start, end))
         }
         BlobSource::Empty => empty(),
     };
@@ -1359,6 +1458,41 @@ mod tests {
         assert!(parse_n(Some("+5"), MAX_PAGE).is_err());
         assert_eq!(parse_n(Some("5"), 5).ok(), Some(Some(5)));
         assert!(parse_n(Some("6"), 5).is_err());
+    }
+
+    #[test]
+    fn operator_requests_name_the_server_by_address() {
+        for ok in [
+            "127.0.0.1:5000",
+            "127.0.0.1",
+            "[::1]:5000",
+            "[::1]",
+            "localhost:5000",
+            "LOCALHOST",
+            "0.0.0.0:5000",
+        ] {
+            assert!(address_host(ok), "{ok}");
+        }
+        for bad in [
+            "rebind.example:5000",
+            "rebind.example",
+            "[::1",
+            "",
+            "127.0.0.1.nip.io:80",
+        ] {
+            assert!(!address_host(bad), "{bad}");
+        }
+        let mut h = HeaderMap::new();
+        assert!(operator_request(&h).is_err(), "no operator header");
+        h.insert(OPERATOR_HEADER, HeaderValue::from_static("1"));
+        assert!(operator_request(&h).is_ok());
+        h.insert(header::HOST, HeaderValue::from_static("127.0.0.1:5000"));
+        assert!(operator_request(&h).is_ok());
+        h.insert(header::ORIGIN, HeaderValue::from_static("null"));
+        assert!(operator_request(&h).is_err(), "an Origin");
+        h.remove(header::ORIGIN);
+        h.insert(header::HOST, HeaderValue::from_static("evil.example"));
+        assert!(operator_request(&h).is_err(), "a DNS name");
     }
 
     #[test]

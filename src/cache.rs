@@ -6,10 +6,11 @@
 //! grows, and the last byte of every response is held back until the digest has been verified, so
 //! a client never receives a complete body that is wrong.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::future::Future;
 use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,7 +22,7 @@ use crate::bucket::{or_without, upstream_id, Bucket};
 use crate::media::{self, Accept, Negotiated};
 use crate::metrics::Metrics;
 use crate::reference::{Digest, Reference, RepoName, Tag};
-use crate::store::{now_millis, RepoKey, Store, StoreError, TempBlob};
+use crate::store::{now_millis, Hold, RepoKey, Store, StoreError, TempBlob};
 use crate::upstream::{media_type_from_body, Upstream, UpstreamError};
 
 /// Size of the chunks read from files and sent to clients.
@@ -32,6 +33,9 @@ const WRITE_BATCH: usize = 1 << 20;
 const HASH_AHEAD: usize = 16;
 /// How many times a broken upstream blob stream is resumed with a `Range` request.
 const RESUME_ATTEMPTS: u32 = 3;
+/// What a fill on a full disk that streams the blob through (the memory budget is used up) keeps
+/// ahead of its slowest reader, besides the batch it has just received.
+const THROUGH_WINDOW: u64 = 2 * WRITE_BATCH as u64;
 
 /// Why the cache could not answer.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -141,13 +145,26 @@ pub enum FillState {
 
 /// A blob being fetched from the upstream into a temporary file.
 pub struct Fill {
-    file: File,
+    /// Its key in `Cache::fills`.
+    key: String,
+    /// The temporary file, for the readers that join; `None` once none can.
+    file: Mutex<Option<File>>,
     state: watch::Receiver<FillState>,
     /// Set when the disk filled up mid-fill: the file holds the bytes before `disk_len`, memory
     /// the rest, and the blob is served to its clients without being cached.
     tail: Mutex<Option<MemoryTail>>,
     /// Set when the bytes come from the shared bucket rather than the upstream.
-    from_bucket: std::sync::atomic::AtomicBool,
+    from_bucket: AtomicBool,
+    /// The readers, by id, each with the position it has sent up to.
+    readers: Mutex<HashMap<u64, u64>>,
+    next_reader: AtomicU64,
+    /// Set when a fill on a full disk has used up the memory budget: it then keeps only what its
+    /// readers have not sent yet, and no one can join it.
+    through: AtomicBool,
+    /// Woken when a reader moves on or leaves (a fill streaming through waits for its readers).
+    progress: tokio::sync::Notify,
+    /// Set when the fill's task has ended, however it ended.
+    ended: AtomicBool,
 }
 
 /// A write to the shared bucket.
@@ -187,22 +204,158 @@ enum Source {
 
 struct MemoryTail {
     disk_len: u64,
-    /// Chunks after `disk_len`, with the offset each starts at.
-    chunks: Vec<(u64, Bytes)>,
+    /// Chunks after `disk_len`, with the offset each starts at (from the first one a reader
+    /// still needs, once the fill streams through).
+    chunks: VecDeque<(u64, Bytes)>,
+    /// Bytes in `chunks`, counted in `memory`.
     bytes: u64,
+    memory: Arc<FillMemory>,
 }
 
-/// The most a fill on a full disk keeps in memory for its clients before giving up.
-const MAX_MEMORY_TAIL: u64 = 1 << 30;
+impl MemoryTail {
+    /// Keeps `chunk`, which starts at `at` (and was counted in `memory`).
+    fn push(&mut self, at: u64, chunk: Bytes) {
+        self.bytes += chunk.len() as u64;
+        self.chunks.push_back((at, chunk));
+    }
+
+    /// Drops the chunks that end at or before `pos`.
+    fn drop_before(&mut self, pos: u64) {
+        let mut freed = 0;
+        while let Some((start, c)) = self.chunks.front() {
+            if start + c.len() as u64 > pos {
+                break;
+            }
+            freed += c.len() as u64;
+            self.chunks.pop_front();
+        }
+        self.bytes -= freed;
+        self.memory.give_back(freed);
+    }
+}
+
+impl Drop for MemoryTail {
+    fn drop(&mut self) {
+        self.memory.give_back(self.bytes);
+    }
+}
+
+/// The memory that fills on a full disk hold, all of them together, and its budget
+/// (`limits.fill_memory`).
+pub(crate) struct FillMemory {
+    used: AtomicU64,
+    limit: AtomicU64,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl FillMemory {
+    /// Counts `n` more bytes if they fit in the budget.
+    fn try_take(&self, n: u64) -> bool {
+        let limit = self.limit.load(Ordering::Relaxed);
+        let fits = self
+            .used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                u.checked_add(n).filter(|t| *t <= limit)
+            })
+            .is_ok();
+        self.publish();
+        fits
+    }
+
+    /// Counts `n` more bytes, over the budget if need be (a fill streaming through).
+    fn take(&self, n: u64) {
+        self.used.fetch_add(n, Ordering::Relaxed);
+        self.publish();
+    }
+
+    fn give_back(&self, n: u64) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                Some(u.saturating_sub(n))
+            });
+        self.publish();
+    }
+
+    fn publish(&self) {
+        let used = self.used.load(Ordering::Relaxed);
+        self.gauge.set(i64::try_from(used).unwrap_or(i64::MAX));
+    }
+}
 
 /// Where a blob response's bytes come from.
 pub enum BlobSource {
     /// A committed file, held against eviction while it is read.
     File(File, crate::store::Hold),
     /// A fill in progress (or just finished).
-    Fill(Arc<Fill>),
+    Fill(FillReader),
     /// Nothing to send (HEAD).
     Empty,
+}
+
+/// One client's place in a fill, from the moment it joins until its body ends: the fill keeps
+/// what this reader has not sent yet, and the blob is held against eviction (the fill may commit
+/// it while the reader is still sending it).
+pub struct FillReader {
+    cache: Arc<Cache>,
+    fill: Arc<Fill>,
+    id: u64,
+    /// The reader's own descriptor of the temporary file.
+    file: Option<File>,
+    hold: Option<Hold>,
+}
+
+impl FillReader {
+    /// Waits until the fill is done, returning its size.
+    pub async fn wait_done(&self) -> Result<u64, CacheError> {
+        self.fill.wait_done().await
+    }
+
+    /// Notes that everything before `pos` has been sent. `false`: the fill has let this reader
+    /// go (it read nothing for the upstream's `idle_timeout` while the others waited for it).
+    fn advance(&self, pos: u64) -> bool {
+        let kept = match lock(&self.fill.readers).get_mut(&self.id) {
+            Some(p) => {
+                *p = pos;
+                true
+            }
+            None => false,
+        };
+        if self.fill.through.load(Ordering::Relaxed) {
+            self.fill.trim();
+        }
+        self.fill.progress.notify_one();
+        kept
+    }
+}
+
+impl Drop for FillReader {
+    fn drop(&mut self) {
+        lock(&self.fill.readers).remove(&self.id);
+        self.fill.trim();
+        self.fill.progress.notify_one();
+        self.cache.settle(&self.fill);
+    }
+}
+
+/// The fill task's claim on the fill's place in `Cache::fills`: when the task ends, however it
+/// ends (a panic included), the fill leaves the map unless readers should still join it, so that
+/// the next request starts a new fill instead of joining one that will never finish.
+struct FillTask {
+    cache: Arc<Cache>,
+    fill: Arc<Fill>,
+}
+
+impl Drop for FillTask {
+    fn drop(&mut self) {
+        self.fill.ended.store(true, Ordering::Relaxed);
+        self.cache.settle(&self.fill);
+    }
+}
+
+/// Locks `m`, ignoring poisoning (what it guards stays consistent across a panic).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A blob ready to serve.
@@ -217,6 +370,19 @@ type Flight<T> = Shared<BoxFuture<'static, Result<T, CacheError>>>;
 /// Runs one future per key at a time; callers with the same key share its result.
 struct Flights<T: Clone> {
     map: Arc<Mutex<HashMap<String, Flight<T>>>>,
+}
+
+/// Takes a flight's key out of the map when the flight's task ends, however it ends (a panic
+/// included), so that the next request starts a new flight instead of sharing a failed one.
+struct Landing<T: Clone> {
+    map: Arc<Mutex<HashMap<String, Flight<T>>>>,
+    key: String,
+}
+
+impl<T: Clone> Drop for Landing<T> {
+    fn drop(&mut self) {
+        lock(&self.map).remove(&self.key);
+    }
 }
 
 impl<T: Clone + Send + Sync + 'static> Flights<T> {
@@ -237,13 +403,14 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
                 (f.clone(), true)
             } else {
                 let fut = make();
-                let map2 = Arc::clone(&self.map);
-                let key2 = key.clone();
+                let landing = Landing {
+                    map: Arc::clone(&self.map),
+                    key: key.clone(),
+                };
                 // Spawned so that a client hanging up does not cancel the work others wait for.
                 let handle = tokio::spawn(async move {
-                    let r = fut.await;
-                    map2.lock().unwrap_or_else(|p| p.into_inner()).remove(&key2);
-                    r
+                    let _landing = landing;
+                    fut.await
                 });
                 let shared = async move {
                     handle
@@ -270,6 +437,8 @@ pub struct Cache {
     fill_slots: Mutex<(Arc<tokio::sync::Semaphore>, usize)>,
     /// How long a new fill waits for a slot (`limits.fill_wait`), in milliseconds.
     fill_wait_ms: std::sync::atomic::AtomicU64,
+    /// What fills on a full disk hold in memory (`limits.fill_memory`).
+    fill_memory: Arc<FillMemory>,
     pub metrics: Arc<Metrics>,
     /// The shared tier, when `[store.s3]` is configured.
     pub bucket: Option<Arc<Bucket>>,
@@ -518,6 +687,11 @@ impl Cache {
             fills: Mutex::new(HashMap::new()),
             fill_slots: Mutex::new((Arc::new(tokio::sync::Semaphore::new(64)), 64)),
             fill_wait_ms: std::sync::atomic::AtomicU64::new(30_000),
+            fill_memory: Arc::new(FillMemory {
+                used: AtomicU64::new(0),
+                limit: AtomicU64::new(crate::config::LimitsConfig::default().fill_memory),
+                gauge: metrics.fill_memory.clone(),
+            }),
             metrics,
             bucket: None,
             bucket_bad: Mutex::new(std::collections::HashSet::new()),
@@ -525,9 +699,11 @@ impl Cache {
         }
     }
 
-    /// Sets how many blob fills may run at once and how long a new one waits for a slot. A new
-    /// size takes effect for fills started from now on.
-    pub fn set_fill_limits(&self, max: usize, wait: Duration) {
+    /// Sets how many blob fills may run at once, how long a new one waits for a slot, and how
+    /// much memory fills on a full disk may hold for later clients to join. A new number of fills
+    /// takes effect for fills started from now on, a new budget for the next bytes kept.
+    pub fn set_fill_limits(&self, max: usize, wait: Duration, memory: u64) {
+        self.fill_memory.limit.store(memory, Ordering::Relaxed);
         let mut slots = self.fill_slots.lock().unwrap_or_else(|p| p.into_inner());
         if slots.1 != max {
             *slots = (Arc::new(tokio::sync::Semaphore::new(max)), max);
@@ -1118,12 +1294,20 @@ impl Cache {
             });
         }
         let fill_key = format!("{}/{}@{}", key.upstream, key.repo, d);
-        let existing = self
-            .fills
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&fill_key)
-            .cloned();
+        let existing = {
+            let fills = lock(&self.fills);
+            match fills.get(&fill_key) {
+                Some(f) => {
+                    let reader = if want_body {
+                        Some(self.attach(f, d)?)
+                    } else {
+                        None
+                    };
+                    Some((Arc::clone(f), reader))
+                }
+                None => None,
+            }
+        };
         if !want_body && existing.is_none() {
             if let Some(size) = self.shared_blob_size(route, d).await? {
                 return Ok(Blob {
@@ -1133,8 +1317,8 @@ impl Cache {
                 });
             }
         }
-        let (fill, mut outcome) = match existing {
-            Some(f) => (f, Outcome::Coalesced),
+        let (fill, reader, mut outcome) = match existing {
+            Some((f, reader)) => (f, reader, Outcome::Coalesced),
             None if !want_body => {
                 // A HEAD of a blob nobody is fetching: start the fill if a slot is free (so a
                 // HEAD through a chain of mirrors fills each of them), else just ask.
@@ -1146,7 +1330,7 @@ impl Cache {
                     .clone()
                     .try_acquire_owned();
                 match slot {
-                    Ok(slot) => self.start_fill(route, d, fill_key, slot)?,
+                    Ok(slot) => self.start_fill(route, d, fill_key, slot, false)?,
                     Err(_) => {
                         let size = route.upstream.head_blob(&route.repo, d).await?;
                         return Ok(Blob {
@@ -1159,19 +1343,18 @@ impl Cache {
             }
             None => {
                 let slot = self.fill_slot().await?;
-                self.start_fill(route, d, fill_key, slot)?
+                self.start_fill(route, d, fill_key, slot, true)?
             }
         };
         let size = fill.wait_started().await?;
-        if outcome == Outcome::Miss && fill.from_bucket.load(std::sync::atomic::Ordering::Relaxed) {
+        if outcome == Outcome::Miss && fill.from_bucket.load(Ordering::Relaxed) {
             outcome = Outcome::Shared;
         }
         Ok(Blob {
             size,
-            source: if want_body {
-                BlobSource::Fill(fill)
-            } else {
-                BlobSource::Empty
+            source: match reader {
+                Some(r) => BlobSource::Fill(r),
+                None => BlobSource::Empty,
             },
             outcome,
         })
@@ -1243,13 +1426,14 @@ impl Cache {
     }
 
     /// Opens the blob's bytes from `offset`: the bucket's copy when it may serve `route` and
-    /// holds it, else the upstream.
+    /// holds it, else the upstream. `total`: the blob's size, when known.
     async fn open_source(
         &self,
         route: &Route,
         d: &Digest,
         offset: u64,
         bucket: bool,
+        total: Option<u64>,
     ) -> Result<(Source, Option<u64>), CacheError> {
         if bucket {
             if let Some(b) = self.bucket_for_blob(route, d).await? {
@@ -1258,7 +1442,10 @@ impl Cache {
                 }
             }
         }
-        let resp = route.upstream.get_blob(&route.repo, d, offset).await?;
+        let resp = route
+            .upstream
+            .get_blob(&route.repo, d, offset, total)
+            .await?;
         let size = resp.content_length();
         Ok((Source::Upstream(resp), size))
     }
@@ -1291,18 +1478,59 @@ impl Cache {
         }
     }
 
-    /// Starts (or joins, if one raced us) the fill of `d` for `route`; the fill holds `slot`
-    /// until it ends.
+    /// A new reader of `fill`, which must be in `Cache::fills` (so that it still holds every
+    /// byte) while `fills` is locked. Nothing may fail after it is made under that lock: its drop
+    /// locks `fills`.
+    fn attach(self: &Arc<Self>, fill: &Arc<Fill>, d: &Digest) -> Result<FillReader, CacheError> {
+        let file = match lock(&fill.file).as_ref() {
+            Some(f) => Some(
+                f.try_clone()
+                    .map_err(|e| CacheError::Store(format!("dup temporary file: {e}")))?,
+            ),
+            None => None,
+        };
+        let id = fill.next_reader.fetch_add(1, Ordering::Relaxed);
+        lock(&fill.readers).insert(id, 0);
+        Ok(FillReader {
+            cache: Arc::clone(self),
+            fill: Arc::clone(fill),
+            id,
+            file,
+            hold: Some(self.store.hold(d)),
+        })
+    }
+
+    /// Takes `fill` out of `Cache::fills` once nothing needs it there: its task has ended, and
+    /// it is not a blob held in memory on a full disk that clients are still reading (later
+    /// requests join that one rather than fetch the blob again).
+    fn settle(&self, fill: &Arc<Fill>) {
+        let mut fills = lock(&self.fills);
+        let listed = fills.get(&fill.key).is_some_and(|f| Arc::ptr_eq(f, fill));
+        if listed && fill.ended.load(Ordering::Relaxed) && !fill.kept_for_joiners() {
+            fills.remove(&fill.key);
+            lock(&fill.file).take();
+        }
+    }
+
+    /// Starts (or joins, if one raced us) the fill of `d` for `route`, with a reader if the
+    /// request wants the body; the fill holds `slot` until it ends.
     fn start_fill(
         self: &Arc<Self>,
         route: &Route,
         d: &Digest,
         fill_key: String,
         slot: tokio::sync::OwnedSemaphorePermit,
-    ) -> Result<(Arc<Fill>, Outcome), CacheError> {
-        let mut fills = self.fills.lock().unwrap_or_else(|p| p.into_inner());
+        want_body: bool,
+    ) -> Result<(Arc<Fill>, Option<FillReader>, Outcome), CacheError> {
+        let mut fills = lock(&self.fills);
         if let Some(f) = fills.get(&fill_key) {
-            return Ok((Arc::clone(f), Outcome::Coalesced));
+            let f = Arc::clone(f);
+            let reader = if want_body {
+                Some(self.attach(&f, d)?)
+            } else {
+                None
+            };
+            return Ok((f, reader, Outcome::Coalesced));
         }
         let temp = self.store.temp_blob()?;
         let read = temp
@@ -1311,21 +1539,25 @@ impl Cache {
             .try_clone()
             .map_err(|e| CacheError::Store(format!("dup temporary file: {e}")))?;
         let (tx, rx) = watch::channel(FillState::Connecting);
-        let fill = Arc::new(Fill {
-            file: read,
-            state: rx,
-            tail: Mutex::new(None),
-            from_bucket: std::sync::atomic::AtomicBool::new(false),
-        });
-        fills.insert(fill_key.clone(), Arc::clone(&fill));
+        let fill = Arc::new(Fill::new(fill_key.clone(), read, rx));
+        let reader = if want_body {
+            Some(self.attach(&fill, d)?)
+        } else {
+            None
+        };
+        fills.insert(fill_key, Arc::clone(&fill));
         drop(fills);
+        let task = FillTask {
+            cache: Arc::clone(self),
+            fill: Arc::clone(&fill),
+        };
         let this = Arc::clone(self);
         let (route, d, fill2) = (route.clone(), d.clone(), Arc::clone(&fill));
         tokio::spawn(async move {
             let _slot = slot;
             let started = std::time::Instant::now();
             let result = this.run_fill(&route, &d, temp, &tx, &fill2).await;
-            let from_bucket = fill2.from_bucket.load(std::sync::atomic::Ordering::Relaxed);
+            let from_bucket = fill2.from_bucket.load(Ordering::Relaxed);
             if from_bucket
                 && matches!(
                     result,
@@ -1364,23 +1596,29 @@ impl Cache {
                         .inc();
                 }
             }
-            // Remove before publishing the outcome, so that later requests see the store.
-            this.fills
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&fill_key);
+            let in_memory = lock(&fill2.tail).is_some();
             match result {
+                Ok(size) if in_memory => {
+                    // Done first: the fill stays in the map while clients read it from memory,
+                    // for later requests to join.
+                    tx.send_replace(FillState::Done { size });
+                    drop(task);
+                }
                 Ok(size) => {
+                    // Out of the map before publishing the outcome, so that later requests see
+                    // the store.
+                    drop(task);
                     tracing::debug!(upstream = route.upstream.name(), digest = %d, size, "blob committed");
                     tx.send_replace(FillState::Done { size });
                 }
                 Err(e) => {
+                    drop(task);
                     tracing::warn!(upstream = route.upstream.name(), repo = %route.repo, digest = %d, error = %e, "blob fill failed");
                     tx.send_replace(FillState::Failed(e));
                 }
             }
         });
-        Ok((fill, Outcome::Miss))
+        Ok((fill, reader, Outcome::Miss))
     }
 
     /// Downloads, hashes and commits one blob; returns its size.
@@ -1390,13 +1628,12 @@ impl Cache {
         d: &Digest,
         temp: TempBlob,
         tx: &watch::Sender<FillState>,
-        fill: &Fill,
+        fill: &Arc<Fill>,
     ) -> Result<u64, CacheError> {
         let up = &route.upstream;
-        let (mut source, size) = self.open_source(route, d, 0, true).await?;
+        let (mut source, size) = self.open_source(route, d, 0, true, None).await?;
         let from_bucket = matches!(source, Source::Bucket(_));
-        fill.from_bucket
-            .store(from_bucket, std::sync::atomic::Ordering::Relaxed);
+        fill.from_bucket.store(from_bucket, Ordering::Relaxed);
         tx.send_replace(FillState::Streaming { size, written: 0 });
         // The hash runs on its own blocking thread, fed batch by batch: a batch is published to
         // the readers once written, without waiting for its hash (only the last byte waits for
@@ -1411,6 +1648,7 @@ impl Cache {
             }
             hasher
         });
+        // The temporary file; `None` once the disk is full (the blob then goes on in memory).
         let mut state = Some(temp);
         let mut written: u64 = 0;
         let mut resumes = 0;
@@ -1429,7 +1667,7 @@ impl Cache {
                     // The stream broke (or ended early): ask for the rest.
                     resumes += 1;
                     tracing::warn!(upstream = up.name(), digest = %d, written, attempt = resumes, "blob stream broke; resuming with Range");
-                    source = self.open_source(route, d, written, false).await?.0;
+                    source = self.open_source(route, d, written, false, size).await?.0;
                     continue;
                 }
                 Ok(None) => {
@@ -1468,53 +1706,55 @@ impl Cache {
                     actual: written + len,
                 });
             }
-            let mut temp = state
-                .take()
-                .ok_or_else(|| CacheError::Internal("fill state lost".into()))?;
+            // On a full disk the batch is kept in memory, as a copy of its own.
+            let kept = state.is_none().then(|| own_copy(&parts, len));
+            let hashed = match &kept {
+                Some(chunk) => vec![chunk.clone()],
+                None => parts.clone(),
+            };
             hash_tx
-                .send(parts.clone())
+                .send(hashed)
                 .await
                 .map_err(|_| CacheError::Internal("hash task ended early".into()))?;
-            let on_disk = fill
-                .tail
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .is_none();
-            if on_disk {
-                let (t, result) = tokio::task::spawn_blocking(move || {
-                    let r = temp.write_all_parts(&parts).map_err(|e| (e, parts));
-                    (temp, r)
-                })
-                .await
-                .map_err(|e| CacheError::Internal(format!("write task: {e}")))?;
-                temp = t;
-                if let Err((e, parts)) = result {
-                    if !crate::store::is_disk_full(&e) {
-                        return Err(CacheError::Store(format!("writing temporary blob: {e}")));
+            match (state.take(), kept) {
+                (Some(temp), _) => {
+                    let (temp, result) = tokio::task::spawn_blocking(move || {
+                        let mut temp = temp;
+                        let r = temp.write_all_parts(&parts).map_err(|e| (e, parts));
+                        (temp, r)
+                    })
+                    .await
+                    .map_err(|e| CacheError::Internal(format!("write task: {e}")))?;
+                    match result {
+                        Ok(()) => state = Some(temp),
+                        Err((e, parts)) if crate::store::is_disk_full(&e) => {
+                            // Disk full: keep serving this fill's clients from memory, cache
+                            // nothing. The temporary file goes at once; its bytes stay readable
+                            // through the descriptors of the readers that still need them.
+                            drop(temp);
+                            self.store.set_full(true);
+                            tracing::warn!(digest = %d, at = written, "disk full during a fill: serving it from memory without caching");
+                            *lock(&fill.tail) = Some(MemoryTail {
+                                disk_len: written,
+                                chunks: VecDeque::new(),
+                                bytes: 0,
+                                memory: Arc::clone(&self.fill_memory),
+                            });
+                            let chunk = own_copy(&parts, len);
+                            drop(parts);
+                            self.keep_in_memory(up, d, fill, written, chunk).await?;
+                        }
+                        Err((e, _)) => {
+                            return Err(CacheError::Store(format!("writing temporary blob: {e}")))
+                        }
                     }
-                    // Disk full: keep serving this fill's clients from memory, cache nothing.
-                    self.store.set_full(true);
-                    tracing::warn!(digest = %d, at = written, "disk full during a fill: streaming through without caching");
-                    let chunks = at_offsets(written, parts).collect();
-                    *fill.tail.lock().unwrap_or_else(|p| p.into_inner()) = Some(MemoryTail {
-                        disk_len: written,
-                        bytes: len,
-                        chunks,
-                    });
                 }
-            } else {
-                let mut tail = fill.tail.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(t) = tail.as_mut() {
-                    t.bytes += len;
-                    if t.bytes > MAX_MEMORY_TAIL {
-                        return Err(CacheError::Store(
-                            "disk full and the blob is too large to stream from memory".into(),
-                        ));
-                    }
-                    t.chunks.extend(at_offsets(written, parts));
+                (None, Some(chunk)) => {
+                    drop(parts);
+                    self.keep_in_memory(up, d, fill, written, chunk).await?;
                 }
+                (None, None) => return Err(CacheError::Internal("fill state lost".into())),
             }
-            state = Some(temp);
             written += len;
             if matches!(source, Source::Upstream(_)) {
                 self.metrics
@@ -1524,9 +1764,6 @@ impl Cache {
             }
             tx.send_replace(FillState::Streaming { size, written });
         }
-        let temp = state
-            .take()
-            .ok_or_else(|| CacheError::Internal("fill state lost".into()))?;
         drop(hash_tx);
         let actual = hashing
             .await
@@ -1539,15 +1776,10 @@ impl Cache {
                 actual: actual.to_string(),
             });
         }
-        if fill
-            .tail
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
-        {
+        let Some(temp) = state else {
             tracing::info!(digest = %d, size = written, "blob served without caching (disk full)");
             return Ok(written);
-        }
+        };
         // Verified: the clients may have their last byte now, while the commit (fsync, rename,
         // database) proceeds; they read the file through descriptors the commit does not touch.
         tx.send_replace(FillState::Done { size: written });
@@ -1573,6 +1805,71 @@ impl Cache {
             }
         }
         Ok(written)
+    }
+}
+
+impl Cache {
+    /// Keeps `chunk` (at `at`) of a fill on a full disk in memory for its readers.
+    /// Within `limits.fill_memory` (all fills together) the fill keeps the whole blob, so that
+    /// later requests can join it. Past it, the fill streams the blob through: it leaves the map
+    /// (later requests start their own fill), keeps only what its readers have not sent yet, and
+    /// reads on from the upstream only when its slowest reader is less than
+    /// [`THROUGH_WINDOW`] behind.
+    async fn keep_in_memory(
+        &self,
+        up: &Upstream,
+        d: &Digest,
+        fill: &Arc<Fill>,
+        at: u64,
+        chunk: Bytes,
+    ) -> Result<(), CacheError> {
+        let len = chunk.len() as u64;
+        if !fill.through.load(Ordering::Relaxed) {
+            if self.fill_memory.try_take(len) {
+                if let Some(t) = lock(&fill.tail).as_mut() {
+                    t.push(at, chunk);
+                }
+                return Ok(());
+            }
+            self.stream_through(fill);
+            tracing::warn!(digest = %d, at, readers = lock(&fill.readers).len(), "disk full and limits.fill_memory used up: streaming the blob through to its clients without keeping it");
+        }
+        let idle = up.config.idle_timeout;
+        loop {
+            if lock(&fill.readers).is_empty() {
+                return Err(CacheError::Store(
+                    "disk full and no client is reading the blob any more".into(),
+                ));
+            }
+            fill.trim();
+            let kept = lock(&fill.tail).as_ref().map_or(0, |t| t.bytes);
+            if kept <= THROUGH_WINDOW {
+                break;
+            }
+            if tokio::time::timeout(idle, fill.progress.notified())
+                .await
+                .is_err()
+            {
+                let n = fill.let_slowest_go();
+                tracing::warn!(digest = %d, readers = n, "a client of a blob streamed through a full disk read nothing for {idle:?}: ending its body so that the others go on");
+            }
+        }
+        self.fill_memory.take(len);
+        if let Some(t) = lock(&fill.tail).as_mut() {
+            t.push(at, chunk);
+        }
+        Ok(())
+    }
+
+    /// Makes a fill on a full disk stream through: out of the map, so no one joins it any more,
+    /// and without its own descriptor of the temporary file.
+    fn stream_through(&self, fill: &Arc<Fill>) {
+        let mut fills = lock(&self.fills);
+        if fills.get(&fill.key).is_some_and(|f| Arc::ptr_eq(f, fill)) {
+            fills.remove(&fill.key);
+        }
+        fill.through.store(true, Ordering::Relaxed);
+        lock(&fill.file).take();
     }
 }
 
@@ -1767,9 +2064,64 @@ impl Cache {
 }
 
 impl Fill {
+    fn new(key: String, file: File, state: watch::Receiver<FillState>) -> Fill {
+        Fill {
+            key,
+            file: Mutex::new(Some(file)),
+            state,
+            tail: Mutex::new(None),
+            from_bucket: AtomicBool::new(false),
+            readers: Mutex::new(HashMap::new()),
+            next_reader: AtomicU64::new(0),
+            through: AtomicBool::new(false),
+            progress: tokio::sync::Notify::new(),
+            ended: AtomicBool::new(false),
+        }
+    }
+
+    /// Where the memory tail starts, once the disk is full.
+    fn disk_len(&self) -> Option<u64> {
+        lock(&self.tail).as_ref().map(|t| t.disk_len)
+    }
+
+    /// A finished fill whose blob is in memory (disk full), whole, and still being read: later
+    /// requests for the blob join it.
+    fn kept_for_joiners(&self) -> bool {
+        let done = matches!(*self.state.borrow(), FillState::Done { .. });
+        let in_memory = lock(&self.tail).is_some();
+        let read = !lock(&self.readers).is_empty();
+        done && in_memory && read && !self.through.load(Ordering::Relaxed)
+    }
+
+    /// Once the fill streams through: drops the chunks that every reader has sent.
+    fn trim(&self) {
+        if !self.through.load(Ordering::Relaxed) {
+            return;
+        }
+        let upto = lock(&self.readers)
+            .values()
+            .min()
+            .copied()
+            .unwrap_or(u64::MAX);
+        if let Some(t) = lock(&self.tail).as_mut() {
+            t.drop_before(upto);
+        }
+    }
+
+    /// Lets the readers furthest behind go (their bodies end with an error); returns how many.
+    fn let_slowest_go(&self) -> usize {
+        let mut readers = lock(&self.readers);
+        let Some(min) = readers.values().min().copied() else {
+            return 0;
+        };
+        let before = readers.len();
+        readers.retain(|_, pos| *pos > min);
+        before - readers.len()
+    }
+
     /// Bytes at `pos` from the memory tail (`Ok`), or how many to read from the file (`Err`).
     fn memory_slice(&self, pos: u64, len: usize) -> Result<Bytes, usize> {
-        let tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+        let tail = lock(&self.tail);
         let Some(t) = tail.as_ref() else {
             return Err(len);
         };
@@ -1818,14 +2170,15 @@ impl Fill {
     }
 }
 
-/// Consecutive `parts` paired with their offsets, the first at `start`.
-fn at_offsets(start: u64, parts: Vec<Bytes>) -> impl Iterator<Item = (u64, Bytes)> {
-    let mut at = start;
-    parts.into_iter().map(move |p| {
-        let here = at;
-        at += p.len() as u64;
-        (here, p)
-    })
+/// `parts` (`len` bytes) copied into one buffer of their own. What a fill keeps in memory is
+/// copied out of the HTTP client's read buffers: keeping a slice would keep its whole buffer, and
+/// the memory held would be more than the memory counted against `limits.fill_memory`.
+fn own_copy(parts: &[Bytes], len: u64) -> Bytes {
+    let mut chunk = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    for p in parts {
+        chunk.extend_from_slice(p);
+    }
+    Bytes::from(chunk)
 }
 
 /// Reads the next `len` bytes of a file this stream owns (its own file position: the first read
@@ -1944,9 +2297,11 @@ pub fn stream_file(
 }
 
 /// Streams bytes `start..=end` of a blob being filled, as they arrive. The last byte is sent only
-/// once the fill has verified and committed the blob; a failed fill ends the stream with an error.
+/// once the fill has verified the blob (when the upstream did not announce the size, the last
+/// byte received so far is always held back, since any byte may be the last); a failed fill ends
+/// the stream with an error.
 pub fn stream_fill(
-    fill: Arc<Fill>,
+    mut reader: FillReader,
     lane: Option<Arc<crate::sendfile::Lane>>,
     start: u64,
     end: u64,
@@ -1954,11 +2309,19 @@ pub fn stream_fill(
     use crate::sendfile::{placeholder, read_range, Source, SEND_CHUNK};
     let (tx, rx) = mpsc::channel(2);
     tokio::spawn(async move {
+        let fill = Arc::clone(&reader.fill);
         let mut rx_state = fill.state.clone();
-        let source = match fill.file.try_clone() {
-            Ok(file) => Arc::new(Source { file, hold: None }),
-            Err(e) => {
-                let _ = tx.send(Err(e)).await;
+        // The reader's descriptor and its hold on the blob go with every range queued on the
+        // lane, until the range is sent.
+        let mut source = match reader.file.take() {
+            Some(file) => Some(Arc::new(Source {
+                file,
+                hold: reader.hold.take(),
+            })),
+            None => {
+                let _ = tx
+                    .send(Err(io::Error::other("the fill has no file to read")))
+                    .await;
                 return;
             }
         };
@@ -1966,10 +2329,30 @@ pub fn stream_fill(
         let step = if lane.is_some() { SEND_CHUNK } else { CHUNK };
         let mut pos = start;
         loop {
+            if !reader.advance(pos) {
+                let _ = tx
+                    .send(Err(io::Error::other(
+                        "this client fell too far behind a blob streamed through a full disk",
+                    )))
+                    .await;
+                return;
+            }
+            // Past the part of a fill on a full disk that went to its temporary file: let the
+            // file go, so that its space is freed once nobody needs it.
+            if source.is_some() && fill.disk_len().is_some_and(|l| pos >= l) {
+                source = None;
+            }
             let state = rx_state.borrow_and_update().clone();
             let (limit, done) = match state {
                 FillState::Connecting => (pos, false),
-                FillState::Streaming { written, .. } => (written.min(end), false),
+                FillState::Streaming {
+                    size: Some(_),
+                    written,
+                } => (written.min(end), false),
+                FillState::Streaming {
+                    size: None,
+                    written,
+                } => (written.saturating_sub(1).min(end), false),
                 // `end` is u64::MAX when the size was not announced: stop at the size.
                 FillState::Done { size } => (size.min(end.saturating_add(1)), true),
                 FillState::Failed(e) => {
@@ -1977,22 +2360,26 @@ pub fn stream_fill(
                     return;
                 }
             };
-            while pos < limit {
+            if pos < limit {
                 let len = step.min((limit - pos) as usize);
                 let read = match fill.memory_slice(pos, len) {
                     Ok(chunk) if !chunk.is_empty() => Ok(chunk),
-                    Err(len) if len > 0 => {
-                        let placed = lane
-                            .as_ref()
-                            .and_then(|l| placeholder(l, &source, pos, len));
-                        match placed {
-                            Some(p) => Ok(p),
-                            None => match read_cached(&source.file, pos, len) {
-                                Some(r) => r,
-                                None => read_range(Arc::clone(&source), pos, len.min(CHUNK)).await,
-                            },
+                    Err(len) if len > 0 => match &source {
+                        Some(source) => {
+                            let placed =
+                                lane.as_ref().and_then(|l| placeholder(l, source, pos, len));
+                            match placed {
+                                Some(p) => Ok(p),
+                                None => match read_cached(&source.file, pos, len) {
+                                    Some(r) => r,
+                                    None => {
+                                        read_range(Arc::clone(source), pos, len.min(CHUNK)).await
+                                    }
+                                },
+                            }
                         }
-                    }
+                        None => Err(io::Error::other(format!("fill has no file for byte {pos}"))),
+                    },
                     _ => Err(io::Error::other(format!("fill has no byte at {pos}"))),
                 };
                 match read {
@@ -2007,6 +2394,7 @@ pub fn stream_fill(
                         return;
                     }
                 }
+                continue;
             }
             if done || pos > end {
                 return;
@@ -2111,6 +2499,89 @@ mod tests {
             repo: None,
         };
         assert!(Share::from_record(bad, &store).is_none());
+    }
+
+    fn panics_inside_the_flight() -> Result<u32, CacheError> {
+        panic!("a bug inside the flight")
+    }
+
+    #[tokio::test]
+    async fn a_manifest_flight_that_panics_is_forgotten_and_the_next_request_starts_a_new_one() {
+        let flights = Flights::<u32>::new();
+        let (first, joined) = flights
+            .run("docker/library/alpine@3.20".into(), || async {
+                panics_inside_the_flight()
+            })
+            .await;
+        assert!(
+            matches!(first, Err(CacheError::Internal(_))) && !joined,
+            "the flight that panicked: {first:?}, joined {joined}"
+        );
+        let (second, joined) = flights
+            .run("docker/library/alpine@3.20".into(), || async { Ok(7) })
+            .await;
+        assert!(
+            matches!(second, Ok(7)) && !joined,
+            "the next request must start a flight of its own, not share the one that panicked: \
+             {second:?}, joined {joined}"
+        );
+    }
+
+    /// A cache on a fresh store in `dir`, and a route to an upstream that refuses connections.
+    fn cache_without_upstream(dir: &std::path::Path) -> (Arc<Cache>, Route) {
+        let store = Arc::new(Store::open(dir).expect("store"));
+        let metrics = Arc::new(Metrics::new());
+        let config = crate::config::Config::parse(
+            "[upstreams.docker]\nurl = \"http://127.0.0.1:9\"\n",
+            "test",
+            &crate::config::Overrides::default(),
+        )
+        .expect("config");
+        let upstream =
+            Upstream::new(config.upstreams[0].clone(), Arc::clone(&metrics)).expect("upstream");
+        let route = Route {
+            upstream,
+            repo: "library/alpine".parse().expect("repo"),
+        };
+        (Arc::new(Cache::new(store, 4 << 20, metrics)), route)
+    }
+
+    #[tokio::test]
+    async fn a_fill_task_that_panics_is_forgotten_and_the_next_request_starts_a_new_fill() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (cache, route) = cache_without_upstream(dir.path());
+        let d = Digest::sha256_of(b"layer");
+        let key = format!("docker/library/alpine@{d}");
+        // A fill listed the way `start_fill` lists it, whose task panics.
+        let (tx, rx) = watch::channel(FillState::Connecting);
+        let file = tempfile::tempfile().expect("temp file");
+        let fill = Arc::new(Fill::new(key.clone(), file, rx));
+        lock(&cache.fills).insert(key.clone(), Arc::clone(&fill));
+        let task = FillTask {
+            cache: Arc::clone(&cache),
+            fill,
+        };
+        let ended = tokio::spawn(async move {
+            let (_task, _tx) = (task, tx);
+            panics_inside_the_flight()
+        })
+        .await;
+        assert!(ended.is_err_and(|e| e.is_panic()));
+        assert!(
+            !lock(&cache.fills).contains_key(&key),
+            "the fill whose task panicked is still in the map"
+        );
+        // The next request starts a fill of its own, which fails for want of an upstream,
+        // instead of joining the dead one.
+        let e = cache
+            .blob(&route, &d, true)
+            .await
+            .err()
+            .expect("nothing listens on port 9");
+        assert!(
+            matches!(e, CacheError::Upstream(_)),
+            "the next request got {e:?}, not the upstream's error"
+        );
     }
 
     #[test]

@@ -136,6 +136,23 @@ fn init_logging(level: &str, format: LogFormat) {
     };
 }
 
+/// Reports a command line that does not parse (clap's message, exit 2), or prints `--help` and
+/// `--version` (exit 0). `prefetch --json` also gets its JSON error object on stdout.
+pub fn parse_error(e: clap::Error) -> ExitCode {
+    let _ = e.print();
+    if !e.use_stderr() {
+        return ExitCode::SUCCESS;
+    }
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).is_some_and(|a| a == "prefetch") && args.iter().any(|a| a == "--json") {
+        let rendered = e.render().to_string();
+        let first = rendered.lines().next().unwrap_or("invalid arguments");
+        let msg = first.strip_prefix("error: ").unwrap_or(first);
+        println!("{}", crate::prefetch::json_error(EXIT_USAGE, msg));
+    }
+    ExitCode::from(EXIT_USAGE)
+}
+
 /// Runs the parsed command line.
 pub fn main(cli: Cli) -> ExitCode {
     match cli.command {

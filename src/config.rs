@@ -205,6 +205,7 @@ pub struct RawLimits {
     pub header_read_timeout: Option<DurationValue>,
     pub max_fills: Option<usize>,
     pub fill_wait: Option<DurationValue>,
+    pub fill_memory: Option<ByteSize>,
     pub max_page: Option<usize>,
 }
 
@@ -223,6 +224,9 @@ pub struct LimitsConfig {
     pub max_fills: usize,
     /// How long a request waits for a fill slot before `503`.
     pub fill_wait: Duration,
+    /// Bytes that fills on a full disk may keep in memory, all together, so that later clients
+    /// of the same blob can join them; past it a fill streams its blob through.
+    pub fill_memory: u64,
     /// Largest `n` on tag lists and the catalog.
     pub max_page: usize,
 }
@@ -236,6 +240,7 @@ impl Default for LimitsConfig {
             header_read_timeout: Duration::from_secs(30),
             max_fills: 64,
             fill_wait: Duration::from_secs(30),
+            fill_memory: 256 << 20,
             max_page: 10_000,
         }
     }
@@ -730,6 +735,7 @@ fn validate_limits(raw: RawLimits) -> Result<LimitsConfig, String> {
             .map_or(d.header_read_timeout, |v| v.0),
         max_fills: raw.max_fills.unwrap_or(d.max_fills),
         fill_wait: raw.fill_wait.map_or(d.fill_wait, |v| v.0),
+        fill_memory: raw.fill_memory.map_or(d.fill_memory, |v| v.0),
         max_page: raw.max_page.unwrap_or(d.max_page),
     };
     if !(1..=1_000_000).contains(&limits.max_connections) {
@@ -751,6 +757,9 @@ fn validate_limits(raw: RawLimits) -> Result<LimitsConfig, String> {
     }
     if limits.fill_wait > Duration::from_secs(3600) {
         return Err("limits.fill_wait must be at most 1h".into());
+    }
+    if limits.fill_memory > 1 << 40 {
+        return Err("limits.fill_memory must be at most 1TiB".into());
     }
     if !(1..=1_000_000).contains(&limits.max_page) {
         return Err("limits.max_page must be from 1 to 1000000".into());
@@ -1262,7 +1271,8 @@ mod tests {
         assert_eq!(c.limits.max_page, 10_000);
         let c = parse(
             "[limits]\nmax_connections = 10\nmax_header_size = \"8KiB\"\nmax_uri_length = 1024\n\
-             header_read_timeout = \"2s\"\nmax_fills = 3\nfill_wait = 0\nmax_page = 50\n",
+             header_read_timeout = \"2s\"\nmax_fills = 3\nfill_wait = 0\nfill_memory = \"64MiB\"\n\
+             max_page = 50\n",
         )
         .expect("valid");
         assert_eq!(
@@ -1274,6 +1284,7 @@ mod tests {
                 header_read_timeout: Duration::from_secs(2),
                 max_fills: 3,
                 fill_wait: Duration::ZERO,
+                fill_memory: 64 << 20,
                 max_page: 50,
             }
         );
@@ -1283,6 +1294,7 @@ mod tests {
             ("[limits]\nmax_uri_length = 100000\n", "max_uri_length"),
             ("[limits]\nheader_read_timeout = 0\n", "header_read_timeout"),
             ("[limits]\nmax_fills = 0\n", "max_fills"),
+            ("[limits]\nfill_memory = \"2TiB\"\n", "fill_memory"),
             ("[limits]\nmax_page = 0\n", "max_page"),
             ("[limits]\nmax_conections = 1\n", "max_conections"),
         ] {

@@ -14,7 +14,9 @@ use http::HeaderValue;
 
 use crate::access::{Cidr, Htpasswd, RepoPattern};
 use crate::api::{self, Endpoint};
+use crate::dockerfile;
 use crate::media::{self, Accept, Kind};
+use crate::prefetch::Platform;
 use crate::reference::{Digest, ImageRef, Reference, RepoName, Tag, MAX_NAME_LEN, MAX_TAG_LEN};
 use crate::server::Routing;
 
@@ -342,6 +344,41 @@ pub fn accept(data: &[u8]) {
     let _ = media::schema1_payload(data);
 }
 
+/// Dockerfiles (what `prefetch --dockerfile` reads): reading one never panics, every image it
+/// yields is a valid reference with a platform that prints back to itself, and word expansion
+/// never panics either.
+pub fn dockerfile(data: &[u8]) {
+    let Some(text) = text(data) else { return };
+    let platform = |s: &str| Platform::parse(s).expect("a valid platform");
+    let (amd64, arm) = (platform("linux/amd64"), platform("linux/arm/v7"));
+    let vars: std::collections::HashMap<String, String> = [("V", "1.36"), ("EMPTY", "")]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    for target in [&amd64, &arm] {
+        let Ok(images) = dockerfile::images(text, &vars, target, &amd64) else {
+            continue;
+        };
+        for i in images {
+            assert!(
+                ImageRef::parse(&i.image).is_ok(),
+                "{:?} in {text:?}",
+                i.image
+            );
+            assert_eq!(
+                Platform::parse(&i.platform.to_string()).as_ref(),
+                Ok(&i.platform),
+                "{text:?}"
+            );
+        }
+    }
+    for line in text.lines().take(64) {
+        for escape in ['\\', '`'] {
+            let _ = dockerfile::expand(line, &vars, escape);
+        }
+    }
+}
+
 /// Client credentials and address lists: htpasswd files, `Authorization` headers, CIDRs.
 pub fn access(data: &[u8]) {
     let _ = crate::access::parse_basic(data);
@@ -648,6 +685,88 @@ mod tests {
     #[test]
     fn property_accept() {
         drive(accept, 13, 20_000);
+    }
+
+    /// Pieces of Dockerfiles, to generate inputs shaped like them.
+    const DOCKERFILE_PIECES: &[&str] = &[
+        "FROM ",
+        "from ",
+        "ARG ",
+        "ENV ",
+        "RUN ",
+        "COPY ",
+        "ADD ",
+        " AS ",
+        " as ",
+        "\n",
+        "\n\n",
+        "\\\n",
+        "`\n",
+        "# escape=`\n",
+        "# syntax=x\n",
+        "# c\n",
+        "\t",
+        " ",
+        "alpine",
+        "busybox",
+        ":1.36",
+        "@sha256:",
+        "scratch",
+        "base",
+        "--platform=",
+        "--from=",
+        "--mount=type=bind,from=",
+        "$V",
+        "${V}",
+        "${V:-",
+        "${V-",
+        "${V:+",
+        "${V+",
+        "${V:?",
+        "${V?",
+        "${V#",
+        "${V##",
+        "${V%",
+        "${V%%",
+        "${V/",
+        "${V//",
+        "${",
+        "}",
+        "$",
+        "$TARGETARCH",
+        "${TARGETOS}/${TARGETARCH}",
+        "$BUILDPLATFORM",
+        "linux/",
+        "amd64",
+        "*",
+        "?",
+        "\"",
+        "'",
+        "=",
+        "<<EOF",
+        "<<-EOF",
+        "<<\"EOF\"",
+        "<<'EOF'",
+        "EOF",
+        "\tEOF",
+        "2<<X",
+        "X",
+        "0",
+        "1",
+        "/",
+        "\\",
+    ];
+
+    #[test]
+    fn property_dockerfiles() {
+        drive(dockerfile, 14, 5_000);
+        let mut g = Gen::new(15);
+        for _ in 0..5_000 {
+            let text: String = (0..g.below(60))
+                .map(|_| DOCKERFILE_PIECES[g.below(DOCKERFILE_PIECES.len())])
+                .collect();
+            dockerfile(text.as_bytes());
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod config_store;
+pub mod dockerfile;
 pub mod evict;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;

@@ -4,5 +4,8 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
-    regcache::cli::main(regcache::cli::Cli::parse())
+    match regcache::cli::Cli::try_parse() {
+        Ok(cli) => regcache::cli::main(cli),
+        Err(e) => regcache::cli::parse_error(e),
+    }
 }

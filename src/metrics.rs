@@ -26,6 +26,8 @@ pub struct Metrics {
     pub upstream_state_changes: Family<Labels, Counter>,
     pub fill_seconds: Family<Labels, Histogram, fn() -> Histogram>,
     pub fills_failed: Family<Labels, Counter>,
+    /// Blob bytes that fills on a full disk hold in memory.
+    pub fill_memory: Gauge,
     pub store_blobs: Gauge,
     pub store_bytes: Gauge,
     pub store_free_bytes: Gauge,
@@ -34,6 +36,8 @@ pub struct Metrics {
     pub evicted_blobs: Counter,
     /// Requests or connections refused by a `[limits]` bound or by access control, by `limit`.
     pub limit_rejections: Family<Labels, Counter>,
+    /// bcrypt computations run to check client credentials (`[access] htpasswd`).
+    pub auth_bcrypt_checks: Counter,
     pub connections_open: Gauge,
     /// Open client connections by shard (`shard`), which the shards balance.
     pub shard_connections: Family<Labels, Gauge>,
@@ -68,6 +72,7 @@ impl Metrics {
             upstream_state_changes: Family::default(),
             fill_seconds: Family::new_with_constructor(fill_histogram as fn() -> Histogram),
             fills_failed: Family::default(),
+            fill_memory: Gauge::default(),
             store_blobs: Gauge::default(),
             store_bytes: Gauge::default(),
             store_free_bytes: Gauge::default(),
@@ -75,6 +80,7 @@ impl Metrics {
             evicted_bytes: Counter::default(),
             evicted_blobs: Counter::default(),
             limit_rejections: Family::default(),
+            auth_bcrypt_checks: Counter::default(),
             connections_open: Gauge::default(),
             shard_connections: Family::default(),
             bucket_up: Gauge::default(),
@@ -135,6 +141,12 @@ impl Metrics {
             m.fills_failed.clone(),
         );
         registry.register(
+            "fill_memory_bytes",
+            "Blob bytes held in memory by fills on a full disk (limits.fill_memory bounds what is \
+             kept for later clients to join)",
+            m.fill_memory.clone(),
+        );
+        registry.register(
             "store_blobs",
             "Blobs recorded in the store",
             m.store_blobs.clone(),
@@ -167,8 +179,14 @@ impl Metrics {
         registry.register(
             "limit_rejections",
             "Connections and requests refused by a limit or access control, by limit \
-             (max_connections, max_uri_length, max_fills, access_allow, auth)",
+             (max_connections, max_uri_length, max_fills, access_allow, auth, auth_rate)",
             m.limit_rejections.clone(),
+        );
+        registry.register(
+            "auth_bcrypt_checks",
+            "bcrypt computations run to check client credentials (answers remembered or refused \
+             by the failure limits cost none)",
+            m.auth_bcrypt_checks.clone(),
         );
         registry.register(
             "connections_open",

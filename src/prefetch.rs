@@ -133,224 +133,35 @@ impl std::fmt::Display for Platform {
     }
 }
 
-/// An image found in a Dockerfile, with the platform its FROM asked for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DockerfileImage {
-    pub image: String,
-    pub platform: Option<String>,
-    pub line: usize,
-}
-
-/// Substitutes `$VAR`, `${VAR}`, `${VAR:-default}` and `${VAR:+alt}` from `vars`.
-fn substitute(s: &str, vars: &HashMap<String, String>) -> String {
-    let mut out = String::new();
-    let chars: Vec<char> = s.chars().collect();
-    let mut i = 0;
-    while i < chars.len() {
-        if chars[i] != '$' || i + 1 >= chars.len() {
-            out.push(chars[i]);
-            i += 1;
-            continue;
-        }
-        if chars[i + 1] == '{' {
-            let Some(close) = chars[i + 2..].iter().position(|c| *c == '}') else {
-                out.extend(&chars[i..]);
-                break;
-            };
-            let inner: String = chars[i + 2..i + 2 + close].iter().collect();
-            let value = if let Some((name, default)) = inner.split_once(":-") {
-                vars.get(name)
-                    .filter(|v| !v.is_empty())
-                    .cloned()
-                    .unwrap_or_else(|| default.to_owned())
-            } else if let Some((name, alt)) = inner.split_once(":+") {
-                if vars.get(name).is_some_and(|v| !v.is_empty()) {
-                    alt.to_owned()
-                } else {
-                    String::new()
-                }
-            } else {
-                vars.get(&inner).cloned().unwrap_or_default()
-            };
-            out.push_str(&value);
-            i += close + 3;
-        } else {
-            let name: String = chars[i + 1..]
-                .iter()
-                .take_while(|c| c.is_ascii_alphanumeric() || **c == '_')
-                .collect();
-            if name.is_empty() {
-                out.push('$');
-                i += 1;
-            } else {
-                out.push_str(vars.get(&name).map_or("", String::as_str));
-                i += 1 + name.len();
-            }
-        }
-    }
-    out
-}
-
-fn unquote(s: &str) -> &str {
-    let s = s.trim();
-    if s.len() >= 2
-        && ((s.starts_with('"') && s.ends_with('"')) || (s.starts_with('\'') && s.ends_with('\'')))
-    {
-        &s[1..s.len() - 1]
-    } else {
-        s
-    }
-}
-
-/// Every image a Dockerfile pulls: FROM images (with `--platform`) and `COPY --from` images,
-/// with global `ARG` defaults and `build_args` substituted; stage names and `scratch` skipped.
-pub fn parse_dockerfile(
-    text: &str,
-    build_args: &HashMap<String, String>,
-) -> Result<Vec<DockerfileImage>, String> {
-    // Parser directives come first: only `escape` matters here.
-    let mut escape = '\\';
-    for line in text.lines() {
-        let t = line.trim();
-        let Some(directive) = t.strip_prefix('#') else {
-            break;
-        };
-        let Some((k, v)) = directive.split_once('=') else {
-            break;
-        };
-        let k = k.trim().to_ascii_lowercase();
-        if k == "escape" {
-            escape = v.trim().chars().next().unwrap_or('\\');
-        } else if k != "syntax" && k != "check" {
-            break;
-        }
-    }
-    // Logical lines: continuations joined, comment lines dropped.
-    let mut logical: Vec<(usize, String)> = Vec::new();
-    let mut current: Option<(usize, String)> = None;
-    for (n, raw) in text.lines().enumerate() {
-        let line = raw.trim_end_matches('\r');
-        let trimmed = line.trim_start();
-        if trimmed.starts_with('#') {
-            continue;
-        }
-        if current.is_some() && trimmed.is_empty() {
-            continue;
-        }
-        let body = line.trim_end();
-        let (body, continues) = match body.strip_suffix(escape) {
-            Some(b) => (b, true),
-            None => (body, false),
-        };
-        let entry = current.get_or_insert_with(|| (n + 1, String::new()));
-        if !entry.1.is_empty() {
-            entry.1.push(' ');
-        }
-        entry.1.push_str(body.trim());
-        if !continues {
-            if let Some(done) = current.take() {
-                logical.push(done);
-            }
-        }
-    }
-    if let Some(done) = current.take() {
-        logical.push(done);
-    }
-
-    let mut globals: HashMap<String, String> = HashMap::new();
-    let mut seen_from = false;
-    let mut stages: Vec<String> = Vec::new();
-    let mut out = Vec::new();
-    let mut push = |image: String,
-                    platform: Option<String>,
-                    line: usize,
-                    stages: &[String]|
-     -> Result<(), String> {
-        let lower = image.to_ascii_lowercase();
-        if lower == "scratch" || stages.contains(&lower) {
-            return Ok(());
-        }
-        if image.is_empty() {
-            return Err(format!(
-                "line {line}: the image is empty after substituting ARGs"
-            ));
-        }
-        ImageRef::parse(&image).map_err(|e| format!("line {line}: {e}"))?;
-        out.push(DockerfileImage {
-            image,
-            platform,
-            line,
-        });
-        Ok(())
-    };
-    for (line, text) in logical {
-        let text = text.trim();
-        if text.is_empty() {
-            continue;
-        }
-        let (instr, rest) = text.split_once(char::is_whitespace).unwrap_or((text, ""));
-        match instr.to_ascii_uppercase().as_str() {
-            "ARG" if !seen_from => {
-                for decl in rest.split_whitespace() {
-                    let (name, default) = match decl.split_once('=') {
-                        Some((n, d)) => (n, Some(unquote(d).to_owned())),
-                        None => (decl, None),
-                    };
-                    let value = build_args.get(name).cloned().or(default);
-                    if let Some(v) = value {
-                        let v = substitute(&v, &globals);
-                        globals.insert(name.to_owned(), v);
-                    }
-                }
-            }
-            "FROM" => {
-                seen_from = true;
-                let mut platform = None;
-                let mut words = Vec::new();
-                for w in rest.split_whitespace() {
-                    if let Some(p) = w.strip_prefix("--platform=") {
-                        platform = Some(p.to_owned());
-                    } else if w.starts_with("--") {
-                        continue;
-                    } else {
-                        words.push(w);
-                    }
-                }
-                let Some(image) = words.first() else {
-                    return Err(format!("line {line}: FROM without an image"));
-                };
-                let image = substitute(image, &globals);
-                // Platform args are set by the builder: they mean "the default platform".
-                let platform = platform
-                    .map(|p| substitute(&p, &globals))
-                    .filter(|p| !p.is_empty() && !p.contains('$'));
-                push(image, platform, line, &stages)?;
-                if words.len() >= 3 && words[1].eq_ignore_ascii_case("as") {
-                    stages.push(words[2].to_ascii_lowercase());
-                }
-            }
-            "COPY" | "ADD" => {
-                for w in rest.split_whitespace() {
-                    if let Some(from) = w.strip_prefix("--from=") {
-                        let from = substitute(from, &globals);
-                        if from.parse::<usize>().is_err() {
-                            push(from, None, line, &stages)?;
-                        }
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    Ok(out)
-}
-
 /// One image to prefetch.
 #[derive(Debug, Clone)]
 struct Job {
     reference: ImageRef,
     shown: String,
+    /// The repository the server keeps it under ([`Names::repo`]): one key for every spelling.
+    repo: String,
     platforms: Vec<Platform>,
+}
+
+/// Normalises image names the way the server routes them (`Routing::route`): `busybox`,
+/// `library/busybox`, `docker.io/library/busybox` and `index.docker.io/busybox` are one repository
+/// of the default upstream. Without a configuration to route with, names are compared as written.
+struct Names(Option<crate::server::Routing>);
+
+impl Names {
+    fn new(config: Option<crate::config::Config>) -> Names {
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        Names(config.and_then(|c| crate::server::Routing::build(c, &metrics, None).ok()))
+    }
+
+    /// `upstream NUL repository` for a name the configuration routes; the name itself otherwise
+    /// (the server then says what is wrong with it).
+    fn repo(&self, name: &str) -> String {
+        match self.0.as_ref().map(|r| r.route(name, None)) {
+            Some(Ok(route)) => format!("{}\0{}", route.upstream.name(), route.repo),
+            _ => name.to_owned(),
+        }
+    }
 }
 
 /// What happened to one image.
@@ -369,22 +180,39 @@ struct Outcome {
     already_cached: bool,
 }
 
+/// A blob of one repository handled during this run: its size once the server holds it.
+type BlobCell = Arc<tokio::sync::OnceCell<u64>>;
+
 struct Ctx {
     client: reqwest::Client,
     server: String,
     blob_slots: tokio::sync::Semaphore,
+    /// Blobs by repository and digest, so that images sharing a blob (the same image by tag and
+    /// by digest, platforms of one index, layers in common) move it once.
+    blobs: std::sync::Mutex<HashMap<(String, String), BlobCell>>,
     multi: indicatif::MultiProgress,
     overall: indicatif::ProgressBar,
     terminal: bool,
 }
 
-fn usage_error(msg: impl std::fmt::Display) -> ExitCode {
+/// Ends a run that fetched nothing: the message on stderr and, with `--json`, as
+/// `{"ok":false,"exit_code":N,"error":"…"}` on stdout, so that a script reading stdout always gets
+/// one JSON document.
+pub fn fail_early(json: bool, code: u8, msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("regcache prefetch: {msg}");
-    ExitCode::from(EXIT_USAGE)
+    if json {
+        println!("{}", json_error(code, &msg.to_string()));
+    }
+    ExitCode::from(code)
+}
+
+/// The JSON document of a run that ended before fetching anything.
+pub fn json_error(code: u8, msg: &str) -> serde_json::Value {
+    serde_json::json!({ "ok": false, "exit_code": code, "error": msg })
 }
 
 /// Builds the job list; every error here is a usage error, before anything is fetched.
-fn jobs(args: &PrefetchArgs) -> Result<Vec<Job>, String> {
+fn jobs(args: &PrefetchArgs, names: &Names) -> Result<Vec<Job>, String> {
     let default_platforms: Vec<Platform> = if args.platforms.is_empty() {
         vec![Platform::host()]
     } else {
@@ -400,7 +228,7 @@ fn jobs(args: &PrefetchArgs) -> Result<Vec<Job>, String> {
             .ok_or_else(|| format!("--build-arg {kv:?} is not K=V"))?;
         build_args.insert(k.to_owned(), v.to_owned());
     }
-    let mut wanted: Vec<(String, Option<String>, String)> = Vec::new();
+    let mut wanted: Vec<(String, Option<Platform>, String)> = Vec::new();
     for i in &args.images {
         wanted.push((i.clone(), None, format!("argument {i:?}")));
     }
@@ -414,17 +242,19 @@ fn jobs(args: &PrefetchArgs) -> Result<Vec<Job>, String> {
             }
         }
     }
+    // A build runs on this machine (BUILDPLATFORM) for each target platform (TARGETPLATFORM):
+    // the Dockerfile is read once per target, and each image gets the platform it is pulled for.
+    let build = Platform::host();
     for d in &args.dockerfiles {
         let text =
             std::fs::read_to_string(d).map_err(|e| format!("cannot read {}: {e}", d.display()))?;
-        for img in
-            parse_dockerfile(&text, &build_args).map_err(|e| format!("{}: {e}", d.display()))?
-        {
-            wanted.push((
-                img.image,
-                img.platform,
-                format!("{}:{}", d.display(), img.line),
-            ));
+        for target in &default_platforms {
+            let images = crate::dockerfile::images(&text, &build_args, target, &build)
+                .map_err(|e| format!("{}: {e}", d.display()))?;
+            for img in images {
+                let origin = format!("{}:{}", d.display(), img.line);
+                wanted.push((img.image, Some(img.platform), origin));
+            }
         }
     }
     if wanted.is_empty() {
@@ -434,11 +264,17 @@ fn jobs(args: &PrefetchArgs) -> Result<Vec<Job>, String> {
     for (text, platform, origin) in wanted {
         let reference = ImageRef::parse(&text).map_err(|e| format!("{origin}: {e}"))?;
         let platforms = match platform {
-            Some(p) => vec![Platform::parse(&p).map_err(|e| format!("{origin}: {e}"))?],
+            Some(p) => vec![p],
             None => default_platforms.clone(),
         };
-        let shown = reference.to_string();
-        if let Some(existing) = out.iter_mut().find(|j| j.shown == shown) {
+        // One job per repository and reference (the digest when given, as docker pulls it): the
+        // first spelling names it.
+        let repo = names.repo(&reference.name);
+        let wanted = reference.reference();
+        if let Some(existing) = out
+            .iter_mut()
+            .find(|j| j.repo == repo && j.reference.reference() == wanted)
+        {
             for p in platforms {
                 if !existing.platforms.contains(&p) {
                     existing.platforms.push(p);
@@ -446,8 +282,9 @@ fn jobs(args: &PrefetchArgs) -> Result<Vec<Job>, String> {
             }
         } else {
             out.push(Job {
+                shown: reference.to_string(),
                 reference,
-                shown,
+                repo,
                 platforms,
             });
         }
@@ -493,7 +330,8 @@ async fn get_manifest(
     Ok((media_type, v, digest))
 }
 
-fn error_message(body: &[u8]) -> String {
+/// The code and message of an OCI error body (`{"errors":[…]}`), else the start of the body.
+pub fn error_message(body: &[u8]) -> String {
     serde_json::from_slice::<serde_json::Value>(body)
         .ok()
         .and_then(|v| {
@@ -505,6 +343,41 @@ fn error_message(body: &[u8]) -> String {
             ))
         })
         .unwrap_or_else(|| String::from_utf8_lossy(body).chars().take(200).collect())
+}
+
+/// [`fetch_blob`] once per repository and digest in this run; later callers wait for the first
+/// and move nothing.
+async fn fetch_blob_once(
+    ctx: &Ctx,
+    repo: &str,
+    name: &str,
+    digest: &str,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<(u64, u64)> {
+    let cell = Arc::clone(
+        ctx.blobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((repo.to_owned(), digest.to_owned()))
+            .or_default(),
+    );
+    let mut ran = None;
+    let size = *cell
+        .get_or_try_init(|| async {
+            let (size, moved) = fetch_blob(ctx, name, digest, bar).await?;
+            ran = Some(moved);
+            anyhow::Ok(size)
+        })
+        .await?;
+    match ran {
+        Some(moved) => Ok((size, moved)),
+        None => {
+            // Handled for another image of this run: its progress is complete.
+            bar.inc(size);
+            ctx.overall.inc(size);
+            Ok((size, 0))
+        }
+    }
 }
 
 /// Makes sure the server holds one blob; returns (size, bytes moved).
@@ -670,9 +543,12 @@ async fn prefetch_inner(
         bar.set_style(style);
     }
     bar.set_message(job.shown.clone());
-    let results =
-        futures_util::future::join_all(blobs.iter().map(|(d, _)| fetch_blob(ctx, name, d, &bar)))
-            .await;
+    let results = futures_util::future::join_all(
+        blobs
+            .iter()
+            .map(|(d, _)| fetch_blob_once(ctx, &job.repo, name, d, &bar)),
+    )
+    .await;
     bar.finish_and_clear();
     for r in results {
         let (size, moved) = r?;
@@ -686,7 +562,12 @@ async fn prefetch_inner(
             ctx.server,
             crate::admin::urlencode(&job.shown)
         );
-        let resp = ctx.client.post(&url).send().await?;
+        let resp = ctx
+            .client
+            .post(&url)
+            .header(crate::api::OPERATOR_HEADER, "1")
+            .send()
+            .await?;
         if !resp.status().is_success() {
             let status = resp.status();
             let body = resp.bytes().await.unwrap_or_default();
@@ -720,24 +601,29 @@ fn line_for(o: &Outcome) -> String {
 }
 
 pub fn run(args: PrefetchArgs) -> ExitCode {
-    let jobs = match jobs(&args) {
+    // The configuration names the server (without --server) and routes names like it does.
+    let (config, server) = match (args.config.load(None), &args.server) {
+        (Ok(c), Some(s)) => (Some(c), s.trim_end_matches('/').to_owned()),
+        (Ok(c), None) => {
+            let scheme = if c.tls.is_some() { "https" } else { "http" };
+            let url = format!("{scheme}://{}", c.listen);
+            (Some(c), url)
+        }
+        (Err(e), None) => return fail_early(args.json, EXIT_USAGE, e),
+        (Err(e), Some(s)) => {
+            eprintln!(
+                "regcache prefetch: warning: {e}; images are merged only when written the same way"
+            );
+            (None, s.trim_end_matches('/').to_owned())
+        }
+    };
+    let jobs = match jobs(&args, &Names::new(config)) {
         Ok(j) => j,
-        Err(e) => return usage_error(e),
+        Err(e) => return fail_early(args.json, EXIT_USAGE, e),
     };
     if args.concurrency == 0 {
-        return usage_error("--concurrency must be at least 1");
+        return fail_early(args.json, EXIT_USAGE, "--concurrency must be at least 1");
     }
-    let server = match &args.server {
-        Some(s) => s.trim_end_matches('/').to_owned(),
-        None => match args.config.load(None) {
-            Ok(c) => format!(
-                "{}://{}",
-                if c.tls.is_some() { "https" } else { "http" },
-                c.listen
-            ),
-            Err(e) => return usage_error(e),
-        },
-    };
     if args.dry_run {
         for j in &jobs {
             let platforms = if args.all_platforms {
@@ -769,10 +655,7 @@ pub fn run(args: PrefetchArgs) -> ExitCode {
         .build()
     {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("regcache prefetch: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
+        Err(e) => return fail_early(args.json, EXIT_FAILURE, e),
     };
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let multi = indicatif::MultiProgress::with_draw_target(if terminal {
@@ -803,7 +686,7 @@ pub fn run(args: PrefetchArgs) -> ExitCode {
     }
     if let Some(auth) = &args.auth {
         let Some((user, pass)) = auth.split_once(':') else {
-            return usage_error("--auth must be USER:PASSWORD");
+            return fail_early(args.json, EXIT_USAGE, "--auth must be USER:PASSWORD");
         };
         use base64::Engine as _;
         let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
@@ -813,21 +696,25 @@ pub fn run(args: PrefetchArgs) -> ExitCode {
                 v.set_sensitive(true);
                 headers.insert(reqwest::header::AUTHORIZATION, v);
             }
-            Err(_) => return usage_error("--auth holds characters that cannot be sent"),
+            Err(_) => {
+                return fail_early(
+                    args.json,
+                    EXIT_USAGE,
+                    "--auth holds characters that cannot be sent",
+                )
+            }
         }
         builder = builder.default_headers(headers);
     }
     let client = match builder.build() {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("regcache prefetch: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
+        Err(e) => return fail_early(args.json, EXIT_FAILURE, e),
     };
     let ctx = Arc::new(Ctx {
         client,
         server,
         blob_slots: tokio::sync::Semaphore::new(args.concurrency),
+        blobs: std::sync::Mutex::new(HashMap::new()),
         multi,
         overall,
         terminal,
@@ -876,8 +763,7 @@ pub fn run(args: PrefetchArgs) -> ExitCode {
     });
     ctx.overall.finish_and_clear();
     let Some(outcomes) = outcomes else {
-        eprintln!("regcache prefetch: interrupted");
-        return ExitCode::from(EXIT_INTERRUPTED);
+        return fail_early(args.json, EXIT_INTERRUPTED, "interrupted");
     };
     let failed = outcomes.iter().filter(|o| o.status != "cached").count();
     let all_cached = outcomes.iter().all(|o| o.already_cached);
@@ -914,74 +800,6 @@ pub fn run(args: PrefetchArgs) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn images(text: &str, args: &[(&str, &str)]) -> Vec<(String, Option<String>)> {
-        let a = args
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        parse_dockerfile(text, &a)
-            .expect("parses")
-            .into_iter()
-            .map(|i| (i.image, i.platform))
-            .collect()
-    }
-
-    #[test]
-    fn dockerfile_args_stages_scratch_and_platform() {
-        let text = r#"
-# syntax=docker/dockerfile:1
-ARG BASE=alpine
-ARG VERSION="3.20"
-ARG GO
-FROM golang:${GO:-1.22} AS build
-RUN echo hi \
-    && echo there
-FROM --platform=linux/arm64 $BASE:${VERSION} as runtime
-COPY --from=build /out /out
-COPY --from=busybox:1.36 /bin/busybox /bin/
-FROM scratch
-FROM runtime
-FROM Build
-"#;
-        assert_eq!(
-            images(text, &[]),
-            vec![
-                ("golang:1.22".to_string(), None),
-                ("alpine:3.20".to_string(), Some("linux/arm64".to_string())),
-                ("busybox:1.36".to_string(), None),
-            ]
-        );
-        let with_args = images(text, &[("VERSION", "3.19"), ("GO", "1.21")]);
-        assert_eq!(with_args[0].0, "golang:1.21");
-        assert_eq!(with_args[1].0, "alpine:3.19");
-    }
-
-    #[test]
-    fn dockerfile_continuations_comments_and_escape_directive() {
-        let text = "# escape=`\nFROM `\n  --platform=$BUILDPLATFORM `\n  # a comment inside\n  debian:12 `\n  AS base\nFROM base\n";
-        assert_eq!(images(text, &[]), vec![("debian:12".to_string(), None)]);
-        let text = "FROM \\\n  --platform=linux/amd64 \\\n  ubuntu:24.04\n";
-        assert_eq!(
-            images(text, &[]),
-            vec![("ubuntu:24.04".to_string(), Some("linux/amd64".to_string()))]
-        );
-    }
-
-    #[test]
-    fn dockerfile_errors_name_the_line() {
-        let e = parse_dockerfile("FROM\n", &HashMap::new()).expect_err("no image");
-        assert!(e.contains("line 1"), "{e}");
-        let e = parse_dockerfile("ARG X\nFROM $X\n", &HashMap::new()).expect_err("empty image");
-        assert!(e.contains("line 2") && e.contains("empty"), "{e}");
-        let e = parse_dockerfile("FROM Bad Name\n", &HashMap::new()).expect_err("bad reference");
-        assert!(e.contains("line 1"), "{e}");
-        // A stage name that was never defined is an image to pull.
-        assert_eq!(
-            images("FROM unknownstage\n", &[]),
-            vec![("unknownstage".to_string(), None)]
-        );
-    }
 
     #[test]
     fn platforms_parse_and_match() {

@@ -162,15 +162,20 @@ impl App {
             Some(t) => Some(Arc::new(crate::tls::CertReloader::new(&t.cert, &t.key)?)),
             None => None,
         };
-        cache.set_fill_limits(config.limits.max_fills, config.limits.fill_wait);
+        cache.set_fill_limits(
+            config.limits.max_fills,
+            config.limits.fill_wait,
+            config.limits.fill_memory,
+        );
         log_warnings(&config);
         let routing = Routing::build(config, &metrics, None)?;
+        let auth = crate::access::Verifier::new(metrics.auth_bcrypt_checks.clone());
         Ok(Arc::new(App {
             cache,
             metrics,
             routing: RwLock::new(Arc::new(routing)),
             tls,
-            auth: crate::access::Verifier::new(),
+            auth,
             shard_beats: Mutex::new(Vec::new()),
             stopping: std::sync::atomic::AtomicBool::new(false),
         }))
@@ -229,8 +234,11 @@ impl App {
             );
         }
         log_warnings(&config);
-        self.cache
-            .set_fill_limits(config.limits.max_fills, config.limits.fill_wait);
+        self.cache.set_fill_limits(
+            config.limits.max_fills,
+            config.limits.fill_wait,
+            config.limits.fill_memory,
+        );
         let config = Config {
             data_dir: old.data_dir.clone(),
             listen: old.listen,

@@ -1001,12 +1001,16 @@ impl Upstream {
         Ok(header_length(&resp))
     }
 
-    /// `GET /v2/<repo>/blobs/<digest>`, from byte `from` when resuming.
+    /// `GET /v2/<repo>/blobs/<digest>`, from byte `from` when resuming a blob of `total` bytes
+    /// (when known). A resumed read must be a `206` whose `Content-Range` starts at `from` (and
+    /// names `total`, if the server states one): any other answer would put bytes in the wrong
+    /// place.
     pub async fn get_blob(
         &self,
         repo: &RepoName,
         d: &Digest,
         from: u64,
+        total: Option<u64>,
     ) -> Result<Response, UpstreamError> {
         let path = format!("/v2/{repo}/blobs/{d}");
         let mut h = HeaderMap::new();
@@ -1016,14 +1020,25 @@ impl Upstream {
             }
         }
         let resp = self.send(Method::GET, Some(repo), &path, h).await?;
-        if from > 0 && resp.status() != StatusCode::PARTIAL_CONTENT {
-            return Err(UpstreamError::Invalid {
+        if from == 0 {
+            return Ok(resp);
+        }
+        let range = resp
+            .headers()
+            .get(reqwest::header::CONTENT_RANGE)
+            .map(|v| v.to_str().unwrap_or("(not text)"));
+        let checked = if resp.status() == StatusCode::PARTIAL_CONTENT {
+            check_content_range(range, from, total)
+        } else {
+            Err(format!("got status {}", resp.status()))
+        };
+        if let Err(detail) = checked {
+            let e = UpstreamError::Invalid {
                 upstream: self.name().to_owned(),
-                detail: format!(
-                    "asked for bytes from {from} but got status {}",
-                    resp.status()
-                ),
-            });
+                detail: format!("asked for bytes from {from}: {detail}"),
+            };
+            self.record_failure(&e);
+            return Err(e);
         }
         Ok(resp)
     }
@@ -1045,6 +1060,39 @@ impl Upstream {
         let body = self.read_body(resp, 16 << 20, "listing").await?;
         self.check_depth(&body, "listing")?;
         Ok((body, link))
+    }
+}
+
+/// Checks the `Content-Range` of a `206` to a request for the bytes from `from` of a blob of
+/// `total` bytes (when known): `bytes <from>-<last>/<total or *>`.
+fn check_content_range(range: Option<&str>, from: u64, total: Option<u64>) -> Result<(), String> {
+    let Some(range) = range else {
+        return Err("the 206 has no Content-Range".into());
+    };
+    let parsed = range
+        .trim()
+        .strip_prefix("bytes ")
+        .and_then(|r| r.split_once('/'))
+        .and_then(|(span, size)| {
+            let (first, last) = span.split_once('-')?;
+            let first: u64 = first.trim().parse().ok()?;
+            let last: u64 = last.trim().parse().ok()?;
+            let size = match size.trim() {
+                "*" => None,
+                n => Some(n.parse::<u64>().ok()?),
+            };
+            (first <= last).then_some((first, size))
+        });
+    match parsed {
+        None => Err(format!("unreadable Content-Range {range:?}")),
+        Some((first, _)) if first != from => Err(format!(
+            "the 206 starts at byte {first} (Content-Range {range:?})"
+        )),
+        Some((_, Some(size))) if total.is_some_and(|t| t != size) => Err(format!(
+            "the 206 is for a blob of {size} bytes, not {} (Content-Range {range:?})",
+            total.unwrap_or(0)
+        )),
+        Some(_) => Ok(()),
     }
 }
 
@@ -1210,6 +1258,49 @@ mod tests {
         ] {
             let e = check_redirect(&public, &url(target), true).expect_err(target);
             assert!(e.contains("only http and https"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_resumed_read_must_start_where_it_was_asked_to_in_a_blob_of_the_known_size() {
+        let ok = [
+            ("bytes 150000-299999/300000", Some(300_000)),
+            ("bytes 150000-299999/*", Some(300_000)),
+            ("bytes 150000-299999/300000", None),
+            ("bytes 150000-150000/300000", Some(300_000)),
+        ];
+        for (range, total) in ok {
+            assert_eq!(
+                check_content_range(Some(range), 150_000, total),
+                Ok(()),
+                "{range} for {total:?}"
+            );
+        }
+        let refused = [
+            (None, Some(300_000), "no Content-Range"),
+            (
+                Some("bytes 0-149999/300000"),
+                Some(300_000),
+                "starts at byte 0",
+            ),
+            (
+                Some("bytes 150001-299999/300000"),
+                None,
+                "starts at byte 150001",
+            ),
+            (
+                Some("bytes 150000-299999/400000"),
+                Some(300_000),
+                "of 400000 bytes",
+            ),
+            (Some("bytes 150000-149999/300000"), None, "unreadable"),
+            (Some("bytes */300000"), None, "unreadable"),
+            (Some("items 150000-299999/300000"), None, "unreadable"),
+        ];
+        for (range, total, why) in refused {
+            let e = check_content_range(range, 150_000, total)
+                .expect_err(&format!("{range:?} for {total:?} must be refused"));
+            assert!(e.contains(why), "{range:?}: {e}");
         }
     }
 

@@ -10,7 +10,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::support::fake::FakeUpstream;
 use crate::support::process::{free_port, Process};
-use crate::support::regcache::{client, config_for, Regcache};
+use crate::support::regcache::{client, config_for, stored, Regcache};
 use crate::support::registry::{copy_to_dir, http_get, inspect_raw, Registry, Seeded};
 
 fn sha256(data: &[u8]) -> String {
@@ -409,6 +409,7 @@ async fn the_size_cap_evicts_least_recently_used_images_but_never_pinned_ones() 
     let c = client();
     let r = c
         .post(format!("{}/_regcache/pins?image=app/img0:v1", rc.url()))
+        .header("x-regcache-operator", "1")
         .send()
         .await
         .expect("pin");
@@ -455,6 +456,7 @@ async fn the_size_cap_evicts_least_recently_used_images_but_never_pinned_ones() 
     );
     let pins = c
         .get(format!("{}/_regcache/pins", rc.url()))
+        .header("x-regcache-operator", "1")
         .send()
         .await
         .expect("pins");
@@ -526,4 +528,346 @@ fn gc_and_pin_commands_work_offline_and_against_a_running_server() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+}
+
+/// `POST /_regcache/gc?target=0`: evict everything that may be evicted. Returns the answer.
+async fn gc_to_zero(c: &reqwest::Client, rc: &Regcache) -> serde_json::Value {
+    let r = c
+        .post(format!("{}/_regcache/gc?target=0", rc.url()))
+        .send()
+        .await
+        .expect("POST gc");
+    assert_eq!(r.status(), 200);
+    serde_json::from_slice(&r.bytes().await.expect("gc body")).expect("gc JSON")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_still_being_read_from_its_fill_is_not_evicted() {
+    // Larger than what the socket buffers and the body channel can take in, so that the body is
+    // still being sent, from the fill, when the fill has committed.
+    const SIZE: usize = 64 << 20;
+    let fake = FakeUpstream::start().await;
+    let data = crate::support::images::pseudo_random(SIZE, 91);
+    let digest = fake.add_blob("app/slowreader", data.clone());
+    let rc = Regcache::with_upstream(&fake.url());
+    let c = client();
+    let mut resp = c
+        .get(format!("{}/v2/app/slowreader/blobs/{digest}", rc.url()))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(resp.status(), 200);
+    let mut body = resp
+        .chunk()
+        .await
+        .expect("chunk")
+        .expect("a first chunk")
+        .to_vec();
+    let t = Instant::now();
+    while !stored(&rc, &digest) {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the fill did not commit"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let file = blob_file(rc.data_dir(), &digest);
+    let report = gc_to_zero(&c, &rc).await;
+    assert!(
+        stored(&rc, &digest) && file.exists(),
+        "a blob whose body is still being sent (from its fill) was evicted: recorded {}, file \
+         {}, gc answered {report}",
+        stored(&rc, &digest),
+        file.exists()
+    );
+    while let Some(chunk) = resp.chunk().await.expect("the rest of the body") {
+        body.extend_from_slice(&chunk);
+    }
+    assert!(
+        body.len() == SIZE && body[..] == data[..],
+        "{} bytes, equal {}",
+        body.len(),
+        body[..] == data[..]
+    );
+    // The body has ended: nothing holds the blob any more.
+    let t = Instant::now();
+    while stored(&rc, &digest) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the blob stays held after its body ended"
+        );
+        gc_to_zero(&c, &rc).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!file.exists(), "evicted once no longer read");
+}
+
+// ---- disk full: memory and space held by fills -------------------------------------------------
+
+/// What one slow client saw: status, bytes received, where they first differed from the blob,
+/// and the error that ended the body, if any.
+struct SlowRead {
+    status: u16,
+    len: usize,
+    mismatch_at: Option<usize>,
+    error: Option<String>,
+}
+
+/// GETs `url` and reads the body at about `rate` bytes per second, comparing it with `want` as
+/// it comes; `progress` counts the bytes received so far.
+async fn read_slowly(
+    url: String,
+    want: Bytes,
+    rate: u64,
+    progress: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> SlowRead {
+    let mut resp = client().get(&url).send().await.expect("GET");
+    let status = resp.status().as_u16();
+    let (mut len, mut mismatch_at, mut error) = (0usize, None, None);
+    loop {
+        match resp.chunk().await {
+            Ok(Some(c)) => {
+                let end = len + c.len();
+                if mismatch_at.is_none() && (end > want.len() || want[len..end] != c[..]) {
+                    mismatch_at = Some(len);
+                }
+                len = end;
+                progress.store(len, std::sync::atomic::Ordering::SeqCst);
+                let pause = Duration::from_secs_f64(c.len() as f64 / rate as f64);
+                tokio::time::sleep(pause).await;
+            }
+            Ok(None) => break,
+            Err(e) => {
+                error = Some(format!("{e:?}"));
+                break;
+            }
+        }
+    }
+    SlowRead {
+        status,
+        len,
+        mismatch_at,
+        error,
+    }
+}
+
+/// `VmHWM` (peak resident set) and `VmRSS` of process `pid`, in bytes.
+fn memory_of(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+            * 1024
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_full_fills_share_one_memory_budget_and_slow_clients_get_every_byte() {
+    const SIZE: usize = 128 << 20;
+    const BUDGET: u64 = 32 << 20;
+    const CLIENTS: usize = 4;
+    // What regcache holds besides the fills' memory, over what it held at start (buffers on their
+    // way to clients and to the hash, the allocator's slack): a fixed margin.
+    const MARGIN: u64 = 64 << 20;
+    let disk = SmallDisk::mount("24m");
+    let fake = FakeUpstream::start().await;
+    let data = crate::support::images::pseudo_random(SIZE, 93);
+    let digest = fake.add_blob("app/huge", data.clone());
+    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
+    let config = work.path().join("rc.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\n[limits]\nfill_memory = \"{BUDGET}\"\n[upstreams.docker]\nurl = \
+             \"{}\"\n",
+            disk.path().join("d").display(),
+            fake.url()
+        ),
+    )
+    .expect("config");
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let rc =
+        tokio::task::block_in_place(|| Process::start(&config, addr, &work.path().join("log")));
+    let (start_hwm, _) = memory_of(rc.pid());
+    let url = format!("http://{addr}/v2/app/huge/blobs/{digest}");
+
+    // Slow clients, each starting once the one before has 16 MiB: every one of them finds the
+    // disk full and the fills before it holding memory.
+    let mut clients = Vec::new();
+    let mut peak_rss = 0;
+    for i in 0..CLIENTS {
+        let progress = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        clients.push(tokio::spawn(read_slowly(
+            url.clone(),
+            data.clone(),
+            24 << 20,
+            std::sync::Arc::clone(&progress),
+        )));
+        if i + 1 < CLIENTS {
+            while progress.load(std::sync::atomic::Ordering::SeqCst) < 16 << 20 {
+                peak_rss = peak_rss.max(memory_of(rc.pid()).1);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    while !clients.iter().all(|c| c.is_finished()) {
+        peak_rss = peak_rss.max(memory_of(rc.pid()).1);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (hwm, _) = memory_of(rc.pid());
+    eprintln!(
+        "regcache: peak RSS {} MiB (sampled {} MiB, {} MiB at start)",
+        hwm >> 20,
+        peak_rss >> 20,
+        start_hwm >> 20
+    );
+    for (i, c) in clients.into_iter().enumerate() {
+        let r = c.await.expect("client task");
+        assert!(
+            r.status == 200 && r.len == SIZE && r.mismatch_at.is_none() && r.error.is_none(),
+            "client {i}: status {}, {} of {SIZE} bytes, first wrong byte at {:?}, error {:?}\n{}",
+            r.status,
+            r.len,
+            r.mismatch_at,
+            r.error,
+            rc.log_text()
+        );
+    }
+    assert!(
+        hwm <= start_hwm + BUDGET + MARGIN,
+        "regcache's peak RSS was {} MiB (sampled peak {} MiB, {} MiB at start) with a {} MiB \
+         fill_memory budget and {CLIENTS} slow clients of a {} MiB blob on a full disk",
+        hwm >> 20,
+        peak_rss >> 20,
+        start_hwm >> 20,
+        BUDGET >> 20,
+        SIZE >> 20
+    );
+    drop(rc);
+    drop(disk);
+}
+
+/// Bytes in use on the filesystem that holds `dir` (`stat -f`).
+fn used_on(dir: &Path) -> u64 {
+    let out = std::process::Command::new("stat")
+        .args(["-f", "-c", "%b %a %S"])
+        .arg(dir)
+        .output()
+        .expect("stat -f");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Vec<u64> = text
+        .split_whitespace()
+        .map(|n| n.parse().expect("stat -f number"))
+        .collect();
+    (v[0] - v[1]) * v[2]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_full_fill_gives_its_disk_space_back_once_its_readers_are_past_it() {
+    const SIZE: usize = 64 << 20;
+    let disk = SmallDisk::mount("24m");
+    let fake = FakeUpstream::start().await;
+    let data = crate::support::images::pseudo_random(SIZE, 94);
+    let digest = fake.add_blob("app/spill", data.clone());
+    // No memory for joiners: the fill streams the blob through to its one client.
+    let rc = Regcache::start_in(
+        disk.path(),
+        &config_for(&fake.url(), "", "[limits]\nfill_memory = 0\n"),
+    );
+    let before = used_on(disk.path());
+    let mut resp = client()
+        .get(format!("{}/v2/app/spill/blobs/{digest}", rc.url()))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(resp.status(), 200);
+    let mut body = Vec::new();
+    while body.len() < 32 << 20 {
+        let c = resp.chunk().await.expect("chunk").expect("more bytes");
+        body.extend_from_slice(&c);
+    }
+    // The client is past the part of the blob that went to disk before it filled up: nothing
+    // needs those bytes any more.
+    let t = Instant::now();
+    loop {
+        let used = used_on(disk.path());
+        if used <= before + (2 << 20) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{} MiB still used on the store's filesystem ({} MiB before the fill) while the only \
+             client of a disk-full fill is {} MiB into the blob; tmp/ holds {:?}",
+            used >> 20,
+            before >> 20,
+            body.len() >> 20,
+            std::fs::read_dir(disk.path().join("tmp"))
+                .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    while let Some(c) = resp.chunk().await.expect("the rest of the body") {
+        body.extend_from_slice(&c);
+    }
+    assert!(
+        body.len() == SIZE && body[..] == data[..],
+        "{} bytes, equal {}",
+        body.len(),
+        body[..] == data[..]
+    );
+    assert!(rc.app.cache.store.is_full(), "the store is marked full");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_asking_for_a_blob_held_in_memory_on_a_full_disk_joins_it() {
+    const SIZE: usize = 48 << 20;
+    let disk = SmallDisk::mount("24m");
+    let fake = FakeUpstream::start().await;
+    let data = crate::support::images::pseudo_random(SIZE, 95);
+    let digest = fake.add_blob("app/shared", data.clone());
+    let rc = Regcache::start_in(disk.path(), &config_for(&fake.url(), "", ""));
+    let url = format!("{}/v2/app/shared/blobs/{digest}", rc.url());
+    let c = client();
+    let mut first = c.get(&url).send().await.expect("GET 1");
+    assert_eq!(first.status(), 200);
+    let mut one = first.chunk().await.expect("chunk").expect("bytes").to_vec();
+    // The fill has fetched, verified and finished (the first client is still reading).
+    let t = Instant::now();
+    while !rc
+        .app
+        .metrics
+        .render()
+        .contains("regcache_fill_duration_seconds_count{upstream=\"docker\"} 1")
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the fill never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        rc.app.cache.store.is_full(),
+        "the disk filled up during the fill"
+    );
+    let second = c.get(&url).send().await.expect("GET 2");
+    assert_eq!(second.status(), 200);
+    assert_eq!(
+        second
+            .headers()
+            .get("x-regcache-cache")
+            .and_then(|v| v.to_str().ok()),
+        Some("coalesced"),
+        "the second client joins the fill held in memory"
+    );
+    let two = second.bytes().await.expect("body 2");
+    while let Some(c) = first.chunk().await.expect("body 1") {
+        one.extend_from_slice(&c);
+    }
+    assert!(one[..] == data[..], "client 1: {} bytes", one.len());
+    assert!(two[..] == data[..], "client 2: {} bytes", two.len());
+    assert_eq!(fake.blob_gets(&digest), 1, "one upstream fetch for both");
 }

@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::support::fake::{sha256_digest, FakeUpstream, RequestRecord, TokenAnswer, OCI_MANIFEST};
 use crate::support::images::pseudo_random;
-use crate::support::regcache::{client, config_for, error_code, Regcache};
+use crate::support::regcache::{client, config_for, error_code, stored, Regcache};
 use crate::support::reply::{get, parse_reply, send, Reply};
 
 // ---- helpers ------------------------------------------------------------------------------------
@@ -112,12 +112,6 @@ fn assert_no_requests_since(fake: &FakeUpstream, n: usize, what: &str) {
     );
 }
 
-fn parse_digest(d: &str) -> regcache::reference::Digest {
-    d.parse()
-        .unwrap_or_else(|e| panic!("test digest {d} does not parse: {e}"))
-}
-
-/// Whether regcache's store records the blob (or manifest) `digest`.
 /// Whether the blob is committed within a few seconds: clients get their last byte once the
 /// digest is verified, and the commit (fsync, rename, database) follows.
 fn stored_soon(rc: &Regcache, digest: &str) -> bool {
@@ -129,15 +123,6 @@ fn stored_soon(rc: &Regcache, digest: &str) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
     false
-}
-
-fn stored(rc: &Regcache, digest: &str) -> bool {
-    rc.app
-        .cache
-        .store
-        .blob_size(&parse_digest(digest))
-        .expect("store: blob_size")
-        .is_some()
 }
 
 /// Milliseconds into the current wall-clock second.
@@ -752,27 +737,40 @@ async fn get_failing_blob(url: &str, data: &Bytes, what: &str) -> String {
     format!("body cut after {} bytes: {err:?}", got.len())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn corrupt_blob_aborts_the_client_body_and_is_not_stored() {
-    let (fake, data, digest, rc, url) = blob_behind_regcache("team/corrupt", 4).await;
-
+/// GETs the blob of [`blob_behind_regcache`] while the fake serves it corrupt (`what` says how
+/// else it misbehaves): the body fails and nothing is stored. Then, with the fault gone, the blob
+/// is fetched again, served whole and stored.
+async fn corrupt_fill_fails_then_the_blob_is_fetched_again(
+    (fake, data, digest, rc, url): (&FakeUpstream, &Bytes, &str, &Regcache, &str),
+    what: &str,
+) {
     fake.set_corrupt_blobs(true);
-    let outcome = get_failing_blob(&url, &data, "corrupt blob").await;
-    assert_eq!(fake.blob_gets(&digest), 1, "{outcome}");
+    let outcome = get_failing_blob(url, data, what).await;
+    assert_eq!(fake.blob_gets(digest), 1, "{outcome}");
     assert!(
-        !stored(&rc, &digest),
-        "a corrupt blob must not be stored ({outcome})"
+        !stored(rc, digest),
+        "{what}: a corrupt blob must not be stored ({outcome})"
     );
 
     fake.set_corrupt_blobs(false);
-    let r = get(&url).await;
-    assert_whole(&r, &data, "after the fault");
+    let r = get(url).await;
+    assert_whole(&r, data, "after the fault");
     assert_eq!(
-        fake.blob_gets(&digest),
+        fake.blob_gets(digest),
         2,
         "the blob is fetched again after the corrupt fill ({outcome})"
     );
-    assert!(stored_soon(&rc, &digest), "the good blob is stored");
+    assert!(stored_soon(rc, digest), "the good blob is stored");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_blob_aborts_the_client_body_and_is_not_stored() {
+    let (fake, data, digest, rc, url) = blob_behind_regcache("team/corrupt", 4).await;
+    corrupt_fill_fails_then_the_blob_is_fetched_again(
+        (&fake, &data, &digest, &rc, &url),
+        "corrupt blob",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -814,6 +812,22 @@ async fn short_blob_is_resumed_then_aborted_and_not_stored() {
     assert!(stored_soon(&rc, &digest), "the good blob is stored");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_blob_of_unannounced_size_never_reaches_the_client_whole() {
+    let (fake, data, digest, rc, url) = blob_behind_regcache("team/chunked", 57).await;
+
+    // No Content-Length: the client cannot tell the last byte from the others, so regcache must
+    // keep at least one back until the digest has been checked. Trickled, so that the client has
+    // caught up with the fill when the last (wrong) chunk arrives.
+    fake.set_unannounced_size(true);
+    fake.set_slow_blobs(64 << 10, Duration::from_millis(20));
+    corrupt_fill_fails_then_the_blob_is_fetched_again(
+        (&fake, &data, &digest, &rc, &url),
+        "corrupt blob of unannounced size",
+    )
+    .await;
+}
+
 /// `N` of a `bytes=N-` Range header.
 fn range_start(range: &str) -> Option<u64> {
     range
@@ -823,15 +837,25 @@ fn range_start(range: &str) -> Option<u64> {
         .ok()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn blob_cut_once_is_resumed_with_range_and_served_whole() {
-    let (fake, data, digest, rc, url) = blob_behind_regcache("team/flaky", 55).await;
+/// The `Range` headers of the requests `fake` received, in order.
+fn ranges_asked(fake: &FakeUpstream) -> Vec<String> {
+    fake.requests()
+        .iter()
+        .filter_map(|r| r.header("range").map(str::to_owned))
+        .collect()
+}
 
-    // The first upstream response is cut after half the body (50 ms after the last byte sent);
-    // the switch is off again before regcache asks for the rest.
+/// GETs `url` while the first upstream response for `digest` is cut after half the body (50 ms
+/// after the last byte sent); the switch is off again before regcache asks for the rest. Returns
+/// the status, the body and the error that ended it.
+async fn get_with_the_first_upstream_answer_cut(
+    fake: &FakeUpstream,
+    digest: &str,
+    url: &str,
+) -> (StatusCode, (Vec<u8>, Option<String>)) {
     fake.set_short_blobs(true);
     let client_get = tokio::spawn({
-        let url = url.clone();
+        let url = url.to_owned();
         async move {
             let resp = client()
                 .get(&url)
@@ -842,12 +866,19 @@ async fn blob_cut_once_is_resumed_with_range_and_served_whole() {
         }
     });
     let deadline = Instant::now() + Duration::from_secs(10);
-    while fake.blob_gets(&digest) == 0 {
+    while fake.blob_gets(digest) == 0 {
         assert!(Instant::now() < deadline, "regcache never fetched the blob");
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     fake.set_short_blobs(false);
-    let (status, (body, err)) = client_get.await.expect("client task");
+    client_get.await.expect("client task")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blob_cut_once_is_resumed_with_range_and_served_whole() {
+    let (fake, data, digest, rc, url) = blob_behind_regcache("team/flaky", 55).await;
+
+    let (status, (body, err)) = get_with_the_first_upstream_answer_cut(&fake, &digest, &url).await;
     let reqs = summary(&fake.requests());
     assert!(
         status == StatusCode::OK && err.is_none() && body[..] == data[..],
@@ -860,11 +891,7 @@ async fn blob_cut_once_is_resumed_with_range_and_served_whole() {
         2,
         "one resume; upstream saw {reqs:?}"
     );
-    let ranges: Vec<String> = fake
-        .requests()
-        .iter()
-        .filter_map(|r| r.header("range").map(str::to_owned))
-        .collect();
+    let ranges = ranges_asked(&fake);
     assert_eq!(
         ranges,
         vec!["bytes=150000-".to_string()],
@@ -879,6 +906,67 @@ async fn blob_cut_once_is_resumed_with_range_and_served_whole() {
         r.describe()
     );
     assert_eq!(fake.request_count(), n, "served from the store");
+}
+
+/// How many fills regcache counted as failed for `reason` (`digest`, `upstream`, …).
+fn fills_failed(rc: &Regcache, reason: &str) -> f64 {
+    let text = rc.app.metrics.render();
+    crate::support::process::metric(
+        &text,
+        &format!("regcache_fills_failed_total{{reason=\"{reason}\"}}"),
+    )
+    .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_answered_from_the_wrong_offset_is_refused_and_nothing_wrong_is_sent() {
+    let (fake, data, digest, rc, url) = blob_behind_regcache("team/offset", 56).await;
+
+    // The first response is cut after half the body; the resume is answered 206 from offset 0
+    // (with a Content-Range that says so) instead of from where regcache asked.
+    fake.set_wrong_content_range(true);
+    let (status, (body, err)) = get_with_the_first_upstream_answer_cut(&fake, &digest, &url).await;
+    let reqs = summary(&fake.requests());
+    let ranges = ranges_asked(&fake);
+    assert_eq!(
+        ranges,
+        vec!["bytes=150000-".to_string()],
+        "one resume, from the cut; upstream saw {reqs:?}"
+    );
+    let first_wrong = body.iter().zip(data.iter()).position(|(a, b)| a != b);
+    assert!(
+        status == StatusCode::OK && err.is_some() && body.len() < data.len(),
+        "the body must end in an error before it is complete: status {status}, {} bytes, error \
+         {err:?}",
+        body.len()
+    );
+    assert_eq!(
+        first_wrong,
+        None,
+        "bytes from the misplaced 206 reached the client ({} bytes received)",
+        body.len()
+    );
+    assert_eq!(
+        (fills_failed(&rc, "upstream"), fills_failed(&rc, "digest")),
+        (1.0, 0.0),
+        "the 206 is refused as an upstream error when it arrives, not appended and caught by the \
+         digest check; upstream saw {reqs:?}"
+    );
+    let text = rc.app.metrics.render();
+    assert_eq!(
+        crate::support::process::metric(
+            &text,
+            "regcache_upstream_errors_total{upstream=\"docker\",kind=\"invalid\"}"
+        ),
+        Some(1.0),
+        "the refused 206 is counted as an invalid upstream answer:\n{text}"
+    );
+    assert!(!stored(&rc, &digest), "nothing stored");
+
+    fake.set_wrong_content_range(false);
+    let r = get(&url).await;
+    assert_whole(&r, &data, "after the fault");
+    assert!(stored_soon(&rc, &digest), "the good blob is stored");
 }
 
 // ---- 5. lying digest header ---------------------------------------------------------------------

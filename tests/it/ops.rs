@@ -11,6 +11,7 @@ use bytes::Bytes;
 use crate::support::certs::make_certs;
 use crate::support::fake::FakeUpstream;
 use crate::support::process::{free_port, Process};
+use crate::support::regcache::{client, Regcache};
 use crate::support::registry::http_get;
 
 /// The serial of the certificate a TLS server presents now.
@@ -616,4 +617,188 @@ fn offline_config(dir: &Path, extra: &str) -> std::path::PathBuf {
     )
     .expect("config");
     config
+}
+
+/// Runs the regcache binary with `args` off the async runtime.
+async fn command(args: &[&str]) -> std::process::Output {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Process::run_to_end(&args)
+    })
+    .await
+    .expect("command thread")
+}
+
+fn describe(out: &std::process::Output) -> String {
+    format!(
+        "exit {:?}, stdout {:?}, stderr {:?}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_verify_repair_and_pin_commands_work_against_a_running_server() {
+    let fake = FakeUpstream::start().await;
+    let (_, layer) = fake.add_image("team/app", "v1", Bytes::from(vec![3u8; 32 << 10]));
+    let rc = Regcache::with_upstream(&fake.url());
+    let url = rc.url();
+    let c = client();
+    for path in [
+        "/v2/team/app/manifests/v1".to_owned(),
+        format!("/v2/team/app/blobs/{layer}"),
+    ] {
+        let r = c
+            .get(format!("{url}{path}"))
+            .header("accept", crate::support::fake::OCI_MANIFEST)
+            .send()
+            .await
+            .expect(&path);
+        assert_eq!(r.status(), 200, "{path}");
+        r.bytes().await.expect("body");
+    }
+    let digest: regcache::reference::Digest = layer.parse().expect("digest");
+    let stored = || {
+        rc.app
+            .cache
+            .store
+            .blob_size(&digest)
+            .expect("blob_size")
+            .is_some()
+    };
+    let start = Instant::now();
+    while !stored() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "layer never stored"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let out = command(&["pin", "add", "team/app:v1", "--server", &url]).await;
+    assert!(out.status.success(), "pin add: {}", describe(&out));
+    let out = command(&["pin", "list", "--server", &url]).await;
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("team/app:v1"),
+        "pin list: {}",
+        describe(&out)
+    );
+    let out = command(&["verify", "--server", &url]).await;
+    assert_eq!(out.status.code(), Some(0), "verify: {}", describe(&out));
+
+    // A corrupt layer: `verify --repair` through the server removes it.
+    let hex = digest.hex();
+    let file = rc.data_dir().join("blobs/sha256").join(&hex[..2]).join(hex);
+    let mut bytes = std::fs::read(&file).expect("stored layer");
+    bytes[0] ^= 0xff;
+    std::fs::write(&file, &bytes).expect("corrupt the layer");
+    let out = command(&["verify", "--repair", "--server", &url]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "verify --repair: {}",
+        describe(&out)
+    );
+    assert!(
+        !stored(),
+        "the corrupt layer was dropped: {}",
+        describe(&out)
+    );
+
+    let out = command(&["pin", "rm", "team/app:v1", "--server", &url]).await;
+    assert!(out.status.success(), "pin rm: {}", describe(&out));
+    let out = command(&["gc", "--max-size", "1", "--server", &url]).await;
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).starts_with("freed "),
+        "gc: {}",
+        describe(&out)
+    );
+    assert_eq!(rc.app.cache.store.used_bytes(), 0, "gc evicted everything");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pin_add_resolves_the_image_and_refuses_one_that_does_not_exist() {
+    let fake = FakeUpstream::start().await;
+    fake.add_image("team/app", "v1", Bytes::from_static(b"layer"));
+    fake.add_image("team/other", "v2", Bytes::from_static(b"other layer"));
+    let mut rc = Regcache::with_upstream(&fake.url());
+    let url = rc.url();
+    let pins = |rc: &Regcache| {
+        rc.app
+            .routing()
+            .pin_names(&rc.app.cache.store)
+            .expect("pin names")
+    };
+
+    // Against a running server: resolved through the cache, so an uncached image is fetched.
+    let out = command(&["pin", "add", "library/nothing:nope", "--server", &url]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        stderr.contains("cannot pin library/nothing:nope") && stderr.contains("MANIFEST_UNKNOWN"),
+        "the error names the image and why: {}",
+        describe(&out)
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("pinned"),
+        "{}",
+        describe(&out)
+    );
+    assert!(pins(&rc).is_empty(), "nothing pinned: {:?}", pins(&rc));
+    let out = command(&["pin", "add", "team/app:v1", "--server", &url]).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "pinned team/app:v1"
+    );
+    assert_eq!(pins(&rc), vec!["team/app:v1".to_string()]);
+    assert_eq!(
+        fake.hits("GET", "/v2/team/app/manifests/v1"),
+        1,
+        "pinning fetched the manifest through the cache: {:?}",
+        fake.requests()
+    );
+    let out = command(&["pin", "list", "--server", &url]).await;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "team/app:v1",
+        "{}",
+        describe(&out)
+    );
+
+    // Offline, on the data directory: only what is stored can be pinned.
+    let _keep = rc.take_dir();
+    let dir = rc.data_dir().to_owned();
+    // Dropping the server releases the store's lock.
+    drop(rc);
+    let config = dir.join("offline.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n[upstreams.docker]\nurl = \"{}\"\n",
+            dir.display().to_string(),
+            fake.url()
+        ),
+    )
+    .expect("config");
+    let cfg = config.display().to_string();
+    let out = command(&["pin", "add", "team/other:v2", "--config", &cfg]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        stderr.contains("cannot pin team/other:v2") && stderr.contains("not stored"),
+        "offline, an image that is not stored cannot be fetched, and the error says so: {}",
+        describe(&out)
+    );
+    let out = command(&["pin", "add", "team/app:v1", "--config", &cfg]).await;
+    assert!(out.status.success(), "a stored image: {}", describe(&out));
+    let out = command(&["pin", "list", "--config", &cfg]).await;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "team/app:v1",
+        "{}",
+        describe(&out)
+    );
 }

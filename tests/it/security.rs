@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::support::fake::{sha256_digest, FakeUpstream, OCI_MANIFEST};
-use crate::support::regcache::{client, config_for, error_code, Regcache};
+use crate::support::regcache::{client, config_for, error_code, stored, Regcache};
 use crate::support::reply::{get, parse_reply, send, Reply};
 
 // ---- helpers ------------------------------------------------------------------------------------
@@ -112,16 +112,6 @@ fn metric(text: &str, prefix: &str) -> f64 {
         .filter(|l| l.starts_with(prefix))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
-}
-
-fn stored(rc: &Regcache, digest: &str) -> bool {
-    let d: regcache::reference::Digest = digest.parse().expect("test digest");
-    rc.app
-        .cache
-        .store
-        .blob_size(&d)
-        .expect("store: blob_size")
-        .is_some()
 }
 
 /// A GET whose body must not arrive complete: `(status, bytes received, stream error)`.
@@ -785,13 +775,30 @@ async fn clients_outside_the_allow_list_get_403_denied() {
 }
 
 fn write_htpasswd(dir: &Path, users: &[(&str, &str)]) -> PathBuf {
+    write_htpasswd_with_cost(dir, users, 4)
+}
+
+/// An htpasswd file in `dir` with bcrypt hashes of cost `cost`.
+fn write_htpasswd_with_cost(dir: &Path, users: &[(&str, &str)], cost: u32) -> PathBuf {
     let path = dir.join("htpasswd");
     let text: String = users
         .iter()
-        .map(|(u, p)| format!("{u}:{}\n", bcrypt::hash(p, 4).expect("bcrypt")))
+        .map(|(u, p)| format!("{u}:{}\n", bcrypt::hash(p, cost).expect("bcrypt")))
         .collect();
     std::fs::write(&path, text).expect("write htpasswd");
     path
+}
+
+/// regcache for `upstream_url`, with `[access] htpasswd` set to `htpasswd`.
+fn behind_htpasswd(upstream_url: &str, htpasswd: &Path) -> Regcache {
+    Regcache::start(&config_for(
+        upstream_url,
+        "",
+        &format!(
+            "[access]\nhtpasswd = {:?}\n",
+            htpasswd.display().to_string()
+        ),
+    ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -800,14 +807,7 @@ async fn htpasswd_guards_everything_but_health_probes() {
     let (mdigest, ldigest) = fake.add_image("team/app", "v1", Bytes::from_static(b"layer"));
     let dir = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
     let htpasswd = write_htpasswd(dir.path(), &[("alice", "s3cret-pw"), ("bob", "other")]);
-    let rc = Regcache::start(&config_for(
-        &fake.url(),
-        "",
-        &format!(
-            "[access]\nhtpasswd = {:?}\n",
-            htpasswd.display().to_string()
-        ),
-    ));
+    let rc = behind_htpasswd(&fake.url(), &htpasswd);
     let u = rc.url();
     let c = client();
 
@@ -919,6 +919,318 @@ async fn htpasswd_guards_everything_but_health_probes() {
         assert_eq!(r.status, StatusCode::OK);
     }
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+}
+
+// ---- operator endpoints -------------------------------------------------------------------------
+
+/// The header `regcache gc`, `verify` and `pin` send to the operator endpoints.
+const OPERATOR: (&str, &str) = ("x-regcache-operator", "1");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_endpoints_refuse_what_a_web_page_can_send_and_change_nothing() {
+    let fake = FakeUpstream::start().await;
+    let (_, layer) = fake.add_image("team/app", "v1", Bytes::from(vec![7u8; 64 << 10]));
+    let rc = Regcache::start(&config_for(&fake.url(), "", ""));
+    let u = rc.url();
+    let c = client();
+    let r = send(
+        c.get(format!("{u}/v2/team/app/manifests/v1"))
+            .header("accept", OCI_MANIFEST),
+        "manifest",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.describe());
+    let r = send(c.get(format!("{u}/v2/team/app/blobs/{layer}")), "blob").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.describe());
+    // The fill commits right after the last byte is sent: wait for it.
+    for _ in 0..100 {
+        if stored(&rc, &layer) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(stored(&rc, &layer), "the layer is stored");
+    let used = rc.app.cache.store.used_bytes();
+    let pins = || {
+        rc.app
+            .routing()
+            .pin_names(&rc.app.cache.store)
+            .expect("pin names")
+    };
+
+    // What a page on any site can make the browser send without a CORS preflight: a form POST
+    // (or a plain GET, an <img>), with the page's Origin and no custom header.
+    let targets = [
+        (http::Method::POST, "/_regcache/gc?target=0"),
+        (http::Method::GET, "/_regcache/verify?repair=true"),
+        (http::Method::POST, "/_regcache/verify?repair=true"),
+        (http::Method::POST, "/_regcache/pins?image=team/app:v1"),
+        (http::Method::GET, "/_regcache/pins"),
+    ];
+    // (what, Origin, with the operator header): each a request a page can make a browser send,
+    // or one that an Origin header gives away.
+    let shapes = [
+        ("as a form from a page", Some("http://evil.example"), false),
+        ("as a form from a sandboxed page", Some("null"), false),
+        ("without an Origin or the operator header", None, false),
+        (
+            "with the operator header and an Origin",
+            Some("http://evil.example"),
+            true,
+        ),
+    ];
+    for (method, path) in &targets {
+        for (shape, origin, operator) in shapes {
+            let what = format!("{method} {path} {shape}");
+            let mut req = c
+                .request(method.clone(), format!("{u}{path}"))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body("a=b");
+            if let Some(o) = origin {
+                req = req.header("origin", o);
+            }
+            if operator {
+                req = req.header(OPERATOR.0, OPERATOR.1);
+            }
+            assert_oci(&send(req, &what).await, 403, "DENIED", &what);
+        }
+    }
+    // A preflight is never granted.
+    let r = send(
+        c.request(http::Method::OPTIONS, format!("{u}/_regcache/gc"))
+            .header("origin", "http://evil.example")
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", OPERATOR.0),
+        "preflight",
+    )
+    .await;
+    assert!(
+        !r.status.is_success() && r.header("access-control-allow-origin").is_none(),
+        "preflight: {}",
+        r.describe()
+    );
+    // DNS rebinding: a page whose name now resolves to 127.0.0.1 is same-origin, may send any
+    // header on a GET, and sends no Origin. Its Host header names the page's host.
+    let r = raw(
+        rc.addr(),
+        format!(
+            "GET /_regcache/pins HTTP/1.1\r\nHost: rebind.example:{}\r\n{}: {}\r\n\
+             Connection: close\r\n\r\n",
+            rc.addr().port(),
+            OPERATOR.0,
+            OPERATOR.1
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_oci(&r, 403, "DENIED", "GET /_regcache/pins with a foreign Host");
+
+    assert_eq!(
+        rc.app.cache.store.used_bytes(),
+        used,
+        "nothing was evicted by the refused requests"
+    );
+    assert!(pins().is_empty(), "nothing was pinned: {:?}", pins());
+    let r = send(
+        c.get(format!("{u}/v2/team/app/blobs/{layer}")),
+        "blob again",
+    )
+    .await;
+    assert_eq!(
+        r.header("x-regcache-cache"),
+        Some("hit"),
+        "still cached: {}",
+        r.describe()
+    );
+
+    // What the commands send works: POST (DELETE) with the header, no Origin.
+    let op = |method: http::Method, path: &str| {
+        c.request(method, format!("{u}{path}"))
+            .header(OPERATOR.0, OPERATOR.1)
+    };
+    let r = send(
+        op(http::Method::GET, "/_regcache/verify"),
+        "GET verify with the header",
+    )
+    .await;
+    assert_oci(
+        &r,
+        405,
+        "UNSUPPORTED",
+        "GET /_regcache/verify (it is a POST)",
+    );
+    assert_eq!(r.header("allow"), Some("POST"), "{}", r.describe());
+    let r = send(
+        op(http::Method::POST, "/_regcache/verify?repair=true"),
+        "verify",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "verify: {}", r.describe());
+    let r = send(
+        op(http::Method::POST, "/_regcache/pins?image=team/app:v1"),
+        "pin",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "pin: {}", r.describe());
+    assert_eq!(pins(), vec!["team/app:v1".to_string()]);
+    let r = send(op(http::Method::GET, "/_regcache/pins"), "pins").await;
+    assert_eq!(r.status, StatusCode::OK, "pins: {}", r.describe());
+    let r = send(
+        op(http::Method::DELETE, "/_regcache/pins?image=team/app:v1"),
+        "unpin",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "unpin: {}", r.describe());
+    let r = send(op(http::Method::POST, "/_regcache/gc?target=0"), "gc").await;
+    assert_eq!(r.status, StatusCode::OK, "gc: {}", r.describe());
+    assert_eq!(
+        rc.app.cache.store.used_bytes(),
+        0,
+        "gc with the header evicts"
+    );
+}
+
+/// A client that connects from `source` (any 127.0.0.0/8 address: one per simulated machine).
+fn client_from(source: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .local_address(source.parse::<std::net::IpAddr>().expect("source address"))
+        .timeout(Duration::from_secs(120))
+        .build()
+        .expect("reqwest client")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_flood_neither_delays_nor_locks_out_valid_users() {
+    let fake = FakeUpstream::start().await;
+    let dir = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+    // Cost 8: each check takes real time, so that checks queue up behind each other.
+    let users = [
+        ("alice", "alice-pw"),
+        ("bob", "bob-pw"),
+        ("carol", "carol-pw"),
+    ];
+    let rc = behind_htpasswd(
+        &fake.url(),
+        &write_htpasswd_with_cost(dir.path(), &users, 8),
+    );
+    let u = rc.url();
+    let checks = |m: &str| metric(m, "regcache_auth_bcrypt_checks_total");
+    let login = |from: &str, user: &str, pw: &str| {
+        let req = client_from(from)
+            .get(format!("{u}/v2/"))
+            .basic_auth(user, Some(pw));
+        async move { send(req, "login").await }
+    };
+
+    // alice logged in before the flood: her verified credentials are remembered.
+    let r = login("127.0.0.2", "alice", "alice-pw").await;
+    assert_eq!(r.status, StatusCode::OK, "alice: {}", r.describe());
+    let before = checks(&rc.app.metrics.render());
+    assert_eq!(before, 1.0, "one bcrypt check for alice");
+
+    // The flood: 20 machines, 30 different wrong passwords each, all at once, for carol.
+    let answered_401 = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut flood = Vec::new();
+    for m in 0..20u8 {
+        let c = client_from(&format!("127.0.1.{}", m + 1));
+        for i in 0..30 {
+            let req = c
+                .get(format!("{u}/v2/"))
+                .basic_auth("carol", Some(format!("guess-{m}-{i}")));
+            let answered_401 = Arc::clone(&answered_401);
+            flood.push(tokio::spawn(async move {
+                let r = send(req, "flood").await;
+                if r.status == StatusCode::UNAUTHORIZED {
+                    answered_401.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                r
+            }));
+        }
+    }
+    // Once the flood's first wrong passwords have been checked, bob (whose credentials were never
+    // checked) logs in from his own machine.
+    let start = Instant::now();
+    while answered_401.load(std::sync::atomic::Ordering::SeqCst) < 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the flood never got a 401"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let r = login("127.0.2.1", "bob", "bob-pw").await;
+    let checked_before_bob = answered_401.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "bob during the flood: {}",
+        r.describe()
+    );
+
+    let mut refused_401 = 0;
+    let mut limited = Vec::new();
+    for t in flood {
+        let r = t.await.expect("flood task");
+        match r.status {
+            StatusCode::UNAUTHORIZED => refused_401 += 1,
+            StatusCode::TOO_MANY_REQUESTS => limited.push(r),
+            other => panic!("a wrong password got {other}: {}", r.describe()),
+        }
+    }
+    // The flood's bcrypt work is bounded before it is done: the first guess of each machine
+    // (which looked as clean as bob's), carol's budget of failures, and what the limits earned
+    // back meanwhile. So bob can wait behind that much at most, never behind the whole flood.
+    let bound = 20 + regcache::access::USER_FAILURES as usize + 2;
+    assert!(
+        checked_before_bob <= bound && refused_401 <= bound,
+        "bob waited behind the flood: {checked_before_bob} of the flood's {refused_401} checked \
+         guesses were answered before him (at most {bound} should have been checked at all)"
+    );
+    let m = rc.app.metrics.render();
+    assert_eq!(
+        checks(&m) - before,
+        refused_401 as f64 + 1.0,
+        "one bcrypt check per 401 answered to the flood, plus bob's; none for the 429s: {m}"
+    );
+    assert_eq!(limited.len(), 600 - refused_401);
+    let r = &limited[0];
+    assert_oci(r, 429, "TOOMANYREQUESTS", "a guess over the limit");
+    assert!(
+        r.header("retry-after")
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|s| s >= 1),
+        "{}",
+        r.describe()
+    );
+    assert_eq!(
+        metric(&m, "regcache_limit_rejections_total{limit=\"auth_rate\"}"),
+        limited.len() as f64,
+        "{m}"
+    );
+
+    // alice is still remembered: no new bcrypt check.
+    let r = login("127.0.0.2", "alice", "alice-pw").await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "alice after the flood: {}",
+        r.describe()
+    );
+    let after = checks(&rc.app.metrics.render());
+    assert_eq!(after, checks(&m), "alice's credentials stayed cached");
+
+    // From a flooding machine, nothing more is checked for carol until the failures have aged...
+    let r = login("127.0.1.1", "carol", "carol-pw").await;
+    assert_oci(&r, 429, "TOOMANYREQUESTS", "carol from a flooding machine");
+    // ...but carol is not locked out: her right password from a machine that did not flood is
+    // checked, whatever the flood against her name.
+    let r = login("127.0.2.2", "carol", "carol-pw").await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "carol from her machine: {}",
+        r.describe()
+    );
 }
 
 #[test]

@@ -287,6 +287,13 @@ impl FakeUpstream {
         lock(&self.state.cfg).head_no_length = on;
     }
 
+    /// Ranged blob `GET`s are answered `206` with as many bytes as were asked for, but from offset
+    /// 0, and a `Content-Range` that says so (`bytes 0-<n-1>/<total>`): a server that ignores
+    /// where a resumed read starts.
+    pub fn set_wrong_content_range(&self, on: bool) {
+        lock(&self.state.cfg).wrong_range = on;
+    }
+
     /// Blob bodies are trickled: `chunk` bytes, then sleep `delay`, ...; `chunk == 0` turns it off.
     pub fn set_slow_blobs(&self, chunk: usize, delay: Duration) {
         let mut cfg = lock(&self.state.cfg);
@@ -435,6 +442,7 @@ struct Config {
     short: bool,
     no_length: bool,
     head_no_length: bool,
+    wrong_range: bool,
     slow_chunk: usize,
     slow_delay: Duration,
     status: Option<u16>,
@@ -834,6 +842,11 @@ fn serve_blob(
                 .body(empty())
                 .expect("fake upstream: 416 response");
         }
+        Some(Ok((a, b))) if cfg.wrong_range => (
+            StatusCode::PARTIAL_CONTENT,
+            data.slice(..=(b - a) as usize),
+            Some(format!("bytes 0-{}/{total}", b - a)),
+        ),
         Some(Ok((a, b))) => (
             StatusCode::PARTIAL_CONTENT,
             data.slice(a as usize..=b as usize),

@@ -128,6 +128,17 @@ pub fn client() -> reqwest::Client {
         .expect("reqwest client")
 }
 
+/// Whether `rc`'s store records the blob (or manifest) `digest`.
+pub fn stored(rc: &Regcache, digest: &str) -> bool {
+    let d: regcache::reference::Digest = digest.parse().expect("test digest");
+    rc.app
+        .cache
+        .store
+        .blob_size(&d)
+        .expect("store: blob_size")
+        .is_some()
+}
+
 /// The OCI error code of an error response body.
 pub fn error_code(body: &[u8]) -> String {
     let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_else(|e| {
