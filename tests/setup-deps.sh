@@ -6,7 +6,9 @@
 #   docker.io + containerd + runc, podman + fuse-overlayfs (the real clients of tests/it/clients.rs;
 #   the tests run private daemons: the packages' own services are never started here),
 #   moto (PyPI moto[server], the S3-compatible server of tests/it/bucket.rs; Debian has none): installed
-#   with pip into the venv /opt/regcache-moto (python3-venv), giving /opt/regcache-moto/bin/moto_server.
+#   with pip into the venv /opt/regcache-moto (python3-venv), giving /opt/regcache-moto/bin/moto_server,
+#   nginx (an HTTP/2 upstream: TLS with http2 in front of docker-registry; tests run a private one, the
+#   package's own service is never started here).
 # Idempotent: does nothing when every tool is already present.
 set -euo pipefail
 
@@ -23,6 +25,7 @@ deps=(
   "runc:runc"
   "podman:podman"
   "fuse-overlayfs:fuse-overlayfs"
+  "nginx:nginx"
 )
 
 # dockerd and runc live in /usr/sbin, which a non-root PATH may lack.
@@ -52,7 +55,7 @@ if [ "${#missing_pkgs[@]}" -gt 0 ]; then
   echo "setup-deps: installing ${missing_pkgs[*]}" >&2
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   export DEBIAN_FRONTEND=noninteractive
-  # docker.io and containerd would start system daemons (on /var/lib/docker, /run/containerd) where an
+  # docker.io, containerd and nginx would start system daemons (on /var/lib/docker, /run/containerd) where an
   # init system runs: forbid service starts during the install unless a policy is already in place.
   policy_added=
   if [ ! -e /usr/sbin/policy-rc.d ]; then
@@ -93,5 +96,5 @@ if [ ! -x "$MOTO_SERVER" ]; then
   echo "setup-deps: ERROR: $MOTO_SERVER (PyPI moto[server] in the venv $MOTO_VENV) is missing" >&2
   rc=1
 fi
-[ "$rc" -eq 0 ] && echo "setup-deps: docker-registry, skopeo, umoci, busybox, etcd, dockerd, containerd, runc, podman, moto present" >&2
+[ "$rc" -eq 0 ] && echo "setup-deps: docker-registry, skopeo, umoci, busybox, etcd, dockerd, containerd, runc, podman, nginx, moto present" >&2
 exit "$rc"

@@ -465,12 +465,18 @@ impl RangeSpec {
     }
 }
 
-/// Per-request facts for the access log.
-#[derive(Clone, Copy, Default)]
+/// Per-request facts for the access log and the headers every answer gets.
+#[derive(Clone, Default)]
 pub struct LogInfo {
     pub outcome: Option<Outcome>,
     pub route: &'static str,
+    /// The `ns` query parameter, once it has routed the request to an upstream.
+    pub namespace: Option<String>,
 }
+
+/// Response header naming the `ns` a request was routed by (the distribution spec's registry
+/// proxying).
+pub const NAMESPACE_HEADER: &str = "oci-namespace";
 
 /// Response header naming the cache outcome (`hit`, `miss`, `stale`, …).
 pub const CACHE_HEADER: &str = "x-regcache-cache";
@@ -688,6 +694,10 @@ pub async fn handle(
         resp.headers_mut()
             .insert(CACHE_HEADER, HeaderValue::from_static(o.as_str()));
     }
+    if let Some(ns) = &info.namespace {
+        // Errors included: a 404 for a request routed by `ns` is that registry's answer.
+        set_header(resp.headers_mut(), NAMESPACE_HEADER, ns);
+    }
     let bytes = resp
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -865,6 +875,7 @@ async fn route_request(
         Endpoint::Catalog => catalog(app, &query, head),
         Endpoint::Manifest(name, r) => {
             let route = app.route(name, query.ns.as_deref())?;
+            info.namespace.clone_from(&query.ns);
             let reference = Reference::parse(r)?;
             let accept = Accept::parse(
                 req.headers()
@@ -894,14 +905,16 @@ async fn route_request(
         }
         Endpoint::Blob(name, d) => {
             let route = app.route(name, query.ns.as_deref())?;
+            info.namespace.clone_from(&query.ns);
             let digest: Digest = d.parse()?;
             let lane = req.extensions().get::<crate::http::sendfile::LaneRef>();
             blob(app, &route, &digest, req.headers(), lane, head, info).await
         }
         Endpoint::Upload => Err(ApiError::unsupported("uploads")),
-        Endpoint::Tags(name) => tags(app, name, &query, head).await,
+        Endpoint::Tags(name) => tags(app, name, &query, head, info).await,
         Endpoint::Referrers(name, d) => {
             let route = app.route(name, query.ns.as_deref())?;
+            info.namespace.clone_from(&query.ns);
             let digest: Digest = d.parse()?;
             referrers(app, &route, &digest, query.artifact_type.as_deref(), head).await
         }
@@ -1128,9 +1141,11 @@ async fn tags(
     name: &str,
     q: &Query,
     head: bool,
+    info: &mut LogInfo,
 ) -> Result<Response<Body>, ApiError> {
     let routing = app.routing();
     let route = routing.route(name, q.ns.as_deref())?;
+    info.namespace.clone_from(&q.ns);
     let n = parse_n(q.n.as_deref(), routing.config.limits.max_page)?;
     let mut upstream_query = Vec::new();
     if let Some(n) = n {

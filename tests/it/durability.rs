@@ -534,6 +534,7 @@ fn gc_and_pin_commands_work_offline_and_against_a_running_server() {
 async fn gc_to_zero(c: &reqwest::Client, rc: &Regcache) -> serde_json::Value {
     let r = c
         .post(format!("{}/_regcache/gc?target=0", rc.url()))
+        .header("x-regcache-operator", "1")
         .send()
         .await
         .expect("POST gc");

@@ -1953,3 +1953,199 @@ async fn a_blob_of_unannounced_size_reaches_a_slow_reader_whole() {
     );
     assert_eq!(fake.blob_gets(&digest), 1);
 }
+
+// ---- 14. HEAD answers without Content-Length ----------------------------------------------------
+
+/// `r` is a `200` blob `HEAD` answer with cache outcome `outcome` and `Content-Length` `length`.
+fn assert_blob_head(r: &Reply, outcome: &str, length: Option<usize>, what: &str) {
+    let length = length.map(|n| n.to_string());
+    assert_eq!(
+        (
+            r.status,
+            r.header("x-regcache-cache"),
+            r.header("content-length")
+        ),
+        (StatusCode::OK, Some(outcome), length.as_deref()),
+        "{what}: {}",
+        r.describe()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blob_heads_never_invent_a_length_the_upstream_head_did_not_give() {
+    let fake = FakeUpstream::start().await;
+    let filled = pseudo_random(20_000, 140);
+    let busy = pseudo_random(1 << 20, 141);
+    let data = pseudo_random(30_000, 142);
+    let filled_digest = fake.add_blob("team/filled", filled.clone());
+    let busy_digest = fake.add_blob("team/busy", busy);
+    let digest = fake.add_blob("team/nolen", data.clone());
+    fake.set_head_without_length(true);
+    let rc = Regcache::start(&config_for(&fake.url(), "", "[limits]\nmax_fills = 1\n"));
+
+    // A free fill slot: a HEAD starts the fill, whose GET announces the size.
+    let r = send(
+        client().head(format!("{}/v2/team/filled/blobs/{filled_digest}", rc.url())),
+        "HEAD that starts a fill",
+    )
+    .await;
+    assert_blob_head(
+        &r,
+        "miss",
+        Some(filled.len()),
+        "the size the fill's GET announced",
+    );
+    assert_eq!(
+        fake.hits("HEAD", &format!("/v2/team/filled/blobs/{filled_digest}")),
+        0,
+        "the fill asked with GET, not HEAD: {:?}",
+        summary(&fake.requests())
+    );
+
+    // The one slot held by a fill that trickles for minutes: a HEAD of another uncached blob is
+    // passed through to the upstream's HEAD.
+    fake.set_slow_blobs(1_000, Duration::from_millis(200));
+    let slow = tokio::spawn({
+        let u = format!("{}/v2/team/busy/blobs/{busy_digest}", rc.url());
+        async move { get(&u).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fake.blob_gets(&busy_digest) == 0 {
+        assert!(Instant::now() < deadline, "the slow fill never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let url = format!("{}/v2/team/nolen/blobs/{digest}", rc.url());
+    let r = send(client().head(&url), "HEAD, upstream HEAD without length").await;
+    assert_blob_head(
+        &r,
+        "passthrough",
+        None,
+        "the fill slot is taken, so the upstream's HEAD answers; it gave no size, so regcache gives none",
+    );
+    assert_eq!(
+        r.header("docker-content-digest"),
+        Some(digest.as_str()),
+        "{}",
+        r.describe()
+    );
+    let head_path = format!("/v2/team/nolen/blobs/{digest}");
+    assert_eq!(
+        fake.hits("HEAD", &head_path),
+        1,
+        "{:?}",
+        summary(&fake.requests())
+    );
+    assert_eq!(
+        fake.blob_gets(&digest),
+        0,
+        "a HEAD passed through fetches nothing"
+    );
+
+    fake.set_head_without_length(false);
+    let r = send(client().head(&url), "HEAD, upstream HEAD with length").await;
+    assert_blob_head(
+        &r,
+        "passthrough",
+        Some(data.len()),
+        "the upstream's size is passed on",
+    );
+    slow.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_is_revalidated_by_digest_when_the_upstream_head_has_no_length() {
+    let fake = FakeUpstream::start().await;
+    let first_body = tiny_manifest("first");
+    let first = fake.add_manifest("team/nolen", Some("t"), OCI_MANIFEST, first_body.clone());
+    fake.set_head_without_length(true);
+    // Every request revalidates: no waiting for freshness to run out.
+    let rc = Regcache::start(&config_for(&fake.url(), "freshness = \"0s\"", ""));
+    let url = format!("{}/v2/team/nolen/manifests/t", rc.url());
+    let r = get(&url).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.describe());
+    assert_eq!(
+        r.header("x-regcache-cache"),
+        Some("miss"),
+        "{}",
+        r.describe()
+    );
+
+    let n = fake.request_count();
+    let r = send(
+        client().head(&url).header(
+            "accept",
+            regcache::media::Accept::ALL
+                .header_value()
+                .unwrap_or_default(),
+        ),
+        "HEAD of the cached tag",
+    )
+    .await;
+    assert_eq!(
+        summary(&requests_since(&fake, n)),
+        vec!["HEAD /v2/team/nolen/manifests/t".to_string()],
+        "revalidated with one HEAD, no GET"
+    );
+    assert_eq!(
+        (r.status, r.header("x-regcache-cache")),
+        (StatusCode::OK, Some("revalidated")),
+        "the digest header alone revalidates: {}",
+        r.describe()
+    );
+    assert_eq!(
+        r.header("content-length"),
+        Some(first_body.len().to_string().as_str()),
+        "the length of the manifest regcache holds: {}",
+        r.describe()
+    );
+    assert_eq!(r.header("docker-content-digest"), Some(first.as_str()));
+
+    let second = fake.add_manifest("team/nolen", None, OCI_MANIFEST, tiny_manifest("second"));
+    fake.set_tag("team/nolen", "t", &second);
+    let n = fake.request_count();
+    let r = get(&url).await;
+    assert_eq!(
+        (r.status, r.header("docker-content-digest")),
+        (StatusCode::OK, Some(second.as_str())),
+        "the moved tag is served; upstream saw {:?}: {}",
+        summary(&requests_since(&fake, n)),
+        r.describe()
+    );
+    assert_eq!(sha256_digest(&r.body), second);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_of_another_repository_is_confirmed_by_heads_without_length() {
+    let fake = FakeUpstream::start().await;
+    let data = pseudo_random(40_000, 142);
+    let blob = fake.add_blob("a/one", data.clone());
+    let body = tiny_manifest("shared, no length");
+    let manifest = fake.add_manifest("a/one", Some("v1"), OCI_MANIFEST, body.clone());
+    let rc = Regcache::with_upstream(&fake.url());
+    let u = rc.url();
+    for path in [format!("blobs/{blob}"), "manifests/v1".to_owned()] {
+        let r = get(&format!("{u}/v2/a/one/{path}")).await;
+        assert_eq!(r.status, StatusCode::OK, "a/one {path}: {}", r.describe());
+    }
+    fake.add_blob("a/two", data.clone());
+    fake.add_manifest("a/two", None, OCI_MANIFEST, body.clone());
+    fake.set_head_without_length(true);
+
+    for (path, want) in [
+        (format!("blobs/{blob}"), &data),
+        (format!("manifests/{manifest}"), &body),
+    ] {
+        let n = fake.request_count();
+        let r = get(&format!("{u}/v2/a/two/{path}")).await;
+        assert!(
+            r.status == StatusCode::OK && r.body == *want,
+            "a/two {path}, confirmed by a HEAD without length: {}",
+            r.describe()
+        );
+        assert_eq!(
+            summary(&requests_since(&fake, n)),
+            vec![format!("HEAD /v2/a/two/{path}")],
+            "one HEAD confirmed it, nothing fetched again"
+        );
+    }
+}

@@ -6,12 +6,14 @@ use std::time::Instant;
 use sha2::{Digest as _, Sha256};
 
 use crate::support::images::assert_same_copy;
+use crate::support::nginx::Nginx;
 use crate::support::process::metric;
 use crate::support::regcache::{client, Regcache};
 use crate::support::registry::{
     copy_to_dir, http_get, inspect_raw, parse_raw_response, sha256_digest, RawResponse, Registry,
     Seeded, DOCKER_LIST, OCI_INDEX, SEEDED_IMAGES,
 };
+use crate::support::reply::{send, Reply};
 
 const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
 
@@ -121,6 +123,107 @@ fn docker_hub_names_ns_and_host_segments_reach_the_default_upstream() {
     assert!(body.contains("\"library/busybox\""), "catalog: {body}");
 }
 
+/// The distribution spec's registry proxying: a registry that scopes a request by the `ns` query
+/// parameter returns that value in `OCI-Namespace`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_scoped_by_ns_answer_oci_namespace_and_no_others_do() {
+    let upstream = Registry::start_seeded();
+    let rc = Regcache::with_upstream(&upstream.url());
+    let raw = inspect_raw(&upstream.host_port(), Seeded::SMALL_OCI);
+    let manifest = sha256_digest(&raw);
+    let m: serde_json::Value = serde_json::from_slice(&raw).expect("manifest JSON");
+    let layer = m["layers"][0]["digest"]
+        .as_str()
+        .expect("small/oci has a layer")
+        .to_owned();
+    let u = rc.url();
+    let (head, get) = (reqwest::Method::HEAD, reqwest::Method::GET);
+    async fn ask(u: &str, method: &reqwest::Method, path: &str) -> Reply {
+        let req = client()
+            .request(method.clone(), format!("{u}{path}"))
+            .header("accept", ACCEPT_ALL);
+        send(req, &format!("{method} {path}")).await
+    }
+    // (method, path, status, OCI-Namespace): scoped by ns, then not.
+    let ns = Some("docker.io");
+    let cases = [
+        (
+            &get,
+            "/v2/small/oci/manifests/latest?ns=docker.io".to_owned(),
+            200,
+            ns,
+        ),
+        (
+            &head,
+            "/v2/small/oci/manifests/latest?ns=docker.io".to_owned(),
+            200,
+            ns,
+        ),
+        (
+            &get,
+            format!("/v2/small/oci/manifests/{manifest}?ns=docker.io"),
+            200,
+            ns,
+        ),
+        (
+            &get,
+            format!("/v2/small/oci/blobs/{layer}?ns=docker.io"),
+            200,
+            ns,
+        ),
+        (
+            &head,
+            format!("/v2/small/oci/blobs/{layer}?ns=docker.io"),
+            200,
+            ns,
+        ),
+        (
+            &get,
+            "/v2/small/oci/tags/list?ns=docker.io".to_owned(),
+            200,
+            ns,
+        ),
+        // Scoped by ns too, though the upstream has no such tag.
+        (
+            &get,
+            "/v2/small/oci/manifests/nope?ns=docker.io".to_owned(),
+            404,
+            ns,
+        ),
+        (&get, "/v2/small/oci/manifests/latest".to_owned(), 200, None),
+        (
+            &get,
+            "/v2/docker.io/small/oci/manifests/latest".to_owned(),
+            200,
+            None,
+        ),
+        (&head, format!("/v2/small/oci/blobs/{layer}"), 200, None),
+        (&get, "/v2/?ns=docker.io".to_owned(), 200, None),
+        // An ns naming no configured upstream scopes nothing.
+        (
+            &get,
+            "/v2/small/oci/manifests/latest?ns=quay.io".to_owned(),
+            404,
+            None,
+        ),
+    ];
+    for (method, path, status, namespace) in &cases {
+        let r = ask(&u, method, path).await;
+        assert_eq!(
+            r.status.as_u16(),
+            *status,
+            "{method} {path}: {}",
+            r.describe()
+        );
+        assert_eq!(
+            r.header("oci-namespace"),
+            *namespace,
+            "{method} {path}: OCI-Namespace only when ns routed it: {}",
+            r.describe()
+        );
+    }
+}
+
 /// The largest layer of the big image and its size.
 fn big_layer(upstream: &Registry) -> (String, u64) {
     let raw = inspect_raw(&upstream.host_port(), Seeded::BIG);
@@ -185,6 +288,96 @@ async fn sixteen_cold_clients_on_a_100_mib_layer_cost_one_upstream_fetch() {
         .filter(|l| l.contains(&format!("\"GET /v2/big/image/blobs/{digest}")))
         .count();
     assert_eq!(gets, 1, "the upstream served the blob {gets} times:\n{log}");
+}
+
+/// An `https` upstream that speaks HTTP/2 (nginx in front of docker-registry) is spoken to in
+/// HTTP/2, chosen by ALPN; one that speaks only HTTP/1.1 over TLS, and a plain `http` one, in
+/// HTTP/1.1. The largest seeded layer streams whole through the HTTP/2 connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_upstreams_are_spoken_to_in_http2_by_alpn_and_plain_ones_in_http11() {
+    let upstream = Registry::start_seeded();
+    let nginx = Nginx::start_in_front_of(upstream.addr());
+    let ca = nginx.ca_file();
+    let (h2, tls11, plain) = (nginx.h2_url(), nginx.https11_url(), nginx.http_url());
+    // freshness 0: every tag request revalidates with a HEAD, over HTTP/2 too.
+    let rc = Regcache::start(&format!(
+        "[upstreams.docker]\nurl = \"{h2}\"\nca_file = \"{ca}\"\nfreshness = \"0s\"\n\
+         [upstreams.tls11]\nurl = \"{tls11}\"\nca_file = \"{ca}\"\nhosts = [\"tls11.example\"]\n\
+         [upstreams.plain]\nurl = \"{plain}\"\nhosts = [\"plain.example\"]\n",
+        ca = ca.display()
+    ));
+    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
+    let want = sha256_digest(&inspect_raw(&upstream.host_port(), Seeded::SMALL_OCI));
+    let direct = work.path().join("direct");
+    copy_ok(&upstream.host_port(), Seeded::SMALL_OCI, &direct, false);
+    for (i, image) in [
+        Seeded::SMALL_OCI.to_owned(),
+        Seeded::SMALL_OCI.to_owned(),
+        format!("small/oci@{want}"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let through = work.path().join(format!("h2-{i}"));
+        copy_ok(&rc.host_port(), image, &through, false);
+        assert_same_copy(
+            &direct,
+            &through,
+            &format!("{image} through an HTTP/2 upstream"),
+        );
+    }
+
+    let (digest, size) = big_layer(&upstream);
+    let mut resp = client()
+        .get(format!("{}/v2/big/image/blobs/{digest}", rc.url()))
+        .send()
+        .await
+        .expect("GET the big layer");
+    assert_eq!(resp.status(), 200, "big layer through the HTTP/2 upstream");
+    let mut h = Sha256::new();
+    let mut n = 0u64;
+    while let Some(chunk) = resp.chunk().await.expect("big layer body") {
+        n += chunk.len() as u64;
+        h.update(&chunk);
+    }
+    assert_eq!(
+        (format!("sha256:{:x}", h.finalize()), n),
+        (digest.clone(), size),
+        "the big layer's bytes through the HTTP/2 upstream"
+    );
+
+    for host in ["tls11.example", "plain.example"] {
+        let path = format!("/v2/small/oci/manifests/latest?ns={host}");
+        let r = http_get(rc.addr(), &path, &[("Accept", ACCEPT_ALL)]).expect("GET manifest");
+        assert_eq!(
+            (r.status, r.header("docker-content-digest")),
+            (200, Some(want.as_str())),
+            "{path}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+
+    let log = nginx.access_log();
+    let h2_lines = nginx.log_lines_of(&h2);
+    for needle in [
+        "HEAD /v2/small/oci/manifests/latest ".to_owned(),
+        format!("GET /v2/big/image/blobs/{digest} 200 {size}"),
+    ] {
+        assert!(
+            h2_lines.iter().any(|l| l.contains(&needle)),
+            "regcache sent {needle:?} to the HTTP/2 port {h2}; nginx logged:\n{log}"
+        );
+    }
+    for (url, lines, protocol) in [
+        (&h2, h2_lines, "HTTP/2.0"),
+        (&tls11, nginx.log_lines_of(&tls11), "HTTP/1.1"),
+        (&plain, nginx.log_lines_of(&plain), "HTTP/1.1"),
+    ] {
+        assert!(
+            !lines.is_empty() && lines.iter().all(|l| l.split(' ').nth(1) == Some(protocol)),
+            "every request regcache sent to {url} is {protocol}; nginx logged:\n{log}"
+        );
+    }
 }
 
 #[test]

@@ -11,6 +11,8 @@
 //!   Docker manifest list asked for by tag without the list type in `Accept` is answered with its
 //!   linux/amd64 child, as distribution does.
 //! - `GET|HEAD /v2/<name>/blobs/<digest>` — octet-stream, single `Range` supported (206 / 416).
+//!   With [`FakeUpstream::set_head_without_length`], manifest and blob `HEAD`s carry no
+//!   `Content-Length`.
 //! - `GET /v2/<name>/tags/list[?n=&last=]` — paginated with a `Link: <...>; rel="next"` header.
 //! - `GET /token?service=..&scope=..` — bearer token issuer (when token auth is on); it can be made
 //!   to fail with [`FakeUpstream::set_token_answer`].
@@ -279,6 +281,12 @@ impl FakeUpstream {
         lock(&self.state.cfg).no_length = on;
     }
 
+    /// `HEAD` answers of manifests and blobs carry no `Content-Length` (the size is not announced;
+    /// `GET`s keep theirs).
+    pub fn set_head_without_length(&self, on: bool) {
+        lock(&self.state.cfg).head_no_length = on;
+    }
+
     /// Ranged blob `GET`s are answered `206` with as many bytes as were asked for, but from offset
     /// 0, and a `Content-Range` that says so (`bytes 0-<n-1>/<total>`): a server that ignores
     /// where a resumed read starts.
@@ -433,6 +441,7 @@ struct Config {
     corrupt: bool,
     short: bool,
     no_length: bool,
+    head_no_length: bool,
     wrong_range: bool,
     slow_chunk: usize,
     slow_delay: Duration,
@@ -690,11 +699,13 @@ fn registry(
             } else {
                 digest
             };
-            let builder = Response::builder()
+            let mut builder = Response::builder()
                 .status(StatusCode::OK)
                 .header("content-type", media_type)
-                .header("docker-content-digest", header_digest)
-                .header("content-length", body.len());
+                .header("docker-content-digest", header_digest);
+            if !(cfg.head_no_length && *method == Method::HEAD) {
+                builder = builder.header("content-length", body.len());
+            }
             let body = if *method == Method::HEAD {
                 empty()
             } else {
@@ -847,7 +858,11 @@ fn serve_blob(
         .header("content-type", "application/octet-stream")
         .header("docker-content-digest", digest)
         .header("accept-ranges", "bytes");
-    if !(cfg.no_length && *method == Method::GET) {
+    let announced = match *method {
+        Method::HEAD => !cfg.head_no_length,
+        _ => !cfg.no_length,
+    };
+    if announced {
         builder = builder.header("content-length", slice.len());
     }
     if let Some(cr) = content_range {

@@ -10,6 +10,7 @@ pub mod fake;
 pub mod images;
 pub mod moto;
 pub mod net;
+pub mod nginx;
 pub mod process;
 pub mod regcache;
 pub mod registry;
