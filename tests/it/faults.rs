@@ -2074,7 +2074,7 @@ async fn a_tag_is_revalidated_by_digest_when_the_upstream_head_has_no_length() {
     let r = send(
         client().head(&url).header(
             "accept",
-            regcache::media::Accept::ALL
+            regcache::oci::media::Accept::ALL
                 .header_value()
                 .unwrap_or_default(),
         ),
