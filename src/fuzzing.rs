@@ -7,6 +7,9 @@
 //! or a byte outside the grammar; a resolved range stays inside the blob; a routed request names
 //! a configured upstream and a valid repository; and so on. Compiled only for tests and with the
 //! `fuzzing` feature.
+// The invariant checks panic on purpose: a panic is how a fuzzer or a property test sees a
+// broken invariant.
+#![allow(clippy::panic, clippy::expect_used, clippy::unwrap_used)]
 
 use std::sync::{Arc, OnceLock};
 
