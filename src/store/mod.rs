@@ -177,14 +177,13 @@ pub enum StoreError {
     Db(String),
     #[error("{0}")]
     Incompatible(String),
-    /// Another process holds the data directory's lock (a running regcache, whose PID the lock
-    /// file names).
+    /// Another process holds the data directory's lock (`pid`: what its lock file says).
     #[error(
         "the data directory {} is in use by another regcache (PID {}); stop it or use another --data-dir",
-        root.display(),
+        path.display(),
         pid.as_deref().unwrap_or("unknown")
     )]
-    Locked { root: PathBuf, pid: Option<String> },
+    Locked { path: PathBuf, pid: Option<String> },
 }
 
 fn db_err(e: impl std::fmt::Display) -> StoreError {
@@ -265,7 +264,7 @@ impl DirLock {
             let _ = file.read_to_string(&mut pid);
             let pid = pid.trim();
             return Err(StoreError::Locked {
-                root: root.to_owned(),
+                path: root.to_owned(),
                 pid: (!pid.is_empty()).then(|| pid.to_owned()),
             });
         }
