@@ -167,7 +167,9 @@ pub fn n_last(data: &[u8]) {
     assert!(p.windows(2).all(|w| w[0] < w[1]), "page is sorted");
     assert!(p.iter().all(|t| items.contains(t)));
     if let Some(ns) = &q.ns {
-        let again = api::percent_decode(&crate::cmd::admin::urlencode(ns));
+        let encoded = percent_encoding::utf8_percent_encode(ns, percent_encoding::NON_ALPHANUMERIC)
+            .to_string();
+        let again = api::percent_decode(&encoded);
         assert_eq!(again.as_deref(), Some(ns.as_str()));
     }
 }
@@ -383,7 +385,7 @@ pub fn dockerfile(data: &[u8]) {
     }
     for line in text.lines().take(64) {
         for escape in ['\\', '`'] {
-            let _ = dockerfile::expand(line, &vars, escape);
+            let _ = crate::cmd::prefetch::shell::expand(line, &vars, escape);
         }
     }
 }
