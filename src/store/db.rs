@@ -169,14 +169,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::RepoKey;
-
-    fn key(repo: &str) -> RepoKey {
-        RepoKey {
-            upstream: "u".into(),
-            repo: repo.parse().expect("valid repo"),
-        }
-    }
+    use crate::store::tests::key;
 
     #[test]
     fn a_schema_1_store_is_migrated_at_open() {

@@ -206,14 +206,7 @@ pub fn target(
 mod tests {
     use super::*;
     use crate::oci::reference::Digest;
-    use crate::store::RepoKey;
-
-    fn key(repo: &str) -> RepoKey {
-        RepoKey {
-            upstream: "u".into(),
-            repo: repo.parse().expect("repo"),
-        }
-    }
+    use crate::store::tests::key;
 
     fn blob(store: &Store, repo: &str, data: &[u8]) -> Digest {
         let d = Digest::sha256_of(data);

@@ -319,7 +319,8 @@ impl Store {
 mod tests {
     use super::*;
 
-    fn key(repo: &str) -> RepoKey {
+    /// The key of `repo` of the upstream `u`.
+    pub(super) fn key(repo: &str) -> RepoKey {
         RepoKey {
             upstream: "u".into(),
             repo: repo.parse().expect("valid repo"),
