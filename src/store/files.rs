@@ -113,7 +113,7 @@ impl Drop for TempBlob {
 }
 
 /// A file under `blobs/`, as found on disk.
-pub(crate) struct BlobFile {
+pub(super) struct BlobFile {
     /// `<alg>:<file name>`: the digest the file's place names, if it is one.
     pub name: String,
     pub path: PathBuf,
@@ -241,7 +241,7 @@ impl Store {
 
     /// Every file under `blobs/<alg>/<xx>/`, read from disk as the walk goes. Unreadable
     /// directories are skipped.
-    pub(crate) fn blob_files(&self) -> impl Iterator<Item = BlobFile> {
+    pub(super) fn blob_files(&self) -> impl Iterator<Item = BlobFile> {
         fn entries(dir: PathBuf) -> impl Iterator<Item = fs::DirEntry> {
             fs::read_dir(dir).into_iter().flatten().flatten()
         }
@@ -259,7 +259,7 @@ impl Store {
 
     /// Every file in `tmp/`: fills in progress, or, with no server running, left by one that
     /// stopped.
-    pub(crate) fn temp_files(&self) -> Vec<PathBuf> {
+    pub(super) fn temp_files(&self) -> Vec<PathBuf> {
         fs::read_dir(&self.tmp)
             .into_iter()
             .flatten()

@@ -40,7 +40,7 @@ pub use db::SCHEMA_VERSION;
 use error::io_err;
 pub use error::{is_disk_full, DbError, StoreError};
 pub use files::{free_bytes, DirLock, TempBlob};
-pub(crate) use records::Records;
+use records::Records;
 
 /// The digests a manifest references: config, layers, index children, artifact blobs (not its
 /// `subject`, which it points at rather than contains).
@@ -186,7 +186,7 @@ impl Store {
         self.used.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn sub_used(&self, n: u64) {
+    fn sub_used(&self, n: u64) {
         let _ = self
             .used
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
@@ -224,7 +224,7 @@ impl Store {
         }
     }
 
-    pub(crate) fn held(&self) -> Vec<String> {
+    fn held(&self) -> Vec<String> {
         self.holds
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -279,7 +279,7 @@ impl Store {
     }
 
     /// Drops a manifest from the memory copy (its records are going).
-    pub(crate) fn forget_in_memory(&self, d: &str) {
+    fn forget_in_memory(&self, d: &str) {
         let mut mem = self.manifest_mem.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((_, b)) = mem.map.remove(d) {
             mem.bytes -= b.len();

@@ -27,7 +27,7 @@ impl RepoKey {
 
 /// What verify starts from, read in one transaction.
 #[derive(Debug, Default)]
-pub(crate) struct Records {
+pub(super) struct Records {
     /// Every blob record: digest and size.
     pub blobs: Vec<(String, u64)>,
     /// Every manifest record's digest.
@@ -38,7 +38,7 @@ pub(crate) struct Records {
 
 /// What eviction starts from, read in one transaction.
 #[derive(Debug, Default)]
-pub(crate) struct Snapshot {
+pub(super) struct Snapshot {
     /// Every blob record: digest and size.
     pub blobs: Vec<(String, u64)>,
     /// `(parent, child)`: the manifest `parent` references `child`.
@@ -50,7 +50,7 @@ pub(crate) struct Snapshot {
 
 /// What a removal removed.
 #[derive(Debug, Default)]
-pub(crate) struct Removed {
+pub(super) struct Removed {
     /// The digests whose records and files were removed.
     pub digests: BTreeSet<String>,
     pub manifests: u64,
@@ -338,7 +338,7 @@ impl Store {
     }
 
     /// Removes tag records by their keys (as [`Records::tags`] gives them).
-    pub(crate) fn remove_tags(&self, keys: &[String]) -> Result<(), StoreError> {
+    pub(super) fn remove_tags(&self, keys: &[String]) -> Result<(), StoreError> {
         if keys.is_empty() {
             return Ok(());
         }
@@ -484,7 +484,7 @@ impl Store {
     }
 
     /// Access times, pending ones included.
-    pub(crate) fn access_times(&self) -> Result<HashMap<String, u64>, StoreError> {
+    pub(super) fn access_times(&self) -> Result<HashMap<String, u64>, StoreError> {
         let mut out = HashMap::new();
         let tx = self.db.read()?;
         let t = tx.open_table(ACCESS)?;
@@ -502,7 +502,7 @@ impl Store {
 /// The whole store at once: what eviction and verify start from, and removals.
 impl Store {
     /// Every blob, manifest and tag record, for verify.
-    pub(crate) fn records(&self) -> Result<Records, StoreError> {
+    pub(super) fn records(&self) -> Result<Records, StoreError> {
         let tx = self.db.read()?;
         let mut manifests = Vec::new();
         for item in tx.open_table(MANIFESTS)?.iter()? {
@@ -516,7 +516,7 @@ impl Store {
     }
 
     /// Every blob record, the reference graph and what the pins protect, for eviction.
-    pub(crate) fn snapshot(&self) -> Result<Snapshot, StoreError> {
+    pub(super) fn snapshot(&self) -> Result<Snapshot, StoreError> {
         let tx = self.db.read()?;
         let blobs = read_blobs(&tx)?;
         let tags: Vec<(String, String)> = read_tags(&tx)?
@@ -565,7 +565,7 @@ impl Store {
     /// that point at them: a cached tag is always complete) in one transaction, then their files.
     /// Returns the manifests, blobs and bytes removed. For `verify --repair`: bad digests go,
     /// whatever references them.
-    pub(crate) fn drop_blobs(
+    pub(super) fn drop_blobs(
         &self,
         doomed: &BTreeSet<String>,
     ) -> Result<(u64, u64, u64), StoreError> {
@@ -577,7 +577,7 @@ impl Store {
     /// and a manifest recorded since may reference some of it. Inside the removal's transaction,
     /// every doomed digest that a recorded manifest outside the removed set references (a `refby`
     /// row) is kept, and so, in turn, is what a kept manifest references.
-    pub(crate) fn evict_blobs(&self, doomed: &BTreeSet<String>) -> Result<Removed, StoreError> {
+    pub(super) fn evict_blobs(&self, doomed: &BTreeSet<String>) -> Result<Removed, StoreError> {
         self.remove_blobs(doomed, true)
     }
 
