@@ -39,7 +39,7 @@ pub enum OpenError {
     Store {
         data_dir: std::path::PathBuf,
         #[source]
-        source: StoreError,
+        source: Box<StoreError>,
     },
     /// The rest of the assembly: the shared bucket's client, the certificate, the routing table.
     #[error(transparent)]
@@ -50,13 +50,7 @@ impl OpenError {
     /// Whether another running regcache holds the data directory (so the store commands can ask
     /// that server instead).
     pub fn is_in_use(&self) -> bool {
-        matches!(
-            self,
-            OpenError::Store {
-                source: StoreError::Locked { .. },
-                ..
-            }
-        )
+        matches!(self, OpenError::Store { source, .. } if matches!(**source, StoreError::Locked { .. }))
     }
 }
 
@@ -65,7 +59,7 @@ impl App {
     pub fn open(config: Config) -> Result<Arc<App>, OpenError> {
         let store = Store::open(&config.data_dir).map_err(|source| OpenError::Store {
             data_dir: config.data_dir.clone(),
-            source,
+            source: Box::new(source),
         })?;
         let metrics = Arc::new(Metrics::new());
         let mut cache = Cache::new(
