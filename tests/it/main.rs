@@ -3,7 +3,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod accept;
-mod architecture;
 mod bucket;
 mod clients;
 mod config_store;

@@ -6,6 +6,7 @@
 //! helpers it may borrow.
 
 mod accept;
+mod architecture;
 mod config_store;
 mod durability;
 mod faults;
