@@ -22,6 +22,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use crate::oci::manifest::manifest_refs;
 use crate::oci::media::Accept;
 use crate::oci::reference::{Digest, RepoName, Tag};
 
@@ -140,32 +141,6 @@ fn still_unreferenced(
             gone.remove(&d);
         }
     }
-}
-
-/// The digests a manifest references: config, layers, index children, artifact blobs (not its
-/// `subject`, which it points at rather than contains).
-pub fn manifest_refs(bytes: &[u8]) -> Vec<Digest> {
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    if let Some(d) = v
-        .get("config")
-        .and_then(|c| c.get("digest"))
-        .and_then(|d| d.as_str())
-    {
-        out.extend(d.parse().ok());
-    }
-    for list in ["layers", "manifests", "blobs"] {
-        for item in v.get(list).and_then(|l| l.as_array()).into_iter().flatten() {
-            if let Some(d) = item.get("digest").and_then(|d| d.as_str()) {
-                out.extend(d.parse().ok());
-            }
-        }
-    }
-    out.sort();
-    out.dedup();
-    out
 }
 
 /// A store failure: I/O or database.
