@@ -55,8 +55,24 @@ pub enum BucketError {
     Timeout(Duration),
     #[error("bucket: {0}")]
     Store(#[from] object_store::Error),
-    #[error("bucket: {0}")]
-    Other(String),
+    /// A key object_store refuses (the configured prefix and one of the layout's keys).
+    #[error("bucket: key {key:?}: {source}")]
+    Key {
+        key: String,
+        #[source]
+        source: object_store::path::Error,
+    },
+    /// An object larger than such an object may be: refused before its body was read.
+    #[error("bucket: {key}: larger than the {max} bytes such an object may have")]
+    Oversized { key: String, max: u64 },
+    /// A failure on this server, not in the bucket: reading the blob to upload, encoding a tag
+    /// record, …
+    #[error("bucket: {what}: {source}")]
+    Local {
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// A tag record as the bucket holds it.
@@ -179,7 +195,7 @@ impl Bucket {
         } else {
             format!("{}/{key}", self.prefix)
         };
-        Path::parse(&full).map_err(|e| BucketError::Other(format!("key {full:?}: {e}")))
+        Path::parse(&full).map_err(|source| BucketError::Key { key: full, source })
     }
 
     fn blob_key(d: &Digest) -> String {
@@ -306,9 +322,10 @@ impl Bucket {
             }
             Ok(None) => {
                 self.corrupt();
-                Err(BucketError::Other(format!(
-                    "{key}: larger than the {max} bytes such an object may have"
-                )))
+                Err(BucketError::Oversized {
+                    key: key.to_owned(),
+                    max,
+                })
             }
             Err(BucketError::Store(object_store::Error::NotFound { .. })) => Ok(None),
             Err(e) => Err(e),
@@ -399,9 +416,7 @@ impl Bucket {
                 s3.signed_url(http::Method::GET, &path, ttl).await
             })
             .await?;
-        reqwest::Url::parse(url.as_str())
-            .map(Some)
-            .map_err(|e| BucketError::Other(format!("presigned URL: {e}")))
+        Ok(Some(url))
     }
 
     /// Time allowed to write `bytes`: `timeout`, plus a second per MiB (the upload must keep
@@ -415,7 +430,10 @@ impl Bucket {
         Arc::clone(&self.uploads)
             .acquire_owned()
             .await
-            .map_err(|e| BucketError::Other(e.to_string()))
+            .map_err(|e| BucketError::Local {
+                what: "upload slots",
+                source: Box::new(e),
+            })
     }
 
     /// Uploads a verified blob from `file` (`size` bytes) unless the bucket already holds it
@@ -652,7 +670,10 @@ impl Bucket {
             digest: d.to_string(),
             checked_at_ms,
         };
-        let body = serde_json::to_vec(&rec).map_err(|e| BucketError::Other(e.to_string()))?;
+        let body = serde_json::to_vec(&rec).map_err(|e| BucketError::Local {
+            what: "tag record",
+            source: Box::new(e),
+        })?;
         self.put_small(
             "put",
             &Self::tag_key(upstream, repo, tag),
@@ -669,12 +690,17 @@ async fn read_part(file: &Arc<std::sync::Mutex<File>>, n: usize) -> Result<Bytes
     tokio::task::spawn_blocking(move || {
         let mut buf = vec![0u8; n];
         let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
-        f.read_exact(&mut buf)
-            .map_err(|e| BucketError::Other(format!("reading the blob to upload: {e}")))?;
+        f.read_exact(&mut buf).map_err(|e| BucketError::Local {
+            what: "reading the blob to upload",
+            source: Box::new(e),
+        })?;
         Ok(Bytes::from(buf))
     })
     .await
-    .map_err(|e| BucketError::Other(format!("read task: {e}")))?
+    .map_err(|e| BucketError::Local {
+        what: "read task",
+        source: Box::new(e),
+    })?
 }
 
 #[cfg(test)]

@@ -1911,7 +1911,10 @@ impl Cache {
                             pending.forget(&item, recorded);
                             return;
                         }
-                        Err(e) => Err(crate::bucket::BucketError::Other(e.to_string())),
+                        Err(e) => Err(crate::bucket::BucketError::Local {
+                            what: "opening the blob to upload",
+                            source: Box::new(e),
+                        }),
                     }
                 }
                 Share::Manifest {
