@@ -118,6 +118,9 @@ impl Upstream {
         &self.config.name
     }
 
+    /// The address of `path` (`/v2/…`, with its query if any) on this upstream. Joined as text
+    /// on purpose: `Url::join` would replace the configured URL's own path (`https://h/mirror/`)
+    /// with the absolute `path`, and `set_path` would escape the `?` of a query.
     fn url(&self, path: &str) -> String {
         format!("{}{}", self.config.url.as_str().trim_end_matches('/'), path)
     }
