@@ -152,6 +152,13 @@ pub enum StoreError {
     Db(String),
     #[error("{0}")]
     Incompatible(String),
+    /// Another process holds the data directory's lock (`pid`: what its lock file says).
+    #[error(
+        "the data directory {} is in use by another regcache (PID {}); stop it or use another --data-dir",
+        path.display(),
+        pid.as_deref().unwrap_or("unknown")
+    )]
+    Locked { path: PathBuf, pid: Option<String> },
 }
 
 fn db_err(e: impl std::fmt::Display) -> StoreError {
@@ -231,11 +238,10 @@ impl DirLock {
             let mut pid = String::new();
             let _ = file.read_to_string(&mut pid);
             let pid = pid.trim();
-            return Err(StoreError::Incompatible(format!(
-                "the data directory {} is in use by another regcache (PID {}); stop it or use another --data-dir",
-                root.display(),
-                if pid.is_empty() { "unknown" } else { pid }
-            )));
+            return Err(StoreError::Locked {
+                path: root.to_owned(),
+                pid: (!pid.is_empty()).then(|| pid.to_owned()),
+            });
         }
         file.set_len(0).map_err(io_err(&path))?;
         file.rewind().map_err(io_err(&path))?;
