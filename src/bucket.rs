@@ -19,7 +19,7 @@ use std::fs::File;
 use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
@@ -34,7 +34,6 @@ use object_store::{
 
 use crate::config::S3Config;
 use crate::oci::reference::{Digest, RepoName, Tag};
-use crate::store::now_millis;
 use crate::telemetry::metrics::Metrics;
 
 /// How long the bucket is left alone after a request to it failed.
@@ -93,7 +92,10 @@ pub struct Bucket {
     prefix: String,
     timeout: Duration,
     redirect: Option<Duration>,
-    /// `now_millis()` until which the bucket is skipped (0: in use).
+    /// The origin of `down_until`: a monotonic clock, so that a step of the wall clock neither
+    /// ends nor extends a skip.
+    epoch: Instant,
+    /// Milliseconds since `epoch` until which the bucket is skipped (0: in use).
     down_until: AtomicU64,
     uploads: Arc<tokio::sync::Semaphore>,
     metrics: Arc<Metrics>,
@@ -173,6 +175,7 @@ impl Bucket {
             prefix: cfg.prefix.clone(),
             timeout: cfg.timeout,
             redirect: cfg.redirect.then_some(cfg.redirect_ttl),
+            epoch: Instant::now(),
             down_until: AtomicU64::new(0),
             uploads: Arc::new(tokio::sync::Semaphore::new(UPLOADS)),
             metrics,
@@ -184,9 +187,14 @@ impl Bucket {
         self.redirect.is_some()
     }
 
+    /// Milliseconds since the bucket was built, on the monotonic clock.
+    fn clock_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
     /// Whether the bucket is in use (not skipped after a failure).
     pub fn is_up(&self) -> bool {
-        self.down_until.load(Ordering::Relaxed) <= now_millis()
+        self.down_until.load(Ordering::Relaxed) <= self.clock_ms()
     }
 
     fn path(&self, key: &str) -> Result<Path, BucketError> {
@@ -246,7 +254,7 @@ impl Bucket {
         F: std::future::Future<Output = object_store::Result<T>>,
     {
         let until = self.down_until.load(Ordering::Relaxed);
-        let now = now_millis();
+        let now = self.clock_ms();
         if until > now {
             return Err(BucketError::Skipped(
                 (DOWN_FOR.as_millis() as u64).saturating_sub(until - now) / 1000,
@@ -273,11 +281,11 @@ impl Bucket {
 
     /// Records a failed bucket request: the bucket is skipped for [`DOWN_FOR`].
     pub fn failed(&self, op: &'static str, e: &dyn std::fmt::Display) {
-        let was = self.down_until.swap(
-            now_millis() + DOWN_FOR.as_millis() as u64,
-            Ordering::Relaxed,
-        );
-        if was <= now_millis() {
+        let now = self.clock_ms();
+        let was = self
+            .down_until
+            .swap(now + DOWN_FOR.as_millis() as u64, Ordering::Relaxed);
+        if was <= now {
             tracing::warn!(op, error = %e, skip_for = ?DOWN_FOR, "bucket request failed: using the local tier and the upstream only");
         }
         self.metrics.bucket_up.set(0);
@@ -637,7 +645,7 @@ impl Bucket {
         match serde_json::from_slice::<SharedTag>(&bytes) {
             Ok(mut t) if t.digest.parse::<Digest>().is_ok() => {
                 // A server whose clock runs ahead must not make a tag fresh for longer.
-                t.checked_at_ms = t.checked_at_ms.min(now_millis());
+                t.checked_at_ms = t.checked_at_ms.min(wall_clock_ms());
                 Ok(Some(t))
             }
             _ => {
@@ -682,6 +690,15 @@ impl Bucket {
         )
         .await
     }
+}
+
+/// Milliseconds since the Unix epoch: the clock of tag records (`checked_at_ms`), shared by the
+/// servers of a bucket. The store's `now_millis` reads the same clock; it is not used here
+/// because a tier uses no other tier.
+fn wall_clock_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Reads the next `n` bytes of `file` on the blocking pool.

@@ -156,7 +156,10 @@ fn no_source_file_is_much_over_800_lines_and_each_says_what_it_owns() {
     for file in &files {
         let text = std::fs::read_to_string(file).expect("read source");
         // Unit tests at the end of a file do not count against its size.
-        let code = text.split("\n#[cfg(test)]\nmod tests").next().unwrap_or(&text);
+        let code = text
+            .split("\n#[cfg(test)]\nmod tests")
+            .next()
+            .unwrap_or(&text);
         let lines = code.lines().count();
         if lines > 900 {
             problems.push(format!("{}: {lines} lines of code", file.display()));
