@@ -221,6 +221,7 @@ impl fmt::Display for Suffix<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upstream::redirect::{self, HostClass, Refused};
 
     #[derive(Debug, thiserror::Error)]
     #[error("outer: {0}")]
@@ -290,6 +291,65 @@ mod tests {
             e.source().and_then(|s| s.downcast_ref::<UpstreamError>()),
             Some(UpstreamError::Invalid { .. })
         ));
+    }
+
+    /// A redirect the address policy refuses is the upstream's invalid answer (not an outage),
+    /// with the policy's refusal as its cause, and without the target's path or query.
+    #[tokio::test]
+    async fn a_refused_redirect_is_invalid_and_keeps_the_refusal() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let origin =
+            reqwest::Url::parse(&format!("http://{}/", listener.local_addr().expect("addr")))
+                .expect("origin URL");
+        tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.expect("accept");
+            let mut request = [0u8; 4096];
+            let _ = conn.read(&mut request).await;
+            let answer = concat!(
+                "HTTP/1.1 302 Found\r\n",
+                "Location: http://169.254.169.254/latest?sig=secret\r\n",
+                "Content-Length: 0\r\n\r\n",
+            );
+            let _ = conn.write_all(answer.as_bytes()).await;
+        });
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(redirect::policy(origin.clone(), false))
+            .build()
+            .expect("client");
+        let e = client
+            .get(origin.join("v2/").expect("URL"))
+            .send()
+            .await
+            .expect_err("the redirect is refused");
+        let e = classify("hub", e);
+        assert!(
+            matches!(e, UpstreamError::Invalid { .. }) && !e.is_unavailable(),
+            "{e:?}"
+        );
+        let refused = e.source().and_then(|s| s.downcast_ref::<Refused>());
+        assert!(
+            matches!(
+                refused,
+                Some(Refused::Internal {
+                    class: HostClass::LinkLocal,
+                    ..
+                })
+            ),
+            "{e:?}"
+        );
+        let text = e.to_string();
+        assert!(
+            text.starts_with(
+                "upstream hub sent an invalid response: error following redirect: refused to \
+                 follow the upstream to 169.254.169.254, a link-local address"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("sig=secret"), "{text}");
     }
 
     #[test]
