@@ -305,7 +305,7 @@ pub fn glob(data: &[u8]) {
 
 /// The JSON nesting scanner agrees with serde_json on every document serde_json accepts.
 pub fn json(data: &[u8]) {
-    let depth = crate::upstream::json_depth(data);
+    let depth = crate::oci::manifest::json_depth(data);
     if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) {
         let mut deepest = 0;
         let mut stack = vec![(&v, 0usize)];

@@ -19,11 +19,12 @@ use futures_util::future::{BoxFuture, FutureExt, Shared};
 use tokio::sync::{mpsc, watch};
 
 use crate::bucket::{or_without, upstream_id, Bucket};
+use crate::oci::manifest::{media_type_from_body, referrer_descriptor};
 use crate::oci::media::{self, Accept, Negotiated};
 use crate::oci::reference::{Digest, Reference, RepoName, Tag};
 use crate::store::{now_millis, Hold, RepoKey, Store, StoreError, TempBlob};
 use crate::telemetry::metrics::Metrics;
-use crate::upstream::{media_type_from_body, Upstream, UpstreamError};
+use crate::upstream::{Upstream, UpstreamError};
 
 /// Size of the chunks read from files and sent to clients.
 pub const CHUNK: usize = 256 * 1024;
@@ -624,6 +625,7 @@ fn verify_manifest(
         signed = media::schema1_payload(&fetched.bytes).ok_or_else(|| UpstreamError::Invalid {
             upstream: up.name().to_owned(),
             detail: "a schema 1 manifest without a readable signature".into(),
+            source: None,
         })?;
         &signed
     } else {
@@ -648,29 +650,6 @@ fn verify_manifest(
         }
     }
     Ok(actual)
-}
-
-/// The `subject` of a manifest and the descriptor to list it under in the referrers API.
-fn referrer_descriptor(bytes: &[u8], media_type: &str, d: &Digest) -> Option<(Digest, Vec<u8>)> {
-    let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
-    let subject: Digest = v.get("subject")?.get("digest")?.as_str()?.parse().ok()?;
-    let artifact_type = v
-        .get("artifactType")
-        .and_then(|a| a.as_str())
-        .or_else(|| v.get("config")?.get("mediaType")?.as_str())
-        .map(str::to_owned);
-    let mut desc = serde_json::json!({
-        "mediaType": media_type,
-        "digest": d.to_string(),
-        "size": bytes.len(),
-    });
-    if let Some(a) = artifact_type {
-        desc["artifactType"] = serde_json::Value::String(a);
-    }
-    if let Some(ann) = v.get("annotations") {
-        desc["annotations"] = ann.clone();
-    }
-    Some((subject, serde_json::to_vec(&desc).ok()?))
 }
 
 impl Cache {
@@ -1460,19 +1439,22 @@ impl Cache {
             Source::Upstream(resp) => up.next_chunk(resp).await,
             Source::Bucket(stream) => {
                 let idle = up.config.idle_timeout;
-                let r =
+                let r: crate::upstream::Cause =
                     match tokio::time::timeout(idle, futures_util::StreamExt::next(stream)).await {
                         Ok(Some(Ok(c))) => return Ok(Some(c)),
                         Ok(None) => return Ok(None),
-                        Ok(Some(Err(e))) => e.to_string(),
-                        Err(_) => format!("no data for {idle:?}"),
+                        Ok(Some(Err(e))) => Arc::new(e),
+                        Err(_) => Arc::new(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("no data for {idle:?}"),
+                        )),
                     };
                 if let Some(b) = &self.bucket {
                     b.failed("get", &r);
                 }
                 Err(UpstreamError::Unreachable {
                     upstream: "bucket".into(),
-                    detail: r,
+                    source: r,
                 })
             }
         }
@@ -1929,7 +1911,10 @@ impl Cache {
                             pending.forget(&item, recorded);
                             return;
                         }
-                        Err(e) => Err(crate::bucket::BucketError::Other(e.to_string())),
+                        Err(e) => Err(crate::bucket::BucketError::Local {
+                            what: "opening the blob to upload",
+                            source: Box::new(e),
+                        }),
                     }
                 }
                 Share::Manifest {

@@ -32,6 +32,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::oci::manifest::manifest_refs;
 use crate::oci::media::Accept;
 use crate::oci::reference::{Digest, RepoName, Tag};
 
@@ -41,32 +42,6 @@ use error::io_err;
 pub use error::{is_disk_full, DbError, StoreError};
 pub use files::{free_bytes, DirLock, TempBlob};
 use records::Records;
-
-/// The digests a manifest references: config, layers, index children, artifact blobs (not its
-/// `subject`, which it points at rather than contains).
-pub fn manifest_refs(bytes: &[u8]) -> Vec<Digest> {
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    if let Some(d) = v
-        .get("config")
-        .and_then(|c| c.get("digest"))
-        .and_then(|d| d.as_str())
-    {
-        out.extend(d.parse().ok());
-    }
-    for list in ["layers", "manifests", "blobs"] {
-        for item in v.get(list).and_then(|l| l.as_array()).into_iter().flatten() {
-            if let Some(d) = item.get("digest").and_then(|d| d.as_str()) {
-                out.extend(d.parse().ok());
-            }
-        }
-    }
-    out.sort();
-    out.dedup();
-    out
-}
 
 /// Milliseconds since the Unix epoch.
 pub fn now_millis() -> u64 {
