@@ -179,6 +179,17 @@ pub enum StoreError {
     Incompatible(String),
 }
 
+impl StoreError {
+    /// Whether the filesystem under the store is full: the cause is an `io::Error` of kind
+    /// `StorageFull` or raw OS error 28 (ENOSPC).
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            StoreError::Io { source, .. } => is_disk_full(source),
+            StoreError::Db(_) | StoreError::Incompatible(_) => false,
+        }
+    }
+}
+
 fn db_err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Db(e.to_string())
 }
