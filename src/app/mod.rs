@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crate::cache::{Cache, Tiers};
 use crate::config::Config;
-use crate::store::{free_bytes, Store};
+use crate::store::{free_bytes, Store, StoreError};
 use crate::telemetry::metrics::Metrics;
 
 pub use routing::Routing;
@@ -30,14 +30,36 @@ pub struct App {
     stopping: std::sync::atomic::AtomicBool,
 }
 
+/// Why [`App::open`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The store cannot be opened: permissions, a newer schema, or the data directory locked by
+    /// another regcache ([`OpenError::is_in_use`]).
+    #[error("cannot open the store in {}", data_dir.display())]
+    Store {
+        data_dir: std::path::PathBuf,
+        #[source]
+        source: Box<StoreError>,
+    },
+    /// The rest of the assembly: the shared bucket's client, the certificate, the routing table.
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+impl OpenError {
+    /// Whether another running regcache holds the data directory (so the store commands can ask
+    /// that server instead).
+    pub fn is_in_use(&self) -> bool {
+        matches!(self, OpenError::Store { source, .. } if matches!(**source, StoreError::Locked { .. }))
+    }
+}
+
 impl App {
     /// Opens (and locks) the store and builds the upstream clients. Contacts no upstream.
-    pub fn open(config: Config) -> anyhow::Result<Arc<App>> {
-        let store = Store::open(&config.data_dir).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot open the store in {}: {e}",
-                config.data_dir.display()
-            )
+    pub fn open(config: Config) -> Result<Arc<App>, OpenError> {
+        let store = Store::open(&config.data_dir).map_err(|source| OpenError::Store {
+            data_dir: config.data_dir.clone(),
+            source: Box::new(source),
         })?;
         let metrics = Arc::new(Metrics::new());
         let cache = Cache::new(

@@ -8,14 +8,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use redb::{ReadableDatabase, ReadableTable};
-
-use crate::oci::reference::Digest;
-use crate::store::{Store, StoreError, PINS, REFS};
-
-fn db_err(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Db(e.to_string())
-}
+use crate::store::{Store, StoreError};
 
 /// What one collection removed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -25,81 +18,31 @@ pub struct EvictReport {
     pub bytes: u64,
 }
 
-/// A consistent picture of the store's metadata for one collection.
-struct Snapshot {
+/// The store's metadata for one collection ([`Store::snapshot`]), as maps.
+struct Graph {
     sizes: HashMap<String, u64>,
     children: HashMap<String, Vec<String>>,
     parents: HashMap<String, Vec<String>>,
-    /// Tag key (`upstream \0 repo \0 tag`) → digest.
-    tags: Vec<(String, String)>,
+    /// Digests that pins protect (with what they reference).
     pins: Vec<String>,
 }
 
-fn snapshot(store: &Store) -> Result<Snapshot, StoreError> {
-    let tx = store.db.begin_read().map_err(db_err)?;
-    let (blobs, _, tags) = crate::store::read_records(&tx)?;
-    let mut s = Snapshot {
-        sizes: blobs.into_iter().collect(),
+fn graph(store: &Store) -> Result<Graph, StoreError> {
+    let snap = store.snapshot()?;
+    let mut g = Graph {
+        sizes: snap.blobs.into_iter().collect(),
         children: HashMap::new(),
         parents: HashMap::new(),
-        tags: tags.into_iter().filter(|(_, d)| !d.is_empty()).collect(),
-        pins: Vec::new(),
+        pins: snap.pinned,
     };
-    for item in tx
-        .open_table(REFS)
-        .map_err(db_err)?
-        .iter()
-        .map_err(db_err)?
-    {
-        let (k, _) = item.map_err(db_err)?;
-        if let Some((p, c)) = k.value().split_once('\0') {
-            s.children
-                .entry(p.to_owned())
-                .or_default()
-                .push(c.to_owned());
-            s.parents
-                .entry(c.to_owned())
-                .or_default()
-                .push(p.to_owned());
-        }
+    for (p, c) in snap.refs {
+        g.children.entry(p.clone()).or_default().push(c.clone());
+        g.parents.entry(c).or_default().push(p);
     }
-    let mut pin_keys = Vec::new();
-    for item in tx
-        .open_table(PINS)
-        .map_err(db_err)?
-        .iter()
-        .map_err(db_err)?
-    {
-        pin_keys.push(item.map_err(db_err)?.0.value().to_owned());
-    }
-    // A pin names a digest directly, or a tag whose current digest is pinned.
-    let tag_digest: HashMap<&str, &str> = s
-        .tags
-        .iter()
-        .map(|(k, d)| (k.as_str(), d.as_str()))
-        .collect();
-    for key in pin_keys {
-        let reference = key.rsplit('\0').next().unwrap_or("");
-        if reference.parse::<Digest>().is_ok() {
-            s.pins.push(reference.to_owned());
-        } else {
-            s.pins
-                .extend(tag_digest.get(key.as_str()).map(|d| (*d).to_owned()));
-            // And what the tag gives clients with narrower Accept sets (`key \0 accept=…`), which
-            // may be all that is cached of it.
-            let narrower = format!("{key}\0");
-            s.pins.extend(
-                s.tags
-                    .iter()
-                    .filter(|(k, _)| k.starts_with(&narrower))
-                    .map(|(_, d)| d.clone()),
-            );
-        }
-    }
-    Ok(s)
+    Ok(g)
 }
 
-impl Snapshot {
+impl Graph {
     /// `root` and everything below it (children first are not required; a set).
     fn closure(&self, root: &str) -> Vec<String> {
         let mut out = vec![root.to_owned()];
@@ -152,7 +95,7 @@ pub fn evict_to(store: &Store, target: u64) -> Result<EvictReport, StoreError> {
         return Ok(report);
     }
     let _ = store.flush_access();
-    let snap = snapshot(store)?;
+    let snap = graph(store)?;
     let access = store.access_times()?;
     let mut protected: HashSet<String> = store.held().into_iter().collect();
     for p in &snap.pins {
@@ -262,14 +205,8 @@ pub fn target(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::RepoKey;
-
-    fn key(repo: &str) -> RepoKey {
-        RepoKey {
-            upstream: "u".into(),
-            repo: repo.parse().expect("repo"),
-        }
-    }
+    use crate::oci::reference::Digest;
+    use crate::store::tests::key;
 
     fn blob(store: &Store, repo: &str, data: &[u8]) -> Digest {
         let d = Digest::sha256_of(data);
@@ -360,7 +297,7 @@ mod tests {
 
     /// The doomed set of `root` as [`evict_to`] computes it from a snapshot taken now.
     fn doomed_now(store: &Store, root: &Digest) -> BTreeSet<String> {
-        let snap = snapshot(store).expect("snapshot");
+        let snap = graph(store).expect("snapshot");
         snap.doomed(&root.to_string(), &HashSet::new(), &HashSet::new())
     }
 

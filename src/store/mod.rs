@@ -1,146 +1,46 @@
-//! The local content-addressed store: blob files on disk and the redb metadata database.
+//! The local content-addressed store: blob files on disk and the redb metadata database, sealed
+//! behind `Store`'s methods.
 //!
 //! Layout under the data directory:
 //! - `blobs/<alg>/<first two hex>/<hex>`: committed content (layers, configs and manifests alike);
 //! - `tmp/`: files being filled, never served by path, removed at start;
-//! - `meta.redb`: tables described in `docs/ARCHITECTURE.md`.
+//! - `meta.redb`: tables described in `docs/ARCHITECTURE.md`;
+//! - `lock`: held while the store is open.
+//!
+//! Files: `mod.rs` (this one) has `Store` itself, its opening, its in-memory state (usage, the
+//! full flag, holds, the manifest copy) and the shared types; `files.rs` the files; `db.rs` the
+//! database's tables, schema and migrations; `records.rs` the database records; `error.rs` the
+//! errors; `evict.rs` and `verify.rs` keep the store within its limits and consistent, through
+//! `Store`'s methods only.
 //!
 //! A blob is recorded in the database only after its file was verified, fsynced and renamed into
 //! place, so every recorded blob exists with its digest's content.
 
+mod db;
+mod error;
 pub mod evict;
+mod files;
+mod records;
 pub mod verify;
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::oci::media::Accept;
 use crate::oci::reference::{Digest, RepoName, Tag};
 
-/// Version of the database layout this build writes. History:
-/// 1. blobs, manifests, tags (seconds), links, repos, referrers;
-/// 2. adds refs/refby (manifest → content), access times, pins; tag times in milliseconds.
-pub const SCHEMA_VERSION: u64 = 2;
-
-pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-/// digest → size in bytes of a committed blob file.
-pub(crate) const BLOBS: TableDefinition<&str, u64> = TableDefinition::new("blobs");
-/// digest → media type, for blobs that are manifests.
-pub(crate) const MANIFESTS: TableDefinition<&str, &str> = TableDefinition::new("manifests");
-/// `upstream \0 repo \0 tag` → JSON [`TagRecord`]: the tag's manifest for the full `Accept`.
-/// `upstream \0 repo \0 tag \0 accept=<set>` → the same for clients accepting only `<set>`
-/// (see [`Accept`]), when that answer is another manifest.
-pub(crate) const TAGS: TableDefinition<&str, &[u8]> = TableDefinition::new("tags");
-/// `upstream \0 repo \0 digest` → unix time the link was made.
-pub(crate) const LINKS: TableDefinition<&str, u64> = TableDefinition::new("links");
-/// `upstream \0 repo` → unix time the repository was first cached.
-pub(crate) const REPOS: TableDefinition<&str, u64> = TableDefinition::new("repos");
-/// `upstream \0 repo \0 subject digest \0 referrer digest` → JSON descriptor of the referrer.
-pub(crate) const REFERRERS: TableDefinition<&str, &[u8]> = TableDefinition::new("referrers");
-
-/// `parent \0 child`: a manifest references a blob or child manifest.
-pub(crate) const REFS: TableDefinition<&str, ()> = TableDefinition::new("refs");
-/// `child \0 parent`: the reverse of `refs`.
-pub(crate) const REFBY: TableDefinition<&str, ()> = TableDefinition::new("refby");
-/// digest → last access, unix milliseconds (written in batches, not per request).
-pub(crate) const ACCESS: TableDefinition<&str, u64> = TableDefinition::new("access");
-/// `upstream \0 repo \0 tag-or-digest` → unix seconds when pinned.
-pub(crate) const PINS: TableDefinition<&str, u64> = TableDefinition::new("pins");
-/// Writes owed to the shared bucket (`[store.s3]`): key → a JSON record, removed once written.
-pub(crate) const OUTBOX: TableDefinition<&str, &[u8]> = TableDefinition::new("outbox");
-
-/// Every blob record (digest, size), every manifest digest and every tag (key, digest) of one
-/// read transaction: the whole-store view that eviction and verification start from.
-pub(crate) type Records = (Vec<(String, u64)>, Vec<String>, Vec<(String, String)>);
-
-pub(crate) fn read_records(tx: &redb::ReadTransaction) -> Result<Records, StoreError> {
-    let mut blobs = Vec::new();
-    for item in tx
-        .open_table(BLOBS)
-        .map_err(db_err)?
-        .iter()
-        .map_err(db_err)?
-    {
-        let (k, v) = item.map_err(db_err)?;
-        blobs.push((k.value().to_owned(), v.value()));
-    }
-    let mut manifests = Vec::new();
-    for item in tx
-        .open_table(MANIFESTS)
-        .map_err(db_err)?
-        .iter()
-        .map_err(db_err)?
-    {
-        manifests.push(item.map_err(db_err)?.0.value().to_owned());
-    }
-    let mut tags = Vec::new();
-    for item in tx
-        .open_table(TAGS)
-        .map_err(db_err)?
-        .iter()
-        .map_err(db_err)?
-    {
-        let (k, v) = item.map_err(db_err)?;
-        let digest = serde_json::from_slice::<TagRecord>(v.value())
-            .map(|r| r.digest)
-            .unwrap_or_default();
-        tags.push((k.value().to_owned(), digest));
-    }
-    Ok((blobs, manifests, tags))
-}
-
-/// What an eviction removed.
-#[derive(Debug, Default)]
-pub(crate) struct Removed {
-    /// The digests whose records and files were removed.
-    pub digests: std::collections::BTreeSet<String>,
-    pub manifests: u64,
-    pub blobs: u64,
-    pub bytes: u64,
-}
-
-/// The digests of `doomed` that no recorded manifest outside the result references, read in the
-/// removal's write transaction (so nothing can be recorded between this check and the removal).
-/// Sparing a manifest spares what it references, hence the loop until nothing changes.
-fn still_unreferenced(
-    tx: &redb::WriteTransaction,
-    doomed: &std::collections::BTreeSet<String>,
-) -> Result<std::collections::BTreeSet<String>, StoreError> {
-    let blobs = tx.open_table(BLOBS).map_err(db_err)?;
-    let refby = tx.open_table(REFBY).map_err(db_err)?;
-    let mut gone = doomed.clone();
-    loop {
-        let mut spared = Vec::new();
-        for d in &gone {
-            let (lo, hi) = (format!("{d}\0"), format!("{d}\x01"));
-            for item in refby.range(lo.as_str()..hi.as_str()).map_err(db_err)? {
-                let (k, _) = item.map_err(db_err)?;
-                let Some(parent) = k.value().strip_prefix(lo.as_str()).map(str::to_owned) else {
-                    continue;
-                };
-                if !gone.contains(&parent) && blobs.get(parent.as_str()).map_err(db_err)?.is_some()
-                {
-                    spared.push(d.clone());
-                    break;
-                }
-            }
-        }
-        if spared.is_empty() {
-            return Ok(gone);
-        }
-        for d in spared {
-            gone.remove(&d);
-        }
-    }
-}
+use db::Db;
+pub use db::SCHEMA_VERSION;
+use error::io_err;
+pub use error::{is_disk_full, DbError, StoreError};
+pub use files::{free_bytes, DirLock, TempBlob};
+use records::Records;
 
 /// The digests a manifest references: config, layers, index children, artifact blobs (not its
 /// `subject`, which it points at rather than contains).
@@ -166,39 +66,6 @@ pub fn manifest_refs(bytes: &[u8]) -> Vec<Digest> {
     out.sort();
     out.dedup();
     out
-}
-
-/// A store failure: I/O or database.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("store I/O on {path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
-    #[error("metadata database: {0}")]
-    Db(String),
-    #[error("{0}")]
-    Incompatible(String),
-}
-
-impl StoreError {
-    /// Whether the filesystem under the store is full: the cause is an `io::Error` of kind
-    /// `StorageFull` or raw OS error 28 (ENOSPC).
-    pub fn is_disk_full(&self) -> bool {
-        match self {
-            StoreError::Io { source, .. } => is_disk_full(source),
-            StoreError::Db(_) | StoreError::Incompatible(_) => false,
-        }
-    }
-}
-
-fn db_err(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Db(e.to_string())
-}
-
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io {
-        path: path.to_owned(),
-        source,
-    }
 }
 
 /// Milliseconds since the Unix epoch.
@@ -236,56 +103,13 @@ pub struct RepoKey {
     pub repo: RepoName,
 }
 
-impl RepoKey {
-    fn prefix(&self) -> String {
-        format!("{}\0{}\0", self.upstream, self.repo)
-    }
-    fn repo_key(&self) -> String {
-        format!("{}\0{}", self.upstream, self.repo)
-    }
-}
-
-/// An exclusive lock on a data directory, held while the store is open (`flock` on `lock`,
-/// which holds the owner's PID). The kernel releases it when the process dies, so a lock left by a
-/// killed regcache is simply taken over.
-pub struct DirLock {
-    _file: File,
-}
-
-impl DirLock {
-    pub fn acquire(root: &Path) -> Result<DirLock, StoreError> {
-        use std::io::{Read, Seek};
-        let path = root.join("lock");
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(io_err(&path))?;
-        if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
-            let mut pid = String::new();
-            let _ = file.read_to_string(&mut pid);
-            let pid = pid.trim();
-            return Err(StoreError::Incompatible(format!(
-                "the data directory {} is in use by another regcache (PID {}); stop it or use another --data-dir",
-                root.display(),
-                if pid.is_empty() { "unknown" } else { pid }
-            )));
-        }
-        file.set_len(0).map_err(io_err(&path))?;
-        file.rewind().map_err(io_err(&path))?;
-        writeln!(file, "{}", std::process::id()).map_err(io_err(&path))?;
-        Ok(DirLock { _file: file })
-    }
-}
-
 /// The on-disk store.
 pub struct Store {
     _lock: DirLock,
     root: PathBuf,
     tmp: PathBuf,
-    pub(crate) db: Database,
+    /// The metadata database: used by `records.rs` (and the schema code of `db.rs`) only.
+    db: Db,
     temp_seq: AtomicU64,
     /// Access times not yet written to `access`.
     access: Mutex<HashMap<String, u64>>,
@@ -328,76 +152,17 @@ impl Drop for Hold {
     }
 }
 
-/// Whether an I/O error means the filesystem is full.
-pub fn is_disk_full(e: &io::Error) -> bool {
-    e.raw_os_error() == Some(28) || e.kind() == io::ErrorKind::StorageFull
-}
-
-/// A file being filled in `tmp/`; removed when dropped unless committed.
-pub struct TempBlob {
-    path: PathBuf,
-    file: Option<File>,
-}
-
-impl TempBlob {
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-    pub fn file(&self) -> Option<&File> {
-        self.file.as_ref()
-    }
-    /// Appends bytes.
-    pub fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
-        match self.file.as_mut() {
-            Some(f) => f.write_all(data),
-            None => Err(io::Error::other("temporary file already closed")),
-        }
-    }
-
-    /// Appends several buffers, with as few `writev` calls as the kernel allows.
-    pub fn write_all_parts(&mut self, parts: &[bytes::Bytes]) -> io::Result<()> {
-        let Some(f) = self.file.as_mut() else {
-            return Err(io::Error::other("temporary file already closed"));
-        };
-        let mut slices: Vec<io::IoSlice<'_>> = parts.iter().map(|p| io::IoSlice::new(p)).collect();
-        let mut rest = &mut slices[..];
-        while !rest.is_empty() {
-            match f.write_vectored(rest) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => io::IoSlice::advance_slices(&mut rest, n),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Drop for TempBlob {
-    fn drop(&mut self) {
-        if self.file.take().is_some() {
-            let _ = fs::remove_file(&self.path);
-        }
-    }
-}
-
 impl Store {
     /// Opens (creating if needed) the store in `root`, checking the schema and clearing `tmp/`.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
-        let tmp = root.join("tmp");
-        for d in [root.to_owned(), root.join("blobs"), tmp.clone()] {
+        let tmp = root.join(files::TMP_DIR);
+        for d in [root.to_owned(), root.join(files::BLOBS_DIR), tmp.clone()] {
             fs::create_dir_all(&d).map_err(io_err(&d))?;
         }
         let lock = DirLock::acquire(root)?;
         // Anything in tmp/ belongs to a fill that did not finish: it was never visible.
-        if let Ok(entries) = fs::read_dir(&tmp) {
-            for e in entries.flatten() {
-                let _ = fs::remove_file(e.path());
-            }
-        }
-        let db_path = root.join("meta.redb");
-        let db = Database::create(&db_path)
-            .map_err(|e| StoreError::Db(format!("cannot open {}: {e}", db_path.display())))?;
+        files::clear_tmp(&tmp);
+        let db = Db::open(&root.join(db::DB_FILE))?;
         let store = Store {
             _lock: lock,
             root: root.to_owned(),
@@ -416,100 +181,17 @@ impl Store {
         Ok(store)
     }
 
-    fn init_schema(&self) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(db_err)?;
-        {
-            let mut meta = tx.open_table(META).map_err(db_err)?;
-            let found = meta
-                .get("schema_version")
-                .map_err(db_err)?
-                .map(|v| v.value());
-            match found {
-                None => {
-                    meta.insert("schema_version", SCHEMA_VERSION).map_err(db_err)?;
-                }
-                Some(v) if v > SCHEMA_VERSION => {
-                    return Err(StoreError::Incompatible(format!(
-                        "the store in {} has schema version {v}, newer than this regcache understands ({SCHEMA_VERSION}): run a newer regcache or use another --data-dir",
-                        self.root.display()
-                    )))
-                }
-                Some(v) => {
-                    if v < SCHEMA_VERSION {
-                        tracing::info!(from = v, to = SCHEMA_VERSION, "migrating the metadata database");
-                    }
-                    if v < 2 {
-                        self.migrate_to_2(&tx)?;
-                    }
-                    meta.insert("schema_version", SCHEMA_VERSION).map_err(db_err)?;
-                }
-            }
-            // Create every table so that readers never meet a missing one.
-            tx.open_table(BLOBS).map_err(db_err)?;
-            tx.open_table(MANIFESTS).map_err(db_err)?;
-            tx.open_table(TAGS).map_err(db_err)?;
-            tx.open_table(LINKS).map_err(db_err)?;
-            tx.open_table(REPOS).map_err(db_err)?;
-            tx.open_table(REFERRERS).map_err(db_err)?;
-            tx.open_table(REFS).map_err(db_err)?;
-            tx.open_table(REFBY).map_err(db_err)?;
-            tx.open_table(ACCESS).map_err(db_err)?;
-            tx.open_table(PINS).map_err(db_err)?;
-            tx.open_table(OUTBOX).map_err(db_err)?;
-        }
-        tx.commit().map_err(db_err)
-    }
-
-    /// Schema 1 → 2: record what every stored manifest references; tag times to milliseconds.
-    fn migrate_to_2(&self, tx: &redb::WriteTransaction) -> Result<(), StoreError> {
-        let manifests: Vec<String> = {
-            let t = tx.open_table(MANIFESTS).map_err(db_err)?;
-            let mut v = Vec::new();
-            for item in t.iter().map_err(db_err)? {
-                v.push(item.map_err(db_err)?.0.value().to_owned());
-            }
-            v
-        };
-        {
-            let mut refs = tx.open_table(REFS).map_err(db_err)?;
-            let mut refby = tx.open_table(REFBY).map_err(db_err)?;
-            for m in manifests {
-                let Ok(d) = m.parse::<Digest>() else { continue };
-                let Ok(bytes) = fs::read(self.blob_path(&d)) else {
-                    continue;
-                };
-                for child in manifest_refs(&bytes) {
-                    refs.insert(format!("{m}\0{child}").as_str(), ())
-                        .map_err(db_err)?;
-                    refby
-                        .insert(format!("{child}\0{m}").as_str(), ())
-                        .map_err(db_err)?;
-                }
-            }
-        }
-        let mut tags = tx.open_table(TAGS).map_err(db_err)?;
-        let mut rewritten = Vec::new();
-        for item in tags.iter().map_err(db_err)? {
-            let (k, v) = item.map_err(db_err)?;
-            if let Ok(mut j) = serde_json::from_slice::<serde_json::Value>(v.value()) {
-                if let Some(secs) = j.get("checked_at").and_then(|c| c.as_u64()) {
-                    j["checked_at_ms"] = serde_json::Value::from(secs.saturating_mul(1000));
-                    rewritten.push((
-                        k.value().to_owned(),
-                        serde_json::to_vec(&j).map_err(db_err)?,
-                    ));
-                }
-            }
-        }
-        for (k, v) in rewritten {
-            tags.insert(k.as_str(), v.as_slice()).map_err(db_err)?;
-        }
-        Ok(())
-    }
-
     /// Bytes of recorded blobs (kept in memory).
     pub fn used_bytes(&self) -> u64 {
         self.used.load(Ordering::Relaxed)
+    }
+
+    fn sub_used(&self, n: u64) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                Some(u.saturating_sub(n))
+            });
     }
 
     /// Whether the last write failed for lack of space.
@@ -527,49 +209,6 @@ impl Store {
         }
     }
 
-    /// Notes an access to `d` (written to the database later, in a batch).
-    pub fn touch(&self, d: &Digest) {
-        self.access
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(d.to_string(), now_millis());
-    }
-
-    /// Writes the pending access times in one transaction.
-    pub fn flush_access(&self) -> Result<usize, StoreError> {
-        let pending = std::mem::take(&mut *self.access.lock().unwrap_or_else(|p| p.into_inner()));
-        if pending.is_empty() {
-            return Ok(0);
-        }
-        let tx = self.db.begin_write().map_err(db_err)?;
-        {
-            let blobs = tx.open_table(BLOBS).map_err(db_err)?;
-            let mut t = tx.open_table(ACCESS).map_err(db_err)?;
-            for (k, v) in &pending {
-                if blobs.get(k.as_str()).map_err(db_err)?.is_some() {
-                    t.insert(k.as_str(), *v).map_err(db_err)?;
-                }
-            }
-        }
-        tx.commit().map_err(db_err)?;
-        Ok(pending.len())
-    }
-
-    /// Access times, pending ones included.
-    pub(crate) fn access_times(&self) -> Result<HashMap<String, u64>, StoreError> {
-        let mut out = HashMap::new();
-        let tx = self.db.begin_read().map_err(db_err)?;
-        let t = tx.open_table(ACCESS).map_err(db_err)?;
-        for item in t.iter().map_err(db_err)? {
-            let (k, v) = item.map_err(db_err)?;
-            out.insert(k.value().to_owned(), v.value());
-        }
-        for (k, v) in self.access.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            out.insert(k.clone(), *v);
-        }
-        Ok(out)
-    }
-
     /// Keeps `d` from eviction until the guard drops.
     pub fn hold(self: &std::sync::Arc<Self>, d: &Digest) -> Hold {
         let key = d.to_string();
@@ -585,7 +224,7 @@ impl Store {
         }
     }
 
-    pub(crate) fn held(&self) -> Vec<String> {
+    fn held(&self) -> Vec<String> {
         self.holds
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -594,413 +233,10 @@ impl Store {
             .collect()
     }
 
-    pub(crate) fn sub_used(&self, n: u64) {
-        let _ = self
-            .used
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
-                Some(u.saturating_sub(n))
-            });
-    }
-
-    /// Pins `reference` (tag or digest) of `repo` against eviction.
-    pub fn pin(&self, repo: &RepoKey, reference: &str) -> Result<(), StoreError> {
-        let key = format!("{}{reference}", repo.prefix());
-        let tx = self.db.begin_write().map_err(db_err)?;
-        tx.open_table(PINS)
-            .map_err(db_err)?
-            .insert(key.as_str(), now_secs())
-            .map_err(db_err)?;
-        tx.commit().map_err(db_err)
-    }
-
-    /// Removes a pin; returns whether it existed.
-    pub fn unpin(&self, repo: &RepoKey, reference: &str) -> Result<bool, StoreError> {
-        let key = format!("{}{reference}", repo.prefix());
-        let tx = self.db.begin_write().map_err(db_err)?;
-        let existed = tx
-            .open_table(PINS)
-            .map_err(db_err)?
-            .remove(key.as_str())
-            .map_err(db_err)?
-            .is_some();
-        tx.commit().map_err(db_err)?;
-        Ok(existed)
-    }
-
-    /// Every pin as `(upstream, repo, reference)`.
-    pub fn pins(&self) -> Result<Vec<(String, String, String)>, StoreError> {
-        let tx = self.db.begin_read().map_err(db_err)?;
-        let t = tx.open_table(PINS).map_err(db_err)?;
-        let mut out = Vec::new();
-        for item in t.iter().map_err(db_err)? {
-            let (k, _) = item.map_err(db_err)?;
-            let mut parts = k.value().splitn(3, '\0');
-            if let (Some(u), Some(r), Some(x)) = (parts.next(), parts.next(), parts.next()) {
-                out.push((u.to_owned(), r.to_owned(), x.to_owned()));
-            }
-        }
-        Ok(out)
-    }
-
-    /// Records a write owed to the shared bucket (replacing one with the same key).
-    pub fn outbox_add(&self, key: &str, record: &[u8]) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(db_err)?;
-        tx.open_table(OUTBOX)
-            .map_err(db_err)?
-            .insert(key, record)
-            .map_err(db_err)?;
-        tx.commit().map_err(db_err)
-    }
-
-    /// Forgets a write owed to the shared bucket, once done.
-    pub fn outbox_remove(&self, key: &str) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(db_err)?;
-        tx.open_table(OUTBOX)
-            .map_err(db_err)?
-            .remove(key)
-            .map_err(db_err)?;
-        tx.commit().map_err(db_err)
-    }
-
-    /// Every write owed to the shared bucket, as recorded.
-    pub fn outbox(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let tx = self.db.begin_read().map_err(db_err)?;
-        let t = tx.open_table(OUTBOX).map_err(db_err)?;
-        let mut out = Vec::new();
-        for item in t.iter().map_err(db_err)? {
-            let (k, v) = item.map_err(db_err)?;
-            out.push((k.value().to_owned(), v.value().to_vec()));
-        }
-        Ok(out)
-    }
-
     /// Checks that the database answers and the data directory is writable (for `/readyz`).
     pub fn check(&self) -> Result<(), StoreError> {
-        let tx = self.db.begin_read().map_err(db_err)?;
-        tx.open_table(META).map_err(db_err)?;
-        let probe = self.tmp.join(format!("ready-{}", std::process::id()));
-        File::create(&probe).map_err(io_err(&probe))?;
-        let _ = fs::remove_file(&probe);
-        Ok(())
-    }
-
-    /// Number of blobs and their total size, from the database.
-    pub fn usage(&self) -> Result<(u64, u64), StoreError> {
-        let tx = self.db.begin_read().map_err(db_err)?;
-        let t = tx.open_table(BLOBS).map_err(db_err)?;
-        let (mut n, mut bytes) = (0u64, 0u64);
-        for item in t.iter().map_err(db_err)? {
-            let (_, v) = item.map_err(db_err)?;
-            n += 1;
-            bytes += v.value();
-        }
-        Ok((n, bytes))
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
-    /// Where a committed blob lives.
-    pub fn blob_path(&self, d: &Digest) -> PathBuf {
-        self.root
-            .join("blobs")
-            .join(d.algorithm().as_str())
-            .join(&d.hex()[..2])
-            .join(d.hex())
-    }
-
-    /// A new temporary file (`create_new`, so never shared).
-    pub fn temp_blob(&self) -> Result<TempBlob, StoreError> {
-        let n = self.temp_seq.fetch_add(1, Ordering::Relaxed);
-        let path = self
-            .tmp
-            .join(format!("fill-{}-{n}-{}", std::process::id(), now_secs()));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(io_err(&path))?;
-        Ok(TempBlob {
-            path,
-            file: Some(file),
-        })
-    }
-
-    /// Size of a committed blob, if the database records it.
-    pub fn blob_size(&self, d: &Digest) -> Result<Option<u64>, StoreError> {
-        let tx = self.db.begin_read().map_err(db_err)?;
-        let t = tx.open_table(BLOBS).map_err(db_err)?;
-        let size = t
-            .get(d.to_string().as_str())
-            .map_err(db_err)?
-            .map(|v| v.value());
-        Ok(size)
-    }
-
-    /// Opens a committed blob for reading; `None` if not recorded or its file is gone.
-    pub fn open_blob(&self, d: &Digest) -> Result<Option<(File, u64)>, StoreError> {
-        let Some(size) = self.blob_size(d)? else {
-            return Ok(None);
-        };
-        let path = self.blob_path(d);
-        match File::open(&path) {
-            Ok(f) => Ok(Some((f, size))),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                tracing::warn!(digest = %d, "recorded blob file is missing; dropping the record");
-                self.forget_blob(d)?;
-                Ok(None)
-            }
-            Err(e) => Err(io_err(&path)(e)),
-        }
-    }
-
-    fn forget_blob(&self, d: &Digest) -> Result<(), StoreError> {
-        self.forget_in_memory(&d.to_string());
-        let tx = self.db.begin_write().map_err(db_err)?;
-        let freed;
-        {
-            let key = d.to_string();
-            freed = tx
-                .open_table(BLOBS)
-                .map_err(db_err)?
-                .remove(key.as_str())
-                .map_err(db_err)?
-                .map_or(0, |v| v.value());
-            tx.open_table(MANIFESTS)
-                .map_err(db_err)?
-                .remove(key.as_str())
-                .map_err(db_err)?;
-        }
-        tx.commit().map_err(db_err)?;
-        self.sub_used(freed);
-        Ok(())
-    }
-
-    /// Makes a verified temporary file the blob `d`: fsync, rename, fsync the directory, then
-    /// record it (with a link for `repo`, and a media type if it is a manifest) in one transaction.
-    pub fn commit_blob(
-        &self,
-        mut temp: TempBlob,
-        d: &Digest,
-        size: u64,
-        repo: &RepoKey,
-        manifest: Option<(&str, &[Digest])>,
-    ) -> Result<(), StoreError> {
-        let file = temp
-            .file
-            .take()
-            .ok_or_else(|| StoreError::Db("temporary file already committed".into()))?;
-        let dest = self.blob_path(d);
-        let result = (|| {
-            file.sync_all().map_err(io_err(&temp.path))?;
-            drop(file);
-            let dir = dest.parent().unwrap_or(&self.root).to_owned();
-            fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-            fs::rename(&temp.path, &dest).map_err(io_err(&dest))?;
-            File::open(&dir)
-                .and_then(|f| f.sync_all())
-                .map_err(io_err(&dir))
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&temp.path);
-        }
-        result?;
-        self.record_blob(d, size, repo, manifest)
-    }
-
-    /// Records an existing blob file (and its link for `repo`, and for a manifest its media type
-    /// and references), in one transaction.
-    fn record_blob(
-        &self,
-        d: &Digest,
-        size: u64,
-        repo: &RepoKey,
-        manifest: Option<(&str, &[Digest])>,
-    ) -> Result<(), StoreError> {
-        let key = d.to_string();
-        let now = now_secs();
-        let tx = self.db.begin_write().map_err(db_err)?;
-        let new;
-        {
-            new = tx
-                .open_table(BLOBS)
-                .map_err(db_err)?
-                .insert(key.as_str(), size)
-                .map_err(db_err)?
-                .is_none();
-            if let Some((mt, refs)) = manifest {
-                tx.open_table(MANIFESTS)
-                    .map_err(db_err)?
-                    .insert(key.as_str(), mt)
-                    .map_err(db_err)?;
-                let mut r = tx.open_table(REFS).map_err(db_err)?;
-                let mut rb = tx.open_table(REFBY).map_err(db_err)?;
-                for child in refs {
-                    r.insert(format!("{key}\0{child}").as_str(), ())
-                        .map_err(db_err)?;
-                    rb.insert(format!("{child}\0{key}").as_str(), ())
-                        .map_err(db_err)?;
-                }
-            }
-            let link = format!("{}{key}", repo.prefix());
-            tx.open_table(LINKS)
-                .map_err(db_err)?
-                .insert(link.as_str(), now)
-                .map_err(db_err)?;
-            let mut repos = tx.open_table(REPOS).map_err(db_err)?;
-            let rk = repo.repo_key();
-            if repos.get(rk.as_str()).map_err(db_err)?.is_none() {
-                repos.insert(rk.as_str(), now).map_err(db_err)?;
-            }
-        }
-        tx.commit().map_err(db_err)?;
-        if new {
-            self.used.fetch_add(size, Ordering::Relaxed);
-        }
-        self.touch(d);
-        Ok(())
-    }
-
-    /// Removes the records of `doomed` (blob, manifest, access time, references, and the tags
-    /// that point at them: a cached tag is always complete) in one transaction, then their files.
-    /// Returns the manifests, blobs and bytes removed. For `verify --repair`: bad digests go,
-    /// whatever references them.
-    pub(crate) fn drop_blobs(
-        &self,
-        doomed: &std::collections::BTreeSet<String>,
-    ) -> Result<(u64, u64, u64), StoreError> {
-        let r = self.remove_blobs(doomed, false)?;
-        Ok((r.manifests, r.blobs, r.bytes))
-    }
-
-    /// Eviction's removal: [`Store::drop_blobs`], except that `doomed` was chosen from a snapshot,
-    /// and a manifest recorded since may reference some of it. Inside the removal's transaction,
-    /// every doomed digest that a recorded manifest outside the removed set references (a `refby`
-    /// row) is kept, and so, in turn, is what a kept manifest references.
-    pub(crate) fn evict_blobs(
-        &self,
-        doomed: &std::collections::BTreeSet<String>,
-    ) -> Result<Removed, StoreError> {
-        self.remove_blobs(doomed, true)
-    }
-
-    fn remove_blobs(
-        &self,
-        doomed: &std::collections::BTreeSet<String>,
-        spare_referenced: bool,
-    ) -> Result<Removed, StoreError> {
-        let mut removed = Removed::default();
-        if doomed.is_empty() {
-            return Ok(removed);
-        }
-        let tx = self.db.begin_write().map_err(db_err)?;
-        let gone = if spare_referenced {
-            still_unreferenced(&tx, doomed)?
-        } else {
-            doomed.clone()
-        };
-        {
-            let mut blobs = tx.open_table(BLOBS).map_err(db_err)?;
-            let mut manifests = tx.open_table(MANIFESTS).map_err(db_err)?;
-            let mut access = tx.open_table(ACCESS).map_err(db_err)?;
-            let mut refs = tx.open_table(REFS).map_err(db_err)?;
-            let mut refby = tx.open_table(REFBY).map_err(db_err)?;
-            for d in &gone {
-                if let Some(v) = blobs.remove(d.as_str()).map_err(db_err)? {
-                    removed.bytes += v.value();
-                    removed.blobs += 1;
-                }
-                if manifests.remove(d.as_str()).map_err(db_err)?.is_some() {
-                    removed.manifests += 1;
-                }
-                access.remove(d.as_str()).map_err(db_err)?;
-                let (lo, hi) = (format!("{d}\0"), format!("{d}\x01"));
-                let children: Vec<String> = refs
-                    .range(lo.as_str()..hi.as_str())
-                    .map_err(db_err)?
-                    .filter_map(|i| i.ok().map(|(k, _)| k.value().to_owned()))
-                    .collect();
-                for k in children {
-                    refs.remove(k.as_str()).map_err(db_err)?;
-                    if let Some((p, c)) = k.split_once('\0') {
-                        refby.remove(format!("{c}\0{p}").as_str()).map_err(db_err)?;
-                    }
-                }
-            }
-            let mut tags = tx.open_table(TAGS).map_err(db_err)?;
-            let dangling: Vec<String> = tags
-                .iter()
-                .map_err(db_err)?
-                .filter_map(|i| i.ok())
-                .filter(|(_, v)| {
-                    serde_json::from_slice::<TagRecord>(v.value())
-                        .is_ok_and(|r| gone.contains(&r.digest))
-                })
-                .map(|(k, _)| k.value().to_owned())
-                .collect();
-            for k in dangling {
-                tags.remove(k.as_str()).map_err(db_err)?;
-            }
-        }
-        tx.commit().map_err(db_err)?;
-        for d in &gone {
-            self.forget_in_memory(d);
-        }
-        self.sub_used(removed.bytes);
-        for d in &gone {
-            if let Ok(digest) = d.parse::<Digest>() {
-                let _ = fs::remove_file(self.blob_path(&digest));
-            }
-        }
-        removed.digests = gone;
-        Ok(removed)
-    }
-
-    /// Records an intact blob file found without a record (no repository link: it is served
-    /// once an upstream confirms a repository has it).
-    pub fn record_orphan(&self, d: &Digest, size: u64) -> Result<(), StoreError> {
-        let key = d.to_string();
-        let tx = self.db.begin_write().map_err(db_err)?;
-        let new = tx
-            .open_table(BLOBS)
-            .map_err(db_err)?
-            .insert(key.as_str(), size)
-            .map_err(db_err)?
-            .is_none();
-        tx.commit().map_err(db_err)?;
-        if new {
-            self.used.fetch_add(size, Ordering::Relaxed);
-        }
-        Ok(())
-    }
-
-    /// Whether `digest` was obtained for (or confirmed to belong to) `repo`.
-    pub fn is_linked(&self, repo: &RepoKey, d: &Digest) -> Result<bool, StoreError> {
-        let tx = self.db.begin_read().map_err(db_err)?;
-        let t = tx.open_table(LINKS).map_err(db_err)?;
-        let key = format!("{}{d}", repo.prefix());
-        Ok(t.get(key.as_str()).map_err(db_err)?.is_some())
-    }
-
-    /// Links an already stored blob to `repo` (after the upstream confirmed that repo has it).
-    pub fn link(&self, repo: &RepoKey, d: &Digest) -> Result<(), StoreError> {
-        let Some(size) = self.blob_size(d)? else {
-            return Err(StoreError::Db(format!("cannot link {d}: not stored")));
-        };
-        // The references of a manifest were recorded with it; linking adds only the link.
-        self.record_blob(d, size, repo, None)
-    }
-
-    pub fn manifest_media_type(&self, d: &Digest) -> Result<Option<String>, StoreError> {
-        let tx = self.db.begin_read().map_err(db_err)?;
-        let t = tx.open_table(MANIFESTS).map_err(db_err)?;
-        let mt = t
-            .get(d.to_string().as_str())
-            .map_err(db_err)?
-            .map(|v| v.value().to_owned());
-        Ok(mt)
+        self.db.check()?;
+        self.probe_writable()
     }
 
     /// A stored manifest's media type and size.
@@ -1043,56 +279,10 @@ impl Store {
     }
 
     /// Drops a manifest from the memory copy (its records are going).
-    pub(crate) fn forget_in_memory(&self, d: &str) {
+    fn forget_in_memory(&self, d: &str) {
         let mut mem = self.manifest_mem.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((_, b)) = mem.map.remove(d) {
             mem.bytes -= b.len();
-        }
-    }
-
-    /// The size of a recorded blob and whether it is linked to `repo`, in one read.
-    pub fn lookup_blob(
-        &self,
-        repo: &RepoKey,
-        d: &Digest,
-    ) -> Result<Option<(u64, bool)>, StoreError> {
-        let key = d.to_string();
-        let tx = self.db.begin_read().map_err(db_err)?;
-        let Some(size) = tx
-            .open_table(BLOBS)
-            .map_err(db_err)?
-            .get(key.as_str())
-            .map_err(db_err)?
-            .map(|v| v.value())
-        else {
-            return Ok(None);
-        };
-        let link = format!("{}{key}", repo.prefix());
-        let linked = tx
-            .open_table(LINKS)
-            .map_err(db_err)?
-            .get(link.as_str())
-            .map_err(db_err)?
-            .is_some();
-        Ok(Some((size, linked)))
-    }
-
-    /// Reads a stored manifest's bytes (re-checking the digest: manifests are small).
-    pub fn read_manifest(&self, d: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
-        let path = self.blob_path(d);
-        match fs::read(&path) {
-            Ok(bytes) if d.matches(&bytes) => Ok(Some(bytes)),
-            Ok(_) => {
-                tracing::error!(digest = %d, path = %path.display(), "stored manifest does not match its digest; dropping it");
-                let _ = fs::remove_file(&path);
-                self.forget_blob(d)?;
-                Ok(None)
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                self.forget_blob(d)?;
-                Ok(None)
-            }
-            Err(e) => Err(io_err(&path)(e)),
         }
     }
 
@@ -1112,149 +302,25 @@ impl Store {
             self.record_blob(d, bytes.len() as u64, repo, manifest)?;
         } else {
             let mut temp = self.temp_blob()?;
-            temp.write_all(bytes).map_err(io_err(&temp.path))?;
+            temp.write_all(bytes).map_err(io_err(temp.path()))?;
             self.commit_blob(temp, d, bytes.len() as u64, repo, manifest)?;
         }
         if let Some((subject, descriptor)) = subject {
-            let key = format!("{}{subject}\0{d}", repo.prefix());
-            let tx = self.db.begin_write().map_err(db_err)?;
-            tx.open_table(REFERRERS)
-                .map_err(db_err)?
-                .insert(key.as_str(), descriptor)
-                .map_err(db_err)?;
-            tx.commit().map_err(db_err)?;
+            self.add_referrer(repo, subject, d, descriptor)?;
         }
         if let Some((tag, accept)) = tag {
             self.set_tag_for(repo, tag, accept, d, now_millis())?;
         }
         Ok(())
     }
-
-    /// The `tags` key of a tag's record for clients accepting `accept`.
-    fn tag_key(repo: &RepoKey, tag: &Tag, accept: Accept) -> String {
-        if accept.is_all() {
-            format!("{}{tag}", repo.prefix())
-        } else {
-            format!("{}{tag}\0accept={accept}", repo.prefix())
-        }
-    }
-
-    /// The tag's record for the full `Accept`.
-    pub fn tag(&self, repo: &RepoKey, tag: &Tag) -> Result<Option<TagRecord>, StoreError> {
-        self.tag_for(repo, tag, Accept::ALL)
-    }
-
-    /// The tag's record for clients accepting `accept`.
-    pub fn tag_for(
-        &self,
-        repo: &RepoKey,
-        tag: &Tag,
-        accept: Accept,
-    ) -> Result<Option<TagRecord>, StoreError> {
-        let tx = self.db.begin_read().map_err(db_err)?;
-        let t = tx.open_table(TAGS).map_err(db_err)?;
-        let key = Store::tag_key(repo, tag, accept);
-        let Some(v) = t.get(key.as_str()).map_err(db_err)? else {
-            return Ok(None);
-        };
-        Ok(serde_json::from_slice(v.value()).ok())
-    }
-
-    /// Points the tag's record for the full `Accept` at `d`.
-    pub fn set_tag(
-        &self,
-        repo: &RepoKey,
-        tag: &Tag,
-        d: &Digest,
-        checked_at_ms: u64,
-    ) -> Result<(), StoreError> {
-        self.set_tag_for(repo, tag, Accept::ALL, d, checked_at_ms)
-    }
-
-    /// Points the tag's record for clients accepting `accept` at `d`.
-    pub fn set_tag_for(
-        &self,
-        repo: &RepoKey,
-        tag: &Tag,
-        accept: Accept,
-        d: &Digest,
-        checked_at_ms: u64,
-    ) -> Result<(), StoreError> {
-        let rec = TagRecord {
-            digest: d.to_string(),
-            checked_at_ms,
-        };
-        let value = serde_json::to_vec(&rec).map_err(db_err)?;
-        let key = Store::tag_key(repo, tag, accept);
-        let tx = self.db.begin_write().map_err(db_err)?;
-        tx.open_table(TAGS)
-            .map_err(db_err)?
-            .insert(key.as_str(), value.as_slice())
-            .map_err(db_err)?;
-        tx.commit().map_err(db_err)
-    }
-
-    /// Cached tags of a repository, sorted.
-    pub fn tags(&self, repo: &RepoKey) -> Result<Vec<String>, StoreError> {
-        let prefix = repo.prefix();
-        let end = format!("{}\x01", prefix.trim_end_matches('\0'));
-        let tx = self.db.begin_read().map_err(db_err)?;
-        let t = tx.open_table(TAGS).map_err(db_err)?;
-        let mut out = Vec::new();
-        for item in t.range(prefix.as_str()..end.as_str()).map_err(db_err)? {
-            let (k, _) = item.map_err(db_err)?;
-            // A tag's records for narrower Accept sets (`tag \0 accept=…`) follow its own, if any:
-            // one name per tag.
-            if let Some(rest) = k.value().strip_prefix(prefix.as_str()) {
-                let tag = rest.split('\0').next().unwrap_or(rest);
-                if out.last().map(String::as_str) != Some(tag) {
-                    out.push(tag.to_owned());
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// Every cached repository as `(upstream, repo)`, sorted.
-    pub fn repos(&self) -> Result<Vec<(String, String)>, StoreError> {
-        let tx = self.db.begin_read().map_err(db_err)?;
-        let t = tx.open_table(REPOS).map_err(db_err)?;
-        let mut out = Vec::new();
-        for item in t.iter().map_err(db_err)? {
-            let (k, _) = item.map_err(db_err)?;
-            if let Some((u, r)) = k.value().split_once('\0') {
-                out.push((u.to_owned(), r.to_owned()));
-            }
-        }
-        Ok(out)
-    }
-
-    /// Descriptors (JSON) of cached manifests whose `subject` is `subject`.
-    pub fn referrers(&self, repo: &RepoKey, subject: &Digest) -> Result<Vec<Vec<u8>>, StoreError> {
-        let prefix = format!("{}{subject}\0", repo.prefix());
-        let end = format!("{}{subject}\x01", repo.prefix());
-        let tx = self.db.begin_read().map_err(db_err)?;
-        let t = tx.open_table(REFERRERS).map_err(db_err)?;
-        let mut out = Vec::new();
-        for item in t.range(prefix.as_str()..end.as_str()).map_err(db_err)? {
-            let (_, v) = item.map_err(db_err)?;
-            out.push(v.value().to_vec());
-        }
-        Ok(out)
-    }
-}
-
-/// Free bytes on the filesystem holding `path` (available to unprivileged users), via `statvfs`.
-pub fn free_bytes(path: &std::path::Path) -> Option<u64> {
-    let st = rustix::fs::statvfs(path).ok()?;
-    Some(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn key(repo: &str) -> RepoKey {
+    /// The key of `repo` of the upstream `u`.
+    pub(super) fn key(repo: &str) -> RepoKey {
         RepoKey {
             upstream: "u".into(),
             repo: repo.parse().expect("valid repo"),
@@ -1351,86 +417,12 @@ mod tests {
             .expect("second open must fail");
         let msg = err.to_string();
         assert!(
-            msg.contains("in use") && msg.contains(&std::process::id().to_string()),
+            matches!(err, StoreError::Locked { .. })
+                && msg.contains("in use")
+                && msg.contains(&std::process::id().to_string()),
             "{msg}"
         );
         drop(first);
         Store::open(dir.path()).expect("lock released with the first store");
-    }
-
-    #[test]
-    fn a_schema_1_store_is_migrated_at_open() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let layer = Digest::sha256_of(b"layer");
-        let body = format!(
-            r#"{{"schemaVersion":2,"config":{{"digest":"{layer}","size":5}},"layers":[{{"digest":"{layer}","size":5}}]}}"#
-        );
-        let m = Digest::sha256_of(body.as_bytes());
-        {
-            // What a schema 1 regcache left: no refs, tag times in seconds.
-            let store = Store::open(dir.path()).expect("open");
-            std::fs::create_dir_all(store.blob_path(&m).parent().expect("parent")).expect("mkdir");
-            std::fs::write(store.blob_path(&m), &body).expect("write manifest");
-            let tx = store.db.begin_write().expect("tx");
-            {
-                tx.open_table(META)
-                    .expect("meta")
-                    .insert("schema_version", 1)
-                    .expect("v1");
-                let key = m.to_string();
-                tx.open_table(BLOBS)
-                    .expect("blobs")
-                    .insert(key.as_str(), body.len() as u64)
-                    .expect("blob");
-                tx.open_table(MANIFESTS)
-                    .expect("manifests")
-                    .insert(key.as_str(), "application/vnd.oci.image.manifest.v1+json")
-                    .expect("manifest");
-                let tag =
-                    serde_json::json!({"digest": key, "checked_at": 1_700_000_000u64}).to_string();
-                tx.open_table(TAGS)
-                    .expect("tags")
-                    .insert("u\0x\0v1", tag.as_bytes())
-                    .expect("tag");
-            }
-            tx.commit().expect("commit");
-        }
-        let store = Store::open(dir.path()).expect("reopen migrates");
-        let tx = store.db.begin_read().expect("read");
-        let v = tx
-            .open_table(META)
-            .expect("meta")
-            .get("schema_version")
-            .expect("get")
-            .map(|v| v.value());
-        assert_eq!(v, Some(SCHEMA_VERSION));
-        let refs = tx.open_table(REFS).expect("refs");
-        assert!(
-            refs.get(format!("{m}\0{layer}").as_str())
-                .expect("get")
-                .is_some(),
-            "refs rebuilt"
-        );
-        let rec = store
-            .tag(&key("x"), &"v1".parse().expect("tag"))
-            .expect("tag")
-            .expect("present");
-        assert_eq!(rec.checked_at_ms, 1_700_000_000_000);
-    }
-
-    #[test]
-    fn newer_schema_is_refused() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        {
-            let store = Store::open(dir.path()).expect("open");
-            let tx = store.db.begin_write().expect("tx");
-            tx.open_table(META)
-                .expect("meta")
-                .insert("schema_version", SCHEMA_VERSION + 1)
-                .expect("insert");
-            tx.commit().expect("commit");
-        }
-        let err = Store::open(dir.path()).err().expect("must refuse");
-        assert!(err.to_string().contains("newer"), "{err}");
     }
 }

@@ -10,14 +10,8 @@ use std::fmt;
 use std::io::Read;
 use std::path::Path;
 
-use redb::ReadableDatabase;
-
 use crate::oci::reference::Digest;
-use crate::store::{Store, StoreError, TAGS};
-
-fn db_err(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Db(e.to_string())
-}
+use crate::store::{Records, Store, StoreError};
 
 /// One inconsistency.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -96,10 +90,11 @@ pub fn check(
     progress: &mut dyn Progress,
 ) -> Result<Report, StoreError> {
     let mut report = Report::default();
-    let (records, manifests, tags) = {
-        let tx = store.db.begin_read().map_err(db_err)?;
-        crate::store::read_records(&tx)?
-    };
+    let Records {
+        blobs: records,
+        manifests,
+        tags,
+    } = store.records()?;
     let recorded: HashMap<String, u64> = records.iter().cloned().collect();
 
     // Database → disk.
@@ -197,56 +192,31 @@ pub fn check(
 
     // Disk → database.
     let mut orphans: Vec<(std::path::PathBuf, Option<Digest>)> = Vec::new();
-    let blobs_dir = store.root().join("blobs");
-    for alg in std::fs::read_dir(&blobs_dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        for prefix in std::fs::read_dir(alg.path())
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            for file in std::fs::read_dir(prefix.path())
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
-                let name = format!(
-                    "{}:{}",
-                    alg.file_name().to_string_lossy(),
-                    file.file_name().to_string_lossy()
-                );
-                if recorded.contains_key(&name) {
-                    continue;
-                }
-                let digest = name
-                    .parse::<Digest>()
-                    .ok()
-                    .filter(|d| store.blob_path(d) == file.path());
-                report.problems.push(Problem {
-                    kind: "orphan",
-                    what: file.path().display().to_string(),
-                    detail: "file without a record".into(),
-                });
-                orphans.push((file.path(), digest));
-            }
+    for file in store.blob_files() {
+        if recorded.contains_key(&file.name) {
+            continue;
         }
+        let digest = file
+            .name
+            .parse::<Digest>()
+            .ok()
+            .filter(|d| store.blob_path(d) == file.path);
+        report.problems.push(Problem {
+            kind: "orphan",
+            what: file.path.display().to_string(),
+            detail: "file without a record".into(),
+        });
+        orphans.push((file.path, digest));
     }
     if !online {
-        for e in std::fs::read_dir(store.root().join("tmp"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
+        for path in store.temp_files() {
             report.problems.push(Problem {
                 kind: "stray",
-                what: e.path().display().to_string(),
+                what: path.display().to_string(),
                 detail: "temporary file of an unfinished fill".into(),
             });
             if opts.repair {
-                let _ = std::fs::remove_file(e.path());
+                let _ = std::fs::remove_file(&path);
                 report.repaired += 1;
             }
         }
@@ -257,17 +227,8 @@ pub fn check(
         bad.dedup();
         report.repaired += bad.len() as u64;
         forget(store, &bad)?;
-        if !dangling_tags.is_empty() {
-            let tx = store.db.begin_write().map_err(db_err)?;
-            {
-                let mut t = tx.open_table(TAGS).map_err(db_err)?;
-                for k in &dangling_tags {
-                    t.remove(k.as_str()).map_err(db_err)?;
-                }
-            }
-            tx.commit().map_err(db_err)?;
-            report.repaired += dangling_tags.len() as u64;
-        }
+        store.remove_tags(&dangling_tags)?;
+        report.repaired += dangling_tags.len() as u64;
         for (path, digest) in orphans {
             report.repaired += 1;
             // An intact orphan (renamed into place, then a crash before its record) is kept:
