@@ -30,7 +30,7 @@
 //! upstream applies it itself (it answers for R only). The bucket gives a blob to R when R links it
 //! here (the store's link) or in the bucket (a server that fetched or confirmed it for R wrote R's
 //! link), and a manifest after R's link (`has_manifest`) or R's tag record (`tag`) named it; a
-//! blob whose bucket copy failed verification is not read from the bucket again ([`Tier::rejected`]).
+//! blob whose bucket copy failed verification is not read from the bucket again (`Tier::rejected`).
 //!
 //! **Shared tiers pass; the origin answers.** A shared tier that does not hold what is asked,
 //! is skipped after a failure (`bucket::DOWN_FOR`), or fails now, answers "not here" (`None`,
@@ -41,7 +41,7 @@
 //! answers with [`Tiers::origin`].
 //!
 //! **The walks.** A fill takes the bytes of the first tier, in chain order, that gives them
-//! ([`Tiers::open_blob`]); when that stream breaks, it resumes with a range from the tiers after
+//! (`Tiers::open_blob`); when that stream breaks, it resumes with a range from the tiers after
 //! the one that broke (the origin resumes from itself). A manifest by digest, a tag, a `HEAD`, a
 //! redirect, and the check of a blob or manifest stored here for another repository ask
 //! [`Tiers::shared`] in order, then the origin. The outcome follows from the tier that answered
@@ -604,4 +604,46 @@ fn verify_manifest(
         }
     }
     Ok(actual)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chain(config: &str) -> Vec<&'static str> {
+        let config =
+            crate::config::Config::parse(config, "test", &crate::config::Overrides::default())
+                .expect("config");
+        let metrics = Arc::new(Metrics::new());
+        let tiers = Tiers::from_config(&config, &metrics).expect("tiers");
+        let names: Vec<_> = tiers.iter().map(Tier::name).collect();
+        // A stream that breaks resumes from the next tier; the upstream resumes from itself.
+        let last = names.len() - 1;
+        assert_eq!(
+            tiers.after(0),
+            1.min(last),
+            "a break resumes from the next tier"
+        );
+        assert_eq!(tiers.after(last), last, "the upstream resumes from itself");
+        assert!(tiers.origin().is_origin() && tiers.get(last).is_origin());
+        names
+    }
+
+    #[test]
+    fn the_tier_chain_follows_the_configured_tables_with_the_upstream_last() {
+        let upstream = "[upstreams.docker]\nurl = \"http://127.0.0.1:9\"\n";
+        assert_eq!(
+            chain(upstream),
+            ["upstream"],
+            "without [store.s3] the upstream is the only tier"
+        );
+        let with_bucket = format!(
+            "{upstream}[store.s3]\nbucket = \"fleet-cache\"\nendpoint = \"http://127.0.0.1:9\"\n"
+        );
+        assert_eq!(
+            chain(&with_bucket),
+            ["bucket", "upstream"],
+            "[store.s3] puts the bucket before the upstream"
+        );
+    }
 }
