@@ -18,8 +18,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::support::clients::{self, command, require, run};
-use crate::support::fake::{FakeUpstream, OCI_MANIFEST as FAKE_OCI_MANIFEST};
+use crate::support::fake::FakeUpstream;
 use crate::support::images::{assert_same_copy, pseudo_random};
+use crate::support::media::{accept_all, OCI_MANIFEST};
 use crate::support::moto::{request, Moto, ACCESS_KEY, SECRET_KEY};
 use crate::support::net::BlackHole;
 use crate::support::process::{free_port, Process};
@@ -29,7 +30,6 @@ use crate::support::registry::{
 };
 
 const BUCKET: &str = "regcache-test";
-const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
 /// How long an asynchronous upload may take to show in the bucket.
 const UPLOAD_WAIT: Duration = Duration::from_secs(30);
 /// How long one pull may take while the bucket is down.
@@ -280,12 +280,12 @@ fn metric_present(text: &str, name: &str) -> bool {
 }
 
 fn get(addr: SocketAddr, path: &str) -> RawResponse {
-    request(addr, "GET", path, &[("Accept", ACCEPT_ALL)], b"")
+    request(addr, "GET", path, &[("Accept", accept_all())], b"")
         .unwrap_or_else(|| panic!("GET {path} on {addr}: no response"))
 }
 
 fn head(addr: SocketAddr, path: &str) -> RawResponse {
-    request(addr, "HEAD", path, &[("Accept", ACCEPT_ALL)], b"")
+    request(addr, "HEAD", path, &[("Accept", accept_all())], b"")
         .unwrap_or_else(|| panic!("HEAD {path} on {addr}: no response"))
 }
 
@@ -647,7 +647,7 @@ fn killed_fill_leaves_no_visible_object() {
 
     let r = get(addr, "/v2/kill/app/manifests/v1");
     assert_eq!(r.status, 200, "{}", describe(&r));
-    assert_eq!(r.header("content-type"), Some(FAKE_OCI_MANIFEST));
+    assert_eq!(r.header("content-type"), Some(OCI_MANIFEST));
     assert_eq!(sha256_digest(&r.body), manifest);
 
     // 256 KiB every 100 ms: the 12 MiB fill takes about 5 s.
@@ -1135,7 +1135,7 @@ fn the_bucket_serves_a_blob_to_a_repository_only_once_the_upstream_confirmed_it_
     let claim = Bytes::from(
         serde_json::to_vec(&serde_json::json!({
             "schemaVersion": 2,
-            "mediaType": FAKE_OCI_MANIFEST,
+            "mediaType": OCI_MANIFEST,
             "config": {
                 "mediaType": "application/vnd.oci.empty.v1+json",
                 "digest": "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a",
@@ -1146,7 +1146,7 @@ fn the_bucket_serves_a_blob_to_a_repository_only_once_the_upstream_confirmed_it_
         .expect("serialize manifest"),
     );
     for repo in ["t/evil", "t/late"] {
-        fake.add_manifest(repo, Some("v1"), FAKE_OCI_MANIFEST, claim.clone());
+        fake.add_manifest(repo, Some("v1"), OCI_MANIFEST, claim.clone());
     }
     let moto = moto_with_bucket();
     let config = config_for(&fake.url(), "", &s3_table(&moto, None, ""));

@@ -3,15 +3,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod accept;
-mod architecture;
 mod bucket;
 mod clients;
 mod config_store;
 mod durability;
-mod faults;
+mod offline;
 mod ops;
 mod outage;
 mod prefetch;
 mod pull;
-mod security;
 mod support;

@@ -1,6 +1,6 @@
 //! `regcache prefetch` against a real upstream and a running regcache: Dockerfiles, lists,
 //! multi-platform images, pins, idempotence, exit codes; then the prefetched images are pulled
-//! with the upstream black-holed.
+//! with the upstream black-holed. What needs no real upstream is in `offline::prefetch`.
 
 use std::path::Path;
 use std::process::Output;
@@ -12,7 +12,7 @@ use crate::support::regcache::{config_for, Regcache};
 use crate::support::registry::{copy_to_dir, http_get, Registry};
 
 /// The `image` of each entry of a `--json` summary.
-fn summary_images(summary: &serde_json::Value) -> Vec<&str> {
+pub(crate) fn summary_images(summary: &serde_json::Value) -> Vec<&str> {
     summary["images"]
         .as_array()
         .expect("images")
@@ -21,7 +21,7 @@ fn summary_images(summary: &serde_json::Value) -> Vec<&str> {
         .collect()
 }
 
-fn prefetch(server: &str, args: &[&str]) -> Output {
+pub(crate) fn prefetch(server: &str, args: &[&str]) -> Output {
     let mut all = vec!["prefetch", "--server", server];
     all.extend_from_slice(args);
     Process::run_to_end(&all)
@@ -256,191 +256,4 @@ fn prefetch_sends_credentials_to_an_htpasswd_protected_regcache() {
     );
     let out = prefetch(&rc.url(), &["small/oci:latest", "--auth", "no-colon"]);
     assert_eq!(out.status.code(), Some(2));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn prefetch_fetches_an_image_once_however_its_reference_is_spelled() {
-    let fake = crate::support::fake::FakeUpstream::start().await;
-    let layer = bytes::Bytes::from(vec![5u8; 1 << 20]);
-    let (manifest, layer_digest) = fake.add_image("library/busybox", "1.36", layer);
-    let rc = Regcache::with_upstream(&fake.url());
-    let server = rc.url();
-    let spellings = [
-        "busybox:1.36".to_owned(),
-        "docker.io/library/busybox:1.36".to_owned(),
-        "index.docker.io/busybox:1.36".to_owned(),
-        format!("busybox:1.36@{manifest}"),
-        format!("docker.io/library/busybox@{manifest}"),
-    ];
-    let mut args: Vec<&str> = vec!["--json"];
-    args.extend(spellings.iter().map(String::as_str));
-    let out = tokio::task::spawn_blocking({
-        let (server, args): (String, Vec<String>) =
-            (server.clone(), args.iter().map(|a| a.to_string()).collect());
-        move || {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            prefetch(&server, &args)
-        }
-    })
-    .await
-    .expect("prefetch thread");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON summary");
-    let images = summary_images(&summary);
-    assert_eq!(
-        images,
-        vec!["busybox:1.36", spellings[3].as_str()],
-        "one entry per image, named by its first spelling: {summary}"
-    );
-    // The layer and the config blob, each counted once.
-    let image_bytes = summary["images"][0]["bytes"].as_u64().expect("bytes");
-    assert!(image_bytes > 1 << 20, "{summary}");
-    assert_eq!(
-        summary["fetched_bytes"].as_u64(),
-        Some(image_bytes),
-        "each blob crosses to the prefetcher once: {summary}"
-    );
-    let blob_gets = rc
-        .app
-        .metrics
-        .render()
-        .lines()
-        .filter(|l| l.starts_with("regcache_requests_total{route=\"blob\",status=\"200\"}"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>();
-    assert_eq!(
-        fake.blob_gets(&layer_digest),
-        1,
-        "the upstream sent the layer once"
-    );
-    // Two HEADs (config and layer), then two GETs, whatever the number of spellings.
-    assert_eq!(blob_gets, 4.0, "blob requests answered by regcache");
-}
-
-/// The Dockerfiles of `tests/fixtures/dockerfiles`, each with the exact images it must yield.
-fn dockerfile_corpus() -> Vec<(std::path::PathBuf, std::path::PathBuf)> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dockerfiles");
-    let mut out: Vec<_> = std::fs::read_dir(&dir)
-        .expect("the Dockerfile corpus")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "Dockerfile"))
-        .map(|p| {
-            let expected = p.with_extension("images");
-            (p, expected)
-        })
-        .collect();
-    out.sort();
-    assert!(out.len() >= 5, "corpus: {out:?}");
-    out
-}
-
-/// `image platform,platform` lines, platforms sorted, lines sorted.
-fn normalised(lines: impl IntoIterator<Item = String>) -> Vec<String> {
-    let mut out: Vec<String> = lines
-        .into_iter()
-        .map(|l| {
-            let (image, platforms) = l.split_once(' ').unwrap_or((&l, ""));
-            let mut p: Vec<&str> = platforms
-                .split(',')
-                .map(str::trim)
-                .filter(|p| !p.is_empty())
-                .collect();
-            p.sort();
-            p.dedup();
-            format!("{image} {}", p.join(","))
-        })
-        .collect();
-    out.sort();
-    out
-}
-
-#[test]
-fn dockerfile_corpus_yields_exactly_the_expected_images() {
-    let build = regcache::cmd::prefetch::Platform::host().to_string();
-    let mut failures = Vec::new();
-    for (dockerfile, expected) in dockerfile_corpus() {
-        let text = std::fs::read_to_string(&expected)
-            .unwrap_or_else(|e| panic!("{}: {e}", expected.display()));
-        let mut args: Vec<String> = vec![
-            "--dry-run".into(),
-            "--json".into(),
-            "--dockerfile".into(),
-            dockerfile.display().to_string(),
-        ];
-        let mut want = Vec::new();
-        for line in text.lines().filter(|l| !l.trim().is_empty()) {
-            match line.strip_prefix("# prefetch:") {
-                Some(extra) => args.extend(extra.split_whitespace().map(str::to_owned)),
-                None => want.push(line.replace("{build}", &build)),
-            }
-        }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = prefetch("http://127.0.0.1:9", &args);
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        if out.status.code() != Some(0) {
-            failures.push(format!(
-                "{}: exit {:?}: {}",
-                dockerfile.display(),
-                out.status.code(),
-                String::from_utf8_lossy(&out.stderr)
-            ));
-            continue;
-        }
-        let got: Vec<String> = stdout
-            .lines()
-            .map(|l| {
-                let v: serde_json::Value = serde_json::from_str(l)
-                    .unwrap_or_else(|e| panic!("{}: not JSON ({e}): {l}", dockerfile.display()));
-                format!(
-                    "{} {}",
-                    v["image"].as_str().unwrap_or("?"),
-                    v["platforms"].as_str().unwrap_or("?").replace(' ', "")
-                )
-            })
-            .collect();
-        let (got, want) = (normalised(got), normalised(want));
-        if got != want {
-            failures.push(format!(
-                "{}:\n  expected {want:#?}\n  got      {got:#?}",
-                dockerfile.display()
-            ));
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
-}
-
-#[test]
-fn prefetch_json_usage_errors_print_a_json_error_object() {
-    let dir = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
-    let dockerfile = dir.path().join("Dockerfile");
-    std::fs::write(&dockerfile, "FROM alpine\nRUN <<EOF\nnever ends\n").expect("Dockerfile");
-    let path = dockerfile.display().to_string();
-    for (args, what) in [
-        (vec!["--json", "Bad/Name"], "Bad/Name"),
-        (vec!["--json", "--dockerfile", &path], "heredoc"),
-        (vec!["--json", "--dry-run", "--platform", "linux"], "linux"),
-        (
-            vec!["--json", "alpine", "--concurrency", "0"],
-            "concurrency",
-        ),
-        (vec!["--json", "alpine", "--no-such-flag"], "--no-such-flag"),
-    ] {
-        let out = prefetch("http://127.0.0.1:9", &args);
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {stdout}");
-        let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-            panic!("{args:?}: stdout is not one JSON object ({e}): {stdout:?}")
-        });
-        assert_eq!(v["ok"], false, "{args:?}: {v}");
-        assert_eq!(v["exit_code"], 2, "{args:?}: {v}");
-        assert!(
-            v["error"].as_str().is_some_and(|e| e.contains(what)),
-            "{args:?}: the error names {what:?}: {v}"
-        );
-        assert!(
-            String::from_utf8_lossy(&out.stderr).contains(what),
-            "{args:?}: stderr too"
-        );
-    }
 }

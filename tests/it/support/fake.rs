@@ -38,14 +38,12 @@ use sha2::{Digest as _, Sha256};
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 
+use super::media::{DOCKER_LIST, OCI_MANIFEST};
+
 /// Size of the pieces blob bodies are streamed in when trickling is off.
 const STREAM_CHUNK: usize = 64 * 1024;
 /// `service` in bearer challenges and expected on `/token`.
 pub const SERVICE: &str = "fake-registry";
-/// Media type [`FakeUpstream::add_image`] uses for its manifest.
-pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-/// Media type of a Docker manifest list.
-pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 /// Media type [`FakeUpstream::add_image`] uses for its config blob.
 pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 /// Media type [`FakeUpstream::add_image`] uses for its (uncompressed tar) layer.

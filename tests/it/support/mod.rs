@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod etcd;
 pub mod fake;
 pub mod images;
+pub mod media;
 pub mod moto;
 pub mod net;
 pub mod nginx;

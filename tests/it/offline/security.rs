@@ -11,14 +11,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::StreamExt as _;
 use http::StatusCode;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::support::fake::{sha256_digest, FakeUpstream, OCI_MANIFEST};
+use crate::support::fake::{sha256_digest, FakeUpstream};
+use crate::support::media::OCI_MANIFEST;
 use crate::support::regcache::{client, config_for, error_code, stored, Regcache};
-use crate::support::reply::{get, parse_reply, send, Reply};
+use crate::support::reply::{get, get_streamed, parse_reply, send, Reply};
 
 // ---- helpers ------------------------------------------------------------------------------------
 
@@ -112,25 +112,6 @@ fn metric(text: &str, prefix: &str) -> f64 {
         .filter(|l| l.starts_with(prefix))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
-}
-
-/// A GET whose body must not arrive complete: `(status, bytes received, stream error)`.
-async fn get_streamed(url: &str) -> (StatusCode, Vec<u8>, Option<String>) {
-    let resp = client()
-        .get(url)
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
-    let status = resp.status();
-    let mut got = Vec::new();
-    let mut stream = resp.bytes_stream();
-    while let Some(item) = stream.next().await {
-        match item {
-            Ok(b) => got.extend_from_slice(&b),
-            Err(e) => return (status, got, Some(format!("{e:?}"))),
-        }
-    }
-    (status, got, None)
 }
 
 // ---- a raw, hostile upstream --------------------------------------------------------------------

@@ -12,10 +12,11 @@ use futures_util::StreamExt as _;
 use http::StatusCode;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use crate::support::fake::{sha256_digest, FakeUpstream, RequestRecord, TokenAnswer, OCI_MANIFEST};
+use crate::support::fake::{sha256_digest, FakeUpstream, RequestRecord, TokenAnswer};
 use crate::support::images::pseudo_random;
+use crate::support::media::OCI_MANIFEST;
 use crate::support::regcache::{client, config_for, error_code, stored, Regcache};
-use crate::support::reply::{get, parse_reply, send, Reply};
+use crate::support::reply::{get, parse_reply, read_streamed, send, Reply};
 
 // ---- helpers ------------------------------------------------------------------------------------
 
@@ -73,19 +74,6 @@ async fn raw_request(addr: SocketAddr, method: &str, path: &str) -> Reply {
         .unwrap_or_else(|_| panic!("{what}: no complete answer in 10 s"))
         .unwrap_or_else(|e| panic!("{what}: read: {e}"));
     parse_reply(&buf, &what)
-}
-
-/// Reads a response body as a stream: the bytes that arrived and the error that ended it, if any.
-async fn read_streamed(resp: reqwest::Response) -> (Vec<u8>, Option<String>) {
-    let mut got = Vec::new();
-    let mut stream = resp.bytes_stream();
-    while let Some(item) = stream.next().await {
-        match item {
-            Ok(b) => got.extend_from_slice(&b),
-            Err(e) => return (got, Some(format!("{e:?}"))),
-        }
-    }
-    (got, None)
 }
 
 /// The requests recorded by `fake` from index `since` on.
