@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use crate::cache::Cache;
+use crate::cache::{Cache, Tiers};
 use crate::config::Config;
 use crate::store::{free_bytes, Store, StoreError};
 use crate::telemetry::metrics::Metrics;
@@ -62,17 +62,12 @@ impl App {
             source: Box::new(source),
         })?;
         let metrics = Arc::new(Metrics::new());
-        let mut cache = Cache::new(
+        let cache = Cache::new(
             Arc::new(store),
+            Tiers::from_config(&config, &metrics)?,
             config.max_manifest_size,
             Arc::clone(&metrics),
         );
-        if let Some(s3) = &config.store.s3 {
-            cache.bucket = Some(Arc::new(crate::bucket::Bucket::new(
-                s3,
-                Arc::clone(&metrics),
-            )?));
-        }
         match cache.load_outbox() {
             Ok(0) => {}
             Ok(n) => tracing::info!(

@@ -23,8 +23,9 @@ use hyper::body::Frame;
 use tokio::sync::mpsc;
 
 use crate::app::App;
-use crate::cache::{self, BlobSource, BodyChunk, CacheError, Outcome, Route};
+use crate::cache::{self, BlobSource, CacheError, Outcome, Route};
 use crate::http::access::Verdict;
+use crate::http::body::{self, BodyChunk};
 use crate::oci::media::{self, Accept};
 use crate::oci::reference::{Digest, ParseError, Reference, RepoName};
 use crate::upstream::UpstreamError;
@@ -273,7 +274,7 @@ fn ops_endpoint(
                 "store": match &store_ok { Ok(()) => "ok".to_owned(), Err(e) => e.to_string() },
                 "upstreams": upstreams,
             });
-            if let Some(b) = &app.cache.bucket {
+            if let Some(b) = app.cache.bucket() {
                 // Like an upstream, a bucket that is down does not make regcache unready.
                 body["bucket"] = serde_json::json!({ "up": b.is_up() });
             }
@@ -1029,18 +1030,18 @@ async fn blob(
                     file,
                     hold: Some(hold),
                 };
-                let s = crate::http::sendfile::stream(Arc::clone(&lane.0), source, start, end)
+                let s = body::stream_sendfile(Arc::clone(&lane.0), source, start, end)
                     .map(|c| c.map(Frame::data));
                 BodyExt::boxed(StreamBody::new(s))
             }
             None => {
-                let s = cache::stream_file(file, hold, start, end).map(|c| c.map(Frame::data));
+                let s = body::stream_file(file, hold, start, end).map(|c| c.map(Frame::data));
                 BodyExt::boxed(StreamBody::new(s))
             }
         },
         BlobSource::Fill(reader) => {
             let lane = lane.map(|l| Arc::clone(&l.0));
-            channel_body(cache::stream_fill(reader, lane, start, end))
+            channel_body(body::stream_fill(reader, lane, start, end))
         }
         BlobSource::Empty => empty(),
     };

@@ -13,9 +13,9 @@
 //!
 //! Only chunks whose pages are already cached take this path (checked with `preadv2(RWF_NOWAIT)`
 //! probes), so `sendfile` does not wait for the disk on a runtime thread; other chunks are read on
-//! the blocking pool and sent as ordinary bytes. Committed blobs ([`stream`]) and fills in progress
-//! (`cache::stream_fill`, up to the bytes already written) both use it. TLS connections have no
-//! lane and never see a placeholder.
+//! the blocking pool and sent as ordinary bytes. The bodies of committed blobs
+//! (`body::stream_sendfile`) and of fills in progress (`body::stream_fill`, up to the bytes already
+//! written) both use it. TLS connections have no lane and never see a placeholder.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -29,8 +29,6 @@ use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
-
-use crate::cache::{BodyChunk, CHUNK};
 
 /// Largest chunk sent with one placeholder (one `sendfile` call when the socket keeps up; nginx's
 /// `sendfile_max_chunk` is the same).
@@ -74,6 +72,23 @@ pub struct Lane {
 /// The connection's lane, reachable from its requests (a request extension).
 #[derive(Clone)]
 pub struct LaneRef(pub Arc<Lane>);
+
+#[cfg(test)]
+impl Lane {
+    /// Whether every range queued has been sent.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+}
+
+/// Whether `buf` is a placeholder.
+#[cfg(test)]
+pub(crate) fn is_placeholder(buf: &[u8]) -> bool {
+    placeholder_offset(buf).is_some()
+}
 
 /// Where `buf` sits in [`PLACEHOLDER`], if it is a placeholder.
 fn placeholder_offset(buf: &[u8]) -> Option<usize> {
@@ -135,45 +150,6 @@ pub async fn read_range(source: Arc<Source>, offset: u64, len: usize) -> io::Res
     .await
     .map_err(io::Error::other)?
     .map(Bytes::from)
-}
-
-/// Bytes `start..=end` of `source` as a body for a connection with `lane`: placeholders for cached
-/// chunks, real bytes (read on the blocking pool) for the rest.
-pub fn stream(
-    lane: Arc<Lane>,
-    source: Source,
-    start: u64,
-    end: u64,
-) -> impl futures_util::Stream<Item = BodyChunk> + Send + 'static {
-    let source = Arc::new(source);
-    futures_util::stream::unfold(Some(start), move |pos| {
-        let lane = Arc::clone(&lane);
-        let source = Arc::clone(&source);
-        async move {
-            let pos = pos?;
-            if pos > end {
-                return None;
-            }
-            let len = SEND_CHUNK.min((end.saturating_add(1) - pos) as usize);
-            let chunk = match placeholder(&lane, &source, pos, len) {
-                Some(p) => Ok(p),
-                // Some page is not cached: the next 256 KiB as bytes, into a pooled buffer if
-                // those are cached, else read on the blocking pool.
-                None => match crate::cache::read_cached(&source.file, pos, len.min(CHUNK)) {
-                    Some(r) => r,
-                    None => read_range(source, pos, len.min(CHUNK)).await,
-                },
-            };
-            match chunk {
-                Ok(c) => {
-                    let next = pos + c.len() as u64;
-                    Some((Ok(c), Some(next)))
-                }
-                // The error ends the body (hyper aborts the response); nothing follows it.
-                Err(e) => Some((Err(e), None)),
-            }
-        }
-    })
 }
 
 /// A plain TCP connection whose writes turn placeholders into `sendfile` calls.
@@ -303,12 +279,12 @@ impl AsyncWrite for LaneIo {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     /// A connected pair on loopback: (the server side wrapped in a lane, the client side).
-    async fn pair() -> (LaneIo, Arc<Lane>, TcpStream) {
+    pub(crate) async fn pair() -> (LaneIo, Arc<Lane>, TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -318,58 +294,11 @@ mod tests {
         (io, lane, client.expect("connect"))
     }
 
-    fn file_with(data: &[u8]) -> File {
+    /// A temporary file holding `data`.
+    pub(crate) fn file_with(data: &[u8]) -> File {
         let mut f = tempfile::tempfile().expect("temp file");
         std::io::Write::write_all(&mut f, data).expect("write");
         f
-    }
-
-    #[tokio::test]
-    async fn placeholders_become_the_file_bytes_around_plain_bytes() {
-        let data: Vec<u8> = (0..5_000_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
-        let (mut io, lane, mut client) = pair().await;
-        let source = Source {
-            file: file_with(&data),
-            hold: None,
-        };
-        let (a, z) = (100u64, 4_500_000u64);
-        let chunks: Vec<Bytes> = {
-            use futures_util::StreamExt as _;
-            stream(Arc::clone(&lane), source, a, z)
-                .map(|c| c.expect("chunk"))
-                .collect()
-                .await
-        };
-        assert_eq!(chunks.len(), 3, "2 MiB chunks");
-        assert!(
-            chunks.iter().all(|c| placeholder_offset(c).is_some()),
-            "a cached file gives placeholders"
-        );
-        let reader = tokio::spawn(async move {
-            let mut got = Vec::new();
-            client.read_to_end(&mut got).await.expect("read");
-            got
-        });
-        io.write_all(b"head").await.expect("plain bytes");
-        for c in &chunks {
-            io.write_all(c).await.expect("placeholder");
-        }
-        io.write_all(b"tail").await.expect("plain bytes");
-        io.shutdown().await.expect("shutdown");
-        drop(io);
-        let got = reader.await.expect("reader");
-        let mut want = b"head".to_vec();
-        want.extend_from_slice(&data[a as usize..=z as usize]);
-        want.extend_from_slice(b"tail");
-        assert!(
-            got == want,
-            "the client got {} bytes, not the range",
-            got.len()
-        );
-        assert!(
-            lane.jobs.lock().expect("lock").is_empty(),
-            "every range sent"
-        );
     }
 
     #[tokio::test]
@@ -386,14 +315,7 @@ mod tests {
             file: file_with(&data),
             hold: None,
         };
-        let chunks: Vec<Bytes> = {
-            use futures_util::StreamExt as _;
-            stream(Arc::clone(&lane), source, 0, 299_999)
-                .map(|c| c.expect("chunk"))
-                .collect()
-                .await
-        };
-        assert_eq!(chunks.len(), 1);
+        let chunks = [placeholder(&lane, &Arc::new(source), 0, 300_000).expect("cached")];
         // The right length at the wrong start (another placeholder's), and a wrong length.
         let start = lane.jobs.lock().expect("lock")[0].start;
         let other = (start + SEND_CHUNK / STARTS) % SEND_CHUNK;
