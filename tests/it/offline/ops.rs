@@ -265,11 +265,21 @@ fn cloud_init_installs_the_same_unit_and_a_valid_config() {
 fn connections_are_served_by_one_shard_thread_per_cpu_under_one_connection_limit() {
     let (_work, addr, mut rc) = start_offline("[limits]\nmax_connections = 3\n");
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let tasks = std::fs::read_dir(format!("/proc/{}/task", rc.pid())).expect("task list");
-    let shards = tasks
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .filter(|name| name.starts_with("rc-shard-"))
-        .count();
+    // The server answers as soon as one shard runs; the others may still be starting, so count
+    // until they are all there (or give up after a while and report what was seen).
+    let count_shards = || {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", rc.pid())).expect("task list");
+        tasks
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|name| name.starts_with("rc-shard-"))
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut shards = count_shards();
+    while shards < cpus && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        shards = count_shards();
+    }
     assert_eq!(shards, cpus, "one shard thread per CPU");
 
     // The limit holds across shards: 3 idle keep-alive connections fill it, the 4th gets 503. The
