@@ -9,6 +9,7 @@ use clap::{Args, Subcommand};
 use crate::app::App;
 use crate::cmd::{ConfigArgs, EXIT_FAILURE, EXIT_USAGE};
 use crate::config::Config;
+use crate::http::router::Router as _;
 
 /// Exit code of `verify` when it found inconsistencies.
 pub const EXIT_PROBLEMS: u8 = 3;
@@ -121,7 +122,7 @@ async fn call(method: reqwest::Method, url: String) -> anyhow::Result<serde_json
         .build()?;
     let resp = client
         .request(method, &url)
-        .header(crate::http::api::OPERATOR_HEADER, "1")
+        .header(crate::http::OPERATOR_HEADER, "1")
         .send()
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach the running regcache at {url}: {e}"))?;

@@ -17,6 +17,7 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::cmd::{ConfigArgs, EXIT_FAILURE, EXIT_USAGE};
+use crate::http::router::Router as _;
 use crate::oci::media::{Accept, Kind};
 use crate::oci::reference::{Digest, ImageRef};
 
@@ -398,7 +399,7 @@ async fn fetch_blob(
     let size = crate::upstream::header_length(&head).unwrap_or(0);
     let hit = head
         .headers()
-        .get(crate::http::api::CACHE_HEADER)
+        .get(crate::http::CACHE_HEADER)
         .is_some_and(|v| v.as_bytes() == b"hit");
     if hit {
         bar.inc(size);
@@ -568,7 +569,7 @@ async fn prefetch_inner(
         let resp = ctx
             .client
             .post(&url)
-            .header(crate::http::api::OPERATOR_HEADER, "1")
+            .header(crate::http::OPERATOR_HEADER, "1")
             .send()
             .await?;
         if !resp.status().is_success() {
