@@ -2,6 +2,11 @@
 //! access line (target `regcache::access`), written when the response body ends, with the body
 //! bytes that went out and whether the connection ended first (the client hung up).
 //!
+//! The span (`request`, target `regcache::request`, fields `id`, `upstream`, `repo`, `reference`,
+//! `outcome`) is entered around the handler and the cache work it awaits, so that every line
+//! logged there names the request. It is at `debug`: `REGCACHE_LOG=info,regcache::request=debug`
+//! turns it on.
+//!
 //! The answer's body is wrapped in [`Logged`], which counts the bytes of the frames it passes on
 //! (placeholders of the sendfile path included, without touching them) and carries the request's
 //! [`Access`] record; the record writes the line when it is dropped: with the body, or with the
@@ -101,7 +106,11 @@ impl Access {
         metrics: &Arc<Metrics>,
     ) -> Access {
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        let span = tracing::info_span!(
+        // At `debug`, so off by default: an enabled span with these fields costs the fmt
+        // subscriber about 0.9 µs of CPU per request (measured: span, four records and three
+        // entries against one access line's 1 µs), some 5 % of a warm manifest request. Disabled,
+        // it is a cached callsite check and allocates nothing.
+        let span = tracing::debug_span!(
             target: "regcache::request",
             "request",
             id,
@@ -257,6 +266,54 @@ mod tests {
             "blob",
             &Arc::new(Metrics::new()),
         )
+    }
+
+    /// A log writer into a shared buffer.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl io::Write for Captured {
+        fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(data);
+            Ok(data.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn lines_logged_while_handling_name_the_request_once_its_span_is_on() {
+        use tracing::Instrument as _;
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(
+                "info,regcache::request=debug",
+            ))
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let _default = tracing::subscriber::set_default(subscriber);
+        let mut access = access();
+        let id = access.id;
+        access.info.target(&"v1");
+        access.info.set_outcome(Outcome::Stale);
+        async { tracing::warn!("the upstream is slow") }
+            .instrument(access.span())
+            .await;
+        drop(access);
+        let text = String::from_utf8_lossy(&out.0.lock().expect("lock")).into_owned();
+        assert!(
+            text.contains(&format!(
+                "request{{id={id} reference=v1 outcome=\"stale\"}}: regcache::http::trace::tests: the upstream is slow"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("request_id={id} method=GET")),
+            "the access line names the id: {text}"
+        );
     }
 
     #[tokio::test]

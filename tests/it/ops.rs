@@ -272,16 +272,27 @@ fn access_lines(text: &str, path: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// The access line is written when the body ends, with the bytes that went out: a client that
-/// hangs up after part of a warm blob is logged with fewer bytes than the blob and `hung_up`, and
-/// the `served_bytes_total` metric counts only what was sent. Every answer carries its request
-/// id, which its access line names.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_hangs_up_mid_blob_is_logged_with_the_bytes_it_was_sent() {
-    const SIZE: usize = 48 << 20;
-    let layer = Bytes::from((0..SIZE).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
-    let fake = FakeUpstream::start().await;
-    let (_, digest) = fake.add_image("app/big", "v1", layer);
+/// Waits (20 s at most) until `rc` has logged `count` access lines for `path`, and returns them.
+/// A shard writes its access lines in batches, every 250 ms.
+async fn await_access_lines(rc: &Process, path: &str, count: usize) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let lines = access_lines(&rc.log_text(), path);
+        if lines.len() >= count || Instant::now() > deadline {
+            assert_eq!(
+                lines.len(),
+                count,
+                "access lines for {path}:\n{}",
+                rc.log_text()
+            );
+            return lines;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// regcache with JSON logs in front of `fake`: its work directory, address and process.
+fn start_json_logged(fake: &FakeUpstream) -> (tempfile::TempDir, SocketAddr, Process) {
     let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
     let config = work.path().join("rc.toml");
     std::fs::write(
@@ -296,6 +307,20 @@ async fn a_client_that_hangs_up_mid_blob_is_logged_with_the_bytes_it_was_sent() 
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let log = work.path().join("log");
     let rc = tokio::task::block_in_place(|| Process::start(&config, addr, &log));
+    (work, addr, rc)
+}
+
+/// The access line is written when the body ends, with the bytes that went out: a client that
+/// hangs up after part of a warm blob is logged with fewer bytes than the blob and `hung_up`, and
+/// the `served_bytes_total` metric counts only what was sent. Every answer carries its request
+/// id, which its access line names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_mid_blob_is_logged_with_the_bytes_it_was_sent() {
+    const SIZE: usize = 48 << 20;
+    let layer = Bytes::from((0..SIZE).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+    let fake = FakeUpstream::start().await;
+    let (_, digest) = fake.add_image("app/big", "v1", layer);
+    let (_work, addr, rc) = start_json_logged(&fake);
     let path = format!("/v2/app/big/blobs/{digest}");
 
     // The whole blob once: it is cached and logged complete.
@@ -335,22 +360,8 @@ async fn a_client_that_hangs_up_mid_blob_is_logged_with_the_bytes_it_was_sent() 
     .expect("reader");
     assert!(got >= 1 << 20);
 
-    // The access lines of a shard are written in batches (every 250 ms).
     let path = format!("/v2/app/big/blobs/{digest}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let lines = loop {
-        let lines = access_lines(&rc.log_text(), &path);
-        if lines.len() >= 2 || Instant::now() > deadline {
-            break lines;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert_eq!(
-        lines.len(),
-        2,
-        "two access lines for {path}:\n{}",
-        rc.log_text()
-    );
+    let lines = await_access_lines(&rc, &path, 2).await;
     // Shards write their batches independently: tell the two lines apart by their ids.
     let by_id = |want: bool| {
         lines
@@ -396,6 +407,47 @@ async fn a_client_that_hangs_up_mid_blob_is_logged_with_the_bytes_it_was_sent() 
         "served_bytes_total counts the bytes sent ({} + {sent}), got {served}",
         SIZE
     );
+}
+
+/// A client that hangs up while its answer is still being fetched is logged too: status 499 (as
+/// nginx logs it), no bytes, `hung_up`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_before_its_answer_is_logged_as_499() {
+    let fake = FakeUpstream::start().await;
+    fake.add_image("app/slow", "v1", Bytes::from_static(b"layer"));
+    let (_work, addr, rc) = start_json_logged(&fake);
+    fake.set_manifest_gate(true);
+    let path = "/v2/app/slow/manifests/v1";
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tokio::io::AsyncWriteExt::write_all(
+        &mut s,
+        format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("send request");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fake.hits("GET", path) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "regcache never asked the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The upstream holds the manifest: the client goes before regcache can answer.
+    drop(s);
+    let lines = await_access_lines(&rc, path, 1).await;
+    let f = &lines[0]["fields"];
+    assert_eq!(
+        (
+            f["status"].as_u64(),
+            f["bytes"].as_u64(),
+            f["complete"].as_bool(),
+            f["hung_up"].as_bool()
+        ),
+        (Some(499), Some(0), Some(false), Some(true)),
+        "{f}"
+    );
+    fake.set_manifest_gate(false);
 }
 
 /// The shard parts of shutdown: a fill lives on the shard of the client that started it, and a
