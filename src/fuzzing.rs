@@ -391,7 +391,7 @@ pub fn dockerfile(data: &[u8]) {
 
 /// Client credentials and address lists: htpasswd files, `Authorization` headers, CIDRs.
 pub fn access(data: &[u8]) {
-    let _ = crate::http::access::parse_basic(data);
+    let _ = crate::http::auth::parse_basic(data);
     let Some(s) = text(data) else { return };
     if let Ok(h) = Htpasswd::parse(s, std::path::Path::new("fuzz")) {
         assert!(!format!("{h:?}").contains("$2"), "hashes stay out of Debug");

@@ -18,8 +18,8 @@ use tracing::Instrument as _;
 
 use crate::app::App;
 use crate::cache::Route;
-use crate::http::access::Verdict;
 use crate::http::admin::{admin, ADMIN_PREFIX};
+use crate::http::auth::Verdict;
 use crate::http::error::{ApiError, Code};
 use crate::http::response::{empty, full, set_header, Body};
 use crate::http::router::{parse_path, parse_query, Endpoint, Query, Router as _};

@@ -7,6 +7,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod auth;
 pub mod blobs;
 pub mod catalog;
 pub mod error;
