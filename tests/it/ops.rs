@@ -181,6 +181,26 @@ fn socket_activation_serves_on_the_inherited_listener() {
     let _ = child.wait();
 }
 
+/// regcache (the binary) with `fake` as its default upstream, and `extra` config before its
+/// `[upstreams]`: its work directory, address and process.
+fn start_in_front_of(fake: &FakeUpstream, extra: &str) -> (tempfile::TempDir, SocketAddr, Process) {
+    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
+    let config = work.path().join("rc.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\n{extra}[upstreams.docker]\nurl = \"{}\"\n",
+            work.path().join("d").display(),
+            fake.url()
+        ),
+    )
+    .expect("config");
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let log = work.path().join("log");
+    let rc = tokio::task::block_in_place(|| Process::start(&config, addr, &log));
+    (work, addr, rc)
+}
+
 /// A fake upstream serving one blob of `app/slow` at 256 KiB per 100 ms, and a regcache in front
 /// of it with a 20 s shutdown grace (and `extra` config before its `[upstreams]`).
 struct SlowBlob {
@@ -197,20 +217,8 @@ impl SlowBlob {
         let fake = FakeUpstream::start().await;
         let (_, digest) = fake.add_image("app/slow", "v1", layer);
         fake.set_slow_blobs(256 << 10, Duration::from_millis(100)); // 4 MiB in about 1.6 s
-        let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
-        let config = work.path().join("rc.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "data_dir = \"{}\"\nshutdown_grace = \"20s\"\n{extra}[upstreams.docker]\nurl = \"{}\"\n",
-                work.path().join("d").display(),
-                fake.url()
-            ),
-        )
-        .expect("config");
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let log = work.path().join("log");
-        let rc = tokio::task::block_in_place(|| Process::start(&config, addr, &log));
+        let (work, addr, rc) =
+            start_in_front_of(&fake, &format!("shutdown_grace = \"20s\"\n{extra}"));
         SlowBlob {
             rc,
             addr,
@@ -293,21 +301,7 @@ async fn await_access_lines(rc: &Process, path: &str, count: usize) -> Vec<serde
 
 /// regcache with JSON logs in front of `fake`: its work directory, address and process.
 fn start_json_logged(fake: &FakeUpstream) -> (tempfile::TempDir, SocketAddr, Process) {
-    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
-    let config = work.path().join("rc.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = \"{}\"\n[log]\nformat = \"json\"\n[upstreams.docker]\nurl = \"{}\"\n",
-            work.path().join("d").display(),
-            fake.url()
-        ),
-    )
-    .expect("config");
-    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let log = work.path().join("log");
-    let rc = tokio::task::block_in_place(|| Process::start(&config, addr, &log));
-    (work, addr, rc)
+    start_in_front_of(fake, "[log]\nformat = \"json\"\n")
 }
 
 /// The access line is written when the body ends, with the bytes that went out: a client that
