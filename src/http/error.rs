@@ -259,7 +259,10 @@ impl ApiError {
             CacheError::Upstream(u) => ApiError::from_upstream(u, object),
             CacheError::NotAcceptable(why) => ApiError::new(Code::ManifestUnknown, why.to_string()),
             CacheError::DigestMismatch { .. } | CacheError::SizeMismatch { .. } => {
-                tracing::error!(error = %chain(&e), "upstream sent content that failed verification");
+                tracing::error!(
+                    error = %chain(&e),
+                    "upstream sent content that failed verification"
+                );
                 ApiError::new(Code::BadGateway, e.to_string())
             }
             CacheError::Busy(msg) => {
@@ -319,7 +322,10 @@ mod tests {
         let e = ApiError::new(Code::Unavailable, "too many \"connections\"").retry_after("1");
         let raw = e.to_http1_closing();
         let text = std::str::from_utf8(&raw).expect("UTF-8");
-        let body = r#"{"errors":[{"code":"UNAVAILABLE","detail":null,"message":"too many \"connections\""}]}"#;
+        let body = concat!(
+            r#"{"errors":[{"code":"UNAVAILABLE","detail":null,"#,
+            r#""message":"too many \"connections\""}]}"#
+        );
         assert_eq!(
             text,
             format!(

@@ -1,6 +1,7 @@
 //! The HTTP side: the listener and its shards (`server`), zero-copy bodies (`sendfile`), TLS,
-//! access control, and the registry API: the router (path, query, name → upstream), OCI errors,
-//! one handler per endpoint family, and each request's span and access line (`trace`).
+//! access control (`access`: the policy, `auth`: credentials), and the registry API: the router
+//! (path, query, name → upstream), OCI errors, one handler per endpoint family, and each request's
+//! span and access line (`trace`).
 //!
 //! A request goes `server` → [`handle`] (access checks, dispatch) → `router` → the endpoint's
 //! handler (`manifests`, `blobs`, `tags`, `referrers`, `catalog`, `ops`, `admin`) → the cache.

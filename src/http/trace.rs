@@ -306,7 +306,8 @@ mod tests {
         let text = String::from_utf8_lossy(&out.0.lock().expect("lock")).into_owned();
         assert!(
             text.contains(&format!(
-                "request{{id={id} reference=v1 outcome=\"stale\"}}: regcache::http::trace::tests: the upstream is slow"
+                "request{{id={id} reference=v1 outcome=\"stale\"}}: \
+                 regcache::http::trace::tests: the upstream is slow"
             )),
             "{text}"
         );
