@@ -19,7 +19,11 @@ use crate::app::Routing;
 use crate::cmd::prefetch::dockerfile;
 use crate::cmd::prefetch::Platform;
 use crate::http::access::{Cidr, Htpasswd, RepoPattern};
-use crate::http::api::{self, Endpoint};
+use crate::http::blobs::parse_range;
+use crate::http::paging::{page, parse_n};
+use crate::http::router::{
+    looks_like_host, parse_path, parse_query, percent_decode, url_encode, Endpoint, Router as _,
+};
 use crate::oci::media::{self, Accept, Kind};
 use crate::oci::reference::{
     Digest, ImageRef, Reference, RepoName, Tag, MAX_NAME_LEN, MAX_TAG_LEN,
@@ -126,7 +130,7 @@ pub fn range(data: &[u8]) {
     let Ok(h) = HeaderValue::from_bytes(header) else {
         return;
     };
-    let Some(r) = api::parse_range(Some(&h)) else {
+    let Some(r) = parse_range(Some(&h)) else {
         return;
     };
     for size in [0, 1, 2, 10, 1 << 20, u64::MAX, u64::from_le_bytes(b)] {
@@ -139,12 +143,12 @@ pub fn range(data: &[u8]) {
 /// Query strings, `n` and `last`: a page is at most `n` long, sorted, after `last`.
 pub fn n_last(data: &[u8]) {
     let Some(s) = text(data) else { return };
-    let q = api::parse_query(Some(s));
+    let q = parse_query(Some(s));
     let max = 1 + (data.len() % 50);
-    let n = match api::parse_n(q.n.as_deref(), max) {
+    let n = match parse_n(q.n.as_deref(), max) {
         Ok(n) => n,
         Err(e) => {
-            assert_eq!(e.status.as_u16(), 400);
+            assert_eq!(e.status().as_u16(), 400);
             return;
         }
     };
@@ -154,7 +158,7 @@ pub fn n_last(data: &[u8]) {
     let mut items: Vec<String> = s.split(['&', '=', '/']).map(str::to_owned).collect();
     items.sort();
     items.dedup();
-    let (p, more) = api::page(items.clone(), n, q.last.as_deref());
+    let (p, more) = page(items.clone(), n, q.last.as_deref());
     if let Some(n) = n {
         assert!(p.len() <= n);
         if more {
@@ -167,9 +171,7 @@ pub fn n_last(data: &[u8]) {
     assert!(p.windows(2).all(|w| w[0] < w[1]), "page is sorted");
     assert!(p.iter().all(|t| items.contains(t)));
     if let Some(ns) = &q.ns {
-        let encoded = percent_encoding::utf8_percent_encode(ns, percent_encoding::NON_ALPHANUMERIC)
-            .to_string();
-        let again = api::percent_decode(&encoded);
+        let again = percent_decode(&url_encode(ns));
         assert_eq!(again.as_deref(), Some(ns.as_str()));
     }
 }
@@ -220,9 +222,9 @@ fn check_route(raw_name: &str, ns: Option<&str>) {
             }
         }
         Err(e) => assert!(
-            matches!(e.status.as_u16(), 400 | 403 | 404),
+            matches!(e.status().as_u16(), 400 | 403 | 404),
             "{raw_name:?} ns {ns:?}: {}",
-            e.status
+            e.status()
         ),
     }
 }
@@ -232,7 +234,7 @@ fn check_route(raw_name: &str, ns: Option<&str>) {
 pub fn ns(data: &[u8]) {
     let Some(s) = text(data) else { return };
     let (ns, name) = s.split_once('\n').unwrap_or(("", s));
-    let ns = api::percent_decode(ns);
+    let ns = percent_decode(ns);
     check_route(name, ns.as_deref().filter(|n| !n.is_empty()));
 }
 
@@ -240,7 +242,7 @@ pub fn ns(data: &[u8]) {
 /// that reaches the cache has passed its grammar.
 pub fn path(data: &[u8]) {
     let Some(p) = text(data) else { return };
-    let endpoint = api::parse_path(p);
+    let endpoint = parse_path(p);
     let _ = endpoint.label();
     match endpoint {
         Endpoint::Manifest(n, r) => {
@@ -267,7 +269,7 @@ pub fn path(data: &[u8]) {
         Endpoint::Upload => assert!(p.contains("/blobs/uploads")),
         Endpoint::Unknown => {}
     }
-    let _ = api::looks_like_host(p.trim_start_matches('/'));
+    let _ = looks_like_host(p.trim_start_matches('/'));
 }
 
 /// A slow but obviously correct glob matcher, to check the real one against.
@@ -392,7 +394,7 @@ pub fn dockerfile(data: &[u8]) {
 
 /// Client credentials and address lists: htpasswd files, `Authorization` headers, CIDRs.
 pub fn access(data: &[u8]) {
-    let _ = crate::http::access::parse_basic(data);
+    let _ = crate::http::auth::parse_basic(data);
     let Some(s) = text(data) else { return };
     if let Ok(h) = Htpasswd::parse(s, std::path::Path::new("fuzz")) {
         assert!(!format!("{h:?}").contains("$2"), "hashes stay out of Debug");

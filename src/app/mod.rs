@@ -23,7 +23,7 @@ pub struct App {
     /// The listener's certificate, when serving HTTPS.
     pub tls: Option<Arc<crate::http::tls::CertReloader>>,
     /// Checks client credentials against `[access] htpasswd`, remembering the answers.
-    pub auth: crate::http::access::Verifier,
+    pub auth: crate::http::auth::Verifier,
     /// Each shard's last sign of life (milliseconds since the epoch), for the systemd watchdog.
     shard_beats: Mutex<Vec<Arc<AtomicU64>>>,
     /// Set once shutdown has begun: draining shards stop beating, and that is expected.
@@ -92,7 +92,7 @@ impl App {
         );
         log_warnings(&config);
         let routing = Routing::build(config, &metrics, None)?;
-        let auth = crate::http::access::Verifier::new(metrics.auth_bcrypt_checks.clone());
+        let auth = crate::http::auth::Verifier::new(metrics.auth_bcrypt_checks.clone());
         Ok(Arc::new(App {
             cache,
             metrics,

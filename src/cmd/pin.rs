@@ -10,6 +10,7 @@ use crate::cmd::args::{ConfigArgs, ServerArg};
 use crate::cmd::remote::{self, Target};
 use crate::cmd::{fail, runtime, Exit};
 use crate::config::Config;
+use crate::http::router::Router as _;
 use crate::oci::reference::{Digest, ImageRef, Reference};
 use crate::store::{RepoKey, Store};
 

@@ -65,7 +65,7 @@ pub async fn call(method: reqwest::Method, url: String) -> anyhow::Result<serde_
         .build()?;
     let resp = client
         .request(method, &url)
-        .header(crate::http::api::OPERATOR_HEADER, "1")
+        .header(crate::http::OPERATOR_HEADER, "1")
         .send()
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach the running regcache at {url}: {e}"))?;

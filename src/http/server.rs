@@ -17,6 +17,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpListener;
 
 use crate::app::App;
+use crate::http::error::{ApiError, Code};
 use crate::telemetry::metrics::Metrics;
 
 /// At most this many connections over `limits.max_connections` are being answered `503` at once;
@@ -25,17 +26,12 @@ const MAX_REFUSING: usize = 64;
 
 /// What a connection over `limits.max_connections` is told before it is closed.
 fn over_capacity_response() -> bytes::Bytes {
-    let body = serde_json::json!({"errors": [{
-        "code": "UNAVAILABLE",
-        "message": "regcache has too many open connections (limits.max_connections); retry",
-        "detail": null,
-    }]})
-    .to_string();
-    bytes::Bytes::from(format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n\
-         connection: close\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    ))
+    ApiError::new(
+        Code::Unavailable,
+        "regcache has too many open connections (limits.max_connections); retry",
+    )
+    .retry_after("1")
+    .to_http1_closing()
 }
 
 /// Answers a connection over the limit with a `503` and closes it, without reading a request. At
@@ -464,7 +460,7 @@ fn serve_connection(
         if let Some(lane) = &lane {
             req.extensions_mut().insert(lane.clone());
         }
-        crate::http::api::handle(Arc::clone(&app2), peer, req)
+        crate::http::handle(Arc::clone(&app2), peer, req)
     });
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())

@@ -141,7 +141,7 @@ async fn fetch_blob(
     let size = crate::upstream::header_length(&head).unwrap_or(0);
     let hit = head
         .headers()
-        .get(crate::http::api::CACHE_HEADER)
+        .get(crate::http::CACHE_HEADER)
         .is_some_and(|v| v.as_bytes() == b"hit");
     if hit {
         bar.inc(size);
@@ -316,7 +316,7 @@ async fn prefetch_inner(
         let resp = ctx
             .client
             .post(&url)
-            .header(crate::http::api::OPERATOR_HEADER, "1")
+            .header(crate::http::OPERATOR_HEADER, "1")
             .send()
             .await?;
         if !resp.status().is_success() {

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::cmd::prefetch::{dockerfile, Platform, PrefetchArgs};
+use crate::http::router::Router as _;
 use crate::oci::reference::ImageRef;
 
 /// One image to prefetch.

@@ -652,3 +652,195 @@ async fn pin_add_resolves_the_image_and_refuses_one_that_does_not_exist() {
         describe(&out)
     );
 }
+
+/// regcache (the binary) with `fake` as its default upstream, and `extra` config before its
+/// `[upstreams]`: its work directory, address and process.
+fn start_in_front_of(fake: &FakeUpstream, extra: &str) -> (tempfile::TempDir, SocketAddr, Process) {
+    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
+    let config = work.path().join("rc.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\n{extra}[upstreams.docker]\nurl = \"{}\"\n",
+            work.path().join("d").display(),
+            fake.url()
+        ),
+    )
+    .expect("config");
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let log = work.path().join("log");
+    let rc = tokio::task::block_in_place(|| Process::start(&config, addr, &log));
+    (work, addr, rc)
+}
+
+/// The JSON access lines (`regcache::access`) in `text` whose path is `path`, in order.
+fn access_lines(text: &str, path: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "regcache::access" && v["fields"]["path"] == path)
+        .collect()
+}
+
+/// Waits (20 s at most) until `rc` has logged `count` access lines for `path`, and returns them.
+/// A shard writes its access lines in batches, every 250 ms.
+async fn await_access_lines(rc: &Process, path: &str, count: usize) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let lines = access_lines(&rc.log_text(), path);
+        if lines.len() >= count || Instant::now() > deadline {
+            assert_eq!(
+                lines.len(),
+                count,
+                "access lines for {path}:\n{}",
+                rc.log_text()
+            );
+            return lines;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// regcache with JSON logs in front of `fake`: its work directory, address and process.
+fn start_json_logged(fake: &FakeUpstream) -> (tempfile::TempDir, SocketAddr, Process) {
+    start_in_front_of(fake, "[log]\nformat = \"json\"\n")
+}
+
+/// The access line is written when the body ends, with the bytes that went out: a client that
+/// hangs up after part of a warm blob is logged with fewer bytes than the blob and `hung_up`, and
+/// the `served_bytes_total` metric counts only what was sent. Every answer carries its request
+/// id, which its access line names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_mid_blob_is_logged_with_the_bytes_it_was_sent() {
+    const SIZE: usize = 48 << 20;
+    let layer = Bytes::from((0..SIZE).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+    let fake = FakeUpstream::start().await;
+    let (_, digest) = fake.add_image("app/big", "v1", layer);
+    let (_work, addr, rc) = start_json_logged(&fake);
+    let path = format!("/v2/app/big/blobs/{digest}");
+
+    // The whole blob once: it is cached and logged complete.
+    let whole = client()
+        .get(format!("http://{addr}{path}"))
+        .send()
+        .await
+        .expect("GET the blob");
+    assert_eq!(whole.status(), 200);
+    let id = whole
+        .headers()
+        .get("x-regcache-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("no x-regcache-request-id: {:?}", whole.headers()));
+    let body = whole.bytes().await.expect("the whole blob");
+    assert_eq!(body.len(), SIZE);
+
+    // Again, from the store, on a raw connection that goes after 1 MiB.
+    let got = tokio::task::spawn_blocking(move || {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        write!(s, "GET {path} HTTP/1.1\r\nhost: {addr}\r\n\r\n").expect("send request");
+        let mut buf = vec![0u8; 64 << 10];
+        let mut got = 0;
+        while got < 1 << 20 {
+            match s.read(&mut buf).expect("read the answer") {
+                0 => panic!("the server closed after {got} bytes"),
+                n => got += n,
+            }
+        }
+        // Unread bytes are waiting: closing now resets the connection.
+        drop(s);
+        got
+    })
+    .await
+    .expect("reader");
+    assert!(got >= 1 << 20);
+
+    let path = format!("/v2/app/big/blobs/{digest}");
+    let lines = await_access_lines(&rc, &path, 2).await;
+    // Shards write their batches independently: tell the two lines apart by their ids.
+    let by_id = |want: bool| {
+        lines
+            .iter()
+            .map(|l| &l["fields"])
+            .find(|f| (f["request_id"].to_string().trim_matches('"') == id) == want)
+            .unwrap_or_else(|| panic!("no access line with id {id} ({want}):\n{lines:?}"))
+    };
+    let (first, second) = (by_id(true), by_id(false));
+    assert_eq!(
+        (first["status"].as_u64(), first["bytes"].as_u64()),
+        (Some(200), Some(SIZE as u64)),
+        "the whole blob: {first}"
+    );
+    assert_eq!(
+        (first["complete"].as_bool(), first["hung_up"].as_bool()),
+        (Some(true), Some(false)),
+        "the whole blob: {first}"
+    );
+    let sent = second["bytes"].as_u64().unwrap_or(0);
+    assert!(
+        sent > 0 && sent < SIZE as u64,
+        "the hung-up answer logs the bytes it was sent, not the blob's {SIZE}: {second}"
+    );
+    assert_eq!(
+        (
+            second["status"].as_u64(),
+            second["complete"].as_bool(),
+            second["hung_up"].as_bool()
+        ),
+        (Some(200), Some(false), Some(true)),
+        "the hung-up answer: {second}"
+    );
+    assert_ne!(
+        first["request_id"], second["request_id"],
+        "each request has its own id"
+    );
+    let served = tokio::task::block_in_place(|| rc.metrics());
+    let served = crate::support::process::metric(&served, "regcache_served_bytes_total")
+        .expect("served_bytes_total");
+    assert!(
+        served >= (SIZE as u64 + sent) as f64 && served < 2.0 * SIZE as f64,
+        "served_bytes_total counts the bytes sent ({} + {sent}), got {served}",
+        SIZE
+    );
+}
+
+/// A client that hangs up while its answer is still being fetched is logged too: status 499 (as
+/// nginx logs it), no bytes, `hung_up`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_before_its_answer_is_logged_as_499() {
+    let fake = FakeUpstream::start().await;
+    fake.add_image("app/slow", "v1", Bytes::from_static(b"layer"));
+    let (_work, addr, rc) = start_json_logged(&fake);
+    fake.set_manifest_gate(true);
+    let path = "/v2/app/slow/manifests/v1";
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tokio::io::AsyncWriteExt::write_all(
+        &mut s,
+        format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("send request");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fake.hits("GET", path) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "regcache never asked the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The upstream holds the manifest: the client goes before regcache can answer.
+    drop(s);
+    let lines = await_access_lines(&rc, path, 1).await;
+    let f = &lines[0]["fields"];
+    assert_eq!(
+        (
+            f["status"].as_u64(),
+            f["bytes"].as_u64(),
+            f["complete"].as_bool(),
+            f["hung_up"].as_bool()
+        ),
+        (Some(499), Some(0), Some(false), Some(true)),
+        "{f}"
+    );
+    fake.set_manifest_gate(false);
+}

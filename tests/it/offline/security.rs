@@ -1161,7 +1161,7 @@ async fn a_wrong_password_flood_neither_delays_nor_locks_out_valid_users() {
     // The flood's bcrypt work is bounded before it is done: the first guess of each machine
     // (which looked as clean as bob's), carol's budget of failures, and what the limits earned
     // back meanwhile. So bob can wait behind that much at most, never behind the whole flood.
-    let bound = 20 + regcache::http::access::USER_FAILURES as usize + 2;
+    let bound = 20 + regcache::http::auth::USER_FAILURES as usize + 2;
     assert!(
         checked_before_bob <= bound && refused_401 <= bound,
         "bob waited behind the flood: {checked_before_bob} of the flood's {refused_401} checked \
