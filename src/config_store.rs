@@ -16,6 +16,8 @@ use crate::server::App;
 
 /// Name of the last good remote copy inside the data directory.
 pub const LAST_GOOD_FILE: &str = "config-store.last-good.toml";
+/// The temporary file the last good copy is written to before it is renamed into place.
+pub const LAST_GOOD_TEMP: &str = ".config-store.last-good.toml.tmp";
 
 /// Where the configuration comes from, and the remote text currently applied.
 pub struct ConfigSource {
@@ -151,7 +153,7 @@ impl ConfigSource {
 fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
     let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{}.tmp", LAST_GOOD_FILE));
+    let tmp = dir.join(LAST_GOOD_TEMP);
     {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(text.as_bytes())?;

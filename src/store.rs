@@ -26,6 +26,152 @@ use crate::reference::{Digest, RepoName, Tag};
 /// 2. adds refs/refby (manifest → content), access times, pins; tag times in milliseconds.
 pub const SCHEMA_VERSION: u64 = 2;
 
+/// The file that marks a directory as a regcache data directory, written when regcache creates
+/// (or adopts) it. Nothing is ever deleted in a directory without it.
+pub const MARKER: &str = "regcache-data-dir";
+
+const MARKER_TEXT: &str = "This is a regcache data directory. regcache created it (or took it \
+over as an empty directory or an earlier regcache's store) and deletes files in it: tmp/ at every \
+start, blobs/ on eviction. Keep other files elsewhere.\n";
+
+/// What a data directory of an earlier regcache (before the marker) may hold: the names regcache
+/// itself creates there.
+const STORE_NAMES: [&str; 6] = [
+    "blobs",
+    "tmp",
+    "meta.redb",
+    "lock",
+    crate::config_store::LAST_GOOD_FILE,
+    crate::config_store::LAST_GOOD_TEMP,
+];
+
+/// Directories of the system that are never a data directory, whatever they hold.
+const SYSTEM_DIRECTORIES: [&str; 37] = [
+    "/",
+    "/bin",
+    "/boot",
+    "/dev",
+    "/etc",
+    "/home",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/media",
+    "/mnt",
+    "/opt",
+    "/proc",
+    "/root",
+    "/run",
+    "/run/user",
+    "/sbin",
+    "/srv",
+    "/sys",
+    "/tmp",
+    "/usr",
+    "/usr/bin",
+    "/usr/lib",
+    "/usr/local",
+    "/usr/local/bin",
+    "/usr/sbin",
+    "/usr/share",
+    "/var",
+    "/var/cache",
+    "/var/lib",
+    "/var/lib/private",
+    "/var/log",
+    "/var/mail",
+    "/var/run",
+    "/var/spool",
+    "/var/tmp",
+];
+
+/// Whether `path` (absolute, compared component by component) is `/` or another system directory
+/// such as `/etc`, `/usr` or `/tmp` (not a directory below one).
+pub fn is_system_directory(path: &Path) -> bool {
+    let path: PathBuf = path.components().collect();
+    SYSTEM_DIRECTORIES.iter().any(|d| path == Path::new(d))
+}
+
+/// Whose a data directory is, decided before anything in it is touched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ownership {
+    /// It holds the marker.
+    Marked,
+    /// Missing (now created) or empty: taken, and marked at once.
+    New,
+    /// A store of a regcache from before the marker: adopted (marked) once its database opens.
+    Earlier,
+}
+
+fn ownership(root: &Path) -> Result<Ownership, StoreError> {
+    let entries = match fs::read_dir(root) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            fs::create_dir_all(root).map_err(io_err(root))?;
+            return Ok(Ownership::New);
+        }
+        Err(e) => return Err(io_err(root)(e)),
+        Ok(entries) => entries,
+    };
+    // A symbolic link (or a path with one) leading to a system directory.
+    if let Ok(real) = fs::canonicalize(root) {
+        if is_system_directory(&real) {
+            return Err(StoreError::Incompatible(format!(
+                "refusing to use {} as the data directory: it is the system directory {}",
+                root.display(),
+                real.display()
+            )));
+        }
+    }
+    let mut names = Vec::new();
+    for e in entries {
+        let name = e.map_err(io_err(root))?.file_name();
+        names.push(name.to_string_lossy().into_owned());
+    }
+    if names.iter().any(|n| n == MARKER) {
+        return Ok(Ownership::Marked);
+    }
+    // lost+found is what a new filesystem mounted here holds.
+    names.retain(|n| n != "lost+found");
+    names.sort();
+    if names.is_empty() {
+        return Ok(Ownership::New);
+    }
+    let foreign: Vec<String> = names
+        .iter()
+        .filter(|n| !STORE_NAMES.contains(&n.as_str()))
+        .cloned()
+        .collect();
+    let earlier = ["meta.redb", "lock"]
+        .iter()
+        .all(|n| names.iter().any(|m| m == n));
+    if foreign.is_empty() && earlier {
+        return Ok(Ownership::Earlier);
+    }
+    let mut found = if foreign.is_empty() { names } else { foreign };
+    if found.len() > 5 {
+        let more = found.len() - 5;
+        found.truncate(5);
+        found.push(format!("{more} more"));
+    }
+    Err(StoreError::NotOurs {
+        path: root.to_owned(),
+        found,
+    })
+}
+
+/// Writes the marker (and makes it durable), making `root` regcache's.
+fn write_marker(root: &Path) -> Result<(), StoreError> {
+    let path = root.join(MARKER);
+    let mut f = File::create(&path).map_err(io_err(&path))?;
+    f.write_all(MARKER_TEXT.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(io_err(&path))?;
+    File::open(root)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(root))
+}
+
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// digest → size in bytes of a committed blob file.
 pub(crate) const BLOBS: TableDefinition<&str, u64> = TableDefinition::new("blobs");
@@ -126,6 +272,19 @@ pub enum StoreError {
     Db(String),
     #[error("{0}")]
     Incompatible(String),
+    /// The directory holds files that regcache did not create and it has no [`MARKER`]: regcache
+    /// deletes files in its data directory, so it never uses such a directory.
+    #[error(
+        "refusing to use {} as the data directory: it holds {} that regcache did not create, and \
+         no {MARKER} file marks it as regcache's. regcache deletes files in its data directory \
+         (tmp/, evicted blobs), so it uses only a directory it created, an empty one, or a store \
+         of an earlier regcache (meta.redb and lock, nothing else). Choose a new or empty \
+         directory; if this one really is a regcache store, create the empty file {}",
+        path.display(),
+        found.join(", "),
+        path.join(MARKER).display()
+    )]
+    NotOurs { path: PathBuf, found: Vec<String> },
 }
 
 fn db_err(e: impl std::fmt::Display) -> StoreError {
@@ -321,25 +480,26 @@ impl Drop for TempBlob {
 
 impl Store {
     /// Opens (creating if needed) the store in `root`, checking the schema and clearing `tmp/`.
+    ///
+    /// `root` must be regcache's: marked, missing, empty, or an earlier regcache's store (adopted
+    /// once its database opens). Any other directory is refused before anything in it changes.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
+        let owner = ownership(root)?;
+        if owner == Ownership::New {
+            write_marker(root)?;
+        }
         let tmp = root.join("tmp");
-        for d in [root.to_owned(), root.join("blobs"), tmp.clone()] {
+        for d in [root.join("blobs"), tmp.clone()] {
             fs::create_dir_all(&d).map_err(io_err(&d))?;
         }
         let lock = DirLock::acquire(root)?;
-        // Anything in tmp/ belongs to a fill that did not finish: it was never visible.
-        if let Ok(entries) = fs::read_dir(&tmp) {
-            for e in entries.flatten() {
-                let _ = fs::remove_file(e.path());
-            }
-        }
         let db_path = root.join("meta.redb");
         let db = Database::create(&db_path)
             .map_err(|e| StoreError::Db(format!("cannot open {}: {e}", db_path.display())))?;
         let store = Store {
             _lock: lock,
             root: root.to_owned(),
-            tmp,
+            tmp: tmp.clone(),
             db,
             temp_seq: AtomicU64::new(0),
             access: Mutex::new(HashMap::new()),
@@ -349,6 +509,16 @@ impl Store {
             manifest_mem: Mutex::new(ManifestMem::default()),
         };
         store.init_schema()?;
+        if owner == Ownership::Earlier {
+            write_marker(root)?;
+            tracing::info!(data_dir = %root.display(), "a store of an earlier regcache: marked as regcache's ({MARKER})");
+        }
+        // Anything in tmp/ belongs to a fill that did not finish: it was never visible.
+        if let Ok(entries) = fs::read_dir(&tmp) {
+            for e in entries.flatten() {
+                let _ = fs::remove_file(e.path());
+            }
+        }
         let (_, bytes) = store.usage()?;
         store.used.store(bytes, Ordering::Relaxed);
         Ok(store)
@@ -1207,6 +1377,115 @@ mod tests {
         std::fs::write(store.blob_path(&d), b"tampered").expect("tamper");
         assert_eq!(store.read_manifest(&d).expect("read"), None);
         assert_eq!(store.manifest_info(&d).expect("info"), None);
+    }
+
+    /// Every path under `dir` with its content (directories as `None`).
+    fn snapshot(dir: &Path) -> Vec<(PathBuf, Option<Vec<u8>>)> {
+        let mut out = Vec::new();
+        let mut todo = vec![dir.to_owned()];
+        while let Some(d) = todo.pop() {
+            for e in fs::read_dir(&d).expect("read_dir").flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    out.push((p.clone(), None));
+                    todo.push(p);
+                } else {
+                    out.push((p.clone(), Some(fs::read(&p).expect("read"))));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn a_directory_with_foreign_files_is_refused_and_left_untouched() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::create_dir_all(dir.path().join("tmp")).expect("mkdir");
+        fs::write(dir.path().join("tmp/some-file"), b"not regcache's").expect("write");
+        fs::write(dir.path().join("notes.txt"), b"mine").expect("write");
+        let before = snapshot(dir.path());
+        let err = Store::open(dir.path())
+            .err()
+            .expect("a directory regcache did not create must be refused");
+        let msg = err.to_string();
+        assert!(
+            matches!(err, StoreError::NotOurs { .. })
+                && msg.contains(MARKER)
+                && msg.contains("notes.txt"),
+            "{msg}"
+        );
+        assert_eq!(
+            snapshot(dir.path()),
+            before,
+            "nothing created, changed or deleted"
+        );
+
+        // An earlier store (meta.redb and lock) with a foreign file next to it is refused too.
+        let old = tempfile::tempdir().expect("tempdir");
+        drop(Store::open(old.path()).expect("open"));
+        fs::remove_file(old.path().join(MARKER)).expect("unmark");
+        fs::write(old.path().join("tmp/fill-1-2-3"), b"half").expect("leftover");
+        fs::write(old.path().join("photo.jpg"), b"jpeg").expect("foreign");
+        let before = snapshot(old.path());
+        let err = Store::open(old.path()).err().expect("must refuse");
+        assert!(err.to_string().contains("photo.jpg"), "{err}");
+        assert_eq!(snapshot(old.path()), before, "nothing deleted");
+    }
+
+    #[test]
+    fn a_new_or_empty_directory_gets_the_marker() {
+        let parent = tempfile::tempdir().expect("tempdir");
+        let new = parent.path().join("a/b");
+        drop(Store::open(&new).expect("a missing directory is created"));
+        assert!(new.join(MARKER).is_file(), "marker written at creation");
+        // lost+found is what a fresh filesystem mounted there holds.
+        let empty = parent.path().join("mnt");
+        fs::create_dir_all(empty.join("lost+found")).expect("mkdir");
+        drop(Store::open(&empty).expect("an empty directory is taken"));
+        assert!(empty.join(MARKER).is_file());
+        // Marked: opened again with whatever the store put there.
+        let store = Store::open(&new).expect("reopen");
+        std::mem::forget(store.temp_blob().expect("temp")); // a fill a crash left behind
+        drop(store);
+        Store::open(&new).expect("a marked directory is ours");
+        assert_eq!(
+            fs::read_dir(new.join("tmp")).expect("tmp").count(),
+            0,
+            "leftover fills in a marked directory are removed"
+        );
+    }
+
+    #[test]
+    fn a_store_made_by_an_earlier_version_is_adopted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = b"layer bytes";
+        let d = Digest::sha256_of(data);
+        {
+            let store = Store::open(dir.path()).expect("open");
+            let mut t = store.temp_blob().expect("temp");
+            t.write_all(data).expect("write");
+            store
+                .commit_blob(t, &d, data.len() as u64, &key("a/b"), None)
+                .expect("commit");
+            let crashed = store.temp_blob().expect("temp");
+            std::mem::forget(crashed);
+        }
+        // What an earlier regcache left: the same layout without the marker, and the last good
+        // copy of a config store overlay.
+        fs::remove_file(dir.path().join(MARKER)).expect("unmark");
+        fs::write(dir.path().join("config-store.last-good.toml"), "").expect("last good");
+        let store = Store::open(dir.path()).expect("an earlier store is adopted");
+        assert!(dir.path().join(MARKER).is_file(), "marker written");
+        assert!(
+            store.is_linked(&key("a/b"), &d).expect("linked"),
+            "data kept"
+        );
+        assert_eq!(
+            fs::read_dir(dir.path().join("tmp")).expect("tmp").count(),
+            0,
+            "its leftover fills are removed"
+        );
     }
 
     #[test]
