@@ -100,7 +100,8 @@ enum Ownership {
     Marked,
     /// Missing (now created) or empty: taken, and marked at once.
     New,
-    /// A store of a regcache from before the marker: adopted (marked) once its database opens.
+    /// Only names regcache creates, `meta.redb` among them: a store of a regcache from before the
+    /// marker, adopted (marked) once `meta.redb` opens as a regcache database.
     Earlier,
 }
 
@@ -142,10 +143,8 @@ fn ownership(root: &Path) -> Result<Ownership, StoreError> {
         .filter(|n| !STORE_NAMES.contains(&n.as_str()))
         .cloned()
         .collect();
-    let earlier = ["meta.redb", "lock"]
-        .iter()
-        .all(|n| names.iter().any(|m| m == n));
-    if foreign.is_empty() && earlier {
+    // A backup restored without its lock file is the same store.
+    if foreign.is_empty() && names.iter().any(|n| n == "meta.redb") {
         return Ok(Ownership::Earlier);
     }
     let mut found = if foreign.is_empty() { names } else { foreign };
@@ -158,6 +157,31 @@ fn ownership(root: &Path) -> Result<Ownership, StoreError> {
         path: root.to_owned(),
         found,
     })
+}
+
+/// Whether `db` is a regcache database: its `meta` table records a schema version.
+fn has_schema_version(db: &impl ReadableDatabase) -> bool {
+    db.begin_read()
+        .ok()
+        .and_then(|tx| tx.open_table(META).ok())
+        .and_then(|t| t.get("schema_version").ok().flatten())
+        .is_some()
+}
+
+/// Whether `path` is a regcache database, read without changing it where redb allows: one that
+/// needs recovery (a regcache killed while writing) is opened for writing, which recovers it.
+/// One held open by a running process counts as regcache's: the directory lock then names it.
+fn is_regcache_db(path: &Path) -> Result<bool, StoreError> {
+    let cannot =
+        |e: redb::DatabaseError| StoreError::Db(format!("cannot open {}: {e}", path.display()));
+    match Database::builder().open_read_only(path) {
+        Ok(db) => Ok(has_schema_version(&db)),
+        Err(redb::DatabaseError::DatabaseAlreadyOpen) => Ok(true),
+        Err(redb::DatabaseError::RepairAborted) => {
+            Ok(has_schema_version(&Database::create(path).map_err(cannot)?))
+        }
+        Err(e) => Err(cannot(e)),
+    }
 }
 
 /// Writes the marker (and makes it durable), making `root` regcache's.
@@ -485,15 +509,23 @@ impl Store {
     /// once its database opens). Any other directory is refused before anything in it changes.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
         let owner = ownership(root)?;
-        if owner == Ownership::New {
-            write_marker(root)?;
+        let db_path = root.join("meta.redb");
+        match owner {
+            Ownership::New => write_marker(root)?,
+            Ownership::Earlier if !is_regcache_db(&db_path)? => {
+                // Another program's redb file: nothing created, written or marked.
+                return Err(StoreError::NotOurs {
+                    path: root.to_owned(),
+                    found: vec!["a meta.redb that is not a regcache database".into()],
+                });
+            }
+            Ownership::Earlier | Ownership::Marked => {}
         }
         let tmp = root.join("tmp");
         for d in [root.join("blobs"), tmp.clone()] {
             fs::create_dir_all(&d).map_err(io_err(&d))?;
         }
         let lock = DirLock::acquire(root)?;
-        let db_path = root.join("meta.redb");
         let db = Database::create(&db_path)
             .map_err(|e| StoreError::Db(format!("cannot open {}: {e}", db_path.display())))?;
         let store = Store {
@@ -1431,6 +1463,24 @@ mod tests {
         let err = Store::open(old.path()).err().expect("must refuse");
         assert!(err.to_string().contains("photo.jpg"), "{err}");
         assert_eq!(snapshot(old.path()), before, "nothing deleted");
+
+        // Another program's redb database is neither written to nor marked.
+        let other = tempfile::tempdir().expect("tempdir");
+        {
+            let db = Database::create(other.path().join("meta.redb")).expect("redb");
+            let tx = db.begin_write().expect("tx");
+            tx.open_table(TableDefinition::<&str, u64>::new("theirs"))
+                .expect("table")
+                .insert("k", 1)
+                .expect("insert");
+            tx.commit().expect("commit");
+        }
+        fs::create_dir_all(other.path().join("tmp")).expect("mkdir");
+        fs::write(other.path().join("tmp/their-file"), b"theirs").expect("write");
+        let before = snapshot(other.path());
+        let err = Store::open(other.path()).err().expect("must refuse");
+        assert!(err.to_string().contains("not a regcache database"), "{err}");
+        assert_eq!(snapshot(other.path()), before, "nothing changed");
     }
 
     #[test]
@@ -1475,6 +1525,16 @@ mod tests {
         // copy of a config store overlay.
         fs::remove_file(dir.path().join(MARKER)).expect("unmark");
         fs::write(dir.path().join("config-store.last-good.toml"), "").expect("last good");
+        // The same, restored from a backup that skipped the lock file, is the same store.
+        let restored = tempfile::tempdir().expect("tempdir");
+        fs::copy(
+            dir.path().join("meta.redb"),
+            restored.path().join("meta.redb"),
+        )
+        .expect("copy");
+        drop(Store::open(restored.path()).expect("a restored store is adopted"));
+        assert!(restored.path().join(MARKER).is_file());
+
         let store = Store::open(dir.path()).expect("an earlier store is adopted");
         assert!(dir.path().join(MARKER).is_file(), "marker written");
         assert!(

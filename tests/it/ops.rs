@@ -743,3 +743,30 @@ fn a_data_dir_holding_files_regcache_did_not_create_is_refused_and_left_untouche
     }
     assert_eq!(tree_of(&data), before, "the directory must be untouched");
 }
+
+#[test]
+fn a_store_of_an_earlier_regcache_killed_mid_run_is_adopted_and_marked() {
+    let (work, _addr, mut rc) = start_offline("");
+    let data = work.path().join("d");
+    rc.kill9();
+    // What a regcache from before the marker leaves when killed: its store without the marker
+    // (and a database that redb must recover), with a fill in tmp/.
+    std::fs::remove_file(data.join("regcache-data-dir")).expect("unmark");
+    std::fs::write(data.join("tmp/fill-1-2-3"), "half a blob").expect("leftover");
+    rc.restart();
+    assert!(
+        data.join("regcache-data-dir").is_file(),
+        "the marker must be written: {}",
+        rc.log_text()
+    );
+    assert!(
+        !data.join("tmp/fill-1-2-3").exists(),
+        "leftover fill removed"
+    );
+    assert!(
+        rc.log_text().contains("earlier regcache"),
+        "the adoption is logged: {}",
+        rc.log_text()
+    );
+    stops_cleanly(&mut rc);
+}
