@@ -282,6 +282,7 @@ fn ops_endpoint(
         }
         "/metrics" => {
             app.refresh_store_metrics();
+            app.refresh_tls_metric();
             (
                 "metrics",
                 plain(

@@ -254,6 +254,7 @@ pub struct RawAccess {
 pub struct RawTls {
     pub cert: PathBuf,
     pub key: PathBuf,
+    pub expiry_warning: Option<DurationValue>,
 }
 
 /// Serve HTTPS with this certificate chain and key (PEM files, reloaded on SIGHUP).
@@ -261,7 +262,12 @@ pub struct RawTls {
 pub struct TlsConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// Warn when the certificate ends within this time.
+    pub expiry_warning: Duration,
 }
+
+/// Default of `tls.expiry_warning`.
+pub const DEFAULT_EXPIRY_WARNING: Duration = Duration::from_secs(14 * 86_400);
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1151,12 +1157,21 @@ impl RawConfig {
             tls: match self.tls {
                 None => None,
                 Some(t) => {
-                    // Read now, so that a bad file is a configuration error (exit 2).
-                    crate::tls::CertReloader::new(&t.cert, &t.key)
+                    // Read now, so that a bad file, or a certificate that clients would refuse
+                    // (expired, not yet valid), is a configuration error (exit 2).
+                    let loaded = crate::tls::CertReloader::new(&t.cert, &t.key)
                         .map_err(|e| format!("[tls]: {e:#}"))?;
+                    let expiry_warning = t.expiry_warning.map_or(DEFAULT_EXPIRY_WARNING, |d| d.0);
+                    warnings.extend(crate::tls::expiry_warning(
+                        &t.cert,
+                        loaded.not_after(),
+                        crate::tls::unix_now(),
+                        expiry_warning,
+                    ));
                     Some(TlsConfig {
                         cert: t.cert,
                         key: t.key,
+                        expiry_warning,
                     })
                 }
             },

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::support::certs::make_certs;
+use crate::support::certs::{make_certs, make_certs_valid, openssl_time};
 use crate::support::fake::FakeUpstream;
 use crate::support::process::{free_port, Process};
 use crate::support::registry::http_get;
@@ -25,55 +25,55 @@ fn served_serial(addr: SocketAddr) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
-#[test]
-fn tls_listener_serves_https_and_reloads_its_certificate_on_sighup() {
-    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
-    let dir = work.path();
-    make_certs(dir, "0x1001");
+/// A config serving HTTPS with `dir`'s `server.crt` and `server.key` (`extra` in `[tls]`).
+fn tls_config(dir: &Path, extra: &str) -> std::path::PathBuf {
     let config = dir.join("rc.toml");
     std::fs::write(
         &config,
         format!(
-            "data_dir = \"{}\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[upstreams.docker]\nurl = \"http://127.0.0.1:9\"\n",
+            "data_dir = \"{}\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n{extra}\n[upstreams.docker]\nurl = \"http://127.0.0.1:9\"\n",
             dir.join("data").display(),
             dir.join("server.crt").display(),
             dir.join("server.key").display()
         ),
     )
     .expect("config");
-    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    // Process::start waits on plain-HTTP /readyz, which a TLS listener does not answer: poll
-    // with the health command instead.
-    let log = dir.join("rc.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_regcache"))
+    config
+}
+
+/// `regcache health --url https://ADDR` with `extra` flags.
+fn health_tls(addr: SocketAddr, extra: &[&str]) -> std::process::Output {
+    let url = format!("https://{addr}");
+    let mut args = vec!["health", "--url", &url];
+    args.extend_from_slice(extra);
+    Process::run_to_end(&args)
+}
+
+/// Starts `regcache serve --config CONFIG` on `addr` with HTTPS (stderr to `log`) and waits
+/// until it answers. Process::start waits on plain-HTTP /readyz, which a TLS listener does not
+/// answer: this polls with the health command instead.
+fn start_tls(config: &Path, addr: SocketAddr, log: &Path) -> std::process::Child {
+    let child = Command::new(env!("CARGO_BIN_EXE_regcache"))
         .args(["serve", "--config"])
-        .arg(&config)
+        .arg(config)
         .args(["--listen", &addr.to_string()])
-        .stderr(std::fs::File::create(&log).expect("log"))
+        .stderr(std::fs::File::create(log).expect("log"))
         .spawn()
         .expect("spawn regcache");
-    let health = |extra: &[&str]| {
-        let mut args = vec!["health", "--url"];
-        let url = format!("https://{addr}");
-        args.push(&url);
-        args.extend_from_slice(extra);
-        Process::run_to_end(&args)
-    };
     let t = Instant::now();
-    while !health(&["--insecure"]).status.success() {
+    while !health_tls(addr, &["--insecure"]).status.success() {
         assert!(
             t.elapsed() < Duration::from_secs(20),
             "not ready: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
+            std::fs::read_to_string(log).unwrap_or_default()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    // Without --insecure the test CA is unknown to the health command: refused.
-    assert!(
-        !health(&[]).status.success(),
-        "an untrusted certificate must fail the probe"
-    );
-    // A client that trusts the CA talks HTTPS.
+    child
+}
+
+/// A client trusting `dir`'s test CA, and a runtime to drive it.
+fn tls_client(dir: &Path) -> (tokio::runtime::Runtime, reqwest::Client) {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let ca = reqwest::Certificate::from_pem(&std::fs::read(dir.join("ca.crt")).expect("ca"))
         .expect("ca pem");
@@ -82,6 +82,24 @@ fn tls_listener_serves_https_and_reloads_its_certificate_on_sighup() {
         .add_root_certificate(ca)
         .build()
         .expect("client");
+    (rt, client)
+}
+
+#[test]
+fn tls_listener_serves_https_and_reloads_its_certificate_on_sighup() {
+    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
+    let dir = work.path();
+    make_certs(dir, "0x1001");
+    let config = tls_config(dir, "");
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut child = start_tls(&config, addr, &dir.join("rc.log"));
+    // Without --insecure the test CA is unknown to the health command: refused.
+    assert!(
+        !health_tls(addr, &[]).status.success(),
+        "an untrusted certificate must fail the probe"
+    );
+    // A client that trusts the CA talks HTTPS.
+    let (rt, client) = tls_client(dir);
     let status = rt
         .block_on(client.get(format!("https://{addr}/v2/")).send())
         .expect("GET /v2/ over TLS")
@@ -103,6 +121,152 @@ fn tls_listener_serves_https_and_reloads_its_certificate_on_sighup() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Seconds since the Unix epoch now.
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+#[test]
+fn an_expired_or_not_yet_valid_certificate_is_refused_at_start_with_its_dates() {
+    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
+    let dir = work.path();
+    let config = tls_config(dir, "");
+    let config = config.display().to_string();
+    for (not_before, not_after, want) in [
+        (
+            "20200101000000Z",
+            "20200102000000Z",
+            ["expired", "2020-01-02 00:00:00 UTC"],
+        ),
+        // Past 2049, X.509 writes GeneralizedTime instead of UTCTime.
+        (
+            "20990101000000Z",
+            "20990102000000Z",
+            ["not valid before", "2099-01-01 00:00:00 UTC"],
+        ),
+    ] {
+        make_certs_valid(dir, "3003", not_before, not_after);
+        for args in [
+            vec!["check-config", config.as_str()],
+            vec![
+                "serve",
+                "--config",
+                config.as_str(),
+                "--listen",
+                "127.0.0.1:0",
+            ],
+        ] {
+            let (code, err) = run_in(dir, &args);
+            assert!(
+                code == Some(2)
+                    && want.iter().all(|w| err.contains(w))
+                    && err.contains("server.crt"),
+                "{not_before}..{not_after}, {args:?}: exit {code:?}, stderr: {err}"
+            );
+        }
+    }
+}
+
+#[test]
+fn sighup_with_an_expired_certificate_keeps_the_one_in_force_and_logs_an_error() {
+    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
+    let dir = work.path();
+    make_certs(dir, "0x1001");
+    let config = tls_config(dir, "");
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let log = dir.join("rc.log");
+    let mut child = start_tls(&config, addr, &log);
+    assert_eq!(served_serial(addr), "serial=1001");
+
+    make_certs_valid(dir, "2002", "20200101000000Z", "20200102000000Z");
+    Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .expect("kill -HUP");
+    let t = Instant::now();
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("ERROR") && text.contains("expired") {
+            break text;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no error about the expired certificate: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        !text.contains("TLS certificate reloaded"),
+        "an expired certificate must not be reported as reloaded: {text}"
+    );
+    assert_eq!(
+        served_serial(addr),
+        "serial=1001",
+        "the valid certificate stays in force: {text}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn certificate_expiry_is_exported_and_a_near_expiry_is_warned() {
+    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
+    let dir = work.path();
+    let now = unix_now();
+    let not_after = now + 5 * 86_400;
+    make_certs_valid(
+        dir,
+        "4004",
+        &openssl_time(now - 3600),
+        &openssl_time(not_after),
+    );
+    let config = tls_config(dir, "");
+    let (code, err) = run_in(dir, &["check-config", &config.display().to_string()]);
+    assert!(
+        code == Some(0) && err.contains("warning") && err.contains("expires on"),
+        "5 days left, under the 14 days default: exit {code:?}, stderr: {err}"
+    );
+    let quiet = tls_config(dir, "expiry_warning = \"2d\"");
+    let (code, err) = run_in(dir, &["check-config", &quiet.display().to_string()]);
+    assert!(
+        code == Some(0) && !err.contains("expires on"),
+        "5 days left, over expiry_warning = 2d: exit {code:?}, stderr: {err}"
+    );
+
+    let config = tls_config(dir, "");
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let log = dir.join("rc.log");
+    let mut child = start_tls(&config, addr, &log);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains("WARN") && text.contains("expires on"),
+        "the near expiry is logged at start: {text}"
+    );
+    let (rt, client) = tls_client(dir);
+    let metrics = rt
+        .block_on(async {
+            client
+                .get(format!("https://{addr}/metrics"))
+                .send()
+                .await?
+                .text()
+                .await
+        })
+        .expect("GET /metrics over TLS");
+    let want = format!(
+        "regcache_tls_certificate_expiry_timestamp_seconds{{cert=\"{}\"}} {not_after}",
+        dir.join("server.crt").display()
+    );
+    assert!(
+        metrics.lines().any(|l| l == want),
+        "want the line {want:?} in:\n{metrics}"
+    );
     let _ = child.kill();
     let _ = child.wait();
 }
