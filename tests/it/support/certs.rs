@@ -3,7 +3,8 @@
 //!
 //! [`make_certs`] signs a certificate valid from now for 2 days (`openssl x509 -req -days`).
 //! [`make_certs_valid`] signs one valid over any period, past or future, with `openssl ca
-//! -startdate -enddate`: `openssl x509` in OpenSSL 3.0 (Debian 12) has only `-days`, counted from now.
+//! -startdate -enddate`: `openssl x509` in OpenSSL 3.0 (Debian 12) has only `-days`, counted
+//! from now.
 
 use std::path::Path;
 use std::process::Command;
