@@ -3,6 +3,8 @@
 #   docker-registry (distribution 2.8, the real upstream / reference cache),
 #   skopeo (real client), umoci + busybox-static (offline image fixtures),
 #   etcd-server (the remote config store of the outage tests),
+#   systemd (systemd-analyze, systemd-sysusers, systemd-socket-activate: the unit's checks),
+#   strace (regcache serve traced against the unit's sandbox), openssl (test certificates),
 #   docker.io + containerd + runc, podman + fuse-overlayfs (the real clients of tests/it/clients.rs;
 #   the tests run private daemons: the packages' own services are never started here),
 #   moto (PyPI moto[server], the S3-compatible server of tests/it/bucket.rs; Debian has none): installed
@@ -26,6 +28,9 @@ deps=(
   "podman:podman"
   "fuse-overlayfs:fuse-overlayfs"
   "nginx:nginx"
+  "systemd-analyze:systemd"
+  "strace:strace"
+  "openssl:openssl"
 )
 
 # dockerd and runc live in /usr/sbin, which a non-root PATH may lack.

@@ -28,6 +28,10 @@ pub struct App {
     shard_beats: Mutex<Vec<Arc<AtomicU64>>>,
     /// Set once shutdown has begun: draining shards stop beating, and that is expected.
     stopping: std::sync::atomic::AtomicBool,
+    /// When the certificate's coming end was last logged (Unix seconds): at most once a day.
+    tls_reminded_at: std::sync::atomic::AtomicI64,
+    /// Whether the certificate in force was logged as expired.
+    tls_expired_logged: std::sync::atomic::AtomicBool,
 }
 
 /// Why [`App::open`] failed.
@@ -101,6 +105,9 @@ impl App {
             auth,
             shard_beats: Mutex::new(Vec::new()),
             stopping: std::sync::atomic::AtomicBool::new(false),
+            // The warnings of the config were just logged: the next reminder is a day away.
+            tls_reminded_at: std::sync::atomic::AtomicI64::new(crate::http::tls::unix_now()),
+            tls_expired_logged: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -148,8 +155,11 @@ impl App {
             tracing::warn!(new = %config.listen, "listen changed: takes effect at the next restart");
         }
         if let Some(tls) = &self.tls {
-            if let Err(e) = tls.reload() {
-                tracing::error!(error = %e, "cannot reload the TLS certificate; the one in force stays");
+            match tls.reload() {
+                Ok(()) => self.tls_expired_logged.store(false, Ordering::Relaxed),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot reload the TLS certificate; the one in force stays")
+                }
             }
         }
         if config.tls.is_some() != self.tls.is_some() {
@@ -234,11 +244,51 @@ impl App {
                 tracing::error!(error = %e, "background collection failed");
             }
             self.cache.retry_shares();
+            self.check_certificate_expiry();
             let store = &self.cache.store;
             if store.is_full() && free_bytes(store.root()).is_some_and(|f| f > 64 << 20) {
                 store.set_full(false);
             }
         }
+    }
+
+    /// Sets the certificate expiry gauge (called when metrics are scraped).
+    pub fn refresh_tls_metric(&self) {
+        if let Some(tls) = &self.tls {
+            let cert = tls.paths().0.display().to_string();
+            self.metrics
+                .tls_expiry
+                .get_or_create(&vec![("cert", cert)])
+                .set(tls.not_after());
+        }
+    }
+
+    /// Warns while the certificate in force is within `tls.expiry_warning` of its end, and logs
+    /// an error once it has ended (a certificate that expires while regcache runs is still
+    /// served: there is none better). Once a day, and at once when it expires.
+    fn check_certificate_expiry(&self) {
+        let (Some(tls), Some(cfg)) = (&self.tls, self.routing().config.tls.clone()) else {
+            return;
+        };
+        let now = crate::http::tls::unix_now();
+        let not_after = tls.not_after();
+        let expired = now > not_after;
+        let newly_expired = expired && !self.tls_expired_logged.swap(true, Ordering::Relaxed);
+        let last = self.tls_reminded_at.load(Ordering::Relaxed);
+        if !newly_expired && now.saturating_sub(last) < 86_400 {
+            return;
+        }
+        let cert = tls.paths().0;
+        if expired {
+            tracing::error!(cert = %cert.display(), not_after = %crate::http::tls::format_utc(not_after), "the TLS certificate in force has expired: clients that verify it fail; install a renewed one and reload");
+        } else if let Some(w) =
+            crate::http::tls::expiry_warning(cert, not_after, now, cfg.expiry_warning)
+        {
+            tracing::warn!("{w}");
+        } else {
+            return;
+        }
+        self.tls_reminded_at.store(now, Ordering::Relaxed);
     }
 
     /// Updates the store gauges (called when metrics are scraped).

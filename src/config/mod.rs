@@ -261,6 +261,7 @@ pub struct RawAccess {
 pub struct RawTls {
     pub cert: PathBuf,
     pub key: PathBuf,
+    pub expiry_warning: Option<DurationValue>,
 }
 
 /// Serve HTTPS with this certificate chain and key (PEM files, reloaded on SIGHUP).
@@ -268,7 +269,12 @@ pub struct RawTls {
 pub struct TlsConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// Warn when the certificate ends within this time.
+    pub expiry_warning: Duration,
 }
+
+/// Default of `tls.expiry_warning`.
+pub const DEFAULT_EXPIRY_WARNING: Duration = Duration::from_secs(14 * 86_400);
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -821,6 +827,37 @@ fn default_data_dir() -> PathBuf {
     }
 }
 
+/// A data directory must be an absolute path without `..` that is not `/` or another system
+/// directory: regcache creates files there and deletes some (`tmp/`, evicted blobs). Whether the
+/// directory is regcache's is decided when the store opens it (`store::MARKER`).
+fn check_data_dir(dir: &Path) -> Result<(), String> {
+    use std::path::Component;
+    let shown = format!("{:?}", dir.display().to_string());
+    if dir.as_os_str().is_empty() {
+        return Err(format!(
+            "data_dir = {shown} is empty: set an absolute path such as \"{DEFAULT_DATA_DIR}\", or \
+             remove the key to use the default"
+        ));
+    }
+    if !dir.is_absolute() {
+        return Err(format!(
+            "data_dir = {shown} is relative: set an absolute path such as \"{DEFAULT_DATA_DIR}\""
+        ));
+    }
+    if dir.components().any(|c| c == Component::ParentDir) {
+        return Err(format!(
+            "data_dir = {shown} contains \"..\": write the directory's path without it"
+        ));
+    }
+    if crate::store::is_system_directory(dir) {
+        return Err(format!(
+            "data_dir = {shown} is a system directory: regcache deletes files in its data \
+             directory, so give it a directory of its own, such as \"{DEFAULT_DATA_DIR}\""
+        ));
+    }
+    Ok(())
+}
+
 impl RawConfig {
     /// Checks everything serde could not, fills defaults and applies overrides.
     pub fn validate(self, text: &str, o: &Overrides) -> Result<Config, String> {
@@ -840,6 +877,7 @@ impl RawConfig {
             .clone()
             .or(self.data_dir)
             .unwrap_or_else(default_data_dir);
+        check_data_dir(&data_dir)?;
         let max_manifest_size = self.max_manifest_size.map_or(4 << 20, |b| b.0);
         if max_manifest_size == 0 {
             return Err("max_manifest_size must be more than 0".into());
@@ -1130,12 +1168,21 @@ impl RawConfig {
             tls: match self.tls {
                 None => None,
                 Some(t) => {
-                    // Read now, so that a bad file is a configuration error (exit 2).
-                    crate::http::tls::CertReloader::new(&t.cert, &t.key)
+                    // Read now, so that a bad file, or a certificate that clients would refuse
+                    // (expired, not yet valid), is a configuration error (exit 2).
+                    let loaded = crate::http::tls::CertReloader::new(&t.cert, &t.key)
                         .map_err(|e| format!("[tls]: {e:#}"))?;
+                    let expiry_warning = t.expiry_warning.map_or(DEFAULT_EXPIRY_WARNING, |d| d.0);
+                    warnings.extend(crate::http::tls::expiry_warning(
+                        &t.cert,
+                        loaded.not_after(),
+                        crate::http::tls::unix_now(),
+                        expiry_warning,
+                    ));
                     Some(TlsConfig {
                         cert: t.cert,
                         key: t.key,
+                        expiry_warning,
                     })
                 }
             },
@@ -1167,6 +1214,55 @@ mod tests {
         assert!(d.docker_hub_names);
         assert_eq!(d.freshness, Duration::from_secs(60));
         assert_eq!(c.max_manifest_size, 4 << 20);
+    }
+
+    #[test]
+    fn data_dir_must_be_absolute_and_not_a_system_directory() {
+        for bad in [
+            "",
+            ".",
+            "data",
+            "./data",
+            "var/lib/regcache",
+            "/",
+            "//",
+            "/etc",
+            "/etc/",
+            "/usr",
+            "/usr/./",
+            "/tmp",
+            "/var",
+            "/var/lib",
+            "/var/tmp",
+            "/home",
+            "/root",
+            "/bin",
+            "/usr/local",
+            "/var/lib/../../etc",
+            "/srv/../tmp",
+        ] {
+            let e = parse(&format!("data_dir = {bad:?}\n")).expect_err(bad);
+            assert!(
+                e.contains("data_dir") && e.contains(&format!("{bad:?}")),
+                "data_dir = {bad:?}: {e}"
+            );
+            // The flag gets the same checks as the file.
+            let o = Overrides {
+                data_dir: Some(PathBuf::from(bad)),
+                ..Default::default()
+            };
+            let e = Config::parse("", "t", &o).expect_err(bad).to_string();
+            assert!(e.contains("data_dir"), "--data-dir {bad:?}: {e}");
+        }
+        for good in [
+            "/var/lib/regcache",
+            "/srv/regcache/",
+            "/data",
+            "/tmp/regcache",
+        ] {
+            let c = parse(&format!("data_dir = {good:?}\n")).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(c.data_dir, PathBuf::from(good));
+        }
     }
 
     #[test]

@@ -16,6 +16,25 @@ use crate::config::{Config, ConfigError, ConfigStoreConfig, ConfigStoreKind, Ove
 
 /// Name of the last good remote copy inside the data directory.
 pub const LAST_GOOD_FILE: &str = "config-store.last-good.toml";
+/// The temporary file the last good copy is written to before it is renamed into place.
+pub const LAST_GOOD_TEMP: &str = ".config-store.last-good.toml.tmp";
+
+/// Largest value (the overlay's TOML text) accepted from the config store: far more than any
+/// configuration needs, and below etcd's default request limit (`--max-request-bytes`, 1.5 MiB).
+/// A larger value is refused whole, like an invalid one.
+pub const MAX_VALUE_BYTES: usize = 1 << 20;
+
+/// Largest answer read from the store: a value of [`MAX_VALUE_BYTES`] base64-encoded (4/3) in
+/// the store's JSON envelope. Reading stops there, whatever the store sends.
+const MAX_ANSWER_BYTES: usize = MAX_VALUE_BYTES / 3 * 4 + (64 << 10);
+
+/// The store's answer or value is larger than regcache accepts.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the value is too large: regcache accepts at most {MAX_VALUE_BYTES} bytes of TOML \
+     ({MAX_ANSWER_BYTES} bytes of answer)"
+)]
+struct TooLarge;
 
 /// Where the configuration comes from, and the remote text currently applied.
 pub struct ConfigSource {
@@ -109,6 +128,13 @@ impl ConfigSource {
         Ok(config)
     }
 
+    /// Where the last good remote copy is kept: in the `data_dir` of the local file as last read
+    /// (with the flags), never in one an overlay sets, so that the start that reads the copy and
+    /// the watcher that writes it agree on the place.
+    fn last_good_path(&self) -> Result<PathBuf, ConfigError> {
+        Ok(self.build(None)?.data_dir.join(LAST_GOOD_FILE))
+    }
+
     /// The configuration to start with: the local file, overlaid with the last good remote copy
     /// when a config store is configured and a valid copy exists. Never contacts the store.
     pub fn initial(&self) -> Result<Config, ConfigError> {
@@ -116,7 +142,7 @@ impl ConfigSource {
         if local_only.config_store.is_none() {
             return Ok(local_only);
         }
-        let path = local_only.data_dir.join(LAST_GOOD_FILE);
+        let path = self.last_good_path()?;
         let Ok(text) = std::fs::read_to_string(&path) else {
             return Ok(local_only);
         };
@@ -151,7 +177,7 @@ impl ConfigSource {
 fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
     let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{}.tmp", LAST_GOOD_FILE));
+    let tmp = dir.join(LAST_GOOD_TEMP);
     {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(text.as_bytes())?;
@@ -163,6 +189,33 @@ fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
 
 /// A value read from the store: the text (None when the key is absent) and its version.
 type Read = (Option<String>, u64);
+
+/// The answer's body, refused ([`TooLarge`]) beyond [`MAX_ANSWER_BYTES`] without reading on.
+async fn read_answer(mut resp: reqwest::Response) -> anyhow::Result<Vec<u8>> {
+    if resp
+        .content_length()
+        .is_some_and(|n| n > MAX_ANSWER_BYTES as u64)
+    {
+        return Err(TooLarge.into());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+            return Err(TooLarge.into());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// The value's text from its base64 form, refused ([`TooLarge`]) beyond [`MAX_VALUE_BYTES`].
+fn decode_value(value: &str) -> anyhow::Result<String> {
+    let raw = base64::engine::general_purpose::STANDARD.decode(value)?;
+    if raw.len() > MAX_VALUE_BYTES {
+        return Err(TooLarge.into());
+    }
+    Ok(String::from_utf8(raw)?)
+}
 
 /// Reads the key from etcd through the v3 JSON gateway.
 async fn read_etcd(client: &reqwest::Client, cs: &ConfigStoreConfig) -> anyhow::Result<Read> {
@@ -179,12 +232,12 @@ async fn read_etcd(client: &reqwest::Client, cs: &ConfigStoreConfig) -> anyhow::
     if !resp.status().is_success() {
         anyhow::bail!("etcd answered {}", resp.status());
     }
-    let v: serde_json::Value = serde_json::from_slice(&resp.bytes().await?)?;
+    let v: serde_json::Value = serde_json::from_slice(&read_answer(resp).await?)?;
     let Some(kv) = v.get("kvs").and_then(|k| k.get(0)) else {
         return Ok((None, 0));
     };
     let value = kv.get("value").and_then(|x| x.as_str()).unwrap_or("");
-    let text = String::from_utf8(b64.decode(value)?)?;
+    let text = decode_value(value)?;
     let rev = kv
         .get("mod_revision")
         .and_then(|r| {
@@ -202,7 +255,6 @@ async fn read_consul(
     cs: &ConfigStoreConfig,
     index: u64,
 ) -> anyhow::Result<Read> {
-    let b64 = base64::engine::general_purpose::STANDARD;
     let mut url = format!(
         "{}/v1/kv/{}",
         cs.url.as_str().trim_end_matches('/'),
@@ -231,23 +283,18 @@ async fn read_consul(
     if !resp.status().is_success() {
         anyhow::bail!("consul answered {}", resp.status());
     }
-    let v: serde_json::Value = serde_json::from_slice(&resp.bytes().await?)?;
+    let v: serde_json::Value = serde_json::from_slice(&read_answer(resp).await?)?;
     let value = v
         .get(0)
         .and_then(|e| e.get("Value"))
         .and_then(|x| x.as_str())
         .unwrap_or("");
-    let text = String::from_utf8(b64.decode(value)?)?;
+    let text = decode_value(value)?;
     Ok((Some(text), new_index))
 }
 
 /// Follows the config store for as long as the server runs, applying valid changes live.
-pub async fn watch(
-    app: Arc<App>,
-    source: Arc<ConfigSource>,
-    cs: ConfigStoreConfig,
-    data_dir: PathBuf,
-) {
+pub async fn watch(app: Arc<App>, source: Arc<ConfigSource>, cs: ConfigStoreConfig) {
     let client = match reqwest::Client::builder()
         .connect_timeout(cs.timeout)
         .build()
@@ -261,12 +308,23 @@ pub async fn watch(
     let origin = remote_origin(&cs);
     let mut index = 0u64;
     let mut reachable = true;
+    let mut too_large_reported = false;
     loop {
         let read = match cs.kind {
             ConfigStoreKind::Etcd => read_etcd(&client, &cs).await,
             ConfigStoreKind::Consul => read_consul(&client, &cs, index).await,
         };
         match read {
+            Err(e) if e.is::<TooLarge>() => {
+                // Reported once, until the store answers a value within the bound.
+                if !too_large_reported {
+                    tracing::error!(store = %origin, error = %e, "remote config refused; the configuration in force is unchanged");
+                    too_large_reported = true;
+                }
+                index = 0;
+                tokio::time::sleep(cs.poll_interval).await;
+                continue;
+            }
             Err(e) => {
                 if reachable {
                     tracing::warn!(store = %origin, error = %e, "config store unreachable; keeping the configuration in force");
@@ -277,6 +335,7 @@ pub async fn watch(
                 continue;
             }
             Ok((text, new_index)) => {
+                too_large_reported = false;
                 if !reachable {
                     tracing::info!(store = %origin, "config store reachable again");
                     reachable = true;
@@ -284,7 +343,7 @@ pub async fn watch(
                 // consul: an index that goes backwards means a reset.
                 index = if new_index < index { 0 } else { new_index };
                 if text != source.remote() {
-                    apply(&app, &source, text, &origin, &data_dir);
+                    apply(&app, &source, text, &origin);
                 }
             }
         }
@@ -294,7 +353,7 @@ pub async fn watch(
     }
 }
 
-fn apply(app: &App, source: &ConfigSource, text: Option<String>, origin: &str, data_dir: &Path) {
+fn apply(app: &App, source: &ConfigSource, text: Option<String>, origin: &str) {
     let _serial = source.applying.lock().unwrap_or_else(|p| p.into_inner());
     if text.is_some() && *source.rejected.lock().unwrap_or_else(|p| p.into_inner()) == text {
         return; // already reported
@@ -305,16 +364,22 @@ fn apply(app: &App, source: &ConfigSource, text: Option<String>, origin: &str, d
                 tracing::error!(store = %origin, error = %e, "cannot apply the remote config; ignored");
                 return;
             }
-            let path = data_dir.join(LAST_GOOD_FILE);
-            let saved = match &text {
-                Some(t) => write_atomic(&path, t),
-                None => match std::fs::remove_file(&path) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-                    _ => Ok(()),
-                },
-            };
-            if let Err(e) = saved {
-                tracing::warn!(path = %path.display(), error = %e, "cannot keep the last good remote config");
+            match source.last_good_path() {
+                Ok(path) => {
+                    let saved = match &text {
+                        Some(t) => write_atomic(&path, t),
+                        None => match std::fs::remove_file(&path) {
+                            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                            _ => Ok(()),
+                        },
+                    };
+                    if let Err(e) = saved {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot keep the last good remote config");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot keep the last good remote config")
+                }
             }
             tracing::info!(store = %origin, present = text.is_some(), "remote config applied");
             source.set_remote(text);
@@ -358,11 +423,76 @@ pub fn spawn_watchers(app: &Arc<App>, source: &Arc<ConfigSource>, config: &Confi
         Err(e) => tracing::warn!(error = %e, "cannot listen for SIGHUP; reload disabled"),
     }
     if let Some(cs) = config.config_store.clone() {
-        tokio::spawn(watch(
-            Arc::clone(app),
-            Arc::clone(source),
-            cs,
-            config.data_dir.clone(),
-        ));
+        tokio::spawn(watch(Arc::clone(app), Arc::clone(source), cs));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    /// A store that answers every request with a chunked body of `total` bytes of JSON-ish
+    /// filler (ending with the bytes sent so far, once it stops); returns its URL and the count.
+    async fn endless_store(total: usize) -> (reqwest::Url, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = reqwest::Url::parse(&format!("http://{}", listener.local_addr().expect("addr")))
+            .expect("url");
+        let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = Arc::clone(&sent);
+        tokio::spawn(async move {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let mut head = [0u8; 4096];
+            let _ = s.read(&mut head).await;
+            let chunk = vec![b' '; 64 << 10];
+            let frame = [
+                format!("{:x}\r\n", chunk.len()).into_bytes(),
+                chunk,
+                b"\r\n".to_vec(),
+            ]
+            .concat();
+            let mut out = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                            transfer-encoding: chunked\r\n\r\n"
+                .to_vec();
+            while counter.load(std::sync::atomic::Ordering::Relaxed) < total {
+                out.extend_from_slice(&frame);
+                if s.write_all(&out).await.is_err() {
+                    return; // the client stopped reading and closed
+                }
+                counter.fetch_add(out.len(), std::sync::atomic::Ordering::Relaxed);
+                out.clear();
+            }
+            let _ = s.write_all(b"1\r\n{\r\n0\r\n\r\n").await;
+        });
+        (url, sent)
+    }
+
+    #[tokio::test]
+    async fn an_endless_answer_is_cut_at_the_bound_and_refused_as_too_large() {
+        let total = 256 << 20;
+        let (url, sent) = endless_store(total).await;
+        let cs = ConfigStoreConfig {
+            kind: ConfigStoreKind::Etcd,
+            url,
+            key: "k".into(),
+            poll_interval: std::time::Duration::from_secs(1),
+            timeout: std::time::Duration::from_secs(30),
+        };
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client");
+        let err = read_etcd(&client, &cs).await.expect_err("must be refused");
+        assert!(err.is::<TooLarge>(), "refused as too large, got: {err:#}");
+        // The server writes until the kernel's buffers are full once the client stops reading.
+        let sent = sent.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            sent < 64 << 20,
+            "reading stops near the bound ({MAX_ANSWER_BYTES} bytes), the store sent {sent}"
+        );
     }
 }

@@ -37,6 +37,7 @@ fn healthz(_: &Arc<App>, head: bool) -> Response<Body> {
 
 fn metrics(app: &Arc<App>, head: bool) -> Response<Body> {
     app.refresh_store_metrics();
+    app.refresh_tls_metric();
     plain(
         StatusCode::OK,
         app.metrics.render(),

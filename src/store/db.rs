@@ -48,6 +48,33 @@ pub(super) const PINS: TableDefinition<&str, u64> = TableDefinition::new("pins")
 /// Writes owed to the shared bucket (`[store.s3]`): key → a JSON record, removed once written.
 pub(super) const OUTBOX: TableDefinition<&str, &[u8]> = TableDefinition::new("outbox");
 
+/// Whether `db` is a regcache database: its `meta` table records a schema version.
+fn has_schema_version(db: &impl ReadableDatabase) -> bool {
+    db.begin_read()
+        .ok()
+        .and_then(|tx| tx.open_table(META).ok())
+        .and_then(|t| t.get("schema_version").ok().flatten())
+        .is_some()
+}
+
+/// Whether `path` is a regcache database, read without changing it where redb allows: one that
+/// needs recovery (a regcache killed while writing) is opened for writing, which recovers it.
+/// One held open by a running process counts as regcache's: the directory lock then names it.
+pub(super) fn is_regcache_db(path: &Path) -> Result<bool, StoreError> {
+    let cannot = |e: redb::DatabaseError| StoreError::Open {
+        path: path.to_owned(),
+        source: DbError::new(e),
+    };
+    match Database::builder().open_read_only(path) {
+        Ok(db) => Ok(has_schema_version(&db)),
+        Err(redb::DatabaseError::DatabaseAlreadyOpen) => Ok(true),
+        Err(redb::DatabaseError::RepairAborted) => {
+            Ok(has_schema_version(&Database::create(path).map_err(cannot)?))
+        }
+        Err(e) => Err(cannot(e)),
+    }
+}
+
 /// The open database. Its transactions are for `records.rs` (and the schema code here).
 pub(super) struct Db(Database);
 
@@ -170,6 +197,145 @@ impl Store {
 mod tests {
     use super::*;
     use crate::store::tests::key;
+    use crate::store::MARKER;
+    use std::path::PathBuf;
+
+    /// Every path under `dir` with its content (directories as `None`).
+    fn snapshot(dir: &Path) -> Vec<(PathBuf, Option<Vec<u8>>)> {
+        let mut out = Vec::new();
+        let mut todo = vec![dir.to_owned()];
+        while let Some(d) = todo.pop() {
+            for e in fs::read_dir(&d).expect("read_dir").flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    out.push((p.clone(), None));
+                    todo.push(p);
+                } else {
+                    out.push((p.clone(), Some(fs::read(&p).expect("read"))));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn a_directory_with_foreign_files_is_refused_and_left_untouched() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::create_dir_all(dir.path().join("tmp")).expect("mkdir");
+        fs::write(dir.path().join("tmp/some-file"), b"not regcache's").expect("write");
+        fs::write(dir.path().join("notes.txt"), b"mine").expect("write");
+        let before = snapshot(dir.path());
+        let err = Store::open(dir.path())
+            .err()
+            .expect("a directory regcache did not create must be refused");
+        let msg = err.to_string();
+        assert!(
+            matches!(err, StoreError::NotOurs { .. })
+                && msg.contains(MARKER)
+                && msg.contains("notes.txt"),
+            "{msg}"
+        );
+        assert_eq!(
+            snapshot(dir.path()),
+            before,
+            "nothing created, changed or deleted"
+        );
+
+        // An earlier store (meta.redb and lock) with a foreign file next to it is refused too.
+        let old = tempfile::tempdir().expect("tempdir");
+        drop(Store::open(old.path()).expect("open"));
+        fs::remove_file(old.path().join(MARKER)).expect("unmark");
+        fs::write(old.path().join("tmp/fill-1-2-3"), b"half").expect("leftover");
+        fs::write(old.path().join("photo.jpg"), b"jpeg").expect("foreign");
+        let before = snapshot(old.path());
+        let err = Store::open(old.path()).err().expect("must refuse");
+        assert!(err.to_string().contains("photo.jpg"), "{err}");
+        assert_eq!(snapshot(old.path()), before, "nothing deleted");
+
+        // Another program's redb database is neither written to nor marked.
+        let other = tempfile::tempdir().expect("tempdir");
+        {
+            let db = Database::create(other.path().join("meta.redb")).expect("redb");
+            let tx = db.begin_write().expect("tx");
+            tx.open_table(TableDefinition::<&str, u64>::new("theirs"))
+                .expect("table")
+                .insert("k", 1)
+                .expect("insert");
+            tx.commit().expect("commit");
+        }
+        fs::create_dir_all(other.path().join("tmp")).expect("mkdir");
+        fs::write(other.path().join("tmp/their-file"), b"theirs").expect("write");
+        let before = snapshot(other.path());
+        let err = Store::open(other.path()).err().expect("must refuse");
+        assert!(err.to_string().contains("not a regcache database"), "{err}");
+        assert_eq!(snapshot(other.path()), before, "nothing changed");
+    }
+
+    #[test]
+    fn a_new_or_empty_directory_gets_the_marker() {
+        let parent = tempfile::tempdir().expect("tempdir");
+        let new = parent.path().join("a/b");
+        drop(Store::open(&new).expect("a missing directory is created"));
+        assert!(new.join(MARKER).is_file(), "marker written at creation");
+        // lost+found is what a fresh filesystem mounted there holds.
+        let empty = parent.path().join("mnt");
+        fs::create_dir_all(empty.join("lost+found")).expect("mkdir");
+        drop(Store::open(&empty).expect("an empty directory is taken"));
+        assert!(empty.join(MARKER).is_file());
+        // Marked: opened again with whatever the store put there.
+        let store = Store::open(&new).expect("reopen");
+        std::mem::forget(store.temp_blob().expect("temp")); // a fill a crash left behind
+        drop(store);
+        Store::open(&new).expect("a marked directory is ours");
+        assert_eq!(
+            fs::read_dir(new.join("tmp")).expect("tmp").count(),
+            0,
+            "leftover fills in a marked directory are removed"
+        );
+    }
+
+    #[test]
+    fn a_store_made_by_an_earlier_version_is_adopted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = b"layer bytes";
+        let d = Digest::sha256_of(data);
+        {
+            let store = Store::open(dir.path()).expect("open");
+            let mut t = store.temp_blob().expect("temp");
+            t.write_all(data).expect("write");
+            store
+                .commit_blob(t, &d, data.len() as u64, &key("a/b"), None)
+                .expect("commit");
+            let crashed = store.temp_blob().expect("temp");
+            std::mem::forget(crashed);
+        }
+        // What an earlier regcache left: the same layout without the marker, and the last good
+        // copy of a config store overlay.
+        fs::remove_file(dir.path().join(MARKER)).expect("unmark");
+        fs::write(dir.path().join("config-store.last-good.toml"), "").expect("last good");
+        // The same, restored from a backup that skipped the lock file, is the same store.
+        let restored = tempfile::tempdir().expect("tempdir");
+        fs::copy(
+            dir.path().join("meta.redb"),
+            restored.path().join("meta.redb"),
+        )
+        .expect("copy");
+        drop(Store::open(restored.path()).expect("a restored store is adopted"));
+        assert!(restored.path().join(MARKER).is_file());
+
+        let store = Store::open(dir.path()).expect("an earlier store is adopted");
+        assert!(dir.path().join(MARKER).is_file(), "marker written");
+        assert!(
+            store.is_linked(&key("a/b"), &d).expect("linked"),
+            "data kept"
+        );
+        assert_eq!(
+            fs::read_dir(dir.path().join("tmp")).expect("tmp").count(),
+            0,
+            "its leftover fills are removed"
+        );
+    }
 
     #[test]
     fn a_schema_1_store_is_migrated_at_open() {

@@ -41,6 +41,20 @@ pub enum StoreError {
         pid.as_deref().unwrap_or("unknown")
     )]
     Locked { path: PathBuf, pid: Option<String> },
+    /// The directory holds files that regcache did not create and it has no [`MARKER`](super::MARKER): regcache
+    /// deletes files in its data directory, so it never uses such a directory.
+    #[error(
+        "refusing to use {} as the data directory: it holds {} that regcache did not create, and \
+         no {} file marks it as regcache's. regcache deletes files in its data directory \
+         (tmp/, evicted blobs), so it uses only a directory it created, an empty one, or a store \
+         of an earlier regcache (meta.redb and lock, nothing else). Choose a new or empty \
+         directory; if this one really is a regcache store, create the empty file {}",
+        path.display(),
+        found.join(", "),
+        super::MARKER,
+        path.join(super::MARKER).display()
+    )]
+    NotOurs { path: PathBuf, found: Vec<String> },
     /// The data directory holds a store this regcache must not use (a newer schema).
     #[error("{0}")]
     Incompatible(String),
@@ -58,6 +72,7 @@ impl StoreError {
             StoreError::Encode(_)
             | StoreError::NotStored { .. }
             | StoreError::Locked { .. }
+            | StoreError::NotOurs { .. }
             | StoreError::Incompatible(_) => false,
         }
     }

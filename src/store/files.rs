@@ -17,6 +17,151 @@ pub(super) const BLOBS_DIR: &str = "blobs";
 /// Files being filled, never served by path, removed at start.
 pub(super) const TMP_DIR: &str = "tmp";
 
+/// The file that marks a directory as a regcache data directory, written when regcache creates
+/// (or adopts) it. Nothing is ever deleted in a directory without it.
+pub const MARKER: &str = "regcache-data-dir";
+
+const MARKER_TEXT: &str = "This is a regcache data directory. regcache created it (or took it \
+over as an empty directory or an earlier regcache's store) and deletes files in it: tmp/ at every \
+start, blobs/ on eviction. Keep other files elsewhere.\n";
+
+/// What a data directory of an earlier regcache (before the marker) may hold: the names regcache
+/// itself creates there.
+const STORE_NAMES: [&str; 6] = [
+    "blobs",
+    "tmp",
+    super::db::DB_FILE,
+    "lock",
+    crate::config::source::LAST_GOOD_FILE,
+    crate::config::source::LAST_GOOD_TEMP,
+];
+
+/// Directories of the system that are never a data directory, whatever they hold.
+const SYSTEM_DIRECTORIES: [&str; 37] = [
+    "/",
+    "/bin",
+    "/boot",
+    "/dev",
+    "/etc",
+    "/home",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/media",
+    "/mnt",
+    "/opt",
+    "/proc",
+    "/root",
+    "/run",
+    "/run/user",
+    "/sbin",
+    "/srv",
+    "/sys",
+    "/tmp",
+    "/usr",
+    "/usr/bin",
+    "/usr/lib",
+    "/usr/local",
+    "/usr/local/bin",
+    "/usr/sbin",
+    "/usr/share",
+    "/var",
+    "/var/cache",
+    "/var/lib",
+    "/var/lib/private",
+    "/var/log",
+    "/var/mail",
+    "/var/run",
+    "/var/spool",
+    "/var/tmp",
+];
+
+/// Whether `path` (absolute, compared component by component) is `/` or another system directory
+/// such as `/etc`, `/usr` or `/tmp` (not a directory below one).
+pub fn is_system_directory(path: &Path) -> bool {
+    let path: PathBuf = path.components().collect();
+    SYSTEM_DIRECTORIES.iter().any(|d| path == Path::new(d))
+}
+
+/// Whose a data directory is, decided before anything in it is touched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Ownership {
+    /// It holds the marker.
+    Marked,
+    /// Missing (now created) or empty: taken, and marked at once.
+    New,
+    /// Only names regcache creates, the database file among them: a store of a regcache from
+    /// before the marker, adopted (marked) once its database opens as a regcache database.
+    Earlier,
+}
+
+pub(super) fn ownership(root: &Path) -> Result<Ownership, StoreError> {
+    let entries = match fs::read_dir(root) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            fs::create_dir_all(root).map_err(io_err(root))?;
+            return Ok(Ownership::New);
+        }
+        Err(e) => return Err(io_err(root)(e)),
+        Ok(entries) => entries,
+    };
+    // A symbolic link (or a path with one) leading to a system directory.
+    if let Ok(real) = fs::canonicalize(root) {
+        if is_system_directory(&real) {
+            return Err(StoreError::Incompatible(format!(
+                "refusing to use {} as the data directory: it is the system directory {}",
+                root.display(),
+                real.display()
+            )));
+        }
+    }
+    let mut names = Vec::new();
+    for e in entries {
+        let name = e.map_err(io_err(root))?.file_name();
+        names.push(name.to_string_lossy().into_owned());
+    }
+    if names.iter().any(|n| n == MARKER) {
+        return Ok(Ownership::Marked);
+    }
+    // lost+found is what a new filesystem mounted here holds.
+    names.retain(|n| n != "lost+found");
+    names.sort();
+    if names.is_empty() {
+        return Ok(Ownership::New);
+    }
+    let foreign: Vec<String> = names
+        .iter()
+        .filter(|n| !STORE_NAMES.contains(&n.as_str()))
+        .cloned()
+        .collect();
+    // A backup restored without its lock file is the same store.
+    if foreign.is_empty() && names.iter().any(|n| n == super::db::DB_FILE) {
+        return Ok(Ownership::Earlier);
+    }
+    let mut found = if foreign.is_empty() { names } else { foreign };
+    if found.len() > 5 {
+        let more = found.len() - 5;
+        found.truncate(5);
+        found.push(format!("{more} more"));
+    }
+    Err(StoreError::NotOurs {
+        path: root.to_owned(),
+        found,
+    })
+}
+
+/// Writes the marker (and makes it durable), making `root` regcache's.
+pub(super) fn write_marker(root: &Path) -> Result<(), StoreError> {
+    let path = root.join(MARKER);
+    let mut f = File::create(&path).map_err(io_err(&path))?;
+    f.write_all(MARKER_TEXT.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(io_err(&path))?;
+    File::open(root)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(root))
+}
+
 /// An exclusive lock on a data directory, held while the store is open (`flock` on `lock`,
 /// which holds the owner's PID). The kernel releases it when the process dies, so a lock left by a
 /// killed regcache is simply taken over.

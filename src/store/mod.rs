@@ -40,7 +40,8 @@ use db::Db;
 pub use db::SCHEMA_VERSION;
 use error::io_err;
 pub use error::{is_disk_full, DbError, StoreError};
-pub use files::{free_bytes, DirLock, TempBlob};
+use files::Ownership;
+pub use files::{free_bytes, is_system_directory, DirLock, TempBlob, MARKER};
 use records::Records;
 
 /// Milliseconds since the Unix epoch.
@@ -129,19 +130,33 @@ impl Drop for Hold {
 
 impl Store {
     /// Opens (creating if needed) the store in `root`, checking the schema and clearing `tmp/`.
+    ///
+    /// `root` must be regcache's: marked, missing, empty, or an earlier regcache's store (adopted
+    /// once its database opens). Any other directory is refused before anything in it changes.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
+        let owner = files::ownership(root)?;
+        let db_path = root.join(db::DB_FILE);
+        match owner {
+            Ownership::New => files::write_marker(root)?,
+            Ownership::Earlier if !db::is_regcache_db(&db_path)? => {
+                // Another program's redb file: nothing created, written or marked.
+                return Err(StoreError::NotOurs {
+                    path: root.to_owned(),
+                    found: vec!["a meta.redb that is not a regcache database".into()],
+                });
+            }
+            Ownership::Earlier | Ownership::Marked => {}
+        }
         let tmp = root.join(files::TMP_DIR);
-        for d in [root.to_owned(), root.join(files::BLOBS_DIR), tmp.clone()] {
+        for d in [root.join(files::BLOBS_DIR), tmp.clone()] {
             fs::create_dir_all(&d).map_err(io_err(&d))?;
         }
         let lock = DirLock::acquire(root)?;
-        // Anything in tmp/ belongs to a fill that did not finish: it was never visible.
-        files::clear_tmp(&tmp);
-        let db = Db::open(&root.join(db::DB_FILE))?;
+        let db = Db::open(&db_path)?;
         let store = Store {
             _lock: lock,
             root: root.to_owned(),
-            tmp,
+            tmp: tmp.clone(),
             db,
             temp_seq: AtomicU64::new(0),
             access: Mutex::new(HashMap::new()),
@@ -151,6 +166,12 @@ impl Store {
             manifest_mem: Mutex::new(ManifestMem::default()),
         };
         store.init_schema()?;
+        if owner == Ownership::Earlier {
+            files::write_marker(root)?;
+            tracing::info!(data_dir = %root.display(), "a store of an earlier regcache: marked as regcache's ({MARKER})");
+        }
+        // Anything in tmp/ belongs to a fill that did not finish: it was never visible.
+        files::clear_tmp(&tmp);
         let (_, bytes) = store.usage()?;
         store.used.store(bytes, Ordering::Relaxed);
         Ok(store)

@@ -46,6 +46,8 @@ pub struct Metrics {
     pub bucket_read: Counter,
     pub bucket_written: Counter,
     pub bucket_pending: Gauge,
+    /// `notAfter` of the listener's TLS certificate in force, by `cert` path (with `[tls]`).
+    pub tls_expiry: Family<Labels, Gauge>,
 }
 
 fn fill_histogram() -> Histogram {
@@ -88,6 +90,7 @@ impl Metrics {
             bucket_read: Counter::default(),
             bucket_written: Counter::default(),
             bucket_pending: Gauge::default(),
+            tls_expiry: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -222,6 +225,12 @@ impl Metrics {
             "bucket_pending_writes",
             "Writes (blobs, manifests, tag records) waiting for the shared bucket to answer again",
             m.bucket_pending.clone(),
+        );
+        registry.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "End of validity (notAfter) of the TLS certificate in force, in seconds since the \
+             Unix epoch, by certificate file",
+            m.tls_expiry.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -744,3 +744,143 @@ fn sighup_changing_the_config_store_is_applied_or_reported() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+// ---- where the last good copy lives, and the size bound -----------------------------------------
+
+#[test]
+fn the_last_good_copy_stays_in_the_local_files_data_dir_when_the_overlay_moves_data_dir() {
+    let registry = Registry::start_seeded();
+    let rt = runtime();
+    let fake = extra_upstream(&rt);
+    let etcd = Etcd::start();
+    let env = Env::new();
+    env.write_local(&registry.url(), "", &store("etcd", &etcd.url(), "200ms"));
+    // The overlay moves the store to another directory (at the next start).
+    let moved = env.data_dir.with_file_name("moved");
+    let moving = |host: &str| {
+        format!(
+            "data_dir = {:?}\n{}",
+            moved.display().to_string(),
+            overlay(&fake.url(), host)
+        )
+    };
+    let first = moving("extra.example");
+    etcd.put(KEY, &first);
+    let (mut p, _) = env.start();
+    expect_last_good(
+        &p,
+        &env,
+        &first,
+        Duration::from_secs(5),
+        "the first overlay is kept in the local file's data_dir",
+    );
+    // Started again with that copy, the store is in `moved`: a change must still be kept where
+    // the next start reads it, the local file's data_dir.
+    p.restart();
+    expect_served_now(&p, "extra.example", "the last good copy applies at start");
+    let second = moving("other.example");
+    etcd.put(KEY, &second);
+    expect_served(
+        &p,
+        "other.example",
+        Duration::from_secs(5),
+        "the changed overlay is applied",
+    );
+    expect_last_good(
+        &p,
+        &env,
+        &second,
+        Duration::from_secs(2),
+        "the changed overlay is kept in the local file's data_dir, where the next start reads it",
+    );
+    assert!(
+        !moved.join(LAST_GOOD).exists(),
+        "no copy in the overlay's data_dir, which no start reads\n--- regcache log ---\n{}",
+        p.log_text()
+    );
+}
+
+/// The overlay for `host`, made larger than the 1 MiB bound by a comment.
+fn oversized_overlay(url: &str, host: &str) -> String {
+    format!("{}# {}\n", overlay(url, host), "x".repeat(1 << 20))
+}
+
+/// With `first` applied from a store at `url`, `put(oversized)` must be refused whole and
+/// reported, and a later value within the bound applied again.
+fn expect_oversized_value_refused(
+    kind: &str,
+    url: &str,
+    fake: &FakeUpstream,
+    put: &dyn Fn(&str),
+    registry: &Registry,
+) {
+    let env = Env::new();
+    let poll = if kind == "consul" { "3s" } else { "200ms" };
+    env.write_local(&registry.url(), "", &store(kind, url, poll));
+    let first = overlay(&fake.url(), "extra.example");
+    put(&first);
+    let (p, _) = env.start();
+    expect_served(
+        &p,
+        "extra.example",
+        Duration::from_secs(5),
+        "warm-up: the first overlay is applied",
+    );
+    expect_last_good(&p, &env, &first, Duration::from_secs(2), "warm-up");
+
+    let mark = log_mark(&p);
+    put(&oversized_overlay(&fake.url(), "other.example"));
+    expect_log(
+        &p,
+        mark,
+        &["too large", "1048576"],
+        Duration::from_secs(5),
+        &format!("a value over 1 MiB from {kind} is reported"),
+    );
+    expect_unknown_now(
+        &p,
+        "other.example",
+        "nothing of the oversized value is applied",
+    );
+    expect_served_now(&p, "extra.example", "the configuration in force is kept");
+    assert_eq!(
+        env.last_good().as_deref(),
+        Some(first.as_str()),
+        "the last good copy is kept\n--- regcache log ---\n{}",
+        p.log_text()
+    );
+
+    put(&overlay(&fake.url(), "other.example"));
+    expect_served(
+        &p,
+        "other.example",
+        Duration::from_secs(5),
+        "a value within the bound is applied again",
+    );
+}
+
+#[test]
+fn an_etcd_value_over_1_mib_is_refused_and_the_configuration_in_force_kept() {
+    let registry = Registry::start_seeded();
+    let rt = runtime();
+    let fake = extra_upstream(&rt);
+    // etcd refuses a put over --max-request-bytes (1.5 MiB by default); an operator may raise it.
+    let etcd = Etcd::start_with_max_request_bytes(4 << 20);
+    expect_oversized_value_refused("etcd", &etcd.url(), &fake, &|v| etcd.put(KEY, v), &registry);
+}
+
+#[test]
+fn a_consul_value_over_1_mib_is_refused_and_the_configuration_in_force_kept() {
+    let registry = Registry::start_seeded();
+    let rt = runtime();
+    let fake = extra_upstream(&rt);
+    // consul refuses values over kv_max_value_size (512 KiB by default); an operator may raise it.
+    let consul = rt.block_on(FakeConsul::start());
+    expect_oversized_value_refused(
+        "consul",
+        &consul.url(),
+        &fake,
+        &|v| consul.put(KEY, v),
+        &registry,
+    );
+}

@@ -10,7 +10,7 @@ mod architecture;
 mod config_store;
 mod durability;
 mod faults;
-mod ops;
+pub(crate) mod ops;
 mod outage;
 mod prefetch;
 mod pull;

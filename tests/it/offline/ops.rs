@@ -202,7 +202,7 @@ async fn a_fill_on_one_shard_keeps_feeding_a_client_on_another_through_shutdown(
 }
 
 /// The `content: |` block of `path` in a cloud-init document (6-space indented lines).
-fn cloud_init_file(doc: &str, path: &str) -> String {
+pub(crate) fn cloud_init_file(doc: &str, path: &str) -> String {
     let mut lines = doc
         .lines()
         .skip_while(|l| !l.trim_end().ends_with(&format!("path: {path}")));
@@ -234,6 +234,23 @@ fn cloud_init_installs_the_same_unit_and_a_valid_config() {
         cloud_init_file(&doc, "/etc/systemd/system/regcache.service").trim_end(),
         unit.trim_end(),
         "the cloud-init unit must be deploy/systemd/regcache.service"
+    );
+    let sysusers =
+        std::fs::read_to_string(root.join("deploy/systemd/regcache.sysusers")).expect("sysusers");
+    assert_eq!(
+        cloud_init_file(&doc, "/etc/sysusers.d/regcache.conf").trim_end(),
+        sysusers.trim_end(),
+        "the cloud-init sysusers file must be deploy/systemd/regcache.sysusers"
+    );
+    let at = |needle: &str| {
+        doc.find(needle)
+            .unwrap_or_else(|| panic!("{needle:?} is not in the cloud-init runcmd"))
+    };
+    assert!(
+        at("systemd-sysusers") < at("systemctl enable --now regcache.service")
+            && at("chgrp regcache /etc/regcache/config.toml")
+                < at("systemctl enable --now regcache.service"),
+        "the user exists and can read the config before the service starts"
     );
     let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
     let config = work.path().join("config.toml");
@@ -843,4 +860,157 @@ async fn a_client_that_hangs_up_before_its_answer_is_logged_as_499() {
         "{f}"
     );
     fake.set_manifest_gate(false);
+}
+
+/// Every path under `dir` with its content (directories as `None`), sorted.
+fn tree_of(dir: &Path) -> Vec<(std::path::PathBuf, Option<Vec<u8>>)> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).expect("read_dir").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.push((p.clone(), None));
+                todo.push(p);
+            } else {
+                out.push((p.clone(), Some(std::fs::read(&p).expect("read"))));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `regcache ARGS` run in `cwd`: (exit code, stderr). A process still running after 20 s (a
+/// `serve` that started) is killed, and the test fails.
+pub(crate) fn run_in(cwd: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("stderr dir");
+    let stderr_path = work.path().join("stderr");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_regcache"))
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("REGCACHE_CONFIG")
+        .env_remove("STATE_DIRECTORY")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).expect("stderr file"))
+        .spawn()
+        .expect("run regcache");
+    let t = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if t.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "regcache {args:?} still running after 20 s: {}",
+                std::fs::read_to_string(&stderr_path).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (
+        status.code(),
+        std::fs::read_to_string(&stderr_path).unwrap_or_default(),
+    )
+}
+
+#[test]
+fn an_empty_relative_or_system_data_dir_is_refused_and_the_working_directory_is_untouched() {
+    // The reported case: data_dir = "" made every command use the working directory, empty its
+    // tmp/ and create blobs/, lock and meta.redb there.
+    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
+    let cwd = work.path().join("cwd");
+    std::fs::create_dir_all(cwd.join("tmp")).expect("mkdir");
+    std::fs::write(cwd.join("tmp/some-file"), "someone's file\n").expect("write");
+    let before = tree_of(&cwd);
+    for value in ["", ".", "data", "/", "/etc", "/usr", "/tmp", "/var/lib"] {
+        let config = work.path().join("rc.toml");
+        std::fs::write(
+            &config,
+            format!("data_dir = {value:?}\n[upstreams.docker]\nurl = \"http://127.0.0.1:9\"\n"),
+        )
+        .expect("config");
+        let config = config.display().to_string();
+        for args in [
+            vec!["check-config", config.as_str()],
+            vec!["pin", "list", "--config", config.as_str()],
+            vec!["gc", "--config", config.as_str()],
+        ] {
+            let (code, err) = run_in(&cwd, &args);
+            assert!(
+                code == Some(2) && err.contains("data_dir"),
+                "data_dir = {value:?}, {args:?}: exit {code:?}, stderr: {err}"
+            );
+        }
+        // The flag gets the same checks (clap itself refuses an empty value).
+        let (code, err) = run_in(&cwd, &["check-config", "--data-dir", value]);
+        assert!(
+            code == Some(2) && (err.contains("data_dir") || err.contains("--data-dir")),
+            "--data-dir {value:?}: exit {code:?}, stderr: {err}"
+        );
+    }
+    assert_eq!(
+        tree_of(&cwd),
+        before,
+        "the working directory must be untouched"
+    );
+}
+
+#[test]
+fn a_data_dir_holding_files_regcache_did_not_create_is_refused_and_left_untouched() {
+    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
+    let data = work.path().join("d");
+    std::fs::create_dir_all(data.join("tmp")).expect("mkdir");
+    std::fs::write(data.join("tmp/some-file"), "someone's file\n").expect("write");
+    std::fs::write(data.join("report.pdf"), "not a blob\n").expect("write");
+    let before = tree_of(&data);
+    let config = offline_config(work.path(), "").display().to_string();
+    for args in [
+        vec![
+            "serve",
+            "--config",
+            config.as_str(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        vec!["pin", "list", "--config", config.as_str()],
+        vec!["verify", "--repair", "--config", config.as_str()],
+    ] {
+        let (code, err) = run_in(work.path(), &args);
+        assert!(
+            code == Some(1) && err.contains("regcache-data-dir") && err.contains("report.pdf"),
+            "{args:?}: exit {code:?}, stderr: {err}"
+        );
+    }
+    assert_eq!(tree_of(&data), before, "the directory must be untouched");
+}
+
+#[test]
+fn a_store_of_an_earlier_regcache_killed_mid_run_is_adopted_and_marked() {
+    let (work, _addr, mut rc) = start_offline("");
+    let data = work.path().join("d");
+    rc.kill9();
+    // What a regcache from before the marker leaves when killed: its store without the marker
+    // (and a database that redb must recover), with a fill in tmp/.
+    std::fs::remove_file(data.join("regcache-data-dir")).expect("unmark");
+    std::fs::write(data.join("tmp/fill-1-2-3"), "half a blob").expect("leftover");
+    rc.restart();
+    assert!(
+        data.join("regcache-data-dir").is_file(),
+        "the marker must be written: {}",
+        rc.log_text()
+    );
+    assert!(
+        !data.join("tmp/fill-1-2-3").exists(),
+        "leftover fill removed"
+    );
+    assert!(
+        rc.log_text().contains("earlier regcache"),
+        "the adoption is logged: {}",
+        rc.log_text()
+    );
+    stops_cleanly(&mut rc);
 }

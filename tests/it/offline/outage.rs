@@ -191,9 +191,6 @@ async fn a_stalled_upstream_never_holds_a_cached_tag_longer_than_the_connect_tim
 fn a_data_directory_in_use_is_refused_naming_the_pid_and_leftovers_are_cleaned() {
     let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
     let data = work.path().join("data");
-    std::fs::create_dir_all(data.join("tmp")).expect("mkdir");
-    let leftover = data.join("tmp").join("fill-1-2-3");
-    std::fs::write(&leftover, b"half a blob").expect("leftover");
     let config = work.path().join("c.toml");
     std::fs::write(
         &config,
@@ -205,6 +202,11 @@ fn a_data_directory_in_use_is_refused_naming_the_pid_and_leftovers_are_cleaned()
     .expect("config");
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let mut first = Process::start(&config, addr, &work.path().join("1.log"));
+    // A fill that a killed regcache left in its own data directory.
+    first.kill9();
+    let leftover = data.join("tmp").join("fill-1-2-3");
+    std::fs::write(&leftover, b"half a blob").expect("leftover");
+    first.restart();
     assert!(
         !leftover.exists(),
         "a temporary file left by a killed process must be removed at start"
