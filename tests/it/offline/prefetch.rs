@@ -1,9 +1,10 @@
 //! `regcache prefetch` against the in-process fake upstream and without a server: one image
-//! spelled five ways, the Dockerfile corpus (`--dry-run`), the JSON error object.
+//! spelled five ways, a blob whose commit fails, the Dockerfile corpus (`--dry-run`), the JSON
+//! error object.
 
 use std::path::Path;
 
-use crate::prefetch::{prefetch, summary_images};
+use crate::prefetch::{prefetch, prefetch_blocking, summary_images};
 use crate::support::regcache::Regcache;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -64,6 +65,56 @@ async fn prefetch_fetches_an_image_once_however_its_reference_is_spelled() {
     );
     // Two HEADs (config and layer), then two GETs, whatever the number of spellings.
     assert_eq!(blob_gets, 4.0, "blob requests answered by regcache");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_whose_commit_fails_makes_prefetch_exit_1_naming_the_image_without_refetching_it() {
+    let fake = crate::support::fake::FakeUpstream::start().await;
+    let layer = crate::support::images::pseudo_random(2 << 20, 20);
+    let (manifest, layer_digest) = fake.add_image("team/app", "1.0", layer);
+    let rc = Regcache::with_upstream(&fake.url());
+    // A file where the layer's directory goes: the server streams and verifies the layer, then
+    // its commit (the rename into blobs/sha256/<xx>/) fails.
+    let hex = layer_digest.trim_start_matches("sha256:");
+    assert!(
+        !manifest.starts_with(&format!("sha256:{}", &hex[..2])),
+        "the manifest must be stored: pick other layer bytes"
+    );
+    let blocker = rc.data_dir().join("blobs/sha256").join(&hex[..2]);
+    std::fs::create_dir_all(blocker.parent().expect("parent")).expect("blobs/sha256");
+    std::fs::write(&blocker, b"not a directory").expect("blocking file");
+
+    let out = prefetch_blocking(&rc.url(), &["--json", "team/app:1.0"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a blob the server did not commit is not prefetched: {stderr}"
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON summary");
+    assert_eq!(summary["ok"], false, "{summary}");
+    let app = &summary["images"][0];
+    assert_eq!(app["image"], "team/app:1.0", "{summary}");
+    assert_eq!(app["status"], "not_durable", "{summary}");
+    assert_eq!(app["durable"], false, "{summary}");
+    let uncommitted = app["uncommitted"].as_array().expect("uncommitted");
+    assert_eq!(
+        uncommitted.len(),
+        1,
+        "the layer alone is not committed: {summary}"
+    );
+    assert_eq!(uncommitted[0]["digest"], layer_digest.as_str(), "{summary}");
+    assert_eq!(uncommitted[0]["kind"], "blob", "{summary}");
+    assert_eq!(uncommitted[0]["cause"], "not_stored", "{summary}");
+    assert!(
+        stderr.contains("NOT DURABLE team/app:1.0") && stderr.contains(&layer_digest),
+        "the line names the image and the blob: {stderr}"
+    );
+    assert_eq!(
+        fake.blob_gets(&layer_digest),
+        1,
+        "confirming the commit must not make the server fetch the layer again"
+    );
 }
 
 /// The Dockerfiles of `tests/fixtures/dockerfiles`, each with the exact images it must yield.
