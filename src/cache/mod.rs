@@ -1360,6 +1360,17 @@ impl Cache {
         })
     }
 
+    /// Whether a fill of `d` for `route` is under way, without joining or starting one: `Some(true)`
+    /// while it fetches or commits, `Some(false)` for a fill on a full disk, served from memory and
+    /// never committed. A commit records the blob before its fill leaves `fills`.
+    pub fn filling(&self, route: &Route, d: &Digest) -> Option<bool> {
+        let key = route.key();
+        let fill =
+            Arc::clone(lock(&self.fills).get(&format!("{}/{}@{}", key.upstream, key.repo, d))?);
+        let to_disk = fill.disk_len().is_none();
+        Some(to_disk)
+    }
+
     /// Whether the bucket may be asked for blob `d` on behalf of `route`'s repository: the
     /// upstream confirmed that repository has it, here (a local link) or to the server that
     /// wrote the bucket's link. A manifest of the repository that names the digest is not enough.
