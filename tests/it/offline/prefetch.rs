@@ -50,21 +50,32 @@ async fn prefetch_fetches_an_image_once_however_its_reference_is_spelled() {
         Some(image_bytes),
         "each blob crosses to the prefetcher once: {summary}"
     );
-    let blob_gets = rc
-        .app
-        .metrics
-        .render()
-        .lines()
-        .filter(|l| l.starts_with("regcache_requests_total{route=\"blob\",status=\"200\"}"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>();
     assert_eq!(
         fake.blob_gets(&layer_digest),
         1,
         "the upstream sent the layer once"
     );
-    // Two HEADs (config and layer), then two GETs, whatever the number of spellings.
-    assert_eq!(blob_gets, 4.0, "blob requests answered by regcache");
+    // Bodies regcache sent: each blob once, whatever the number of spellings (the HEADs that
+    // confirm their commits move none), and the manifest by tag and by digest.
+    let manifest_len = crate::support::regcache::client()
+        .get(format!(
+            "{}/v2/library/busybox/manifests/{manifest}",
+            fake.url()
+        ))
+        .send()
+        .await
+        .expect("manifest from the fake")
+        .bytes()
+        .await
+        .expect("manifest body")
+        .len() as u64;
+    let served =
+        crate::support::process::metric(&rc.app.metrics.render(), "regcache_served_bytes_total");
+    assert_eq!(
+        served,
+        Some((image_bytes + 2 * manifest_len) as f64),
+        "body bytes regcache served: the blobs once, the manifest twice"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
