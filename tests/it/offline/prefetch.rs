@@ -128,6 +128,64 @@ async fn a_blob_whose_commit_fails_makes_prefetch_exit_1_naming_the_image_withou
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_head_only_if_cached_is_answered_from_the_store_alone() {
+    let fake = crate::support::fake::FakeUpstream::start().await;
+    let layer = crate::support::images::pseudo_random(256 << 10, 23);
+    let (_, layer_digest) = fake.add_image("team/app", "1.0", layer);
+    let rc = Regcache::with_upstream(&fake.url());
+    let c = crate::support::regcache::client();
+    let url = format!("{}/v2/team/app/blobs/{layer_digest}", rc.url());
+    let head = || {
+        c.head(&url)
+            .header("cache-control", "max-age=0, only-if-cached")
+            .send()
+    };
+
+    let before = head().await.expect("HEAD");
+    assert_eq!(before.status(), 504, "not stored: {:?}", before.headers());
+    assert_eq!(
+        fake.request_count(),
+        0,
+        "only-if-cached neither asks the upstream nor starts a fill: {:?}",
+        fake.requests()
+    );
+    let body = c
+        .get(&url)
+        .send()
+        .await
+        .expect("GET")
+        .bytes()
+        .await
+        .expect("body");
+    assert_eq!(body.len(), 256 << 10);
+    // The body's last byte comes before the commit: `coalesced` until it is recorded.
+    let mut answers = Vec::new();
+    let after = loop {
+        let r = head().await.expect("HEAD");
+        let outcome = r.headers()[regcache::http::api::CACHE_HEADER]
+            .to_str()
+            .expect("outcome")
+            .to_owned();
+        answers.push((r.status(), outcome.clone()));
+        if outcome != "coalesced" {
+            break r;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
+    assert_eq!(after.status(), 200, "{answers:?}");
+    assert_eq!(
+        after.headers()[regcache::http::api::CACHE_HEADER],
+        "hit",
+        "{answers:?}"
+    );
+    assert_eq!(
+        after.headers()["content-length"],
+        (256 << 10).to_string().as_str()
+    );
+    assert_eq!(fake.blob_gets(&layer_digest), 1);
+}
+
 /// The Dockerfiles of `tests/fixtures/dockerfiles`, each with the exact images it must yield.
 fn dockerfile_corpus() -> Vec<(std::path::PathBuf, std::path::PathBuf)> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dockerfiles");
