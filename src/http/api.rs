@@ -979,15 +979,7 @@ async fn blob(
                 .map_err(|e| cache_error(e, Object::Blob))?,
         );
     }
-    let mut resp = Response::new(empty());
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    set_header(h, "docker-content-digest", &digest.to_string());
-    set_header(h, header::ETAG, &format!("\"{digest}\""));
-    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    let mut resp = blob_response(digest);
     let (start, end) = match (range, size) {
         (Some(r), Some(total)) => match r.resolve(total) {
             Some((a, z)) => {
@@ -1098,6 +1090,16 @@ fn blob_if_cached(
             "not stored here (Cache-Control: only-if-cached)",
         ));
     }
+    let mut resp = blob_response(digest);
+    if let Some(size) = size {
+        resp.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    }
+    Ok(resp)
+}
+
+/// A blob answer without its length and body: type, digest, `ETag`, `Accept-Ranges`.
+fn blob_response(digest: &Digest) -> Response<Body> {
     let mut resp = Response::new(empty());
     let h = resp.headers_mut();
     h.insert(
@@ -1105,10 +1107,9 @@ fn blob_if_cached(
         HeaderValue::from_static("application/octet-stream"),
     );
     set_header(h, "docker-content-digest", &digest.to_string());
-    if let Some(size) = size {
-        h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
-    }
-    Ok(resp)
+    set_header(h, header::ETAG, &format!("\"{digest}\""));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    resp
 }
 
 fn json_response(

@@ -35,7 +35,7 @@ pub(crate) fn prefetch(server: &str, args: &[&str]) -> Output {
 
 /// `prefetch ARGS` through `server`, on the blocking pool (the fake upstream runs on this
 /// runtime).
-pub(crate) async fn prefetch_blocking(server: &str, args: &[&str]) -> std::process::Output {
+async fn prefetch_blocking(server: &str, args: &[&str]) -> std::process::Output {
     let server = server.to_owned();
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     tokio::task::spawn_blocking(move || {
@@ -44,6 +44,49 @@ pub(crate) async fn prefetch_blocking(server: &str, args: &[&str]) -> std::proce
     })
     .await
     .expect("prefetch thread")
+}
+
+/// `prefetch ARGS` through `server` when it must exit 1 because an image is not durable (`why`);
+/// its `--json` summary and its stderr.
+pub(crate) async fn prefetch_not_durable(
+    server: &str,
+    args: &[&str],
+    why: &str,
+) -> (serde_json::Value, String) {
+    let out = prefetch_blocking(server, args).await;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{why}: {stderr}");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not a JSON summary ({e}): {stderr}"));
+    assert_eq!(summary["ok"], false, "{summary}");
+    (summary, stderr)
+}
+
+/// Checks that `image` is reported `not_durable` for the blob `digest` alone, for `cause`, in
+/// the `--json` summary and on its stderr line.
+pub(crate) fn assert_blob_not_durable(
+    (summary, stderr): &(serde_json::Value, String),
+    image: &str,
+    digest: &str,
+    cause: &str,
+) {
+    let entry = summary["images"]
+        .as_array()
+        .expect("images")
+        .iter()
+        .find(|i| i["image"] == image)
+        .unwrap_or_else(|| panic!("{image} missing: {summary}"));
+    assert_eq!(entry["status"], "not_durable", "{summary}");
+    assert_eq!(entry["durable"], false, "{summary}");
+    let uncommitted = entry["uncommitted"].as_array().expect("uncommitted");
+    assert_eq!(uncommitted.len(), 1, "that blob alone: {summary}");
+    assert_eq!(uncommitted[0]["kind"], "blob", "{summary}");
+    assert_eq!(uncommitted[0]["digest"], digest, "{summary}");
+    assert_eq!(uncommitted[0]["cause"], cause, "{summary}");
+    assert!(
+        stderr.contains(&format!("NOT DURABLE {image}: blob {digest}")),
+        "the line names the image and the blob: {stderr}"
+    );
 }
 
 /// `prefetch` of the images of `dockerfile` and of the list file `list`, with `extra` arguments.
@@ -406,27 +449,18 @@ async fn on_a_full_store_prefetch_exits_1_naming_the_image_served_without_cachin
     let disk = SmallDisk::mount("6m");
     let rc = Regcache::start_in(disk.path(), &config_for(&fake.url(), "", ""));
 
-    let out = prefetch_blocking(&rc.url(), &["--json", "team/small:1.0", "team/big:1.0"]).await;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "a layer served without caching is not prefetched: {stderr}"
-    );
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON summary");
-    let (small, big) = (&summary["images"][0], &summary["images"][1]);
+    let reported = prefetch_not_durable(
+        &rc.url(),
+        &["--json", "team/small:1.0", "team/big:1.0"],
+        "a layer served without caching is not prefetched",
+    )
+    .await;
+    assert_blob_not_durable(&reported, "team/big:1.0", &big_layer, "store_full");
+    let (summary, stderr) = &reported;
+    assert!(stderr.contains("store is full"), "{stderr}");
+    let small = &summary["images"][0];
     assert_eq!(small["status"], "cached", "what fits is stored: {summary}");
     assert_eq!(small["durable"], true, "{summary}");
-    assert_eq!(big["image"], "team/big:1.0", "{summary}");
-    assert_eq!(big["status"], "not_durable", "{summary}");
-    let uncommitted = big["uncommitted"].as_array().expect("uncommitted");
-    assert_eq!(uncommitted.len(), 1, "the big layer alone: {summary}");
-    assert_eq!(uncommitted[0]["digest"], big_layer.as_str(), "{summary}");
-    assert_eq!(uncommitted[0]["cause"], "store_full", "{summary}");
-    assert!(
-        stderr.contains("NOT DURABLE team/big:1.0") && stderr.contains("full"),
-        "the line names the image and the full store: {stderr}"
-    );
     assert_eq!(fake.blob_gets(&small_layer), 1);
     assert_eq!(
         fake.blob_gets(&big_layer),

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use crate::prefetch::{prefetch, prefetch_blocking, summary_images};
+use crate::prefetch::{assert_blob_not_durable, prefetch, prefetch_not_durable, summary_images};
 use crate::support::regcache::Regcache;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -95,32 +95,13 @@ async fn a_blob_whose_commit_fails_makes_prefetch_exit_1_naming_the_image_withou
     std::fs::create_dir_all(blocker.parent().expect("parent")).expect("blobs/sha256");
     std::fs::write(&blocker, b"not a directory").expect("blocking file");
 
-    let out = prefetch_blocking(&rc.url(), &["--json", "team/app:1.0"]).await;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "a blob the server did not commit is not prefetched: {stderr}"
-    );
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON summary");
-    assert_eq!(summary["ok"], false, "{summary}");
-    let app = &summary["images"][0];
-    assert_eq!(app["image"], "team/app:1.0", "{summary}");
-    assert_eq!(app["status"], "not_durable", "{summary}");
-    assert_eq!(app["durable"], false, "{summary}");
-    let uncommitted = app["uncommitted"].as_array().expect("uncommitted");
-    assert_eq!(
-        uncommitted.len(),
-        1,
-        "the layer alone is not committed: {summary}"
-    );
-    assert_eq!(uncommitted[0]["digest"], layer_digest.as_str(), "{summary}");
-    assert_eq!(uncommitted[0]["kind"], "blob", "{summary}");
-    assert_eq!(uncommitted[0]["cause"], "not_stored", "{summary}");
-    assert!(
-        stderr.contains("NOT DURABLE team/app:1.0") && stderr.contains(&layer_digest),
-        "the line names the image and the blob: {stderr}"
-    );
+    let reported = prefetch_not_durable(
+        &rc.url(),
+        &["--json", "team/app:1.0"],
+        "a blob the server did not commit is not prefetched",
+    )
+    .await;
+    assert_blob_not_durable(&reported, "team/app:1.0", &layer_digest, "not_stored");
     assert_eq!(
         fake.blob_gets(&layer_digest),
         1,
