@@ -468,3 +468,67 @@ async fn on_a_full_store_prefetch_exits_1_naming_the_image_served_without_cachin
         "confirming the commit must not make the server fetch the layer again"
     );
 }
+
+#[test]
+fn blobs_a_server_redirects_to_its_shared_bucket_count_as_stored_there() {
+    let upstream = Registry::start_seeded();
+    let moto = crate::bucket::moto_with_bucket();
+    let config = |extra: &str| {
+        config_for(
+            &upstream.url(),
+            "freshness = \"10m\"",
+            &crate::bucket::s3_table(&moto, None, extra),
+        )
+    };
+    let a = Regcache::start(&config(""));
+    let b = Regcache::start(&config("redirect = true"));
+    let (filled, _) = prefetch_all_platforms(&a.url(), &[Seeded::SMALL_OCI], &[]);
+    assert_eq!(filled["ok"], true, "{filled}");
+    // A uploads what it committed to the bucket in the background.
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &crate::support::registry::inspect_raw(&upstream.host_port(), Seeded::SMALL_OCI),
+    )
+    .expect("manifest JSON");
+    let blobs: Vec<String> = std::iter::once(&manifest["config"])
+        .chain(manifest["layers"].as_array().expect("layers"))
+        .map(|d| d["digest"].as_str().expect("digest").to_owned())
+        .collect();
+    let uploaded = std::time::Instant::now();
+    loop {
+        let keys: Vec<String> = moto
+            .list(crate::bucket::BUCKET, "blobs/")
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        let missing: Vec<&String> = blobs
+            .iter()
+            .filter(|d| {
+                !keys
+                    .iter()
+                    .any(|k| k.ends_with(d.trim_start_matches("sha256:")))
+            })
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            uploaded.elapsed() < Duration::from_secs(30),
+            "A never uploaded {missing:?}; the bucket holds {keys:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // B sends the prefetcher to the bucket for the blobs, and stores none of them itself.
+    let (summary, stderr) = prefetch_all_platforms(&b.url(), &[Seeded::SMALL_OCI], &[]);
+    assert_eq!(
+        summary["images"][0]["status"], "cached",
+        "{summary}\n{stderr}"
+    );
+    assert_eq!(summary["images"][0]["durable"], true, "{summary}");
+    for d in &blobs {
+        assert!(
+            !crate::support::regcache::stored(&b, d),
+            "B stored {d}: its blobs were not redirected to the bucket"
+        );
+    }
+}
