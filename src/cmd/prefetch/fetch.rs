@@ -138,8 +138,10 @@ async fn get_manifest(
         let by_digest = format!("{}/v2/{name}/manifests/{digest}", ctx.server);
         commit::confirm(ctx, Object::Manifest, &by_digest, &digest).await?
     };
-    o.manifests += 1;
-    o.uncommitted.extend(uncommitted);
+    match uncommitted {
+        None => o.manifests += 1,
+        Some(u) => o.uncommitted.push(u),
+    }
     Ok(Got {
         media_type,
         body: v,
