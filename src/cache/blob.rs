@@ -10,6 +10,17 @@ use crate::bucket::upstream_id;
 use crate::oci::reference::Digest;
 
 impl Cache {
+    /// Whether a fill of `d` for `route` is under way, without joining or starting one:
+    /// `Some(true)` while it fetches or commits, `Some(false)` for a fill on a full disk, served
+    /// from memory and never committed. A commit records the blob before its fill leaves `fills`.
+    pub fn filling(&self, route: &Route, d: &Digest) -> Option<bool> {
+        let key = route.key();
+        let fill =
+            Arc::clone(lock(&self.fills).get(&format!("{}/{}@{}", key.upstream, key.repo, d))?);
+        let to_disk = fill.disk_len().is_none();
+        Some(to_disk)
+    }
+
     /// A blob for `GET` (`want_body`) or `HEAD`.
     pub async fn blob(
         self: &Arc<Self>,

@@ -79,6 +79,9 @@ pub async fn blob(
     head: bool,
     info: &mut LogInfo,
 ) -> Result<Response<Body>, ApiError> {
+    if head && only_if_cached(headers) {
+        return blob_if_cached(app, route, digest, info);
+    }
     let range = parse_range(headers.get(header::RANGE));
     if !head {
         let redirect = app
@@ -114,15 +117,7 @@ pub async fn blob(
                 .map_err(|e| ApiError::from_cache(e, Object::Blob))?,
         );
     }
-    let mut resp = Response::new(empty());
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    set_header(h, "docker-content-digest", &digest.to_string());
-    set_header(h, header::ETAG, &format!("\"{digest}\""));
-    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    let mut resp = blob_response(digest);
     let (start, end) = match (range, size) {
         (Some(r), Some(total)) => match r.resolve(total) {
             Some((a, z)) => {
@@ -182,6 +177,77 @@ pub async fn blob(
         BlobSource::Empty => empty(),
     };
     Ok(resp)
+}
+
+/// Whether the request carries `Cache-Control: only-if-cached` (RFC 9111, 5.2.1.7).
+fn only_if_cached(headers: &HeaderMap) -> bool {
+    headers.get_all(header::CACHE_CONTROL).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|d| d.trim().eq_ignore_ascii_case("only-if-cached"))
+        })
+    })
+}
+
+/// A blob `HEAD` with `Cache-Control: only-if-cached`, answered from this server alone: no
+/// upstream, no bucket, no fill started (`regcache prefetch` asks so until a blob is committed).
+/// `200 hit`: recorded in the store (fsynced and in the database) and linked to the repository;
+/// `200 coalesced`: a fill is fetching or committing it; `504`, with `passthrough` for a fill on
+/// a full disk that serves it from memory: not stored, and not being stored.
+fn blob_if_cached(
+    app: &Arc<App>,
+    route: &Route,
+    digest: &Digest,
+    info: &mut LogInfo,
+) -> Result<Response<Body>, ApiError> {
+    let key = route.key();
+    let linked = || -> Result<Option<u64>, ApiError> {
+        match app.cache.store.lookup_blob(&key, digest) {
+            Ok(found) => Ok(found.and_then(|(size, linked)| linked.then_some(size))),
+            Err(e) => Err(ApiError::from_cache(e.into(), Object::Blob)),
+        }
+    };
+    // The store again after the fills: a commit records the blob before its fill leaves them.
+    let (outcome, size) = match linked()? {
+        Some(size) => (Some(Outcome::Hit), Some(size)),
+        None => match app.cache.filling(route, digest) {
+            Some(true) => (Some(Outcome::Coalesced), None),
+            Some(false) => (Some(Outcome::Passthrough), None),
+            None => {
+                let size = linked()?;
+                (size.map(|_| Outcome::Hit), size)
+            }
+        },
+    };
+    if let Some(o) = outcome {
+        info.set_outcome(o);
+    }
+    if !matches!(outcome, Some(Outcome::Hit | Outcome::Coalesced)) {
+        return Err(ApiError::new(
+            Code::NotCached,
+            "not stored here (Cache-Control: only-if-cached)",
+        ));
+    }
+    let mut resp = blob_response(digest);
+    if let Some(size) = size {
+        resp.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    }
+    Ok(resp)
+}
+
+/// A blob answer without its length and body: type, digest, `ETag`, `Accept-Ranges`.
+fn blob_response(digest: &Digest) -> Response<Body> {
+    let mut resp = Response::new(empty());
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    set_header(h, "docker-content-digest", &digest.to_string());
+    set_header(h, header::ETAG, &format!("\"{digest}\""));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    resp
 }
 
 #[cfg(test)]

@@ -54,6 +54,9 @@ pub enum Code {
     BadGateway,
     /// `503 UNAVAILABLE`: the upstream, or regcache, cannot answer now; retry.
     Unavailable,
+    /// `504 UNAVAILABLE`: not stored here, for a request that allows no other source
+    /// (`Cache-Control: only-if-cached`, RFC 9111 5.2.1.7).
+    NotCached,
 }
 
 impl Code {
@@ -74,7 +77,7 @@ impl Code {
             }
             Code::TooManyRequests => "TOOMANYREQUESTS",
             Code::Internal | Code::BadGateway => "UNKNOWN",
-            Code::Unavailable => "UNAVAILABLE",
+            Code::Unavailable | Code::NotCached => "UNAVAILABLE",
         }
     }
 
@@ -99,6 +102,7 @@ impl Code {
             Code::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             Code::BadGateway => StatusCode::BAD_GATEWAY,
             Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Code::NotCached => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 }

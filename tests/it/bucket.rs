@@ -29,7 +29,7 @@ use crate::support::registry::{
     inspect_raw, send_request, sha256_digest, RawResponse, Registry, Seeded,
 };
 
-const BUCKET: &str = "regcache-test";
+pub(crate) const BUCKET: &str = "regcache-test";
 /// How long an asynchronous upload may take to show in the bucket.
 const UPLOAD_WAIT: Duration = Duration::from_secs(30);
 /// How long one pull may take while the bucket is down.
@@ -40,7 +40,7 @@ const CACHE: &str = "x-regcache-cache";
 // ---- helpers --------------------------------------------------------------------------------------
 
 /// A `[store.s3]` table for moto's [`BUCKET`], with `prefix` if given, plus `extra` keys.
-fn s3_table(moto: &Moto, prefix: Option<&str>, extra: &str) -> String {
+pub(crate) fn s3_table(moto: &Moto, prefix: Option<&str>, extra: &str) -> String {
     let mut t = format!(
         "[store.s3]\nbucket = \"{BUCKET}\"\nendpoint = \"{}\"\nregion = \"us-east-1\"\n\
          access_key_id = \"{ACCESS_KEY}\"\nsecret_access_key = \"{SECRET_KEY}\"\n\
@@ -56,7 +56,7 @@ fn s3_table(moto: &Moto, prefix: Option<&str>, extra: &str) -> String {
 }
 
 /// moto with [`BUCKET`] made.
-fn moto_with_bucket() -> Moto {
+pub(crate) fn moto_with_bucket() -> Moto {
     let mut moto = Moto::start();
     moto.create_bucket(BUCKET);
     moto

@@ -233,12 +233,12 @@ fn verify_reports_corruption_and_repair_makes_it_fetched_again() {
 }
 
 /// A size-limited tmpfs mounted for one test, unmounted on drop.
-struct SmallDisk {
+pub(crate) struct SmallDisk {
     dir: tempfile::TempDir,
 }
 
 impl SmallDisk {
-    fn mount(size: &str) -> SmallDisk {
+    pub(crate) fn mount(size: &str) -> SmallDisk {
         let dir = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("mount point");
         let st = std::process::Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
@@ -251,7 +251,7 @@ impl SmallDisk {
         );
         SmallDisk { dir }
     }
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         self.dir.path()
     }
     fn grow(&self, size: &str) {

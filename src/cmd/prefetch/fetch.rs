@@ -1,10 +1,12 @@
 //! Fetching one image through the server (`prefetch_one`): its manifest, the children of an
 //! index for the wanted platforms, and each blob once per run (a `HEAD` when the server holds it,
-//! a streamed and discarded `GET` otherwise), then the pin.
+//! a streamed and discarded `GET` otherwise), each confirmed committed ([`commit`]), then the pin.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
+use crate::cmd::prefetch::commit::{self, Object, Uncommitted};
 use crate::cmd::prefetch::jobs::Job;
 use crate::cmd::prefetch::Platform;
 use crate::cmd::remote::{error_message, query_value};
@@ -21,23 +23,42 @@ pub(super) struct Outcome {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
     pub platforms: Vec<String>,
+    /// Manifests confirmed stored: the one the reference names, and an index's chosen children.
+    pub manifests: u64,
     pub blobs: u64,
     pub bytes: u64,
     pub fetched_bytes: u64,
     pub already_cached: bool,
+    /// Every manifest and blob is committed on the server (and, with `--pin`, the pin).
+    pub durable: bool,
+    /// With `--pin`: whether the image was pinned (only once durable).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<bool>,
+    /// What the server served but did not commit, and why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub uncommitted: Vec<Uncommitted>,
 }
 
-/// Whether an image ended up on the server (`"cached"`) or not (`"failed"`, with a reason).
+/// Whether an image is durable on the server (`"cached"`), or all there but not all committed
+/// (`"not_durable"`, with `uncommitted`), or could not be fetched (`"failed"`); both with a reason.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub(super) enum Status {
     Cached,
+    NotDurable,
     #[default]
     Failed,
 }
 
-/// A blob of one repository handled during this run: its size once the server holds it.
-type BlobCell = Arc<tokio::sync::OnceCell<u64>>;
+/// A blob once the server has served it: its size, and what kept it from being committed.
+#[derive(Debug, Clone)]
+pub(super) struct Served {
+    size: u64,
+    uncommitted: Option<Uncommitted>,
+}
+
+/// A blob of one repository handled during this run.
+type BlobCell = Arc<tokio::sync::OnceCell<Served>>;
 
 /// What the images of one run share: the client, the download slots, the blobs handled so far
 /// and the progress bars.
@@ -51,6 +72,15 @@ pub(super) struct Ctx {
     pub multi: indicatif::MultiProgress,
     pub overall: indicatif::ProgressBar,
     pub terminal: bool,
+    /// How long to wait for the server to commit each manifest and blob (`--commit-timeout`).
+    pub commit_timeout: Duration,
+}
+
+/// The `x-regcache-cache` outcome of a server's answer.
+pub(super) fn outcome(resp: &reqwest::Response) -> Option<&str> {
+    resp.headers()
+        .get(crate::http::CACHE_HEADER)
+        .and_then(|v| v.to_str().ok())
 }
 
 fn is_index(media_type: &str, v: &serde_json::Value) -> bool {
@@ -61,11 +91,21 @@ fn is_index(media_type: &str, v: &serde_json::Value) -> bool {
     ) || v.get("manifests").is_some()
 }
 
+/// A manifest as the server served it.
+struct Got {
+    media_type: String,
+    body: serde_json::Value,
+    digest: String,
+}
+
+/// `GET`s a manifest, then confirms it stored: a `passthrough` answer (served, not stored)
+/// or a `HEAD` by digest that never answers `hit` goes to `o.uncommitted`.
 async fn get_manifest(
     ctx: &Ctx,
     name: &str,
     reference: &str,
-) -> anyhow::Result<(String, serde_json::Value, String)> {
+    o: &mut Outcome,
+) -> anyhow::Result<Got> {
     let url = format!("{}/v2/{name}/manifests/{reference}", ctx.server);
     // All four types: prefetch stores what docker, containerd and podman pull.
     let accept = Accept::ALL.header_value().unwrap_or_default();
@@ -83,23 +123,41 @@ async fn get_manifest(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
+    let passthrough = outcome(&resp) == Some("passthrough");
     let body = resp.bytes().await?;
     if !status.is_success() {
         anyhow::bail!("{name}:{reference}: {status}: {}", error_message(&body));
     }
     let v: serde_json::Value = serde_json::from_slice(&body)?;
-    Ok((media_type, v, digest))
+    if digest.parse::<Digest>().is_err() {
+        anyhow::bail!("{name}:{reference}: the server sent no valid Docker-Content-Digest");
+    }
+    let uncommitted = if passthrough {
+        Some(commit::not_stored(ctx, Object::Manifest, &digest).await)
+    } else {
+        let by_digest = format!("{}/v2/{name}/manifests/{digest}", ctx.server);
+        commit::confirm(ctx, Object::Manifest, &by_digest, &digest).await?
+    };
+    match uncommitted {
+        None => o.manifests += 1,
+        Some(u) => o.uncommitted.push(u),
+    }
+    Ok(Got {
+        media_type,
+        body: v,
+        digest,
+    })
 }
 
 /// [`fetch_blob`] once per repository and digest in this run; later callers wait for the first
-/// and move nothing.
+/// and move nothing. Returns the blob and the bytes moved.
 async fn fetch_blob_once(
     ctx: &Ctx,
     repo: &str,
     name: &str,
     digest: &str,
     bar: &indicatif::ProgressBar,
-) -> anyhow::Result<(u64, u64)> {
+) -> anyhow::Result<(Served, u64)> {
     let cell = Arc::clone(
         ctx.blobs
             .lock()
@@ -108,62 +166,75 @@ async fn fetch_blob_once(
             .or_default(),
     );
     let mut ran = None;
-    let size = *cell
+    let served = cell
         .get_or_try_init(|| async {
-            let (size, moved) = fetch_blob(ctx, name, digest, bar).await?;
+            let (served, moved) = fetch_blob(ctx, name, digest, bar).await?;
             ran = Some(moved);
-            anyhow::Ok(size)
+            anyhow::Ok(served)
         })
-        .await?;
+        .await?
+        .clone();
     match ran {
-        Some(moved) => Ok((size, moved)),
+        Some(moved) => Ok((served, moved)),
         None => {
             // Handled for another image of this run: its progress is complete.
-            bar.inc(size);
-            ctx.overall.inc(size);
-            Ok((size, 0))
+            bar.inc(served.size);
+            ctx.overall.inc(served.size);
+            Ok((served, 0))
         }
     }
 }
 
-/// Makes sure the server holds one blob; returns (size, bytes moved).
+/// Makes sure the server holds one blob and has committed it; returns it and the bytes moved.
 async fn fetch_blob(
     ctx: &Ctx,
     name: &str,
     digest: &str,
     bar: &indicatif::ProgressBar,
-) -> anyhow::Result<(u64, u64)> {
+) -> anyhow::Result<(Served, u64)> {
     let url = format!("{}/v2/{name}/blobs/{digest}", ctx.server);
     let head = ctx.client.head(&url).send().await?;
     if !head.status().is_success() {
         anyhow::bail!("blob {digest}: {}", head.status());
     }
     let size = crate::upstream::header_length(&head).unwrap_or(0);
-    let hit = head
-        .headers()
-        .get(crate::http::CACHE_HEADER)
-        .is_some_and(|v| v.as_bytes() == b"hit");
-    if hit {
+    if outcome(&head) == Some("hit") {
+        // Recorded in the store: committed already.
         bar.inc(size);
         ctx.overall.inc(size);
-        return Ok((size, 0));
+        let served = Served {
+            size,
+            uncommitted: None,
+        };
+        return Ok((served, 0));
     }
-    let _slot = ctx.blob_slots.acquire().await?;
-    let mut resp = ctx.client.get(&url).send().await?;
-    if !resp.status().is_success() {
-        anyhow::bail!("blob {digest}: {}", resp.status());
-    }
-    let expected = resp.content_length().unwrap_or(size);
-    let mut got = 0u64;
-    while let Some(chunk) = resp.chunk().await? {
-        got += chunk.len() as u64;
-        bar.inc(chunk.len() as u64);
-        ctx.overall.inc(chunk.len() as u64);
-    }
-    if got != expected {
-        anyhow::bail!("blob {digest}: got {got} of {expected} bytes");
-    }
-    Ok((expected, got))
+    let (size, got, redirected) = {
+        let _slot = ctx.blob_slots.acquire().await?;
+        let mut resp = ctx.client.get(&url).send().await?;
+        if !resp.status().is_success() {
+            anyhow::bail!("blob {digest}: {}", resp.status());
+        }
+        // `[store.s3] redirect`: the server sent the client to its shared bucket's copy.
+        let redirected = reqwest::Url::parse(&url).is_ok_and(|u| u.origin() != resp.url().origin());
+        let expected = resp.content_length().unwrap_or(size);
+        let mut got = 0u64;
+        while let Some(chunk) = resp.chunk().await? {
+            got += chunk.len() as u64;
+            bar.inc(chunk.len() as u64);
+            ctx.overall.inc(chunk.len() as u64);
+        }
+        if got != expected {
+            anyhow::bail!("blob {digest}: got {got} of {expected} bytes");
+        }
+        (expected, got, redirected)
+    };
+    // A blob in the shared bucket is stored there, and served from there (a redirect again).
+    let uncommitted = if redirected {
+        None
+    } else {
+        commit::confirm(ctx, Object::Blob, &url, digest).await?
+    };
+    Ok((Served { size, uncommitted }, got))
 }
 
 /// Config and layers of an image manifest (foreign layers with `urls` are not the cache's).
@@ -207,9 +278,15 @@ pub(super) async fn prefetch_one(
         ..Default::default()
     };
     match prefetch_inner(&ctx, &job, all_platforms, pin, &mut o).await {
-        Ok(()) => {
+        Ok(()) if o.uncommitted.is_empty() => {
             o.status = Status::Cached;
+            o.durable = true;
             o.already_cached = o.fetched_bytes == 0;
+        }
+        Ok(()) => {
+            o.status = Status::NotDurable;
+            let what: Vec<String> = o.uncommitted.iter().map(ToString::to_string).collect();
+            o.reason = Some(what.join("; "));
         }
         Err(e) => {
             o.status = Status::Failed;
@@ -228,7 +305,11 @@ async fn prefetch_inner(
 ) -> anyhow::Result<()> {
     let name = &job.reference.name;
     let reference = job.reference.reference().to_string();
-    let (media_type, top, digest) = get_manifest(ctx, name, &reference).await?;
+    let Got {
+        media_type,
+        body: top,
+        digest,
+    } = get_manifest(ctx, name, &reference, o).await?;
     o.digest = Some(digest);
     let mut manifests: Vec<serde_json::Value> = Vec::new();
     if is_index(&media_type, &top) {
@@ -278,8 +359,7 @@ async fn prefetch_inner(
                         .unwrap_or("?")
                 ));
             }
-            let (_, child, _) = get_manifest(ctx, name, d).await?;
-            manifests.push(child);
+            manifests.push(get_manifest(ctx, name, d, o).await?.body);
         }
     } else {
         manifests.push(top);
@@ -302,12 +382,17 @@ async fn prefetch_inner(
     .await;
     bar.finish_and_clear();
     for r in results {
-        let (size, moved) = r?;
+        let (served, moved) = r?;
         o.blobs += 1;
-        o.bytes += size;
+        o.bytes += served.size;
         o.fetched_bytes += moved;
+        o.uncommitted.extend(served.uncommitted);
     }
     if pin {
+        o.pinned = Some(false);
+    }
+    // Pinned once durable: the server answers after the pin's database commit.
+    if pin && o.uncommitted.is_empty() {
         let url = format!(
             "{}/_regcache/pins?image={}",
             ctx.server,
@@ -324,6 +409,7 @@ async fn prefetch_inner(
             let body = resp.bytes().await.unwrap_or_default();
             anyhow::bail!("pinning failed: {status}: {}", error_message(&body));
         }
+        o.pinned = Some(true);
     }
     Ok(())
 }

@@ -4,11 +4,14 @@
 //! upstream credentials. Blobs stream through the prefetcher (over loopback, discarded as they
 //! arrive): the server's normal pull path fetches, verifies and commits them, and the prefetcher
 //! sees real progress. A blob the server already holds is only `HEAD`ed (the server answers
-//! `x-regcache-cache: hit`), so a second run moves almost no bytes.
+//! `x-regcache-cache: hit`), so a second run moves almost no bytes. Exit 0 means durable: every
+//! manifest and blob was confirmed committed on the server before the run ends.
 //!
 //! This file has the flags, the run and its output; [`jobs`] what to fetch, [`fetch`] how one
-//! image is fetched, [`dockerfile`] and [`shell`] reading Dockerfiles, [`platform`] platforms.
+//! image is fetched, [`commit`] how its commit is confirmed, [`dockerfile`] and [`shell`] reading
+//! Dockerfiles, [`platform`] platforms.
 
+mod commit;
 pub mod dockerfile;
 mod fetch;
 mod jobs;
@@ -55,6 +58,10 @@ pub struct PrefetchArgs {
     /// Blobs fetched at once.
     #[arg(long, default_value_t = 4)]
     pub concurrency: usize,
+    /// How long to wait, after its last byte, for the server to commit each manifest and blob
+    /// (fsync and database record); an image not committed by then is not durable (exit 1).
+    #[arg(long, default_value = "60s", value_parser = crate::config::parse_duration)]
+    pub commit_timeout: Duration,
     /// Print what would be fetched, fetch nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -101,6 +108,11 @@ fn line_for(o: &Outcome) -> String {
             o.blobs,
             indicatif::HumanBytes(o.bytes),
             indicatif::HumanBytes(o.fetched_bytes)
+        ),
+        Status::NotDurable => format!(
+            "NOT DURABLE {}: {}",
+            o.image,
+            o.reason.as_deref().unwrap_or("not committed")
         ),
         Status::Failed => format!(
             "FAILED  {}: {}",
@@ -154,6 +166,7 @@ pub fn run(args: PrefetchArgs) -> ExitCode {
         multi,
         overall,
         terminal,
+        commit_timeout: args.commit_timeout,
     });
     let work = fetch_all(
         Arc::clone(&ctx),
@@ -312,7 +325,16 @@ fn summary(outcomes: &[Outcome], json: bool) -> ExitCode {
             outcomes.len()
         );
         for o in outcomes.iter().filter(|o| o.status != Status::Cached) {
-            eprintln!("  {}: {}", o.image, o.reason.as_deref().unwrap_or(""));
+            let not_durable = if o.status == Status::NotDurable {
+                "not durable: "
+            } else {
+                ""
+            };
+            eprintln!(
+                "  {}: {not_durable}{}",
+                o.image,
+                o.reason.as_deref().unwrap_or("")
+            );
         }
         Exit::Failure.into()
     } else {

@@ -1,9 +1,10 @@
 //! `regcache prefetch` against the in-process fake upstream and without a server: one image
-//! spelled five ways, the Dockerfile corpus (`--dry-run`), the JSON error object.
+//! spelled five ways, a blob whose commit fails, the Dockerfile corpus (`--dry-run`), the JSON
+//! error object.
 
 use std::path::Path;
 
-use crate::prefetch::{prefetch, summary_images};
+use crate::prefetch::{assert_blob_not_durable, prefetch, prefetch_not_durable, summary_images};
 use crate::support::regcache::Regcache;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -49,21 +50,121 @@ async fn prefetch_fetches_an_image_once_however_its_reference_is_spelled() {
         Some(image_bytes),
         "each blob crosses to the prefetcher once: {summary}"
     );
-    let blob_gets = rc
-        .app
-        .metrics
-        .render()
-        .lines()
-        .filter(|l| l.starts_with("regcache_requests_total{route=\"blob\",status=\"200\"}"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>();
     assert_eq!(
         fake.blob_gets(&layer_digest),
         1,
         "the upstream sent the layer once"
     );
-    // Two HEADs (config and layer), then two GETs, whatever the number of spellings.
-    assert_eq!(blob_gets, 4.0, "blob requests answered by regcache");
+    // Bodies regcache sent: each blob once, whatever the number of spellings (the HEADs that
+    // confirm their commits move none), and the manifest by tag and by digest.
+    let manifest_len = crate::support::regcache::client()
+        .get(format!(
+            "{}/v2/library/busybox/manifests/{manifest}",
+            fake.url()
+        ))
+        .send()
+        .await
+        .expect("manifest from the fake")
+        .bytes()
+        .await
+        .expect("manifest body")
+        .len() as u64;
+    let served =
+        crate::support::process::metric(&rc.app.metrics.render(), "regcache_served_bytes_total");
+    assert_eq!(
+        served,
+        Some((image_bytes + 2 * manifest_len) as f64),
+        "body bytes regcache served: the blobs once, the manifest twice"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_whose_commit_fails_makes_prefetch_exit_1_naming_the_image_without_refetching_it() {
+    let fake = crate::support::fake::FakeUpstream::start().await;
+    let layer = crate::support::images::pseudo_random(2 << 20, 20);
+    let (manifest, layer_digest) = fake.add_image("team/app", "1.0", layer);
+    let rc = Regcache::with_upstream(&fake.url());
+    // A file where the layer's directory goes: the server streams and verifies the layer, then
+    // its commit (the rename into blobs/sha256/<xx>/) fails.
+    let hex = layer_digest.trim_start_matches("sha256:");
+    assert!(
+        !manifest.starts_with(&format!("sha256:{}", &hex[..2])),
+        "the manifest must be stored: pick other layer bytes"
+    );
+    let blocker = rc.data_dir().join("blobs/sha256").join(&hex[..2]);
+    std::fs::create_dir_all(blocker.parent().expect("parent")).expect("blobs/sha256");
+    std::fs::write(&blocker, b"not a directory").expect("blocking file");
+
+    let reported = prefetch_not_durable(
+        &rc.url(),
+        &["--json", "team/app:1.0"],
+        "a blob the server did not commit is not prefetched",
+    )
+    .await;
+    assert_blob_not_durable(&reported, "team/app:1.0", &layer_digest, "not_stored");
+    assert_eq!(
+        fake.blob_gets(&layer_digest),
+        1,
+        "confirming the commit must not make the server fetch the layer again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_head_only_if_cached_is_answered_from_the_store_alone() {
+    let fake = crate::support::fake::FakeUpstream::start().await;
+    let layer = crate::support::images::pseudo_random(256 << 10, 23);
+    let (_, layer_digest) = fake.add_image("team/app", "1.0", layer);
+    let rc = Regcache::with_upstream(&fake.url());
+    let c = crate::support::regcache::client();
+    let url = format!("{}/v2/team/app/blobs/{layer_digest}", rc.url());
+    let head = || {
+        c.head(&url)
+            .header("cache-control", "max-age=0, only-if-cached")
+            .send()
+    };
+
+    let before = head().await.expect("HEAD");
+    assert_eq!(before.status(), 504, "not stored: {:?}", before.headers());
+    assert_eq!(
+        fake.request_count(),
+        0,
+        "only-if-cached neither asks the upstream nor starts a fill: {:?}",
+        fake.requests()
+    );
+    let body = c
+        .get(&url)
+        .send()
+        .await
+        .expect("GET")
+        .bytes()
+        .await
+        .expect("body");
+    assert_eq!(body.len(), 256 << 10);
+    // The body's last byte comes before the commit: `coalesced` until it is recorded.
+    let mut answers = Vec::new();
+    let after = loop {
+        let r = head().await.expect("HEAD");
+        let outcome = r.headers()[regcache::http::CACHE_HEADER]
+            .to_str()
+            .expect("outcome")
+            .to_owned();
+        answers.push((r.status(), outcome.clone()));
+        if outcome != "coalesced" {
+            break r;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
+    assert_eq!(after.status(), 200, "{answers:?}");
+    assert_eq!(
+        after.headers()[regcache::http::CACHE_HEADER],
+        "hit",
+        "{answers:?}"
+    );
+    assert_eq!(
+        after.headers()["content-length"],
+        (256 << 10).to_string().as_str()
+    );
+    assert_eq!(fake.blob_gets(&layer_digest), 1);
 }
 
 /// The Dockerfiles of `tests/fixtures/dockerfiles`, each with the exact images it must yield.
