@@ -7,9 +7,10 @@
 //! `If-None-Match: *`, and some tests kill its nodes).
 //!
 //! Bucket layout (below `<prefix>/` when a prefix is set): `blobs/sha256/<hex>`,
-//! `manifests/sha256/<hex>`, `repos/<upstream host:port>/<repo>/_manifests/sha256/<hex>` (empty) and
-//! `repos/<upstream host:port>/<repo>/_tags/<tag>` (JSON `{"digest", "checked_at_ms"}`). Uploads run
-//! shortly after a fill completes, so the tests poll the bucket.
+//! `manifests/sha256/<hex>`, `repos/<upstream host:port>/<repo>/_manifests/sha256/<hex>` and
+//! `…/_layers/sha256/<hex>` (empty) and `repos/<upstream host:port>/<repo>/_tags/<tag>` (JSON
+//! `{"digest", "checked_at_ms"}`). Uploads run shortly after a fill completes, so the tests poll the
+//! bucket.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read as _;
@@ -295,6 +296,13 @@ impl Image {
         let mut keys = BTreeSet::new();
         for b in self.blobs.keys() {
             keys.insert(format!("{root}blobs/sha256/{}", hex_of(b)));
+            // Written after the blob: until it is there, other servers take the blob from the
+            // upstream, not from the bucket.
+            keys.insert(format!(
+                "{root}repos/{upstream_id}/{}/_layers/sha256/{}",
+                self.repo,
+                hex_of(b)
+            ));
         }
         for m in &self.manifests {
             keys.insert(format!("{root}manifests/sha256/{}", hex_of(m)));
@@ -1252,14 +1260,8 @@ fn any_server_serves_a_blob_the_bucket_links_to_the_repository(engine: Engine) {
     let img = Image::with_reference_copy(&upstream, Seeded::SMALL_OCI, &work.path().join("ref"));
     copy_ok(&a.host_port(), &img.name, &work.path().join("a"), false);
     let (layer, _) = img.largest_blob();
-    let mut want = img.keys("", &upstream.host_port());
-    want.insert(format!(
-        "repos/{}/{}/_layers/sha256/{}",
-        upstream.host_port(),
-        img.repo,
-        hex_of(&layer)
-    ));
-    wait_for_keys(&store, "", &want);
+    // The keys include the blob's `_layers` link.
+    wait_for_keys(&store, "", &img.keys("", &upstream.host_port()));
 
     let upstream_addr = upstream.addr();
     upstream.stop();
