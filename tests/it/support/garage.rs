@@ -19,13 +19,12 @@
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use super::clients::{self, command, require, run};
-use super::daemon::{home_dir, Daemon};
+use super::clients::{self, command, run};
+use super::daemon::{home_dir, logged_child, Daemon};
 use super::process::free_port;
 use super::s3::{request, S3Client};
 
@@ -109,21 +108,12 @@ impl Node {
     /// Spawns `garage server` and waits until its admin API answers (with any status: before the
     /// layout is applied, `/health` says 503).
     fn spawn_and_wait(&mut self) -> Result<(), String> {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log())
-            .expect("open the garage log");
-        let log2 = log.try_clone().expect("clone the garage log handle");
-        let mut cmd = command(&require("setpriv", "util-linux"));
-        cmd.args(["--pdeathsig", "KILL", "--", GARAGE, "-c"])
+        let mut cmd = logged_child(Path::new(GARAGE), &self.log());
+        cmd.arg("-c")
             .arg(self.config())
             .arg("server")
             .env("RUST_LOG", "garage=info,netapp=warn")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2);
+            .env("NO_COLOR", "1");
         let admin = loopback(self.admin_port);
         self.child.wait_ready(
             cmd.spawn().expect("spawn garage server"),
@@ -221,7 +211,7 @@ impl Garage {
         assign.extend(ids.iter().map(String::as_str));
         garage.cli(0, &assign);
         garage.cli(0, &["layout", "apply", "--version", "1"]);
-        garage.wait_health("healthy");
+        garage.wait_health("reports the cluster healthy", |h| h["status"] == "healthy");
         garage.cli(
             0,
             &["key", "import", "--yes", "-n", "regcache", KEY_ID, SECRET],
@@ -328,45 +318,26 @@ impl Garage {
 
     /// Waits until every running node is connected to all the running nodes and to no other.
     fn wait_connected(&self) {
-        let running = self.running();
-        let deadline = Instant::now() + READY_TIMEOUT;
-        for &i in &running {
-            loop {
-                let health = self.nodes[i].health();
-                // `connectedNodes` counts the node itself.
-                if health
-                    .as_ref()
-                    .is_some_and(|h| h["connectedNodes"].as_u64() == Some(running.len() as u64))
-                {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "garage node {i} does not see exactly the {} running nodes {running:?}: {health:?}\n{}",
-                    running.len(),
-                    self.logs()
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
+        let running = self.running().len() as u64;
+        // `connectedNodes` counts the node itself.
+        self.wait_health(&format!("sees exactly the {running} running nodes"), |h| {
+            h["connectedNodes"].as_u64() == Some(running)
+        });
     }
 
-    /// Waits until every running node reports the cluster's `status` (`healthy`, `degraded`,
-    /// `unavailable`).
-    fn wait_health(&self, status: &str) {
+    /// Waits until the admin API's `GetClusterHealth` satisfies `ok` on every running node; `what`
+    /// says what that means, for the failure message.
+    fn wait_health(&self, what: &str, ok: impl Fn(&serde_json::Value) -> bool) {
         let deadline = Instant::now() + READY_TIMEOUT;
         for i in self.running() {
             loop {
                 let health = self.nodes[i].health();
-                if health
-                    .as_ref()
-                    .is_some_and(|h| h["status"].as_str() == Some(status))
-                {
+                if health.as_ref().is_some_and(&ok) {
                     break;
                 }
                 assert!(
                     Instant::now() < deadline,
-                    "garage node {i} does not report the cluster {status}: {health:?}\n{}",
+                    "garage node {i} never {what}: {health:?}\n{}",
                     self.logs()
                 );
                 std::thread::sleep(Duration::from_millis(50));

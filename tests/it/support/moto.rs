@@ -13,13 +13,11 @@
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use tempfile::TempDir;
 
-use super::clients::{command, require};
-use super::daemon::{home_dir, Daemon};
+use super::daemon::{home_dir, logged_child, Daemon};
 use super::process::free_port;
 use super::s3::{request, S3Client};
 
@@ -77,20 +75,9 @@ impl Moto {
     }
 
     fn spawn_and_wait(&mut self) -> Result<(), String> {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .expect("open the moto log");
-        let log2 = log.try_clone().expect("clone the moto log handle");
-        // setpriv --pdeathsig: moto dies with the test process even if a panic skips Drop.
-        let mut cmd = command(&require("setpriv", "util-linux"));
-        cmd.args(["--pdeathsig", "KILL", "--", MOTO_SERVER])
-            .args(["-H", "127.0.0.1", "-p", &self.port.to_string()])
-            .env("PYTHONUNBUFFERED", "1")
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2);
+        let mut cmd = logged_child(Path::new(MOTO_SERVER), &self.log_path());
+        cmd.args(["-H", "127.0.0.1", "-p", &self.port.to_string()])
+            .env("PYTHONUNBUFFERED", "1");
         let addr = self.addr();
         self.child.wait_ready(
             cmd.spawn().expect("spawn moto_server"),
