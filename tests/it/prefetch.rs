@@ -472,7 +472,7 @@ async fn on_a_full_store_prefetch_exits_1_naming_the_image_served_without_cachin
 #[test]
 fn blobs_a_server_redirects_to_its_shared_bucket_count_as_stored_there() {
     let upstream = Registry::start_seeded();
-    let moto = crate::bucket::moto_with_bucket();
+    let moto = crate::bucket::Store::start(crate::bucket::Engine::Moto);
     let config = |extra: &str| {
         config_for(
             &upstream.url(),
