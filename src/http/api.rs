@@ -523,6 +523,7 @@ async fn admin(
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", e.to_string())
     };
     let method = req.method();
+    let hooks = req.extensions().get::<crate::http::hooks::ShardHooks>();
     match (method.as_str(), path) {
         ("POST", "gc") => {
             let target = match q.get("target") {
@@ -596,6 +597,7 @@ async fn admin(
             let body = serde_json::json!({ "image": image, "changed": changed });
             Ok(json_response(&body, false, "application/json"))
         }
+        ("POST", crate::http::hooks::STALL_PATH) if hooks.is_some() => test_stall(hooks, &q).await,
         (_, "gc" | "verify" | "pins") => {
             let allow = if path == "pins" {
                 "GET, POST, DELETE"
@@ -618,6 +620,33 @@ async fn admin(
             format!("no such operator endpoint: {method} {}", req.uri().path()),
         )),
     }
+}
+
+/// The stall test hook (`REGCACHE_TEST_HOOKS=1`): `?shard=N&ms=M` blocks shard N's thread for
+/// M milliseconds. The answer's head leaves once that thread is blocked, its body (one line) once
+/// it runs again.
+async fn test_stall(
+    hooks: Option<&crate::http::hooks::ShardHooks>,
+    q: &std::collections::HashMap<String, String>,
+) -> Result<Response<Body>, ApiError> {
+    let number = |k: &str| -> Result<u64, ApiError> {
+        q.get(k)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| bad_request(format!("{k} must be a number")))
+    };
+    let (shard, ms) = (number("shard")?, number("ms")?);
+    let Some(hooks) = hooks else {
+        return Err(bad_request("the test hooks are off"));
+    };
+    let shard = usize::try_from(shard).unwrap_or(usize::MAX);
+    let rx = hooks
+        .stall(shard, std::time::Duration::from_millis(ms))
+        .await
+        .map_err(|e| bad_request(e.to_string()))?;
+    let mut resp = Response::new(channel_body(rx));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    Ok(resp)
 }
 
 /// Refuses an operator request that a web page could have made a browser send: one with an
@@ -675,6 +704,10 @@ pub async fn handle(
         ..LogInfo::default()
     };
     let mut user = None;
+    let shard = req
+        .extensions()
+        .get::<crate::http::hooks::ShardHooks>()
+        .map(|h| h.shard);
     let result = match check_access(&app, peer, &req, &mut user).await {
         Err((e, limit)) => {
             app.metrics
@@ -698,6 +731,10 @@ pub async fn handle(
     if let Some(ns) = &info.namespace {
         // Errors included: a 404 for a request routed by `ns` is that registry's answer.
         set_header(resp.headers_mut(), NAMESPACE_HEADER, ns);
+    }
+    if let Some(shard) = shard {
+        resp.headers_mut()
+            .insert(crate::http::hooks::SHARD_HEADER, HeaderValue::from(shard));
     }
     let bytes = resp
         .headers()

@@ -122,6 +122,8 @@ struct Shared {
     refusing: Arc<tokio::sync::Semaphore>,
     over_capacity: bytes::Bytes,
     grace: Duration,
+    /// Each shard's stall queue, with the test hooks on (`REGCACHE_TEST_HOOKS=1`).
+    stalls: Option<crate::http::hooks::Stalls>,
 }
 
 /// How many shards serve connections: one per CPU this process may use.
@@ -187,6 +189,17 @@ pub async fn run(
     let (handoffs, mut inboxes): (Vec<_>, Vec<_>) = (0..count)
         .map(|_| tokio::sync::mpsc::unbounded_channel())
         .unzip();
+    let (stalls, mut stall_queues) = if crate::http::hooks::enabled() {
+        tracing::warn!(
+            "test hooks on ({}=1): responses name their shard, and POST /_regcache/test/stall \
+             blocks a shard",
+            crate::http::hooks::ENV
+        );
+        let (stalls, queues) = crate::http::hooks::stall_queues(count);
+        (Some(stalls), queues.into_iter().map(Some).collect())
+    } else {
+        (None, (0..count).map(|_| None).collect::<Vec<_>>())
+    };
     let loads = (0..count)
         .map(|i| {
             let gauge = app
@@ -211,6 +224,7 @@ pub async fn run(
         refusing: Arc::new(tokio::sync::Semaphore::new(MAX_REFUSING)),
         over_capacity: over_capacity_response(),
         grace,
+        stalls,
     });
     let listener = listener.into_std()?;
     app.watch_shards(shared.beats.clone());
@@ -222,11 +236,12 @@ pub async fn run(
     let drained = Arc::new(drained);
     let mut shards = Vec::new();
     let mut started = Ok(());
-    for (i, inbox) in inboxes.drain(..).enumerate() {
+    for (i, (inbox, stalls)) in inboxes.drain(..).zip(stall_queues.drain(..)).enumerate() {
         let shard = Shard {
             index: i,
             count,
             inbox,
+            stalls,
             shared: Arc::clone(&shared),
             stop: stop_rx.clone(),
             drained: Arc::clone(&drained),
@@ -270,6 +285,8 @@ struct Shard {
     count: usize,
     /// Connections other shards accepted for this one.
     inbox: tokio::sync::mpsc::UnboundedReceiver<Handoff>,
+    /// Stall orders for this shard (test hooks only).
+    stalls: Option<tokio::sync::mpsc::UnboundedReceiver<crate::http::hooks::Stall>>,
     shared: Arc<Shared>,
     stop: tokio::sync::watch::Receiver<bool>,
     drained: Arc<tokio::sync::watch::Sender<usize>>,
@@ -322,7 +339,7 @@ impl Shard {
             serve_shard(
                 self.index,
                 listener,
-                self.inbox,
+                (self.inbox, self.stalls),
                 Arc::clone(&self.shared),
                 self.stop,
             )
@@ -348,7 +365,10 @@ impl Shard {
 async fn serve_shard(
     me: usize,
     listener: std::net::TcpListener,
-    mut inbox: tokio::sync::mpsc::UnboundedReceiver<Handoff>,
+    (mut inbox, mut stalls): (
+        tokio::sync::mpsc::UnboundedReceiver<Handoff>,
+        Option<tokio::sync::mpsc::UnboundedReceiver<crate::http::hooks::Stall>>,
+    ),
     shared: Arc<Shared>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -360,6 +380,13 @@ async fn serve_shard(
         }
     };
     let app = &shared.app;
+    let hooks = shared
+        .stalls
+        .as_ref()
+        .map(|stalls| crate::http::hooks::ShardHooks {
+            shard: me,
+            stalls: stalls.clone(),
+        });
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut last_refusal_log: Option<std::time::Instant> = None;
     loop {
@@ -392,7 +419,7 @@ async fn serve_shard(
                 };
                 let (to, load) = shared.place(me);
                 if to == me {
-                    serve_connection(&shared, &graceful, stream, peer, slot, load);
+                    serve_connection(&shared, &graceful, &hooks, stream, peer, slot, load);
                     continue;
                 }
                 match stream.into_std() {
@@ -401,13 +428,15 @@ async fn serve_shard(
                         if let Err(back) = shared.handoffs[to].send(handoff) {
                             // That shard stopped since it was chosen: serve it here after all.
                             let back = Handoff { load: shared.count_in(me), ..back.0 };
-                            take(&shared, &graceful, back);
+                            take(&shared, &graceful, &hooks, back);
                         }
                     }
                     Err(e) => tracing::warn!(%peer, error = %e, "cannot hand a connection to another shard"),
                 }
             }
-            Some(handoff) = inbox.recv() => take(&shared, &graceful, handoff),
+            Some(handoff) = inbox.recv() => take(&shared, &graceful, &hooks, handoff),
+            // Blocks this shard's thread: the test hook that stands for a stalled shard.
+            Some(stall) = next_stall(&mut stalls), if stalls.is_some() => stall.block(),
             _ = stop.wait_for(|s| *s) => break,
         }
     }
@@ -419,10 +448,21 @@ async fn serve_shard(
     }
 }
 
+/// The next stall order of a shard's queue (test hooks only; never without them).
+async fn next_stall(
+    queue: &mut Option<tokio::sync::mpsc::UnboundedReceiver<crate::http::hooks::Stall>>,
+) -> Option<crate::http::hooks::Stall> {
+    match queue {
+        Some(q) => q.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Serves a connection another shard accepted (or one it could not hand over) on this shard.
 fn take(
     shared: &Arc<Shared>,
     graceful: &hyper_util::server::graceful::GracefulShutdown,
+    hooks: &Option<crate::http::hooks::ShardHooks>,
     handoff: Handoff,
 ) {
     let Handoff {
@@ -432,7 +472,7 @@ fn take(
         load,
     } = handoff;
     match tokio::net::TcpStream::from_std(stream) {
-        Ok(stream) => serve_connection(shared, graceful, stream, peer, slot, load),
+        Ok(stream) => serve_connection(shared, graceful, hooks, stream, peer, slot, load),
         Err(e) => tracing::warn!(%peer, error = %e, "cannot take a connection from another shard"),
     }
 }
@@ -441,6 +481,7 @@ fn take(
 fn serve_connection(
     shared: &Arc<Shared>,
     graceful: &hyper_util::server::graceful::GracefulShutdown,
+    hooks: &Option<crate::http::hooks::ShardHooks>,
     stream: tokio::net::TcpStream,
     peer: std::net::SocketAddr,
     slot: tokio::sync::OwnedSemaphorePermit,
@@ -460,9 +501,13 @@ fn serve_connection(
         }
         Some(acceptor) => (Err((stream, acceptor)), None),
     };
+    let hooks = hooks.clone();
     let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         if let Some(lane) = &lane {
             req.extensions_mut().insert(lane.clone());
+        }
+        if let Some(hooks) = &hooks {
+            req.extensions_mut().insert(hooks.clone());
         }
         crate::http::api::handle(Arc::clone(&app2), peer, req)
     });
