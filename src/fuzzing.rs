@@ -187,7 +187,12 @@ pub fn routing() -> &'static Routing {
         let config = crate::config::Config::parse(text, "fuzzing", &Default::default())
             .unwrap_or_else(|e| panic!("fuzzing config: {e}"));
         let metrics = Arc::new(crate::telemetry::metrics::Metrics::new());
-        Routing::build(config, &metrics, None).unwrap_or_else(|e| panic!("fuzzing routing: {e}"))
+        // Routed only, never fetched: the upstream clients get a runtime that never runs.
+        let idle = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap_or_else(|e| panic!("fuzzing runtime: {e}"));
+        Routing::build(config, &metrics, idle.handle(), None)
+            .unwrap_or_else(|e| panic!("fuzzing routing: {e}"))
     })
 }
 

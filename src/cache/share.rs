@@ -225,7 +225,7 @@ impl Cache {
             Arc::clone(&self.pending),
             Arc::clone(&self.store),
         );
-        tokio::spawn(async move {
+        self.runtime.spawn(async move {
             // One of a few write slots first: a retry of thousands of writes neither opens
             // thousands of files nor floods the bucket.
             let _slot = match b.upload_slot().await {

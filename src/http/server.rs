@@ -172,8 +172,12 @@ const STALLED_AFTER_MS: u64 = 1000;
 /// Connections are served by [`shard_count`] shards: one thread each, with its own
 /// single-threaded runtime, accepting from the same listening socket (like nginx's workers). A
 /// connection goes to the least loaded shard and stays there, so its wake-ups never cross threads
-/// and each shard polls only its own sockets. What the connections start (fills, uploads) runs on
-/// their shard; the maintenance loop runs on the caller's runtime.
+/// and each shard polls only its own sockets. What the connections start that outlives a request
+/// or serves several shards (fills, manifest flights, uploads, upstream requests and their pooled
+/// connections) runs on the background runtime the cache and the upstreams were given (see
+/// `App::open`), which must run until this returns; the maintenance loop runs on the caller's
+/// runtime. So a shard depends on no other shard, and each stops once its own connections have
+/// drained.
 pub async fn run(
     listener: TcpListener,
     app: Arc<App>,
@@ -229,22 +233,15 @@ pub async fn run(
     let listener = listener.into_std()?;
     app.watch_shards(shared.beats.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    // How many shards have drained their connections. A shard keeps its runtime running until all
-    // have: a fill or an upstream connection that lives on it may still serve another shard's
-    // clients during their drain.
-    let (drained, _) = tokio::sync::watch::channel(0usize);
-    let drained = Arc::new(drained);
     let mut shards = Vec::new();
     let mut started = Ok(());
     for (i, (inbox, stalls)) in inboxes.drain(..).zip(stall_queues.drain(..)).enumerate() {
         let shard = Shard {
             index: i,
-            count,
             inbox,
             stalls,
             shared: Arc::clone(&shared),
             stop: stop_rx.clone(),
-            drained: Arc::clone(&drained),
         };
         match shard.start(&listener) {
             Ok(done) => shards.push(done),
@@ -255,8 +252,6 @@ pub async fn run(
         }
     }
     drop(listener);
-    let unstarted = count - shards.len();
-    drained.send_modify(|n| *n += unstarted);
     if let Err(e) = started {
         let _ = stop_tx.send(true);
         for done in shards {
@@ -282,14 +277,12 @@ pub async fn run(
 /// One shard before it starts: its place among the shards and what it shares with them.
 struct Shard {
     index: usize,
-    count: usize,
     /// Connections other shards accepted for this one.
     inbox: tokio::sync::mpsc::UnboundedReceiver<Handoff>,
     /// Stall orders for this shard (test hooks only).
     stalls: Option<tokio::sync::mpsc::UnboundedReceiver<crate::http::hooks::Stall>>,
     shared: Arc<Shared>,
     stop: tokio::sync::watch::Receiver<bool>,
-    drained: Arc<tokio::sync::watch::Sender<usize>>,
 }
 
 impl Shard {
@@ -318,9 +311,9 @@ impl Shard {
             Ok(rt) => rt,
             Err(e) => {
                 tracing::error!(error = %e, shard = self.index, "cannot start a shard's runtime");
-                // Not watched, and counted as drained, so that nothing waits for it.
+                // Never seen as stalled (its heartbeat is in the future): the watchdog does not
+                // wait for it, and its closed inbox keeps connections away.
                 beat.store(u64::MAX, Ordering::Relaxed);
-                self.drained.send_modify(|n| *n += 1);
                 return;
             }
         };
@@ -344,13 +337,12 @@ impl Shard {
                 self.stop,
             )
             .await;
-            self.drained.send_modify(|n| *n += 1);
-            let count = self.count;
-            let _ = self.drained.subscribe().wait_for(|n| *n >= count).await;
+            // Drained: nothing on this shard serves another shard's clients (fills and upstream
+            // connections live on the background runtime), so it stops now.
             heart.abort();
         });
-        // Blocking work still running (a fill's write) is not waited for: the process is stopping,
-        // and recovery at the next start cleans up after it.
+        // Blocking work still running (a read for a client cut off at the end of the grace
+        // period) is not waited for: the connection is gone.
         rt.shutdown_timeout(Duration::from_secs(1));
     }
 }
