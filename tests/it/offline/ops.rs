@@ -130,9 +130,9 @@ async fn sigterm_lets_an_in_flight_download_finish_then_exits_0_and_logs_json() 
     );
 }
 
-/// The shard parts of shutdown: a fill lives on the shard of the client that started it, and a
-/// client on another shard that joined it must still get every byte when the first client leaves
-/// during the drain (its shard then has nothing left to drain, but must keep the fill running).
+/// The shard parts of shutdown: a client on another shard than the one whose client started a
+/// fill must still get every byte when the first client leaves during the drain (its shard then
+/// has nothing left to drain and stops; the fill, on the background runtime, must go on).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fill_on_one_shard_keeps_feeding_a_client_on_another_through_shutdown() {
     let layer = Bytes::from((0..4 << 20).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
