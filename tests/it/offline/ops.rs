@@ -353,6 +353,41 @@ async fn a_client_on_another_shard_gets_its_blob_while_the_shard_that_started_th
     stops_cleanly(&mut rc);
 }
 
+/// Without `REGCACHE_TEST_HOOKS=1` the test hooks do not exist: responses name no shard, and the
+/// stall order is an unknown operator endpoint, which blocks nothing.
+#[test]
+fn without_the_test_hooks_variable_there_is_no_stall_endpoint_and_no_shard_header() {
+    assert!(
+        std::env::var_os("REGCACHE_TEST_HOOKS").is_none(),
+        "run the tests without REGCACHE_TEST_HOOKS in their environment"
+    );
+    let rc = Regcache::with_upstream("http://127.0.0.1:9");
+    let mut s = std::net::TcpStream::connect(rc.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    std::io::Write::write_all(
+        &mut s,
+        b"POST /_regcache/test/stall?shard=0&ms=60000 HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+          x-regcache-operator: 1\r\n\r\nGET /v2/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    )
+    .expect("send");
+    let stall = read_response(&mut s, false, "the stall order");
+    let v2 = read_response(&mut s, false, "GET /v2/ after it");
+    assert_eq!(
+        (stall.status, v2.status),
+        (404, 200),
+        "the stall order: {}",
+        String::from_utf8_lossy(&stall.body)
+    );
+    for r in [&stall, &v2] {
+        assert!(
+            r.header("x-regcache-shard").is_none(),
+            "a shard header without the test hooks: {:?}",
+            r.headers
+        );
+    }
+}
+
 /// The `content: |` block of `path` in a cloud-init document (6-space indented lines).
 fn cloud_init_file(doc: &str, path: &str) -> String {
     let mut lines = doc
