@@ -524,6 +524,9 @@ async fn admin(
     };
     let method = req.method();
     let hooks = req.extensions().get::<crate::http::hooks::ShardHooks>();
+    if let (Some(hooks), "POST", crate::http::hooks::STALL_PATH) = (hooks, method.as_str(), path) {
+        return test_stall(hooks, &q).await;
+    }
     match (method.as_str(), path) {
         ("POST", "gc") => {
             let target = match q.get("target") {
@@ -597,7 +600,6 @@ async fn admin(
             let body = serde_json::json!({ "image": image, "changed": changed });
             Ok(json_response(&body, false, "application/json"))
         }
-        ("POST", crate::http::hooks::STALL_PATH) if hooks.is_some() => test_stall(hooks, &q).await,
         (_, "gc" | "verify" | "pins") => {
             let allow = if path == "pins" {
                 "GET, POST, DELETE"
@@ -626,7 +628,7 @@ async fn admin(
 /// M milliseconds. The answer's head leaves once that thread is blocked, its body (one line) once
 /// it runs again.
 async fn test_stall(
-    hooks: Option<&crate::http::hooks::ShardHooks>,
+    hooks: &crate::http::hooks::ShardHooks,
     q: &std::collections::HashMap<String, String>,
 ) -> Result<Response<Body>, ApiError> {
     let number = |k: &str| -> Result<u64, ApiError> {
@@ -635,9 +637,6 @@ async fn test_stall(
             .ok_or_else(|| bad_request(format!("{k} must be a number")))
     };
     let (shard, ms) = (number("shard")?, number("ms")?);
-    let Some(hooks) = hooks else {
-        return Err(bad_request("the test hooks are off"));
-    };
     let shard = usize::try_from(shard).unwrap_or(usize::MAX);
     let rx = hooks
         .stall(shard, std::time::Duration::from_millis(ms))

@@ -332,7 +332,8 @@ impl Shard {
             serve_shard(
                 self.index,
                 listener,
-                (self.inbox, self.stalls),
+                self.inbox,
+                self.stalls,
                 Arc::clone(&self.shared),
                 self.stop,
             )
@@ -357,10 +358,8 @@ impl Shard {
 async fn serve_shard(
     me: usize,
     listener: std::net::TcpListener,
-    (mut inbox, mut stalls): (
-        tokio::sync::mpsc::UnboundedReceiver<Handoff>,
-        Option<tokio::sync::mpsc::UnboundedReceiver<crate::http::hooks::Stall>>,
-    ),
+    mut inbox: tokio::sync::mpsc::UnboundedReceiver<Handoff>,
+    mut stalls: Option<tokio::sync::mpsc::UnboundedReceiver<crate::http::hooks::Stall>>,
     shared: Arc<Shared>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
