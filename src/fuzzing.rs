@@ -179,8 +179,10 @@ pub fn n_last(data: &[u8]) {
 /// A routing table with three upstreams (Docker Hub names, ghcr.io, and a local registry with
 /// repository patterns), built once.
 pub fn routing() -> &'static Routing {
-    static R: OnceLock<Routing> = OnceLock::new();
-    R.get_or_init(|| {
+    // With the runtime its upstream clients were given, kept (never dropped, so never inside an
+    // async context), though it never runs: names are routed here, never fetched.
+    static R: OnceLock<(tokio::runtime::Runtime, Routing)> = OnceLock::new();
+    &R.get_or_init(|| {
         let text = "default_upstream = \"docker\"\n\
             [upstreams.docker]\nurl = \"https://registry-1.docker.io\"\n\
             [upstreams.ghcr]\nurl = \"https://ghcr.io\"\n\
@@ -189,8 +191,14 @@ pub fn routing() -> &'static Routing {
         let config = crate::config::Config::parse(text, "fuzzing", &Default::default())
             .unwrap_or_else(|e| panic!("fuzzing config: {e}"));
         let metrics = Arc::new(crate::telemetry::metrics::Metrics::new());
-        Routing::build(config, &metrics, None).unwrap_or_else(|e| panic!("fuzzing routing: {e}"))
+        let idle = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap_or_else(|e| panic!("fuzzing runtime: {e}"));
+        let routing = Routing::build(config, &metrics, idle.handle(), None)
+            .unwrap_or_else(|e| panic!("fuzzing routing: {e}"));
+        (idle, routing)
     })
+    .1
 }
 
 fn check_route(raw_name: &str, ns: Option<&str>) {

@@ -32,6 +32,9 @@ pub struct App {
     tls_reminded_at: std::sync::atomic::AtomicI64,
     /// Whether the certificate in force was logged as expired.
     tls_expired_logged: std::sync::atomic::AtomicBool,
+    /// The background runtime: fills, manifest flights, writes to the bucket and every request
+    /// to an upstream or the bucket run there (see [`App::open`]).
+    background: tokio::runtime::Handle,
 }
 
 /// Why [`App::open`] failed.
@@ -60,7 +63,13 @@ impl OpenError {
 
 impl App {
     /// Opens (and locks) the store and builds the upstream clients. Contacts no upstream.
-    pub fn open(config: Config) -> Result<Arc<App>, OpenError> {
+    ///
+    /// `background` is the runtime for the work that outlives a request or serves several
+    /// connection shards: blob fills, manifest flights, writes to the bucket, and every request
+    /// to an upstream or the bucket with its pooled connection. `serve` gives a small runtime of
+    /// its own, which it keeps running until the server has drained; a test that runs the server
+    /// in-process may give the runtime the server runs on.
+    pub fn open(config: Config, background: tokio::runtime::Handle) -> Result<Arc<App>, OpenError> {
         let store = Store::open(&config.data_dir).map_err(|source| OpenError::Store {
             data_dir: config.data_dir.clone(),
             source: Box::new(source),
@@ -68,9 +77,10 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         let cache = Cache::new(
             Arc::new(store),
-            Tiers::from_config(&config, &metrics)?,
+            Tiers::from_config(&config, &metrics, &background)?,
             config.max_manifest_size,
             Arc::clone(&metrics),
+            background.clone(),
         );
         match cache.load_outbox() {
             Ok(0) => {}
@@ -95,7 +105,7 @@ impl App {
             config.limits.fill_memory,
         );
         log_warnings(&config);
-        let routing = Routing::build(config, &metrics, None)?;
+        let routing = Routing::build(config, &metrics, &background, None)?;
         let auth = crate::http::auth::Verifier::new(metrics.auth_bcrypt_checks.clone());
         Ok(Arc::new(App {
             cache,
@@ -108,6 +118,7 @@ impl App {
             // The warnings of the config were just logged: the next reminder is a day away.
             tls_reminded_at: std::sync::atomic::AtomicI64::new(crate::http::tls::unix_now()),
             tls_expired_logged: std::sync::atomic::AtomicBool::new(false),
+            background,
         }))
     }
 
@@ -194,7 +205,7 @@ impl App {
             ..config
         };
         self.cache.set_max_manifest_size(config.max_manifest_size);
-        let routing = Routing::build(config, &self.metrics, Some(&current))?;
+        let routing = Routing::build(config, &self.metrics, &self.background, Some(&current))?;
         let names: Vec<String> = routing
             .upstreams()
             .iter()

@@ -231,7 +231,7 @@ impl Cache {
             Arc::clone(&self.pending),
             Arc::clone(&self.store),
         );
-        tokio::spawn(async move {
+        self.runtime.spawn(async move {
             // One of a few write slots first: a retry of thousands of writes neither opens
             // thousands of files nor floods the bucket.
             let _slot = match b.upload_slot().await {
@@ -412,6 +412,8 @@ mod tests {
         use std::time::Duration;
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Arc::new(Store::open(dir.path()).expect("store"));
+        // Where the cache would spawn its writes and the bucket its requests.
+        let background = tokio::runtime::Runtime::new().expect("runtime");
         let with_bucket = |store: &Arc<Store>| {
             let metrics = Arc::new(crate::telemetry::metrics::Metrics::new());
             let cfg = crate::config::S3Config {
@@ -426,12 +428,18 @@ mod tests {
                 redirect: false,
                 redirect_ttl: Duration::from_secs(60),
             };
-            let bucket = crate::bucket::Bucket::new(&cfg, Arc::clone(&metrics)).expect("bucket client");
+            let bucket = crate::bucket::Bucket::new(
+                &cfg,
+                Arc::clone(&metrics),
+                background.handle().clone(),
+            )
+            .expect("bucket client");
             Cache::new(
                 Arc::clone(store),
                 super::super::tier::Tiers::new(Some(bucket)),
                 1 << 20,
                 metrics,
+                background.handle().clone(),
             )
         };
         let d = Digest::sha256_of(b"a layer both repositories use");

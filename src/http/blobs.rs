@@ -61,7 +61,7 @@ impl RangeSpec {
     }
 }
 
-fn channel_body(rx: mpsc::Receiver<BodyChunk>) -> Body {
+pub(crate) fn channel_body(rx: mpsc::Receiver<BodyChunk>) -> Body {
     let s = stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|c| (c.map(Frame::data), rx))
     });

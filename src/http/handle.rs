@@ -43,6 +43,10 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Logged>, Infallible> {
     let path = req.uri().path();
+    let shard = req
+        .extensions()
+        .get::<crate::http::hooks::ShardHooks>()
+        .map(|h| h.shard);
     let mut access = Access::start(req.method(), path, route_label(path), &app.metrics);
     let span = access.span();
     let mut resp = answer(&app, peer, &req, &mut access.info, &mut access.user)
@@ -57,6 +61,10 @@ pub async fn handle(
     if let Some(ns) = &info.namespace {
         // Errors included: a 404 for a request routed by `ns` is that registry's answer.
         set_header(resp.headers_mut(), NAMESPACE_HEADER, ns);
+    }
+    if let Some(shard) = shard {
+        resp.headers_mut()
+            .insert(crate::http::hooks::SHARD_HEADER, HeaderValue::from(shard));
     }
     let m = &app.metrics;
     m.requests
