@@ -22,8 +22,6 @@ pub struct App {
     routing: RwLock<Arc<Routing>>,
     /// The listener's certificate, when serving HTTPS.
     pub tls: Option<Arc<crate::http::tls::CertReloader>>,
-    /// Checks client credentials against `[access] htpasswd`, remembering the answers.
-    pub auth: crate::http::auth::Verifier,
     /// Each shard's last sign of life (milliseconds since the epoch), for the systemd watchdog.
     shard_beats: Mutex<Vec<Arc<AtomicU64>>>,
     /// Set once shutdown has begun: draining shards stop beating, and that is expected.
@@ -106,13 +104,11 @@ impl App {
         );
         log_warnings(&config);
         let routing = Routing::build(config, &metrics, &background, None)?;
-        let auth = crate::http::auth::Verifier::new(metrics.auth_bcrypt_checks.clone());
         Ok(Arc::new(App {
             cache,
             metrics,
             routing: RwLock::new(Arc::new(routing)),
             tls,
-            auth,
             shard_beats: Mutex::new(Vec::new()),
             stopping: std::sync::atomic::AtomicBool::new(false),
             // The warnings of the config were just logged: the next reminder is a day away.

@@ -120,6 +120,9 @@ struct Shared {
     grace: Duration,
     /// Each shard's stall queue, with the test hooks on (`REGCACHE_TEST_HOOKS=1`).
     stalls: Option<crate::http::hooks::Stalls>,
+    /// Checks client credentials against `[access] htpasswd`, remembering the answers: one for
+    /// every shard, so a credential verified on one is known to all.
+    auth: Arc<crate::http::auth::Verifier>,
 }
 
 /// How many shards serve connections: one per CPU this process may use.
@@ -224,6 +227,9 @@ pub async fn run(
         refusing: Arc::new(tokio::sync::Semaphore::new(MAX_REFUSING)),
         over_capacity: over_capacity_response(),
         grace,
+        auth: Arc::new(crate::http::auth::Verifier::new(
+            app.metrics.auth_bcrypt_checks.clone(),
+        )),
         stalls,
     });
     let listener = listener.into_std()?;
@@ -489,6 +495,7 @@ fn serve_connection(
         Some(acceptor) => (Err((stream, acceptor)), None),
     };
     let hooks = hooks.clone();
+    let auth = Arc::clone(&shared.auth);
     let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         if let Some(lane) = &lane {
             req.extensions_mut().insert(lane.clone());
@@ -496,7 +503,7 @@ fn serve_connection(
         if let Some(hooks) = &hooks {
             req.extensions_mut().insert(hooks.clone());
         }
-        crate::http::handle(Arc::clone(&app2), peer, req)
+        crate::http::handle(Arc::clone(&app2), Arc::clone(&auth), peer, req)
     });
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
