@@ -159,3 +159,96 @@ impl Nginx {
         fs::read_to_string(self.home.path().join("error.log")).unwrap_or_default()
     }
 }
+
+/// A running nginx serving the files of one directory over plain HTTP/1.1, as static files: the
+/// reference server for `Range` requests (nginx's range filter, `max_ranges`, `multipart/byteranges`).
+pub struct FileServer {
+    child: Daemon,
+    home: TempDir,
+    port: u16,
+}
+
+impl FileServer {
+    /// Starts nginx serving `root` on `127.0.0.1:PORT`, every file as `application/octet-stream`
+    /// (regcache's blob type), with `directives` added to its `http` block (e.g. `max_ranges 64;`).
+    pub fn start(root: &std::path::Path, directives: &str) -> FileServer {
+        let nginx = require("nginx", "nginx");
+        let home = home_dir("regcache-nginx-files-");
+        let dir = home.path();
+        for tmp in ["body", "proxy", "fastcgi", "uwsgi", "scgi"] {
+            fs::create_dir_all(dir.join("tmp").join(tmp)).expect("create an nginx temp dir");
+        }
+        let port = free_port();
+        let (d, r) = (dir.display(), root.display());
+        let conf = format!(
+            "daemon off;\n\
+             master_process off;\n\
+             worker_processes 1;\n\
+             pid {d}/nginx.pid;\n\
+             error_log {d}/error.log info;\n\
+             events {{ worker_connections 256; }}\n\
+             http {{\n\
+               access_log {d}/access.log;\n\
+               client_body_temp_path {d}/tmp/body;\n\
+               proxy_temp_path {d}/tmp/proxy;\n\
+               fastcgi_temp_path {d}/tmp/fastcgi;\n\
+               uwsgi_temp_path {d}/tmp/uwsgi;\n\
+               scgi_temp_path {d}/tmp/scgi;\n\
+               types {{ }}\n\
+               default_type application/octet-stream;\n\
+               sendfile on;\n\
+               large_client_header_buffers 4 64k;\n\
+               {directives}\n\
+               server {{\n\
+                 listen 127.0.0.1:{port};\n\
+                 root {r};\n\
+               }}\n\
+             }}\n"
+        );
+        let conf_path = dir.join("nginx.conf");
+        fs::write(&conf_path, conf).expect("write nginx.conf");
+        let log = fs::File::create(dir.join("stderr.log")).expect("create nginx's stderr log");
+        let child = command(&nginx)
+            .arg("-p")
+            .arg(dir)
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .arg("-c")
+            .arg(&conf_path)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().expect("clone the log file"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn nginx");
+        let mut n = FileServer {
+            child: Daemon::default(),
+            home,
+            port,
+        };
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let up = || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok();
+        if let Err(why) = n.child.wait_ready(
+            child,
+            Duration::from_secs(20),
+            Duration::from_millis(50),
+            "its port accepts connections",
+            up,
+        ) {
+            panic!(
+                "nginx: {why}\n--- error.log ---\n{}\n--- stderr ---\n{}",
+                n.error_log(),
+                fs::read_to_string(n.home.path().join("stderr.log")).unwrap_or_default()
+            );
+        }
+        n
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn error_log(&self) -> String {
+        fs::read_to_string(self.home.path().join("error.log")).unwrap_or_default()
+    }
+}
