@@ -413,14 +413,13 @@ async fn multi_range_answers_are_nginxs_cold_during_a_fill_and_warm() {
     let mut sent_when_two_parts = None;
     while let Some(chunk) = stream.next().await {
         got.extend_from_slice(&chunk.expect("the first multi-range body"));
-        // The second part's bytes are all here once the close delimiter's first bytes follow them.
+        // Both parts are here once the second one's 1000 bytes follow its head.
         let at = got
             .windows(second_part.len())
             .position(|w| w == second_part.as_bytes());
-        if sent_when_two_parts.is_none()
-            && at.is_some_and(|at| got.len() >= at + second_part.len() + 1000)
-        {
+        if at.is_some_and(|at| got.len() >= at + second_part.len() + 1000) {
             sent_when_two_parts = Some(fake.blob_bytes_sent());
+            break;
         }
     }
     let sent_when_two_parts =
@@ -429,18 +428,6 @@ async fn multi_range_answers_are_nginxs_cold_during_a_fill_and_warm() {
         sent_when_two_parts < SIZE as u64,
         "both parts (bytes 0-99 and 5000-5999) reached the client only after the upstream had sent \
          {sent_when_two_parts} of {SIZE} bytes: parts must stream as the fill writes their bytes"
-    );
-    let want = {
-        let (st, h, b) = ask(&nginx_url, first, || ()).await;
-        answer(st, &h, &b, &blob)
-    };
-    let mut headers = HeaderMap::new();
-    headers.insert("content-type", content_type.parse().expect("header value"));
-    assert_same(
-        "first request, starting the fill",
-        first,
-        &want,
-        &answer(StatusCode::PARTIAL_CONTENT, &headers, &got, &blob),
     );
 
     // Every other shape joins the fill while it runs: all their answers' heads arrive before the
@@ -467,6 +454,29 @@ async fn multi_range_answers_are_nginxs_cold_during_a_fill_and_warm() {
         let _ = h.await;
     }
     let sent_at_heads = fake.blob_bytes_sent();
+
+    // The first body ends (its close delimiter) only once the fill has verified the blob.
+    while let Some(chunk) = stream.next().await {
+        got.extend_from_slice(&chunk.expect("the first multi-range body"));
+    }
+    let sent_at_end = fake.blob_bytes_sent();
+    let want = {
+        let (st, h, b) = ask(&nginx_url, first, || ()).await;
+        answer(st, &h, &b, &blob)
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert("content-type", content_type.parse().expect("header value"));
+    assert_same(
+        "first request, starting the fill",
+        first,
+        &want,
+        &answer(StatusCode::PARTIAL_CONTENT, &headers, &got, &blob),
+    );
+    assert_eq!(
+        sent_at_end, SIZE as u64,
+        "the first body was complete before the upstream had sent the whole blob"
+    );
+
     let mut during = Vec::new();
     for j in joined {
         during.push(j.await.expect("a request during the fill"));
@@ -494,6 +504,7 @@ async fn multi_range_answers_are_nginxs_cold_during_a_fill_and_warm() {
     // Warm: the stored file, on plain connections (parts of a stored file go out with sendfile).
     fake.set_slow_blobs(0, Duration::ZERO);
     wait_stored(&rc, &digest);
+    let mut sendfile_checked = 0;
     for s in &shapes {
         let before = sendfile_bytes(&rc);
         let (nst, nh, nb) = ask(&nginx_url, s, || ()).await;
@@ -510,9 +521,11 @@ async fn multi_range_answers_are_nginxs_cold_during_a_fill_and_warm() {
                     "warm, {}: {by_sendfile} of the parts' {part_bytes} bytes went by sendfile",
                     s.name
                 );
+                sendfile_checked += 1;
             }
         }
     }
+    assert!(sendfile_checked > 0, "no warm shape has a MiB of parts");
     assert_eq!(
         fake.blob_gets(&digest),
         1,
