@@ -1,6 +1,7 @@
 //! `GET`/`HEAD /v2/<name>/blobs/<digest>`: a redirect to the shared bucket when it has the blob,
 //! else the blob from the cache (a stored file, zero-copy on plain connections, or a fill in
-//! progress), with single `Range` requests.
+//! progress), with `Range` requests: one range, or several as `multipart/byteranges` (RFC 9110
+//! §14), answered as nginx answers them for a static file.
 
 use std::sync::Arc;
 

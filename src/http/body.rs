@@ -1,6 +1,7 @@
-//! Blob response bodies: a committed file (by `sendfile` placeholders on a plain connection, by
-//! reads into pooled buffers elsewhere) and a fill in progress (through the cache's
-//! [`FillReader`], holding back the last byte until the fill has verified the blob).
+//! Blob response bodies, of one range or of the parts of a `multipart/byteranges` answer: a
+//! committed file (by `sendfile` placeholders on a plain connection, by reads into pooled buffers
+//! elsewhere) and a fill in progress (through the cache's [`FillReader`], holding back the last
+//! byte until the fill has verified the blob).
 //!
 //! A chunk whose bytes are in the page cache is read on the runtime thread (`preadv2` with
 //! `RWF_NOWAIT`) into a reused buffer; only a read that would wait for the disk goes to the
@@ -480,6 +481,89 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[tokio::test]
+    async fn file_parts_are_their_heads_and_ranges_with_and_without_a_lane() {
+        use futures_util::StreamExt as _;
+        let data: Vec<u8> = (0..3_000_000u32)
+            .map(|i| (i * 13 + i / 509) as u8)
+            .collect();
+        // Out of order, overlapping, one across a 2 MiB sendfile chunk, one at the end.
+        let ranges = [(2_500_000u64, 2_999_999u64), (0, 9), (5, 2_200_000), (7, 7)];
+        let parts = || -> Vec<Part> {
+            ranges
+                .iter()
+                .enumerate()
+                .map(|(i, &(start, end))| Part {
+                    head: Bytes::from(format!("<part {i}>")),
+                    start,
+                    end,
+                })
+                .collect()
+        };
+        let mut want = Vec::new();
+        for (i, &(a, z)) in ranges.iter().enumerate() {
+            want.extend_from_slice(format!("<part {i}>").as_bytes());
+            want.extend_from_slice(&data[a as usize..=z as usize]);
+        }
+        want.extend_from_slice(b"<end>");
+        let source = || Source {
+            file: file_with(&data),
+            hold: None,
+        };
+
+        // No lane (TLS): the bytes themselves.
+        let mut got = Vec::new();
+        let mut s = Box::pin(stream_file_parts(
+            source(),
+            None,
+            parts(),
+            Bytes::from_static(b"<end>"),
+        ));
+        while let Some(c) = s.next().await {
+            let c = c.expect("chunk");
+            assert!(!is_placeholder(&c), "no placeholder without a lane");
+            got.extend_from_slice(&c);
+        }
+        assert!(
+            got == want,
+            "without a lane: {} bytes, not the parts",
+            got.len()
+        );
+
+        // A lane: placeholders for the ranges, written by LaneIo between the plain heads.
+        let (mut io, lane, mut client): (LaneIo, _, _) = pair().await;
+        let chunks: Vec<Bytes> = stream_file_parts(
+            source(),
+            Some(Arc::clone(&lane)),
+            parts(),
+            Bytes::from_static(b"<end>"),
+        )
+        .map(|c| c.expect("chunk"))
+        .collect()
+        .await;
+        assert!(
+            chunks.iter().filter(|c| is_placeholder(c)).count() >= ranges.len(),
+            "a cached file gives placeholders"
+        );
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.expect("read");
+            got
+        });
+        for c in &chunks {
+            io.write_all(c).await.expect("write");
+        }
+        io.shutdown().await.expect("shutdown");
+        drop(io);
+        let got = reader.await.expect("reader");
+        assert!(
+            got == want,
+            "with a lane: {} bytes, not the parts",
+            got.len()
+        );
+        assert!(lane.is_idle(), "every range sent");
     }
 
     #[tokio::test]
