@@ -406,7 +406,7 @@ fn read_one(stream: &mut std::net::TcpStream, head: bool, what: &str) -> RawResp
     r
 }
 
-fn sendfile_bytes(rc: &Regcache) -> f64 {
+pub(crate) fn sendfile_bytes(rc: &Regcache) -> f64 {
     let m = http_get(rc.addr(), "/metrics", &[]).expect("GET /metrics");
     metric(
         &String::from_utf8_lossy(&m.body),

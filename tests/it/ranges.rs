@@ -24,12 +24,11 @@ use futures_util::StreamExt as _;
 use reqwest::header::HeaderMap;
 use reqwest::StatusCode;
 
+use crate::pull::sendfile_bytes;
 use crate::support::fake::{sha256_digest, FakeUpstream};
 use crate::support::images::pseudo_random;
 use crate::support::nginx::FileServer;
-use crate::support::process::metric;
 use crate::support::regcache::{client, stored, Regcache};
-use crate::support::registry::http_get;
 
 /// The blobs' size: more than one sendfile chunk (2 MiB), not a round number.
 const SIZE: usize = (3 << 20) + 12_345;
@@ -330,15 +329,6 @@ fn paths(digest: &str) -> (String, String) {
         format!("/{}", &digest[7..]),
         format!("/v2/ranges/blob/blobs/{digest}"),
     )
-}
-
-fn sendfile_bytes(rc: &Regcache) -> f64 {
-    let m = http_get(rc.addr(), "/metrics", &[]).expect("GET /metrics");
-    metric(
-        &String::from_utf8_lossy(&m.body),
-        "regcache_sendfile_bytes_total",
-    )
-    .expect("regcache_sendfile_bytes_total in /metrics")
 }
 
 fn wait_stored(rc: &Regcache, digest: &str) {
