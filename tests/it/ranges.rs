@@ -10,12 +10,14 @@
 //! from nginx on purpose (a malformed `Range`, which nginx answers `416` and regcache ignores, as
 //! RFC 9110 allows both) no shape here asks for it; docs/API.md lists those differences.
 //!
-//! A zstd:chunked partial pull with podman is not shown here: Debian 12's podman 4.3.1
-//! (containers/storage 1.43) pulls zstd:chunked layers partially only into its `overlay` driver with
-//! `enable_partial_images`, and the tests' podman runs with `vfs` (no overlay mounts in this
-//! sandbox); nor can skopeo 1.9 here write zstd:chunked layers. The shapes below include the one
-//! such a pull sends: many disjoint ranges in ascending order, up to 1024 of them (containers/storage's
-//! `maxNumberMissingChunks`).
+//! A zstd:chunked partial pull with podman, cold and warm, is shown too: skopeo 1.9 pushes an
+//! image with `--dest-compress-format zstd:chunked` to docker-registry, and Debian 12's podman
+//! 4.3.1 (containers/image 5.23) pulls it through regcache with the `overlay` storage driver and
+//! `pull_options = {enable_partial_images = "true"}` (containers/storage pulls partially into
+//! `overlay` only; each podman command runs in a private mount namespace). It asks for each layer's
+//! table of contents (one range), then for the chunks it lacks (many ranges in one request), and
+//! says `Retrieved partial blob` for each layer. That test needs docker-registry, skopeo, podman,
+//! runc and root, besides nginx for the oracle.
 
 use std::path::Path;
 use std::time::Duration;
@@ -25,10 +27,13 @@ use reqwest::header::HeaderMap;
 use reqwest::StatusCode;
 
 use crate::pull::sendfile_bytes;
+use crate::support::clients::{registries_conf, Podman};
 use crate::support::fake::{sha256_digest, FakeUpstream};
 use crate::support::images::pseudo_random;
 use crate::support::nginx::FileServer;
+use crate::support::process::metric;
 use crate::support::regcache::{client, stored, Regcache};
+use crate::support::registry::{fixtures_dir, http_get, inspect_raw, skopeo, Registry};
 
 /// The blobs' size: more than one sendfile chunk (2 MiB), not a round number.
 const SIZE: usize = (3 << 20) + 12_345;
@@ -521,4 +526,90 @@ async fn multi_range_answers_are_nginxs_cold_during_a_fill_and_warm() {
         1,
         "warm answers come from the store, not the upstream"
     );
+}
+
+/// `regcache_requests_total` of blob requests answered with `status`.
+fn blob_answers(rc: &Regcache, status: u16) -> f64 {
+    let m = http_get(rc.addr(), "/metrics", &[]).expect("GET /metrics");
+    metric(
+        &String::from_utf8_lossy(&m.body),
+        &format!("regcache_requests_total{{route=\"blob\",status=\"{status}\"}}"),
+    )
+    .unwrap_or(0.0)
+}
+
+#[test]
+fn podman_pulls_a_zstd_chunked_image_partially_through_regcache_cold_and_warm() {
+    let upstream = Registry::start_empty();
+    let layout = fixtures_dir().join("small");
+    skopeo(&[
+        "copy",
+        "--dest-tls-verify=false",
+        "--dest-compress-format",
+        "zstd:chunked",
+        &format!("oci:{}:latest", layout.display()),
+        &format!("docker://{}/chunked/image:latest", upstream.host_port()),
+    ]);
+    let raw = inspect_raw(&upstream.host_port(), "chunked/image:latest");
+    let manifest: serde_json::Value = serde_json::from_slice(&raw).expect("manifest JSON");
+    let layers: Vec<String> = manifest["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| {
+            assert!(
+                l["annotations"]["io.containers.zstd-chunked.manifest-position"].is_string(),
+                "premise: skopeo wrote a zstd:chunked layer: {l}"
+            );
+            l["digest"].as_str().expect("layer digest").to_owned()
+        })
+        .collect();
+    let busybox = sha256_digest(&std::fs::read("/bin/busybox").expect("read /bin/busybox"));
+    let rc = Regcache::with_upstream(&upstream.url());
+    let location = rc.host_port();
+
+    for what in ["cold", "warm"] {
+        let (ok_before, partial_before) = (blob_answers(&rc, 200), blob_answers(&rc, 206));
+        let podman = Podman::with_partial_pulls(&registries_conf(&location));
+        let log = podman.pull_via(&location, &["docker.io/chunked/image:latest"]);
+        for l in &layers {
+            assert!(
+                log.contains(&format!("Retrieved partial blob {l}")),
+                "{what}: podman did not pull layer {l} partially:\n{log}"
+            );
+        }
+        // The config is one plain GET; every request for a layer (its table of contents, then
+        // its chunks, many ranges at once) is answered 206. The unchanged regcache answered the
+        // multi-range requests 200 with the whole layer, which podman then split itself.
+        let ok = blob_answers(&rc, 200) - ok_before;
+        let partial = blob_answers(&rc, 206) - partial_before;
+        assert!(
+            ok == 1.0 && partial >= 2.0 * layers.len() as f64,
+            "{what}: regcache answered {ok} blob requests with 200 and {partial} with 206, for \
+             the config and {} zstd:chunked layers pulled partially",
+            layers.len()
+        );
+        // The files put together from the chunks are the image's.
+        let out = podman.podman_ok(&[
+            "run",
+            "--rm",
+            "--runtime",
+            "runc",
+            "--network",
+            "none",
+            "--ulimit",
+            "nofile=1024:1024",
+            "--ulimit",
+            "nproc=1024:1024",
+            "docker.io/chunked/image:latest",
+            "/bin/busybox",
+            "sha256sum",
+            "/bin/busybox",
+        ]);
+        let sum = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            sum.starts_with(&busybox[7..]),
+            "{what}: /bin/busybox in the container hashes to {sum:?}, the image's is {busybox}"
+        );
+    }
 }
