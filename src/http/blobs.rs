@@ -172,12 +172,12 @@ pub async fn blob(
                 .map_err(|e| ApiError::from_cache(e, Object::Blob))?,
         );
     }
-    let plan = match (&ranges, size) {
+    let asked = match (&ranges, size) {
         (Some(ranges), Some(total)) => plan(ranges, total),
         _ => Plan::Whole,
     };
     let mut resp = blob_response(digest);
-    let (start, end) = match (plan, size) {
+    let (start, end) = match (asked, size) {
         (Plan::Parts(parts), Some(total)) => match parts[..] {
             [(a, z)] => {
                 *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
