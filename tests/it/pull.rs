@@ -380,7 +380,7 @@ async fn https_upstreams_are_spoken_to_in_http2_by_alpn_and_plain_ones_in_http11
     }
 }
 
-fn sendfile_bytes(rc: &Regcache) -> f64 {
+pub(crate) fn sendfile_bytes(rc: &Regcache) -> f64 {
     let m = http_get(rc.addr(), "/metrics", &[]).expect("GET /metrics");
     metric(
         &String::from_utf8_lossy(&m.body),
