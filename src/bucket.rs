@@ -13,18 +13,23 @@
 //! `upstream-id` is the upstream URL's `host[:port][/path]`, so that servers naming the same
 //! upstream differently still share its tags. Every call is bounded by `timeout`; after a failure
 //! the bucket is skipped for [`DOWN_FOR`] and the servers carry on with their local tier and the
-//! upstream.
+//! upstream. Requests are sent on the runtime given to [`Bucket::new`] (the server's background
+//! runtime), so that the pooled connections live there and not on a shard ([`OnRuntime`]).
 
 use std::fs::File;
 use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
 use futures_util::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::client::{
+    HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest, HttpResponse, HttpService,
+    ReqwestConnector,
+};
 use object_store::path::Path;
 use object_store::signer::Signer;
 use object_store::{
@@ -33,9 +38,8 @@ use object_store::{
 };
 
 use crate::config::S3Config;
-use crate::metrics::Metrics;
-use crate::reference::{Digest, RepoName, Tag};
-use crate::store::now_millis;
+use crate::oci::reference::{Digest, RepoName, Tag};
+use crate::telemetry::metrics::Metrics;
 
 /// How long the bucket is left alone after a request to it failed.
 pub const DOWN_FOR: Duration = Duration::from_secs(10);
@@ -55,8 +59,24 @@ pub enum BucketError {
     Timeout(Duration),
     #[error("bucket: {0}")]
     Store(#[from] object_store::Error),
-    #[error("bucket: {0}")]
-    Other(String),
+    /// A key object_store refuses (the configured prefix and one of the layout's keys).
+    #[error("bucket: key {key:?}: {source}")]
+    Key {
+        key: String,
+        #[source]
+        source: object_store::path::Error,
+    },
+    /// An object larger than such an object may be: refused before its body was read.
+    #[error("bucket: {key}: larger than the {max} bytes such an object may have")]
+    Oversized { key: String, max: u64 },
+    /// A failure on this server, not in the bucket: reading the blob to upload, encoding a tag
+    /// record, …
+    #[error("bucket: {what}: {source}")]
+    Local {
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// A tag record as the bucket holds it.
@@ -77,7 +97,10 @@ pub struct Bucket {
     prefix: String,
     timeout: Duration,
     redirect: Option<Duration>,
-    /// `now_millis()` until which the bucket is skipped (0: in use).
+    /// The origin of `down_until`: a monotonic clock, so that a step of the wall clock neither
+    /// ends nor extends a skip.
+    epoch: Instant,
+    /// Milliseconds since `epoch` until which the bucket is skipped (0: in use).
     down_until: AtomicU64,
     uploads: Arc<tokio::sync::Semaphore>,
     metrics: Arc<Metrics>,
@@ -114,9 +137,58 @@ pub fn upstream_id(url: &reqwest::Url) -> String {
     id
 }
 
+/// The bucket's HTTP client: object_store's own reqwest client, each request sent as a task of
+/// `runtime`. hyper drives a connection with a task spawned where the connection was made, and the
+/// pool hands it to any later request: made here, connections live on the background runtime, not
+/// on the shard of the request that opened them. (object_store's `SpawnedReqwestConnector` does
+/// the same but copies each body through an unbounded channel, as fast as the bucket sends it: a
+/// fill waiting for its slowest reader would then hold a whole blob in memory. Here the body is
+/// read through the connection task's own bounded channel.)
+#[derive(Debug)]
+struct OnRuntime {
+    runtime: tokio::runtime::Handle,
+}
+
+impl HttpConnector for OnRuntime {
+    fn connect(&self, options: &ClientOptions) -> object_store::Result<HttpClient> {
+        Ok(HttpClient::new(Spawned {
+            client: ReqwestConnector::default().connect(options)?,
+            runtime: self.runtime.clone(),
+        }))
+    }
+}
+
+#[derive(Debug)]
+struct Spawned {
+    client: HttpClient,
+    runtime: tokio::runtime::Handle,
+}
+
+#[async_trait::async_trait]
+impl HttpService for Spawned {
+    /// Sends `req` as a task of the runtime, aborted when the caller gives up (drops this
+    /// future), as the request would be.
+    async fn call(&self, req: HttpRequest) -> Result<HttpResponse, HttpError> {
+        let client = self.client.clone();
+        let task = tokio_util::task::AbortOnDropHandle::new(
+            self.runtime.spawn(async move { client.execute(req).await }),
+        );
+        match task.await {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // The runtime is shutting down.
+            Err(e) => Err(HttpError::new(HttpErrorKind::Interrupted, e)),
+        }
+    }
+}
+
 impl Bucket {
-    /// Builds the client; contacts nothing.
-    pub fn new(cfg: &S3Config, metrics: Arc<Metrics>) -> anyhow::Result<Bucket> {
+    /// Builds the client, sending its requests on `runtime`; contacts nothing.
+    pub fn new(
+        cfg: &S3Config,
+        metrics: Arc<Metrics>,
+        runtime: tokio::runtime::Handle,
+    ) -> anyhow::Result<Bucket> {
         let mut options = ClientOptions::new()
             .with_connect_timeout(cfg.timeout)
             // Whole-request deadlines would cut long blob downloads: each call is bounded by
@@ -131,6 +203,7 @@ impl Bucket {
             .with_region(&cfg.region)
             .with_virtual_hosted_style_request(cfg.virtual_hosted_style)
             .with_client_options(options)
+            .with_http_connector(OnRuntime { runtime })
             .with_retry(RetryConfig {
                 backoff: BackoffConfig {
                     init_backoff: Duration::from_millis(50),
@@ -157,6 +230,7 @@ impl Bucket {
             prefix: cfg.prefix.clone(),
             timeout: cfg.timeout,
             redirect: cfg.redirect.then_some(cfg.redirect_ttl),
+            epoch: Instant::now(),
             down_until: AtomicU64::new(0),
             uploads: Arc::new(tokio::sync::Semaphore::new(UPLOADS)),
             metrics,
@@ -168,9 +242,14 @@ impl Bucket {
         self.redirect.is_some()
     }
 
+    /// Milliseconds since the bucket was built, on the monotonic clock.
+    fn clock_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
     /// Whether the bucket is in use (not skipped after a failure).
     pub fn is_up(&self) -> bool {
-        self.down_until.load(Ordering::Relaxed) <= now_millis()
+        self.down_until.load(Ordering::Relaxed) <= self.clock_ms()
     }
 
     fn path(&self, key: &str) -> Result<Path, BucketError> {
@@ -179,7 +258,7 @@ impl Bucket {
         } else {
             format!("{}/{key}", self.prefix)
         };
-        Path::parse(&full).map_err(|e| BucketError::Other(format!("key {full:?}: {e}")))
+        Path::parse(&full).map_err(|source| BucketError::Key { key: full, source })
     }
 
     fn blob_key(d: &Digest) -> String {
@@ -230,7 +309,7 @@ impl Bucket {
         F: std::future::Future<Output = object_store::Result<T>>,
     {
         let until = self.down_until.load(Ordering::Relaxed);
-        let now = now_millis();
+        let now = self.clock_ms();
         if until > now {
             return Err(BucketError::Skipped(
                 (DOWN_FOR.as_millis() as u64).saturating_sub(until - now) / 1000,
@@ -257,11 +336,11 @@ impl Bucket {
 
     /// Records a failed bucket request: the bucket is skipped for [`DOWN_FOR`].
     pub fn failed(&self, op: &'static str, e: &dyn std::fmt::Display) {
-        let was = self.down_until.swap(
-            now_millis() + DOWN_FOR.as_millis() as u64,
-            Ordering::Relaxed,
-        );
-        if was <= now_millis() {
+        let now = self.clock_ms();
+        let was = self
+            .down_until
+            .swap(now + DOWN_FOR.as_millis() as u64, Ordering::Relaxed);
+        if was <= now {
             tracing::warn!(op, error = %e, skip_for = ?DOWN_FOR, "bucket request failed: using the local tier and the upstream only");
         }
         self.metrics.bucket_up.set(0);
@@ -306,9 +385,10 @@ impl Bucket {
             }
             Ok(None) => {
                 self.corrupt();
-                Err(BucketError::Other(format!(
-                    "{key}: larger than the {max} bytes such an object may have"
-                )))
+                Err(BucketError::Oversized {
+                    key: key.to_owned(),
+                    max,
+                })
             }
             Err(BucketError::Store(object_store::Error::NotFound { .. })) => Ok(None),
             Err(e) => Err(e),
@@ -399,9 +479,7 @@ impl Bucket {
                 s3.signed_url(http::Method::GET, &path, ttl).await
             })
             .await?;
-        reqwest::Url::parse(url.as_str())
-            .map(Some)
-            .map_err(|e| BucketError::Other(format!("presigned URL: {e}")))
+        Ok(Some(url))
     }
 
     /// Time allowed to write `bytes`: `timeout`, plus a second per MiB (the upload must keep
@@ -415,7 +493,10 @@ impl Bucket {
         Arc::clone(&self.uploads)
             .acquire_owned()
             .await
-            .map_err(|e| BucketError::Other(e.to_string()))
+            .map_err(|e| BucketError::Local {
+                what: "upload slots",
+                source: Box::new(e),
+            })
     }
 
     /// Uploads a verified blob from `file` (`size` bytes) unless the bucket already holds it
@@ -619,7 +700,7 @@ impl Bucket {
         match serde_json::from_slice::<SharedTag>(&bytes) {
             Ok(mut t) if t.digest.parse::<Digest>().is_ok() => {
                 // A server whose clock runs ahead must not make a tag fresh for longer.
-                t.checked_at_ms = t.checked_at_ms.min(now_millis());
+                t.checked_at_ms = t.checked_at_ms.min(wall_clock_ms());
                 Ok(Some(t))
             }
             _ => {
@@ -652,7 +733,10 @@ impl Bucket {
             digest: d.to_string(),
             checked_at_ms,
         };
-        let body = serde_json::to_vec(&rec).map_err(|e| BucketError::Other(e.to_string()))?;
+        let body = serde_json::to_vec(&rec).map_err(|e| BucketError::Local {
+            what: "tag record",
+            source: Box::new(e),
+        })?;
         self.put_small(
             "put",
             &Self::tag_key(upstream, repo, tag),
@@ -663,18 +747,32 @@ impl Bucket {
     }
 }
 
+/// Milliseconds since the Unix epoch: the clock of tag records (`checked_at_ms`), shared by the
+/// servers of a bucket. The store's `now_millis` reads the same clock; it is not used here
+/// because a tier uses no other tier.
+fn wall_clock_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Reads the next `n` bytes of `file` on the blocking pool.
 async fn read_part(file: &Arc<std::sync::Mutex<File>>, n: usize) -> Result<Bytes, BucketError> {
     let file = Arc::clone(file);
     tokio::task::spawn_blocking(move || {
         let mut buf = vec![0u8; n];
         let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
-        f.read_exact(&mut buf)
-            .map_err(|e| BucketError::Other(format!("reading the blob to upload: {e}")))?;
+        f.read_exact(&mut buf).map_err(|e| BucketError::Local {
+            what: "reading the blob to upload",
+            source: Box::new(e),
+        })?;
         Ok(Bytes::from(buf))
     })
     .await
-    .map_err(|e| BucketError::Other(format!("read task: {e}")))?
+    .map_err(|e| BucketError::Local {
+        what: "read task",
+        source: Box::new(e),
+    })?
 }
 
 #[cfg(test)]

@@ -7,18 +7,27 @@
 //! or a byte outside the grammar; a resolved range stays inside the blob; a routed request names
 //! a configured upstream and a valid repository; and so on. Compiled only for tests and with the
 //! `fuzzing` feature.
+// The invariant checks panic on purpose: a panic is how a fuzzer or a property test sees a
+// broken invariant.
+#![allow(clippy::panic, clippy::expect_used, clippy::unwrap_used)]
 
 use std::sync::{Arc, OnceLock};
 
 use http::HeaderValue;
 
-use crate::access::{Cidr, Htpasswd, RepoPattern};
-use crate::api::{self, Endpoint};
-use crate::dockerfile;
-use crate::media::{self, Accept, Kind};
-use crate::prefetch::Platform;
-use crate::reference::{Digest, ImageRef, Reference, RepoName, Tag, MAX_NAME_LEN, MAX_TAG_LEN};
-use crate::server::Routing;
+use crate::app::Routing;
+use crate::cmd::prefetch::dockerfile;
+use crate::cmd::prefetch::Platform;
+use crate::http::access::{Cidr, Htpasswd, RepoPattern};
+use crate::http::blobs::{parse_ranges, plan, Plan, MAX_RANGES};
+use crate::http::paging::{page, parse_n};
+use crate::http::router::{
+    looks_like_host, parse_path, parse_query, percent_decode, url_encode, Endpoint, Router as _,
+};
+use crate::oci::media::{self, Accept, Kind};
+use crate::oci::reference::{
+    Digest, ImageRef, Reference, RepoName, Tag, MAX_NAME_LEN, MAX_TAG_LEN,
+};
 
 fn text(data: &[u8]) -> Option<&str> {
     std::str::from_utf8(data).ok()
@@ -113,7 +122,8 @@ pub fn reference(data: &[u8]) {
     }
 }
 
-/// `Range` headers: a resolved range lies inside the blob, whatever the size.
+/// `Range` headers: a resolved range lies inside the blob, whatever the size; a plan of parts has
+/// at most [`MAX_RANGES`] of them and no more bytes than the blob.
 pub fn range(data: &[u8]) {
     let (size_bytes, header) = data.split_at(data.len().min(8));
     let mut b = [0u8; 8];
@@ -121,12 +131,23 @@ pub fn range(data: &[u8]) {
     let Ok(h) = HeaderValue::from_bytes(header) else {
         return;
     };
-    let Some(r) = api::parse_range(Some(&h)) else {
+    let Some(ranges) = parse_ranges(Some(&h)) else {
         return;
     };
+    assert!(!ranges.is_empty(), "{h:?}: no range");
     for size in [0, 1, 2, 10, 1 << 20, u64::MAX, u64::from_le_bytes(b)] {
-        if let Some((a, z)) = r.resolve(size) {
-            assert!(a <= z && z < size, "{h:?} on {size}: {a}-{z}");
+        for r in &ranges {
+            if let Some((a, z)) = r.resolve(size) {
+                assert!(a <= z && z < size, "{h:?} on {size}: {a}-{z}");
+            }
+        }
+        if let Plan::Parts(parts) = plan(&ranges, size) {
+            let bytes: u128 = parts.iter().map(|(a, z)| u128::from(z - a) + 1).sum();
+            assert!(
+                !parts.is_empty() && parts.len() <= MAX_RANGES && bytes <= u128::from(size),
+                "{h:?} on {size}: {} parts, {bytes} bytes",
+                parts.len()
+            );
         }
     }
 }
@@ -134,12 +155,12 @@ pub fn range(data: &[u8]) {
 /// Query strings, `n` and `last`: a page is at most `n` long, sorted, after `last`.
 pub fn n_last(data: &[u8]) {
     let Some(s) = text(data) else { return };
-    let q = api::parse_query(Some(s));
+    let q = parse_query(Some(s));
     let max = 1 + (data.len() % 50);
-    let n = match api::parse_n(q.n.as_deref(), max) {
+    let n = match parse_n(q.n.as_deref(), max) {
         Ok(n) => n,
         Err(e) => {
-            assert_eq!(e.status.as_u16(), 400);
+            assert_eq!(e.status().as_u16(), 400);
             return;
         }
     };
@@ -149,7 +170,7 @@ pub fn n_last(data: &[u8]) {
     let mut items: Vec<String> = s.split(['&', '=', '/']).map(str::to_owned).collect();
     items.sort();
     items.dedup();
-    let (p, more) = api::page(items.clone(), n, q.last.as_deref());
+    let (p, more) = page(items.clone(), n, q.last.as_deref());
     if let Some(n) = n {
         assert!(p.len() <= n);
         if more {
@@ -162,7 +183,7 @@ pub fn n_last(data: &[u8]) {
     assert!(p.windows(2).all(|w| w[0] < w[1]), "page is sorted");
     assert!(p.iter().all(|t| items.contains(t)));
     if let Some(ns) = &q.ns {
-        let again = api::percent_decode(&crate::admin::urlencode(ns));
+        let again = percent_decode(&url_encode(ns));
         assert_eq!(again.as_deref(), Some(ns.as_str()));
     }
 }
@@ -170,8 +191,10 @@ pub fn n_last(data: &[u8]) {
 /// A routing table with three upstreams (Docker Hub names, ghcr.io, and a local registry with
 /// repository patterns), built once.
 pub fn routing() -> &'static Routing {
-    static R: OnceLock<Routing> = OnceLock::new();
-    R.get_or_init(|| {
+    // With the runtime its upstream clients were given, kept (never dropped, so never inside an
+    // async context), though it never runs: names are routed here, never fetched.
+    static R: OnceLock<(tokio::runtime::Runtime, Routing)> = OnceLock::new();
+    &R.get_or_init(|| {
         let text = "default_upstream = \"docker\"\n\
             [upstreams.docker]\nurl = \"https://registry-1.docker.io\"\n\
             [upstreams.ghcr]\nurl = \"https://ghcr.io\"\n\
@@ -179,9 +202,15 @@ pub fn routing() -> &'static Routing {
             allow_repos = [\"team/*\", \"org/**\"]\ndeny_repos = [\"org/secret/**\"]\n";
         let config = crate::config::Config::parse(text, "fuzzing", &Default::default())
             .unwrap_or_else(|e| panic!("fuzzing config: {e}"));
-        let metrics = Arc::new(crate::metrics::Metrics::new());
-        Routing::build(config, &metrics, None).unwrap_or_else(|e| panic!("fuzzing routing: {e}"))
+        let metrics = Arc::new(crate::telemetry::metrics::Metrics::new());
+        let idle = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap_or_else(|e| panic!("fuzzing runtime: {e}"));
+        let routing = Routing::build(config, &metrics, idle.handle(), None)
+            .unwrap_or_else(|e| panic!("fuzzing routing: {e}"));
+        (idle, routing)
     })
+    .1
 }
 
 fn check_route(raw_name: &str, ns: Option<&str>) {
@@ -195,8 +224,12 @@ fn check_route(raw_name: &str, ns: Option<&str>) {
                 .any(|u| Arc::ptr_eq(u, &route.upstream)));
             let c = &route.upstream.config;
             assert!(
-                crate::access::repo_allowed(&c.allow_repos, &c.deny_repos, route.repo.as_str())
-                    .is_ok(),
+                crate::http::access::repo_allowed(
+                    &c.allow_repos,
+                    &c.deny_repos,
+                    route.repo.as_str()
+                )
+                .is_ok(),
                 "{raw_name:?} routed to a repository its upstream refuses"
             );
             if route.upstream.name() == "local" {
@@ -209,9 +242,9 @@ fn check_route(raw_name: &str, ns: Option<&str>) {
             }
         }
         Err(e) => assert!(
-            matches!(e.status.as_u16(), 400 | 403 | 404),
+            matches!(e.status().as_u16(), 400 | 403 | 404),
             "{raw_name:?} ns {ns:?}: {}",
-            e.status
+            e.status()
         ),
     }
 }
@@ -221,7 +254,7 @@ fn check_route(raw_name: &str, ns: Option<&str>) {
 pub fn ns(data: &[u8]) {
     let Some(s) = text(data) else { return };
     let (ns, name) = s.split_once('\n').unwrap_or(("", s));
-    let ns = api::percent_decode(ns);
+    let ns = percent_decode(ns);
     check_route(name, ns.as_deref().filter(|n| !n.is_empty()));
 }
 
@@ -229,7 +262,7 @@ pub fn ns(data: &[u8]) {
 /// that reaches the cache has passed its grammar.
 pub fn path(data: &[u8]) {
     let Some(p) = text(data) else { return };
-    let endpoint = api::parse_path(p);
+    let endpoint = parse_path(p);
     let _ = endpoint.label();
     match endpoint {
         Endpoint::Manifest(n, r) => {
@@ -256,7 +289,7 @@ pub fn path(data: &[u8]) {
         Endpoint::Upload => assert!(p.contains("/blobs/uploads")),
         Endpoint::Unknown => {}
     }
-    let _ = api::looks_like_host(p.trim_start_matches('/'));
+    let _ = looks_like_host(p.trim_start_matches('/'));
 }
 
 /// A slow but obviously correct glob matcher, to check the real one against.
@@ -294,7 +327,7 @@ pub fn glob(data: &[u8]) {
 
 /// The JSON nesting scanner agrees with serde_json on every document serde_json accepts.
 pub fn json(data: &[u8]) {
-    let depth = crate::upstream::json_depth(data);
+    let depth = crate::oci::manifest::json_depth(data);
     if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) {
         let mut deepest = 0;
         let mut stack = vec![(&v, 0usize)];
@@ -374,14 +407,14 @@ pub fn dockerfile(data: &[u8]) {
     }
     for line in text.lines().take(64) {
         for escape in ['\\', '`'] {
-            let _ = dockerfile::expand(line, &vars, escape);
+            let _ = crate::cmd::prefetch::shell::expand(line, &vars, escape);
         }
     }
 }
 
 /// Client credentials and address lists: htpasswd files, `Authorization` headers, CIDRs.
 pub fn access(data: &[u8]) {
-    let _ = crate::access::parse_basic(data);
+    let _ = crate::http::auth::parse_basic(data);
     let Some(s) = text(data) else { return };
     if let Ok(h) = Htpasswd::parse(s, std::path::Path::new("fuzz")) {
         assert!(!format!("{h:?}").contains("$2"), "hashes stay out of Debug");

@@ -14,10 +14,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::support::clients::{describe, registries_conf, Containerd, Dockerd, Podman};
+use crate::support::media::{DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX};
 use crate::support::net::{Acceptor, BlackHole};
 use crate::support::process::metric;
 use crate::support::regcache::{config_for, Regcache};
-use crate::support::registry::{http_get, Registry, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX};
+use crate::support::registry::{http_get, Registry};
 
 /// What regcache has answered so far, from its Prometheus text.
 #[derive(Clone, Copy, Debug)]

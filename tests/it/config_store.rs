@@ -16,12 +16,12 @@ use tempfile::TempDir;
 use crate::support::consul::FakeConsul;
 use crate::support::etcd::Etcd;
 use crate::support::fake::FakeUpstream;
+use crate::support::media::accept_all;
 use crate::support::process::{free_port, Process};
 use crate::support::registry::{http_get, Registry};
 
-const KEY: &str = "regcache/config";
+pub(crate) const KEY: &str = "regcache/config";
 const LAST_GOOD: &str = "config-store.last-good.toml";
-const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
 /// A repository only the overlay's upstream (the fake) has.
 const EXTRA_REPO: &str = "extra/only";
 /// A manifest the default upstream (the seeded registry) has.
@@ -39,16 +39,16 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// A temp directory holding regcache's config file, data directory and log.
-struct Env {
+pub(crate) struct Env {
     _dir: TempDir,
-    config: PathBuf,
+    pub(crate) config: PathBuf,
     data_dir: PathBuf,
     log: PathBuf,
     addr: SocketAddr,
 }
 
 impl Env {
-    fn new() -> Env {
+    pub(crate) fn new() -> Env {
         let dir = tempfile::Builder::new()
             .prefix("regcache-config-store-")
             .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
@@ -69,7 +69,7 @@ impl Env {
     }
 
     /// Writes [`local_config`] for this environment's data directory.
-    fn write_local(&self, default_url: &str, docker_keys: &str, store: &str) {
+    pub(crate) fn write_local(&self, default_url: &str, docker_keys: &str, store: &str) {
         self.write_config(&local_config(
             default_url,
             docker_keys,
@@ -100,7 +100,7 @@ fn local_config(default_url: &str, docker_keys: &str, data_dir: &Path, store: &s
 }
 
 /// A `[config_store]` table.
-fn store_with(kind: &str, url: &str, key: &str, poll: &str, timeout: &str) -> String {
+pub(crate) fn store_with(kind: &str, url: &str, key: &str, poll: &str, timeout: &str) -> String {
     format!(
         "[config_store]\nkind = \"{kind}\"\nurl = \"{url}\"\nkey = \"{key}\"\n\
          poll_interval = \"{poll}\"\ntimeout = \"{timeout}\"\n"
@@ -134,7 +134,7 @@ fn extra_path(host: &str) -> String {
 
 /// Status and OCI error code (if the body is one) of `GET path`; `None` when it fails.
 fn get(p: &Process, path: &str) -> Option<(u16, Option<String>)> {
-    let r = http_get(p.addr, path, &[("Accept", ACCEPT_ALL)])?;
+    let r = http_get(p.addr, path, &[("Accept", accept_all())])?;
     let code = serde_json::from_slice::<serde_json::Value>(&r.body)
         .ok()
         .and_then(|v| v["errors"][0]["code"].as_str().map(str::to_owned));
@@ -688,31 +688,6 @@ fn consul_blocking_query_timeout_allows_for_consul_wait_jitter() {
     assert!(t.elapsed() < Duration::from_secs(2));
 }
 
-/// `[config_store] poll_interval = "0s"` makes the etcd watcher loop with no pause at all (a busy
-/// loop against etcd), and `timeout = "0s"` makes every request to the store fail at once; both
-/// are accepted today, while the upstreams' durations must be "more than 0".
-#[test]
-fn config_store_zero_poll_interval_or_timeout_is_refused() {
-    let env = Env::new();
-    for (what, poll, timeout) in [("poll_interval", "0s", "1s"), ("timeout", "1s", "0s")] {
-        env.write_local(
-            "http://127.0.0.1:1",
-            "",
-            &store_with("etcd", "http://127.0.0.1:2", KEY, poll, timeout),
-        );
-        let config = env.config.to_str().expect("temp path is UTF-8");
-        let out = Process::run_to_end(&["check-config", config]);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            out.status.code() == Some(2) && stderr.contains(what),
-            "config_store.{what} = \"0s\" should be refused (exit 2, naming the key), got {:?}\n\
-             --- stdout ---\n{}--- stderr ---\n{stderr}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout)
-        );
-    }
-}
-
 /// SIGHUP with an edited `[config_store]` (here another key) is applied as "configuration
 /// applied", yet the watcher keeps following the store, key and poll settings it was started with
 /// and nothing says so: `App::reload` warns only about `listen` and `data_dir`. Either follow the
@@ -768,4 +743,144 @@ fn sighup_changing_the_config_store_is_applied_or_reported() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+// ---- where the last good copy lives, and the size bound -----------------------------------------
+
+#[test]
+fn the_last_good_copy_stays_in_the_local_files_data_dir_when_the_overlay_moves_data_dir() {
+    let registry = Registry::start_seeded();
+    let rt = runtime();
+    let fake = extra_upstream(&rt);
+    let etcd = Etcd::start();
+    let env = Env::new();
+    env.write_local(&registry.url(), "", &store("etcd", &etcd.url(), "200ms"));
+    // The overlay moves the store to another directory (at the next start).
+    let moved = env.data_dir.with_file_name("moved");
+    let moving = |host: &str| {
+        format!(
+            "data_dir = {:?}\n{}",
+            moved.display().to_string(),
+            overlay(&fake.url(), host)
+        )
+    };
+    let first = moving("extra.example");
+    etcd.put(KEY, &first);
+    let (mut p, _) = env.start();
+    expect_last_good(
+        &p,
+        &env,
+        &first,
+        Duration::from_secs(5),
+        "the first overlay is kept in the local file's data_dir",
+    );
+    // Started again with that copy, the store is in `moved`: a change must still be kept where
+    // the next start reads it, the local file's data_dir.
+    p.restart();
+    expect_served_now(&p, "extra.example", "the last good copy applies at start");
+    let second = moving("other.example");
+    etcd.put(KEY, &second);
+    expect_served(
+        &p,
+        "other.example",
+        Duration::from_secs(5),
+        "the changed overlay is applied",
+    );
+    expect_last_good(
+        &p,
+        &env,
+        &second,
+        Duration::from_secs(2),
+        "the changed overlay is kept in the local file's data_dir, where the next start reads it",
+    );
+    assert!(
+        !moved.join(LAST_GOOD).exists(),
+        "no copy in the overlay's data_dir, which no start reads\n--- regcache log ---\n{}",
+        p.log_text()
+    );
+}
+
+/// The overlay for `host`, made larger than the 1 MiB bound by a comment.
+fn oversized_overlay(url: &str, host: &str) -> String {
+    format!("{}# {}\n", overlay(url, host), "x".repeat(1 << 20))
+}
+
+/// With `first` applied from a store at `url`, `put(oversized)` must be refused whole and
+/// reported, and a later value within the bound applied again.
+fn expect_oversized_value_refused(
+    kind: &str,
+    url: &str,
+    fake: &FakeUpstream,
+    put: &dyn Fn(&str),
+    registry: &Registry,
+) {
+    let env = Env::new();
+    let poll = if kind == "consul" { "3s" } else { "200ms" };
+    env.write_local(&registry.url(), "", &store(kind, url, poll));
+    let first = overlay(&fake.url(), "extra.example");
+    put(&first);
+    let (p, _) = env.start();
+    expect_served(
+        &p,
+        "extra.example",
+        Duration::from_secs(5),
+        "warm-up: the first overlay is applied",
+    );
+    expect_last_good(&p, &env, &first, Duration::from_secs(2), "warm-up");
+
+    let mark = log_mark(&p);
+    put(&oversized_overlay(&fake.url(), "other.example"));
+    expect_log(
+        &p,
+        mark,
+        &["too large", "1048576"],
+        Duration::from_secs(5),
+        &format!("a value over 1 MiB from {kind} is reported"),
+    );
+    expect_unknown_now(
+        &p,
+        "other.example",
+        "nothing of the oversized value is applied",
+    );
+    expect_served_now(&p, "extra.example", "the configuration in force is kept");
+    assert_eq!(
+        env.last_good().as_deref(),
+        Some(first.as_str()),
+        "the last good copy is kept\n--- regcache log ---\n{}",
+        p.log_text()
+    );
+
+    put(&overlay(&fake.url(), "other.example"));
+    expect_served(
+        &p,
+        "other.example",
+        Duration::from_secs(5),
+        "a value within the bound is applied again",
+    );
+}
+
+#[test]
+fn an_etcd_value_over_1_mib_is_refused_and_the_configuration_in_force_kept() {
+    let registry = Registry::start_seeded();
+    let rt = runtime();
+    let fake = extra_upstream(&rt);
+    // etcd refuses a put over --max-request-bytes (1.5 MiB by default); an operator may raise it.
+    let etcd = Etcd::start_with_max_request_bytes(4 << 20);
+    expect_oversized_value_refused("etcd", &etcd.url(), &fake, &|v| etcd.put(KEY, v), &registry);
+}
+
+#[test]
+fn a_consul_value_over_1_mib_is_refused_and_the_configuration_in_force_kept() {
+    let registry = Registry::start_seeded();
+    let rt = runtime();
+    let fake = extra_upstream(&rt);
+    // consul refuses values over kv_max_value_size (512 KiB by default); an operator may raise it.
+    let consul = rt.block_on(FakeConsul::start());
+    expect_oversized_value_refused(
+        "consul",
+        &consul.url(),
+        &fake,
+        &|v| consul.put(KEY, v),
+        &registry,
+    );
 }

@@ -1,18 +1,24 @@
 //! `regcache prefetch` against a real upstream and a running regcache: Dockerfiles, lists,
 //! multi-platform images, pins, idempotence, exit codes; then the prefetched images are pulled
-//! with the upstream black-holed.
+//! with the upstream black-holed; its exit 0 means durable (a kill -9 at that instant loses
+//! nothing), and on a full store it says which image is not. What needs no real upstream and no
+//! root is in `offline::prefetch`.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
+use crate::durability::SmallDisk;
+use crate::support::fake::FakeUpstream;
+use crate::support::images::pseudo_random;
 use crate::support::net::BlackHole;
-use crate::support::process::Process;
+use crate::support::process::{free_port, Process};
 use crate::support::regcache::{config_for, Regcache};
-use crate::support::registry::{copy_to_dir, http_get, Registry};
+use crate::support::registry::{copy_to_dir, http_get, Registry, Seeded};
 
 /// The `image` of each entry of a `--json` summary.
-fn summary_images(summary: &serde_json::Value) -> Vec<&str> {
+pub(crate) fn summary_images(summary: &serde_json::Value) -> Vec<&str> {
     summary["images"]
         .as_array()
         .expect("images")
@@ -21,10 +27,66 @@ fn summary_images(summary: &serde_json::Value) -> Vec<&str> {
         .collect()
 }
 
-fn prefetch(server: &str, args: &[&str]) -> Output {
+pub(crate) fn prefetch(server: &str, args: &[&str]) -> Output {
     let mut all = vec!["prefetch", "--server", server];
     all.extend_from_slice(args);
     Process::run_to_end(&all)
+}
+
+/// `prefetch ARGS` through `server`, on the blocking pool (the fake upstream runs on this
+/// runtime).
+async fn prefetch_blocking(server: &str, args: &[&str]) -> std::process::Output {
+    let server = server.to_owned();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        prefetch(&server, &args)
+    })
+    .await
+    .expect("prefetch thread")
+}
+
+/// `prefetch ARGS` through `server` when it must exit 1 because an image is not durable (`why`);
+/// its `--json` summary and its stderr.
+pub(crate) async fn prefetch_not_durable(
+    server: &str,
+    args: &[&str],
+    why: &str,
+) -> (serde_json::Value, String) {
+    let out = prefetch_blocking(server, args).await;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{why}: {stderr}");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not a JSON summary ({e}): {stderr}"));
+    assert_eq!(summary["ok"], false, "{summary}");
+    (summary, stderr)
+}
+
+/// Checks that `image` is reported `not_durable` for the blob `digest` alone, for `cause`, in
+/// the `--json` summary and on its stderr line.
+pub(crate) fn assert_blob_not_durable(
+    (summary, stderr): &(serde_json::Value, String),
+    image: &str,
+    digest: &str,
+    cause: &str,
+) {
+    let entry = summary["images"]
+        .as_array()
+        .expect("images")
+        .iter()
+        .find(|i| i["image"] == image)
+        .unwrap_or_else(|| panic!("{image} missing: {summary}"));
+    assert_eq!(entry["status"], "not_durable", "{summary}");
+    assert_eq!(entry["durable"], false, "{summary}");
+    let uncommitted = entry["uncommitted"].as_array().expect("uncommitted");
+    assert_eq!(uncommitted.len(), 1, "that blob alone: {summary}");
+    assert_eq!(uncommitted[0]["kind"], "blob", "{summary}");
+    assert_eq!(uncommitted[0]["digest"], digest, "{summary}");
+    assert_eq!(uncommitted[0]["cause"], cause, "{summary}");
+    assert!(
+        stderr.contains(&format!("NOT DURABLE {image}: blob {digest}")),
+        "the line names the image and the blob: {stderr}"
+    );
 }
 
 /// `prefetch` of the images of `dockerfile` and of the list file `list`, with `extra` arguments.
@@ -258,189 +320,225 @@ fn prefetch_sends_credentials_to_an_htpasswd_protected_regcache() {
     assert_eq!(out.status.code(), Some(2));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn prefetch_fetches_an_image_once_however_its_reference_is_spelled() {
-    let fake = crate::support::fake::FakeUpstream::start().await;
-    let layer = bytes::Bytes::from(vec![5u8; 1 << 20]);
-    let (manifest, layer_digest) = fake.add_image("library/busybox", "1.36", layer);
-    let rc = Regcache::with_upstream(&fake.url());
-    let server = rc.url();
-    let spellings = [
-        "busybox:1.36".to_owned(),
-        "docker.io/library/busybox:1.36".to_owned(),
-        "index.docker.io/busybox:1.36".to_owned(),
-        format!("busybox:1.36@{manifest}"),
-        format!("docker.io/library/busybox@{manifest}"),
-    ];
-    let mut args: Vec<&str> = vec!["--json"];
-    args.extend(spellings.iter().map(String::as_str));
-    let out = tokio::task::spawn_blocking({
-        let (server, args): (String, Vec<String>) =
-            (server.clone(), args.iter().map(|a| a.to_string()).collect());
-        move || {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            prefetch(&server, &args)
-        }
-    })
-    .await
-    .expect("prefetch thread");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON summary");
-    let images = summary_images(&summary);
-    assert_eq!(
-        images,
-        vec!["busybox:1.36", spellings[3].as_str()],
-        "one entry per image, named by its first spelling: {summary}"
-    );
-    // The layer and the config blob, each counted once.
-    let image_bytes = summary["images"][0]["bytes"].as_u64().expect("bytes");
-    assert!(image_bytes > 1 << 20, "{summary}");
-    assert_eq!(
-        summary["fetched_bytes"].as_u64(),
-        Some(image_bytes),
-        "each blob crosses to the prefetcher once: {summary}"
-    );
-    let blob_gets = rc
-        .app
-        .metrics
-        .render()
-        .lines()
-        .filter(|l| l.starts_with("regcache_requests_total{route=\"blob\",status=\"200\"}"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>();
-    assert_eq!(
-        fake.blob_gets(&layer_digest),
-        1,
-        "the upstream sent the layer once"
-    );
-    // Two HEADs (config and layer), then two GETs, whatever the number of spellings.
-    assert_eq!(blob_gets, 4.0, "blob requests answered by regcache");
-}
-
-/// The Dockerfiles of `tests/fixtures/dockerfiles`, each with the exact images it must yield.
-fn dockerfile_corpus() -> Vec<(std::path::PathBuf, std::path::PathBuf)> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dockerfiles");
-    let mut out: Vec<_> = std::fs::read_dir(&dir)
-        .expect("the Dockerfile corpus")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "Dockerfile"))
-        .map(|p| {
-            let expected = p.with_extension("images");
-            (p, expected)
-        })
-        .collect();
-    out.sort();
-    assert!(out.len() >= 5, "corpus: {out:?}");
-    out
-}
-
-/// `image platform,platform` lines, platforms sorted, lines sorted.
-fn normalised(lines: impl IntoIterator<Item = String>) -> Vec<String> {
-    let mut out: Vec<String> = lines
-        .into_iter()
-        .map(|l| {
-            let (image, platforms) = l.split_once(' ').unwrap_or((&l, ""));
-            let mut p: Vec<&str> = platforms
-                .split(',')
-                .map(str::trim)
-                .filter(|p| !p.is_empty())
-                .collect();
-            p.sort();
-            p.dedup();
-            format!("{image} {}", p.join(","))
-        })
-        .collect();
-    out.sort();
-    out
+/// `prefetch --all-platforms --json [extra] IMAGES` through `server`; its `--json` summary, after
+/// checking that it exited 0, and its stderr.
+fn prefetch_all_platforms(
+    server: &str,
+    images: &[&str],
+    extra: &[&str],
+) -> (serde_json::Value, String) {
+    let mut args = vec!["--all-platforms", "--json"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(images);
+    let out = prefetch(server, &args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "prefetch: {stderr}");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not a JSON summary ({e}): {stderr}"));
+    (summary, stderr)
 }
 
 #[test]
-fn dockerfile_corpus_yields_exactly_the_expected_images() {
-    let build = regcache::prefetch::Platform::host().to_string();
-    let mut failures = Vec::new();
-    for (dockerfile, expected) in dockerfile_corpus() {
-        let text = std::fs::read_to_string(&expected)
-            .unwrap_or_else(|e| panic!("{}: {e}", expected.display()));
-        let mut args: Vec<String> = vec![
-            "--dry-run".into(),
-            "--json".into(),
-            "--dockerfile".into(),
-            dockerfile.display().to_string(),
-        ];
-        let mut want = Vec::new();
-        for line in text.lines().filter(|l| !l.trim().is_empty()) {
-            match line.strip_prefix("# prefetch:") {
-                Some(extra) => args.extend(extra.split_whitespace().map(str::to_owned)),
-                None => want.push(line.replace("{build}", &build)),
-            }
-        }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = prefetch("http://127.0.0.1:9", &args);
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        if out.status.code() != Some(0) {
-            failures.push(format!(
-                "{}: exit {:?}: {}",
-                dockerfile.display(),
-                out.status.code(),
-                String::from_utf8_lossy(&out.stderr)
-            ));
-            continue;
-        }
-        let got: Vec<String> = stdout
-            .lines()
-            .map(|l| {
-                let v: serde_json::Value = serde_json::from_str(l)
-                    .unwrap_or_else(|e| panic!("{}: not JSON ({e}): {l}", dockerfile.display()));
-                format!(
-                    "{} {}",
-                    v["image"].as_str().unwrap_or("?"),
-                    v["platforms"].as_str().unwrap_or("?").replace(' ', "")
-                )
-            })
-            .collect();
-        let (got, want) = (normalised(got), normalised(want));
-        if got != want {
-            failures.push(format!(
-                "{}:\n  expected {want:#?}\n  got      {got:#?}",
-                dockerfile.display()
-            ));
+fn images_prefetched_survive_a_kill9_the_instant_prefetch_exits_and_pull_with_the_upstream_refusing(
+) {
+    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
+    let mut upstream = Registry::start_seeded();
+    let config = work.path().join("regcache.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n[upstreams.docker]\nurl = \"{}\"\nconnect_timeout = \"2s\"\nheader_timeout = \"2s\"\n",
+            work.path().join("data").display().to_string(),
+            upstream.url()
+        ),
+    )
+    .expect("write config");
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut rc = Process::start(&config, addr, &work.path().join("regcache.log"));
+
+    // `prefetch` of the largest image (a 110 MiB layer) runs as a child process to its end; the
+    // server is killed the instant it exits.
+    let (summary, stderr) =
+        prefetch_all_platforms(&format!("http://{addr}"), &[Seeded::BIG], &["--pin"]);
+    rc.kill9();
+    assert_eq!(summary["ok"], true, "{summary}\n{stderr}");
+
+    upstream.stop(); // nothing listens on its port any more: connections are refused
+    rc.restart();
+    let images = summary["images"].as_array().expect("images");
+    assert_eq!(images.len(), 1, "{summary}");
+    for (i, image) in images.iter().enumerate() {
+        let by_tag = image["image"].as_str().expect("image").to_owned();
+        let repo = by_tag.split(':').next().expect("repo:tag");
+        let digest = image["digest"].as_str().expect("digest");
+        let by_digest = format!("{repo}@{digest}");
+        // An index is pulled with every platform, as it was prefetched.
+        let all = !image["platforms"].as_array().expect("platforms").is_empty();
+        for (j, reference) in [&by_tag, &by_digest].into_iter().enumerate() {
+            let out = copy_to_dir(
+                &addr.to_string(),
+                reference,
+                &work.path().join(format!("pull-{i}-{j}")),
+                all,
+            );
+            assert!(
+                out.status.success(),
+                "{reference} was prefetched (exit 0) but does not pull after a kill -9 at that \
+                 instant: {}\n--- regcache log ---\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                rc.log_text()
+            );
         }
     }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let pins = http_get(addr, "/_regcache/pins", &[("x-regcache-operator", "1")]).expect("pins");
+    let pins = String::from_utf8_lossy(&pins.body);
+    assert!(
+        pins.contains(Seeded::BIG),
+        "the pin of {} did not survive the kill -9: {pins}",
+        Seeded::BIG
+    );
 }
 
 #[test]
-fn prefetch_json_usage_errors_print_a_json_error_object() {
-    let dir = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
-    let dockerfile = dir.path().join("Dockerfile");
-    std::fs::write(&dockerfile, "FROM alpine\nRUN <<EOF\nnever ends\n").expect("Dockerfile");
-    let path = dockerfile.display().to_string();
-    for (args, what) in [
-        (vec!["--json", "Bad/Name"], "Bad/Name"),
-        (vec!["--json", "--dockerfile", &path], "heredoc"),
-        (vec!["--json", "--dry-run", "--platform", "linux"], "linux"),
-        (
-            vec!["--json", "alpine", "--concurrency", "0"],
-            "concurrency",
-        ),
-        (vec!["--json", "alpine", "--no-such-flag"], "--no-such-flag"),
-    ] {
-        let out = prefetch("http://127.0.0.1:9", &args);
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {stdout}");
-        let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-            panic!("{args:?}: stdout is not one JSON object ({e}): {stdout:?}")
-        });
-        assert_eq!(v["ok"], false, "{args:?}: {v}");
-        assert_eq!(v["exit_code"], 2, "{args:?}: {v}");
+fn a_second_prefetch_right_after_the_first_finds_every_image_cached_and_gets_no_blob_upstream() {
+    let upstream = Registry::start_seeded();
+    let rc = Regcache::with_upstream(&upstream.url());
+    let blob_gets = || -> Vec<String> {
+        upstream
+            .access_log()
+            .lines()
+            .filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/"))
+            .map(str::to_owned)
+            .collect()
+    };
+    // The largest image, an OCI index (every platform) and a Docker schema 2 image.
+    let images = [Seeded::BIG, Seeded::MULTI_OCI, Seeded::SMALL_DOCKER];
+    let (first, _) = prefetch_all_platforms(&rc.url(), &images, &[]);
+    assert_eq!(first["ok"], true, "{first}");
+    let before = blob_gets();
+    let (again, stderr) = prefetch_all_platforms(&rc.url(), &images, &[]);
+    let moved: Vec<&serde_json::Value> = again["images"]
+        .as_array()
+        .expect("images")
+        .iter()
+        .filter(|i| i["already_cached"] != true)
+        .collect();
+    assert!(
+        moved.is_empty(),
+        "the first run had committed everything, yet the second moved these again: {moved:?}"
+    );
+    assert_eq!(again["fetched_bytes"], 0, "{again}");
+    assert!(
+        stderr.contains("all 3 images were already cached"),
+        "{stderr}"
+    );
+    let after = blob_gets();
+    assert_eq!(
+        after.len(),
+        before.len(),
+        "the second run made the server fetch blobs from the upstream: {:?}",
+        &after[before.len().min(after.len())..]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_full_store_prefetch_exits_1_naming_the_image_served_without_caching() {
+    let fake = FakeUpstream::start().await;
+    let (_, small_layer) = fake.add_image("team/small", "1.0", pseudo_random(64 << 10, 22));
+    let (_, big_layer) = fake.add_image("team/big", "1.0", pseudo_random(16 << 20, 21));
+    let disk = SmallDisk::mount("6m");
+    let rc = Regcache::start_in(disk.path(), &config_for(&fake.url(), "", ""));
+
+    // What fits is stored: the small image first, alone, so that the big one cannot fill the
+    // disk while the small one's layer is still being written.
+    let out = prefetch_blocking(&rc.url(), &["--json", "team/small:1.0"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "what fits is stored: {stderr}");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON summary");
+    let small = &summary["images"][0];
+    assert_eq!(small["status"], "cached", "what fits is stored: {summary}");
+    assert_eq!(small["durable"], true, "{summary}");
+
+    let reported = prefetch_not_durable(
+        &rc.url(),
+        &["--json", "team/small:1.0", "team/big:1.0"],
+        "a layer served without caching is not prefetched",
+    )
+    .await;
+    assert_blob_not_durable(&reported, "team/big:1.0", &big_layer, "store_full");
+    let (summary, stderr) = &reported;
+    assert!(stderr.contains("store is full"), "{stderr}");
+    let small = &summary["images"][0];
+    assert_eq!(small["status"], "cached", "what was stored stays: {summary}");
+    assert_eq!(small["durable"], true, "{summary}");
+    assert_eq!(fake.blob_gets(&small_layer), 1);
+    assert_eq!(
+        fake.blob_gets(&big_layer),
+        1,
+        "confirming the commit must not make the server fetch the layer again"
+    );
+}
+
+#[test]
+fn blobs_a_server_redirects_to_its_shared_bucket_count_as_stored_there() {
+    let upstream = Registry::start_seeded();
+    let moto = crate::bucket::Store::start(crate::bucket::Engine::Moto);
+    let config = |extra: &str| {
+        config_for(
+            &upstream.url(),
+            "freshness = \"10m\"",
+            &crate::bucket::s3_table(&moto, None, extra),
+        )
+    };
+    let a = Regcache::start(&config(""));
+    let b = Regcache::start(&config("redirect = true"));
+    let (filled, _) = prefetch_all_platforms(&a.url(), &[Seeded::SMALL_OCI], &[]);
+    assert_eq!(filled["ok"], true, "{filled}");
+    // A uploads what it committed to the bucket in the background.
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &crate::support::registry::inspect_raw(&upstream.host_port(), Seeded::SMALL_OCI),
+    )
+    .expect("manifest JSON");
+    let blobs: Vec<String> = std::iter::once(&manifest["config"])
+        .chain(manifest["layers"].as_array().expect("layers"))
+        .map(|d| d["digest"].as_str().expect("digest").to_owned())
+        .collect();
+    let uploaded = std::time::Instant::now();
+    loop {
+        let keys: Vec<String> = moto
+            .list(crate::bucket::BUCKET, "blobs/")
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        let missing: Vec<&String> = blobs
+            .iter()
+            .filter(|d| {
+                !keys
+                    .iter()
+                    .any(|k| k.ends_with(d.trim_start_matches("sha256:")))
+            })
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
         assert!(
-            v["error"].as_str().is_some_and(|e| e.contains(what)),
-            "{args:?}: the error names {what:?}: {v}"
+            uploaded.elapsed() < Duration::from_secs(30),
+            "A never uploaded {missing:?}; the bucket holds {keys:?}"
         );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // B sends the prefetcher to the bucket for the blobs, and stores none of them itself.
+    let (summary, stderr) = prefetch_all_platforms(&b.url(), &[Seeded::SMALL_OCI], &[]);
+    assert_eq!(
+        summary["images"][0]["status"], "cached",
+        "{summary}\n{stderr}"
+    );
+    assert_eq!(summary["images"][0]["durable"], true, "{summary}");
+    for d in &blobs {
         assert!(
-            String::from_utf8_lossy(&out.stderr).contains(what),
-            "{args:?}: stderr too"
+            !crate::support::regcache::stored(&b, d),
+            "B stored {d}: its blobs were not redirected to the bucket"
         );
     }
 }

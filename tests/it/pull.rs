@@ -6,16 +6,16 @@ use std::time::Instant;
 use sha2::{Digest as _, Sha256};
 
 use crate::support::images::assert_same_copy;
+use crate::support::media::accept_all;
+use crate::support::media::{DOCKER_LIST, OCI_INDEX};
 use crate::support::nginx::Nginx;
 use crate::support::process::metric;
 use crate::support::regcache::{client, Regcache};
 use crate::support::registry::{
-    copy_to_dir, http_get, inspect_raw, parse_raw_response, sha256_digest, RawResponse, Registry,
-    Seeded, DOCKER_LIST, OCI_INDEX, SEEDED_IMAGES,
+    copy_to_dir, http_get, inspect_raw, read_response, sha256_digest, Registry, Seeded,
+    SEEDED_IMAGES,
 };
 use crate::support::reply::{send, Reply};
-
-const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
 
 fn copy_ok(host_port: &str, image: &str, dest: &Path, all: bool) {
     let out = copy_to_dir(host_port, image, dest, all);
@@ -45,7 +45,7 @@ fn skopeo_pulls_every_format_byte_identical_then_by_digest_with_upstream_stopped
         let resp = http_get(
             rc.addr(),
             &format!("/v2/{repo}/manifests/{tag}"),
-            &[("Accept", ACCEPT_ALL)],
+            &[("Accept", accept_all())],
         )
         .expect("GET manifest");
         assert_eq!(resp.status, 200, "{image}");
@@ -102,7 +102,7 @@ fn docker_hub_names_ns_and_host_segments_reach_the_default_upstream() {
         ),
     ];
     for path in &paths {
-        let resp = http_get(rc.addr(), path, &[("Accept", ACCEPT_ALL)]).expect("GET");
+        let resp = http_get(rc.addr(), path, &[("Accept", accept_all())]).expect("GET");
         assert_eq!(
             resp.status,
             200,
@@ -141,7 +141,7 @@ async fn requests_scoped_by_ns_answer_oci_namespace_and_no_others_do() {
     async fn ask(u: &str, method: &reqwest::Method, path: &str) -> Reply {
         let req = client()
             .request(method.clone(), format!("{u}{path}"))
-            .header("accept", ACCEPT_ALL);
+            .header("accept", accept_all());
         send(req, &format!("{method} {path}")).await
     }
     // (method, path, status, OCI-Namespace): scoped by ns, then not.
@@ -348,7 +348,7 @@ async fn https_upstreams_are_spoken_to_in_http2_by_alpn_and_plain_ones_in_http11
 
     for host in ["tls11.example", "plain.example"] {
         let path = format!("/v2/small/oci/manifests/latest?ns={host}");
-        let r = http_get(rc.addr(), &path, &[("Accept", ACCEPT_ALL)]).expect("GET manifest");
+        let r = http_get(rc.addr(), &path, &[("Accept", accept_all())]).expect("GET manifest");
         assert_eq!(
             (r.status, r.header("docker-content-digest")),
             (200, Some(want.as_str())),
@@ -380,93 +380,7 @@ async fn https_upstreams_are_spoken_to_in_http2_by_alpn_and_plain_ones_in_http11
     }
 }
 
-#[test]
-fn check_config_reports_the_line_of_a_bad_key_and_exits_2() {
-    let dir = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("dir");
-    let bad = dir.path().join("bad.toml");
-    std::fs::write(
-        &bad,
-        "listen = \"127.0.0.1:5000\"\n\n[upstreams.hub]\nurl = \"ftp://nowhere\"\n",
-    )
-    .expect("write config");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_regcache"))
-        .args(["check-config"])
-        .arg(&bad)
-        .output()
-        .expect("run regcache");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
-    assert!(
-        err.contains("line 4") && err.contains("http or https"),
-        "stderr: {err}"
-    );
-
-    let good = dir.path().join("good.toml");
-    std::fs::write(
-        &good,
-        "[upstreams.hub]\nurl = \"http://127.0.0.1:1\"\nfreshness = \"5m\"\n",
-    )
-    .expect("write config");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_regcache"))
-        .args(["check-config"])
-        .arg(&good)
-        .output()
-        .expect("run regcache");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("freshness=300s"));
-}
-
-#[test]
-fn serve_refuses_a_config_with_an_unknown_key() {
-    let dir = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("dir");
-    let bad = dir.path().join("bad.toml");
-    std::fs::write(&bad, "listen = \"127.0.0.1:0\"\nlisten_port = 5\n").expect("write config");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_regcache"))
-        .args(["serve", "--config"])
-        .arg(&bad)
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .output()
-        .expect("run regcache");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
-    assert!(
-        err.contains("line 2") && err.contains("listen_port"),
-        "stderr: {err}"
-    );
-}
-
-/// Reads one response with a `Content-Length` body (none for `HEAD`) off a keep-alive connection.
-fn read_one(stream: &mut std::net::TcpStream, head: bool, what: &str) -> RawResponse {
-    use std::io::Read as _;
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 1];
-    while !buf.ends_with(b"\r\n\r\n") {
-        let n = stream
-            .read(&mut byte)
-            .unwrap_or_else(|e| panic!("{what}: reading the head: {e}"));
-        assert!(n == 1, "{what}: connection closed inside the head");
-        buf.push(byte[0]);
-    }
-    let mut r = parse_raw_response(&buf).unwrap_or_else(|| panic!("{what}: no response head"));
-    let len: usize = r
-        .header("content-length")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{what}: no Content-Length"));
-    if !head {
-        r.body = vec![0u8; len];
-        stream
-            .read_exact(&mut r.body)
-            .unwrap_or_else(|e| panic!("{what}: reading {len} body bytes: {e}"));
-    }
-    r
-}
-
-fn sendfile_bytes(rc: &Regcache) -> f64 {
+pub(crate) fn sendfile_bytes(rc: &Regcache) -> f64 {
     let m = http_get(rc.addr(), "/metrics", &[]).expect("GET /metrics");
     metric(
         &String::from_utf8_lossy(&m.body),
@@ -554,7 +468,7 @@ fn warm_blobs_are_sent_with_sendfile_byte_exact_on_one_keep_alive_connection() {
             rc.addr()
         )
         .expect("send request");
-        let r = read_one(&mut s, *method == "HEAD", &what);
+        let r = read_response(&mut s, *method == "HEAD", &what);
         served += r.body.len();
         match i {
             0 | 4 => {
@@ -596,7 +510,7 @@ fn warm_blobs_are_sent_with_sendfile_byte_exact_on_one_keep_alive_connection() {
     rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).expect("fadvise");
     let before = sendfile_bytes(&rc);
     write!(s, "GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", rc.addr()).expect("send request");
-    let r = read_one(&mut s, false, "GET after dropping the page cache");
+    let r = read_response(&mut s, false, "GET after dropping the page cache");
     assert_eq!(r.status, 200);
     assert!(r.body == full, "body after dropping the page cache differs");
     let after = sendfile_bytes(&rc) - before;

@@ -30,6 +30,8 @@ pub struct Etcd {
     client_port: u16,
     peer_port: u16,
     home: TempDir,
+    /// `--max-request-bytes` when not etcd's default (1.5 MiB): the largest value a put may carry.
+    max_request_bytes: Option<u64>,
 }
 
 /// `POST path` with a JSON body on a loopback address (`Connection: close`); the status and body,
@@ -61,6 +63,16 @@ fn b64(s: &str) -> String {
 impl Etcd {
     /// Starts etcd on free loopback ports with a fresh data directory, ready to serve.
     pub fn start() -> Etcd {
+        Etcd::start_with(None)
+    }
+
+    /// [`Etcd::start`] with `--max-request-bytes BYTES`, so that values larger than etcd's
+    /// default limit (1.5 MiB per request) can be stored, as an operator may configure.
+    pub fn start_with_max_request_bytes(bytes: u64) -> Etcd {
+        Etcd::start_with(Some(bytes))
+    }
+
+    fn start_with(max_request_bytes: Option<u64>) -> Etcd {
         assert!(
             Path::new(ETCD).is_file(),
             "{ETCD} is missing: install Debian's etcd-server (tests/setup-deps.sh)"
@@ -70,6 +82,7 @@ impl Etcd {
             client_port: 0,
             peer_port: 0,
             home: home_dir("regcache-etcd-"),
+            max_request_bytes,
         };
         // Free ports are picked then released: another process may take one meanwhile, so retry.
         let mut why = String::new();
@@ -119,6 +132,11 @@ impl Etcd {
             .arg(&peer)
             .arg("--initial-cluster")
             .arg(format!("default={peer}"))
+            .args(
+                self.max_request_bytes
+                    .map(|b| vec!["--max-request-bytes".to_owned(), b.to_string()])
+                    .unwrap_or_default(),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);

@@ -15,7 +15,7 @@ pub struct Regcache {
     _owned_dir: Option<TempDir>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
-    pub app: Arc<regcache::server::App>,
+    pub app: Arc<regcache::app::App>,
 }
 
 /// Config text for one default upstream at `upstream_url`, plus `extra` TOML appended.
@@ -46,16 +46,17 @@ impl Regcache {
         };
         let cfg = regcache::config::Config::parse(config, "test config", &overrides)
             .unwrap_or_else(|e| panic!("test config is invalid: {e}\n{config}"));
-        let app = regcache::server::App::open(cfg).expect("open regcache");
+        // The server's own runtime is also its background runtime (fills, upstream requests).
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("regcache runtime");
+        let app = regcache::app::App::open(cfg, rt.handle().clone()).expect("open regcache");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let app2 = Arc::clone(&app);
         let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("regcache runtime");
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
                     .await
@@ -66,7 +67,7 @@ impl Regcache {
                 let shutdown = async {
                     let _ = rx.await;
                 };
-                regcache::server::run(listener, app2, shutdown, Duration::from_secs(2))
+                regcache::http::server::run(listener, app2, shutdown, Duration::from_secs(2))
                     .await
                     .expect("server run");
             });
@@ -130,7 +131,7 @@ pub fn client() -> reqwest::Client {
 
 /// Whether `rc`'s store records the blob (or manifest) `digest`.
 pub fn stored(rc: &Regcache, digest: &str) -> bool {
-    let d: regcache::reference::Digest = digest.parse().expect("test digest");
+    let d: regcache::oci::reference::Digest = digest.parse().expect("test digest");
     rc.app
         .cache
         .store

@@ -17,7 +17,7 @@
 use std::fmt::Write as _;
 use std::fs;
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -27,6 +27,8 @@ use sha2::{Digest as _, Sha256};
 use tempfile::TempDir;
 
 use super::daemon::{home_dir, Daemon};
+use super::media::{DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST};
+use super::process::free_port;
 
 /// Environment for every tool the tests run: a proxy that refuses everything, except loopback.
 pub const PROXY_ENV: [(&str, &str); 3] = [
@@ -37,11 +39,6 @@ pub const PROXY_ENV: [(&str, &str); 3] = [
 
 /// Lower-case spellings that could otherwise point a child somewhere else; removed from every child.
 const LOWERCASE_PROXY_VARS: [&str; 4] = ["http_proxy", "https_proxy", "no_proxy", "all_proxy"];
-
-pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 
 /// Names of the images [`Registry::start_seeded`] serves (`repo:tag`, usable with [`inspect_raw`]).
 ///
@@ -325,15 +322,6 @@ pub struct Registry {
     port: u16,
     remote: Option<String>,
     home: Home,
-}
-
-fn free_port() -> u16 {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .expect("cannot bind 127.0.0.1:0 to pick a port");
-    listener
-        .local_addr()
-        .expect("local_addr of a bound listener")
-        .port()
 }
 
 fn new_home() -> TempDir {
@@ -645,6 +633,36 @@ pub fn parse_raw_response(response: &[u8]) -> Option<RawResponse> {
     })
 }
 
+/// Reads a response's head off a keep-alive connection (its body stays to be read).
+pub fn read_head(stream: &mut TcpStream, what: &str) -> RawResponse {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        let n = stream
+            .read(&mut byte)
+            .unwrap_or_else(|e| panic!("{what}: reading the head: {e}"));
+        assert!(n == 1, "{what}: connection closed inside the head");
+        buf.push(byte[0]);
+    }
+    parse_raw_response(&buf).unwrap_or_else(|| panic!("{what}: no response head"))
+}
+
+/// Reads one response with a `Content-Length` body (none for `HEAD`) off a keep-alive connection.
+pub fn read_response(stream: &mut TcpStream, head: bool, what: &str) -> RawResponse {
+    let mut r = read_head(stream, what);
+    let len: usize = r
+        .header("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{what}: no Content-Length"));
+    if !head {
+        r.body = vec![0u8; len];
+        stream
+            .read_exact(&mut r.body)
+            .unwrap_or_else(|e| panic!("{what}: reading {len} body bytes: {e}"));
+    }
+    r
+}
+
 /// Blocking `GET path` with `Connection: close` on a loopback address; `None` if the connection or the
 /// response fails. Bodies are returned as sent (no chunked decoding), which suits the registry's
 /// manifests (it sends `Content-Length`).
@@ -658,11 +676,7 @@ pub fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Optio
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const ACCEPT_ALL: &str = "application/vnd.oci.image.manifest.v1+json, \
-        application/vnd.oci.image.index.v1+json, \
-        application/vnd.docker.distribution.manifest.v2+json, \
-        application/vnd.docker.distribution.manifest.list.v2+json";
+    use crate::support::media::accept_all;
 
     fn check_all_formats(registry: &Registry) {
         for &(repo, tag, media_type) in SEEDED_IMAGES {
@@ -672,7 +686,7 @@ mod tests {
             let served = http_get(
                 registry.addr(),
                 &format!("/v2/{repo}/manifests/{tag}"),
-                &[("Accept", ACCEPT_ALL)],
+                &[("Accept", accept_all())],
             )
             .unwrap_or_else(|| panic!("GET manifest {image} failed"));
             assert_eq!(served.status, 200, "GET manifest {image}");

@@ -4,6 +4,9 @@ use bytes::Bytes;
 use reqwest::header::HeaderMap;
 use reqwest::StatusCode;
 
+use futures_util::StreamExt as _;
+
+use super::media::accept_all;
 use super::regcache::client;
 
 /// A response read whole.
@@ -56,14 +59,36 @@ pub async fn send(req: reqwest::RequestBuilder, what: &str) -> Reply {
 /// `GET url` as docker, containerd and podman send it: naming all four manifest types in
 /// `Accept` (a client naming none would be refused OCI manifests, as by distribution).
 pub async fn get(url: &str) -> Reply {
-    let accept = regcache::media::Accept::ALL
-        .header_value()
-        .unwrap_or_default();
     send(
-        client().get(url).header("accept", accept),
+        client().get(url).header("accept", accept_all()),
         &format!("GET {url}"),
     )
     .await
+}
+
+/// Reads a response body as a stream: the bytes that arrived and the error that ended it, if any.
+pub async fn read_streamed(resp: reqwest::Response) -> (Vec<u8>, Option<String>) {
+    let mut got = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(b) => got.extend_from_slice(&b),
+            Err(e) => return (got, Some(format!("{e:?}"))),
+        }
+    }
+    (got, None)
+}
+
+/// A GET whose body must not arrive complete: `(status, bytes received, stream error)`.
+pub async fn get_streamed(url: &str) -> (StatusCode, Vec<u8>, Option<String>) {
+    let resp = client()
+        .get(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = resp.status();
+    let (got, err) = read_streamed(resp).await;
+    (status, got, err)
 }
 
 /// Parses a raw HTTP/1.1 response (head and body as received; no chunked decoding).

@@ -1,0 +1,174 @@
+//! The blob entry point: a blob from the store (once its repository is confirmed), from a fill in
+//! progress (joined), or from a new fill; a `HEAD` answered without a fill where a tier can; the
+//! redirect to a shared tier's copy.
+
+use std::sync::Arc;
+
+use super::share::Share;
+use super::{blocking, lock, Blob, BlobSource, Cache, CacheError, Outcome, Route};
+use crate::bucket::upstream_id;
+use crate::oci::reference::Digest;
+
+impl Cache {
+    /// Whether a fill of `d` for `route` is under way, without joining or starting one:
+    /// `Some(true)` while it fetches or commits, `Some(false)` for a fill on a full disk, served
+    /// from memory and never committed. A commit records the blob before its fill leaves `fills`.
+    pub fn filling(&self, route: &Route, d: &Digest) -> Option<bool> {
+        let key = route.key();
+        let fill =
+            Arc::clone(lock(&self.fills).get(&format!("{}/{}@{}", key.upstream, key.repo, d))?);
+        let to_disk = fill.disk_len().is_none();
+        Some(to_disk)
+    }
+
+    /// A blob for `GET` (`want_body`) or `HEAD`.
+    pub async fn blob(
+        self: &Arc<Self>,
+        route: &Route,
+        d: &Digest,
+        want_body: bool,
+    ) -> Result<Blob, CacheError> {
+        let key = route.key();
+        if !want_body {
+            // HEAD of a stored blob: the database alone answers.
+            if let Some((size, true)) = self.store.lookup_blob(&key, d)? {
+                return Ok(Blob {
+                    size: Some(size),
+                    source: BlobSource::Empty,
+                    outcome: Outcome::Hit,
+                });
+            }
+        }
+        if let Some((file, size)) = self.store.open_blob(d)? {
+            let mut outcome = Outcome::Hit;
+            if !self.store.is_linked(&key, d)? {
+                outcome = self.confirm_blob(route, d, size).await?;
+                let (store, k2, d2) = (Arc::clone(&self.store), key.clone(), d.clone());
+                blocking(move || store.link(&k2, &d2)).await?;
+            }
+            return Ok(Blob {
+                size: Some(size),
+                source: if want_body {
+                    self.store.touch(d);
+                    BlobSource::File(file, self.store.hold(d))
+                } else {
+                    BlobSource::Empty
+                },
+                outcome,
+            });
+        }
+        let fill_key = format!("{}/{}@{}", key.upstream, key.repo, d);
+        let existing = {
+            let fills = lock(&self.fills);
+            match fills.get(&fill_key) {
+                Some(f) => {
+                    let reader = if want_body {
+                        Some(self.attach(f, d)?)
+                    } else {
+                        None
+                    };
+                    Some((Arc::clone(f), reader))
+                }
+                None => None,
+            }
+        };
+        if !want_body && existing.is_none() {
+            // A HEAD of a blob nobody is fetching: a shared tier that holds it answers.
+            for tier in self.tiers.shared() {
+                if let Some(size) = tier.blob_size(&self.store, route, d).await? {
+                    return Ok(Blob {
+                        size: Some(size),
+                        source: BlobSource::Empty,
+                        outcome: tier.outcome(),
+                    });
+                }
+            }
+        }
+        let (fill, reader, mut outcome) = match existing {
+            Some((f, reader)) => (f, reader, Outcome::Coalesced),
+            None if !want_body => {
+                // A HEAD of a blob nobody is fetching: start the fill if a slot is free (so a
+                // HEAD through a chain of mirrors fills each of them), else just ask.
+                match self.free_fill_slot() {
+                    Some(slot) => self.start_fill(route, d, fill_key, slot, false)?,
+                    None => {
+                        let origin = self.tiers.origin();
+                        let size = origin.blob_size(&self.store, route, d).await?;
+                        return Ok(Blob {
+                            size,
+                            source: BlobSource::Empty,
+                            outcome: Outcome::Passthrough,
+                        });
+                    }
+                }
+            }
+            None => {
+                let slot = self.fill_slot().await?;
+                self.start_fill(route, d, fill_key, slot, true)?
+            }
+        };
+        let size = fill.wait_started().await?;
+        if outcome == Outcome::Miss && fill.is_shared() {
+            outcome = Outcome::Shared;
+        }
+        Ok(Blob {
+            size,
+            source: match reader {
+                Some(r) => BlobSource::Fill(r),
+                None => BlobSource::Empty,
+            },
+            outcome,
+        })
+    }
+
+    /// How blob `d`, stored here for another repository, may be served to `route`'s: once a
+    /// tier confirms that this repository has it — a shared tier's link (a server that fetched
+    /// or confirmed it for the repository), else the upstream now (its "no" reaches the client).
+    /// A manifest of this repository that names the digest is a claim, not proof. `size`: the
+    /// blob's, for the bucket.
+    async fn confirm_blob(
+        &self,
+        route: &Route,
+        d: &Digest,
+        size: u64,
+    ) -> Result<Outcome, CacheError> {
+        for tier in self.tiers.iter() {
+            if !tier.has_blob(route, d).await? {
+                continue;
+            }
+            if tier.is_origin() {
+                // The confirmed link goes to the bucket too, so that another server may
+                // serve the blob for this repository while the upstream is down.
+                self.share(Share::Blob {
+                    digest: d.clone(),
+                    size,
+                    link: Some((upstream_id(&route.upstream.config.url), route.repo.clone())),
+                });
+            }
+            return Ok(tier.confirmed());
+        }
+        Err(CacheError::broken(
+            "no tier of the chain answered for a blob, not even the upstream",
+        ))
+    }
+
+    /// A URL the client may fetch blob `d` from itself: a presigned URL of the bucket's copy,
+    /// when `[store.s3] redirect` is on, the blob is not in the local tier, and `route`'s
+    /// repository may have it.
+    pub async fn blob_redirect(
+        &self,
+        route: &Route,
+        d: &Digest,
+    ) -> Result<Option<reqwest::Url>, CacheError> {
+        // Cheap checks first: this runs before every blob GET when a bucket is configured.
+        if !self.tiers.redirects() || self.store.blob_size(d)?.is_some() {
+            return Ok(None);
+        }
+        for tier in self.tiers.shared() {
+            if let Some(url) = tier.blob_url(&self.store, route, d).await? {
+                return Ok(Some(url));
+            }
+        }
+        Ok(None)
+    }
+}

@@ -1,0 +1,112 @@
+//! Single flight: one future per key at a time, its result shared by every caller with that key,
+//! and the key forgotten when the future ends however it ends (a panic included).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use futures_util::future::{BoxFuture, FutureExt, Shared};
+
+use super::{lock, CacheError};
+
+type Flight<T> = Shared<BoxFuture<'static, Result<T, CacheError>>>;
+
+/// Runs one future per key at a time; callers with the same key share its result.
+pub(crate) struct Flights<T: Clone> {
+    map: Arc<Mutex<HashMap<String, Flight<T>>>>,
+    /// Where the flights run, whoever starts them.
+    runtime: tokio::runtime::Handle,
+}
+
+/// Takes a flight's key out of the map when the flight's task ends, however it ends (a panic
+/// included), so that the next request starts a new flight instead of sharing a failed one.
+struct Landing<T: Clone> {
+    map: Arc<Mutex<HashMap<String, Flight<T>>>>,
+    key: String,
+}
+
+impl<T: Clone> Drop for Landing<T> {
+    fn drop(&mut self) {
+        lock(&self.map).remove(&self.key);
+    }
+}
+
+impl<T: Clone + Send + Sync + 'static> Flights<T> {
+    /// Flights run on `runtime`.
+    pub(crate) fn new(runtime: tokio::runtime::Handle) -> Self {
+        Flights {
+            map: Arc::new(Mutex::new(HashMap::new())),
+            runtime,
+        }
+    }
+
+    /// Returns the shared result and whether this caller joined an existing flight.
+    pub(crate) async fn run<F>(
+        &self,
+        key: String,
+        make: impl FnOnce() -> F,
+    ) -> (Result<T, CacheError>, bool)
+    where
+        F: Future<Output = Result<T, CacheError>> + Send + 'static,
+    {
+        let (flight, joined) = {
+            let mut map = lock(&self.map);
+            if let Some(f) = map.get(&key) {
+                (f.clone(), true)
+            } else {
+                let fut = make();
+                let landing = Landing {
+                    map: Arc::clone(&self.map),
+                    key: key.clone(),
+                };
+                // Spawned so that a client hanging up does not cancel the work others wait for;
+                // on the flights' runtime, so that a stalled caller's shard does not stall it.
+                let handle = self.runtime.spawn(async move {
+                    let _landing = landing;
+                    fut.await
+                });
+                let shared = async move {
+                    handle
+                        .await
+                        .unwrap_or_else(|e| Err(CacheError::task("fetch", e)))
+                }
+                .boxed()
+                .shared();
+                map.insert(key, shared.clone());
+                (shared, false)
+            }
+        };
+        (flight.await, joined)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn panics_inside_the_flight() -> Result<u32, CacheError> {
+        panic!("a bug inside the flight")
+    }
+
+    #[tokio::test]
+    async fn a_manifest_flight_that_panics_is_forgotten_and_the_next_request_starts_a_new_one() {
+        let flights = Flights::<u32>::new(tokio::runtime::Handle::current());
+        let (first, joined) = flights
+            .run("docker/library/alpine@3.20".into(), || async {
+                panics_inside_the_flight()
+            })
+            .await;
+        assert!(
+            matches!(first, Err(CacheError::Internal(_))) && !joined,
+            "the flight that panicked: {first:?}, joined {joined}"
+        );
+        let (second, joined) = flights
+            .run("docker/library/alpine@3.20".into(), || async { Ok(7) })
+            .await;
+        assert!(
+            matches!(second, Ok(7)) && !joined,
+            "the next request must start a flight of its own, not share the one that panicked: \
+             {second:?}, joined {joined}"
+        );
+    }
+}
