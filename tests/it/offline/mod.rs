@@ -6,7 +6,6 @@
 //! helpers it may borrow.
 
 mod accept;
-mod architecture;
 mod config_store;
 mod durability;
 mod faults;
