@@ -428,12 +428,9 @@ mod tests {
                 redirect: false,
                 redirect_ttl: Duration::from_secs(60),
             };
-            let bucket = crate::bucket::Bucket::new(
-                &cfg,
-                Arc::clone(&metrics),
-                background.handle().clone(),
-            )
-            .expect("bucket client");
+            let bucket =
+                crate::bucket::Bucket::new(&cfg, Arc::clone(&metrics), background.handle().clone())
+                    .expect("bucket client");
             Cache::new(
                 Arc::clone(store),
                 super::super::tier::Tiers::new(Some(bucket)),
