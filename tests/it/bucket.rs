@@ -429,6 +429,30 @@ fn head(addr: SocketAddr, path: &str) -> RawResponse {
         .unwrap_or_else(|| panic!("HEAD {path} on {addr}: no response"))
 }
 
+/// A `GET` of `path` read to its end on a thread of its own; the counter has the bytes received so
+/// far (headers included).
+fn read_on_a_thread(
+    addr: SocketAddr,
+    path: String,
+) -> (Arc<AtomicU64>, std::thread::JoinHandle<()>) {
+    let received = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&received);
+    let reader = std::thread::spawn(move || {
+        let mut s = send_request(addr, "GET", &path, &[], b"", Duration::from_secs(60))
+            .expect("send GET to regcache");
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    counter.fetch_add(n as u64, Ordering::SeqCst);
+                }
+            }
+        }
+    });
+    (received, reader)
+}
+
 fn describe(r: &RawResponse) -> String {
     format!(
         "status {} headers {:?} body {:?}",
@@ -834,24 +858,7 @@ fn killed_fill_leaves_no_visible_object(engine: Engine) {
 
     // 256 KiB every 100 ms: the 12 MiB fill takes about 5 s.
     fake.set_slow_blobs(256 << 10, Duration::from_millis(100));
-    let received = Arc::new(AtomicU64::new(0));
-    let reader = {
-        let received = Arc::clone(&received);
-        let path = format!("/v2/kill/app/blobs/{digest}");
-        std::thread::spawn(move || {
-            let mut s = send_request(addr, "GET", &path, &[], b"", Duration::from_secs(30))
-                .expect("send GET to regcache");
-            let mut buf = vec![0u8; 64 << 10];
-            loop {
-                match s.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        received.fetch_add(n as u64, Ordering::SeqCst);
-                    }
-                }
-            }
-        })
-    };
+    let (received, reader) = read_on_a_thread(addr, format!("/v2/kill/app/blobs/{digest}"));
     let deadline = Instant::now() + Duration::from_secs(30);
     while received.load(Ordering::SeqCst) < 1 << 20 {
         assert!(
@@ -961,24 +968,7 @@ fn what_a_server_killed_before_its_uploads_committed_reaches_the_bucket_after_it
     fake.set_manifest_gate(true);
     fake.set_slow_blobs(256 << 10, Duration::from_millis(50));
     let manifest_get = std::thread::spawn(move || get(addr, "/v2/owed/app/manifests/v1"));
-    let received = Arc::new(AtomicU64::new(0));
-    let blob_get = {
-        let received = Arc::clone(&received);
-        let path = format!("/v2/owed/app/blobs/{digest}");
-        std::thread::spawn(move || {
-            let mut s = send_request(addr, "GET", &path, &[], b"", Duration::from_secs(60))
-                .expect("send GET to regcache");
-            let mut buf = vec![0u8; 64 << 10];
-            loop {
-                match s.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        received.fetch_add(n as u64, Ordering::SeqCst);
-                    }
-                }
-            }
-        })
-    };
+    let (received, blob_get) = read_on_a_thread(addr, format!("/v2/owed/app/blobs/{digest}"));
     let deadline = Instant::now() + Duration::from_secs(30);
     while fake.hits("GET", "/v2/owed/app/manifests/v1") == 0
         || received.load(Ordering::SeqCst) < 64 << 10
