@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::share::Share;
-use super::{blocking, lock, Blob, BlobSource, Cache, CacheError, Outcome, Route};
+use super::{lock, Blob, BlobSource, Cache, CacheError, Outcome, Route};
 use crate::bucket::upstream_id;
 use crate::oci::reference::Digest;
 
@@ -43,8 +43,6 @@ impl Cache {
             let mut outcome = Outcome::Hit;
             if !self.store.is_linked(&key, d)? {
                 outcome = self.confirm_blob(route, d, size).await?;
-                let (store, k2, d2) = (Arc::clone(&self.store), key.clone(), d.clone());
-                blocking(move || store.link(&k2, &d2)).await?;
             }
             return Ok(Blob {
                 size: Some(size),
@@ -123,9 +121,9 @@ impl Cache {
 
     /// How blob `d`, stored here for another repository, may be served to `route`'s: once a
     /// tier confirms that this repository has it — a shared tier's link (a server that fetched
-    /// or confirmed it for the repository), else the upstream now (its "no" reaches the client).
-    /// A manifest of this repository that names the digest is a claim, not proof. `size`: the
-    /// blob's, for the bucket.
+    /// or confirmed it for the repository), else the upstream now (its "no" reaches the client)
+    /// — and the link is recorded. A manifest of this repository that names the digest is a
+    /// claim, not proof. `size`: the blob's, for the bucket.
     async fn confirm_blob(
         &self,
         route: &Route,
@@ -136,15 +134,17 @@ impl Cache {
             if !tier.has_blob(route, d).await? {
                 continue;
             }
-            if tier.is_origin() {
-                // The confirmed link goes to the bucket too, so that another server may
-                // serve the blob for this repository while the upstream is down.
-                self.share(Share::Blob {
-                    digest: d.clone(),
-                    size,
-                    link: Some((upstream_id(&route.upstream.config.url), route.repo.clone())),
-                });
-            }
+            // The upstream's confirmation goes to the bucket too, owed from the link's record
+            // on, so that another server may serve the blob for this repository while the
+            // upstream is down.
+            let share = tier.is_origin().then(|| Share::Blob {
+                digest: d.clone(),
+                size,
+                link: Some((upstream_id(&route.upstream.config.url), route.repo.clone())),
+            });
+            let (store, key, d2) = (Arc::clone(&self.store), route.key(), d.clone());
+            self.commit_and_share(share, move |owed| store.link(&key, &d2, owed))
+                .await?;
             return Ok(tier.confirmed());
         }
         Err(CacheError::broken(

@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 use super::share::Share;
 use super::tail::MemoryTail;
 use super::tier::TierBlob;
-use super::{blocking, lock, Cache, CacheError, InternalError, Outcome, Route};
+use super::{lock, Cache, CacheError, InternalError, Outcome, Route};
 use crate::bucket::upstream_id;
 use crate::oci::reference::Digest;
 use crate::store::{Hold, StoreError, TempBlob};
@@ -559,17 +559,19 @@ impl Cache {
         // database) proceeds; they read the file through descriptors the commit does not touch.
         tx.send_replace(FillState::Done { size: written });
         let (store, key, d2) = (Arc::clone(&self.store), route.key(), d.clone());
-        match blocking(move || store.commit_blob(temp, &d2, written, &key, None)).await {
-            Ok(()) => {
-                self.store.set_full(false);
-                if from_origin {
-                    self.share(Share::Blob {
-                        digest: d.clone(),
-                        size: written,
-                        link: Some((upstream_id(&up.config.url), route.repo.clone())),
-                    });
-                }
-            }
+        // What the upstream gave is owed to the bucket from the commit on.
+        let share = from_origin.then(|| Share::Blob {
+            digest: d.clone(),
+            size: written,
+            link: Some((upstream_id(&up.config.url), route.repo.clone())),
+        });
+        match self
+            .commit_and_share(share, move |owed| {
+                store.commit_blob(temp, &d2, written, &key, None, owed)
+            })
+            .await
+        {
+            Ok(()) => self.store.set_full(false),
             Err(e) if e.is_disk_full() => {
                 // The bytes were verified and the clients have them; only caching failed.
                 self.store.set_full(true);

@@ -9,7 +9,6 @@ use super::share::Share;
 use super::tier::{Tier, TierManifest, TierTag};
 use super::{blocking, Cache, CacheError, Manifest, Outcome, Route};
 use crate::bucket::upstream_id;
-use crate::oci::manifest::referrer_descriptor;
 use crate::oci::media::{self, Accept, Negotiated};
 use crate::oci::reference::{Digest, Reference, Tag};
 use crate::store::{now_millis, RepoKey};
@@ -169,7 +168,7 @@ impl Cache {
                     let origin = self.tiers.origin();
                     origin.has_manifest(route, d).await?;
                     let (store, k2, d2) = (Arc::clone(&self.store), key.clone(), d.clone());
-                    blocking(move || store.link(&k2, &d2)).await?;
+                    blocking(move || store.link(&k2, &d2, None)).await?;
                     if let Some(m) = self.stored_manifest(d, origin.confirmed())? {
                         return Ok(m);
                     }
@@ -359,7 +358,6 @@ impl Cache {
                 }
             }
         };
-        let subject = referrer_descriptor(&bytes, &media_type, d);
         let (store, key, d2, mt, bytes2, tag2) = (
             Arc::clone(&self.store),
             route.key(),
@@ -369,14 +367,7 @@ impl Cache {
             tag.map(|(t, at)| (t.clone(), at)),
         );
         blocking(move || {
-            store.put_manifest(
-                &key,
-                &d2,
-                &mt,
-                &bytes2,
-                None,
-                subject.as_ref().map(|(s, desc)| (s, desc.as_slice())),
-            )?;
+            store.put_manifest(&key, &d2, &mt, &bytes2, None, None)?;
             if let Some((t, at)) = tag2 {
                 store.set_tag(&key, &t, &d2, at)?;
             }
@@ -425,7 +416,6 @@ impl Cache {
                 stale_reason: None,
             });
         }
-        let subject = referrer_descriptor(&bytes, &media_type, &digest);
         let (store, key, d2, mt, bytes2, tag2) = (
             Arc::clone(&self.store),
             route.key(),
@@ -434,32 +424,26 @@ impl Cache {
             bytes.clone(),
             tag.cloned(),
         );
-        let stored = blocking(move || {
-            store.put_manifest(
-                &key,
-                &d2,
-                &mt,
-                &bytes2,
-                tag2.as_ref().map(|t| (t, accept)),
-                subject.as_ref().map(|(s, desc)| (s, desc.as_slice())),
-            )
-        })
-        .await;
+        // Owed to the bucket from the manifest's commit on. The bucket's tag records are for the
+        // full Accept only.
+        let share = Share::Manifest {
+            upstream: upstream_id(&up.config.url),
+            repo: route.repo.clone(),
+            digest: digest.clone(),
+            media_type: media_type.clone(),
+            bytes: bytes.clone(),
+            tag: tag
+                .filter(|_| accept.is_all())
+                .map(|t| (t.clone(), now_millis())),
+        };
+        let stored = self
+            .commit_and_share(Some(share), move |owed| {
+                let tag = tag2.as_ref().map(|t| (t, accept));
+                store.put_manifest(&key, &d2, &mt, &bytes2, tag, owed)
+            })
+            .await;
         let outcome = match stored {
-            Ok(()) => {
-                // The bucket's tag records are for the full Accept only.
-                self.share(Share::Manifest {
-                    upstream: upstream_id(&up.config.url),
-                    repo: route.repo.clone(),
-                    digest: digest.clone(),
-                    media_type: media_type.clone(),
-                    bytes: bytes.clone(),
-                    tag: tag
-                        .filter(|_| accept.is_all())
-                        .map(|t| (t.clone(), now_millis())),
-                });
-                origin.outcome()
-            }
+            Ok(()) => origin.outcome(),
             Err(e) => {
                 // Verified bytes are still good to serve; they are just not cached.
                 tracing::warn!(digest = %digest, error = %e, "cannot store the manifest; serving it uncached");

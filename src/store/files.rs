@@ -9,7 +9,7 @@ use std::io::{self, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
-use super::{io_err, now_secs, RepoKey, Store, StoreError};
+use super::{io_err, now_secs, Owed, RepoKey, Store, StoreError};
 use crate::oci::reference::Digest;
 
 /// Committed blob files: `blobs/<alg>/<first two hex>/<hex>`.
@@ -303,7 +303,8 @@ impl Store {
     }
 
     /// Makes a verified temporary file the blob `d`: fsync, rename, fsync the directory, then
-    /// record it (with a link for `repo`, and a media type if it is a manifest) in one transaction.
+    /// record it (with a link for `repo`, a media type if it is a manifest, and what the commit
+    /// owes elsewhere) in one transaction.
     pub fn commit_blob(
         &self,
         mut temp: TempBlob,
@@ -311,6 +312,7 @@ impl Store {
         size: u64,
         repo: &RepoKey,
         manifest: Option<(&str, &[Digest])>,
+        owed: Option<Owed<'_>>,
     ) -> Result<(), StoreError> {
         let Some(file) = temp.file.take() else {
             return Err(io_err(&temp.path)(closed()));
@@ -330,7 +332,7 @@ impl Store {
             let _ = fs::remove_file(&temp.path);
         }
         result?;
-        self.record_blob(d, size, repo, manifest)
+        self.record_blob(d, size, repo, manifest, owed)
     }
 
     /// Opens a committed blob for reading; `None` if not recorded or its file is gone.

@@ -469,7 +469,10 @@ async fn on_a_full_store_prefetch_exits_1_naming_the_image_served_without_cachin
     let (summary, stderr) = &reported;
     assert!(stderr.contains("store is full"), "{stderr}");
     let small = &summary["images"][0];
-    assert_eq!(small["status"], "cached", "what was stored stays: {summary}");
+    assert_eq!(
+        small["status"], "cached",
+        "what was stored stays: {summary}"
+    );
     assert_eq!(small["durable"], true, "{summary}");
     assert_eq!(fake.blob_gets(&small_layer), 1);
     assert_eq!(
