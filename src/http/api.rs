@@ -128,6 +128,10 @@ fn cache_error(e: CacheError, object: Object) -> ApiError {
         CacheError::NotAcceptable(why) => {
             ApiError::new(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", *why)
         }
+        CacheError::NotStored(why) => match object {
+            Object::Blob => ApiError::new(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", *why),
+            _ => ApiError::new(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", *why),
+        },
         CacheError::DigestMismatch { .. } | CacheError::SizeMismatch { .. } => {
             tracing::error!(error = %e, "upstream sent content that failed verification");
             ApiError::new(StatusCode::BAD_GATEWAY, "UNKNOWN", e.to_string())
@@ -277,6 +281,10 @@ fn ops_endpoint(
             if let Some(b) = app.cache.bucket() {
                 // Like an upstream, a bucket that is down does not make regcache unready.
                 body["bucket"] = serde_json::json!({ "up": b.is_up() });
+            }
+            if let Some(p) = app.cache.peers() {
+                // Nor do peers: a server can always serve what it holds and go upstream.
+                body["peers"] = serde_json::json!(p.status());
             }
             let status = if store_ok.is_ok() {
                 StatusCode::OK
@@ -473,6 +481,8 @@ pub struct LogInfo {
     pub route: &'static str,
     /// The `ns` query parameter, once it has routed the request to an upstream.
     pub namespace: Option<String>,
+    /// Set for a request from a peer (`[peers]`) whose token was right.
+    pub peer: Option<crate::http::peer::PeerCall>,
 }
 
 /// Response header naming the `ns` a request was routed by (the distribution spec's registry
@@ -675,7 +685,7 @@ pub async fn handle(
         ..LogInfo::default()
     };
     let mut user = None;
-    let result = match check_access(&app, peer, &req, &mut user).await {
+    let result = match check_access(&app, peer, &req, &mut user, &mut info.peer).await {
         Err((e, limit)) => {
             app.metrics
                 .limit_rejections
@@ -684,12 +694,16 @@ pub async fn handle(
             Err(e)
         }
         Ok(()) if path.starts_with(ADMIN_PREFIX) => admin(&app, peer, &req).await,
-        Ok(()) => route_request(&app, &req, &mut info).await,
+        Ok(()) => match crate::http::peer::refuse_self(info.peer) {
+            Some(e) => Err(e),
+            None => route_request(&app, &req, &mut info).await,
+        },
     };
     let mut resp = match result {
         Ok(r) => r,
         Err(e) => e.into_response(head),
     };
+    crate::http::peer::answered(&app, info.peer, &mut resp, head);
     if let Some(o) = info.outcome {
         // How the cache answered: lets `regcache prefetch` (and operators) see hits.
         resp.headers_mut()
@@ -746,13 +760,15 @@ fn route_label(path: &str) -> &'static str {
 }
 
 /// The checks every request passes before it is looked at: the request target's length, the
-/// client's address, and (with `access.htpasswd`) its credentials, except on `/healthz` and
-/// `/readyz`. The error comes with the name of the limit, for the metrics.
+/// client's address, a peer request's token (`from_peer`: set when right), and (with
+/// `access.htpasswd`) the credentials of any other, except on `/healthz` and `/readyz`. The
+/// error comes with the name of the limit, for the metrics.
 async fn check_access(
     app: &Arc<App>,
     peer: std::net::SocketAddr,
     req: &Request<hyper::body::Incoming>,
     user: &mut Option<String>,
+    from_peer: &mut Option<crate::http::peer::PeerCall>,
 ) -> Result<(), (ApiError, &'static str)> {
     let routing = app.routing();
     let limits = &routing.config.limits;
@@ -783,6 +799,11 @@ async fn check_access(
             ),
             "access_allow",
         ));
+    }
+    if let Some(call) = crate::http::peer::recognise(app, peer, req)? {
+        // The fleet's token stands in for client credentials.
+        (*user, *from_peer) = (Some("peer".into()), Some(call));
+        return Ok(());
     }
     let path = req.uri().path();
     let open = matches!(path, "/healthz" | "/readyz") || path.starts_with(ADMIN_PREFIX);
@@ -884,11 +905,10 @@ async fn route_request(
                     .iter()
                     .map(HeaderValue::as_bytes),
             );
-            let m = app
-                .cache
-                .manifest(&route, &reference, accept)
-                .await
-                .map_err(|e| cache_error(e, Object::Manifest))?;
+            let (m, checked_at) =
+                crate::http::peer::manifest(app, &route, &reference, accept, info.peer)
+                    .await
+                    .map_err(|e| cache_error(e, Object::Manifest))?;
             info.outcome = Some(m.outcome);
             let mut resp = Response::new(if head { empty() } else { full(m.bytes.clone()) });
             let h = resp.headers_mut();
@@ -896,6 +916,7 @@ async fn route_request(
             h.insert(header::CONTENT_LENGTH, HeaderValue::from(m.bytes.len()));
             set_header(h, "docker-content-digest", &m.digest.to_string());
             set_header(h, header::ETAG, &format!("\"{}\"", m.digest));
+            crate::http::peer::checked_at(h, checked_at);
             if m.outcome == Outcome::Stale {
                 h.insert(
                     header::WARNING,
@@ -943,7 +964,8 @@ async fn blob(
     info: &mut LogInfo,
 ) -> Result<Response<Body>, ApiError> {
     let range = parse_range(headers.get(header::RANGE));
-    if !head {
+    // A peer gets the bytes, never a redirect to the bucket.
+    if !head && info.peer.is_none() {
         let redirect = app
             .cache
             .blob_redirect(route, digest)
@@ -962,9 +984,10 @@ async fn blob(
             return Ok(resp);
         }
     }
+    let asker = info.peer.map(|p| p.asker).unwrap_or_default();
     let b = app
         .cache
-        .blob(route, digest, !head)
+        .blob_for(route, digest, !head, asker)
         .await
         .map_err(|e| cache_error(e, Object::Blob))?;
     info.outcome = Some(b.outcome);

@@ -133,8 +133,9 @@ impl Peer {
         lock(&self.bad).insert(d.clone());
     }
 
-    fn is_bad(&self, d: &Digest) -> bool {
-        lock(&self.bad).contains(d)
+    /// Whether it may be asked for `d` (its copy of `d` never failed verification).
+    pub fn may_give(&self, d: &Digest) -> bool {
+        !lock(&self.bad).contains(d)
     }
 }
 
@@ -226,7 +227,7 @@ impl Peers {
             .into_iter()
             .map(|(_, p)| p)
             .take_while(|p| !p.is_self())
-            .filter(|p| p.is_up() && !p.is_bad(d))
+            .filter(|p| p.is_up() && p.may_give(d))
             .collect()
     }
 
