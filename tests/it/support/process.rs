@@ -21,17 +21,25 @@ pub struct Process {
     pub addr: SocketAddr,
     pub config: PathBuf,
     pub log: PathBuf,
+    /// More arguments of `serve` (e.g. `--data-dir`).
+    args: Vec<String>,
 }
 
 impl Process {
     /// Starts `regcache serve --config CONFIG --listen ADDR` and waits until `/readyz` answers 200.
     /// The log (stderr) goes to `LOG`, appended across restarts.
     pub fn start(config: &Path, addr: SocketAddr, log: &Path) -> Process {
+        Process::start_with(config, addr, log, &[])
+    }
+
+    /// [`Process::start`] with more arguments of `serve` (kept for restarts).
+    pub fn start_with(config: &Path, addr: SocketAddr, log: &Path, args: &[String]) -> Process {
         let mut p = Process {
             child: None,
             addr,
             config: config.to_owned(),
             log: log.to_owned(),
+            args: args.to_vec(),
         };
         p.spawn();
         p.wait_ready(Duration::from_secs(20));
@@ -49,6 +57,7 @@ impl Process {
             .arg(&self.config)
             .arg("--listen")
             .arg(self.addr.to_string())
+            .args(&self.args)
             .env_remove("REGCACHE_CONFIG")
             .env("REGCACHE_LOG", "info,regcache::access=debug")
             .stdin(Stdio::null())
