@@ -137,34 +137,25 @@ impl PeerTier {
         Ok(None)
     }
 
-    /// Blob `d` from `offset` from a peer that holds it for `route`'s repository (asked all at
-    /// once with a `HEAD`, then the first to answer `200` that still gives it).
+    /// Blob `d` from `offset` from a peer that holds it for `route`'s repository: every healthy
+    /// peer is asked at once with a local-only `HEAD`, and the first to answer `200` is asked for
+    /// the bytes.
     async fn holder_blob(&self, route: &Route, d: &Digest, offset: u64) -> Option<PeerBlob> {
         let path = Self::path(route, "blobs", &d.to_string());
-        let heads = self
+        let held = self
             .peers
-            .ask_others(&self.query(Method::HEAD, &path, 0))
-            .await;
-        for held in heads {
-            if held.response.status() != StatusCode::OK || !held.peer.may_give(d) {
-                continue;
-            }
-            let peer = held.peer;
-            let get = self.query(Method::GET, &path, offset);
-            let Ok(response) = self.peers.ask(&peer, &get).await else {
-                continue;
-            };
-            let size = match response.status() {
-                StatusCode::OK if offset == 0 => length(&response),
-                StatusCode::PARTIAL_CONTENT => range_total(&response, offset),
-                _ => None,
-            };
-            if let Some(size) = size {
-                let answer = PeerAnswer { peer, response };
-                return Some((PeerStream::new(&self.peers, answer), size));
-            }
-        }
-        None
+            .first_holder(&self.query(Method::HEAD, &path, 0), d)
+            .await?;
+        let peer = held.peer;
+        let get = self.query(Method::GET, &path, offset);
+        let response = self.peers.ask(&peer, &get).await.ok()?;
+        let size = match response.status() {
+            StatusCode::OK if offset == 0 => length(&response),
+            StatusCode::PARTIAL_CONTENT => range_total(&response, offset),
+            _ => None,
+        }?;
+        let answer = PeerAnswer { peer, response };
+        Some((PeerStream::new(&self.peers, answer), size))
     }
 
     /// The size of blob `d` as a peer that holds it for `route`'s repository announces it.
@@ -172,7 +163,7 @@ impl PeerTier {
         let path = Self::path(route, "blobs", &d.to_string());
         let held = self
             .peers
-            .first_holder(&self.query(Method::HEAD, &path, 0))
+            .first_holder(&self.query(Method::HEAD, &path, 0), d)
             .await?;
         length(&held.response)
     }
@@ -182,7 +173,7 @@ impl PeerTier {
     pub(super) async fn holds(&self, route: &Route, kind: &str, d: &Digest) -> bool {
         let path = Self::path(route, kind, &d.to_string());
         self.peers
-            .first_holder(&self.query(Method::HEAD, &path, 0))
+            .first_holder(&self.query(Method::HEAD, &path, 0), d)
             .await
             .is_some()
     }
@@ -198,7 +189,7 @@ impl PeerTier {
         let path = Self::path(route, "manifests", &d.to_string());
         let held = self
             .peers
-            .first_holder(&self.query(Method::GET, &path, 0))
+            .first_holder(&self.query(Method::GET, &path, 0), d)
             .await?;
         let PeerAnswer { peer, response } = held;
         let content_type = response

@@ -13,6 +13,7 @@ use super::{
     Peer, Peers, Settings, ANSWER_WAIT, HOP_HEADER, LOCAL_ONLY_HEADER, SERVER_ID_HEADER,
     TOKEN_HEADER,
 };
+use crate::oci::reference::Digest;
 use crate::telemetry::metrics::Metrics;
 
 /// What to ask a peer.
@@ -158,11 +159,13 @@ impl Peers {
         answers
     }
 
-    /// Asks every healthy peer but this server at once; the first answer with a success status.
-    pub async fn first_holder(&self, want: &Want<'_>) -> Option<PeerAnswer> {
+    /// Asks every healthy peer but this server that may give `d` at once; the first answer with
+    /// a success status.
+    pub async fn first_holder(&self, want: &Want<'_>, d: &Digest) -> Option<PeerAnswer> {
         let mut asked: FuturesUnordered<_> = self
             .others_up()
             .into_iter()
+            .filter(|p| p.may_give(d))
             .map(|peer| async move {
                 let r = self.ask(&peer, want).await;
                 (peer, r)

@@ -7,7 +7,9 @@ use reqwest::StatusCode;
 
 use crate::support::fake::FakeUpstream;
 use crate::support::fleet::{peer_headers, peers_toml, token_file, TOKEN};
+use crate::offline::ops::cloud_init_file;
 use crate::support::media::accept_all;
+use crate::support::process::Process;
 use crate::support::regcache::{client, config_for, error_code, Regcache};
 
 /// `GET` (or `HEAD`) `url` with `headers`: status, server id header, body.
@@ -214,4 +216,41 @@ async fn the_allow_list_applies_to_peers_and_a_reload_changes_the_peer_list() {
     let after = readyz().await;
     assert_eq!(after.as_array().map(Vec::len), Some(2), "{after}");
     assert_eq!(after[1]["url"], "http://127.0.0.8:8/", "{after}");
+}
+
+#[test]
+fn the_fleet_cloud_init_template_renders_a_valid_config_with_every_peer() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let template = std::fs::read_to_string(root.join("deploy/cloud-init/fleet.yaml.tftpl"))
+        .expect("the fleet's cloud-init template");
+    // What terraform's templatefile makes of it (deploy/terraform/fleet.tf).
+    let doc = template
+        .replace(
+            "${peer_urls}",
+            r#"["http://10.0.0.11:5000","http://10.0.0.12:5000","http://10.0.0.13:5000"]"#,
+        )
+        .replace("${peer_token}", TOKEN)
+        .replace("${fleet_cidr}", "10.0.0.0/16");
+    assert!(!doc.contains("${"), "a placeholder terraform does not fill:\n{doc}");
+    let unit = std::fs::read_to_string(root.join("deploy/systemd/regcache.service")).expect("unit");
+    assert_eq!(
+        cloud_init_file(&doc, "/etc/systemd/system/regcache.service").trim_end(),
+        unit.trim_end(),
+        "the fleet's unit must be deploy/systemd/regcache.service"
+    );
+    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
+    let token = work.path().join("peer-token");
+    std::fs::write(&token, cloud_init_file(&doc, "/etc/regcache/peer-token")).expect("token");
+    let config = work.path().join("config.toml");
+    let text = cloud_init_file(&doc, "/etc/regcache/config.toml")
+        .replace("/etc/regcache/peer-token", &token.display().to_string());
+    std::fs::write(&config, &text).expect("config");
+    let out = Process::run_to_end(&["check-config", &config.display().to_string()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("peers: [\"http://10.0.0.11:5000/\""),
+        "{}{stdout}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!stdout.contains(TOKEN), "check-config printed the token");
 }

@@ -11,7 +11,7 @@ mod config_store;
 mod durability;
 mod faults;
 mod fleet;
-mod ops;
+pub(crate) mod ops;
 mod outage;
 mod prefetch;
 mod pull;

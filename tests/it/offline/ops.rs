@@ -202,7 +202,7 @@ async fn a_fill_on_one_shard_keeps_feeding_a_client_on_another_through_shutdown(
 }
 
 /// The `content: |` block of `path` in a cloud-init document (6-space indented lines).
-fn cloud_init_file(doc: &str, path: &str) -> String {
+pub(crate) fn cloud_init_file(doc: &str, path: &str) -> String {
     let mut lines = doc
         .lines()
         .skip_while(|l| !l.trim_end().ends_with(&format!("path: {path}")));
