@@ -5,9 +5,9 @@
 use bytes::Bytes;
 use reqwest::StatusCode;
 
+use crate::offline::ops::cloud_init_file;
 use crate::support::fake::FakeUpstream;
 use crate::support::fleet::{peer_headers, peers_toml, token_file, TOKEN};
-use crate::offline::ops::cloud_init_file;
 use crate::support::media::accept_all;
 use crate::support::process::Process;
 use crate::support::regcache::{client, config_for, error_code, Regcache};
@@ -231,7 +231,10 @@ fn the_fleet_cloud_init_template_renders_a_valid_config_with_every_peer() {
         )
         .replace("${peer_token}", TOKEN)
         .replace("${fleet_cidr}", "10.0.0.0/16");
-    assert!(!doc.contains("${"), "a placeholder terraform does not fill:\n{doc}");
+    assert!(
+        !doc.contains("${"),
+        "a placeholder terraform does not fill:\n{doc}"
+    );
     let unit = std::fs::read_to_string(root.join("deploy/systemd/regcache.service")).expect("unit");
     assert_eq!(
         cloud_init_file(&doc, "/etc/systemd/system/regcache.service").trim_end(),
