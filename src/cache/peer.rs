@@ -90,8 +90,10 @@ impl PeerTier {
 
     /// Blob `d` from the healthy peers ranked above this server for it, best first: the first
     /// that answers gives it (its own fill, single flight for every server asking). One that
-    /// fails is marked down and the next is asked. A `404` is the owner's upstream's answer and
-    /// is passed on (the upstream was asked already); any other answer passes to the next.
+    /// fails (no answer, not a peer) is marked down and the next is asked. A `404` is the owner's
+    /// upstream's answer and is passed on (the upstream was asked already). Any other answer is a
+    /// live owner that cannot give the blob now (its upstream failed, its fills are all busy):
+    /// the next in rank would ask the same upstream, so this server's own tiers are next.
     async fn owner_blob(&self, route: &Route, d: &Digest) -> Result<Option<PeerBlob>, CacheError> {
         let up = &route.upstream;
         let path = Self::path(route, "blobs", &d.to_string());
@@ -111,12 +113,11 @@ impl PeerTier {
                 Err(_) => continue,
             };
             match response.status() {
-                StatusCode::OK => {
-                    // A size is what tells a cut stream from a whole one.
-                    if let Some(size) = length(&response) {
-                        let answer = PeerAnswer { peer, response };
-                        return Ok(Some((PeerStream::new(&self.peers, answer), size)));
-                    }
+                // A size is what tells a cut stream from a whole one.
+                StatusCode::OK if length(&response).is_some() => {
+                    let size = length(&response).unwrap_or_default();
+                    let answer = PeerAnswer { peer, response };
+                    return Ok(Some((PeerStream::new(&self.peers, answer), size)));
                 }
                 StatusCode::NOT_FOUND if is_unknown(response, "BLOB_UNKNOWN").await => {
                     return Err(UpstreamError::Status {
@@ -131,7 +132,7 @@ impl PeerTier {
                     }
                     .into());
                 }
-                _ => {}
+                _ => break,
             }
         }
         Ok(None)
