@@ -703,7 +703,6 @@ pub async fn handle(
         Ok(r) => r,
         Err(e) => e.into_response(head),
     };
-    crate::http::peer::answered(&app, info.peer, &mut resp, head);
     if let Some(o) = info.outcome {
         // How the cache answered: lets `regcache prefetch` (and operators) see hits.
         resp.headers_mut()
@@ -719,6 +718,7 @@ pub async fn handle(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(0);
+    crate::http::peer::answered(&app, info.peer, &mut resp, bytes, head);
     let m = &app.metrics;
     m.requests
         .get_or_create(&vec![

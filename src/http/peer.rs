@@ -12,7 +12,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::header::{self, HeaderValue};
+use http::header::HeaderValue;
 use http::{Request, Response, StatusCode};
 
 use crate::app::App;
@@ -102,21 +102,21 @@ pub fn refuse_self(call: Option<PeerCall>) -> Option<ApiError> {
     })
 }
 
-/// Adds this server's id to the answer to a peer request, and counts its body in
-/// `regcache_peer_sent_bytes_total`.
-pub fn answered(app: &App, call: Option<PeerCall>, resp: &mut Response<Body>, head: bool) {
+/// Adds this server's id to the answer to a peer request, and counts its body (`bytes`, its
+/// `Content-Length`) in `regcache_peer_sent_bytes_total`.
+pub fn answered(
+    app: &App,
+    call: Option<PeerCall>,
+    resp: &mut Response<Body>,
+    bytes: u64,
+    head: bool,
+) {
     let (Some(_), Some(peers)) = (call, app.cache.peers()) else {
         return;
     };
     if let Ok(v) = HeaderValue::from_str(peers.server_id()) {
         resp.headers_mut().insert(SERVER_ID_HEADER, v);
     }
-    let bytes = resp
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0);
     if !head && resp.status().is_success() {
         app.metrics.peer_sent_bytes.inc_by(bytes);
     }

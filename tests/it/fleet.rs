@@ -242,11 +242,7 @@ fn owner_killed_mid_fill_the_other_servers_clients_still_get_the_right_bytes() {
         let held = http_get(
             fleet.addr(i),
             &format!("/v2/{repo}/blobs/{big}"),
-            &[
-                ("x-regcache-peer-token", crate::support::fleet::TOKEN),
-                ("x-regcache-hop", "1"),
-                ("x-regcache-local-only", "1"),
-            ],
+            &peer_headers(true),
         )
         .map(|r| r.status);
         assert_eq!(

@@ -101,14 +101,14 @@ async fn peer_requests_need_the_fleet_token_which_stands_in_for_htpasswd() {
     let (status, _, _) = ask(reqwest::Method::HEAD, &blob, &local).await;
     assert_eq!(status, StatusCode::OK, "local-only, now stored");
     let tag = format!("{}/v2/team/app/manifests/v1", rc.url());
-    let r = client()
-        .head(&tag)
-        .header("x-regcache-peer-token", TOKEN)
-        .header("x-regcache-hop", "1")
-        .header("x-regcache-local-only", "1")
-        .send()
-        .await
-        .expect("HEAD tag");
+    let head_tag = || async {
+        let mut req = client().head(&tag);
+        for (k, v) in peer_headers(true) {
+            req = req.header(k, v);
+        }
+        req.send().await.expect("HEAD tag")
+    };
+    let r = head_tag().await;
     assert_eq!(
         r.status(),
         StatusCode::NOT_FOUND,
@@ -122,14 +122,7 @@ async fn peer_requests_need_the_fleet_token_which_stands_in_for_htpasswd() {
         StatusCode::OK,
         "a hop by tag, with the four types a puller accepts"
     );
-    let r = client()
-        .head(&tag)
-        .header("x-regcache-peer-token", TOKEN)
-        .header("x-regcache-hop", "1")
-        .header("x-regcache-local-only", "1")
-        .send()
-        .await
-        .expect("HEAD tag");
+    let r = head_tag().await;
     assert_eq!(r.status(), StatusCode::OK);
     let at: u64 = r
         .headers()
