@@ -87,6 +87,10 @@ impl Cache {
         let existing = {
             let fills = lock(&self.fills);
             match fills.get(&fill_key) {
+                // A peer's outage query joins only a fill that has its bytes coming: one still
+                // looking for a source may be asking that very peer, and each would wait for the
+                // other.
+                Some(f) if local_only && !f.has_source() => None,
                 Some(f) => {
                     let reader = if want_body {
                         Some(self.attach(f, d)?)

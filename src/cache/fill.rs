@@ -185,6 +185,14 @@ impl Fill {
         *lock(&self.source)
     }
 
+    /// Whether a tier answered (bytes are coming, or came).
+    pub(super) fn has_source(&self) -> bool {
+        matches!(
+            &*self.state.borrow(),
+            FillState::Streaming { .. } | FillState::Done { .. }
+        )
+    }
+
     /// Waits until a tier answered; returns the blob's size if it announced one.
     pub(super) async fn wait_started(&self) -> Result<Option<u64>, CacheError> {
         let mut rx = self.state.clone();

@@ -617,3 +617,48 @@ fn postmortem_drill_servers_that_never_pulled_get_every_image_from_their_peers_a
         );
     }
 }
+
+#[test]
+fn two_servers_missing_the_same_blob_during_an_outage_answer_each_other_at_once() {
+    // The upstream refuses connections; one failure opens each server's breaker.
+    let dead = SocketAddr::from(([127, 0, 0, 1], crate::support::process::free_port()));
+    let fleet = Fleet::start(2, &format!("http://{dead}"), "failure_threshold = 1\n");
+    fleet.wait_formed();
+    let blob = |n: u8| format!("/v2/team/app/blobs/{}", sha256_digest(&[n; 64]));
+    for i in 0..2 {
+        let f = timed_get(fleet.addr(i), &blob(i as u8), &[], None);
+        assert_eq!(f.status, 503, "server {i}: the upstream is down");
+    }
+    // Both miss the same blob at the same moment: each asks the other who holds it, while its
+    // own fill is still looking for a source. Neither may wait for the other's fill.
+    let barrier = Barrier::new(2);
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2)
+            .map(|i| {
+                let (barrier, path, addr) = (&barrier, blob(9), fleet.addr(i));
+                s.spawn(move || {
+                    barrier.wait();
+                    timed_get(addr, &path, &[], None).status
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("client"))
+            .collect()
+    });
+    assert_eq!(statuses, [503, 503], "nobody holds it: 503 on both");
+    for (i, s) in fleet.servers.iter().enumerate() {
+        let states = peer_states(s);
+        assert!(
+            states.iter().all(|(_, up, _)| *up),
+            "server {i} marked its peer down for answering late: {states:?}\n{}",
+            fleet.logs()
+        );
+        let m = s.metrics();
+        assert!(
+            !m.contains("result=\"timeout\""),
+            "server {i}: a peer request timed out:\n{m}"
+        );
+    }
+}
