@@ -112,14 +112,13 @@ impl PeerTier {
                 Err(PeerError::Itself { .. }) => break,
                 Err(_) => continue,
             };
-            match response.status() {
+            match (response.status(), length(&response)) {
                 // A size is what tells a cut stream from a whole one.
-                StatusCode::OK if length(&response).is_some() => {
-                    let size = length(&response).unwrap_or_default();
+                (StatusCode::OK, Some(size)) => {
                     let answer = PeerAnswer { peer, response };
                     return Ok(Some((PeerStream::new(&self.peers, answer), size)));
                 }
-                StatusCode::NOT_FOUND if is_unknown(response, "BLOB_UNKNOWN").await => {
+                (StatusCode::NOT_FOUND, _) if is_unknown(response, "BLOB_UNKNOWN").await => {
                     return Err(UpstreamError::Status {
                         upstream: up.name().to_owned(),
                         status: 404,

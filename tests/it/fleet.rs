@@ -662,3 +662,30 @@ fn two_servers_missing_the_same_blob_during_an_outage_answer_each_other_at_once(
         );
     }
 }
+
+#[test]
+fn a_blob_the_upstream_does_not_have_is_asked_of_it_once_through_the_owner() {
+    let upstream = Registry::start_seeded();
+    let fleet = Fleet::start(2, &upstream.url(), "");
+    fleet.wait_formed();
+    let missing = sha256_digest(b"no such layer");
+    let asker = fleet.ranked(&missing)[1];
+    let f = timed_get(
+        fleet.addr(asker),
+        &format!("/v2/small/oci/blobs/{missing}"),
+        &[],
+        None,
+    );
+    assert_eq!(f.status, 404, "the owner's upstream said 404: {f:?}");
+    let asked: Vec<_> = upstream
+        .access_log()
+        .lines()
+        .filter(|l| l.contains(&missing))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        asked.len(),
+        1,
+        "the owner's 404 is the answer; the upstream is not asked again: {asked:?}"
+    );
+}
