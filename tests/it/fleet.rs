@@ -689,3 +689,55 @@ fn a_blob_the_upstream_does_not_have_is_asked_of_it_once_through_the_owner() {
         "the owner's 404 is the answer; the upstream is not asked again: {asked:?}"
     );
 }
+
+#[test]
+fn during_an_outage_the_most_recently_confirmed_tag_record_of_the_fleet_wins() {
+    let mut upstream = Registry::start_seeded();
+    let fleet = Fleet::start(
+        3,
+        &upstream.url(),
+        "freshness = \"1s\"\nconnect_timeout = \"1s\"\nheader_timeout = \"2s\"\n",
+    );
+    fleet.wait_formed();
+    let (a, b, c) = (0, 1, 2);
+    let by_tag = "/v2/small/docker/manifests/latest";
+    let get_tag = |server: usize| {
+        http_get(fleet.addr(server), by_tag, &[("Accept", accept_all())]).expect("GET by tag")
+    };
+    // A confirms the tag at one digest; then the tag moves upstream, and B confirms the new one.
+    let old = get_tag(a);
+    assert_eq!(old.status, 200);
+    let host = upstream.host_port();
+    crate::support::registry::skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        "--dest-tls-verify=false",
+        &format!("docker://{host}/small/oci:latest"),
+        &format!("docker://{host}/small/docker:latest"),
+    ]);
+    std::thread::sleep(Duration::from_millis(50));
+    let new = get_tag(b);
+    assert_eq!(new.status, 200);
+    let (old_d, new_d) = (sha256_digest(&old.body), sha256_digest(&new.body));
+    assert_ne!(old_d, new_d, "the tag moved upstream");
+
+    // The upstream goes dark. C never pulled the tag; A holds the older record.
+    let addr = upstream.addr();
+    upstream.stop();
+    let _hole = BlackHole::start(addr);
+    std::thread::sleep(Duration::from_millis(1100)); // both records are past `freshness`
+    for server in [c, a] {
+        let r = get_tag(server);
+        assert_eq!(r.status, 200, "server {server}\n{}", fleet.logs());
+        assert_eq!(
+            sha256_digest(&r.body),
+            new_d,
+            "server {server}: B's record ({new_d}) was confirmed after A's ({old_d})"
+        );
+        assert!(
+            r.header("warning").is_some_and(|w| w.starts_with("110")),
+            "server {server}: served stale: {:?}",
+            r.headers
+        );
+    }
+}
