@@ -1,6 +1,7 @@
 //! The running service's state: the store, the cache and its tiers, the routing to upstreams,
 //! metrics and the listener's certificate, assembled by [`App::open`]; reloads
-//! ([`App::reload`]) and the maintenance loop ([`App::maintain`]).
+//! ([`App::reload`]) and the maintenance loop ([`App::maintain`]), which also runs the probes of
+//! the peers.
 
 mod routing;
 
@@ -178,6 +179,17 @@ impl App {
         if config.store.s3 != old.store.s3 {
             tracing::warn!("store.s3 changed: takes effect at the next restart");
         }
+        // The peer tier is a link of the chain built at start: its list, token and timeout change
+        // here, its presence at the next start.
+        let peers = if config.peers.is_some() == old.peers.is_some() {
+            config.peers.clone()
+        } else {
+            tracing::warn!("[peers] turned on or off: takes effect at the next restart");
+            old.peers.clone()
+        };
+        if let (Some(p), Some(c)) = (self.cache.peers(), &peers) {
+            p.apply(c)?;
+        }
         if config.limits.max_connections != old.limits.max_connections {
             tracing::warn!(
                 new = config.limits.max_connections,
@@ -198,6 +210,7 @@ impl App {
                 s3: old.store.s3.clone(),
                 ..config.store
             },
+            peers,
             ..config
         };
         self.cache.set_max_manifest_size(config.max_manifest_size);
@@ -236,8 +249,19 @@ impl App {
         Ok(report)
     }
 
-    /// Background upkeep: recovery at start, then access-time flushes and eviction.
+    /// Background upkeep: recovery at start, then access-time flushes and eviction; meanwhile the
+    /// probes of the peers (`[peers]`).
     pub async fn maintain(self: Arc<Self>) {
+        let probes = async {
+            match self.cache.peers() {
+                Some(p) => Arc::clone(p).probe_forever().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::join!(probes, Arc::clone(&self).upkeep());
+    }
+
+    async fn upkeep(self: Arc<Self>) {
         let store = Arc::clone(&self.cache.store);
         match tokio::task::spawn_blocking(move || crate::store::verify::recover(&store)).await {
             Ok(Err(e)) => tracing::error!(error = %e, "store recovery failed"),

@@ -463,7 +463,7 @@ mod tests {
             .expect("bucket client");
         Cache::new(
             Arc::clone(store),
-            super::super::tier::Tiers::new(Some(bucket)),
+            super::super::tier::Tiers::new(None, Some(bucket)),
             1 << 20,
             metrics,
             runtime.clone(),

@@ -196,6 +196,24 @@ impl Default for Verifier {
 }
 
 impl Verifier {
+    /// How long a client at `peer` must wait before a credential of its is checked again, when
+    /// its address has [`ADDRESS_FAILURES`] failures pending (for checks without bcrypt, such as
+    /// the peer token).
+    pub fn address_limited(&self, peer: IpAddr) -> Option<Duration> {
+        let mut limits = self.limits.lock().unwrap_or_else(|p| p.into_inner());
+        let b = limits.addresses.get(&address_key(peer), Instant::now())?;
+        (b.tokens < 1.0).then(|| b.wait())
+    }
+
+    /// Counts a refused credential (a wrong peer token) against `peer`'s address, like a failed
+    /// login.
+    pub fn address_failed(&self, peer: IpAddr) {
+        let mut limits = self.limits.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = limits.addresses.get(&address_key(peer), Instant::now()) {
+            b.tokens = (b.tokens - 1.0).max(0.0);
+        }
+    }
+
     /// A verifier that counts its bcrypt computations in `checks`.
     pub fn new(checks: prometheus_client::metrics::counter::Counter) -> Verifier {
         Verifier {

@@ -10,6 +10,7 @@ mod architecture;
 mod config_store;
 mod durability;
 mod faults;
+mod fleet;
 pub(crate) mod ops;
 mod outage;
 mod prefetch;
