@@ -185,7 +185,8 @@ impl Cache {
                 Err(CacheError::Upstream(e)) if e.is_unavailable() => {
                     match self.tiers.fallback(peers, route) {
                         Some(f) if f.has_blob(route, d).await? => {
-                            let (store, key, d2) = (Arc::clone(&self.store), route.key(), d.clone());
+                            let (store, key, d2) =
+                                (Arc::clone(&self.store), route.key(), d.clone());
                             self.commit_and_share(None, move |owed| store.link(&key, &d2, owed))
                                 .await?;
                             return Ok(f.confirmed());

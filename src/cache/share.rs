@@ -577,7 +577,9 @@ mod tests {
             .collect();
         assert_eq!(recorded.len(), 2, "recorded: {recorded:?}");
         assert_eq!(
-            with_bucket(&store, background.handle()).load_outbox().expect("load"),
+            with_bucket(&store, background.handle())
+                .load_outbox()
+                .expect("load"),
             2,
             "after a restart, recorded: {recorded:?}"
         );

@@ -160,7 +160,12 @@ pub async fn blob(
     }
     let b = app
         .cache
-        .blob_for(route, digest, !head, info.peer.map(|p| p.asker).unwrap_or_default())
+        .blob_for(
+            route,
+            digest,
+            !head,
+            info.peer.map(|p| p.asker).unwrap_or_default(),
+        )
         .await
         .map_err(|e| ApiError::from_cache(e, Object::Blob))?;
     info.set_outcome(b.outcome);

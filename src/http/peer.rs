@@ -48,12 +48,7 @@ pub fn recognise(
     if !h.contains_key(TOKEN_HEADER) && !h.contains_key(HOP_HEADER) {
         return Ok(None);
     }
-    let denied = |why: &str| {
-        (
-            ApiError::new(Code::Denied, why.to_owned()),
-            "peer_token",
-        )
-    };
+    let denied = |why: &str| (ApiError::new(Code::Denied, why.to_owned()), "peer_token");
     let Some(peers) = app.cache.peers() else {
         return Err(denied(
             "this server has no [peers]: it answers no peer requests",
