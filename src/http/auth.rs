@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use sha2::Digest as _;
 
-use crate::http::access::{mask, Htpasswd};
+use crate::config::access::{mask, Htpasswd};
 
 /// `user` and `password` of an `Authorization: Basic …` header, if it is one and well formed.
 pub fn parse_basic(value: &[u8]) -> Option<(String, String)> {
