@@ -1,5 +1,5 @@
 //! `[access]` and the repository patterns of `[upstreams.NAME]`, as the configuration holds them:
-//! the client networks of `allow` ([`Cidr`]), the users of an htpasswd file
+//! the client networks of `allow` ([`Cidr`], on ipnet), the users of an htpasswd file
 //! ([`Htpasswd`], bcrypt only) and the `allow_repos`/`deny_repos` globs ([`RepoPattern`]).
 //!
 //! The checks that use them on requests are the http layer's (`http::access`, `http::auth`).
@@ -11,16 +11,21 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
+use ipnet::IpNet;
+
 use crate::config::files::Read;
 use crate::config::raw::{self, RawAccess};
 use crate::config::Pending;
 
-/// A network in CIDR notation (`10.0.0.0/8`, `::1/128`), or a single address.
+/// A network in CIDR notation (`10.0.0.0/8`, `fd00::/8`), or a single address, as an allow-list
+/// holds it.
+///
+/// The address is read by std (ipnet's own parser also takes IPv4 octets with leading zeros,
+/// `010.0.0.1`, which std refuses as ambiguous); ipnet does the rest. An IPv4-mapped IPv6 address
+/// (`::ffff:10.1.2.3`, as a dual-stack listener reports IPv4 peers) is its IPv4 address, and a
+/// prefix after one counts IPv4 bits, as it always has (`::ffff:10.0.0.0/8` is `10.0.0.0/8`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    addr: IpAddr,
-    prefix: u8,
-}
+pub struct Cidr(IpNet);
 
 impl FromStr for Cidr {
     type Err = String;
@@ -30,57 +35,32 @@ impl FromStr for Cidr {
             Some((a, p)) => (a, Some(p)),
             None => (s.trim(), None),
         };
-        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
-        let addr = addr.to_canonical();
+        let addr = addr.parse::<IpAddr>().map_err(|_| bad())?.to_canonical();
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
             None => max,
-            Some(p) => {
-                if p.is_empty() || !p.bytes().all(|c| c.is_ascii_digit()) || p.len() > 3 {
-                    return Err(bad());
-                }
-                let n: u8 = p.parse().map_err(|_| bad())?;
-                if n > max {
-                    return Err(format!("{s:?}: prefix /{n} is longer than {max} bits"));
-                }
-                n
+            // Digits only: u8's parser also takes a sign ("+8").
+            Some(p) if !p.is_empty() && p.len() <= 3 && p.bytes().all(|c| c.is_ascii_digit()) => {
+                p.parse::<u8>().map_err(|_| bad())?
             }
+            Some(_) => return Err(bad()),
         };
-        Ok(Cidr {
-            addr: mask(addr, prefix),
-            prefix,
-        })
+        let net = IpNet::new(addr, prefix)
+            .map_err(|_| format!("{s:?}: prefix /{prefix} is longer than {max} bits"))?;
+        Ok(Cidr(net.trunc()))
     }
 }
 
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
-/// `addr` with all but its first `prefix` bits cleared.
-pub(crate) fn mask(addr: IpAddr, prefix: u8) -> IpAddr {
-    match addr {
-        IpAddr::V4(a) => {
-            let bits = u32::from(a);
-            let m = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-            IpAddr::V4((bits & m).into())
-        }
-        IpAddr::V6(a) => {
-            let bits = u128::from(a);
-            let m = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
-            IpAddr::V6((bits & m).into())
-        }
+        self.0.fmt(f)
     }
 }
 
 impl Cidr {
-    /// Whether `ip` is in this network. IPv4-mapped IPv6 addresses (`::ffff:10.1.2.3`, as a
-    /// dual-stack listener reports IPv4 peers) count as their IPv4 address.
+    /// Whether `ip` is in this network. IPv4-mapped IPv6 addresses count as their IPv4 address.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        ip.is_ipv4() == self.addr.is_ipv4() && mask(ip, self.prefix) == self.addr
+        self.0.contains(&ip.to_canonical())
     }
 }
 
@@ -369,6 +349,48 @@ mod tests {
         ] {
             assert!(bad.parse::<Cidr>().is_err(), "{bad:?} should be refused");
         }
+    }
+
+    /// Every form of allow-list entry accepted before ipnet, with the network it stands for.
+    #[test]
+    fn every_allow_list_form_the_config_accepts_stays_accepted() {
+        for (entry, network) in [
+            ("10.0.0.0/8", "10.0.0.0/8"),
+            ("10.1.2.3/8", "10.0.0.0/8"),
+            ("0.0.0.0/0", "0.0.0.0/0"),
+            ("10.0.0.0/008", "10.0.0.0/8"),
+            (" 10.0.0.0/8 ", "10.0.0.0/8"),
+            // Bare addresses: one host.
+            ("127.0.0.1", "127.0.0.1/32"),
+            ("::1", "::1/128"),
+            ("fd00::/8", "fd00::/8"),
+            ("fd12:3456::1/64", "fd12:3456::/64"),
+            ("::/0", "::/0"),
+            // IPv4-mapped IPv6: the IPv4 address, a prefix after it in IPv4 bits.
+            ("::ffff:10.1.2.3", "10.1.2.3/32"),
+            ("::ffff:a01:203", "10.1.2.3/32"),
+            ("::ffff:10.0.0.0/8", "10.0.0.0/8"),
+        ] {
+            assert_eq!(
+                entry.parse::<Cidr>().map(|c| c.to_string()),
+                Ok(network.to_string()),
+                "{entry:?}"
+            );
+        }
+        // Refused before ipnet, refused now: octets with leading zeros (octal to some tools), a
+        // mapped address with an IPv6-sized prefix, four digits of prefix.
+        for bad in [
+            "010.0.0.1",
+            "010.0.0.0/8",
+            "::ffff:10.0.0.0/104",
+            "10.0.0.0/0008",
+        ] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad:?} should be refused");
+        }
+        let mapped: Cidr = "::ffff:10.1.2.3".parse().expect("mapped");
+        assert!(mapped.contains("10.1.2.3".parse().expect("ip")));
+        assert!(mapped.contains("::ffff:10.1.2.3".parse().expect("ip")));
+        assert!(!mapped.contains("10.1.2.4".parse().expect("ip")));
     }
 
     #[test]
