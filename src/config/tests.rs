@@ -292,19 +292,22 @@ fn example_settings() -> Vec<Setting> {
             continue;
         }
         // The rest of the line is the value, then maybe a comment: TOML reads both.
-        let Ok(mut parsed) = toml::from_str::<toml::Table>(code) else {
-            continue;
-        };
-        if let Some(value) = parsed.remove(key) {
-            out.push(Setting {
-                table: table.clone(),
-                key: key.to_owned(),
-                value,
-                line: i + 1,
-            });
-        }
+        out.extend(Setting::parse(&table, key, code, i + 1));
     }
     out
+}
+
+impl Setting {
+    /// `key`'s value in `assignment` (`key = value`, a TOML line), if it is one.
+    fn parse(table: &str, key: &str, assignment: &str, line: usize) -> Option<Setting> {
+        let mut parsed = toml::from_str::<toml::Table>(assignment).ok()?;
+        Some(Setting {
+            table: table.to_owned(),
+            key: key.to_owned(),
+            value: parsed.remove(key)?,
+            line,
+        })
+    }
 }
 
 /// `settings` as one TOML document.
@@ -516,16 +519,12 @@ fn reference_defaults() -> Vec<Setting> {
         ) else {
             continue;
         };
-        if let Ok(mut parsed) = toml::from_str::<toml::Table>(&format!("{key} = {value}")) {
-            if let Some(value) = parsed.remove(key) {
-                out.push(Setting {
-                    table: table.clone(),
-                    key: key.to_owned(),
-                    value,
-                    line: i + 1,
-                });
-            }
-        }
+        out.extend(Setting::parse(
+            table,
+            key,
+            &format!("{key} = {value}"),
+            i + 1,
+        ));
     }
     out
 }
