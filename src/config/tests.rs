@@ -120,11 +120,16 @@ fn bad_urls_sizes_and_durations_name_the_line() {
 #[test]
 fn values_are_checked_before_files_are_read() {
     let e = parse(
-        "[access]\nhtpasswd = \"/nonexistent/htpasswd\"\n[limits]\nmax_fills = 0\n\
+        "[upstreams.a]\nurl = \"https://a.io\"\nusername = \"u\"\n\
+         password_file = \"/nonexistent/password\"\nca_file = \"/nonexistent/ca.pem\"\n\
+         [access]\nhtpasswd = \"/nonexistent/htpasswd\"\n[limits]\nmax_fills = 0\n\
          [tls]\ncert = \"/nonexistent/c.pem\"\nkey = \"/nonexistent/k.pem\"\n",
     )
     .expect_err("bad value");
-    assert!(e.contains("limits.max_fills"), "{e}");
+    assert!(
+        e.contains("limits.max_fills") && !e.contains("cannot read"),
+        "the bad value is reported, not the first missing file: {e}"
+    );
     let (_, reads) = Config::parse_values(
         "[upstreams.a]\nurl = \"https://a.io\"\nusername = \"u\"\npassword_file = \"/p\"\n\
          ca_file = \"/ca.pem\"\n[access]\nhtpasswd = \"/h\"\n\
