@@ -13,7 +13,8 @@
 //! `upstream-id` is the upstream URL's `host[:port][/path]`, so that servers naming the same
 //! upstream differently still share its tags. Every call is bounded by `timeout`; after a failure
 //! the bucket is skipped for [`DOWN_FOR`] and the servers carry on with their local tier and the
-//! upstream.
+//! upstream. Requests are sent on the runtime given to [`Bucket::new`] (the server's background
+//! runtime), so that the pooled connections live there and not on a shard ([`OnRuntime`]).
 
 use std::fs::File;
 use std::io::Read;
@@ -25,6 +26,10 @@ use bytes::Bytes;
 use futures_util::stream::BoxStream;
 use futures_util::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::client::{
+    HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest, HttpResponse, HttpService,
+    ReqwestConnector,
+};
 use object_store::path::Path;
 use object_store::signer::Signer;
 use object_store::{
@@ -132,9 +137,58 @@ pub fn upstream_id(url: &reqwest::Url) -> String {
     id
 }
 
+/// The bucket's HTTP client: object_store's own reqwest client, each request sent as a task of
+/// `runtime`. hyper drives a connection with a task spawned where the connection was made, and the
+/// pool hands it to any later request: made here, connections live on the background runtime, not
+/// on the shard of the request that opened them. (object_store's `SpawnedReqwestConnector` does
+/// the same but copies each body through an unbounded channel, as fast as the bucket sends it: a
+/// fill waiting for its slowest reader would then hold a whole blob in memory. Here the body is
+/// read through the connection task's own bounded channel.)
+#[derive(Debug)]
+struct OnRuntime {
+    runtime: tokio::runtime::Handle,
+}
+
+impl HttpConnector for OnRuntime {
+    fn connect(&self, options: &ClientOptions) -> object_store::Result<HttpClient> {
+        Ok(HttpClient::new(Spawned {
+            client: ReqwestConnector::default().connect(options)?,
+            runtime: self.runtime.clone(),
+        }))
+    }
+}
+
+#[derive(Debug)]
+struct Spawned {
+    client: HttpClient,
+    runtime: tokio::runtime::Handle,
+}
+
+#[async_trait::async_trait]
+impl HttpService for Spawned {
+    /// Sends `req` as a task of the runtime, aborted when the caller gives up (drops this
+    /// future), as the request would be.
+    async fn call(&self, req: HttpRequest) -> Result<HttpResponse, HttpError> {
+        let client = self.client.clone();
+        let task = tokio_util::task::AbortOnDropHandle::new(
+            self.runtime.spawn(async move { client.execute(req).await }),
+        );
+        match task.await {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // The runtime is shutting down.
+            Err(e) => Err(HttpError::new(HttpErrorKind::Interrupted, e)),
+        }
+    }
+}
+
 impl Bucket {
-    /// Builds the client; contacts nothing.
-    pub fn new(cfg: &S3Config, metrics: Arc<Metrics>) -> anyhow::Result<Bucket> {
+    /// Builds the client, sending its requests on `runtime`; contacts nothing.
+    pub fn new(
+        cfg: &S3Config,
+        metrics: Arc<Metrics>,
+        runtime: tokio::runtime::Handle,
+    ) -> anyhow::Result<Bucket> {
         let mut options = ClientOptions::new()
             .with_connect_timeout(cfg.timeout)
             // Whole-request deadlines would cut long blob downloads: each call is bounded by
@@ -149,6 +203,7 @@ impl Bucket {
             .with_region(&cfg.region)
             .with_virtual_hosted_style_request(cfg.virtual_hosted_style)
             .with_client_options(options)
+            .with_http_connector(OnRuntime { runtime })
             .with_retry(RetryConfig {
                 backoff: BackoffConfig {
                     init_backoff: Duration::from_millis(50),

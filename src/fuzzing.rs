@@ -19,7 +19,7 @@ use crate::app::Routing;
 use crate::cmd::prefetch::dockerfile;
 use crate::cmd::prefetch::Platform;
 use crate::config::access::{Cidr, Htpasswd, RepoPattern};
-use crate::http::blobs::parse_range;
+use crate::http::blobs::{parse_ranges, plan, Plan, MAX_RANGES};
 use crate::http::paging::{page, parse_n};
 use crate::http::router::{
     looks_like_host, parse_path, parse_query, percent_decode, url_encode, Endpoint, Router as _,
@@ -122,7 +122,8 @@ pub fn reference(data: &[u8]) {
     }
 }
 
-/// `Range` headers: a resolved range lies inside the blob, whatever the size.
+/// `Range` headers: a resolved range lies inside the blob, whatever the size; a plan of parts has
+/// at most [`MAX_RANGES`] of them and no more bytes than the blob.
 pub fn range(data: &[u8]) {
     let (size_bytes, header) = data.split_at(data.len().min(8));
     let mut b = [0u8; 8];
@@ -130,12 +131,23 @@ pub fn range(data: &[u8]) {
     let Ok(h) = HeaderValue::from_bytes(header) else {
         return;
     };
-    let Some(r) = parse_range(Some(&h)) else {
+    let Some(ranges) = parse_ranges(Some(&h)) else {
         return;
     };
+    assert!(!ranges.is_empty(), "{h:?}: no range");
     for size in [0, 1, 2, 10, 1 << 20, u64::MAX, u64::from_le_bytes(b)] {
-        if let Some((a, z)) = r.resolve(size) {
-            assert!(a <= z && z < size, "{h:?} on {size}: {a}-{z}");
+        for r in &ranges {
+            if let Some((a, z)) = r.resolve(size) {
+                assert!(a <= z && z < size, "{h:?} on {size}: {a}-{z}");
+            }
+        }
+        if let Plan::Parts(parts) = plan(&ranges, size) {
+            let bytes: u128 = parts.iter().map(|(a, z)| u128::from(z - a) + 1).sum();
+            assert!(
+                !parts.is_empty() && parts.len() <= MAX_RANGES && bytes <= u128::from(size),
+                "{h:?} on {size}: {} parts, {bytes} bytes",
+                parts.len()
+            );
         }
     }
 }
@@ -179,8 +191,10 @@ pub fn n_last(data: &[u8]) {
 /// A routing table with three upstreams (Docker Hub names, ghcr.io, and a local registry with
 /// repository patterns), built once.
 pub fn routing() -> &'static Routing {
-    static R: OnceLock<Routing> = OnceLock::new();
-    R.get_or_init(|| {
+    // With the runtime its upstream clients were given, kept (never dropped, so never inside an
+    // async context), though it never runs: names are routed here, never fetched.
+    static R: OnceLock<(tokio::runtime::Runtime, Routing)> = OnceLock::new();
+    &R.get_or_init(|| {
         let text = "default_upstream = \"docker\"\n\
             [upstreams.docker]\nurl = \"https://registry-1.docker.io\"\n\
             [upstreams.ghcr]\nurl = \"https://ghcr.io\"\n\
@@ -189,8 +203,14 @@ pub fn routing() -> &'static Routing {
         let config = crate::config::Config::parse(text, "fuzzing", &Default::default())
             .unwrap_or_else(|e| panic!("fuzzing config: {e}"));
         let metrics = Arc::new(crate::telemetry::metrics::Metrics::new());
-        Routing::build(config, &metrics, None).unwrap_or_else(|e| panic!("fuzzing routing: {e}"))
+        let idle = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap_or_else(|e| panic!("fuzzing runtime: {e}"));
+        let routing = Routing::build(config, &metrics, idle.handle(), None)
+            .unwrap_or_else(|e| panic!("fuzzing routing: {e}"));
+        (idle, routing)
     })
+    .1
 }
 
 fn check_route(raw_name: &str, ns: Option<&str>) {

@@ -11,6 +11,12 @@
 #   with pip into the venv /opt/regcache-moto (python3-venv), giving /opt/regcache-moto/bin/moto_server,
 #   nginx (an HTTP/2 upstream: TLS with http2 in front of docker-registry; tests run a private one, the
 #   package's own service is never started here).
+#   Garage (crates.io garage 2.5.0, the distributed S3-compatible store the bucket tests also run on):
+#   built with `cargo install --locked --root /opt/regcache-garage`, with only the features the tests
+#   use (sqlite metadata, bundled C libraries; no LMDB, K2V or metrics: a quarter less to compile), no
+#   system library (libsodium's bundled build wants make), giving /opt/regcache-garage/bin/garage; see
+#   docs/TESTING.md for what it costs. Garage is AGPL-3.0: it is installed on the test machine only,
+#   never vendored nor shipped.
 # Idempotent: does nothing when every tool is already present.
 set -euo pipefail
 
@@ -51,6 +57,16 @@ MOTO_SERVER="$MOTO_VENV/bin/moto_server"
 if [ ! -x "$MOTO_SERVER" ] && ! { [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import ensurepip, venv' >/dev/null 2>&1; }; then
   case " ${missing_pkgs[*]-} " in *" python3-venv "*) ;; *) missing_pkgs+=("python3-venv") ;; esac
 fi
+# Garage is built from crates.io with cargo (on PATH: .ci/run puts ~/.cargo/bin there).
+GARAGE_VERSION=2.5.0
+GARAGE_ROOT=/opt/regcache-garage
+GARAGE="$GARAGE_ROOT/bin/garage"
+garage_ok() {
+  [ -x "$GARAGE" ] && "$GARAGE" --version 2>/dev/null | grep -qF ":$GARAGE_VERSION "
+}
+if ! garage_ok && ! command -v make >/dev/null 2>&1; then
+  case " ${missing_pkgs[*]-} " in *" make "*) ;; *) missing_pkgs+=("make") ;; esac
+fi
 # build-images.sh copies /bin/busybox into images: it must be the static build.
 if command -v busybox >/dev/null 2>&1 && [ -e /bin/busybox ] && ldd /bin/busybox >/dev/null 2>&1; then
   case " ${missing_pkgs[*]-} " in *" busybox-static "*) ;; *) missing_pkgs+=("busybox-static") ;; esac
@@ -85,6 +101,23 @@ if [ ! -x "$MOTO_SERVER" ]; then
   $SUDO "$MOTO_VENV/bin/pip" install -q 'moto[server]==5.2.5'
 fi
 
+if ! garage_ok; then
+  echo "setup-deps: building Garage $GARAGE_VERSION (crates.io garage, AGPL-3.0) into $GARAGE_ROOT" >&2
+  if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+  if [ ! -w "$(dirname "$GARAGE_ROOT")" ] && [ ! -w "$GARAGE_ROOT" ]; then
+    $SUDO mkdir -p "$GARAGE_ROOT"
+    $SUDO chown "$(id -u):$(id -g)" "$GARAGE_ROOT"
+  fi
+  if ! command -v cargo >/dev/null 2>&1; then
+    echo "setup-deps: ERROR: cargo is not on PATH: it builds Garage ($GARAGE)" >&2
+    exit 1
+  fi
+  started=$SECONDS
+  cargo install --locked --force "garage@$GARAGE_VERSION" --root "$GARAGE_ROOT" \
+    --no-default-features --features bundled-libs,sqlite
+  echo "setup-deps: Garage built in $((SECONDS - started)) s" >&2
+fi
+
 rc=0
 for d in "${deps[@]}"; do
   tool="${d%%:*}" pkg="${d#*:}"
@@ -101,5 +134,9 @@ if [ ! -x "$MOTO_SERVER" ]; then
   echo "setup-deps: ERROR: $MOTO_SERVER (PyPI moto[server] in the venv $MOTO_VENV) is missing" >&2
   rc=1
 fi
-[ "$rc" -eq 0 ] && echo "setup-deps: docker-registry, skopeo, umoci, busybox, etcd, dockerd, containerd, runc, podman, nginx, moto present" >&2
+if ! garage_ok; then
+  echo "setup-deps: ERROR: $GARAGE (crates.io garage $GARAGE_VERSION, cargo install --root $GARAGE_ROOT) is missing" >&2
+  rc=1
+fi
+[ "$rc" -eq 0 ] && echo "setup-deps: docker-registry, skopeo, umoci, busybox, etcd, dockerd, containerd, runc, podman, nginx, moto, garage present" >&2
 exit "$rc"

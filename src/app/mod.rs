@@ -24,8 +24,6 @@ pub struct App {
     routing: RwLock<Arc<Routing>>,
     /// The listener's certificate, when serving HTTPS.
     pub tls: Option<Arc<crate::http::tls::CertReloader>>,
-    /// Checks client credentials against `[access] htpasswd`, remembering the answers.
-    pub auth: crate::http::auth::Verifier,
     /// Each shard's last sign of life (milliseconds since the epoch), for the systemd watchdog.
     shard_beats: Mutex<Vec<Arc<AtomicU64>>>,
     /// Set once shutdown has begun: draining shards stop beating, and that is expected.
@@ -34,6 +32,9 @@ pub struct App {
     tls_reminded_at: std::sync::atomic::AtomicI64,
     /// Whether the certificate in force was logged as expired.
     tls_expired_logged: std::sync::atomic::AtomicBool,
+    /// The background runtime: fills, manifest flights, writes to the bucket and every request
+    /// to an upstream or the bucket run there (see [`App::open`]).
+    background: tokio::runtime::Handle,
 }
 
 /// Why [`App::open`] failed.
@@ -62,7 +63,13 @@ impl OpenError {
 
 impl App {
     /// Opens (and locks) the store and builds the upstream clients. Contacts no upstream.
-    pub fn open(config: Config) -> Result<Arc<App>, OpenError> {
+    ///
+    /// `background` is the runtime for the work that outlives a request or serves several
+    /// connection shards: blob fills, manifest flights, writes to the bucket, and every request
+    /// to an upstream or the bucket with its pooled connection. `serve` gives a small runtime of
+    /// its own, which it keeps running until the server has drained; a test that runs the server
+    /// in-process may give the runtime the server runs on.
+    pub fn open(config: Config, background: tokio::runtime::Handle) -> Result<Arc<App>, OpenError> {
         let store = Store::open(&config.data_dir).map_err(|source| OpenError::Store {
             data_dir: config.data_dir.clone(),
             source: Box::new(source),
@@ -70,9 +77,10 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         let cache = Cache::new(
             Arc::new(store),
-            Tiers::from_config(&config, &metrics)?,
+            Tiers::from_config(&config, &metrics, &background)?,
             config.max_manifest_size,
             Arc::clone(&metrics),
+            background.clone(),
         );
         match cache.load_outbox() {
             Ok(0) => {}
@@ -97,19 +105,18 @@ impl App {
             config.limits.fill_memory,
         );
         log_warnings(&config);
-        let routing = Routing::build(config, &metrics, None)?;
-        let auth = crate::http::auth::Verifier::new(metrics.auth_bcrypt_checks.clone());
+        let routing = Routing::build(config, &metrics, &background, None)?;
         Ok(Arc::new(App {
             cache,
             metrics,
             routing: RwLock::new(Arc::new(routing)),
             tls,
-            auth,
             shard_beats: Mutex::new(Vec::new()),
             stopping: std::sync::atomic::AtomicBool::new(false),
             // The warnings of the config were just logged: the next reminder is a day away.
             tls_reminded_at: std::sync::atomic::AtomicI64::new(crate::config::tls::unix_now()),
             tls_expired_logged: std::sync::atomic::AtomicBool::new(false),
+            background,
         }))
     }
 
@@ -196,7 +203,7 @@ impl App {
             ..config
         };
         self.cache.set_max_manifest_size(config.max_manifest_size);
-        let routing = Routing::build(config, &self.metrics, Some(&current))?;
+        let routing = Routing::build(config, &self.metrics, &self.background, Some(&current))?;
         let names: Vec<String> = routing
             .upstreams()
             .iter()

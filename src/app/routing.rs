@@ -17,11 +17,13 @@ pub struct Routing {
 }
 
 impl Routing {
-    /// Builds the upstream clients, reusing those of `previous` whose settings did not change (so
-    /// their tokens and circuit state survive a reload).
+    /// Builds the upstream clients, sending their requests on `runtime`, reusing those of
+    /// `previous` whose settings did not change (so their tokens and circuit state survive a
+    /// reload).
     pub fn build(
         config: Config,
         metrics: &Arc<Metrics>,
+        runtime: &tokio::runtime::Handle,
         previous: Option<&Routing>,
     ) -> anyhow::Result<Routing> {
         let mut upstreams = Vec::new();
@@ -35,9 +37,11 @@ impl Routing {
                 .cloned();
             let up = match reused {
                 Some(up) => up,
-                None => Upstream::new(u.clone(), Arc::clone(metrics)).map_err(|e| {
-                    anyhow::anyhow!("cannot build the HTTP client for upstream {}: {e}", u.name)
-                })?,
+                None => {
+                    Upstream::new(u.clone(), Arc::clone(metrics), runtime.clone()).map_err(|e| {
+                        anyhow::anyhow!("cannot build the HTTP client for upstream {}: {e}", u.name)
+                    })?
+                }
             };
             upstreams.push(up);
         }

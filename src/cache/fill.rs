@@ -298,7 +298,9 @@ impl Cache {
         };
         let this = Arc::clone(self);
         let (route, d, fill2) = (route.clone(), d.clone(), Arc::clone(&fill));
-        tokio::spawn(async move {
+        // On the cache's runtime, not the shard of the client that started it: clients of other
+        // shards join it, and it must go on when that client hangs up or its shard stalls.
+        self.runtime.spawn(async move {
             let _slot = slot;
             let started = std::time::Instant::now();
             let result = this.run_fill(&route, &d, temp, &tx, &fill2).await;

@@ -14,6 +14,8 @@ type Flight<T> = Shared<BoxFuture<'static, Result<T, CacheError>>>;
 /// Runs one future per key at a time; callers with the same key share its result.
 pub(crate) struct Flights<T: Clone> {
     map: Arc<Mutex<HashMap<String, Flight<T>>>>,
+    /// Where the flights run, whoever starts them.
+    runtime: tokio::runtime::Handle,
 }
 
 /// Takes a flight's key out of the map when the flight's task ends, however it ends (a panic
@@ -30,9 +32,11 @@ impl<T: Clone> Drop for Landing<T> {
 }
 
 impl<T: Clone + Send + Sync + 'static> Flights<T> {
-    pub(crate) fn new() -> Self {
+    /// Flights run on `runtime`.
+    pub(crate) fn new(runtime: tokio::runtime::Handle) -> Self {
         Flights {
             map: Arc::new(Mutex::new(HashMap::new())),
+            runtime,
         }
     }
 
@@ -55,8 +59,9 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
                     map: Arc::clone(&self.map),
                     key: key.clone(),
                 };
-                // Spawned so that a client hanging up does not cancel the work others wait for.
-                let handle = tokio::spawn(async move {
+                // Spawned so that a client hanging up does not cancel the work others wait for;
+                // on the flights' runtime, so that a stalled caller's shard does not stall it.
+                let handle = self.runtime.spawn(async move {
                     let _landing = landing;
                     fut.await
                 });
@@ -85,7 +90,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_manifest_flight_that_panics_is_forgotten_and_the_next_request_starts_a_new_one() {
-        let flights = Flights::<u32>::new();
+        let flights = Flights::<u32>::new(tokio::runtime::Handle::current());
         let (first, joined) = flights
             .run("docker/library/alpine@3.20".into(), || async {
                 panics_inside_the_flight()

@@ -13,6 +13,11 @@
 //!
 //! The cache knows nothing of HTTP: the http layer streams a fill's bytes to its clients through
 //! [`FillReader`]'s API.
+//!
+//! What outlives the request that started it or serves several clients — blob fills, manifest
+//! flights, writes to the bucket — runs on the runtime given to [`Cache::new`] (the server's
+//! background runtime), never on the caller's: a server's connection shards each run their own
+//! runtime, and a stalled shard must not stall the other shards' clients waiting on that work.
 
 mod blob;
 mod error;
@@ -140,15 +145,19 @@ pub struct Cache {
     pub metrics: Arc<Metrics>,
     /// Writes to the bucket that wait for it to answer again.
     pending: Arc<PendingShares>,
+    /// Where fills, manifest flights and writes to the bucket run (the background runtime).
+    runtime: tokio::runtime::Handle,
 }
 
 impl Cache {
-    /// A cache on `store` that fills from `tiers`.
+    /// A cache on `store` that fills from `tiers`, running its fills, manifest flights and writes
+    /// to the bucket on `runtime`.
     pub fn new(
         store: Arc<Store>,
         tiers: Tiers,
         max_manifest_size: u64,
         metrics: Arc<Metrics>,
+        runtime: tokio::runtime::Handle,
     ) -> Cache {
         let pending = Arc::new(PendingShares::new(
             metrics.bucket_pending.clone(),
@@ -158,7 +167,7 @@ impl Cache {
             store,
             tiers,
             max_manifest_size: AtomicU64::new(max_manifest_size),
-            manifests: Flights::new(),
+            manifests: Flights::new(runtime.clone()),
             fills: Mutex::new(HashMap::new()),
             fill_slots: Mutex::new((Arc::new(tokio::sync::Semaphore::new(64)), 64)),
             fill_wait_ms: AtomicU64::new(30_000),
@@ -168,6 +177,7 @@ impl Cache {
             )),
             metrics,
             pending,
+            runtime,
         }
     }
 
@@ -252,8 +262,9 @@ pub(crate) mod tests {
     use super::*;
 
     /// A cache on a fresh store in `dir` with no bucket, and a route to an upstream that refuses
-    /// connections.
+    /// connections; both run their tasks on the current runtime.
     pub(crate) fn cache_without_upstream(dir: &std::path::Path) -> (Arc<Cache>, Route) {
+        let runtime = tokio::runtime::Handle::current();
         let store = Arc::new(Store::open(dir).expect("store"));
         let metrics = Arc::new(Metrics::new());
         let config = crate::config::Config::parse(
@@ -262,13 +273,18 @@ pub(crate) mod tests {
             &crate::config::Overrides::default(),
         )
         .expect("config");
-        let upstream =
-            Upstream::new(config.upstreams[0].clone(), Arc::clone(&metrics)).expect("upstream");
+        let upstream = Upstream::new(
+            config.upstreams[0].clone(),
+            Arc::clone(&metrics),
+            runtime.clone(),
+        )
+        .expect("upstream");
         let route = Route {
             upstream,
             repo: "library/alpine".parse().expect("repo"),
         };
-        let tiers = Tiers::from_config(&config, &metrics).expect("tiers");
-        (Arc::new(Cache::new(store, tiers, 4 << 20, metrics)), route)
+        let tiers = Tiers::from_config(&config, &metrics, &runtime).expect("tiers");
+        let cache = Cache::new(store, tiers, 4 << 20, metrics, runtime);
+        (Arc::new(cache), route)
     }
 }

@@ -85,6 +85,12 @@ impl Share {
     /// The outbox key: one entry per object it writes (a newer write replaces an older one).
     fn key(&self) -> String {
         match self {
+            // One entry per repository link: a blob fetched for two repositories owes both.
+            Share::Blob {
+                digest,
+                link: Some((upstream, repo)),
+                ..
+            } => format!("blob\0{digest}\0{upstream}\0{repo}"),
             Share::Blob { digest, .. } => format!("blob\0{digest}"),
             Share::Manifest {
                 upstream,
@@ -225,7 +231,7 @@ impl Cache {
             Arc::clone(&self.pending),
             Arc::clone(&self.store),
         );
-        tokio::spawn(async move {
+        self.runtime.spawn(async move {
             // One of a few write slots first: a retry of thousands of writes neither opens
             // thousands of files nor floods the bucket.
             let _slot = match b.upload_slot().await {
@@ -323,6 +329,12 @@ impl Cache {
                 .and_then(|r| Share::from_record(r, &self.store));
             match share {
                 Some(item) => {
+                    // Recorded by a version that keyed a blob by its digest alone: re-keyed,
+                    // so that writing it clears it.
+                    if item.key() != key {
+                        self.store.outbox_remove(&key)?;
+                        self.store.outbox_add(&item.key(), &raw)?;
+                    }
                     q.push_back(item);
                     n += 1;
                 }
@@ -394,6 +406,92 @@ impl PendingShares {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn owed_links_of_one_blob_to_two_repositories_are_both_kept() {
+        use std::time::Duration;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Arc::new(Store::open(dir.path()).expect("store"));
+        // Where the cache would spawn its writes and the bucket its requests.
+        let background = tokio::runtime::Runtime::new().expect("runtime");
+        let with_bucket = |store: &Arc<Store>| {
+            let metrics = Arc::new(crate::telemetry::metrics::Metrics::new());
+            let cfg = crate::config::S3Config {
+                bucket: "regcache".into(),
+                endpoint: Some("http://127.0.0.1:9".parse().expect("url")),
+                region: "us-east-1".into(),
+                prefix: String::new(),
+                access_key_id: Some("k".into()),
+                secret_access_key: Some("s".into()),
+                virtual_hosted_style: false,
+                timeout: Duration::from_secs(1),
+                redirect: false,
+                redirect_ttl: Duration::from_secs(60),
+            };
+            let bucket = crate::bucket::Bucket::new(
+                &cfg,
+                Arc::clone(&metrics),
+                background.handle().clone(),
+            )
+            .expect("bucket client");
+            Cache::new(
+                Arc::clone(store),
+                super::super::tier::Tiers::new(Some(bucket)),
+                1 << 20,
+                metrics,
+                background.handle().clone(),
+            )
+        };
+        let d = Digest::sha256_of(b"a layer both repositories use");
+        let owed = |repo: &str| Share::Blob {
+            digest: d.clone(),
+            size: 29,
+            link: Some(("127.0.0.1:5000".into(), repo.parse().expect("repo"))),
+        };
+        // What a version that keyed a blob's entry by its digest alone left in the outbox.
+        let legacy = serde_json::to_vec(&owed("small/app").record()).expect("json");
+        store
+            .outbox_add(&format!("blob\0{d}"), &legacy)
+            .expect("record");
+
+        let cache = with_bucket(&store);
+        assert_eq!(cache.load_outbox().expect("load"), 1);
+        // The bucket is down: the same blob, fetched for another repository, is owed too.
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        rt.block_on(async { cache.pending.defer(owed("big/app"), false) });
+        drop(rt); // waits for the outbox write
+        let queued = cache.pending.items.lock().expect("queue").len();
+        assert_eq!(queued, 2, "one owed link replaced the other");
+
+        let recorded: Vec<String> = store
+            .outbox()
+            .expect("outbox")
+            .into_iter()
+            .map(|(key, _)| key.replace('\0', " "))
+            .collect();
+        assert_eq!(recorded.len(), 2, "recorded: {recorded:?}");
+        assert_eq!(
+            with_bucket(&store).load_outbox().expect("load"),
+            2,
+            "after a restart, recorded: {recorded:?}"
+        );
+        // Written, each link's entry goes: none is left under the old key.
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        rt.block_on(async {
+            for repo in ["small/app", "big/app"] {
+                cache.pending.forget(&owed(repo), true);
+            }
+        });
+        drop(rt);
+        let left = store.outbox().expect("outbox");
+        assert!(
+            left.is_empty(),
+            "left in the outbox: {:?}",
+            left.iter()
+                .map(|(k, _)| k.replace('\0', " "))
+                .collect::<Vec<_>>()
+        );
+    }
 
     #[test]
     fn owed_bucket_writes_survive_their_record() {

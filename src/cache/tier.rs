@@ -128,10 +128,14 @@ pub(crate) struct TierTag {
 
 impl Tiers {
     /// The chain the configuration describes: the bucket when `[store.s3]` is set, then the
-    /// upstream. Contacts nothing.
-    pub fn from_config(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Tiers> {
+    /// upstream. The bucket sends its requests on `runtime`. Contacts nothing.
+    pub fn from_config(
+        config: &Config,
+        metrics: &Arc<Metrics>,
+        runtime: &tokio::runtime::Handle,
+    ) -> anyhow::Result<Tiers> {
         let bucket = match &config.store.s3 {
-            Some(s3) => Some(Bucket::new(s3, Arc::clone(metrics))?),
+            Some(s3) => Some(Bucket::new(s3, Arc::clone(metrics), runtime.clone())?),
             None => None,
         };
         Ok(Tiers::new(bucket))
@@ -617,7 +621,10 @@ mod tests {
             crate::config::Config::parse(config, "test", &crate::config::Overrides::default())
                 .expect("config");
         let metrics = Arc::new(Metrics::new());
-        let tiers = Tiers::from_config(&config, &metrics).expect("tiers");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let tiers = Tiers::from_config(&config, &metrics, rt.handle()).expect("tiers");
         let names: Vec<_> = tiers.iter().map(Tier::name).collect();
         // A stream that breaks resumes from the next tier; the upstream resumes from itself.
         let last = names.len() - 1;

@@ -35,7 +35,7 @@ pub fn run(args: GcArgs) -> ExitCode {
     };
     let result = runtime().and_then(|rt| {
         rt.block_on(async {
-            match remote::target(&config, &args.server)? {
+            match remote::target(&config, &args.server, rt.handle())? {
                 Target::Offline(app) => {
                     let report = app.collect(args.max_size).await?;
                     Ok(Freed {

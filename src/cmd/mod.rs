@@ -136,7 +136,7 @@ mod tests {
         assert_eq!(
             codes,
             [0, 1, 2, 3, 130],
-            "the README's exit code table lists these; scripts and probes depend on them"
+            "docs/COMMANDS.md's exit code table lists these; scripts and probes depend on them"
         );
     }
 

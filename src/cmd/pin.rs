@@ -93,7 +93,7 @@ pub fn run(args: PinArgs) -> ExitCode {
     };
     let result: anyhow::Result<Vec<String>> = runtime().and_then(|rt| {
         rt.block_on(async {
-            match remote::target(&config, server)? {
+            match remote::target(&config, server, rt.handle())? {
                 Target::Offline(app) => offline(&app, &config, &op),
                 Target::Server(url) => through_server(&url, &op).await,
             }

@@ -18,13 +18,17 @@ pub enum Target {
     Server(String),
 }
 
-/// With `--server`, that server; else the data directory, or, when another regcache holds its
-/// lock, that regcache at the configured address.
-pub fn target(config: &Config, server: &ServerArg) -> anyhow::Result<Target> {
+/// With `--server`, that server; else the data directory (its `App` on `runtime`, the command's),
+/// or, when another regcache holds its lock, that regcache at the configured address.
+pub fn target(
+    config: &Config,
+    server: &ServerArg,
+    runtime: &tokio::runtime::Handle,
+) -> anyhow::Result<Target> {
     if let Some(url) = &server.server {
         return Ok(Target::Server(url.trim_end_matches('/').to_owned()));
     }
-    match App::open(config.clone()) {
+    match App::open(config.clone(), runtime.clone()) {
         Ok(app) => Ok(Target::Offline(app)),
         Err(e) if e.is_in_use() => Ok(Target::Server(configured_url(config))),
         Err(e) => Err(e.into()),
@@ -151,12 +155,15 @@ mod tests {
         })
         .expect("config");
         let none = ServerArg { server: None };
-        let first = match target(&config, &none) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let first = match target(&config, &none, rt.handle()) {
             Ok(Target::Offline(app)) => app,
             Ok(Target::Server(url)) => panic!("a free data directory is used offline, not {url}"),
             Err(e) => panic!("a free data directory opens: {e:#}"),
         };
-        match target(&config, &none) {
+        match target(&config, &none, rt.handle()) {
             Ok(Target::Server(url)) => assert_eq!(url, "http://127.0.0.1:5099"),
             Ok(Target::Offline(_)) => panic!("a held data directory was opened a second time"),
             Err(e) => panic!("a held data directory means asking its server, not: {e:#}"),
@@ -165,7 +172,7 @@ mod tests {
         let given = ServerArg {
             server: Some("http://127.0.0.1:6000/".into()),
         };
-        match target(&config, &given) {
+        match target(&config, &given, rt.handle()) {
             Ok(Target::Server(url)) => assert_eq!(url, "http://127.0.0.1:6000"),
             _ => panic!("--server is used as given, without opening the store"),
         }

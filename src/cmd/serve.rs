@@ -4,6 +4,7 @@
 
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Args;
 
@@ -44,7 +45,20 @@ pub fn run(args: ServeArgs) -> ExitCode {
             return Exit::Failure.into();
         }
     };
-    match rt.block_on(serve(config, source)) {
+    let background = match background_runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("regcache: cannot start the background runtime: {e}");
+            return Exit::Failure.into();
+        }
+    };
+    let served = rt.block_on(serve(config, source, background.handle().clone()));
+    // The server has drained: what still runs in the background (a fill no client waits for, an
+    // upload to the bucket) is not waited for. The process is stopping; recovery at the next
+    // start cleans up after a fill, and the outbox keeps the writes owed to the bucket. Shut down
+    // here, outside any runtime, where a runtime may be dropped.
+    background.shutdown_timeout(Duration::from_secs(1));
+    match served {
         Ok(()) => Exit::Success.into(),
         Err(e) => {
             tracing::error!("{e:#}");
@@ -52,6 +66,19 @@ pub fn run(args: ServeArgs) -> ExitCode {
             Exit::Failure.into()
         }
     }
+}
+
+/// The background runtime that `App::open` is given: blob fills, manifest flights, writes to
+/// the bucket, and every request to an upstream or the bucket with its pooled connection run
+/// there, not on the connection shards, so that a stalled shard stalls only its own connections.
+/// Two workers (one on a single CPU): the work there waits on the network and the disk, and its
+/// hashing and writes go to the blocking pool.
+fn background_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(crate::http::server::shard_count().min(2))
+        .thread_name("rc-fill")
+        .enable_all()
+        .build()
 }
 
 /// The log subscriber: `REGCACHE_LOG`, else `level` (else `info`), as text (coloured on a
@@ -91,8 +118,12 @@ async fn shutdown_signal() {
     }
 }
 
-async fn serve(config: Config, source: Arc<ConfigSource>) -> anyhow::Result<()> {
-    let app = crate::app::App::open(config.clone())?;
+async fn serve(
+    config: Config,
+    source: Arc<ConfigSource>,
+    background: tokio::runtime::Handle,
+) -> anyhow::Result<()> {
+    let app = crate::app::App::open(config.clone(), background)?;
     let (listener, listen) = listener(&config).await?;
     tracing::info!(
         listen = %listen,

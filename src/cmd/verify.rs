@@ -60,7 +60,7 @@ pub fn run(args: VerifyArgs) -> ExitCode {
     };
     let result = runtime().and_then(|rt| {
         rt.block_on(async {
-            match remote::target(&config, &args.server)? {
+            match remote::target(&config, &args.server, rt.handle())? {
                 Target::Offline(app) => {
                     let store = Arc::clone(&app.cache.store);
                     let report = tokio::task::spawn_blocking(move || {

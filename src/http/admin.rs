@@ -46,6 +46,10 @@ pub async fn admin(
     let path = &req.uri().path()[ADMIN_PREFIX.len()..];
     let q: HashMap<&str, String> = query_pairs(req.uri().query().unwrap_or("")).collect();
     let method = req.method();
+    let hooks = req.extensions().get::<crate::http::hooks::ShardHooks>();
+    if let (Some(hooks), "POST", crate::http::hooks::STALL_PATH) = (hooks, method.as_str(), path) {
+        return test_stall(hooks, &q).await;
+    }
     match (method.as_str(), path) {
         ("POST", "gc") => {
             let target = match q.get("target") {
@@ -138,6 +142,32 @@ pub async fn admin(
             format!("no such operator endpoint: {method} {}", req.uri().path()),
         )),
     }
+}
+
+/// The stall test hook (`REGCACHE_TEST_HOOKS=1`): `?shard=N&ms=M` blocks shard N's thread for
+/// M milliseconds. The answer's head leaves once that thread is blocked, its body (one line) once
+/// it runs again.
+async fn test_stall(
+    hooks: &crate::http::hooks::ShardHooks,
+    q: &HashMap<&str, String>,
+) -> Result<Response<Body>, ApiError> {
+    let number = |k: &str| -> Result<u64, ApiError> {
+        q.get(k)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| bad_request(format!("{k} must be a number")))
+    };
+    let (shard, ms) = (number("shard")?, number("ms")?);
+    let shard = usize::try_from(shard).unwrap_or(usize::MAX);
+    let rx = hooks
+        .stall(shard, std::time::Duration::from_millis(ms))
+        .await
+        .map_err(|e| bad_request(e.to_string()))?;
+    let mut resp = Response::new(crate::http::blobs::channel_body(rx));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain"),
+    );
+    Ok(resp)
 }
 
 /// Refuses an operator request that a web page could have made a browser send: one with an

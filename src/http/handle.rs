@@ -19,7 +19,7 @@ use tracing::Instrument as _;
 use crate::app::App;
 use crate::cache::Route;
 use crate::http::admin::{admin, ADMIN_PREFIX};
-use crate::http::auth::Verdict;
+use crate::http::auth::{Verdict, Verifier};
 use crate::http::error::{ApiError, Code};
 use crate::http::response::{empty, full, set_header, Body};
 use crate::http::router::{parse_path, parse_query, Endpoint, Query, Router as _};
@@ -39,13 +39,18 @@ pub const CACHE_HEADER: &str = "x-regcache-cache";
 /// writes the access line when it ends.
 pub async fn handle(
     app: Arc<App>,
+    auth: Arc<Verifier>,
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Logged>, Infallible> {
     let path = req.uri().path();
+    let shard = req
+        .extensions()
+        .get::<crate::http::hooks::ShardHooks>()
+        .map(|h| h.shard);
     let mut access = Access::start(req.method(), path, route_label(path), &app.metrics);
     let span = access.span();
-    let mut resp = answer(&app, peer, &req, &mut access.info, &mut access.user)
+    let mut resp = answer(&app, &auth, peer, &req, &mut access.info, &mut access.user)
         .instrument(span)
         .await;
     let info = &access.info;
@@ -57,6 +62,10 @@ pub async fn handle(
     if let Some(ns) = &info.namespace {
         // Errors included: a 404 for a request routed by `ns` is that registry's answer.
         set_header(resp.headers_mut(), NAMESPACE_HEADER, ns);
+    }
+    if let Some(shard) = shard {
+        resp.headers_mut()
+            .insert(crate::http::hooks::SHARD_HEADER, HeaderValue::from(shard));
     }
     let m = &app.metrics;
     m.requests
@@ -76,12 +85,13 @@ pub async fn handle(
 /// The answer to a request, errors included.
 async fn answer(
     app: &Arc<App>,
+    auth: &Verifier,
     peer: SocketAddr,
     req: &Request<Incoming>,
     info: &mut LogInfo,
     user: &mut Option<String>,
 ) -> Response<Body> {
-    let result = match check_access(app, peer, req, user).await {
+    let result = match check_access(app, auth, peer, req, user).await {
         Err((e, limit)) => {
             app.metrics
                 .limit_rejections
@@ -111,6 +121,7 @@ fn route_label(path: &str) -> &'static str {
 /// `/readyz`. The error comes with the name of the limit, for the metrics.
 async fn check_access(
     app: &Arc<App>,
+    auth: &Verifier,
     peer: SocketAddr,
     req: &Request<Incoming>,
     user: &mut Option<String>,
@@ -147,8 +158,7 @@ async fn check_access(
     let open = matches!(path, "/healthz" | "/readyz") || path.starts_with(ADMIN_PREFIX);
     if let (Some(htpasswd), false) = (&access.htpasswd, open) {
         let given = req.headers().get(header::AUTHORIZATION);
-        match app
-            .auth
+        match auth
             .check(htpasswd, given.map(HeaderValue::as_bytes), peer.ip())
             .await
         {

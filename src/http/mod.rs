@@ -5,6 +5,8 @@
 //!
 //! A request goes `server` → [`handle`] (access checks, dispatch) → `router` → the endpoint's
 //! handler (`manifests`, `blobs`, `tags`, `referrers`, `catalog`, `ops`, `admin`) → the cache.
+//!
+//! The test hooks (`hooks`) exist only with `REGCACHE_TEST_HOOKS=1` at start.
 
 pub mod access;
 pub mod admin;
@@ -14,6 +16,7 @@ pub mod body;
 pub mod catalog;
 pub mod error;
 pub mod handle;
+pub mod hooks;
 pub mod manifests;
 pub mod ops;
 pub mod paging;

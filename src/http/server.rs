@@ -118,6 +118,11 @@ struct Shared {
     refusing: Arc<tokio::sync::Semaphore>,
     over_capacity: bytes::Bytes,
     grace: Duration,
+    /// Each shard's stall queue, with the test hooks on (`REGCACHE_TEST_HOOKS=1`).
+    stalls: Option<crate::http::hooks::Stalls>,
+    /// Checks client credentials against `[access] htpasswd`, remembering the answers: one for
+    /// every shard, so a credential verified on one is known to all.
+    auth: Arc<crate::http::auth::Verifier>,
 }
 
 /// How many shards serve connections: one per CPU this process may use.
@@ -166,8 +171,12 @@ const STALLED_AFTER_MS: u64 = 1000;
 /// Connections are served by [`shard_count`] shards: one thread each, with its own
 /// single-threaded runtime, accepting from the same listening socket (like nginx's workers). A
 /// connection goes to the least loaded shard and stays there, so its wake-ups never cross threads
-/// and each shard polls only its own sockets. What the connections start (fills, uploads) runs on
-/// their shard; the maintenance loop runs on the caller's runtime.
+/// and each shard polls only its own sockets. What the connections start that outlives a request
+/// or serves several shards (fills, manifest flights, uploads, upstream requests and their pooled
+/// connections) runs on the background runtime the cache and the upstreams were given (see
+/// `App::open`), which must run until this returns; the maintenance loop runs on the caller's
+/// runtime. So a shard depends on no other shard, and each stops once its own connections have
+/// drained.
 pub async fn run(
     listener: TcpListener,
     app: Arc<App>,
@@ -183,6 +192,17 @@ pub async fn run(
     let (handoffs, mut inboxes): (Vec<_>, Vec<_>) = (0..count)
         .map(|_| tokio::sync::mpsc::unbounded_channel())
         .unzip();
+    let (stalls, mut stall_queues) = if crate::http::hooks::enabled() {
+        tracing::warn!(
+            "test hooks on ({}=1): responses name their shard, and POST /_regcache/test/stall \
+             blocks a shard",
+            crate::http::hooks::ENV
+        );
+        let (stalls, queues) = crate::http::hooks::stall_queues(count);
+        (Some(stalls), queues.into_iter().map(Some).collect())
+    } else {
+        (None, (0..count).map(|_| None).collect::<Vec<_>>())
+    };
     let loads = (0..count)
         .map(|i| {
             let gauge = app
@@ -207,25 +227,23 @@ pub async fn run(
         refusing: Arc::new(tokio::sync::Semaphore::new(MAX_REFUSING)),
         over_capacity: over_capacity_response(),
         grace,
+        auth: Arc::new(crate::http::auth::Verifier::new(
+            app.metrics.auth_bcrypt_checks.clone(),
+        )),
+        stalls,
     });
     let listener = listener.into_std()?;
     app.watch_shards(shared.beats.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    // How many shards have drained their connections. A shard keeps its runtime running until all
-    // have: a fill or an upstream connection that lives on it may still serve another shard's
-    // clients during their drain.
-    let (drained, _) = tokio::sync::watch::channel(0usize);
-    let drained = Arc::new(drained);
     let mut shards = Vec::new();
     let mut started = Ok(());
-    for (i, inbox) in inboxes.drain(..).enumerate() {
+    for (i, (inbox, stalls)) in inboxes.drain(..).zip(stall_queues.drain(..)).enumerate() {
         let shard = Shard {
             index: i,
-            count,
             inbox,
+            stalls,
             shared: Arc::clone(&shared),
             stop: stop_rx.clone(),
-            drained: Arc::clone(&drained),
         };
         match shard.start(&listener) {
             Ok(done) => shards.push(done),
@@ -236,8 +254,6 @@ pub async fn run(
         }
     }
     drop(listener);
-    let unstarted = count - shards.len();
-    drained.send_modify(|n| *n += unstarted);
     if let Err(e) = started {
         let _ = stop_tx.send(true);
         for done in shards {
@@ -263,12 +279,12 @@ pub async fn run(
 /// One shard before it starts: its place among the shards and what it shares with them.
 struct Shard {
     index: usize,
-    count: usize,
     /// Connections other shards accepted for this one.
     inbox: tokio::sync::mpsc::UnboundedReceiver<Handoff>,
+    /// Stall orders for this shard (test hooks only).
+    stalls: Option<tokio::sync::mpsc::UnboundedReceiver<crate::http::hooks::Stall>>,
     shared: Arc<Shared>,
     stop: tokio::sync::watch::Receiver<bool>,
-    drained: Arc<tokio::sync::watch::Sender<usize>>,
 }
 
 impl Shard {
@@ -297,9 +313,9 @@ impl Shard {
             Ok(rt) => rt,
             Err(e) => {
                 tracing::error!(error = %e, shard = self.index, "cannot start a shard's runtime");
-                // Not watched, and counted as drained, so that nothing waits for it.
+                // Never seen as stalled (its heartbeat is in the future): the watchdog does not
+                // wait for it, and its closed inbox keeps connections away.
                 beat.store(u64::MAX, Ordering::Relaxed);
-                self.drained.send_modify(|n| *n += 1);
                 return;
             }
         };
@@ -319,17 +335,17 @@ impl Shard {
                 self.index,
                 listener,
                 self.inbox,
+                self.stalls,
                 Arc::clone(&self.shared),
                 self.stop,
             )
             .await;
-            self.drained.send_modify(|n| *n += 1);
-            let count = self.count;
-            let _ = self.drained.subscribe().wait_for(|n| *n >= count).await;
+            // Drained: nothing on this shard serves another shard's clients (fills and upstream
+            // connections live on the background runtime), so it stops now.
             heart.abort();
         });
-        // Blocking work still running (a fill's write) is not waited for: the process is stopping,
-        // and recovery at the next start cleans up after it.
+        // Blocking work still running (a read for a client cut off at the end of the grace
+        // period) is not waited for: the connection is gone.
         rt.shutdown_timeout(Duration::from_secs(1));
     }
 }
@@ -345,6 +361,7 @@ async fn serve_shard(
     me: usize,
     listener: std::net::TcpListener,
     mut inbox: tokio::sync::mpsc::UnboundedReceiver<Handoff>,
+    mut stalls: Option<tokio::sync::mpsc::UnboundedReceiver<crate::http::hooks::Stall>>,
     shared: Arc<Shared>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -356,6 +373,13 @@ async fn serve_shard(
         }
     };
     let app = &shared.app;
+    let hooks = shared
+        .stalls
+        .as_ref()
+        .map(|stalls| crate::http::hooks::ShardHooks {
+            shard: me,
+            stalls: stalls.clone(),
+        });
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut last_refusal_log: Option<std::time::Instant> = None;
     loop {
@@ -388,7 +412,7 @@ async fn serve_shard(
                 };
                 let (to, load) = shared.place(me);
                 if to == me {
-                    serve_connection(&shared, &graceful, stream, peer, slot, load);
+                    serve_connection(&shared, &graceful, &hooks, stream, peer, slot, load);
                     continue;
                 }
                 match stream.into_std() {
@@ -397,13 +421,15 @@ async fn serve_shard(
                         if let Err(back) = shared.handoffs[to].send(handoff) {
                             // That shard stopped since it was chosen: serve it here after all.
                             let back = Handoff { load: shared.count_in(me), ..back.0 };
-                            take(&shared, &graceful, back);
+                            take(&shared, &graceful, &hooks, back);
                         }
                     }
                     Err(e) => tracing::warn!(%peer, error = %e, "cannot hand a connection to another shard"),
                 }
             }
-            Some(handoff) = inbox.recv() => take(&shared, &graceful, handoff),
+            Some(handoff) = inbox.recv() => take(&shared, &graceful, &hooks, handoff),
+            // Blocks this shard's thread: the test hook that stands for a stalled shard.
+            Some(stall) = next_stall(&mut stalls), if stalls.is_some() => stall.block(),
             _ = stop.wait_for(|s| *s) => break,
         }
     }
@@ -415,10 +441,21 @@ async fn serve_shard(
     }
 }
 
+/// The next stall order of a shard's queue (test hooks only; never without them).
+async fn next_stall(
+    queue: &mut Option<tokio::sync::mpsc::UnboundedReceiver<crate::http::hooks::Stall>>,
+) -> Option<crate::http::hooks::Stall> {
+    match queue {
+        Some(q) => q.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Serves a connection another shard accepted (or one it could not hand over) on this shard.
 fn take(
     shared: &Arc<Shared>,
     graceful: &hyper_util::server::graceful::GracefulShutdown,
+    hooks: &Option<crate::http::hooks::ShardHooks>,
     handoff: Handoff,
 ) {
     let Handoff {
@@ -428,7 +465,7 @@ fn take(
         load,
     } = handoff;
     match tokio::net::TcpStream::from_std(stream) {
-        Ok(stream) => serve_connection(shared, graceful, stream, peer, slot, load),
+        Ok(stream) => serve_connection(shared, graceful, hooks, stream, peer, slot, load),
         Err(e) => tracing::warn!(%peer, error = %e, "cannot take a connection from another shard"),
     }
 }
@@ -437,6 +474,7 @@ fn take(
 fn serve_connection(
     shared: &Arc<Shared>,
     graceful: &hyper_util::server::graceful::GracefulShutdown,
+    hooks: &Option<crate::http::hooks::ShardHooks>,
     stream: tokio::net::TcpStream,
     peer: std::net::SocketAddr,
     slot: tokio::sync::OwnedSemaphorePermit,
@@ -456,11 +494,16 @@ fn serve_connection(
         }
         Some(acceptor) => (Err((stream, acceptor)), None),
     };
+    let hooks = hooks.clone();
+    let auth = Arc::clone(&shared.auth);
     let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         if let Some(lane) = &lane {
             req.extensions_mut().insert(lane.clone());
         }
-        crate::http::handle(Arc::clone(&app2), peer, req)
+        if let Some(hooks) = &hooks {
+            req.extensions_mut().insert(hooks.clone());
+        }
+        crate::http::handle(Arc::clone(&app2), Arc::clone(&auth), peer, req)
     });
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())

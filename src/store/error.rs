@@ -47,7 +47,7 @@ pub enum StoreError {
         "refusing to use {} as the data directory: it holds {} that regcache did not create, and \
          no {} file marks it as regcache's. regcache deletes files in its data directory \
          (tmp/, evicted blobs), so it uses only a directory it created, an empty one, or a store \
-         of an earlier regcache (meta.redb and lock, nothing else). Choose a new or empty \
+         of an earlier regcache (meta.redb and the files regcache makes, nothing else). Choose a new or empty \
          directory; if this one really is a regcache store, create the empty file {}",
         path.display(),
         found.join(", "),

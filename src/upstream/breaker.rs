@@ -105,7 +105,7 @@ impl Upstream {
         if let Some(me) = self.me.upgrade() {
             let weak = Arc::downgrade(&me);
             drop(me);
-            tokio::spawn(probe_until_up(weak));
+            self.runtime.spawn(probe_until_up(weak));
         }
     }
 

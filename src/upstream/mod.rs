@@ -3,9 +3,12 @@
 //!
 //! One [`Upstream`] per configured registry. Every request has a connect timeout (in the client),
 //! a time limit for the response headers, and callers read bodies with [`Upstream::next_chunk`],
-//! which bounds the idle time between chunks. The rest lives beside this file: failures and their
-//! causes (`error.rs`), auth and the token cache (`auth.rs`), the circuit breaker and its probe
-//! (`breaker.rs`), and the address policy for redirects and token realms (`redirect.rs`).
+//! which bounds the idle time between chunks. Requests are sent on the runtime given to
+//! [`Upstream::new`] (the server's background runtime), wherever the caller runs, so that the
+//! pooled connections live there and not on the shard of the request that opened them. The rest
+//! lives beside this file: failures and their causes (`error.rs`), auth and the token cache
+//! (`auth.rs`), the circuit breaker and its probe (`breaker.rs`), and the address policy for
+//! redirects and token realms (`redirect.rs`).
 
 mod auth;
 mod breaker;
@@ -60,12 +63,16 @@ pub struct Upstream {
     breaker: Mutex<breaker::Breaker>,
     metrics: Arc<Metrics>,
     me: Weak<Upstream>,
+    /// Where requests are sent and their connections driven (the server's background runtime).
+    runtime: tokio::runtime::Handle,
 }
 
 impl Upstream {
+    /// A client for one registry, sending its requests on `runtime`. Contacts nothing.
     pub fn new(
         config: UpstreamConfig,
         metrics: Arc<Metrics>,
+        runtime: tokio::runtime::Handle,
     ) -> Result<Arc<Upstream>, UpstreamError> {
         let invalid = |detail: String, source: Cause| UpstreamError::Invalid {
             upstream: config.name.clone(),
@@ -111,6 +118,7 @@ impl Upstream {
             breaker: Mutex::new(breaker::Breaker::default()),
             metrics,
             me: me.clone(),
+            runtime,
         }))
     }
 
@@ -144,7 +152,7 @@ impl Upstream {
         headers: HeaderMap,
     ) -> Result<Response, UpstreamError> {
         self.check_circuit()?;
-        let result = self.send_inner(method, repo, path, headers).await;
+        let result = self.send_on_runtime(method, repo, path, headers).await;
         match &result {
             Ok(_) => self.record_success(),
             Err(e) => {
@@ -156,6 +164,39 @@ impl Upstream {
             }
         }
         result
+    }
+
+    /// [`Upstream::send_inner`] as a task of this upstream's runtime. hyper drives a connection
+    /// with a task spawned where the connection was made, and the pool hands it to any later
+    /// request: a connection made on a shard would stall with that shard every request that
+    /// reuses it. Made here, connections live on the background runtime, and a response body is
+    /// read through the channel its connection task feeds, from whatever thread polls it. The
+    /// task is aborted when the caller gives up (drops this future), as the request would be.
+    async fn send_on_runtime(
+        &self,
+        method: Method,
+        repo: Option<&RepoName>,
+        path: &str,
+        headers: HeaderMap,
+    ) -> Result<Response, UpstreamError> {
+        let Some(me) = self.me.upgrade() else {
+            // Not in an `Arc` (it always is, from `new`): send from here.
+            return self.send_inner(method, repo, path, headers).await;
+        };
+        let (repo, path) = (repo.cloned(), path.to_owned());
+        let task = tokio_util::task::AbortOnDropHandle::new(
+            self.runtime
+                .spawn(async move { me.send_inner(method, repo.as_ref(), &path, headers).await }),
+        );
+        match task.await {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // The runtime is shutting down.
+            Err(e) => Err(UpstreamError::Unreachable {
+                upstream: self.name().to_owned(),
+                source: Arc::new(e),
+            }),
+        }
     }
 
     async fn send_inner(

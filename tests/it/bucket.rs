@@ -1,11 +1,16 @@
-//! The shared bucket tier (`[store.s3]`) against a real S3-compatible server (moto) and a real
-//! upstream (Debian's docker-registry), with skopeo as the client; a fake upstream where a fill must be
-//! slow; and tiered mirrors (a regcache whose upstream is another regcache).
+//! The shared bucket tier (`[store.s3]`) against real S3-compatible servers and a real upstream
+//! (Debian's docker-registry), with skopeo as the client; a fake upstream where a fill must be slow;
+//! and tiered mirrors (a regcache whose upstream is another regcache).
+//!
+//! Every bucket test runs on each [`Engine`]: `bucket::moto::NAME` on moto (one process, an S3 mock)
+//! and `bucket::garage::NAME` on a three-node Garage cluster (a distributed store; it ignores
+//! `If-None-Match: *`, and some tests kill its nodes).
 //!
 //! Bucket layout (below `<prefix>/` when a prefix is set): `blobs/sha256/<hex>`,
-//! `manifests/sha256/<hex>`, `repos/<upstream host:port>/<repo>/_manifests/sha256/<hex>` (empty) and
-//! `repos/<upstream host:port>/<repo>/_tags/<tag>` (JSON `{"digest", "checked_at_ms"}`). Uploads run
-//! shortly after a fill completes, so the tests poll the bucket.
+//! `manifests/sha256/<hex>`, `repos/<upstream host:port>/<repo>/_manifests/sha256/<hex>` and
+//! `…/_layers/sha256/<hex>` (empty) and `repos/<upstream host:port>/<repo>/_tags/<tag>` (JSON
+//! `{"digest", "checked_at_ms"}`). Uploads run shortly after a fill completes, so the tests poll the
+//! bucket.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read as _;
@@ -19,15 +24,17 @@ use bytes::Bytes;
 
 use crate::support::clients::{self, command, require, run};
 use crate::support::fake::FakeUpstream;
+use crate::support::garage::Garage;
 use crate::support::images::{assert_same_copy, pseudo_random};
 use crate::support::media::{accept_all, OCI_MANIFEST};
-use crate::support::moto::{request, Moto, ACCESS_KEY, SECRET_KEY};
+use crate::support::moto::Moto;
 use crate::support::net::BlackHole;
 use crate::support::process::{free_port, Process};
 use crate::support::regcache::{config_for, Regcache};
 use crate::support::registry::{
     inspect_raw, send_request, sha256_digest, RawResponse, Registry, Seeded,
 };
+use crate::support::s3::{request, S3Client};
 
 pub(crate) const BUCKET: &str = "regcache-test";
 /// How long an asynchronous upload may take to show in the bucket.
@@ -37,15 +44,140 @@ const PULL_BOUND: Duration = Duration::from_secs(60);
 /// The response header naming the cache outcome.
 const CACHE: &str = "x-regcache-cache";
 
+// ---- the object stores ----------------------------------------------------------------------------
+
+/// The S3-compatible servers the bucket tests run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Engine {
+    Moto,
+    Garage,
+}
+
+/// A running object store holding [`BUCKET`].
+pub(crate) enum Store {
+    Moto(Moto),
+    Garage(Garage),
+}
+
+impl Store {
+    /// Starts `engine` and creates [`BUCKET`].
+    pub(crate) fn start(engine: Engine) -> Store {
+        match engine {
+            Engine::Moto => {
+                let mut moto = Moto::start();
+                moto.create_bucket(BUCKET);
+                Store::Moto(moto)
+            }
+            Engine::Garage => {
+                let garage = Garage::start();
+                garage.create_bucket(BUCKET);
+                Store::Garage(garage)
+            }
+        }
+    }
+
+    /// The S3 endpoint a regcache is given: moto's, or Garage node `node`'s (each node serves the
+    /// whole cluster).
+    fn addr(&self, node: usize) -> SocketAddr {
+        match self {
+            Store::Moto(m) => m.addr(),
+            Store::Garage(g) => g.addr(node),
+        }
+    }
+
+    /// `http://` [`Store::addr`]
+    fn url(&self, node: usize) -> String {
+        format!("http://{}", self.addr(node))
+    }
+
+    /// What the tests read and write the bucket with: moto, or the first Garage node running.
+    fn client(&self) -> S3Client {
+        match self {
+            Store::Moto(m) => m.client(),
+            Store::Garage(g) => {
+                let running = g.running();
+                let node = *running
+                    .first()
+                    .expect("a Garage node runs to read the bucket through");
+                g.client(node)
+            }
+        }
+    }
+
+    pub(crate) fn list(&self, bucket: &str, prefix: &str) -> Vec<(String, u64)> {
+        self.client().list(bucket, prefix)
+    }
+
+    fn get(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
+        self.client().get(bucket, key)
+    }
+
+    fn put(&self, bucket: &str, key: &str, data: &[u8]) {
+        self.client().put(bucket, key, data)
+    }
+}
+
+/// The ways the tests take the bucket away.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outage {
+    /// moto stopped and its port black-holed: connections are accepted and never answered, so
+    /// every bucket call can only end by its timeout.
+    BlackHoled,
+    /// Nothing listens at the endpoint.
+    Refusing,
+    /// Two Garage nodes of three killed: the node regcache talks to answers every call with 503
+    /// ("could not reach quorum") at once.
+    QuorumLost,
+}
+
+impl std::fmt::Display for Outage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Outage::BlackHoled => "black-holed",
+            Outage::Refusing => "refusing",
+            Outage::QuorumLost => "without-quorum",
+        })
+    }
+}
+
+/// Each test named here runs once per engine, as `moto::NAME` and `garage::NAME`.
+macro_rules! on_every_engine {
+    ($($name:ident),+ $(,)?) => {
+        mod moto {
+            $( #[test] fn $name() { super::$name(super::Engine::Moto); } )+
+        }
+        mod garage {
+            $( #[test] fn $name() { super::$name(super::Engine::Garage); } )+
+        }
+    };
+}
+
+on_every_engine!(
+    two_servers_share_one_bucket_and_survive_the_upstream_outage,
+    bucket_outage_local_tier_serves_and_misses_stream_through,
+    killed_fill_leaves_no_visible_object,
+    concurrent_fills_through_two_servers_store_one_correct_copy,
+    presigned_redirect_serves_bucket_blobs,
+    tag_freshness_is_shared_through_the_bucket,
+    corrupt_bucket_copy_is_never_served_and_the_upstream_takes_over,
+    any_server_serves_a_blob_the_bucket_links_to_the_repository,
+    the_bucket_serves_a_blob_to_a_repository_only_once_the_upstream_confirmed_it_there,
+);
+
 // ---- helpers --------------------------------------------------------------------------------------
 
-/// A `[store.s3]` table for moto's [`BUCKET`], with `prefix` if given, plus `extra` keys.
-pub(crate) fn s3_table(moto: &Moto, prefix: Option<&str>, extra: &str) -> String {
+/// A `[store.s3]` table for [`BUCKET`] through the store's endpoint `node` (see [`Store::addr`]),
+/// with `prefix` if given, plus `extra` keys.
+fn s3_table_at(store: &Store, node: usize, prefix: Option<&str>, extra: &str) -> String {
+    let s3 = store.client();
     let mut t = format!(
-        "[store.s3]\nbucket = \"{BUCKET}\"\nendpoint = \"{}\"\nregion = \"us-east-1\"\n\
-         access_key_id = \"{ACCESS_KEY}\"\nsecret_access_key = \"{SECRET_KEY}\"\n\
+        "[store.s3]\nbucket = \"{BUCKET}\"\nendpoint = \"{}\"\nregion = \"{}\"\n\
+         access_key_id = \"{}\"\nsecret_access_key = \"{}\"\n\
          virtual_hosted_style = false\ntimeout = \"5s\"\n",
-        moto.url()
+        store.url(node),
+        s3.region,
+        s3.key_id,
+        s3.secret,
     );
     if let Some(p) = prefix {
         t.push_str(&format!("prefix = \"{p}\"\n"));
@@ -55,25 +187,23 @@ pub(crate) fn s3_table(moto: &Moto, prefix: Option<&str>, extra: &str) -> String
     t
 }
 
-/// moto with [`BUCKET`] made.
-pub(crate) fn moto_with_bucket() -> Moto {
-    let mut moto = Moto::start();
-    moto.create_bucket(BUCKET);
-    moto
+/// [`s3_table_at`] the first endpoint.
+pub(crate) fn s3_table(store: &Store, prefix: Option<&str>, extra: &str) -> String {
+    s3_table_at(store, 0, prefix, extra)
 }
 
-/// What most tests start from: a work dir, a seeded upstream, and moto with [`BUCKET`] made.
-fn work_upstream_and_bucket() -> (tempfile::TempDir, Registry, Moto) {
+/// What most tests start from: a work dir, a seeded upstream, and `engine` with [`BUCKET`] made.
+fn work_upstream_and_bucket(engine: Engine) -> (tempfile::TempDir, Registry, Store) {
     let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
-    (work, Registry::start_seeded(), moto_with_bucket())
+    (work, Registry::start_seeded(), Store::start(engine))
 }
 
 /// A regcache config for `upstream` (tags fresh for 10 minutes) with [`s3_table`].
-fn shared_config(upstream: &Registry, moto: &Moto, prefix: Option<&str>, extra: &str) -> String {
+fn shared_config(upstream: &Registry, store: &Store, prefix: Option<&str>, extra: &str) -> String {
     config_for(
         &upstream.url(),
         "freshness = \"10m\"",
-        &s3_table(moto, prefix, extra),
+        &s3_table(store, prefix, extra),
     )
 }
 
@@ -166,6 +296,13 @@ impl Image {
         let mut keys = BTreeSet::new();
         for b in self.blobs.keys() {
             keys.insert(format!("{root}blobs/sha256/{}", hex_of(b)));
+            // Written after the blob: until it is there, other servers take the blob from the
+            // upstream, not from the bucket.
+            keys.insert(format!(
+                "{root}repos/{upstream_id}/{}/_layers/sha256/{}",
+                self.repo,
+                hex_of(b)
+            ));
         }
         for m in &self.manifests {
             keys.insert(format!("{root}manifests/sha256/{}", hex_of(m)));
@@ -193,10 +330,10 @@ impl Image {
 }
 
 /// Polls the bucket listing under `root` until it holds every key of `want`; returns the listing.
-fn wait_for_keys(moto: &Moto, root: &str, want: &BTreeSet<String>) -> BTreeMap<String, u64> {
+fn wait_for_keys(store: &Store, root: &str, want: &BTreeSet<String>) -> BTreeMap<String, u64> {
     let deadline = Instant::now() + UPLOAD_WAIT;
     loop {
-        let listing: BTreeMap<String, u64> = moto.list(BUCKET, root).into_iter().collect();
+        let listing: BTreeMap<String, u64> = store.list(BUCKET, root).into_iter().collect();
         let missing: Vec<&String> = want.iter().filter(|k| !listing.contains_key(*k)).collect();
         if missing.is_empty() {
             return listing;
@@ -212,15 +349,15 @@ fn wait_for_keys(moto: &Moto, root: &str, want: &BTreeSet<String>) -> BTreeMap<S
 
 /// Every object under `<root>blobs/` and `<root>manifests/` is named `…/sha256/<hex>` and its bytes
 /// hash to that name; blobs have the size `sizes` says, when it knows them.
-fn check_content_addressed(moto: &Moto, root: &str, sizes: &BTreeMap<String, u64>) {
+fn check_content_addressed(store: &Store, root: &str, sizes: &BTreeMap<String, u64>) {
     for kind in ["blobs", "manifests"] {
         let under = format!("{root}{kind}/");
-        for (key, size) in moto.list(BUCKET, &under) {
+        for (key, size) in store.list(BUCKET, &under) {
             let hex = key
                 .strip_prefix(&format!("{under}sha256/"))
                 .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
                 .unwrap_or_else(|| panic!("bucket key {key:?} is not {under}sha256/<hex>"));
-            let bytes = moto
+            let bytes = store
                 .get(BUCKET, &key)
                 .unwrap_or_else(|| panic!("{key} is listed but cannot be read"));
             assert_eq!(bytes.len() as u64, size, "{key}: listed size vs bytes");
@@ -300,14 +437,17 @@ fn describe(r: &RawResponse) -> String {
 
 // ---- tests ----------------------------------------------------------------------------------------
 
-#[test]
-fn two_servers_share_one_bucket_and_survive_the_upstream_outage() {
-    let (work, mut upstream, moto) = work_upstream_and_bucket();
+fn two_servers_share_one_bucket_and_survive_the_upstream_outage(engine: Engine) {
+    let (work, mut upstream, mut store) = work_upstream_and_bucket(engine);
     let prefix = Some("fleet");
     let root = key_root(prefix);
-    let config = shared_config(&upstream, &moto, prefix, "");
-    let a = Regcache::start(&config);
-    let b = Regcache::start(&config);
+    // On Garage, A talks to node 0 and B to node 1.
+    let a = Regcache::start(&shared_config(&upstream, &store, prefix, ""));
+    let b = Regcache::start(&config_for(
+        &upstream.url(),
+        "freshness = \"10m\"",
+        &s3_table_at(&store, 1, prefix, ""),
+    ));
 
     let images = [
         Image::of(&upstream, Seeded::SMALL_OCI),
@@ -336,9 +476,14 @@ fn two_servers_share_one_bucket_and_survive_the_upstream_outage() {
         );
         want.extend(img.keys(&root, &upstream.host_port()));
         sizes.extend(img.blobs.clone());
+        if let (0, Store::Garage(garage)) = (i, &mut store) {
+            // A Garage node dies mid-run: A writes the next image, and B reads everything, through
+            // the two nodes left.
+            garage.kill(2);
+        }
     }
-    let listing = wait_for_keys(&moto, &root, &want);
-    check_content_addressed(&moto, &root, &sizes);
+    let listing = wait_for_keys(&store, &root, &want);
+    check_content_addressed(&store, &root, &sizes);
     for img in &images {
         let tag_key = format!(
             "{root}repos/{}/{}/_tags/{}",
@@ -347,7 +492,7 @@ fn two_servers_share_one_bucket_and_survive_the_upstream_outage() {
             img.tag
         );
         let record: serde_json::Value =
-            serde_json::from_slice(&moto.get(BUCKET, &tag_key).expect("tag record"))
+            serde_json::from_slice(&store.get(BUCKET, &tag_key).expect("tag record"))
                 .unwrap_or_else(|e| panic!("{tag_key} is not JSON: {e}"));
         assert_eq!(record["digest"], img.digest.as_str(), "{tag_key}: {record}");
         assert!(
@@ -449,18 +594,20 @@ fn two_servers_share_one_bucket_and_survive_the_upstream_outage() {
         1.0,
         "B's bucket should be up:\n{bm}"
     );
+    if let Store::Garage(garage) = &store {
+        assert_eq!(garage.running(), [0, 1], "the test ran with a node down");
+    }
 }
 
-#[test]
-fn bucket_outage_local_tier_serves_and_misses_stream_through() {
-    let (work, upstream, mut moto) = work_upstream_and_bucket();
+fn bucket_outage_local_tier_serves_and_misses_stream_through(engine: Engine) {
+    let (work, upstream, mut store) = work_upstream_and_bucket(engine);
     // A short gc_interval: the maintenance loop is what retries the writes the bucket missed.
     let config = config_for(
         &upstream.url(),
         "freshness = \"10m\"",
         &format!(
             "[store]\ngc_interval = \"1s\"\n{}",
-            s3_table(&moto, None, "")
+            s3_table(&store, None, "")
         ),
     );
     let mut a = Regcache::start(&config);
@@ -487,23 +634,48 @@ fn bucket_outage_local_tier_serves_and_misses_stream_through() {
         "warming",
     );
     // The bucket works before the outage: the warm image reaches it.
-    wait_for_keys(&moto, "", &warm.keys("", &upstream.host_port()));
+    wait_for_keys(&store, "", &warm.keys("", &upstream.host_port()));
     let m = a.app.metrics.render();
     assert_eq!(metric_sum(&m, "regcache_bucket_up"), 1.0, "{m}");
     let fetched_before = metric_sum(&m, "regcache_upstream_fetched_bytes_total");
 
-    // The bucket goes away: first its port accepts connections and never answers (every bucket call
-    // can only end by its timeout), then nothing listens there.
-    let moto_addr = moto.addr();
-    moto.stop();
+    // The bucket goes away. moto: first its port accepts connections and never answers (every
+    // bucket call can only end by its timeout), then nothing listens there. Garage: first two nodes
+    // of three die (the one A talks to answers every call with 503 at once), then the third.
     let (_, big_layer) = cold_big.largest_blob();
-    let mut hole = Some(BlackHole::start(moto_addr));
+    let outages = match engine {
+        Engine::Moto => [Outage::BlackHoled, Outage::Refusing],
+        Engine::Garage => [Outage::QuorumLost, Outage::Refusing],
+    };
+    let mut hole = None;
     for (outage, cold, cold_name) in [
-        ("black-holed", &cold_big, "big"),
-        ("refusing", &cold_multi, "multi"),
+        (outages[0], &cold_big, "big"),
+        (outages[1], &cold_multi, "multi"),
     ] {
-        if outage == "refusing" {
-            drop(hole.take());
+        match (outage, &mut store) {
+            (Outage::BlackHoled, Store::Moto(moto)) => {
+                let addr = moto.addr();
+                moto.stop();
+                hole = Some(BlackHole::start(addr));
+            }
+            (Outage::Refusing, Store::Moto(moto)) => {
+                moto.stop();
+                drop(hole.take());
+            }
+            (Outage::QuorumLost, Store::Garage(garage)) => {
+                garage.kill(1);
+                garage.kill(2);
+                let probe = garage
+                    .client(0)
+                    .send("GET", &format!("/{BUCKET}/probe"), &[], b"");
+                assert_eq!(
+                    probe.as_ref().map(|r| r.status),
+                    Some(503),
+                    "Garage with two nodes of three down should answer 503 at once"
+                );
+            }
+            (Outage::Refusing, Store::Garage(garage)) => garage.kill(0),
+            (outage, _) => panic!("no {outage:?} outage on {engine:?}"),
         }
         let took = copy_ok(
             &a.host_port(),
@@ -575,10 +747,10 @@ fn bucket_outage_local_tier_serves_and_misses_stream_through() {
         "what was fetched during the outage should wait for the bucket:\n{m}"
     );
 
-    // The bucket comes back (empty: moto keeps nothing across a restart). What A fetched while it
-    // was away is written to it once it answers, with no client asking.
-    // (Blobs the warm image shares with them were uploaded before the outage; a real bucket would
-    // still hold them, this restarted moto does not, and nothing is pending for them.)
+    // The bucket comes back. What A fetched while it was away is written to it once it answers,
+    // with no client asking. (moto comes back empty: blobs the warm image shares with them were
+    // uploaded before the outage; a real bucket still holds them, this restarted moto does not, and
+    // nothing is pending for them.)
     // A restarts while the bucket is still away: what it owes the bucket is in its database (the
     // outbox table), not only in memory.
     let dir = a.take_dir().expect("A's data directory");
@@ -590,13 +762,21 @@ fn bucket_outage_local_tier_serves_and_misses_stream_through() {
         metric_sum(&m, "regcache_bucket_pending_writes") > 0.0,
         "the writes owed to the bucket did not survive A's restart:\n{m}"
     );
-    moto.restart();
+    match &mut store {
+        Store::Moto(moto) => moto.restart(),
+        Store::Garage(garage) => {
+            // Node 0 alone has no quorum yet; with node 1 back the owed writes land, node 2 still
+            // down.
+            garage.restart(0);
+            garage.restart(1);
+        }
+    }
     let mut want = cold_big.keys("", &upstream.host_port());
     want.extend(cold_multi.keys("", &upstream.host_port()));
     let before = warm.keys("", &upstream.host_port());
     want.retain(|k| !before.contains(k));
-    let sizes = wait_for_keys(&moto, "", &want);
-    check_content_addressed(&moto, "", &sizes);
+    let sizes = wait_for_keys(&store, "", &want);
+    check_content_addressed(&store, "", &sizes);
     let m = a.app.metrics.render();
     assert_eq!(
         metric_sum(&m, "regcache_bucket_up"),
@@ -619,15 +799,14 @@ fn bucket_outage_local_tier_serves_and_misses_stream_through() {
     }
 }
 
-#[test]
-fn killed_fill_leaves_no_visible_object() {
+fn killed_fill_leaves_no_visible_object(engine: Engine) {
     const SIZE: usize = 12 << 20;
     let rt = tokio::runtime::Runtime::new().expect("runtime for the fake upstream");
     let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
     let fake = rt.block_on(FakeUpstream::start());
     let layer = pseudo_random(SIZE, 7);
     let (manifest, digest) = fake.add_image("kill/app", "v1", layer.clone());
-    let moto = moto_with_bucket();
+    let store = Store::start(engine);
     let prefix = Some("killed");
     let root = key_root(prefix);
     let blob_key = format!("{root}blobs/sha256/{}", hex_of(&digest));
@@ -638,7 +817,7 @@ fn killed_fill_leaves_no_visible_object() {
         format!(
             "data_dir = \"{}\"\n{}",
             work.path().join("data").display(),
-            config_for(&fake.url(), "", &s3_table(&moto, prefix, ""))
+            config_for(&fake.url(), "", &s3_table(&store, prefix, ""))
         ),
     )
     .expect("write config");
@@ -693,7 +872,7 @@ fn killed_fill_leaves_no_visible_object() {
     );
     for wait in [Duration::ZERO, Duration::from_secs(3)] {
         std::thread::sleep(wait);
-        let blobs = moto.list(BUCKET, &format!("{root}blobs/"));
+        let blobs = store.list(BUCKET, &format!("{root}blobs/"));
         assert!(
             blobs.is_empty(),
             "a killed fill left objects in the bucket: {blobs:?}"
@@ -706,28 +885,27 @@ fn killed_fill_leaves_no_visible_object() {
     assert_eq!(r.status, 200, "{}", describe(&r));
     assert_eq!(r.body.len(), SIZE, "GET after the restart: short body");
     assert_eq!(sha256_digest(&r.body), digest);
-    let listing = wait_for_keys(&moto, &root, &BTreeSet::from([blob_key.clone()]));
+    let listing = wait_for_keys(&store, &root, &BTreeSet::from([blob_key.clone()]));
     assert_eq!(listing[&blob_key], SIZE as u64, "{blob_key}: size");
-    let stored = moto.get(BUCKET, &blob_key).expect("the blob object");
+    let stored = store.get(BUCKET, &blob_key).expect("the blob object");
     assert!(
         stored == layer,
         "{blob_key}: the object differs from the blob"
     );
-    check_content_addressed(&moto, &root, &BTreeMap::from([(digest, SIZE as u64)]));
+    check_content_addressed(&store, &root, &BTreeMap::from([(digest, SIZE as u64)]));
     drop(rc);
     drop(fake);
     drop(rt);
 }
 
-#[test]
-fn concurrent_fills_through_two_servers_store_one_correct_copy() {
+fn concurrent_fills_through_two_servers_store_one_correct_copy(engine: Engine) {
     const SIZE: usize = 16 << 20;
     let rt = tokio::runtime::Runtime::new().expect("runtime for the fake upstream");
     let fake = rt.block_on(FakeUpstream::start());
     let layer = pseudo_random(SIZE, 11);
     let (manifest, digest) = fake.add_image("race/app", "v1", layer.clone());
-    let moto = moto_with_bucket();
-    let config = config_for(&fake.url(), "", &s3_table(&moto, None, ""));
+    let store = Store::start(engine);
+    let config = config_for(&fake.url(), "", &s3_table(&store, None, ""));
     let a = Regcache::start(&config);
     let b = Regcache::start(&config);
     for rc in [&a, &b] {
@@ -767,10 +945,10 @@ fn concurrent_fills_through_two_servers_store_one_correct_copy() {
         "the two fills were meant to race, each from the upstream"
     );
     let key = format!("blobs/sha256/{}", hex_of(&digest));
-    wait_for_keys(&moto, "", &BTreeSet::from([key.clone()]));
+    wait_for_keys(&store, "", &BTreeSet::from([key.clone()]));
     // Let the slower server's upload land too, then look at what stays.
     std::thread::sleep(Duration::from_secs(5));
-    let blobs = moto.list(BUCKET, "blobs/");
+    let blobs = store.list(BUCKET, "blobs/");
     let matching: Vec<_> = blobs
         .iter()
         .filter(|(k, _)| k.contains(hex_of(&digest)))
@@ -780,9 +958,9 @@ fn concurrent_fills_through_two_servers_store_one_correct_copy() {
         vec![&(key.clone(), SIZE as u64)],
         "the bucket should hold one copy of the blob: {blobs:?}"
     );
-    let stored = moto.get(BUCKET, &key).expect("the blob object");
+    let stored = store.get(BUCKET, &key).expect("the blob object");
     assert_eq!(sha256_digest(&stored), digest, "{key}: content");
-    check_content_addressed(&moto, "", &BTreeMap::from([(digest, SIZE as u64)]));
+    check_content_addressed(&store, "", &BTreeMap::from([(digest, SIZE as u64)]));
     drop(a);
     drop(b);
     drop(fake);
@@ -866,21 +1044,20 @@ fn tiered_mirror_head_fills_through_the_chain() {
     }
 }
 
-#[test]
-fn presigned_redirect_serves_bucket_blobs() {
-    let (work, mut upstream, moto) = work_upstream_and_bucket();
+fn presigned_redirect_serves_bucket_blobs(engine: Engine) {
+    let (work, mut upstream, store) = work_upstream_and_bucket(engine);
     let prefix = Some("presign");
     let root = key_root(prefix);
-    let a = Regcache::start(&shared_config(&upstream, &moto, prefix, ""));
+    let a = Regcache::start(&shared_config(&upstream, &store, prefix, ""));
     let b = Regcache::start(&shared_config(
         &upstream,
-        &moto,
+        &store,
         prefix,
         "redirect = true\nredirect_ttl = \"15m\"",
     ));
     let img = Image::with_reference_copy(&upstream, Seeded::SMALL_OCI, &work.path().join("ref"));
     copy_ok(&a.host_port(), &img.name, &work.path().join("a"), false);
-    wait_for_keys(&moto, &root, &img.keys(&root, &upstream.host_port()));
+    wait_for_keys(&store, &root, &img.keys(&root, &upstream.host_port()));
     upstream.stop();
 
     // A client asks for the manifest first: B finds it in the bucket.
@@ -901,12 +1078,12 @@ fn presigned_redirect_serves_bucket_blobs() {
         .unwrap_or_else(|| panic!("307 without Location: {}", describe(&r)))
         .to_owned();
     let target = location
-        .strip_prefix(&moto.url())
+        .strip_prefix(&store.url(0))
         .filter(|t| t.starts_with('/'))
         .unwrap_or_else(|| {
             panic!(
                 "Location {location:?} is not at the bucket endpoint {}",
-                moto.url()
+                store.url(0)
             )
         });
     assert!(
@@ -914,7 +1091,7 @@ fn presigned_redirect_serves_bucket_blobs() {
         "Location {location:?} is not a presigned URL"
     );
     // The presigned URL works on its own (no credentials of ours).
-    let r = request(moto.addr(), "GET", target, &[], b"")
+    let r = request(store.addr(0), "GET", target, &[], b"")
         .unwrap_or_else(|| panic!("GET {location}: no response"));
     assert_eq!(r.status, 200, "GET {location}: {}", describe(&r));
     assert_eq!(r.body.len() as u64, size);
@@ -934,29 +1111,29 @@ fn presigned_redirect_serves_bucket_blobs() {
     );
 }
 
-#[test]
-fn tag_freshness_is_shared_through_the_bucket() {
-    let (_work, mut upstream, moto) = work_upstream_and_bucket();
+fn tag_freshness_is_shared_through_the_bucket(engine: Engine) {
+    let (_work, mut upstream, store) = work_upstream_and_bucket(engine);
     // Tags are fresh for 4 s: long enough for B to use A's record (and for the bucket writes to
     // land on a loaded machine), short enough to expire in the test.
     let config = config_for(
         &upstream.url(),
         "freshness = \"4s\"",
-        &s3_table(&moto, None, ""),
+        &s3_table(&store, None, ""),
     );
     let a = Regcache::start(&config);
     let b = Regcache::start(&config);
     let (repo, tag) = ("small/oci", "latest");
     let path = format!("/v2/{repo}/manifests/{tag}");
     let key = format!("repos/{}/{repo}/_tags/{tag}", upstream.host_port());
-    let record = |moto: &Moto| -> Option<serde_json::Value> {
-        moto.get(BUCKET, &key)
+    let record = |store: &Store| -> Option<serde_json::Value> {
+        store
+            .get(BUCKET, &key)
             .map(|body| serde_json::from_slice(&body).expect("tag record JSON"))
     };
     let wait_record = |newer_than: u64| -> serde_json::Value {
         let deadline = Instant::now() + UPLOAD_WAIT;
         loop {
-            if let Some(r) = record(&moto) {
+            if let Some(r) = record(&store) {
                 if r["checked_at_ms"].as_u64().unwrap_or(0) > newer_than {
                     return r;
                 }
@@ -964,7 +1141,7 @@ fn tag_freshness_is_shared_through_the_bucket() {
             assert!(
                 Instant::now() < deadline,
                 "no tag record newer than {newer_than} at {key}: {:?}",
-                record(&moto)
+                record(&store)
             );
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -1013,19 +1190,18 @@ fn tag_freshness_is_shared_through_the_bucket() {
     assert_eq!(hole.accepted(), 0, "A asked the upstream");
 }
 
-#[test]
-fn corrupt_bucket_copy_is_never_served_and_the_upstream_takes_over() {
-    let (work, upstream, moto) = work_upstream_and_bucket();
-    let a = Regcache::start(&shared_config(&upstream, &moto, None, ""));
-    let b = Regcache::start(&shared_config(&upstream, &moto, None, ""));
+fn corrupt_bucket_copy_is_never_served_and_the_upstream_takes_over(engine: Engine) {
+    let (work, upstream, store) = work_upstream_and_bucket(engine);
+    let a = Regcache::start(&shared_config(&upstream, &store, None, ""));
+    let b = Regcache::start(&shared_config(&upstream, &store, None, ""));
     let img = Image::with_reference_copy(&upstream, Seeded::SMALL_OCI, &work.path().join("ref"));
     copy_ok(&a.host_port(), &img.name, &work.path().join("a"), false);
-    wait_for_keys(&moto, "", &img.keys("", &upstream.host_port()));
+    wait_for_keys(&store, "", &img.keys("", &upstream.host_port()));
 
     // Someone overwrites the layer in the bucket with other bytes of the same length.
     let (layer, size) = img.largest_blob();
     let key = format!("blobs/sha256/{}", hex_of(&layer));
-    moto.put(BUCKET, &key, &pseudo_random(size as usize, 99));
+    store.put(BUCKET, &key, &pseudo_random(size as usize, 99));
 
     let r = get(b.addr(), &format!("/v2/{}/manifests/{}", img.repo, img.tag));
     assert_eq!(r.status, 200, "B: manifest: {}", describe(&r));
@@ -1067,7 +1243,7 @@ fn corrupt_bucket_copy_is_never_served_and_the_upstream_takes_over() {
     );
     // B writes the verified bytes over the bad copy.
     let deadline = Instant::now() + UPLOAD_WAIT;
-    while moto.get(BUCKET, &key).map(|b| sha256_digest(&b)) != Some(layer.clone()) {
+    while store.get(BUCKET, &key).map(|b| sha256_digest(&b)) != Some(layer.clone()) {
         assert!(
             Instant::now() < deadline,
             "the bad copy in the bucket was not replaced"
@@ -1076,28 +1252,21 @@ fn corrupt_bucket_copy_is_never_served_and_the_upstream_takes_over() {
     }
 }
 
-#[test]
-fn any_server_serves_a_blob_the_bucket_links_to_the_repository() {
+fn any_server_serves_a_blob_the_bucket_links_to_the_repository(engine: Engine) {
     // Behind a load balancer a client may get the manifest from one server and the layers from
     // another that never saw that manifest.
-    let (work, mut upstream, moto) = work_upstream_and_bucket();
-    let a = Regcache::start(&shared_config(&upstream, &moto, None, ""));
+    let (work, mut upstream, store) = work_upstream_and_bucket(engine);
+    let a = Regcache::start(&shared_config(&upstream, &store, None, ""));
     let img = Image::with_reference_copy(&upstream, Seeded::SMALL_OCI, &work.path().join("ref"));
     copy_ok(&a.host_port(), &img.name, &work.path().join("a"), false);
     let (layer, _) = img.largest_blob();
-    let mut want = img.keys("", &upstream.host_port());
-    want.insert(format!(
-        "repos/{}/{}/_layers/sha256/{}",
-        upstream.host_port(),
-        img.repo,
-        hex_of(&layer)
-    ));
-    wait_for_keys(&moto, "", &want);
+    // The keys include the blob's `_layers` link.
+    wait_for_keys(&store, "", &img.keys("", &upstream.host_port()));
 
     let upstream_addr = upstream.addr();
     upstream.stop();
     let hole = BlackHole::start(upstream_addr);
-    let c = Regcache::start(&shared_config(&upstream, &moto, None, ""));
+    let c = Regcache::start(&shared_config(&upstream, &store, None, ""));
     let path = format!("/v2/{}/blobs/{layer}", img.repo);
     let r = head(c.addr(), &path);
     assert_eq!(r.status, 200, "C: HEAD: {}", describe(&r));
@@ -1125,8 +1294,9 @@ fn any_server_serves_a_blob_the_bucket_links_to_the_repository() {
 
 // The fake upstream, not docker-registry: the real registry refuses to store a manifest that names
 // a blob the repository lacks, and that manifest is the point here.
-#[test]
-fn the_bucket_serves_a_blob_to_a_repository_only_once_the_upstream_confirmed_it_there() {
+fn the_bucket_serves_a_blob_to_a_repository_only_once_the_upstream_confirmed_it_there(
+    engine: Engine,
+) {
     let rt = tokio::runtime::Runtime::new().expect("runtime for the fake upstream");
     let fake = rt.block_on(FakeUpstream::start());
     let data = pseudo_random(40_000, 17);
@@ -1148,8 +1318,8 @@ fn the_bucket_serves_a_blob_to_a_repository_only_once_the_upstream_confirmed_it_
     for repo in ["t/evil", "t/late"] {
         fake.add_manifest(repo, Some("v1"), OCI_MANIFEST, claim.clone());
     }
-    let moto = moto_with_bucket();
-    let config = config_for(&fake.url(), "", &s3_table(&moto, None, ""));
+    let store = Store::start(engine);
+    let config = config_for(&fake.url(), "", &s3_table(&store, None, ""));
     let up = fake.host();
     let layers = |repo: &str| format!("repos/{up}/{repo}/_layers/sha256/{hex}");
 
@@ -1158,7 +1328,7 @@ fn the_bucket_serves_a_blob_to_a_repository_only_once_the_upstream_confirmed_it_
     let r = get(a.addr(), &format!("/v2/t/private/blobs/{digest}"));
     assert_eq!(r.status, 200, "A: t/private: {}", describe(&r));
     wait_for_keys(
-        &moto,
+        &store,
         "",
         &BTreeSet::from([format!("blobs/sha256/{hex}"), layers("t/private")]),
     );
@@ -1193,7 +1363,7 @@ fn the_bucket_serves_a_blob_to_a_repository_only_once_the_upstream_confirmed_it_
     for repo in ["t/evil", "t/late"] {
         want.insert(format!("repos/{up}/{repo}/_tags/v1"));
     }
-    wait_for_keys(&moto, "", &want);
+    wait_for_keys(&store, "", &want);
 
     // The upstream is down. C, which never saw any of it, serves t/evil's blob from the bucket
     // (the upstream confirmed that link), but not t/late's (only its manifest names it).

@@ -12,4 +12,5 @@ mod ops;
 mod outage;
 mod prefetch;
 mod pull;
+mod ranges;
 mod support;

@@ -449,6 +449,16 @@ async fn on_a_full_store_prefetch_exits_1_naming_the_image_served_without_cachin
     let disk = SmallDisk::mount("6m");
     let rc = Regcache::start_in(disk.path(), &config_for(&fake.url(), "", ""));
 
+    // What fits is stored: the small image first, alone, so that the big one cannot fill the
+    // disk while the small one's layer is still being written.
+    let out = prefetch_blocking(&rc.url(), &["--json", "team/small:1.0"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "what fits is stored: {stderr}");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON summary");
+    let small = &summary["images"][0];
+    assert_eq!(small["status"], "cached", "what fits is stored: {summary}");
+    assert_eq!(small["durable"], true, "{summary}");
+
     let reported = prefetch_not_durable(
         &rc.url(),
         &["--json", "team/small:1.0", "team/big:1.0"],
@@ -459,7 +469,7 @@ async fn on_a_full_store_prefetch_exits_1_naming_the_image_served_without_cachin
     let (summary, stderr) = &reported;
     assert!(stderr.contains("store is full"), "{stderr}");
     let small = &summary["images"][0];
-    assert_eq!(small["status"], "cached", "what fits is stored: {summary}");
+    assert_eq!(small["status"], "cached", "what was stored stays: {summary}");
     assert_eq!(small["durable"], true, "{summary}");
     assert_eq!(fake.blob_gets(&small_layer), 1);
     assert_eq!(
@@ -472,7 +482,7 @@ async fn on_a_full_store_prefetch_exits_1_naming_the_image_served_without_cachin
 #[test]
 fn blobs_a_server_redirects_to_its_shared_bucket_count_as_stored_there() {
     let upstream = Registry::start_seeded();
-    let moto = crate::bucket::moto_with_bucket();
+    let moto = crate::bucket::Store::start(crate::bucket::Engine::Moto);
     let config = |extra: &str| {
         config_for(
             &upstream.url(),

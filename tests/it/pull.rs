@@ -12,8 +12,8 @@ use crate::support::nginx::Nginx;
 use crate::support::process::metric;
 use crate::support::regcache::{client, Regcache};
 use crate::support::registry::{
-    copy_to_dir, http_get, inspect_raw, parse_raw_response, sha256_digest, RawResponse, Registry,
-    Seeded, SEEDED_IMAGES,
+    copy_to_dir, http_get, inspect_raw, read_response, sha256_digest, Registry, Seeded,
+    SEEDED_IMAGES,
 };
 use crate::support::reply::{send, Reply};
 
@@ -380,33 +380,7 @@ async fn https_upstreams_are_spoken_to_in_http2_by_alpn_and_plain_ones_in_http11
     }
 }
 
-/// Reads one response with a `Content-Length` body (none for `HEAD`) off a keep-alive connection.
-fn read_one(stream: &mut std::net::TcpStream, head: bool, what: &str) -> RawResponse {
-    use std::io::Read as _;
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 1];
-    while !buf.ends_with(b"\r\n\r\n") {
-        let n = stream
-            .read(&mut byte)
-            .unwrap_or_else(|e| panic!("{what}: reading the head: {e}"));
-        assert!(n == 1, "{what}: connection closed inside the head");
-        buf.push(byte[0]);
-    }
-    let mut r = parse_raw_response(&buf).unwrap_or_else(|| panic!("{what}: no response head"));
-    let len: usize = r
-        .header("content-length")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{what}: no Content-Length"));
-    if !head {
-        r.body = vec![0u8; len];
-        stream
-            .read_exact(&mut r.body)
-            .unwrap_or_else(|e| panic!("{what}: reading {len} body bytes: {e}"));
-    }
-    r
-}
-
-fn sendfile_bytes(rc: &Regcache) -> f64 {
+pub(crate) fn sendfile_bytes(rc: &Regcache) -> f64 {
     let m = http_get(rc.addr(), "/metrics", &[]).expect("GET /metrics");
     metric(
         &String::from_utf8_lossy(&m.body),
@@ -494,7 +468,7 @@ fn warm_blobs_are_sent_with_sendfile_byte_exact_on_one_keep_alive_connection() {
             rc.addr()
         )
         .expect("send request");
-        let r = read_one(&mut s, *method == "HEAD", &what);
+        let r = read_response(&mut s, *method == "HEAD", &what);
         served += r.body.len();
         match i {
             0 | 4 => {
@@ -536,7 +510,7 @@ fn warm_blobs_are_sent_with_sendfile_byte_exact_on_one_keep_alive_connection() {
     rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).expect("fadvise");
     let before = sendfile_bytes(&rc);
     write!(s, "GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", rc.addr()).expect("send request");
-    let r = read_one(&mut s, false, "GET after dropping the page cache");
+    let r = read_response(&mut s, false, "GET after dropping the page cache");
     assert_eq!(r.status, 200);
     assert!(r.body == full, "body after dropping the page cache differs");
     let after = sendfile_bytes(&rc) - before;

@@ -26,7 +26,12 @@ pub(super) struct Names(Option<crate::app::Routing>);
 impl Names {
     pub fn new(config: Option<crate::config::Config>) -> Names {
         let metrics = Arc::new(crate::telemetry::metrics::Metrics::new());
-        Names(config.and_then(|c| crate::app::Routing::build(c, &metrics, None).ok()))
+        // Names are only routed, never fetched: the upstream clients get the handle of a runtime
+        // that never runs (a request on it would fail as cancelled).
+        Names(config.and_then(|c| {
+            let idle = tokio::runtime::Builder::new_current_thread().build().ok()?;
+            crate::app::Routing::build(c, &metrics, idle.handle(), None).ok()
+        }))
     }
 
     /// `upstream NUL repository` for a name the configuration routes; the name itself otherwise

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use crate::support::fake::FakeUpstream;
 use crate::support::process::{free_port, Process};
 use crate::support::regcache::{client, Regcache};
-use crate::support::registry::http_get;
+use crate::support::registry::{http_get, read_head, read_response, sha256_digest};
 
 #[test]
 fn health_command_exits_0_when_ready_and_1_when_not() {
@@ -47,7 +47,8 @@ fn health_command_exits_0_when_ready_and_1_when_not() {
 }
 
 /// A fake upstream serving one blob of `app/slow` at 256 KiB per 100 ms, and a regcache in front
-/// of it with a 20 s shutdown grace (and `extra` config before its `[upstreams]`).
+/// of it with a 20 s shutdown grace (and `extra` config before its `[upstreams]`, `env` in its
+/// environment).
 struct SlowBlob {
     rc: Process,
     addr: SocketAddr,
@@ -58,7 +59,7 @@ struct SlowBlob {
 }
 
 impl SlowBlob {
-    async fn start(layer: Bytes, extra: &str) -> SlowBlob {
+    async fn start(layer: Bytes, extra: &str, env: &[(&str, &str)]) -> SlowBlob {
         let fake = FakeUpstream::start().await;
         let (_, digest) = fake.add_image("app/slow", "v1", layer);
         fake.set_slow_blobs(256 << 10, Duration::from_millis(100)); // 4 MiB in about 1.6 s
@@ -75,7 +76,7 @@ impl SlowBlob {
         .expect("config");
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let log = work.path().join("log");
-        let rc = tokio::task::block_in_place(|| Process::start(&config, addr, &log));
+        let rc = tokio::task::block_in_place(|| Process::start_with_env(&config, addr, &log, env));
         SlowBlob {
             rc,
             addr,
@@ -89,7 +90,7 @@ impl SlowBlob {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_an_in_flight_download_finish_then_exits_0_and_logs_json() {
     let layer = Bytes::from(vec![7u8; 4 << 20]);
-    let mut slow = SlowBlob::start(layer, "[log]\nformat = \"json\"\n").await;
+    let mut slow = SlowBlob::start(layer, "[log]\nformat = \"json\"\n", &[]).await;
     let (addr, digest, rc) = (slow.addr, slow.digest.clone(), &mut slow.rc);
     let c = crate::support::regcache::client();
     let mut resp = c
@@ -129,13 +130,13 @@ async fn sigterm_lets_an_in_flight_download_finish_then_exits_0_and_logs_json() 
     );
 }
 
-/// The shard parts of shutdown: a fill lives on the shard of the client that started it, and a
-/// client on another shard that joined it must still get every byte when the first client leaves
-/// during the drain (its shard then has nothing left to drain, but must keep the fill running).
+/// The shard parts of shutdown: a client on another shard than the one whose client started a
+/// fill must still get every byte when the first client leaves during the drain (its shard then
+/// has nothing left to drain and stops; the fill, on the background runtime, must go on).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fill_on_one_shard_keeps_feeding_a_client_on_another_through_shutdown() {
     let layer = Bytes::from((0..4 << 20).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
-    let mut slow = SlowBlob::start(layer.clone(), "").await;
+    let mut slow = SlowBlob::start(layer.clone(), "", &[]).await;
     let (addr, digest, rc) = (slow.addr, slow.digest.clone(), &mut slow.rc);
     let url = format!("http://{addr}/v2/app/slow/blobs/{digest}");
     // Two clients, two connections: the second goes to the other shard (the least loaded).
@@ -199,6 +200,192 @@ async fn a_fill_on_one_shard_keeps_feeding_a_client_on_another_through_shutdown(
     );
     let code = tokio::task::block_in_place(|| rc.wait_exit(Duration::from_secs(25)));
     assert_eq!(code, Some(0), "{}", rc.log_text());
+}
+
+/// A keep-alive connection to a regcache that runs with the test hooks, and the shard serving it.
+struct ShardConn {
+    stream: std::net::TcpStream,
+    shard: String,
+}
+
+impl ShardConn {
+    /// Connects, and learns the shard from the answer to `GET /v2/` (`x-regcache-shard`).
+    fn open(addr: SocketAddr) -> ShardConn {
+        let stream = std::net::TcpStream::connect(addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        let mut c = ShardConn {
+            stream,
+            shard: String::new(),
+        };
+        c.send("GET", "/v2/", "");
+        let r = read_response(&mut c.stream, false, "GET /v2/");
+        c.shard = r
+            .header("x-regcache-shard")
+            .unwrap_or_else(|| {
+                panic!(
+                    "no x-regcache-shard with the test hooks on: {:?}",
+                    r.headers
+                )
+            })
+            .to_owned();
+        c
+    }
+
+    fn send(&mut self, method: &str, path: &str, headers: &str) {
+        let request = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}\r\n");
+        std::io::Write::write_all(&mut self.stream, request.as_bytes()).expect("send a request");
+    }
+}
+
+/// Fills and upstream connections are not tied to the shard whose client started them: while
+/// that shard's thread is blocked (the stall test hook), a client on another shard gets a tag
+/// list from the upstream (over the pooled connection a client of the stalled shard opened) and
+/// every byte of the blob the stalled shard's client started to fill, verified, before the stalled
+/// shard runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_on_another_shard_gets_its_blob_while_the_shard_that_started_the_fill_is_stalled()
+{
+    let layer = Bytes::from((0..4 << 20).map(|i| (i % 253) as u8).collect::<Vec<u8>>());
+    let slow = SlowBlob::start(layer, "", &[("REGCACHE_TEST_HOOKS", "1")]).await;
+    let (addr, digest) = (slow.addr, slow.digest.clone());
+    let (blob, tags) = (
+        format!("/v2/app/slow/blobs/{digest}"),
+        "/v2/app/slow/tags/list",
+    );
+    tokio::task::spawn_blocking(move || {
+        // Two connections on shard A (the client that starts the fill, one that lists tags) and
+        // two on shard B (the stall order, the client that joins). A new connection goes to the
+        // least loaded shard, so a few suffice.
+        let mut by_shard = std::collections::BTreeMap::<String, Vec<ShardConn>>::new();
+        for _ in 0..32 {
+            let c = ShardConn::open(addr);
+            by_shard.entry(c.shard.clone()).or_default().push(c);
+            if by_shard.values().filter(|c| c.len() >= 2).count() >= 2 {
+                break;
+            }
+        }
+        let shards: Vec<_> = by_shard.keys().cloned().collect();
+        let mut pairs = by_shard.into_values().filter(|c| c.len() >= 2);
+        let (Some(mut on_a), Some(mut on_b)) = (pairs.next(), pairs.next()) else {
+            panic!(
+                "connections landed on shards {shards:?} only: this test needs regcache to run \
+                 at least two shards (one per CPU; the machine has {:?})",
+                std::thread::available_parallelism()
+            )
+        };
+        let (mut starter, mut lister) = (on_a.remove(0), on_a.remove(0));
+        let (mut stall, mut joiner) = (on_b.remove(0), on_b.remove(0));
+        let (a, b) = (starter.shard.clone(), joiner.shard.clone());
+        // Client 1 starts the fill on shard A; the upstream trickles it for about 1.6 s.
+        starter.send("GET", &blob, "");
+        let r = read_head(&mut starter.stream, "client 1's GET");
+        assert_eq!(r.status, 200, "client 1's GET: {:?}", r.headers);
+        // A tag list asked on shard A leaves an idle upstream connection in the pool.
+        lister.send("GET", tags, "");
+        let r = read_response(&mut lister.stream, false, "the tag list on shard A");
+        assert_eq!(r.status, 200, "the tag list on shard A: {:?}", r.headers);
+        // Shard A's thread blocks for longer than the whole fill takes. The answer's head comes
+        // once it is blocked, its body once it runs again.
+        stall.send(
+            "POST",
+            &format!("/_regcache/test/stall?shard={a}&ms=6000"),
+            "x-regcache-operator: 1\r\n",
+        );
+        let r = read_head(&mut stall.stream, "the stall order");
+        assert_eq!(r.status, 200, "the stall order: {:?}", r.headers);
+        let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stalled = std::thread::spawn({
+            let events = std::sync::Arc::clone(&events);
+            let a = a.clone();
+            move || {
+                let mut rest = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !rest.ends_with(b"0\r\n\r\n") {
+                    let n = std::io::Read::read(&mut stall.stream, &mut buf)
+                        .expect("the end of the stall");
+                    assert!(n > 0, "the stall's answer was cut short");
+                    rest.extend_from_slice(&buf[..n]);
+                }
+                events
+                    .lock()
+                    .expect("events")
+                    .push(format!("shard {a} ran again"));
+            }
+        });
+        // Client 2, on shard B, while shard A is blocked: a tag list, then the blob (joining the
+        // fill).
+        joiner.send("GET", tags, "");
+        let r = read_response(&mut joiner.stream, false, "client 2's tag list");
+        assert_eq!(r.status, 200, "client 2's tag list: {:?}", r.headers);
+        events
+            .lock()
+            .expect("events")
+            .push(format!("client 2 on shard {b} got the tag list"));
+        joiner.send("GET", &blob, "");
+        let r = read_response(&mut joiner.stream, false, "client 2's GET");
+        assert_eq!(r.status, 200, "client 2's GET: {:?}", r.headers);
+        let got = sha256_digest(&r.body);
+        // `coalesced`: it joined the fill, still running (a `hit` would come after it).
+        let outcome = r.header("x-regcache-cache").unwrap_or("none").to_owned();
+        events
+            .lock()
+            .expect("events")
+            .push(format!("client 2 on shard {b} got the blob ({outcome})"));
+        stalled.join().expect("the stall's answer");
+        assert_eq!(got, digest, "client 2's {} bytes", r.body.len());
+        let events = events.lock().expect("events").clone();
+        assert_eq!(
+            events,
+            [
+                format!("client 2 on shard {b} got the tag list"),
+                format!("client 2 on shard {b} got the blob (coalesced)"),
+                format!("shard {a} ran again"),
+            ],
+            "client 2 must get its answers while the shard that started the fill is stalled"
+        );
+        drop((on_a, on_b, starter, lister));
+    })
+    .await
+    .expect("the test's client thread");
+    let mut rc = slow.rc;
+    stops_cleanly(&mut rc);
+}
+
+/// Without `REGCACHE_TEST_HOOKS=1` the test hooks do not exist: responses name no shard, and the
+/// stall order is an unknown operator endpoint, which blocks nothing.
+#[test]
+fn without_the_test_hooks_variable_there_is_no_stall_endpoint_and_no_shard_header() {
+    assert!(
+        std::env::var_os("REGCACHE_TEST_HOOKS").is_none(),
+        "run the tests without REGCACHE_TEST_HOOKS in their environment"
+    );
+    let rc = Regcache::with_upstream("http://127.0.0.1:9");
+    let mut s = std::net::TcpStream::connect(rc.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    std::io::Write::write_all(
+        &mut s,
+        b"POST /_regcache/test/stall?shard=0&ms=60000 HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+          x-regcache-operator: 1\r\n\r\nGET /v2/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    )
+    .expect("send");
+    let stall = read_response(&mut s, false, "the stall order");
+    let v2 = read_response(&mut s, false, "GET /v2/ after it");
+    assert_eq!(
+        (stall.status, v2.status),
+        (404, 200),
+        "the stall order: {}",
+        String::from_utf8_lossy(&stall.body)
+    );
+    for r in [&stall, &v2] {
+        assert!(
+            r.header("x-regcache-shard").is_none(),
+            "a shard header without the test hooks: {:?}",
+            r.headers
+        );
+    }
 }
 
 /// The `content: |` block of `path` in a cloud-init document (6-space indented lines).

@@ -524,6 +524,8 @@ pub fn registries_conf(location: &str) -> String {
 pub struct Podman {
     podman: PathBuf,
     dir: TempDir,
+    /// Storage driver `overlay` with partial pulls ([`Podman::with_partial_pulls`]), else `vfs`.
+    partial: bool,
 }
 
 impl Podman {
@@ -561,13 +563,45 @@ impl Podman {
                 d.join("run").display()
             ),
         );
-        Podman { podman, dir }
+        Podman {
+            podman,
+            dir,
+            partial: false,
+        }
     }
 
-    /// `podman --root R --runroot RR --storage-driver vfs ARGS`, whatever the outcome.
+    /// A podman that pulls zstd:chunked layers partially, as [`Podman::new`] but with the `overlay`
+    /// storage driver (the only one containers/storage pulls partially into) and
+    /// `pull_options = {enable_partial_images = "true"}`; each command runs in a private mount
+    /// namespace (`unshare --mount`), so its overlay mounts vanish with it.
+    pub fn with_partial_pulls(registries: &str) -> Podman {
+        let mut p = Podman::new(registries);
+        let d = p.dir.path();
+        write(
+            &d.join("storage.conf"),
+            &format!(
+                "[storage]\ndriver = \"overlay\"\ngraphroot = \"{}\"\nrunroot = \"{}\"\n\
+                 [storage.options]\n\
+                 pull_options = {{enable_partial_images = \"true\", use_hard_links = \"false\"}}\n",
+                d.join("root").display(),
+                d.join("run").display()
+            ),
+        );
+        p.partial = true;
+        p
+    }
+
+    /// `podman --root R --runroot RR --storage-driver vfs|overlay ARGS`, whatever the outcome.
     pub fn podman(&self, args: &[&str]) -> Output {
         let d = self.dir.path();
-        let mut cmd = command(&self.podman);
+        let mut cmd = if self.partial {
+            let mut cmd = command(&require("unshare", "util-linux"));
+            cmd.args(["--mount", "--propagation", "private", "--"])
+                .arg(&self.podman);
+            cmd
+        } else {
+            command(&self.podman)
+        };
         cmd.env("CONTAINERS_CONF", d.join("containers.conf"))
             .env("CONTAINERS_STORAGE_CONF", d.join("storage.conf"))
             .env("CONTAINERS_REGISTRIES_CONF", d.join("registries.conf"))
@@ -577,7 +611,10 @@ impl Podman {
             .arg(d.join("root"))
             .arg("--runroot")
             .arg(d.join("run"))
-            .args(["--storage-driver", "vfs"])
+            .args([
+                "--storage-driver",
+                if self.partial { "overlay" } else { "vfs" },
+            ])
             .args(args);
         run(cmd, CLIENT_TIMEOUT)
     }

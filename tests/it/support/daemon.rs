@@ -1,12 +1,14 @@
-//! A server the tests run as a child process (moto, etcd, docker-registry): waited for until it
-//! answers, killed (SIGKILL) and reaped when stopped or dropped.
+//! A server the tests run as a child process (moto, Garage, etcd, docker-registry): waited for until
+//! it answers, killed (SIGKILL) and reaped when stopped or dropped.
 
 use std::fs;
 use std::path::Path;
-use std::process::Child;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
+
+use super::clients::{command, require};
 
 /// The child process of a server, if one runs.
 #[derive(Default)]
@@ -64,6 +66,25 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A command running `program` under `setpriv --pdeathsig KILL` (so that it dies with the test
+/// process even if a panic skips Drop), its stdin closed and its stdout and stderr appended to
+/// `log`; the caller adds the arguments.
+pub fn logged_child(program: &Path, log: &Path) -> Command {
+    let out = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap_or_else(|e| panic!("cannot open {}: {e}", log.display()));
+    let err = out.try_clone().expect("clone a log file handle");
+    let mut cmd = command(&require("setpriv", "util-linux"));
+    cmd.args(["--pdeathsig", "KILL", "--"])
+        .arg(program)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
+    cmd
 }
 
 /// A fresh temp dir under the target dir for a server's data and logs, named `<prefix>…`.

@@ -33,30 +33,15 @@ impl Nginx {
     /// Starts nginx in front of `upstream` (`127.0.0.1:PORT`, plain HTTP) and waits until its ports
     /// accept connections.
     pub fn start_in_front_of(upstream: SocketAddr) -> Nginx {
-        let nginx = require("nginx", "nginx");
         let home = home_dir("regcache-nginx-");
         let dir = home.path();
         make_certs(dir, "0x4004");
-        for tmp in ["body", "proxy", "fastcgi", "uwsgi", "scgi"] {
-            fs::create_dir_all(dir.join("tmp").join(tmp)).expect("create an nginx temp dir");
-        }
         let (h2_port, tls_port, plain_port) = (free_port(), free_port(), free_port());
         let d = dir.display();
-        let conf = format!(
-            "daemon off;\n\
-             master_process off;\n\
-             worker_processes 1;\n\
-             pid {d}/nginx.pid;\n\
-             error_log {d}/error.log info;\n\
-             events {{ worker_connections 256; }}\n\
-             http {{\n\
+        let http = format!(
+            "\
                log_format regcache '$server_port $server_protocol $request_method $request_uri $status $body_bytes_sent';\n\
                access_log {d}/access.log regcache;\n\
-               client_body_temp_path {d}/tmp/body;\n\
-               proxy_temp_path {d}/tmp/proxy;\n\
-               fastcgi_temp_path {d}/tmp/fastcgi;\n\
-               uwsgi_temp_path {d}/tmp/uwsgi;\n\
-               scgi_temp_path {d}/tmp/scgi;\n\
                server {{\n\
                  listen 127.0.0.1:{h2_port} ssl http2;\n\
                  listen 127.0.0.1:{tls_port} ssl;\n\
@@ -71,31 +56,8 @@ impl Nginx {
                    proxy_buffering off;\n\
                    proxy_request_buffering off;\n\
                  }}\n\
-               }}\n\
-             }}\n"
+               }}\n"
         );
-        let conf_path = dir.join("nginx.conf");
-        fs::write(&conf_path, conf).expect("write nginx.conf");
-        let log = fs::File::create(dir.join("stderr.log")).expect("create nginx's stderr log");
-        let child = command(&nginx)
-            .arg("-p")
-            .arg(dir)
-            .arg("-e")
-            .arg(dir.join("error.log"))
-            .arg("-c")
-            .arg(&conf_path)
-            .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone().expect("clone the log file"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn nginx");
-        let mut n = Nginx {
-            child: Daemon::default(),
-            home,
-            h2_port,
-            tls_port,
-            plain_port,
-        };
         let ports = [h2_port, tls_port, plain_port];
         let up = || {
             ports.iter().all(|p| {
@@ -103,20 +65,13 @@ impl Nginx {
                 TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
             })
         };
-        if let Err(why) = n.child.wait_ready(
-            child,
-            Duration::from_secs(20),
-            Duration::from_millis(50),
-            "all three ports accept connections",
-            up,
-        ) {
-            panic!(
-                "nginx: {why}\n--- error.log ---\n{}\n--- stderr ---\n{}",
-                n.error_log(),
-                fs::read_to_string(n.home.path().join("stderr.log")).unwrap_or_default()
-            );
+        Nginx {
+            child: run(dir, &http, "all three ports accept connections", up),
+            home,
+            h2_port,
+            tls_port,
+            plain_port,
         }
-        n
     }
 
     /// `https://127.0.0.1:PORT`: TLS, HTTP/2 or HTTP/1.1 by ALPN.
@@ -158,4 +113,104 @@ impl Nginx {
     pub fn error_log(&self) -> String {
         fs::read_to_string(self.home.path().join("error.log")).unwrap_or_default()
     }
+}
+
+/// A running nginx serving the files of one directory over plain HTTP/1.1, as static files: the
+/// reference server for `Range` requests (nginx's range filter, `max_ranges`, `multipart/byteranges`).
+pub struct FileServer {
+    child: Daemon,
+    home: TempDir,
+    port: u16,
+}
+
+impl FileServer {
+    /// Starts nginx serving `root` on `127.0.0.1:PORT`, every file as `application/octet-stream`
+    /// (regcache's blob type), with `directives` added to its `http` block (e.g. `max_ranges 64;`).
+    pub fn start(root: &std::path::Path, directives: &str) -> FileServer {
+        let home = home_dir("regcache-nginx-files-");
+        let dir = home.path();
+        let port = free_port();
+        let (d, r) = (dir.display(), root.display());
+        let http = format!(
+            "\
+               access_log {d}/access.log;\n\
+               types {{ }}\n\
+               default_type application/octet-stream;\n\
+               sendfile on;\n\
+               large_client_header_buffers 4 64k;\n\
+               {directives}\n\
+               server {{\n\
+                 listen 127.0.0.1:{port};\n\
+                 root {r};\n\
+               }}\n"
+        );
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let up = || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok();
+        FileServer {
+            child: run(dir, &http, "its port accepts connections", up),
+            home,
+            port,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+/// Runs nginx in `dir` (its prefix, pid file, logs and temp paths), with `http` as the body of its
+/// `http` block, and waits until `ready` holds; panics with its logs if it does not.
+fn run(dir: &std::path::Path, http: &str, ready_when: &str, ready: impl FnMut() -> bool) -> Daemon {
+    let nginx = require("nginx", "nginx");
+    for tmp in ["body", "proxy", "fastcgi", "uwsgi", "scgi"] {
+        fs::create_dir_all(dir.join("tmp").join(tmp)).expect("create an nginx temp dir");
+    }
+    let d = dir.display();
+    let conf = format!(
+        "daemon off;\n\
+         master_process off;\n\
+         worker_processes 1;\n\
+         pid {d}/nginx.pid;\n\
+         error_log {d}/error.log info;\n\
+         events {{ worker_connections 256; }}\n\
+         http {{\n\
+           client_body_temp_path {d}/tmp/body;\n\
+           proxy_temp_path {d}/tmp/proxy;\n\
+           fastcgi_temp_path {d}/tmp/fastcgi;\n\
+           uwsgi_temp_path {d}/tmp/uwsgi;\n\
+           scgi_temp_path {d}/tmp/scgi;\n\
+         {http}\
+         }}\n"
+    );
+    let conf_path = dir.join("nginx.conf");
+    fs::write(&conf_path, conf).expect("write nginx.conf");
+    let log = fs::File::create(dir.join("stderr.log")).expect("create nginx's stderr log");
+    let child = command(&nginx)
+        .arg("-p")
+        .arg(dir)
+        .arg("-e")
+        .arg(dir.join("error.log"))
+        .arg("-c")
+        .arg(&conf_path)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().expect("clone the log file"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn nginx");
+    let mut daemon = Daemon::default();
+    if let Err(why) = daemon.wait_ready(
+        child,
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        ready_when,
+        ready,
+    ) {
+        panic!(
+            "nginx: {why}\n--- error.log ---\n{}\n--- stderr ---\n{}",
+            fs::read_to_string(dir.join("error.log")).unwrap_or_default(),
+            fs::read_to_string(dir.join("stderr.log")).unwrap_or_default()
+        );
+    }
+    daemon
 }

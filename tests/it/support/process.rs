@@ -21,17 +21,33 @@ pub struct Process {
     pub addr: SocketAddr,
     pub config: PathBuf,
     pub log: PathBuf,
+    /// Environment variables set for the process, on top of the proxy ones.
+    env: Vec<(String, String)>,
 }
 
 impl Process {
     /// Starts `regcache serve --config CONFIG --listen ADDR` and waits until `/readyz` answers 200.
     /// The log (stderr) goes to `LOG`, appended across restarts.
     pub fn start(config: &Path, addr: SocketAddr, log: &Path) -> Process {
+        Process::start_with_env(config, addr, log, &[])
+    }
+
+    /// [`Process::start`] with these environment variables set too (kept across restarts).
+    pub fn start_with_env(
+        config: &Path,
+        addr: SocketAddr,
+        log: &Path,
+        env: &[(&str, &str)],
+    ) -> Process {
         let mut p = Process {
             child: None,
             addr,
             config: config.to_owned(),
             log: log.to_owned(),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
         };
         p.spawn();
         p.wait_ready(Duration::from_secs(20));
@@ -57,6 +73,7 @@ impl Process {
         for (k, v) in PROXY_ENV {
             cmd.env(k, v);
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         self.child = Some(cmd.spawn().expect("spawn regcache"));
     }
 

@@ -46,16 +46,17 @@ impl Regcache {
         };
         let cfg = regcache::config::Config::parse(config, "test config", &overrides)
             .unwrap_or_else(|e| panic!("test config is invalid: {e}\n{config}"));
-        let app = regcache::app::App::open(cfg).expect("open regcache");
+        // The server's own runtime is also its background runtime (fills, upstream requests).
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("regcache runtime");
+        let app = regcache::app::App::open(cfg, rt.handle().clone()).expect("open regcache");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let app2 = Arc::clone(&app);
         let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("regcache runtime");
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
                     .await

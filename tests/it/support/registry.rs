@@ -633,6 +633,36 @@ pub fn parse_raw_response(response: &[u8]) -> Option<RawResponse> {
     })
 }
 
+/// Reads a response's head off a keep-alive connection (its body stays to be read).
+pub fn read_head(stream: &mut TcpStream, what: &str) -> RawResponse {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        let n = stream
+            .read(&mut byte)
+            .unwrap_or_else(|e| panic!("{what}: reading the head: {e}"));
+        assert!(n == 1, "{what}: connection closed inside the head");
+        buf.push(byte[0]);
+    }
+    parse_raw_response(&buf).unwrap_or_else(|| panic!("{what}: no response head"))
+}
+
+/// Reads one response with a `Content-Length` body (none for `HEAD`) off a keep-alive connection.
+pub fn read_response(stream: &mut TcpStream, head: bool, what: &str) -> RawResponse {
+    let mut r = read_head(stream, what);
+    let len: usize = r
+        .header("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{what}: no Content-Length"));
+    if !head {
+        r.body = vec![0u8; len];
+        stream
+            .read_exact(&mut r.body)
+            .unwrap_or_else(|e| panic!("{what}: reading {len} body bytes: {e}"));
+    }
+    r
+}
+
 /// Blocking `GET path` with `Connection: close` on a loopback address; `None` if the connection or the
 /// response fails. Bodies are returned as sent (no chunked decoding), which suits the registry's
 /// manifests (it sends `Content-Length`).
