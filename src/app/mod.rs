@@ -1,9 +1,10 @@
 //! The running service's state: the store, the cache and its tiers, the routing to upstreams,
 //! metrics and the listener's certificate, assembled by [`App::open`]; reloads
-//! ([`App::reload`]) and the maintenance loop ([`App::maintain`]), which also runs the probes of
-//! the peers.
+//! ([`App::reload`], driven by the config watchers in [`watch`]) and the maintenance loop
+//! ([`App::maintain`]), which also runs the probes of the peers.
 
 mod routing;
+pub mod watch;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -113,7 +114,7 @@ impl App {
             shard_beats: Mutex::new(Vec::new()),
             stopping: std::sync::atomic::AtomicBool::new(false),
             // The warnings of the config were just logged: the next reminder is a day away.
-            tls_reminded_at: std::sync::atomic::AtomicI64::new(crate::http::tls::unix_now()),
+            tls_reminded_at: std::sync::atomic::AtomicI64::new(crate::config::tls::unix_now()),
             tls_expired_logged: std::sync::atomic::AtomicBool::new(false),
             background,
         }))
@@ -301,7 +302,7 @@ impl App {
         let (Some(tls), Some(cfg)) = (&self.tls, self.routing().config.tls.clone()) else {
             return;
         };
-        let now = crate::http::tls::unix_now();
+        let now = crate::config::tls::unix_now();
         let not_after = tls.not_after();
         let expired = now > not_after;
         let newly_expired = expired && !self.tls_expired_logged.swap(true, Ordering::Relaxed);
@@ -311,9 +312,9 @@ impl App {
         }
         let cert = tls.paths().0;
         if expired {
-            tracing::error!(cert = %cert.display(), not_after = %crate::http::tls::format_utc(not_after), "the TLS certificate in force has expired: clients that verify it fail; install a renewed one and reload");
+            tracing::error!(cert = %cert.display(), not_after = %crate::config::tls::format_utc(not_after), "the TLS certificate in force has expired: clients that verify it fail; install a renewed one and reload");
         } else if let Some(w) =
-            crate::http::tls::expiry_warning(cert, not_after, now, cfg.expiry_warning)
+            crate::config::tls::expiry_warning(cert, not_after, now, cfg.expiry_warning)
         {
             tracing::warn!("{w}");
         } else {

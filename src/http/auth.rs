@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use sha2::Digest as _;
 
-use crate::http::access::{mask, Htpasswd};
+use crate::config::access::Htpasswd;
 
 /// `user` and `password` of an `Authorization: Basic …` header, if it is one and well formed.
 pub fn parse_basic(value: &[u8]) -> Option<(String, String)> {
@@ -146,7 +146,7 @@ impl<K: std::hash::Hash + Eq + Clone> Buckets<K> {
 fn address_key(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
         IpAddr::V4(a) => IpAddr::V4(a),
-        v6 => mask(v6, 64),
+        IpAddr::V6(a) => IpAddr::V6(ipnet::Ipv6Net::new(a, 64).map_or(a, |n| n.network())),
     }
 }
 

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
 use super::{io_err, now_secs, Owed, RepoKey, Store, StoreError};
+use crate::config::data_dir::is_system_directory;
 use crate::oci::reference::Digest;
 
 /// Committed blob files: `blobs/<alg>/<first two hex>/<hex>`.
@@ -35,54 +36,6 @@ const STORE_NAMES: [&str; 6] = [
     crate::config::source::LAST_GOOD_FILE,
     crate::config::source::LAST_GOOD_TEMP,
 ];
-
-/// Directories of the system that are never a data directory, whatever they hold.
-const SYSTEM_DIRECTORIES: [&str; 37] = [
-    "/",
-    "/bin",
-    "/boot",
-    "/dev",
-    "/etc",
-    "/home",
-    "/lib",
-    "/lib32",
-    "/lib64",
-    "/libx32",
-    "/media",
-    "/mnt",
-    "/opt",
-    "/proc",
-    "/root",
-    "/run",
-    "/run/user",
-    "/sbin",
-    "/srv",
-    "/sys",
-    "/tmp",
-    "/usr",
-    "/usr/bin",
-    "/usr/lib",
-    "/usr/local",
-    "/usr/local/bin",
-    "/usr/sbin",
-    "/usr/share",
-    "/var",
-    "/var/cache",
-    "/var/lib",
-    "/var/lib/private",
-    "/var/log",
-    "/var/mail",
-    "/var/run",
-    "/var/spool",
-    "/var/tmp",
-];
-
-/// Whether `path` (absolute, compared component by component) is `/` or another system directory
-/// such as `/etc`, `/usr` or `/tmp` (not a directory below one).
-pub fn is_system_directory(path: &Path) -> bool {
-    let path: PathBuf = path.components().collect();
-    SYSTEM_DIRECTORIES.iter().any(|d| path == Path::new(d))
-}
 
 /// Whose a data directory is, decided before anything in it is touched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

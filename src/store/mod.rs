@@ -41,7 +41,7 @@ pub use db::SCHEMA_VERSION;
 use error::io_err;
 pub use error::{is_disk_full, DbError, StoreError};
 use files::Ownership;
-pub use files::{free_bytes, is_system_directory, DirLock, TempBlob, MARKER};
+pub use files::{free_bytes, DirLock, TempBlob, MARKER};
 use records::Records;
 
 /// Milliseconds since the Unix epoch.
