@@ -4,6 +4,7 @@
 //! ([`App::maintain`]), which also runs the probes of the peers.
 
 mod routing;
+pub mod tls;
 pub mod watch;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,7 +24,7 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     routing: RwLock<Arc<Routing>>,
     /// The listener's certificate, when serving HTTPS.
-    pub tls: Option<Arc<crate::http::tls::CertReloader>>,
+    pub tls: Option<Arc<tls::CertReloader>>,
     /// Each shard's last sign of life (milliseconds since the epoch), for the systemd watchdog.
     shard_beats: Mutex<Vec<Arc<AtomicU64>>>,
     /// Set once shutdown has begun: draining shards stop beating, and that is expected.
@@ -94,9 +95,7 @@ impl App {
         }
         let cache = Arc::new(cache);
         let tls = match &config.tls {
-            Some(t) => Some(Arc::new(crate::http::tls::CertReloader::new(
-                &t.cert, &t.key,
-            )?)),
+            Some(t) => Some(Arc::new(tls::CertReloader::new(&t.cert, &t.key)?)),
             None => None,
         };
         cache.set_fill_limits(

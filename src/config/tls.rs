@@ -5,7 +5,7 @@
 //! verify it would fail. The period is read from the DER by [`validity`], a reader of just the
 //! path to `tbsCertificate.validity` (no crate in the dependency tree exposes it: webpki keeps
 //! it private), run after webpki has parsed the same certificate (`keys_match`). The listener's
-//! resolver and acceptor, which serve the pair, are the http layer's (`http::tls`).
+//! certificate in force is the app layer's (`app::tls`), its acceptor the http layer's (`http::tls`).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
