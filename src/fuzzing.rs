@@ -18,7 +18,7 @@ use http::HeaderValue;
 use crate::app::Routing;
 use crate::cmd::prefetch::dockerfile;
 use crate::cmd::prefetch::Platform;
-use crate::http::access::{Cidr, Htpasswd, RepoPattern};
+use crate::config::access::{Cidr, Htpasswd, RepoPattern};
 use crate::http::blobs::{parse_ranges, plan, Plan, MAX_RANGES};
 use crate::http::paging::{page, parse_n};
 use crate::http::router::{

@@ -1,8 +1,11 @@
 //! The running service's state: the store, the cache and its tiers, the routing to upstreams,
 //! metrics and the listener's certificate, assembled by [`App::open`]; reloads
-//! ([`App::reload`]) and the maintenance loop ([`App::maintain`]).
+//! ([`App::reload`], driven by the config watchers in [`watch`]) and the maintenance loop
+//! ([`App::maintain`]), which also runs the probes of the peers.
 
 mod routing;
+pub mod tls;
+pub mod watch;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -21,7 +24,7 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     routing: RwLock<Arc<Routing>>,
     /// The listener's certificate, when serving HTTPS.
-    pub tls: Option<Arc<crate::http::tls::CertReloader>>,
+    pub tls: Option<Arc<tls::CertReloader>>,
     /// Each shard's last sign of life (milliseconds since the epoch), for the systemd watchdog.
     shard_beats: Mutex<Vec<Arc<AtomicU64>>>,
     /// Set once shutdown has begun: draining shards stop beating, and that is expected.
@@ -92,9 +95,7 @@ impl App {
         }
         let cache = Arc::new(cache);
         let tls = match &config.tls {
-            Some(t) => Some(Arc::new(crate::http::tls::CertReloader::new(
-                &t.cert, &t.key,
-            )?)),
+            Some(t) => Some(Arc::new(tls::CertReloader::new(&t.cert, &t.key)?)),
             None => None,
         };
         cache.set_fill_limits(
@@ -112,7 +113,7 @@ impl App {
             shard_beats: Mutex::new(Vec::new()),
             stopping: std::sync::atomic::AtomicBool::new(false),
             // The warnings of the config were just logged: the next reminder is a day away.
-            tls_reminded_at: std::sync::atomic::AtomicI64::new(crate::http::tls::unix_now()),
+            tls_reminded_at: std::sync::atomic::AtomicI64::new(crate::config::tls::unix_now()),
             tls_expired_logged: std::sync::atomic::AtomicBool::new(false),
             background,
         }))
@@ -178,6 +179,17 @@ impl App {
         if config.store.s3 != old.store.s3 {
             tracing::warn!("store.s3 changed: takes effect at the next restart");
         }
+        // The peer tier is a link of the chain built at start: its list, token and timeout change
+        // here, its presence at the next start.
+        let peers = if config.peers.is_some() == old.peers.is_some() {
+            config.peers.clone()
+        } else {
+            tracing::warn!("[peers] turned on or off: takes effect at the next restart");
+            old.peers.clone()
+        };
+        if let (Some(p), Some(c)) = (self.cache.peers(), &peers) {
+            p.apply(c)?;
+        }
         if config.limits.max_connections != old.limits.max_connections {
             tracing::warn!(
                 new = config.limits.max_connections,
@@ -198,6 +210,7 @@ impl App {
                 s3: old.store.s3.clone(),
                 ..config.store
             },
+            peers,
             ..config
         };
         self.cache.set_max_manifest_size(config.max_manifest_size);
@@ -236,8 +249,19 @@ impl App {
         Ok(report)
     }
 
-    /// Background upkeep: recovery at start, then access-time flushes and eviction.
+    /// Background upkeep: recovery at start, then access-time flushes and eviction; meanwhile the
+    /// probes of the peers (`[peers]`).
     pub async fn maintain(self: Arc<Self>) {
+        let probes = async {
+            match self.cache.peers() {
+                Some(p) => Arc::clone(p).probe_forever().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::join!(probes, Arc::clone(&self).upkeep());
+    }
+
+    async fn upkeep(self: Arc<Self>) {
         let store = Arc::clone(&self.cache.store);
         match tokio::task::spawn_blocking(move || crate::store::verify::recover(&store)).await {
             Ok(Err(e)) => tracing::error!(error = %e, "store recovery failed"),
@@ -277,7 +301,7 @@ impl App {
         let (Some(tls), Some(cfg)) = (&self.tls, self.routing().config.tls.clone()) else {
             return;
         };
-        let now = crate::http::tls::unix_now();
+        let now = crate::config::tls::unix_now();
         let not_after = tls.not_after();
         let expired = now > not_after;
         let newly_expired = expired && !self.tls_expired_logged.swap(true, Ordering::Relaxed);
@@ -287,9 +311,9 @@ impl App {
         }
         let cert = tls.paths().0;
         if expired {
-            tracing::error!(cert = %cert.display(), not_after = %crate::http::tls::format_utc(not_after), "the TLS certificate in force has expired: clients that verify it fail; install a renewed one and reload");
+            tracing::error!(cert = %cert.display(), not_after = %crate::config::tls::format_utc(not_after), "the TLS certificate in force has expired: clients that verify it fail; install a renewed one and reload");
         } else if let Some(w) =
-            crate::http::tls::expiry_warning(cert, not_after, now, cfg.expiry_warning)
+            crate::config::tls::expiry_warning(cert, not_after, now, cfg.expiry_warning)
         {
             tracing::warn!("{w}");
         } else {

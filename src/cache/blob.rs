@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::share::Share;
-use super::{blocking, lock, Blob, BlobSource, Cache, CacheError, Outcome, Route};
+use super::{lock, Asker, Blob, BlobSource, Cache, CacheError, Outcome, Route};
 use crate::bucket::upstream_id;
 use crate::oci::reference::Digest;
 
@@ -21,32 +21,66 @@ impl Cache {
         Some(to_disk)
     }
 
-    /// A blob for `GET` (`want_body`) or `HEAD`.
+    /// A blob for `GET` (`want_body`) or `HEAD`, for a client.
     pub async fn blob(
         self: &Arc<Self>,
         route: &Route,
         d: &Digest,
         want_body: bool,
     ) -> Result<Blob, CacheError> {
+        self.blob_for(route, d, want_body, Asker::Client).await
+    }
+
+    /// A blob for `GET` (`want_body`) or `HEAD`, for a client or a peer (`asker`). A `GET`'s
+    /// answer is counted in `regcache_fills_total` by where its bytes come from.
+    pub async fn blob_for(
+        self: &Arc<Self>,
+        route: &Route,
+        d: &Digest,
+        want_body: bool,
+        asker: Asker,
+    ) -> Result<Blob, CacheError> {
+        let (blob, source) = self.find_blob(route, d, want_body, asker).await?;
+        if want_body {
+            self.metrics
+                .fills
+                .get_or_create(&vec![("source", source.to_owned())])
+                .inc();
+        }
+        Ok(blob)
+    }
+
+    /// [`Cache::blob_for`], with where the bytes come from (`store`, or a fill's tier).
+    async fn find_blob(
+        self: &Arc<Self>,
+        route: &Route,
+        d: &Digest,
+        want_body: bool,
+        asker: Asker,
+    ) -> Result<(Blob, &'static str), CacheError> {
         let key = route.key();
+        let peers = asker.may_ask_peers();
         if !want_body {
             // HEAD of a stored blob: the database alone answers.
             if let Some((size, true)) = self.store.lookup_blob(&key, d)? {
-                return Ok(Blob {
+                let blob = Blob {
                     size: Some(size),
                     source: BlobSource::Empty,
                     outcome: Outcome::Hit,
-                });
+                };
+                return Ok((blob, "store"));
             }
         }
+        let local_only = asker == Asker::Peer { local_only: true };
         if let Some((file, size)) = self.store.open_blob(d)? {
             let mut outcome = Outcome::Hit;
             if !self.store.is_linked(&key, d)? {
-                outcome = self.confirm_blob(route, d, size).await?;
-                let (store, k2, d2) = (Arc::clone(&self.store), key.clone(), d.clone());
-                blocking(move || store.link(&k2, &d2)).await?;
+                if local_only {
+                    return Err(CacheError::NotStored("blob not stored for this repository"));
+                }
+                outcome = self.confirm_blob(route, d, size, peers).await?;
             }
-            return Ok(Blob {
+            let blob = Blob {
                 size: Some(size),
                 source: if want_body {
                     self.store.touch(d);
@@ -55,12 +89,17 @@ impl Cache {
                     BlobSource::Empty
                 },
                 outcome,
-            });
+            };
+            return Ok((blob, "store"));
         }
         let fill_key = format!("{}/{}@{}", key.upstream, key.repo, d);
         let existing = {
             let fills = lock(&self.fills);
             match fills.get(&fill_key) {
+                // A peer's outage query joins only a fill that has its bytes coming: one still
+                // looking for a source may be asking that very peer, and each would wait for the
+                // other.
+                Some(f) if local_only && !f.has_source() => None,
                 Some(f) => {
                     let reader = if want_body {
                         Some(self.attach(f, d)?)
@@ -72,15 +111,19 @@ impl Cache {
                 None => None,
             }
         };
+        if local_only && existing.is_none() {
+            return Err(CacheError::NotStored("blob not stored"));
+        }
         if !want_body && existing.is_none() {
             // A HEAD of a blob nobody is fetching: a shared tier that holds it answers.
-            for tier in self.tiers.shared() {
+            for tier in self.tiers.shared_for(peers) {
                 if let Some(size) = tier.blob_size(&self.store, route, d).await? {
-                    return Ok(Blob {
+                    let blob = Blob {
                         size: Some(size),
                         source: BlobSource::Empty,
                         outcome: tier.outcome(),
-                    });
+                    };
+                    return Ok((blob, tier.name()));
                 }
             }
         }
@@ -90,61 +133,83 @@ impl Cache {
                 // A HEAD of a blob nobody is fetching: start the fill if a slot is free (so a
                 // HEAD through a chain of mirrors fills each of them), else just ask.
                 match self.free_fill_slot() {
-                    Some(slot) => self.start_fill(route, d, fill_key, slot, false)?,
+                    Some(slot) => self.start_fill(route, d, fill_key, slot, false, peers)?,
                     None => {
                         let origin = self.tiers.origin();
                         let size = origin.blob_size(&self.store, route, d).await?;
-                        return Ok(Blob {
+                        let blob = Blob {
                             size,
                             source: BlobSource::Empty,
                             outcome: Outcome::Passthrough,
-                        });
+                        };
+                        return Ok((blob, origin.name()));
                     }
                 }
             }
             None => {
                 let slot = self.fill_slot().await?;
-                self.start_fill(route, d, fill_key, slot, true)?
+                self.start_fill(route, d, fill_key, slot, true, peers)?
             }
         };
         let size = fill.wait_started().await?;
         if outcome == Outcome::Miss && fill.is_shared() {
             outcome = Outcome::Shared;
         }
-        Ok(Blob {
+        let blob = Blob {
             size,
             source: match reader {
                 Some(r) => BlobSource::Fill(r),
                 None => BlobSource::Empty,
             },
             outcome,
-        })
+        };
+        Ok((blob, fill.source()))
     }
 
     /// How blob `d`, stored here for another repository, may be served to `route`'s: once a
     /// tier confirms that this repository has it — a shared tier's link (a server that fetched
-    /// or confirmed it for the repository), else the upstream now (its "no" reaches the client).
-    /// A manifest of this repository that names the digest is a claim, not proof. `size`: the
-    /// blob's, for the bucket.
+    /// or confirmed it for the repository), else the upstream now (its "no" reaches the client)
+    /// — and the link is recorded. A manifest of this repository that names the digest is a
+    /// claim, not proof. `size`: the blob's, for the bucket. While the upstream cannot answer, a
+    /// peer that holds the blob for this repository confirms it (the upstream confirmed it to
+    /// that peer), when `peers`.
     async fn confirm_blob(
         &self,
         route: &Route,
         d: &Digest,
         size: u64,
+        peers: bool,
     ) -> Result<Outcome, CacheError> {
-        for tier in self.tiers.iter() {
-            if !tier.has_blob(route, d).await? {
+        for tier in self.tiers.iter_for(peers) {
+            let has = match tier.has_blob(route, d).await {
+                Err(CacheError::Upstream(e)) if e.is_unavailable() => {
+                    match self.tiers.fallback(peers, route) {
+                        Some(f) if f.has_blob(route, d).await? => {
+                            let (store, key, d2) =
+                                (Arc::clone(&self.store), route.key(), d.clone());
+                            self.commit_and_share(None, move |owed| store.link(&key, &d2, owed))
+                                .await?;
+                            return Ok(f.confirmed());
+                        }
+                        _ => return Err(e.into()),
+                    }
+                }
+                r => r?,
+            };
+            if !has {
                 continue;
             }
-            if tier.is_origin() {
-                // The confirmed link goes to the bucket too, so that another server may
-                // serve the blob for this repository while the upstream is down.
-                self.share(Share::Blob {
-                    digest: d.clone(),
-                    size,
-                    link: Some((upstream_id(&route.upstream.config.url), route.repo.clone())),
-                });
-            }
+            // The upstream's confirmation goes to the bucket too, owed from the link's record
+            // on, so that another server may serve the blob for this repository while the
+            // upstream is down.
+            let share = tier.is_origin().then(|| Share::Blob {
+                digest: d.clone(),
+                size,
+                link: Some((upstream_id(&route.upstream.config.url), route.repo.clone())),
+            });
+            let (store, key, d2) = (Arc::clone(&self.store), route.key(), d.clone());
+            self.commit_and_share(share, move |owed| store.link(&key, &d2, owed))
+                .await?;
             return Ok(tier.confirmed());
         }
         Err(CacheError::broken(

@@ -38,6 +38,10 @@ pub enum CacheError {
     /// (an OCI type it does not accept, a list without a linux/amd64 entry): a `404`.
     #[error("{0}")]
     NotAcceptable(&'static str),
+    /// A peer asked for what this server's store holds (`x-regcache-local-only`), and it does
+    /// not hold it for that repository: a `404`.
+    #[error("{0}")]
+    NotStored(&'static str),
 }
 
 /// A failure inside regcache itself, not of the store or of the upstream.

@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 use super::share::Share;
 use super::tail::MemoryTail;
 use super::tier::TierBlob;
-use super::{blocking, lock, Cache, CacheError, InternalError, Outcome, Route};
+use super::{lock, Cache, CacheError, InternalError, Outcome, Route};
 use crate::bucket::upstream_id;
 use crate::oci::reference::Digest;
 use crate::store::{Hold, StoreError, TempBlob};
@@ -46,8 +46,8 @@ pub(crate) struct Fill {
     /// Set when the disk filled up mid-fill: the file holds the bytes before `disk_len`, memory
     /// the rest, and the blob is served to its clients without being cached.
     pub(super) tail: Mutex<Option<MemoryTail>>,
-    /// Set when the bytes come from a shared tier (the bucket) rather than the upstream.
-    shared: AtomicBool,
+    /// The tier the bytes come from (`Tier::name`): a shared tier (peers, bucket) or the upstream.
+    source: Mutex<&'static str>,
     /// The readers, by id, each with the position it has sent up to.
     pub(super) readers: Mutex<HashMap<u64, u64>>,
     next_reader: AtomicU64,
@@ -166,7 +166,7 @@ impl Fill {
             file: Mutex::new(Some(file)),
             state,
             tail: Mutex::new(None),
-            shared: AtomicBool::new(false),
+            source: Mutex::new("upstream"),
             readers: Mutex::new(HashMap::new()),
             next_reader: AtomicU64::new(0),
             through: AtomicBool::new(false),
@@ -177,7 +177,20 @@ impl Fill {
 
     /// Whether the bytes come from a shared tier rather than the upstream.
     pub(super) fn is_shared(&self) -> bool {
-        self.shared.load(Ordering::Relaxed)
+        self.source() != "upstream"
+    }
+
+    /// The tier the bytes come from (`peer`, `bucket` or `upstream`), once a tier answered.
+    pub(super) fn source(&self) -> &'static str {
+        *lock(&self.source)
+    }
+
+    /// Whether a tier answered (bytes are coming, or came).
+    pub(super) fn has_source(&self) -> bool {
+        matches!(
+            &*self.state.borrow(),
+            FillState::Streaming { .. } | FillState::Done { .. }
+        )
     }
 
     /// Waits until a tier answered; returns the blob's size if it announced one.
@@ -260,7 +273,9 @@ impl Cache {
     }
 
     /// Starts (or joins, if one raced us) the fill of `d` for `route`, with a reader if the
-    /// request wants the body; the fill holds `slot` until it ends.
+    /// request wants the body; the fill holds `slot` until it ends. `peers`: whether the fill may
+    /// ask the peers (not for a request from a peer).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn start_fill(
         self: &Arc<Self>,
         route: &Route,
@@ -268,6 +283,7 @@ impl Cache {
         fill_key: String,
         slot: tokio::sync::OwnedSemaphorePermit,
         want_body: bool,
+        peers: bool,
     ) -> Result<(Arc<Fill>, Option<FillReader>, Outcome), CacheError> {
         let mut fills = lock(&self.fills);
         if let Some(f) = fills.get(&fill_key) {
@@ -303,7 +319,7 @@ impl Cache {
         self.runtime.spawn(async move {
             let _slot = slot;
             let started = std::time::Instant::now();
-            let result = this.run_fill(&route, &d, temp, &tx, &fill2).await;
+            let result = this.run_fill(&route, &d, temp, &tx, &fill2, peers).await;
             let labels = Metrics::upstream(route.upstream.name());
             match &result {
                 Ok(_) => this
@@ -313,7 +329,9 @@ impl Cache {
                     .observe(started.elapsed().as_secs_f64()),
                 Err(e) => {
                     let reason = match e {
-                        CacheError::Upstream(_) | CacheError::NotAcceptable(_) => "upstream",
+                        CacheError::Upstream(_)
+                        | CacheError::NotAcceptable(_)
+                        | CacheError::NotStored(_) => "upstream",
                         CacheError::DigestMismatch { .. } => "digest",
                         CacheError::SizeMismatch { .. } => "size",
                         CacheError::Store(_) => "store",
@@ -351,8 +369,9 @@ impl Cache {
         Ok((fill, reader, Outcome::Miss))
     }
 
-    /// Downloads, hashes and commits one blob from the first tier that gives it; returns its
-    /// size. A copy from a shared tier that fails verification is not read from that tier again.
+    /// Downloads, hashes and commits one blob from the first tier that gives it (the peers only
+    /// if `peers`); returns its size. A copy from a shared tier that fails verification is not
+    /// read from that tier (that peer) again.
     async fn run_fill(
         &self,
         route: &Route,
@@ -360,26 +379,32 @@ impl Cache {
         temp: TempBlob,
         tx: &watch::Sender<FillState>,
         fill: &Arc<Fill>,
+        peers: bool,
     ) -> Result<u64, CacheError> {
         let first = self
             .tiers
-            .open_blob(&self.store, route, d, 0, None, 0)
+            .open_blob(&self.store, route, d, 0, None, 0, peers)
             .await?;
         let tier = self.tiers.get(first.index);
-        fill.shared.store(!tier.is_origin(), Ordering::Relaxed);
-        let result = self.copy_blob(route, d, temp, tx, fill, first).await;
+        *lock(&fill.source) = tier.name();
+        let sender = first.stream.peer().cloned();
+        let result = self.copy_blob(route, d, temp, tx, fill, first, peers).await;
         if matches!(
             result,
             Err(CacheError::DigestMismatch { .. } | CacheError::SizeMismatch { .. })
         ) {
             // Never serve that copy again: the next request fetches it from the next tier.
             tier.rejected(d);
+            if let Some(p) = sender {
+                p.rejected(d);
+            }
         }
         result
     }
 
     /// The body of [`Cache::run_fill`]: copies the blob from `source` (resuming from the next
     /// tiers when it breaks), verifies and commits it.
+    #[allow(clippy::too_many_arguments)]
     async fn copy_blob(
         &self,
         route: &Route,
@@ -388,6 +413,7 @@ impl Cache {
         tx: &watch::Sender<FillState>,
         fill: &Arc<Fill>,
         source: TierBlob,
+        peers: bool,
     ) -> Result<u64, CacheError> {
         let up = &route.upstream;
         let TierBlob {
@@ -433,7 +459,15 @@ impl Cache {
                     tracing::warn!(upstream = up.name(), digest = %d, written, attempt = resumes, from, "blob stream broke; resuming with Range");
                     let next = self
                         .tiers
-                        .open_blob(&self.store, route, d, written, size, self.tiers.after(at))
+                        .open_blob(
+                            &self.store,
+                            route,
+                            d,
+                            written,
+                            size,
+                            self.tiers.after(at),
+                            peers,
+                        )
                         .await?;
                     (source, at) = (next.stream, next.index);
                     continue;
@@ -559,17 +593,19 @@ impl Cache {
         // database) proceeds; they read the file through descriptors the commit does not touch.
         tx.send_replace(FillState::Done { size: written });
         let (store, key, d2) = (Arc::clone(&self.store), route.key(), d.clone());
-        match blocking(move || store.commit_blob(temp, &d2, written, &key, None)).await {
-            Ok(()) => {
-                self.store.set_full(false);
-                if from_origin {
-                    self.share(Share::Blob {
-                        digest: d.clone(),
-                        size: written,
-                        link: Some((upstream_id(&up.config.url), route.repo.clone())),
-                    });
-                }
-            }
+        // What the upstream gave is owed to the bucket from the commit on.
+        let share = from_origin.then(|| Share::Blob {
+            digest: d.clone(),
+            size: written,
+            link: Some((upstream_id(&up.config.url), route.repo.clone())),
+        });
+        match self
+            .commit_and_share(share, move |owed| {
+                store.commit_blob(temp, &d2, written, &key, None, owed)
+            })
+            .await
+        {
+            Ok(()) => self.store.set_full(false),
             Err(e) if e.is_disk_full() => {
                 // The bytes were verified and the clients have them; only caching failed.
                 self.store.set_full(true);

@@ -7,9 +7,8 @@ use std::time::Duration;
 
 use super::share::Share;
 use super::tier::{Tier, TierManifest, TierTag};
-use super::{blocking, Cache, CacheError, Manifest, Outcome, Route};
+use super::{blocking, Asker, Cache, CacheError, Manifest, Outcome, Route};
 use crate::bucket::upstream_id;
-use crate::oci::manifest::referrer_descriptor;
 use crate::oci::media::{self, Accept, Negotiated};
 use crate::oci::reference::{Digest, Reference, Tag};
 use crate::store::{now_millis, RepoKey};
@@ -41,6 +40,23 @@ impl Cache {
         reference: &Reference,
         accept: Accept,
     ) -> Result<Manifest, CacheError> {
+        self.manifest_for(route, reference, accept, Asker::Client)
+            .await
+    }
+
+    /// [`Cache::manifest`] for a client or a peer (`asker`): a peer's request never asks the
+    /// peers, and a local-only one is answered from the store alone.
+    pub async fn manifest_for(
+        self: &Arc<Self>,
+        route: &Route,
+        reference: &Reference,
+        accept: Accept,
+        asker: Asker,
+    ) -> Result<Manifest, CacheError> {
+        if asker == (Asker::Peer { local_only: true }) {
+            return self.local_manifest(route, reference).map(|(m, _)| m);
+        }
+        let peers = asker.may_ask_peers();
         let key = route.key();
         match reference {
             Reference::Digest(d) => {
@@ -58,8 +74,9 @@ impl Cache {
                 }
             }
         }
-        // Clients with other Accept sets may get other answers: they never share a flight.
-        let flight_key = if accept.is_all() {
+        // Clients with other Accept sets may get other answers: they never share a flight. Nor do
+        // peers' requests and clients' (a flight for a peer asks no peer).
+        let mut flight_key = if accept.is_all() {
             format!("{}/{}@{}", key.upstream, key.repo, reference)
         } else {
             format!(
@@ -67,11 +84,15 @@ impl Cache {
                 key.upstream, key.repo, reference
             )
         };
+        if !peers {
+            flight_key.push_str(" hop");
+        }
         let (this, route2, reference2) = (Arc::clone(self), route.clone(), reference.clone());
         let (result, joined) = self
             .manifests
             .run(flight_key, move || async move {
-                this.fetch_manifest(&route2, &reference2, accept).await
+                this.fetch_manifest(&route2, &reference2, accept, peers)
+                    .await
             })
             .await;
         let mut m = result?;
@@ -139,12 +160,43 @@ impl Cache {
         self.stored_manifest(&d, Outcome::Hit)
     }
 
-    /// The slow path of [`Cache::manifest`], run once per key at a time.
+    /// What the store alone holds for a peer's outage query: a manifest by digest linked to
+    /// `route`'s repository, or the manifest of a tag's full-Accept record with the time the
+    /// upstream confirmed that record (however old). Never asks a tier.
+    pub fn local_manifest(
+        &self,
+        route: &Route,
+        reference: &Reference,
+    ) -> Result<(Manifest, Option<u64>), CacheError> {
+        let key = route.key();
+        let found = match reference {
+            Reference::Digest(d) if self.store.is_linked(&key, d)? => {
+                self.stored_manifest(d, Outcome::Hit)?.map(|m| (m, None))
+            }
+            Reference::Digest(_) => None,
+            Reference::Tag(t) => match self.store.tag_for(&key, t, Accept::ALL)? {
+                Some(rec) => match rec.digest.parse::<Digest>() {
+                    Ok(d) => self
+                        .stored_manifest(&d, Outcome::Hit)?
+                        .map(|m| (m, Some(rec.checked_at_ms))),
+                    Err(_) => None,
+                },
+                None => None,
+            },
+        };
+        found.ok_or(CacheError::NotStored(
+            "manifest not stored for this repository",
+        ))
+    }
+
+    /// The slow path of [`Cache::manifest`], run once per key at a time; the peers are asked only
+    /// if `peers`.
     async fn fetch_manifest(
         &self,
         route: &Route,
         reference: &Reference,
         accept: Accept,
+        peers: bool,
     ) -> Result<Manifest, CacheError> {
         let key = route.key();
         match reference {
@@ -159,41 +211,72 @@ impl Cache {
                 }
             }
             Reference::Digest(d) => {
-                for tier in self.tiers.shared() {
+                for tier in self.tiers.shared_for(peers) {
                     if let Some(m) = self.shared_manifest(tier, route, d).await? {
                         return Ok(m);
                     }
                 }
+                let fallback = self.tiers.fallback(peers, route);
                 if self.store.manifest_info(d)?.is_some() {
-                    // Stored for another repository: the upstream must confirm this one has it.
+                    // Stored for another repository: the upstream must confirm this one has it
+                    // (or, while it cannot, a peer that holds it for this one).
                     let origin = self.tiers.origin();
-                    origin.has_manifest(route, d).await?;
+                    if let Err(e) = origin.has_manifest(route, d).await {
+                        return match (e, fallback) {
+                            (CacheError::Upstream(e), Some(f)) if e.is_unavailable() => {
+                                let m = self.shared_manifest(f, route, d).await?;
+                                m.ok_or_else(|| e.into())
+                            }
+                            (e, _) => Err(e),
+                        };
+                    }
                     let (store, k2, d2) = (Arc::clone(&self.store), key.clone(), d.clone());
-                    blocking(move || store.link(&k2, &d2)).await?;
+                    blocking(move || store.link(&k2, &d2, None)).await?;
                     if let Some(m) = self.stored_manifest(d, origin.confirmed())? {
                         return Ok(m);
                     }
                 }
-                self.download_manifest(route, reference, None, Accept::ALL)
-                    .await
+                match (
+                    self.download_manifest(route, reference, None, Accept::ALL)
+                        .await,
+                    fallback,
+                ) {
+                    (Err(CacheError::Upstream(e)), Some(f)) if e.is_unavailable() => {
+                        let m = self.shared_manifest(f, route, d).await?;
+                        m.ok_or_else(|| e.into())
+                    }
+                    (r, _) => r,
+                }
             }
             Reference::Tag(t) => {
-                for tier in self.tiers.shared() {
+                for tier in self.tiers.shared_for(peers) {
                     if let Some(m) = self.shared_tag(tier, route, t, accept).await? {
                         return Ok(m);
                     }
                 }
+                let fallback = self.tiers.fallback(peers, route);
                 if let Some(m) = self.fresh_tag(route, t, accept)? {
                     return Ok(m); // another flight refreshed it meanwhile
                 }
                 if let Some(cached) = self.tagged_manifest(&key, t, accept)? {
-                    return self.revalidate_tag(route, t, accept, cached).await;
+                    return self
+                        .revalidate_tag(route, t, accept, cached, fallback)
+                        .await;
                 }
                 match self
                     .download_manifest(route, reference, Some(t), accept)
                     .await
                 {
-                    Err(CacheError::Upstream(e)) if e.is_unavailable() && !accept.is_all() => {
+                    Err(CacheError::Upstream(e)) if e.is_unavailable() => {
+                        // Never cached here: the peers' records, if any, then what the store
+                        // can answer for a narrower Accept.
+                        if let Some(m) = self.tag_from_peers(fallback, route, t, accept, &e).await?
+                        {
+                            return Ok(m);
+                        }
+                        if accept.is_all() {
+                            return Err(e.into());
+                        }
                         self.answer_without_upstream(route, reference, accept, e)
                     }
                     r => r,
@@ -211,6 +294,7 @@ impl Cache {
         t: &Tag,
         accept: Accept,
         cached: Manifest,
+        fallback: Option<&Tier>,
     ) -> Result<Manifest, CacheError> {
         let up = &route.upstream;
         match self.tiers.origin().tag(route, t, accept).await {
@@ -240,6 +324,10 @@ impl Cache {
                     .await
             }
             Err(CacheError::Upstream(e)) if e.is_unavailable() => {
+                // A peer's record confirmed more recently than ours wins.
+                if let Some(m) = self.tag_from_peers(fallback, route, t, accept, &e).await? {
+                    return Ok(m);
+                }
                 tracing::warn!(upstream = up.name(), repo = %route.repo, tag = %t, %accept, error = %e, "upstream cannot answer; serving the cached tag");
                 Ok(Manifest {
                     outcome: Outcome::Stale,
@@ -321,6 +409,21 @@ impl Cache {
         t: &Tag,
         accept: Accept,
     ) -> Result<Option<Manifest>, CacheError> {
+        let Some((m, fresh)) = self.newer_tag(tier, route, t, accept).await? else {
+            return Ok(None);
+        };
+        Ok(Some(m).filter(|_| fresh))
+    }
+
+    /// Tag `t` from `tier` when its record is newer than ours, imported (manifest and record,
+    /// with the tier's confirmation time, never as fresh), and whether it is still fresh.
+    async fn newer_tag(
+        &self,
+        tier: &Tier,
+        route: &Route,
+        t: &Tag,
+        accept: Accept,
+    ) -> Result<Option<(Manifest, bool)>, CacheError> {
         let Some(TierTag {
             digest: Some(d),
             checked_at_ms,
@@ -336,7 +439,35 @@ impl Cache {
             .import_manifest(tier, route, &d, Some((t, checked_at_ms)))
             .await?;
         let age = Duration::from_millis(now_millis().saturating_sub(checked_at_ms));
-        Ok(imported.filter(|_| age < route.upstream.config.freshness))
+        Ok(imported.map(|m| (m, age < route.upstream.config.freshness)))
+    }
+
+    /// While the upstream cannot answer (`e`), tag `t` from the peers' records
+    /// (`fallback`, the outage queries) when one is newer than ours: served as the peers' tier
+    /// gives it while fresh, else stale, with `Warning: 110` like any stale tag. Full Accept only.
+    async fn tag_from_peers(
+        &self,
+        fallback: Option<&Tier>,
+        route: &Route,
+        t: &Tag,
+        accept: Accept,
+        e: &UpstreamError,
+    ) -> Result<Option<Manifest>, CacheError> {
+        let Some(peers) = fallback.filter(|_| accept.is_all()) else {
+            return Ok(None);
+        };
+        let Some((m, fresh)) = self.newer_tag(peers, route, t, accept).await? else {
+            return Ok(None);
+        };
+        if fresh {
+            return Ok(Some(m));
+        }
+        tracing::warn!(upstream = route.upstream.name(), repo = %route.repo, tag = %t, digest = %m.digest, error = %e, "upstream cannot answer; serving the tag as the peers last confirmed it");
+        Ok(Some(Manifest {
+            outcome: Outcome::Stale,
+            stale_reason: Some(e.to_string()),
+            ..m
+        }))
     }
 
     /// Stores the manifest `d` for `route` (taking the bytes from the shared `tier` unless
@@ -359,7 +490,6 @@ impl Cache {
                 }
             }
         };
-        let subject = referrer_descriptor(&bytes, &media_type, d);
         let (store, key, d2, mt, bytes2, tag2) = (
             Arc::clone(&self.store),
             route.key(),
@@ -369,14 +499,7 @@ impl Cache {
             tag.map(|(t, at)| (t.clone(), at)),
         );
         blocking(move || {
-            store.put_manifest(
-                &key,
-                &d2,
-                &mt,
-                &bytes2,
-                None,
-                subject.as_ref().map(|(s, desc)| (s, desc.as_slice())),
-            )?;
+            store.put_manifest(&key, &d2, &mt, &bytes2, None, None)?;
             if let Some((t, at)) = tag2 {
                 store.set_tag(&key, &t, &d2, at)?;
             }
@@ -425,7 +548,6 @@ impl Cache {
                 stale_reason: None,
             });
         }
-        let subject = referrer_descriptor(&bytes, &media_type, &digest);
         let (store, key, d2, mt, bytes2, tag2) = (
             Arc::clone(&self.store),
             route.key(),
@@ -434,32 +556,26 @@ impl Cache {
             bytes.clone(),
             tag.cloned(),
         );
-        let stored = blocking(move || {
-            store.put_manifest(
-                &key,
-                &d2,
-                &mt,
-                &bytes2,
-                tag2.as_ref().map(|t| (t, accept)),
-                subject.as_ref().map(|(s, desc)| (s, desc.as_slice())),
-            )
-        })
-        .await;
+        // Owed to the bucket from the manifest's commit on. The bucket's tag records are for the
+        // full Accept only.
+        let share = Share::Manifest {
+            upstream: upstream_id(&up.config.url),
+            repo: route.repo.clone(),
+            digest: digest.clone(),
+            media_type: media_type.clone(),
+            bytes: bytes.clone(),
+            tag: tag
+                .filter(|_| accept.is_all())
+                .map(|t| (t.clone(), now_millis())),
+        };
+        let stored = self
+            .commit_and_share(Some(share), move |owed| {
+                let tag = tag2.as_ref().map(|t| (t, accept));
+                store.put_manifest(&key, &d2, &mt, &bytes2, tag, owed)
+            })
+            .await;
         let outcome = match stored {
-            Ok(()) => {
-                // The bucket's tag records are for the full Accept only.
-                self.share(Share::Manifest {
-                    upstream: upstream_id(&up.config.url),
-                    repo: route.repo.clone(),
-                    digest: digest.clone(),
-                    media_type: media_type.clone(),
-                    bytes: bytes.clone(),
-                    tag: tag
-                        .filter(|_| accept.is_all())
-                        .map(|t| (t.clone(), now_millis())),
-                });
-                origin.outcome()
-            }
+            Ok(()) => origin.outcome(),
             Err(e) => {
                 // Verified bytes are still good to serve; they are just not cached.
                 tracing::warn!(digest = %digest, error = %e, "cannot store the manifest; serving it uncached");

@@ -8,7 +8,7 @@
 //! blob meanwhile reads that file as it grows, and the last byte of every response is held back
 //! until the digest has been verified, so a client never receives a complete body that is wrong.
 //! Content the store does not hold comes from the first tier of the chain that gives it: the
-//! shared bucket, then the upstream (`tier.rs`); what the upstream gave is written on to the
+//! peers (`peer.rs`), the shared bucket, then the upstream (`tier.rs`); what the upstream gave is written on to the
 //! bucket (`share.rs`). This module has the `Cache` itself, its construction and its limits.
 //!
 //! The cache knows nothing of HTTP: the http layer streams a fill's bytes to its clients through
@@ -24,6 +24,7 @@ mod error;
 mod fill;
 mod flight;
 mod manifest;
+mod peer;
 mod share;
 mod tail;
 mod tier;
@@ -44,6 +45,7 @@ use crate::upstream::Upstream;
 
 pub use error::{CacheError, InternalError};
 pub use fill::{FillReader, FillState, Span};
+pub use peer::PeerTier;
 pub use tier::{BucketTier, Tier, Tiers};
 
 use fill::Fill;
@@ -81,6 +83,24 @@ impl Outcome {
             Outcome::Passthrough => "passthrough",
             Outcome::Shared => "shared",
         }
+    }
+}
+
+/// Who asks the cache: one of its clients, or another server of the fleet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Asker {
+    #[default]
+    Client,
+    /// A peer request (`x-regcache-hop`): answered by the normal path without asking the peers
+    /// (nothing is forwarded to a third peer), or, `local_only`, from the store alone (a fill
+    /// in progress may be joined).
+    Peer { local_only: bool },
+}
+
+impl Asker {
+    /// Whether the answer may come from the peers.
+    pub fn may_ask_peers(self) -> bool {
+        self == Asker::Client
     }
 }
 
@@ -184,6 +204,11 @@ impl Cache {
     /// The shared bucket, when `[store.s3]` is configured.
     pub fn bucket(&self) -> Option<&Arc<Bucket>> {
         self.tiers.bucket()
+    }
+
+    /// The fleet, when `[peers]` is configured.
+    pub fn peers(&self) -> Option<&Arc<crate::peers::Peers>> {
+        self.tiers.peers()
     }
 
     /// Sets how many blob fills may run at once, how long a new one waits for a slot, and how

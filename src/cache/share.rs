@@ -1,15 +1,18 @@
 //! Writes to the shared bucket: what the upstream gave this server ([`Share`]) is written in the
-//! background; what the bucket could not take waits in memory and in the store's `outbox` table
-//! (to survive a restart) and is retried by the maintenance loop once the bucket answers.
+//! background. A blob or manifest is owed from its commit on: its `outbox` record is written in
+//! the commit's own transaction ([`Cache::commit_and_share`]) and removed once the write is made,
+//! so a server killed before its upload makes it after a restart. What the bucket could not take
+//! waits in memory (and in the `outbox`) and is retried by the maintenance loop once the bucket
+//! answers.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
-use super::{lock, Cache, CacheError};
+use super::{blocking, lock, Cache, CacheError};
 use crate::oci::reference::{Digest, RepoName, Tag};
-use crate::store::Store;
+use crate::store::{Owed, Store, StoreError};
 
 /// Most writes kept for the bucket while it does not answer; the oldest are dropped beyond this.
 const MAX_PENDING: usize = 10_000;
@@ -204,8 +207,40 @@ impl Share {
 }
 
 impl Cache {
+    /// Runs `commit` on the blocking pool, giving it the `outbox` record of `item` (when a bucket
+    /// is configured) to write in its transaction; once it succeeded, writes `item` to the bucket
+    /// in the background, and the record goes when that write is made. So the write is owed from
+    /// the instant the content is committed: a crash afterwards leaves it for
+    /// [`Cache::load_outbox`], and a failed commit owes nothing.
+    pub(super) async fn commit_and_share(
+        &self,
+        item: Option<Share>,
+        commit: impl FnOnce(Option<Owed<'_>>) -> Result<(), StoreError> + Send + 'static,
+    ) -> Result<(), CacheError> {
+        let item = item.filter(|_| self.tiers.bucket_tier().is_some());
+        let row = item
+            .as_ref()
+            .and_then(|i| match serde_json::to_vec(&i.record()) {
+                Ok(record) => Some((i.key(), record)),
+                Err(e) => {
+                    // Still written, only not owed across a restart (as before the outbox).
+                    tracing::warn!(error = %e, "cannot record a write owed to the bucket");
+                    None
+                }
+            });
+        let recorded = blocking(move || {
+            commit(row.as_ref().map(|(key, record)| Owed { key, record }))?;
+            Ok(row.is_some())
+        })
+        .await?;
+        if let Some(item) = item {
+            self.share_item(item, recorded);
+        }
+        Ok(())
+    }
+
     /// Writes `item` to the bucket in the background; when the bucket is skipped or the write
-    /// fails, keeps it for [`Cache::retry_shares`].
+    /// fails, keeps it for [`Cache::retry_shares`] (and records it in the `outbox`).
     pub(super) fn share(&self, item: Share) {
         self.share_item(item, false);
     }
@@ -406,39 +441,113 @@ impl PendingShares {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::RepoKey;
+
+    /// A cache on `store` with a bucket where nothing listens.
+    fn with_bucket(store: &Arc<Store>, runtime: &tokio::runtime::Handle) -> Cache {
+        use std::time::Duration;
+        let metrics = Arc::new(crate::telemetry::metrics::Metrics::new());
+        let cfg = crate::config::S3Config {
+            bucket: "regcache".into(),
+            endpoint: Some("http://127.0.0.1:9".parse().expect("url")),
+            region: "us-east-1".into(),
+            prefix: String::new(),
+            access_key_id: Some("k".into()),
+            secret_access_key: Some("s".into()),
+            virtual_hosted_style: false,
+            timeout: Duration::from_secs(1),
+            redirect: false,
+            redirect_ttl: Duration::from_secs(60),
+        };
+        let bucket = crate::bucket::Bucket::new(&cfg, Arc::clone(&metrics), runtime.clone())
+            .expect("bucket client");
+        Cache::new(
+            Arc::clone(store),
+            super::super::tier::Tiers::new(None, Some(bucket)),
+            1 << 20,
+            metrics,
+            runtime.clone(),
+        )
+    }
+
+    /// The outbox's keys, readable.
+    fn owed_keys(store: &Store) -> Vec<String> {
+        let owed = store.outbox().expect("outbox");
+        owed.into_iter()
+            .map(|(k, _)| k.replace('\0', " "))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_commit_owes_the_bucket_its_write_at_once_and_a_failed_commit_owes_nothing() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Arc::new(Store::open(dir.path()).expect("store"));
+        let cache = with_bucket(&store, &tokio::runtime::Handle::current());
+        let data = b"a layer the upstream gave";
+        let d = Digest::sha256_of(data);
+        let key = RepoKey {
+            upstream: "127.0.0.1:5000".into(),
+            repo: "a/b".parse().expect("repo"),
+        };
+        let share = |d: &Digest| Share::Blob {
+            digest: d.clone(),
+            size: data.len() as u64,
+            link: Some((key.upstream.clone(), key.repo.clone())),
+        };
+        /// Commits `data` as a blob fetched for `key`'s repository, owing `item`.
+        async fn commit(
+            cache: &Cache,
+            key: &RepoKey,
+            data: &[u8],
+            item: Option<Share>,
+        ) -> Result<(), CacheError> {
+            let mut temp = cache.store.temp_blob().expect("temp");
+            temp.write_all(data).expect("write");
+            let (store, k, d) = (
+                Arc::clone(&cache.store),
+                key.clone(),
+                Digest::sha256_of(data),
+            );
+            let size = data.len() as u64;
+            cache
+                .commit_and_share(item, move |owed| {
+                    store.commit_blob(temp, &d, size, &k, None, owed)
+                })
+                .await
+        }
+        commit(&cache, &key, data, Some(share(&d)))
+            .await
+            .expect("commit");
+        // Owed as the commit returns, before its upload could be made (none can be: nothing
+        // listens), and still owed once that upload failed.
+        let want = vec![share(&d).key().replace('\0', " ")];
+        assert_eq!(owed_keys(&store), want, "right after the commit");
+
+        // A link that cannot be recorded (the blob is not stored) owes nothing.
+        let never = Digest::sha256_of(b"never stored");
+        let (s2, k2, n2) = (Arc::clone(&store), key.clone(), never.clone());
+        let linked = cache
+            .commit_and_share(Some(share(&never)), move |owed| s2.link(&k2, &n2, owed))
+            .await;
+        assert!(linked.is_err(), "linked a blob that is not stored");
+        assert_eq!(owed_keys(&store), want, "after a failed commit");
+
+        // Without a bucket, a commit owes nothing.
+        let other = tempfile::tempdir().expect("temp dir");
+        let (plain, _) = crate::cache::tests::cache_without_upstream(other.path());
+        commit(&plain, &key, data, Some(share(&d)))
+            .await
+            .expect("commit");
+        assert!(plain.store.blob_size(&d).expect("size").is_some());
+        assert_eq!(owed_keys(&plain.store), Vec::<String>::new());
+    }
 
     #[test]
     fn owed_links_of_one_blob_to_two_repositories_are_both_kept() {
-        use std::time::Duration;
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Arc::new(Store::open(dir.path()).expect("store"));
         // Where the cache would spawn its writes and the bucket its requests.
         let background = tokio::runtime::Runtime::new().expect("runtime");
-        let with_bucket = |store: &Arc<Store>| {
-            let metrics = Arc::new(crate::telemetry::metrics::Metrics::new());
-            let cfg = crate::config::S3Config {
-                bucket: "regcache".into(),
-                endpoint: Some("http://127.0.0.1:9".parse().expect("url")),
-                region: "us-east-1".into(),
-                prefix: String::new(),
-                access_key_id: Some("k".into()),
-                secret_access_key: Some("s".into()),
-                virtual_hosted_style: false,
-                timeout: Duration::from_secs(1),
-                redirect: false,
-                redirect_ttl: Duration::from_secs(60),
-            };
-            let bucket =
-                crate::bucket::Bucket::new(&cfg, Arc::clone(&metrics), background.handle().clone())
-                    .expect("bucket client");
-            Cache::new(
-                Arc::clone(store),
-                super::super::tier::Tiers::new(Some(bucket)),
-                1 << 20,
-                metrics,
-                background.handle().clone(),
-            )
-        };
         let d = Digest::sha256_of(b"a layer both repositories use");
         let owed = |repo: &str| Share::Blob {
             digest: d.clone(),
@@ -451,7 +560,7 @@ mod tests {
             .outbox_add(&format!("blob\0{d}"), &legacy)
             .expect("record");
 
-        let cache = with_bucket(&store);
+        let cache = with_bucket(&store, background.handle());
         assert_eq!(cache.load_outbox().expect("load"), 1);
         // The bucket is down: the same blob, fetched for another repository, is owed too.
         let rt = tokio::runtime::Runtime::new().expect("runtime");
@@ -468,7 +577,9 @@ mod tests {
             .collect();
         assert_eq!(recorded.len(), 2, "recorded: {recorded:?}");
         assert_eq!(
-            with_bucket(&store).load_outbox().expect("load"),
+            with_bucket(&store, background.handle())
+                .load_outbox()
+                .expect("load"),
             2,
             "after a restart, recorded: {recorded:?}"
         );

@@ -5,40 +5,53 @@
 //! regcache answers from tiers, nearest first:
 //! 1. the local store (`crate::store`): what this server holds. It heads every lookup (a hit
 //!    never leaves it) and is where fills land, so it is not a link of the chain below;
-//! 2. the *shared* tiers, which hold what other regcache servers fetched: the bucket
-//!    (`[store.s3]`) today, peers next (a fleet of servers filling from each other, with an owner
-//!    per digest);
+//! 2. the *shared* tiers, which hold what other regcache servers fetched: the peers (`[peers]`,
+//!    a fleet of servers filling from each other, with an owner per digest), then the bucket
+//!    (`[store.s3]`);
 //! 3. the *origin*: the route's upstream registry, always last.
 //!
-//! [`Tiers`] is that chain after the local store, built once from the configuration — the bucket
-//! when `[store.s3]` is set, the upstream always last — and given to
-//! [`Cache::new`](super::Cache::new); nothing is added to it later. [`Tier`] is one link: an enum
-//! with one variant per kind of tier (static dispatch: the fill path boxes nothing), answering
-//! the questions the cache asks of a tier, each on behalf of one repository R (a [`Route`]):
+//! [`Tiers`] is that chain after the local store, built once from the configuration — the peers
+//! when `[peers]` is set, the bucket when `[store.s3]` is set, the upstream always last — and given
+//! to [`Cache::new`](super::Cache::new); nothing is added to it later. [`Tier`] is one link: an
+//! enum with one variant per kind of tier (static dispatch: the fill path boxes nothing),
+//! answering the questions the cache asks of a tier, each on behalf of one repository R (a
+//! [`Route`]):
 //!
-//! | question | `Tier::` | bucket | upstream |
-//! |---|---|---|---|
-//! | the bytes of blob D from offset O, and its size | `blob` | GET `blobs/D` from O | `GET /v2/R/blobs/D` (`Range` from O) |
-//! | the size of blob D | `blob_size` | HEAD `blobs/D` | `HEAD /v2/R/blobs/D` |
-//! | a URL the client may fetch blob D from | `blob_url` | presigned (`redirect`) | never |
-//! | does R have blob D | `has_blob` | R's `_layers/D` link | `HEAD` |
-//! | does R have manifest D | `has_manifest` | R's `_manifests/D` link | `HEAD` |
-//! | manifest D, verified | `manifest` | GET `manifests/D`, size and digest checked | `GET` with the client's `Accept`, digest checked |
-//! | what tag T of R points to | `tag` | R's `_tags/T` record (full `Accept` only) | `HEAD` with the client's `Accept` |
+//! | question | `Tier::` | peers (`peer.rs`) | bucket | upstream |
+//! |---|---|---|---|---|
+//! | the bytes of blob D from offset O, and its size | `blob` | up: `GET` from D's owner; down: from a holder | GET `blobs/D` from O | `GET /v2/R/blobs/D` (`Range` from O) |
+//! | the size of blob D | `blob_size` | down: a holder's `HEAD` | HEAD `blobs/D` | `HEAD /v2/R/blobs/D` |
+//! | a URL the client may fetch blob D from | `blob_url` | never | presigned (`redirect`) | never |
+//! | does R have blob D | `has_blob` | down: a peer holds it for R | R's `_layers/D` link | `HEAD` |
+//! | does R have manifest D | `has_manifest` | down: a peer holds it for R | R's `_manifests/D` link | `HEAD` |
+//! | manifest D, verified | `manifest` | a holder's `GET`, digest checked | GET `manifests/D`, size and digest checked | `GET` with the client's `Accept`, digest checked |
+//! | what tag T of R points to | `tag` | down: the newest of the peers' records | R's `_tags/T` record (full `Accept` only) | `HEAD` with the client's `Accept` |
+//!
+//! "up" and "down" are the upstream's breaker: while it answers, the peers are asked only for
+//! blobs, and only the owner (rendezvous hashing, `crate::peers`), which fills each blob once for
+//! the fleet; manifests and tags go to the upstream as without peers. While it is down, the peers
+//! are asked what they hold, with `x-regcache-local-only` (each answers from its store only, all
+//! at once, bounded by the peer connect timeout). The same outage queries are the **fallback**
+//! ([`Tiers::fallback`]) after the upstream failed as unavailable before its breaker opened. A
+//! request that came from a peer (a hop) never asks the peers: nothing is forwarded to a third
+//! peer, so nothing loops.
 //!
 //! **The cross-repository rule.** A tier gives R only what R has by the upstream's word. The
-//! upstream applies it itself (it answers for R only). The bucket gives a blob to R when R links it
-//! here (the store's link) or in the bucket (a server that fetched or confirmed it for R wrote R's
+//! upstream applies it itself (it answers for R only). A peer answers for R exactly what it would
+//! serve a client of R, from its own links. The bucket gives a blob to R when R links it here
+//! (the store's link) or in the bucket (a server that fetched or confirmed it for R wrote R's
 //! link), and a manifest after R's link (`has_manifest`) or R's tag record (`tag`) named it; a
-//! blob whose bucket copy failed verification is not read from the bucket again (`Tier::rejected`).
+//! blob whose bucket copy failed verification is not read from the bucket again
+//! (`Tier::rejected`), nor is one a peer sent wrong from that peer.
 //!
 //! **Shared tiers pass; the origin answers.** A shared tier that does not hold what is asked,
-//! is skipped after a failure (`bucket::DOWN_FOR`), or fails now, answers "not here" (`None`,
-//! `false`): the cache asks the next tier, and no request fails because of a shared tier. The
-//! origin always answers, and its errors reach the client. Only the origin confirms a tag for a
-//! client's `Accept`, and only its silence lets the cache serve stale: so the manifest policy
-//! (`manifest.rs`) asks the shared tiers in order, then applies freshness, revalidation and stale
-//! answers with [`Tiers::origin`].
+//! is skipped after a failure (`bucket::DOWN_FOR`, a peer's breaker), or fails now, answers "not
+//! here" (`None`, `false`): the cache asks the next tier, and no request fails because of a
+//! shared tier. (One exception: a blob's owner that answers `404` passes on its upstream's
+//! answer.) The origin always answers, and its errors reach the client. Only the origin confirms
+//! a tag for a client's `Accept`, and only its silence lets the cache serve stale: so the
+//! manifest policy (`manifest.rs`) asks the shared tiers in order, then applies freshness,
+//! revalidation and stale answers with [`Tiers::origin`].
 //!
 //! **The walks.** A fill takes the bytes of the first tier, in chain order, that gives them
 //! (`Tiers::open_blob`); when that stream breaks, it resumes with a range from the tiers after
@@ -49,9 +62,8 @@
 //! for the origin). What came from the origin is written on to the bucket (`share.rs`); what came
 //! from a shared tier is not.
 //!
-//! **Adding a tier** (peers next) is one variant here with its answers to these questions, and
-//! its place in [`Tiers::new`] (after the bucket, before the upstream) when its configuration
-//! table is set.
+//! **Adding a tier** is one variant here with its answers to these questions, and its place in
+//! [`Tiers::new`] when its configuration table is set.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -59,18 +71,22 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
 
+use super::peer::PeerTier;
 use super::{lock, CacheError, Outcome, Route};
 use crate::bucket::{or_without, upstream_id, Bucket};
 use crate::config::Config;
 use crate::oci::manifest::media_type_from_body;
 use crate::oci::media::{self, Accept};
 use crate::oci::reference::{Digest, Reference, Tag};
+use crate::peers::{PeerStream, Peers};
 use crate::store::{now_millis, Store};
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::{FetchedManifest, Upstream, UpstreamError};
 
 /// One tier of the chain.
 pub enum Tier {
+    /// The other servers of the fleet (`[peers]`).
+    Peer(PeerTier),
     /// The shared bucket (`[store.s3]`).
     Bucket(BucketTier),
     /// The route's upstream registry: the origin, always last.
@@ -90,6 +106,9 @@ pub struct Tiers {
     shared: Vec<Tier>,
     /// The upstream.
     origin: Tier,
+    /// The peers' outage queries, asked after the upstream failed as unavailable (not a link of
+    /// the chain).
+    fallback: Option<Tier>,
 }
 
 /// A blob's bytes from one tier.
@@ -108,6 +127,7 @@ pub(crate) enum TierStream {
         bucket: Arc<Bucket>,
     },
     Upstream(reqwest::Response),
+    Peer(PeerStream),
 }
 
 /// A manifest a tier gave, verified.
@@ -127,34 +147,42 @@ pub(crate) struct TierTag {
 }
 
 impl Tiers {
-    /// The chain the configuration describes: the bucket when `[store.s3]` is set, then the
-    /// upstream. The bucket sends its requests on `runtime`. Contacts nothing.
+    /// The chain the configuration describes: the peers when `[peers]` is set, the bucket when
+    /// `[store.s3]` is set, then the upstream. The bucket and the peers send their requests on
+    /// `runtime`. Contacts nothing.
     pub fn from_config(
         config: &Config,
         metrics: &Arc<Metrics>,
         runtime: &tokio::runtime::Handle,
     ) -> anyhow::Result<Tiers> {
+        let peers = match &config.peers {
+            Some(p) => Some(Peers::new(p, config.listen, Arc::clone(metrics))?),
+            None => None,
+        };
         let bucket = match &config.store.s3 {
             Some(s3) => Some(Bucket::new(s3, Arc::clone(metrics), runtime.clone())?),
             None => None,
         };
-        Ok(Tiers::new(bucket))
+        Ok(Tiers::new(peers, bucket))
     }
 
-    /// The chain of these tiers: the bucket if given, then the upstream.
-    pub fn new(bucket: Option<Bucket>) -> Tiers {
-        let shared = bucket
-            .map(|b| {
-                Tier::Bucket(BucketTier {
-                    bucket: Arc::new(b),
-                    bad: Mutex::new(HashSet::new()),
-                })
-            })
-            .into_iter()
-            .collect();
+    /// The chain of these tiers: the peers and the bucket if given, then the upstream.
+    pub fn new(peers: Option<Peers>, bucket: Option<Bucket>) -> Tiers {
+        let peers = peers.map(Arc::new);
+        let mut shared: Vec<Tier> = Vec::new();
+        if let Some(p) = &peers {
+            shared.push(Tier::Peer(PeerTier::new(Arc::clone(p), false)));
+        }
+        if let Some(b) = bucket {
+            shared.push(Tier::Bucket(BucketTier {
+                bucket: Arc::new(b),
+                bad: Mutex::new(HashSet::new()),
+            }));
+        }
         Tiers {
             shared,
             origin: Tier::Upstream,
+            fallback: peers.map(|p| Tier::Peer(PeerTier::new(p, true))),
         }
     }
 
@@ -163,9 +191,39 @@ impl Tiers {
         self.shared.iter().chain(std::iter::once(&self.origin))
     }
 
+    /// Every tier in chain order, without the peers unless `peers` (a request from a peer never
+    /// asks them).
+    pub(crate) fn iter_for(&self, peers: bool) -> impl Iterator<Item = &Tier> {
+        self.iter().filter(move |t| peers || !t.is_peer())
+    }
+
     /// The tiers before the upstream, in order.
     pub fn shared(&self) -> impl Iterator<Item = &Tier> {
         self.shared.iter()
+    }
+
+    /// The tiers before the upstream, without the peers unless `peers`.
+    pub(crate) fn shared_for(&self, peers: bool) -> impl Iterator<Item = &Tier> {
+        self.shared.iter().filter(move |t| peers || !t.is_peer())
+    }
+
+    /// The peers' outage queries, for a request that may ask peers (`peers`), when the chain's
+    /// peer tier did not already ask them for `route` (the upstream's breaker was closed): where
+    /// to look after the upstream failed as unavailable.
+    pub(crate) fn fallback(&self, peers: bool, route: &Route) -> Option<&Tier> {
+        let asked = self.shared.iter().any(|t| match t {
+            Tier::Peer(p) => p.in_outage(route),
+            _ => false,
+        });
+        self.fallback.as_ref().filter(|_| peers && !asked)
+    }
+
+    /// The fleet, when `[peers]` is configured.
+    pub fn peers(&self) -> Option<&Arc<Peers>> {
+        self.fallback.as_ref().and_then(|t| match t {
+            Tier::Peer(p) => Some(p.peers()),
+            _ => None,
+        })
     }
 
     /// The upstream, last in the chain.
@@ -181,7 +239,7 @@ impl Tiers {
     pub(crate) fn bucket_tier(&self) -> Option<&BucketTier> {
         self.shared.iter().find_map(|t| match t {
             Tier::Bucket(b) => Some(b),
-            Tier::Upstream => None,
+            Tier::Peer(_) | Tier::Upstream => None,
         })
     }
 
@@ -189,12 +247,15 @@ impl Tiers {
     pub(crate) fn redirects(&self) -> bool {
         self.shared.iter().any(|t| match t {
             Tier::Bucket(b) => b.bucket.redirects(),
-            Tier::Upstream => false,
+            Tier::Peer(_) | Tier::Upstream => false,
         })
     }
 
     /// Blob `d` for `route` from `offset`, from the first tier at or after the `from`th that
-    /// gives it (the upstream always does, or fails). `total`: the blob's size, when known.
+    /// gives it (the upstream always does, or fails), the peers only if `peers`. An upstream that
+    /// cannot answer leaves the peers that hold the blob ([`Tiers::fallback`]). `total`: the
+    /// blob's size, when known.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn open_blob(
         &self,
         store: &Store,
@@ -203,14 +264,43 @@ impl Tiers {
         offset: u64,
         total: Option<u64>,
         from: usize,
+        peers: bool,
     ) -> Result<TierBlob, CacheError> {
+        // Whether this walk asked the peers who holds the blob already.
+        let mut asked = false;
         for (index, tier) in self.iter().enumerate().skip(from) {
-            if let Some((stream, size)) = tier.blob(store, route, d, offset, total).await? {
-                return Ok(TierBlob {
-                    stream,
-                    size,
-                    index,
-                });
+            if let Tier::Peer(p) = tier {
+                if !peers {
+                    continue;
+                }
+                asked = p.in_outage(route);
+            }
+            match tier.blob(store, route, d, offset, total).await {
+                Ok(Some((stream, size))) => {
+                    return Ok(TierBlob {
+                        stream,
+                        size,
+                        index,
+                    })
+                }
+                Ok(None) => {}
+                Err(CacheError::Upstream(e)) if tier.is_origin() && e.is_unavailable() => {
+                    // The upstream cannot answer: a peer that holds the blob can.
+                    let held = match self.fallback.as_ref().filter(|_| peers && !asked) {
+                        Some(f) => f.blob(store, route, d, offset, total).await?,
+                        None => None,
+                    };
+                    let index = self.shared.iter().position(Tier::is_peer).unwrap_or(index);
+                    return match held {
+                        Some((stream, size)) => Ok(TierBlob {
+                            stream,
+                            size,
+                            index,
+                        }),
+                        None => Err(e.into()),
+                    };
+                }
+                Err(e) => return Err(e),
             }
         }
         Err(CacheError::broken(
@@ -275,9 +365,10 @@ impl BucketTier {
 }
 
 impl Tier {
-    /// The tier's name, for logs.
+    /// The tier's name, for logs and the `source` label of `regcache_fills_total`.
     pub fn name(&self) -> &'static str {
         match self {
+            Tier::Peer(_) => "peer",
             Tier::Bucket(_) => "bucket",
             Tier::Upstream => "upstream",
         }
@@ -288,10 +379,15 @@ impl Tier {
         matches!(self, Tier::Upstream)
     }
 
+    /// Whether this is the peers.
+    pub fn is_peer(&self) -> bool {
+        matches!(self, Tier::Peer(_))
+    }
+
     /// How a request this tier gave the content for is reported.
     pub fn outcome(&self) -> Outcome {
         match self {
-            Tier::Bucket(_) => Outcome::Shared,
+            Tier::Peer(_) | Tier::Bucket(_) => Outcome::Shared,
             Tier::Upstream => Outcome::Miss,
         }
     }
@@ -300,7 +396,7 @@ impl Tier {
     /// repository has the content (stored here for another repository).
     pub fn confirmed(&self) -> Outcome {
         match self {
-            Tier::Bucket(_) => Outcome::Shared,
+            Tier::Peer(_) | Tier::Bucket(_) => Outcome::Shared,
             Tier::Upstream => Outcome::Revalidated,
         }
     }
@@ -316,6 +412,10 @@ impl Tier {
         total: Option<u64>,
     ) -> Result<Option<(TierStream, Option<u64>)>, CacheError> {
         match self {
+            Tier::Peer(p) => Ok(p
+                .blob(route, d, offset)
+                .await?
+                .map(|(s, size)| (TierStream::Peer(s), Some(size)))),
             Tier::Bucket(t) => {
                 if !t.may_serve_blob(store, route, d).await? {
                     return Ok(None);
@@ -349,6 +449,9 @@ impl Tier {
         d: &Digest,
     ) -> Result<Option<u64>, CacheError> {
         match self {
+            Tier::Peer(p) if p.in_outage(route) => Ok(p.blob_size(route, d).await),
+            // While the upstream answers, a HEAD starts a fill, which asks the owner.
+            Tier::Peer(_) => Ok(None),
             Tier::Bucket(t) => {
                 if !t.may_serve_blob(store, route, d).await? {
                     return Ok(None);
@@ -374,7 +477,7 @@ impl Tier {
                 }
                 Ok(or_without(t.bucket.blob_url(d).await, "presigned URL"))
             }
-            Tier::Upstream => Ok(None),
+            Tier::Peer(_) | Tier::Upstream => Ok(None),
         }
     }
 
@@ -382,6 +485,7 @@ impl Tier {
     /// fails (a `404` is its "no", for the client).
     pub(crate) async fn has_blob(&self, route: &Route, d: &Digest) -> Result<bool, CacheError> {
         match self {
+            Tier::Peer(p) => Ok(p.in_outage(route) && p.holds(route, "blobs", d).await),
             Tier::Bucket(t) => Ok(t.links_blob(route, d).await),
             Tier::Upstream => {
                 route.upstream.head_blob(&route.repo, d).await?;
@@ -394,6 +498,7 @@ impl Tier {
     /// or fails.
     pub(crate) async fn has_manifest(&self, route: &Route, d: &Digest) -> Result<bool, CacheError> {
         match self {
+            Tier::Peer(p) => Ok(p.in_outage(route) && p.holds(route, "manifests", d).await),
             Tier::Bucket(t) => {
                 let Some(b) = t.up() else {
                     return Ok(false);
@@ -425,6 +530,10 @@ impl Tier {
         max: u64,
     ) -> Result<Option<TierManifest>, CacheError> {
         match self {
+            Tier::Peer(p) => match reference {
+                Reference::Digest(d) if accept.is_all() => Ok(p.manifest(route, d, max).await),
+                _ => Ok(None),
+            },
             Tier::Bucket(t) => {
                 let Reference::Digest(d) = reference else {
                     return Ok(None);
@@ -480,6 +589,8 @@ impl Tier {
         accept: Accept,
     ) -> Result<Option<TierTag>, CacheError> {
         match self {
+            Tier::Peer(p) if p.in_outage(route) && accept.is_all() => Ok(p.tag(route, t).await),
+            Tier::Peer(_) => Ok(None),
             Tier::Bucket(b) => {
                 let Some(bucket) = b.up().filter(|_| accept.is_all()) else {
                     return Ok(None);
@@ -533,7 +644,8 @@ impl Tier {
                 t.bucket.corrupt();
                 lock(&t.bad).insert(d.clone());
             }
-            Tier::Upstream => {}
+            // The peer that sent it is known by its stream (`TierStream::peer`).
+            Tier::Peer(_) | Tier::Upstream => {}
         }
     }
 }
@@ -544,15 +656,24 @@ impl TierStream {
         matches!(self, TierStream::Upstream(_))
     }
 
+    /// The peer sending these bytes, when they come from one.
+    pub(crate) fn peer(&self) -> Option<&Arc<crate::peers::Peer>> {
+        match self {
+            TierStream::Peer(s) => Some(s.peer()),
+            _ => None,
+        }
+    }
+
     /// The next chunk (`Ok(None)` at the end). A shared tier that fails, or sends nothing for the
-    /// upstream's `idle_timeout`, is recorded as failed and its stream ends there: the fill
-    /// resumes from the next tier. Only the upstream's stream fails.
+    /// upstream's `idle_timeout`, is recorded as failed (a peer is marked down) and its stream ends
+    /// there: the fill resumes from the next tier. Only the upstream's stream fails.
     pub(crate) async fn next_chunk(
         &mut self,
         up: &Upstream,
     ) -> Result<Option<Bytes>, UpstreamError> {
         match self {
             TierStream::Upstream(resp) => up.next_chunk(resp).await,
+            TierStream::Peer(s) => Ok(s.next_chunk(up.config.idle_timeout).await),
             TierStream::Bucket { stream, bucket } => {
                 let idle = up.config.idle_timeout;
                 match tokio::time::timeout(idle, futures_util::StreamExt::next(stream)).await {
@@ -653,6 +774,12 @@ mod tests {
             chain(&with_bucket),
             ["bucket", "upstream"],
             "[store.s3] puts the bucket before the upstream"
+        );
+        let peers = "[peers]\nurls = [\"http://127.0.0.2:5000\"]\ntoken_env = \"PATH\"\n";
+        assert_eq!(
+            chain(&format!("{with_bucket}{peers}")),
+            ["peer", "bucket", "upstream"],
+            "[peers] puts the peers first: the owner fills from the bucket for the fleet"
         );
     }
 }

@@ -73,4 +73,11 @@ fn print_settings(c: &Config) {
             s3.redirect
         );
     }
+    if let Some(p) = &c.peers {
+        let urls: Vec<&str> = p.urls.iter().map(|u| u.as_str()).collect();
+        println!(
+            "peers: {urls:?} connect_timeout={}ms token set",
+            p.connect_timeout.as_millis()
+        );
+    }
 }

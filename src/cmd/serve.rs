@@ -31,7 +31,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
             return Exit::Usage.into();
         }
     };
-    init_logging(&config.log_level, config.log_format);
+    init_logging(&config.log.level, config.log.format);
     // Connections are served by the server's shards (one thread each); this runtime keeps the
     // signals, the maintenance loop and the config watchers.
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -132,7 +132,7 @@ async fn serve(
         default_upstream = %app.routing().config.default_upstream().url,
         "regcache serving"
     );
-    crate::config::source::spawn_watchers(&app, &source, &config);
+    crate::app::watch::spawn_watchers(&app, &source, &config);
     // systemd (Type=notify): ready once the listener is bound and the store is open.
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     if let Some(interval) = sd_notify::watchdog_enabled() {

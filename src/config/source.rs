@@ -1,17 +1,17 @@
-//! The configuration's sources: the local file, an optional remote overlay in etcd or consul, and
-//! the last good remote copy kept in the data directory.
+//! The configuration's sources: the local file, an optional remote overlay in etcd or consul
+//! (read one bounded answer at a time by [`StoreClient`]), and the last good remote copy kept in
+//! the data directory.
 //!
 //! The local file alone is always enough to start: at start regcache never waits for the config
 //! store, it uses the last good copy (if any) and applies the store's current value as soon as the
-//! background watcher reads it. An overlay that fails validation is logged and ignored, never
-//! half-applied.
+//! background watcher (`app::watch`) reads it. An overlay that fails validation is logged and
+//! ignored, never half-applied.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use base64::Engine as _;
 
-use crate::app::App;
 use crate::config::{Config, ConfigError, ConfigStoreConfig, ConfigStoreKind, Overrides};
 
 /// Name of the last good remote copy inside the data directory.
@@ -34,7 +34,18 @@ const MAX_ANSWER_BYTES: usize = MAX_VALUE_BYTES / 3 * 4 + (64 << 10);
     "the value is too large: regcache accepts at most {MAX_VALUE_BYTES} bytes of TOML \
      ({MAX_ANSWER_BYTES} bytes of answer)"
 )]
-struct TooLarge;
+pub struct TooLarge;
+
+/// Why a read of the config store gave no value.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The answer or the value is over the bound; refused whole.
+    #[error(transparent)]
+    TooLarge(TooLarge),
+    /// The store could not be asked, or answered something else than a value.
+    #[error("{0:#}")]
+    Unreachable(anyhow::Error),
+}
 
 /// Where the configuration comes from, and the remote text currently applied.
 pub struct ConfigSource {
@@ -43,11 +54,8 @@ pub struct ConfigSource {
     /// The local file as last read (at start and on SIGHUP): a remote change never applies a
     /// local edit that was not asked for.
     local: Mutex<Option<(String, String)>>,
+    /// The remote text in force (None: no overlay).
     remote: Mutex<Option<String>>,
-    /// Remote text last refused, so that it is reported once, not at every poll.
-    rejected: Mutex<Option<String>>,
-    /// Serialises build → reload → record, so SIGHUP and the watcher cannot interleave.
-    applying: Mutex<()>,
 }
 
 fn read_local(path: Option<&Path>) -> Result<(String, String), ConfigError> {
@@ -62,7 +70,8 @@ fn read_local(path: Option<&Path>) -> Result<(String, String), ConfigError> {
     }
 }
 
-fn remote_origin(cs: &ConfigStoreConfig) -> String {
+/// How the config store's value is named in errors and logs: `etcd key "/regcache"`.
+pub fn remote_origin(cs: &ConfigStoreConfig) -> String {
     let kind = match cs.kind {
         ConfigStoreKind::Etcd => "etcd",
         ConfigStoreKind::Consul => "consul",
@@ -77,19 +86,19 @@ impl ConfigSource {
             overrides,
             local: Mutex::new(None),
             remote: Mutex::new(None),
-            rejected: Mutex::new(None),
-            applying: Mutex::new(()),
         }
     }
 
-    fn remote(&self) -> Option<String> {
+    /// The remote text in force.
+    pub fn remote(&self) -> Option<String> {
         self.remote
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
 
-    fn set_remote(&self, text: Option<String>) {
+    /// Records `text` as the remote text in force.
+    pub fn set_remote(&self, text: Option<String>) {
         *self.remote.lock().unwrap_or_else(|p| p.into_inner()) = text;
     }
 
@@ -106,8 +115,8 @@ impl ConfigSource {
         }
     }
 
-    /// The local file with `remote` overlaid (if any), validated.
-    fn build(&self, remote: Option<&str>) -> Result<Config, ConfigError> {
+    /// The local file (as last read) with `remote` overlaid (if any), validated.
+    pub fn build(&self, remote: Option<&str>) -> Result<Config, ConfigError> {
         self.build_from(remote, false)
     }
 
@@ -133,6 +142,20 @@ impl ConfigSource {
     /// the watcher that writes it agree on the place.
     fn last_good_path(&self) -> Result<PathBuf, ConfigError> {
         Ok(self.build(None)?.data_dir.join(LAST_GOOD_FILE))
+    }
+
+    /// Keeps `text` as the last good remote copy (atomically), or removes the copy when the
+    /// overlay is gone (`None`).
+    pub fn keep_last_good(&self, text: Option<&str>) -> anyhow::Result<()> {
+        let path = self.last_good_path()?;
+        let saved = match text {
+            Some(t) => write_atomic(&path, t),
+            None => match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
+        };
+        saved.map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
     }
 
     /// The configuration to start with: the local file, overlaid with the last good remote copy
@@ -188,7 +211,7 @@ fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
 }
 
 /// A value read from the store: the text (None when the key is absent) and its version.
-type Read = (Option<String>, u64);
+type Answer = (Option<String>, u64);
 
 /// The answer's body, refused ([`TooLarge`]) beyond [`MAX_ANSWER_BYTES`] without reading on.
 async fn read_answer(mut resp: reqwest::Response) -> anyhow::Result<Vec<u8>> {
@@ -218,7 +241,7 @@ fn decode_value(value: &str) -> anyhow::Result<String> {
 }
 
 /// Reads the key from etcd through the v3 JSON gateway.
-async fn read_etcd(client: &reqwest::Client, cs: &ConfigStoreConfig) -> anyhow::Result<Read> {
+async fn read_etcd(client: &reqwest::Client, cs: &ConfigStoreConfig) -> anyhow::Result<Answer> {
     let b64 = base64::engine::general_purpose::STANDARD;
     let url = format!("{}/v3/kv/range", cs.url.as_str().trim_end_matches('/'));
     let body = serde_json::json!({ "key": b64.encode(cs.key.as_bytes()) }).to_string();
@@ -254,7 +277,7 @@ async fn read_consul(
     client: &reqwest::Client,
     cs: &ConfigStoreConfig,
     index: u64,
-) -> anyhow::Result<Read> {
+) -> anyhow::Result<Answer> {
     let mut url = format!(
         "{}/v1/kv/{}",
         cs.url.as_str().trim_end_matches('/'),
@@ -293,143 +316,61 @@ async fn read_consul(
     Ok((Some(text), new_index))
 }
 
-/// Follows the config store for as long as the server runs, applying valid changes live.
-pub async fn watch(app: Arc<App>, source: Arc<ConfigSource>, cs: ConfigStoreConfig) {
-    let client = match reqwest::Client::builder()
-        .connect_timeout(cs.timeout)
-        .build()
-    {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot build the config store client; remote config disabled");
-            return;
-        }
-    };
-    let origin = remote_origin(&cs);
-    let mut index = 0u64;
-    let mut reachable = true;
-    let mut too_large_reported = false;
-    loop {
-        let read = match cs.kind {
-            ConfigStoreKind::Etcd => read_etcd(&client, &cs).await,
-            ConfigStoreKind::Consul => read_consul(&client, &cs, index).await,
+/// A client of the config store: each [`read`](StoreClient::read) is one bounded request (for
+/// consul, once an index is known, a blocking query that waits up to `poll_interval` for a
+/// change).
+pub struct StoreClient {
+    client: reqwest::Client,
+    cs: ConfigStoreConfig,
+    /// consul's `X-Consul-Index` of the last answer (0: none yet, or reset).
+    index: u64,
+}
+
+impl StoreClient {
+    pub fn new(cs: ConfigStoreConfig) -> reqwest::Result<StoreClient> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(cs.timeout)
+            .build()?;
+        Ok(StoreClient {
+            client,
+            cs,
+            index: 0,
+        })
+    }
+
+    /// The store's value now: the TOML text, or `None` when the key is absent.
+    pub async fn read(&mut self) -> Result<Option<String>, FetchError> {
+        let read = match self.cs.kind {
+            ConfigStoreKind::Etcd => read_etcd(&self.client, &self.cs).await,
+            ConfigStoreKind::Consul => read_consul(&self.client, &self.cs, self.index).await,
         };
         match read {
-            Err(e) if e.is::<TooLarge>() => {
-                // Reported once, until the store answers a value within the bound.
-                if !too_large_reported {
-                    tracing::error!(store = %origin, error = %e, "remote config refused; the configuration in force is unchanged");
-                    too_large_reported = true;
-                }
-                index = 0;
-                tokio::time::sleep(cs.poll_interval).await;
-                continue;
-            }
-            Err(e) => {
-                if reachable {
-                    tracing::warn!(store = %origin, error = %e, "config store unreachable; keeping the configuration in force");
-                    reachable = false;
-                }
-                index = 0;
-                tokio::time::sleep(cs.poll_interval).await;
-                continue;
-            }
-            Ok((text, new_index)) => {
-                too_large_reported = false;
-                if !reachable {
-                    tracing::info!(store = %origin, "config store reachable again");
-                    reachable = true;
-                }
+            Ok((text, index)) => {
                 // consul: an index that goes backwards means a reset.
-                index = if new_index < index { 0 } else { new_index };
-                if text != source.remote() {
-                    apply(&app, &source, text, &origin);
-                }
-            }
-        }
-        if cs.kind == ConfigStoreKind::Etcd || index == 0 {
-            tokio::time::sleep(cs.poll_interval).await;
-        }
-    }
-}
-
-fn apply(app: &App, source: &ConfigSource, text: Option<String>, origin: &str) {
-    let _serial = source.applying.lock().unwrap_or_else(|p| p.into_inner());
-    if text.is_some() && *source.rejected.lock().unwrap_or_else(|p| p.into_inner()) == text {
-        return; // already reported
-    }
-    match source.build(text.as_deref()) {
-        Ok(config) => {
-            if let Err(e) = app.reload(config) {
-                tracing::error!(store = %origin, error = %e, "cannot apply the remote config; ignored");
-                return;
-            }
-            match source.last_good_path() {
-                Ok(path) => {
-                    let saved = match &text {
-                        Some(t) => write_atomic(&path, t),
-                        None => match std::fs::remove_file(&path) {
-                            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-                            _ => Ok(()),
-                        },
-                    };
-                    if let Err(e) = saved {
-                        tracing::warn!(path = %path.display(), error = %e, "cannot keep the last good remote config");
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot keep the last good remote config")
-                }
-            }
-            tracing::info!(store = %origin, present = text.is_some(), "remote config applied");
-            source.set_remote(text);
-        }
-        Err(e) => {
-            tracing::error!(store = %origin, error = %e, "invalid remote config ignored; the configuration in force is unchanged");
-            *source.rejected.lock().unwrap_or_else(|p| p.into_inner()) = text;
-        }
-    }
-}
-
-/// Re-reads the local file on SIGHUP and applies it (with the remote overlay) if valid.
-async fn reload_on_sighup(
-    app: Arc<App>,
-    source: Arc<ConfigSource>,
-    mut hup: tokio::signal::unix::Signal,
-) {
-    while hup.recv().await.is_some() {
-        tracing::info!("SIGHUP: reloading the configuration");
-        let _serial = source.applying.lock().unwrap_or_else(|p| p.into_inner());
-        match source.rebuild() {
-            Ok(config) => {
-                if let Err(e) = app.reload(config) {
-                    tracing::error!(error = %e, "reload failed; the configuration in force is unchanged");
-                }
+                self.index = if index < self.index { 0 } else { index };
+                Ok(text)
             }
             Err(e) => {
-                tracing::error!(error = %e, "invalid configuration ignored; the configuration in force is unchanged")
+                self.index = 0;
+                Err(match e.downcast::<TooLarge>() {
+                    Ok(t) => FetchError::TooLarge(t),
+                    Err(e) => FetchError::Unreachable(e),
+                })
             }
         }
     }
-}
 
-/// Starts the background tasks that follow the configuration sources.
-pub fn spawn_watchers(app: &Arc<App>, source: &Arc<ConfigSource>, config: &Config) {
-    // Installed before returning, so that a SIGHUP right after start reloads (not kills).
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(hup) => {
-            tokio::spawn(reload_on_sighup(Arc::clone(app), Arc::clone(source), hup));
-        }
-        Err(e) => tracing::warn!(error = %e, "cannot listen for SIGHUP; reload disabled"),
-    }
-    if let Some(cs) = config.config_store.clone() {
-        tokio::spawn(watch(Arc::clone(app), Arc::clone(source), cs));
+    /// Whether the next read waits by itself (a consul blocking query), so that the caller
+    /// should not pause before it.
+    pub fn blocks(&self) -> bool {
+        self.cs.kind == ConfigStoreKind::Consul && self.index != 0
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     /// A store that answers every request with a chunked body of `total` bytes of JSON-ish

@@ -1,206 +1,16 @@
-//! Who may use the mirror: the client address allow-list, Basic auth against an htpasswd file
-//! (bcrypt only), and the per-upstream repository allow/deny patterns.
+//! Who may use the mirror, checked on each request: the client address against `[access] allow`,
+//! and the repository against its upstream's `allow_repos` and `deny_repos`.
 //!
-//! The types here are parsed from the configuration (`[access]`, `allow_repos`, `deny_repos`);
-//! `auth::Verifier` is the runtime part that checks `Authorization` headers, with a cache so that
-//! a client pulling fifty layers pays for one bcrypt computation, not fifty.
+//! The networks, patterns and htpasswd users are parsed with the configuration
+//! (`config::access`); Basic credentials are checked by `auth::Verifier`.
 
-use std::collections::HashMap;
-use std::fmt;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
-use std::str::FromStr;
-use std::sync::Arc;
 
-/// A network in CIDR notation (`10.0.0.0/8`, `::1/128`), or a single address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl FromStr for Cidr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Cidr, String> {
-        let bad = || format!("{s:?} is not an address or network such as \"10.0.0.0/8\"");
-        let (addr, prefix) = match s.trim().split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s.trim(), None),
-        };
-        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
-        let addr = addr.to_canonical();
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            None => max,
-            Some(p) => {
-                if p.is_empty() || !p.bytes().all(|c| c.is_ascii_digit()) || p.len() > 3 {
-                    return Err(bad());
-                }
-                let n: u8 = p.parse().map_err(|_| bad())?;
-                if n > max {
-                    return Err(format!("{s:?}: prefix /{n} is longer than {max} bits"));
-                }
-                n
-            }
-        };
-        Ok(Cidr {
-            addr: mask(addr, prefix),
-            prefix,
-        })
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
-/// `addr` with all but its first `prefix` bits cleared.
-pub(crate) fn mask(addr: IpAddr, prefix: u8) -> IpAddr {
-    match addr {
-        IpAddr::V4(a) => {
-            let bits = u32::from(a);
-            let m = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-            IpAddr::V4((bits & m).into())
-        }
-        IpAddr::V6(a) => {
-            let bits = u128::from(a);
-            let m = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
-            IpAddr::V6((bits & m).into())
-        }
-    }
-}
-
-impl Cidr {
-    /// Whether `ip` is in this network. IPv4-mapped IPv6 addresses (`::ffff:10.1.2.3`, as a
-    /// dual-stack listener reports IPv4 peers) count as their IPv4 address.
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        ip.is_ipv4() == self.addr.is_ipv4() && mask(ip, self.prefix) == self.addr
-    }
-}
+use crate::config::access::{Cidr, RepoPattern};
 
 /// Whether `peer` may connect under `allow` (an empty list allows everyone).
 pub fn address_allowed(allow: &[Cidr], peer: IpAddr) -> bool {
     allow.is_empty() || allow.iter().any(|c| c.contains(peer))
-}
-
-/// A repository pattern: `*` matches within one path component, `**` across components, `?` one
-/// character other than `/`; everything else matches itself (`library/*`, `org/**`).
-#[derive(Clone, PartialEq, Eq)]
-pub struct RepoPattern(String);
-
-impl fmt::Debug for RepoPattern {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}", self.0)
-    }
-}
-
-impl FromStr for RepoPattern {
-    type Err = String;
-    fn from_str(s: &str) -> Result<RepoPattern, String> {
-        if s.is_empty() || s.len() > 512 {
-            return Err(format!("{s:?} is not a repository pattern"));
-        }
-        if let Some(c) = s.chars().find(|c| {
-            !(c.is_ascii_lowercase()
-                || c.is_ascii_digit()
-                || matches!(c, '.' | '_' | '-' | '/' | '*' | '?'))
-        }) {
-            return Err(format!(
-                "repository pattern {s:?} holds {c:?}: repository names use a-z, 0-9, '.', '_', \
-                 '-' and '/'; patterns add '*', '**' and '?'"
-            ));
-        }
-        if s.contains("***") {
-            return Err(format!(
-                "repository pattern {s:?}: use '*' or '**', not '***'"
-            ));
-        }
-        Ok(RepoPattern(s.to_owned()))
-    }
-}
-
-impl fmt::Display for RepoPattern {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl RepoPattern {
-    pub fn matches(&self, repo: &str) -> bool {
-        glob_match(&self.0, repo)
-    }
-}
-
-#[derive(Clone, Copy)]
-enum Token {
-    Byte(u8),
-    One,
-    Star,
-    DoubleStar,
-}
-
-fn tokens(pattern: &str) -> Vec<Token> {
-    let b = pattern.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'*' if b.get(i + 1) == Some(&b'*') => {
-                out.push(Token::DoubleStar);
-                i += 2;
-            }
-            b'*' => {
-                out.push(Token::Star);
-                i += 1;
-            }
-            b'?' => {
-                out.push(Token::One);
-                i += 1;
-            }
-            c => {
-                out.push(Token::Byte(c));
-                i += 1;
-            }
-        }
-    }
-    out
-}
-
-/// Glob matching (`*`, `**`, `?`) in O(pattern × name) time, whatever the input: a dynamic
-/// programme over the pattern's tokens, never backtracking.
-pub fn glob_match(pattern: &str, name: &str) -> bool {
-    let name = name.as_bytes();
-    // row[j]: the tokens so far match name[..j].
-    let mut row = vec![false; name.len() + 1];
-    row[0] = true;
-    for t in tokens(pattern) {
-        let mut next = vec![false; name.len() + 1];
-        for j in 0..=name.len() {
-            match t {
-                Token::Byte(c) => {
-                    if j > 0 && row[j - 1] && name[j - 1] == c {
-                        next[j] = true;
-                    }
-                }
-                Token::One => {
-                    if j > 0 && row[j - 1] && name[j - 1] != b'/' {
-                        next[j] = true;
-                    }
-                }
-                Token::Star => {
-                    next[j] = row[j] || (j > 0 && next[j - 1] && name[j - 1] != b'/');
-                }
-                Token::DoubleStar => {
-                    next[j] = row[j] || (j > 0 && next[j - 1]);
-                }
-            }
-        }
-        row = next;
-    }
-    row[name.len()]
 }
 
 /// Why a repository is refused by an upstream's patterns.
@@ -220,7 +30,7 @@ pub fn repo_allowed(
     repo: &str,
 ) -> Result<(), RepoDenied> {
     if let Some(p) = deny.iter().find(|p| p.matches(repo)) {
-        return Err(RepoDenied::Denied(p.0.clone()));
+        return Err(RepoDenied::Denied(p.as_str().to_owned()));
     }
     if !allow.is_empty() && !allow.iter().any(|p| p.matches(repo)) {
         return Err(RepoDenied::NotAllowed);
@@ -228,158 +38,20 @@ pub fn repo_allowed(
     Ok(())
 }
 
-/// Users and bcrypt hashes from an htpasswd file.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Htpasswd {
-    pub path: PathBuf,
-    users: HashMap<String, String>,
-    /// One of the file's hashes, checked against when the user is unknown, so that an unknown
-    /// user costs the same time as a wrong password (no user enumeration by timing).
-    pub(crate) decoy: Option<String>,
-}
-
-impl fmt::Debug for Htpasswd {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "Htpasswd({}, {} users, <hashes redacted>)",
-            self.path.display(),
-            self.users.len()
-        )
-    }
-}
-
-impl Htpasswd {
-    /// Reads and checks an htpasswd file. Errors name the line.
-    pub fn load(path: &Path) -> Result<Htpasswd, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        Htpasswd::parse(&text, path)
-    }
-
-    /// Parses `user:hash` lines; blank lines and `#` comments are skipped. Only bcrypt hashes
-    /// (`$2y$`, `$2b$`, `$2a$`, as `htpasswd -B` writes) are accepted.
-    pub fn parse(text: &str, path: &Path) -> Result<Htpasswd, String> {
-        let mut users = HashMap::new();
-        let mut decoy = None;
-        for (i, line) in text.lines().enumerate() {
-            let n = i + 1;
-            let line = line.trim_end_matches('\r');
-            if line.trim().is_empty() || line.trim_start().starts_with('#') {
-                continue;
-            }
-            let (user, hash) = line
-                .split_once(':')
-                .ok_or_else(|| format!("{} line {n}: expected user:hash", path.display()))?;
-            if user.is_empty() || user.contains(char::is_control) {
-                return Err(format!(
-                    "{} line {n}: empty or invalid user name",
-                    path.display()
-                ));
-            }
-            let hash = hash.trim();
-            let bcrypt_prefix = ["$2y$", "$2b$", "$2a$"].iter().any(|p| hash.starts_with(p));
-            if !bcrypt_prefix || bcrypt::HashParts::from_str(hash).is_err() {
-                return Err(format!(
-                    "{} line {n}: user {user:?} does not have a bcrypt hash; only bcrypt is \
-                     supported (create entries with `htpasswd -B`)",
-                    path.display()
-                ));
-            }
-            decoy.get_or_insert_with(|| hash.to_owned());
-            if users.insert(user.to_owned(), hash.to_owned()).is_some() {
-                return Err(format!(
-                    "{} line {n}: user {user:?} appears twice",
-                    path.display()
-                ));
-            }
-        }
-        Ok(Htpasswd {
-            path: path.to_owned(),
-            users,
-            decoy,
-        })
-    }
-
-    pub fn len(&self) -> usize {
-        self.users.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.users.is_empty()
-    }
-
-    pub(crate) fn hash_of(&self, user: &str) -> Option<&str> {
-        self.users.get(user).map(String::as_str)
-    }
-}
-
-/// Client access settings (`[access]`).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct AccessConfig {
-    /// Networks whose clients may connect; empty: everyone.
-    pub allow: Vec<Cidr>,
-    /// When set, every request but `/healthz` and `/readyz` needs Basic credentials from it.
-    pub htpasswd: Option<Arc<Htpasswd>>,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn cidrs_parse_and_contain() {
-        let c: Cidr = "10.0.0.0/8".parse().expect("cidr");
-        assert!(c.contains("10.255.1.2".parse().expect("ip")));
-        assert!(!c.contains("11.0.0.1".parse().expect("ip")));
-        assert!(c.contains("::ffff:10.1.2.3".parse().expect("mapped")));
-        let host: Cidr = "127.0.0.1".parse().expect("host");
-        assert!(host.contains("127.0.0.1".parse().expect("ip")));
-        assert!(!host.contains("127.0.0.2".parse().expect("ip")));
-        let v6: Cidr = "fd00::/8".parse().expect("v6");
-        assert!(v6.contains("fd12::1".parse().expect("ip")));
-        assert!(!v6.contains("10.0.0.1".parse().expect("ip")));
-        let all: Cidr = "0.0.0.0/0".parse().expect("all");
-        assert!(all.contains("8.8.8.8".parse().expect("ip")));
-        assert_eq!(
-            "10.1.2.3/8".parse::<Cidr>().map(|c| c.to_string()),
-            Ok("10.0.0.0/8".into())
-        );
-        for bad in [
-            "",
-            "10.0.0.0/33",
-            "::/129",
-            "10/8",
-            "x",
-            "10.0.0.0/",
-            "10.0.0.0/-1",
-            "1.2.3.4/+8",
-        ] {
-            assert!(bad.parse::<Cidr>().is_err(), "{bad:?} should be refused");
-        }
+    fn an_empty_allow_list_allows_everyone() {
         assert!(address_allowed(&[], "1.2.3.4".parse().expect("ip")));
-    }
-
-    #[test]
-    fn globs_match_components() {
-        let m = |p: &str, n: &str| glob_match(p, n);
-        assert!(m("library/*", "library/alpine"));
-        assert!(!m("library/*", "library/a/b"));
-        assert!(m("org/**", "org/a/b/c"));
-        assert!(m("org/**", "org/a"));
-        assert!(!m("org/**", "org"));
-        assert!(!m("org/**", "orgx/a"));
-        assert!(m("**", "a/b"));
-        assert!(m("*/app", "team/app"));
-        assert!(!m("*/app", "a/team/app"));
-        assert!(m("a?c", "abc"));
-        assert!(!m("a?c", "a/c"));
-        assert!(m("exact/name", "exact/name"));
-        assert!(!m("exact/name", "exact/names"));
-        assert!(m("**/base", "x/y/base"));
-        // Pathological patterns stay linear.
-        let p = "*a".repeat(100);
-        assert!(!m(&p, &"a".repeat(99)));
+        let allow: Vec<Cidr> = vec!["10.0.0.0/8".parse().expect("cidr")];
+        assert!(address_allowed(&allow, "10.1.2.3".parse().expect("ip")));
+        assert!(address_allowed(
+            &allow,
+            "::ffff:10.1.2.3".parse().expect("ip")
+        ));
+        assert!(!address_allowed(&allow, "11.1.2.3".parse().expect("ip")));
     }
 
     #[test]
@@ -400,27 +72,5 @@ mod tests {
             Err(RepoDenied::NotAllowed)
         );
         assert_eq!(repo_allowed(&[], &deny, "other/x"), Ok(()));
-        assert!("Library/*".parse::<RepoPattern>().is_err());
-        assert!("a b".parse::<RepoPattern>().is_err());
-        assert!("a/***".parse::<RepoPattern>().is_err());
-    }
-
-    #[test]
-    fn htpasswd_accepts_bcrypt_only() {
-        let hash = bcrypt::hash("pw", 4).expect("hash");
-        let path = Path::new("/etc/regcache/htpasswd");
-        let h = Htpasswd::parse(&format!("# users\n\nalice:{hash}\n"), path).expect("valid");
-        assert_eq!(h.len(), 1);
-        assert!(!format!("{h:?}").contains(&hash), "hashes are redacted");
-        for (text, line) in [
-            ("bob:$apr1$abc$def\n", "line 1"),
-            ("\nbob:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=\n", "line 2"),
-            ("bob:plain\n", "line 1"),
-            ("nocolon\n", "line 1"),
-            (&format!("a:{hash}\na:{hash}\n"), "line 2"),
-        ] {
-            let e = Htpasswd::parse(text, path).expect_err(text);
-            assert!(e.contains(line), "{text:?}: {e}");
-        }
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use sha2::Digest as _;
 
-use crate::http::access::{mask, Htpasswd};
+use crate::config::access::Htpasswd;
 
 /// `user` and `password` of an `Authorization: Basic …` header, if it is one and well formed.
 pub fn parse_basic(value: &[u8]) -> Option<(String, String)> {
@@ -146,7 +146,7 @@ impl<K: std::hash::Hash + Eq + Clone> Buckets<K> {
 fn address_key(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
         IpAddr::V4(a) => IpAddr::V4(a),
-        v6 => mask(v6, 64),
+        IpAddr::V6(a) => IpAddr::V6(ipnet::Ipv6Net::new(a, 64).map_or(a, |n| n.network())),
     }
 }
 
@@ -196,6 +196,24 @@ impl Default for Verifier {
 }
 
 impl Verifier {
+    /// How long a client at `peer` must wait before a credential of its is checked again, when
+    /// its address has [`ADDRESS_FAILURES`] failures pending (for checks without bcrypt, such as
+    /// the peer token).
+    pub fn address_limited(&self, peer: IpAddr) -> Option<Duration> {
+        let mut limits = self.limits.lock().unwrap_or_else(|p| p.into_inner());
+        let b = limits.addresses.get(&address_key(peer), Instant::now())?;
+        (b.tokens < 1.0).then(|| b.wait())
+    }
+
+    /// Counts a refused credential (a wrong peer token) against `peer`'s address, like a failed
+    /// login.
+    pub fn address_failed(&self, peer: IpAddr) {
+        let mut limits = self.limits.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = limits.addresses.get(&address_key(peer), Instant::now()) {
+            b.tokens = (b.tokens - 1.0).max(0.0);
+        }
+    }
+
     /// A verifier that counts its bcrypt computations in `checks`.
     pub fn new(checks: prometheus_client::metrics::counter::Counter) -> Verifier {
         Verifier {

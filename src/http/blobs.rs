@@ -138,7 +138,8 @@ pub async fn blob(
     }
     let ranges =
         parse_ranges(headers.get(header::RANGE)).filter(|_| if_range_holds(headers, digest));
-    if !head {
+    // A peer gets the bytes, never a redirect to the bucket.
+    if !head && info.peer.is_none() {
         let redirect = app
             .cache
             .blob_redirect(route, digest)
@@ -159,7 +160,12 @@ pub async fn blob(
     }
     let b = app
         .cache
-        .blob(route, digest, !head)
+        .blob_for(
+            route,
+            digest,
+            !head,
+            info.peer.map(|p| p.asker).unwrap_or_default(),
+        )
         .await
         .map_err(|e| ApiError::from_cache(e, Object::Blob))?;
     info.set_outcome(b.outcome);

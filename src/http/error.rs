@@ -54,6 +54,8 @@ pub enum Code {
     BadGateway,
     /// `503 UNAVAILABLE`: the upstream, or regcache, cannot answer now; retry.
     Unavailable,
+    /// `508 UNSUPPORTED`: a peer request that came from this server itself (`[peers]`).
+    LoopDetected,
     /// `504 UNAVAILABLE`: not stored here, for a request that allows no other source
     /// (`Cache-Control: only-if-cached`, RFC 9111 5.2.1.7).
     NotCached,
@@ -72,9 +74,11 @@ impl Code {
             Code::ManifestUnknown => "MANIFEST_UNKNOWN",
             Code::BlobUnknown | Code::RangeNotSatisfiable => "BLOB_UNKNOWN",
             Code::NameUnknown => "NAME_UNKNOWN",
-            Code::BadRequest | Code::NoSuchEndpoint | Code::MethodNotAllowed | Code::UriTooLong => {
-                "UNSUPPORTED"
-            }
+            Code::BadRequest
+            | Code::NoSuchEndpoint
+            | Code::MethodNotAllowed
+            | Code::UriTooLong
+            | Code::LoopDetected => "UNSUPPORTED",
             Code::TooManyRequests => "TOOMANYREQUESTS",
             Code::Internal | Code::BadGateway => "UNKNOWN",
             Code::Unavailable | Code::NotCached => "UNAVAILABLE",
@@ -103,6 +107,7 @@ impl Code {
             Code::BadGateway => StatusCode::BAD_GATEWAY,
             Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Code::NotCached => StatusCode::GATEWAY_TIMEOUT,
+            Code::LoopDetected => StatusCode::LOOP_DETECTED,
         }
     }
 }
@@ -262,6 +267,10 @@ impl ApiError {
         match &e {
             CacheError::Upstream(u) => ApiError::from_upstream(u, object),
             CacheError::NotAcceptable(why) => ApiError::new(Code::ManifestUnknown, why.to_string()),
+            CacheError::NotStored(why) => match object {
+                Object::Blob => ApiError::new(Code::BlobUnknown, *why),
+                _ => ApiError::new(Code::ManifestUnknown, *why),
+            },
             CacheError::DigestMismatch { .. } | CacheError::SizeMismatch { .. } => {
                 tracing::error!(
                     error = %chain(&e),

@@ -63,6 +63,7 @@ pub async fn handle(
         // Errors included: a 404 for a request routed by `ns` is that registry's answer.
         set_header(resp.headers_mut(), NAMESPACE_HEADER, ns);
     }
+    crate::http::peer::answered(&app, info.peer, &mut resp, req.method() == Method::HEAD);
     if let Some(shard) = shard {
         resp.headers_mut()
             .insert(crate::http::hooks::SHARD_HEADER, HeaderValue::from(shard));
@@ -91,7 +92,7 @@ async fn answer(
     info: &mut LogInfo,
     user: &mut Option<String>,
 ) -> Response<Body> {
-    let result = match check_access(app, auth, peer, req, user).await {
+    let result = match check_access(app, auth, peer, req, user, &mut info.peer).await {
         Err((e, limit)) => {
             app.metrics
                 .limit_rejections
@@ -100,7 +101,10 @@ async fn answer(
             Err(e)
         }
         Ok(()) if req.uri().path().starts_with(ADMIN_PREFIX) => admin(app, peer, req).await,
-        Ok(()) => dispatch(app, req, info).await,
+        Ok(()) => match crate::http::peer::refuse_self(info.peer) {
+            Some(e) => Err(e),
+            None => dispatch(app, req, info).await,
+        },
     };
     result.unwrap_or_else(|e| e.into_response(req.method() == Method::HEAD))
 }
@@ -125,6 +129,7 @@ async fn check_access(
     peer: SocketAddr,
     req: &Request<Incoming>,
     user: &mut Option<String>,
+    from_peer: &mut Option<crate::http::peer::PeerCall>,
 ) -> Result<(), (ApiError, &'static str)> {
     let routing = app.routing();
     let limits = &routing.config.limits;
@@ -153,6 +158,11 @@ async fn check_access(
             ),
             "access_allow",
         ));
+    }
+    if let Some(call) = crate::http::peer::recognise(app, auth, peer, req)? {
+        // The fleet's token stands in for client credentials.
+        (*user, *from_peer) = (Some("peer".into()), Some(call));
+        return Ok(());
     }
     let path = req.uri().path();
     let open = matches!(path, "/healthz" | "/readyz") || path.starts_with(ADMIN_PREFIX);

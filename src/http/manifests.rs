@@ -29,9 +29,7 @@ pub async fn manifest(
             .iter()
             .map(HeaderValue::as_bytes),
     );
-    let m = app
-        .cache
-        .manifest(route, reference, accept)
+    let (m, checked_at) = crate::http::peer::manifest(app, route, reference, accept, info.peer)
         .await
         .map_err(|e| ApiError::from_cache(e, Object::Manifest))?;
     info.set_outcome(m.outcome);
@@ -41,6 +39,7 @@ pub async fn manifest(
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(m.bytes.len()));
     set_header(h, "docker-content-digest", &m.digest.to_string());
     set_header(h, header::ETAG, &format!("\"{}\"", m.digest));
+    crate::http::peer::checked_at(h, checked_at);
     if m.outcome == Outcome::Stale {
         h.insert(
             header::WARNING,

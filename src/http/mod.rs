@@ -7,6 +7,8 @@
 //! handler (`manifests`, `blobs`, `tags`, `referrers`, `catalog`, `ops`, `admin`) → the cache.
 //!
 //! The test hooks (`hooks`) exist only with `REGCACHE_TEST_HOOKS=1` at start.
+//!
+//! The server side of peer requests (`[peers]`) is `peer`.
 
 pub mod access;
 pub mod admin;
@@ -20,6 +22,7 @@ pub mod hooks;
 pub mod manifests;
 pub mod ops;
 pub mod paging;
+pub mod peer;
 pub mod referrers;
 pub mod response;
 pub mod router;

@@ -65,6 +65,10 @@ fn readyz(app: &Arc<App>, head: bool) -> Response<Body> {
         // Like an upstream, a bucket that is down does not make regcache unready.
         body["bucket"] = serde_json::json!({ "up": b.is_up() });
     }
+    if let Some(p) = app.cache.peers() {
+        // Nor do peers: a server can always serve what it holds and go upstream.
+        body["peers"] = serde_json::json!(p.status());
+    }
     let status = if store_ok.is_ok() {
         StatusCode::OK
     } else {

@@ -51,6 +51,8 @@ pub struct LogInfo {
     pub route: &'static str,
     /// The `ns` query parameter, once it has routed the request to an upstream.
     pub namespace: Option<String>,
+    /// Set for a request from a peer (`[peers]`) whose token was right.
+    pub peer: Option<crate::http::peer::PeerCall>,
     span: Span,
 }
 
@@ -128,6 +130,7 @@ impl Access {
                 outcome: None,
                 route,
                 namespace: None,
+                peer: None,
                 span,
             },
             user: None,

@@ -305,7 +305,7 @@ mod tests {
             let mut t = store.temp_blob().expect("temp");
             t.write_all(data).expect("write");
             store
-                .commit_blob(t, &d, data.len() as u64, &key("a/b"), None)
+                .commit_blob(t, &d, data.len() as u64, &key("a/b"), None, None)
                 .expect("commit");
             let crashed = store.temp_blob().expect("temp");
             std::mem::forget(crashed);

@@ -213,7 +213,7 @@ mod tests {
         let mut t = store.temp_blob().expect("temp");
         t.write_all(data).expect("write");
         store
-            .commit_blob(t, &d, data.len() as u64, &key(repo), None)
+            .commit_blob(t, &d, data.len() as u64, &key(repo), None, None)
             .expect("commit");
         d
     }

@@ -9,7 +9,8 @@ use std::io::{self, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
-use super::{io_err, now_secs, RepoKey, Store, StoreError};
+use super::{io_err, now_secs, Owed, RepoKey, Store, StoreError};
+use crate::config::data_dir::is_system_directory;
 use crate::oci::reference::Digest;
 
 /// Committed blob files: `blobs/<alg>/<first two hex>/<hex>`.
@@ -35,54 +36,6 @@ const STORE_NAMES: [&str; 6] = [
     crate::config::source::LAST_GOOD_FILE,
     crate::config::source::LAST_GOOD_TEMP,
 ];
-
-/// Directories of the system that are never a data directory, whatever they hold.
-const SYSTEM_DIRECTORIES: [&str; 37] = [
-    "/",
-    "/bin",
-    "/boot",
-    "/dev",
-    "/etc",
-    "/home",
-    "/lib",
-    "/lib32",
-    "/lib64",
-    "/libx32",
-    "/media",
-    "/mnt",
-    "/opt",
-    "/proc",
-    "/root",
-    "/run",
-    "/run/user",
-    "/sbin",
-    "/srv",
-    "/sys",
-    "/tmp",
-    "/usr",
-    "/usr/bin",
-    "/usr/lib",
-    "/usr/local",
-    "/usr/local/bin",
-    "/usr/sbin",
-    "/usr/share",
-    "/var",
-    "/var/cache",
-    "/var/lib",
-    "/var/lib/private",
-    "/var/log",
-    "/var/mail",
-    "/var/run",
-    "/var/spool",
-    "/var/tmp",
-];
-
-/// Whether `path` (absolute, compared component by component) is `/` or another system directory
-/// such as `/etc`, `/usr` or `/tmp` (not a directory below one).
-pub fn is_system_directory(path: &Path) -> bool {
-    let path: PathBuf = path.components().collect();
-    SYSTEM_DIRECTORIES.iter().any(|d| path == Path::new(d))
-}
 
 /// Whose a data directory is, decided before anything in it is touched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -303,7 +256,8 @@ impl Store {
     }
 
     /// Makes a verified temporary file the blob `d`: fsync, rename, fsync the directory, then
-    /// record it (with a link for `repo`, and a media type if it is a manifest) in one transaction.
+    /// record it (with a link for `repo`, a media type if it is a manifest, and what the commit
+    /// owes elsewhere) in one transaction.
     pub fn commit_blob(
         &self,
         mut temp: TempBlob,
@@ -311,6 +265,7 @@ impl Store {
         size: u64,
         repo: &RepoKey,
         manifest: Option<(&str, &[Digest])>,
+        owed: Option<Owed<'_>>,
     ) -> Result<(), StoreError> {
         let Some(file) = temp.file.take() else {
             return Err(io_err(&temp.path)(closed()));
@@ -330,7 +285,7 @@ impl Store {
             let _ = fs::remove_file(&temp.path);
         }
         result?;
-        self.record_blob(d, size, repo, manifest)
+        self.record_blob(d, size, repo, manifest, owed)
     }
 
     /// Opens a committed blob for reading; `None` if not recorded or its file is gone.

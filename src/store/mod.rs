@@ -32,7 +32,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::oci::manifest::manifest_refs;
+use crate::oci::manifest::{manifest_refs, referrer_descriptor};
 use crate::oci::media::Accept;
 use crate::oci::reference::{Digest, RepoName, Tag};
 
@@ -41,7 +41,7 @@ pub use db::SCHEMA_VERSION;
 use error::io_err;
 pub use error::{is_disk_full, DbError, StoreError};
 use files::Ownership;
-pub use files::{free_bytes, is_system_directory, DirLock, TempBlob, MARKER};
+pub use files::{free_bytes, DirLock, TempBlob, MARKER};
 use records::Records;
 
 /// Milliseconds since the Unix epoch.
@@ -70,6 +70,16 @@ pub struct TagRecord {
 pub struct ManifestInfo {
     pub media_type: String,
     pub size: u64,
+}
+
+/// A write owed elsewhere, recorded in the `outbox` table in the same transaction as the commit
+/// that owes it, so that a crash right after the commit still leaves it owed. The store keeps
+/// `record` under `key` without reading it; [`Store::outbox`] gives it back and
+/// [`Store::outbox_remove`] drops it once the write is made.
+#[derive(Debug, Clone, Copy)]
+pub struct Owed<'a> {
+    pub key: &'a str,
+    pub record: &'a [u8],
 }
 
 /// Names a repository of one upstream in the database.
@@ -282,7 +292,8 @@ impl Store {
         }
     }
 
-    /// Stores a verified manifest for `repo` (and points `tag` at it).
+    /// Stores a verified manifest for `repo` (recording `owed` with it, and its referrer record if
+    /// it has a `subject`), and points `tag` at it.
     pub fn put_manifest(
         &self,
         repo: &RepoKey,
@@ -290,19 +301,19 @@ impl Store {
         media_type: &str,
         bytes: &[u8],
         tag: Option<(&Tag, Accept)>,
-        subject: Option<(&Digest, &[u8])>,
+        owed: Option<Owed<'_>>,
     ) -> Result<(), StoreError> {
         let refs = manifest_refs(bytes);
         let manifest = Some((media_type, refs.as_slice()));
         if self.blob_size(d)?.is_some() && self.blob_path(d).exists() {
-            self.record_blob(d, bytes.len() as u64, repo, manifest)?;
+            self.record_blob(d, bytes.len() as u64, repo, manifest, owed)?;
         } else {
             let mut temp = self.temp_blob()?;
             temp.write_all(bytes).map_err(io_err(temp.path()))?;
-            self.commit_blob(temp, d, bytes.len() as u64, repo, manifest)?;
+            self.commit_blob(temp, d, bytes.len() as u64, repo, manifest, owed)?;
         }
-        if let Some((subject, descriptor)) = subject {
-            self.add_referrer(repo, subject, d, descriptor)?;
+        if let Some((subject, descriptor)) = referrer_descriptor(bytes, media_type, d) {
+            self.add_referrer(repo, &subject, d, &descriptor)?;
         }
         if let Some((tag, accept)) = tag {
             self.set_tag_for(repo, tag, accept, d, now_millis())?;
@@ -333,13 +344,13 @@ mod tests {
         t.write_all(data).expect("write");
         let temp_path = t.path().to_owned();
         store
-            .commit_blob(t, &d, data.len() as u64, &key("a/b"), None)
+            .commit_blob(t, &d, data.len() as u64, &key("a/b"), None, None)
             .expect("commit");
         assert!(!temp_path.exists(), "temp file must be gone after commit");
         assert_eq!(std::fs::read(store.blob_path(&d)).expect("read"), data);
         assert!(store.is_linked(&key("a/b"), &d).expect("linked"));
         assert!(!store.is_linked(&key("a/c"), &d).expect("not linked"));
-        store.link(&key("a/c"), &d).expect("link");
+        store.link(&key("a/c"), &d, None).expect("link");
         assert!(store.is_linked(&key("a/c"), &d).expect("linked now"));
         assert_eq!(store.repos().expect("repos").len(), 2);
     }

@@ -7,12 +7,12 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
 
-use redb::{ReadTransaction, ReadableTable, WriteTransaction};
+use redb::{Durability, ReadTransaction, ReadableTable, WriteTransaction};
 
 use super::db::{
     ACCESS, BLOBS, LINKS, MANIFESTS, OUTBOX, PINS, REFBY, REFERRERS, REFS, REPOS, TAGS,
 };
-use super::{now_millis, now_secs, RepoKey, Store, StoreError, TagRecord};
+use super::{now_millis, now_secs, Owed, RepoKey, Store, StoreError, TagRecord};
 use crate::oci::media::Accept;
 use crate::oci::reference::{Digest, Tag};
 
@@ -149,15 +149,21 @@ impl Store {
         Ok(t.get(key.as_str())?.is_some())
     }
 
-    /// Links an already stored blob to `repo` (after the upstream confirmed that repo has it).
-    pub fn link(&self, repo: &RepoKey, d: &Digest) -> Result<(), StoreError> {
+    /// Links an already stored blob to `repo` (after the upstream confirmed that repo has it),
+    /// recording `owed` in the same transaction.
+    pub fn link(
+        &self,
+        repo: &RepoKey,
+        d: &Digest,
+        owed: Option<Owed<'_>>,
+    ) -> Result<(), StoreError> {
         let Some(size) = self.blob_size(d)? else {
             return Err(StoreError::NotStored {
                 digest: d.to_string(),
             });
         };
         // The references of a manifest were recorded with it; linking adds only the link.
-        self.record_blob(d, size, repo, None)
+        self.record_blob(d, size, repo, None, owed)
     }
 
     pub fn manifest_media_type(&self, d: &Digest) -> Result<Option<String>, StoreError> {
@@ -167,14 +173,15 @@ impl Store {
         Ok(mt)
     }
 
-    /// Records an existing blob file (and its link for `repo`, and for a manifest its media type
-    /// and references), in one transaction.
+    /// Records an existing blob file (and its link for `repo`, for a manifest its media type and
+    /// references, and what the commit owes elsewhere), in one transaction.
     pub(super) fn record_blob(
         &self,
         d: &Digest,
         size: u64,
         repo: &RepoKey,
         manifest: Option<(&str, &[Digest])>,
+        owed: Option<Owed<'_>>,
     ) -> Result<(), StoreError> {
         let key = d.to_string();
         let now = now_secs();
@@ -197,6 +204,9 @@ impl Store {
             let rk = repo.repo_key();
             if repos.get(rk.as_str())?.is_none() {
                 repos.insert(rk.as_str(), now)?;
+            }
+            if let Some(o) = owed {
+                tx.open_table(OUTBOX)?.insert(o.key, o.record)?;
             }
         }
         tx.commit()?;
@@ -429,21 +439,25 @@ impl Store {
         Ok(out)
     }
 
-    /// Records a write owed to the shared bucket (replacing one with the same key).
+    /// Records a write owed elsewhere (replacing one with the same key), apart from any commit.
     pub fn outbox_add(&self, key: &str, record: &[u8]) -> Result<(), StoreError> {
         let tx = self.db.write()?;
         tx.open_table(OUTBOX)?.insert(key, record)?;
         Ok(tx.commit()?)
     }
 
-    /// Forgets a write owed to the shared bucket, once done.
+    /// Forgets a write owed elsewhere, once made. Not flushed to disk by itself (the next
+    /// durable commit carries it): a crash that loses the removal only means the write is made
+    /// again, and each write done spares an fsync.
     pub fn outbox_remove(&self, key: &str) -> Result<(), StoreError> {
-        let tx = self.db.write()?;
+        let mut tx = self.db.write()?;
+        tx.set_durability(Durability::None)
+            .map_err(redb::Error::from)?;
         tx.open_table(OUTBOX)?.remove(key)?;
         Ok(tx.commit()?)
     }
 
-    /// Every write owed to the shared bucket, as recorded.
+    /// Every write owed elsewhere, as recorded.
     pub fn outbox(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let tx = self.db.read()?;
         let t = tx.open_table(OUTBOX)?;

@@ -48,6 +48,16 @@ pub struct Metrics {
     pub bucket_pending: Gauge,
     /// `notAfter` of the listener's TLS certificate in force, by `cert` path (with `[tls]`).
     pub tls_expiry: Family<Labels, Gauge>,
+    /// 1 while a peer (`peer`: its URL) is up, 0 while it is skipped after a failure.
+    pub peer_up: Family<Labels, Gauge>,
+    /// Blob bytes received from each peer.
+    pub peer_received_bytes: Family<Labels, Counter>,
+    /// Body bytes answered to peer requests.
+    pub peer_sent_bytes: Counter,
+    /// Requests to peers by `peer` and `result`.
+    pub peer_requests: Family<Labels, Counter>,
+    /// Blob answers by where their bytes came from (`source`: store, bucket, peer, upstream).
+    pub fills: Family<Labels, Counter>,
 }
 
 fn fill_histogram() -> Histogram {
@@ -91,6 +101,11 @@ impl Metrics {
             bucket_written: Counter::default(),
             bucket_pending: Gauge::default(),
             tls_expiry: Family::default(),
+            peer_up: Family::default(),
+            peer_received_bytes: Family::default(),
+            peer_sent_bytes: Counter::default(),
+            peer_requests: Family::default(),
+            fills: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -232,6 +247,33 @@ impl Metrics {
              Unix epoch, by certificate file",
             m.tls_expiry.clone(),
         );
+        registry.register(
+            "peer_up",
+            "1 while the peer ([peers]) is up, 0 while it is skipped after a failure until a probe \
+             finds it",
+            m.peer_up.clone(),
+        );
+        registry.register(
+            "peer_received_bytes",
+            "Blob bytes received from each peer",
+            m.peer_received_bytes.clone(),
+        );
+        registry.register(
+            "peer_sent_bytes",
+            "Body bytes answered to peer requests",
+            m.peer_sent_bytes.clone(),
+        );
+        registry.register(
+            "peer_requests",
+            "Requests to peers by result (ok, not_found, status, timeout, unreachable, refused, self)",
+            m.peer_requests.clone(),
+        );
+        registry.register(
+            "fills",
+            "Blob answers by where their bytes came from: store (a hit), or a fill from the bucket, \
+             a peer or the upstream",
+            m.fills.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -246,5 +288,9 @@ impl Metrics {
 
     pub fn upstream(name: &str) -> Labels {
         vec![("upstream", name.to_owned())]
+    }
+
+    pub fn peer(url: &str) -> Labels {
+        vec![("peer", url.to_owned())]
     }
 }

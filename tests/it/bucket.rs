@@ -28,7 +28,7 @@ use crate::support::garage::Garage;
 use crate::support::images::{assert_same_copy, pseudo_random};
 use crate::support::media::{accept_all, OCI_MANIFEST};
 use crate::support::moto::Moto;
-use crate::support::net::BlackHole;
+use crate::support::net::{BlackHole, Relay};
 use crate::support::process::{free_port, Process};
 use crate::support::regcache::{config_for, Regcache};
 use crate::support::registry::{
@@ -156,6 +156,7 @@ on_every_engine!(
     two_servers_share_one_bucket_and_survive_the_upstream_outage,
     bucket_outage_local_tier_serves_and_misses_stream_through,
     killed_fill_leaves_no_visible_object,
+    what_a_server_killed_before_its_uploads_committed_reaches_the_bucket_after_its_restart,
     concurrent_fills_through_two_servers_store_one_correct_copy,
     presigned_redirect_serves_bucket_blobs,
     tag_freshness_is_shared_through_the_bucket,
@@ -169,15 +170,17 @@ on_every_engine!(
 /// A `[store.s3]` table for [`BUCKET`] through the store's endpoint `node` (see [`Store::addr`]),
 /// with `prefix` if given, plus `extra` keys.
 fn s3_table_at(store: &Store, node: usize, prefix: Option<&str>, extra: &str) -> String {
+    s3_table_via(store, &store.url(node), prefix, extra)
+}
+
+/// [`s3_table_at`] with the endpoint `url` (a relay in front of the store).
+fn s3_table_via(store: &Store, url: &str, prefix: Option<&str>, extra: &str) -> String {
     let s3 = store.client();
     let mut t = format!(
-        "[store.s3]\nbucket = \"{BUCKET}\"\nendpoint = \"{}\"\nregion = \"{}\"\n\
+        "[store.s3]\nbucket = \"{BUCKET}\"\nendpoint = \"{url}\"\nregion = \"{}\"\n\
          access_key_id = \"{}\"\nsecret_access_key = \"{}\"\n\
          virtual_hosted_style = false\ntimeout = \"5s\"\n",
-        store.url(node),
-        s3.region,
-        s3.key_id,
-        s3.secret,
+        s3.region, s3.key_id, s3.secret,
     );
     if let Some(p) = prefix {
         t.push_str(&format!("prefix = \"{p}\"\n"));
@@ -424,6 +427,30 @@ fn get(addr: SocketAddr, path: &str) -> RawResponse {
 fn head(addr: SocketAddr, path: &str) -> RawResponse {
     request(addr, "HEAD", path, &[("Accept", accept_all())], b"")
         .unwrap_or_else(|| panic!("HEAD {path} on {addr}: no response"))
+}
+
+/// A `GET` of `path` read to its end on a thread of its own; the counter has the bytes received so
+/// far (headers included).
+fn read_on_a_thread(
+    addr: SocketAddr,
+    path: String,
+) -> (Arc<AtomicU64>, std::thread::JoinHandle<()>) {
+    let received = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&received);
+    let reader = std::thread::spawn(move || {
+        let mut s = send_request(addr, "GET", &path, &[], b"", Duration::from_secs(60))
+            .expect("send GET to regcache");
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    counter.fetch_add(n as u64, Ordering::SeqCst);
+                }
+            }
+        }
+    });
+    (received, reader)
 }
 
 fn describe(r: &RawResponse) -> String {
@@ -831,24 +858,7 @@ fn killed_fill_leaves_no_visible_object(engine: Engine) {
 
     // 256 KiB every 100 ms: the 12 MiB fill takes about 5 s.
     fake.set_slow_blobs(256 << 10, Duration::from_millis(100));
-    let received = Arc::new(AtomicU64::new(0));
-    let reader = {
-        let received = Arc::clone(&received);
-        let path = format!("/v2/kill/app/blobs/{digest}");
-        std::thread::spawn(move || {
-            let mut s = send_request(addr, "GET", &path, &[], b"", Duration::from_secs(30))
-                .expect("send GET to regcache");
-            let mut buf = vec![0u8; 64 << 10];
-            loop {
-                match s.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        received.fetch_add(n as u64, Ordering::SeqCst);
-                    }
-                }
-            }
-        })
-    };
+    let (received, reader) = read_on_a_thread(addr, format!("/v2/kill/app/blobs/{digest}"));
     let deadline = Instant::now() + Duration::from_secs(30);
     while received.load(Ordering::SeqCst) < 1 << 20 {
         assert!(
@@ -894,6 +904,173 @@ fn killed_fill_leaves_no_visible_object(engine: Engine) {
     );
     check_content_addressed(&store, &root, &BTreeMap::from([(digest, SIZE as u64)]));
     drop(rc);
+    drop(fake);
+    drop(rt);
+}
+
+/// A server whose uploads were in flight when it was killed (SIGKILL right after the fill and the
+/// manifest committed, the bucket black-holed so that no upload could have landed yet) writes them
+/// once restarted: the blob and its repository link, the manifest, its link and the tag record,
+/// with no client asking and without fetching the blob again.
+fn what_a_server_killed_before_its_uploads_committed_reaches_the_bucket_after_its_restart(
+    engine: Engine,
+) {
+    const SIZE: usize = 4 << 20;
+    let rt = tokio::runtime::Runtime::new().expect("runtime for the fake upstream");
+    let work = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("work dir");
+    let fake = rt.block_on(FakeUpstream::start());
+    let layer = pseudo_random(SIZE, 13);
+    let (manifest, digest) = fake.add_image("owed/app", "v1", layer.clone());
+    let store = Store::start(engine);
+    // regcache reaches the bucket through a relay, which the test turns into a black hole.
+    let relay = Relay::start(store.addr(0));
+    let prefix = Some("owed");
+    let root = key_root(prefix);
+    let upstream_id = fake.addr().to_string();
+    let want = BTreeSet::from([
+        format!("{root}blobs/sha256/{}", hex_of(&digest)),
+        format!(
+            "{root}repos/{upstream_id}/owed/app/_layers/sha256/{}",
+            hex_of(&digest)
+        ),
+        format!("{root}manifests/sha256/{}", hex_of(&manifest)),
+        format!(
+            "{root}repos/{upstream_id}/owed/app/_manifests/sha256/{}",
+            hex_of(&manifest)
+        ),
+        format!("{root}repos/{upstream_id}/owed/app/_tags/v1"),
+    ]);
+
+    let config = work.path().join("regcache.toml");
+    // A short gc_interval: the maintenance loop is what retries the writes owed to the bucket.
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\n{}",
+            work.path().join("data").display(),
+            config_for(
+                &fake.url(),
+                "",
+                &format!(
+                    "[store]\ngc_interval = \"1s\"\n{}",
+                    s3_table_via(&store, &format!("http://{}", relay.addr()), prefix, "")
+                )
+            )
+        ),
+    )
+    .expect("write config");
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut rc = Process::start(&config, addr, &work.path().join("regcache.log"));
+
+    // The manifest and the blob are asked for at once, and held at the upstream (the manifest
+    // behind its gate, the blob trickled) until regcache has asked the bucket all it asks before
+    // it fetches; then the bucket becomes a black hole, before either is committed.
+    fake.set_manifest_gate(true);
+    fake.set_slow_blobs(256 << 10, Duration::from_millis(50));
+    let manifest_get = std::thread::spawn(move || get(addr, "/v2/owed/app/manifests/v1"));
+    let (received, blob_get) = read_on_a_thread(addr, format!("/v2/owed/app/blobs/{digest}"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fake.hits("GET", "/v2/owed/app/manifests/v1") == 0
+        || received.load(Ordering::SeqCst) < 64 << 10
+    {
+        assert!(
+            Instant::now() < deadline,
+            "after 30 s the upstream got {} manifest GETs and the blob client {} bytes\n{}",
+            fake.hits("GET", "/v2/owed/app/manifests/v1"),
+            received.load(Ordering::SeqCst),
+            rc.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    relay.set_black_hole(true);
+    fake.set_manifest_gate(false);
+    let r = manifest_get.join().expect("manifest client thread");
+    assert_eq!(r.status, 200, "{}", describe(&r));
+    assert_eq!(sha256_digest(&r.body), manifest);
+    // The manifest is stored before it is answered; the blob is committed once the store answers
+    // `hit` for it, and the server is killed at that instant.
+    let if_cached = format!("/v2/owed/app/blobs/{digest}");
+    let mut outcomes = Vec::new();
+    loop {
+        let r = request(
+            addr,
+            "HEAD",
+            &if_cached,
+            &[("Cache-Control", "only-if-cached")],
+            b"",
+        )
+        .expect("HEAD only-if-cached: no response");
+        let outcome = r.header(CACHE).unwrap_or("-").to_owned();
+        if outcome == "hit" {
+            rc.kill9();
+            break;
+        }
+        if outcomes.last() != Some(&outcome) {
+            outcomes.push(outcome);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the blob was not committed within 30 s (outcomes: {outcomes:?})\n{}",
+            rc.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    blob_get.join().expect("blob client thread");
+    assert!(
+        received.load(Ordering::SeqCst) as usize > SIZE,
+        "the client got {} bytes of a {SIZE}-byte blob (with the headers)",
+        received.load(Ordering::SeqCst)
+    );
+    let listing: Vec<String> = store
+        .list(BUCKET, &root)
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    let landed: Vec<&String> = listing.iter().filter(|k| want.contains(*k)).collect();
+    assert!(
+        landed.is_empty(),
+        "the bucket was black-holed, yet these writes landed before the kill: {landed:?}"
+    );
+
+    // The bucket answers again; the server restarts, and finishes what it owed.
+    relay.set_black_hole(false);
+    fake.set_slow_blobs(0, Duration::ZERO);
+    rc.restart();
+    let deadline = Instant::now() + UPLOAD_WAIT;
+    loop {
+        let listing: BTreeSet<String> = store
+            .list(BUCKET, &root)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        let missing: Vec<&String> = want.difference(&listing).collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{UPLOAD_WAIT:?} after the restart the bucket still lacks {missing:#?}\n\
+             it holds {listing:#?}\nregcache's log (access lines left out):\n{}",
+            rc.log_text()
+                .lines()
+                .filter(|l| !l.contains("regcache::access"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    check_content_addressed(
+        &store,
+        &root,
+        &BTreeMap::from([(digest.clone(), SIZE as u64)]),
+    );
+    assert_eq!(
+        fake.blob_gets(&digest),
+        1,
+        "the restarted server fetched the blob from the upstream again"
+    );
+    drop(rc);
+    drop(relay);
     drop(fake);
     drop(rt);
 }

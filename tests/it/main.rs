@@ -7,6 +7,7 @@ mod bucket;
 mod clients;
 mod config_store;
 mod durability;
+mod fleet;
 mod offline;
 mod ops;
 mod outage;

@@ -6,9 +6,11 @@
 //! helpers it may borrow.
 
 mod accept;
+mod architecture;
 mod config_store;
 mod durability;
 mod faults;
+mod fleet;
 pub(crate) mod ops;
 mod outage;
 mod prefetch;

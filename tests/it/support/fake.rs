@@ -1237,7 +1237,7 @@ fn parse_query(q: Option<&str>) -> Vec<(String, String)> {
 
 /// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ`.
 fn rfc3339(secs: u64) -> String {
-    let (y, m, d) = regcache::http::tls::civil_from_days((secs / 86_400) as i64);
+    let (y, m, d) = regcache::config::tls::civil_from_days((secs / 86_400) as i64);
     let rem = secs % 86_400;
     format!(
         "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",

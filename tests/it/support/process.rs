@@ -23,13 +23,15 @@ pub struct Process {
     pub log: PathBuf,
     /// Environment variables set for the process, on top of the proxy ones.
     env: Vec<(String, String)>,
+    /// More arguments of `serve` (e.g. `--data-dir`).
+    args: Vec<String>,
 }
 
 impl Process {
     /// Starts `regcache serve --config CONFIG --listen ADDR` and waits until `/readyz` answers 200.
     /// The log (stderr) goes to `LOG`, appended across restarts.
     pub fn start(config: &Path, addr: SocketAddr, log: &Path) -> Process {
-        Process::start_with_env(config, addr, log, &[])
+        Process::start_full(config, addr, log, &[], &[])
     }
 
     /// [`Process::start`] with these environment variables set too (kept across restarts).
@@ -37,6 +39,23 @@ impl Process {
         config: &Path,
         addr: SocketAddr,
         log: &Path,
+        env: &[(&str, &str)],
+    ) -> Process {
+        Process::start_full(config, addr, log, &[], env)
+    }
+
+    /// [`Process::start`] with more arguments of `serve` (kept for restarts).
+    pub fn start_with(config: &Path, addr: SocketAddr, log: &Path, args: &[String]) -> Process {
+        Process::start_full(config, addr, log, args, &[])
+    }
+
+    /// [`Process::start`] with more arguments of `serve` and more environment variables (both
+    /// kept for restarts).
+    pub fn start_full(
+        config: &Path,
+        addr: SocketAddr,
+        log: &Path,
+        args: &[String],
         env: &[(&str, &str)],
     ) -> Process {
         let mut p = Process {
@@ -48,6 +67,7 @@ impl Process {
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
+            args: args.to_vec(),
         };
         p.spawn();
         p.wait_ready(Duration::from_secs(20));
@@ -65,6 +85,7 @@ impl Process {
             .arg(&self.config)
             .arg("--listen")
             .arg(self.addr.to_string())
+            .args(&self.args)
             .env_remove("REGCACHE_CONFIG")
             .env("REGCACHE_LOG", "info,regcache::access=debug")
             .stdin(Stdio::null())
