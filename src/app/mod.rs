@@ -9,12 +9,13 @@ pub mod watch;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::cache::{Cache, Tiers};
 use crate::config::Config;
 use crate::store::{free_bytes, Store, StoreError};
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::stale::StaleLog;
 
 pub use routing::Routing;
 
@@ -36,6 +37,10 @@ pub struct App {
     /// The background runtime: fills, manifest flights, writes to the bucket and every request
     /// to an upstream or the bucket run there (see [`App::open`]).
     background: tokio::runtime::Handle,
+    /// The tags served stale in the last hour, per upstream (`GET /_regcache/status`).
+    pub stale: StaleLog,
+    /// When [`App::open`] assembled this service (its uptime starts there).
+    started: Instant,
 }
 
 /// Why [`App::open`] failed.
@@ -116,7 +121,14 @@ impl App {
             tls_reminded_at: std::sync::atomic::AtomicI64::new(crate::config::tls::unix_now()),
             tls_expired_logged: std::sync::atomic::AtomicBool::new(false),
             background,
+            stale: StaleLog::default(),
+            started: Instant::now(),
         }))
+    }
+
+    /// How long this service has been up.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
     }
 
     /// Whether every shard has run within `within` (true before the shards start and once

@@ -73,6 +73,26 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Every outcome, for reports that list them all.
+    pub const ALL: [Outcome; 7] = [
+        Outcome::Hit,
+        Outcome::Revalidated,
+        Outcome::Miss,
+        Outcome::Coalesced,
+        Outcome::Stale,
+        Outcome::Passthrough,
+        Outcome::Shared,
+    ];
+
+    /// Whether the answer came from what the cache holds, without fetching it from the upstream
+    /// (the hits of the hit ratio): `hit`, `revalidated`, `stale` and `shared`.
+    pub fn is_hit(self) -> bool {
+        match self {
+            Outcome::Hit | Outcome::Revalidated | Outcome::Stale | Outcome::Shared => true,
+            Outcome::Miss | Outcome::Coalesced | Outcome::Passthrough => false,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Hit => "hit",

@@ -1,6 +1,7 @@
 //! The operator endpoints under [`ADMIN_PREFIX`] (`gc`, `verify`, `pins`), used by
 //! `regcache gc`, `verify` and `pin` while a server runs: loopback clients only, and never a
-//! request a web page could have made a browser send.
+//! request a web page could have made a browser send. (`/_regcache/status`, which changes
+//! nothing, is `crate::http::status`'s, under the access rules of the API.)
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,6 +22,12 @@ pub const ADMIN_PREFIX: &str = "/_regcache/";
 /// send it). A web page cannot add a custom header to a cross-origin request without a CORS
 /// preflight, which regcache never grants.
 pub const OPERATOR_HEADER: &str = "x-regcache-operator";
+
+/// Whether `path` is one of the loopback-only operator endpoints: under [`ADMIN_PREFIX`], except
+/// the status (`crate::http::status::PATH`), which is under the access rules of the API.
+pub fn is_operator_path(path: &str) -> bool {
+    path.starts_with(ADMIN_PREFIX) && path != crate::http::status::PATH
+}
 
 fn bad_request(msg: impl Into<String>) -> ApiError {
     ApiError::new(Code::BadRequest, msg)

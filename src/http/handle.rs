@@ -18,14 +18,14 @@ use tracing::Instrument as _;
 
 use crate::app::App;
 use crate::cache::Route;
-use crate::http::admin::{admin, ADMIN_PREFIX};
+use crate::http::admin::{admin, is_operator_path};
 use crate::http::auth::{Verdict, Verifier};
 use crate::http::error::{ApiError, Code};
 use crate::http::response::{empty, full, set_header, Body};
 use crate::http::router::{parse_path, parse_query, Endpoint, Query, Router as _};
 use crate::http::sendfile::LaneRef;
 use crate::http::trace::{Access, LogInfo, Logged};
-use crate::http::{blobs, catalog, manifests, ops, referrers, tags};
+use crate::http::{blobs, catalog, manifests, ops, referrers, status, tags};
 use crate::oci::reference::{Digest, Reference};
 
 /// Response header naming the `ns` a request was routed by (the distribution spec's registry
@@ -100,7 +100,7 @@ async fn answer(
                 .inc();
             Err(e)
         }
-        Ok(()) if req.uri().path().starts_with(ADMIN_PREFIX) => admin(app, peer, req).await,
+        Ok(()) if is_operator_path(req.uri().path()) => admin(app, peer, req).await,
         Ok(()) => match crate::http::peer::refuse_self(info.peer) {
             Some(e) => Err(e),
             None => dispatch(app, req, info).await,
@@ -115,7 +115,8 @@ fn route_label(path: &str) -> &'static str {
         "/healthz" => "healthz",
         "/readyz" => "readyz",
         "/metrics" => "metrics",
-        p if p.starts_with(ADMIN_PREFIX) => "admin",
+        status::PATH => "status",
+        p if is_operator_path(p) => "admin",
         p => parse_path(p).label(),
     }
 }
@@ -165,7 +166,7 @@ async fn check_access(
         return Ok(());
     }
     let path = req.uri().path();
-    let open = matches!(path, "/healthz" | "/readyz") || path.starts_with(ADMIN_PREFIX);
+    let open = matches!(path, "/healthz" | "/readyz") || is_operator_path(path);
     if let (Some(htpasswd), false) = (&access.htpasswd, open) {
         let given = req.headers().get(header::AUTHORIZATION);
         match auth
@@ -225,6 +226,9 @@ async fn dispatch(
     let path = req.uri().path();
     let method = req.method();
     let head = method == Method::HEAD;
+    if path == status::PATH {
+        return status::answer(app, method);
+    }
     if let Some((label, resp)) = ops::ops_endpoint(app, path, method) {
         info.route = label;
         return resp;

@@ -1,5 +1,6 @@
 //! `GET`/`HEAD /v2/<name>/manifests/<reference>`: the manifest the cache has for the client's
-//! `Accept` set, with its digest, and a `Warning` when it is served stale.
+//! `Accept` set, with its digest, and a `Warning` when it is served stale (a tag served stale is
+//! noted for `GET /_regcache/status`).
 
 use std::sync::Arc;
 
@@ -41,6 +42,10 @@ pub async fn manifest(
     set_header(h, header::ETAG, &format!("\"{}\"", m.digest));
     crate::http::peer::checked_at(h, checked_at);
     if m.outcome == Outcome::Stale {
+        if let Reference::Tag(tag) = reference {
+            app.stale
+                .record(route.upstream.name(), format!("{}:{tag}", route.repo));
+        }
         h.insert(
             header::WARNING,
             HeaderValue::from_static("110 regcache \"Response is Stale\""),

@@ -4,7 +4,8 @@
 //! span and access line (`trace`).
 //!
 //! A request goes `server` → [`handle`] (access checks, dispatch) → `router` → the endpoint's
-//! handler (`manifests`, `blobs`, `tags`, `referrers`, `catalog`, `ops`, `admin`) → the cache.
+//! handler (`manifests`, `blobs`, `tags`, `referrers`, `catalog`, `ops`, `status`, `admin`) → the
+//! cache.
 //!
 //! The test hooks (`hooks`) exist only with `REGCACHE_TEST_HOOKS=1` at start.
 //!
@@ -28,6 +29,7 @@ pub mod response;
 pub mod router;
 pub mod sendfile;
 pub mod server;
+pub mod status;
 pub mod tags;
 pub mod tls;
 pub mod trace;

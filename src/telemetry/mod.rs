@@ -1,4 +1,6 @@
-//! What regcache tells its operators: the Prometheus metrics and the log writer.
+//! What regcache tells its operators: the Prometheus metrics, the stale answers of the last hour
+//! and the log writer.
 
 pub mod logbuf;
 pub mod metrics;
+pub mod stale;

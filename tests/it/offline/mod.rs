@@ -16,3 +16,4 @@ mod outage;
 mod prefetch;
 mod pull;
 mod security;
+mod status;

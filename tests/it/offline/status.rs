@@ -1,0 +1,223 @@
+//! The operator's view without anything installed: `GET /_regcache/status` (its schema, its access
+//! rules, a black-holed upstream shown `down` with the tags it served stale), and `regcache
+//! status` (its output, `--json` and exit codes), against the in-process fake upstream behind a
+//! relay that can turn into a black hole.
+
+use crate::support::fake::FakeUpstream;
+use crate::support::media::accept_all;
+use crate::support::net::Relay;
+use crate::support::regcache::{client, config_for, Regcache};
+
+/// Upstream keys that mark the upstream down at its first unanswered revalidation, which a black
+/// hole holds for one second.
+const DOWN_AT_ONCE: &str =
+    "freshness = \"1ms\"\nfailure_threshold = 1\nconnect_timeout = \"1s\"\nprobe_max_interval = \"1s\"";
+
+/// The fake upstream with `app/x:v1`, behind a relay, and regcache in front of the relay.
+async fn behind_relay(extra: &str) -> (FakeUpstream, Relay, Regcache) {
+    let fake = FakeUpstream::start().await;
+    fake.add_image("app/x", "v1", bytes::Bytes::from_static(b"layer of x"));
+    let relay = Relay::start(fake.addr());
+    let rc = Regcache::start(&config_for(
+        &format!("http://{}", relay.addr()),
+        DOWN_AT_ONCE,
+        extra,
+    ));
+    (fake, relay, rc)
+}
+
+/// `GET /_regcache/status` as JSON, checking the headers every answer of it has.
+pub(crate) async fn status_json(url: &str) -> serde_json::Value {
+    let r = client()
+        .get(format!("{url}/_regcache/status"))
+        .send()
+        .await
+        .expect("GET /_regcache/status");
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()
+            .get("cache-control")
+            .and_then(|v| v.to_str().ok()),
+        Some("no-store"),
+        "the status is the state now: never cached"
+    );
+    let text = r.text().await.expect("status body");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("status is not JSON ({e}): {text}"))
+}
+
+/// Pulls `app/x:v1`'s manifest; whether the answer was stale.
+async fn pull_tag(rc: &Regcache) -> bool {
+    let r = client()
+        .get(format!("{}/v2/app/x/manifests/v1", rc.url()))
+        .header("accept", accept_all())
+        .send()
+        .await
+        .expect("GET manifest");
+    assert_eq!(r.status(), 200);
+    r.headers().get("warning").is_some()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_shows_a_black_holed_upstream_as_down_since_when_and_the_tags_it_served_stale() {
+    let (_fake, relay, rc) = behind_relay("").await;
+    assert!(!pull_tag(&rc).await, "the first pull is fresh");
+    let s = status_json(&rc.url()).await;
+    let up = &s["upstreams"][0];
+    assert_eq!(up["name"], "docker", "{s}");
+    assert_eq!(up["state"], "up", "{s}");
+    assert_eq!(up["down_since"], serde_json::Value::Null, "{s}");
+    assert_eq!(up["stale_last_hour"]["answers"], 0, "{s}");
+    assert_eq!(s["healthy"], true, "{s}");
+
+    relay.set_black_hole(true);
+    assert!(
+        pull_tag(&rc).await,
+        "the tag is served stale while the upstream is black-holed"
+    );
+    let s = status_json(&rc.url()).await;
+    let up = &s["upstreams"][0];
+    assert_eq!(up["state"], "down", "a black-holed upstream is `down`: {s}");
+    let now = regcache::store::now_secs();
+    let since = up["down_since"].as_u64().unwrap_or_else(|| panic!("{s}"));
+    assert!(
+        since <= now && since + 60 > now,
+        "down since {since}, now {now}: {s}"
+    );
+    assert_eq!(up["stale_last_hour"]["answers"], 1, "{s}");
+    assert_eq!(up["stale_last_hour"]["complete"], true, "{s}");
+    assert_eq!(up["stale_last_hour"]["tags"][0]["tag"], "app/x:v1", "{s}");
+    assert_eq!(up["stale_last_hour"]["tags"][0]["answers"], 1, "{s}");
+    assert_eq!(s["healthy"], false, "a down upstream is not healthy: {s}");
+    assert_eq!(
+        s["traffic"]["outcomes"]["stale"], 1,
+        "the stale answer is counted in the traffic too: {s}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_json_has_every_documented_field_with_its_type() {
+    let (fake, _relay, rc) = behind_relay("").await;
+    let layer = bytes::Bytes::from_static(b"a blob served twice");
+    let d = fake.add_blob("app/x", layer.clone());
+    for _ in 0..2 {
+        let r = client()
+            .get(format!("{}/v2/app/x/blobs/{d}", rc.url()))
+            .send()
+            .await
+            .expect("GET blob");
+        assert_eq!(r.bytes().await.expect("blob body"), layer);
+    }
+    let s = status_json(&rc.url()).await;
+    let kind = |v: &serde_json::Value| match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "bool",
+        serde_json::Value::Number(n) if n.is_u64() => "uint",
+        serde_json::Value::Number(_) => "number",
+        serde_json::Value::String(_) => "string",
+        serde_json::Value::Array(_) => "array",
+        serde_json::Value::Object(_) => "object",
+    };
+    // docs/API.md, "GET /_regcache/status".
+    for (path, want) in [
+        ("/version", "string"),
+        ("/started_at", "uint"),
+        ("/uptime_seconds", "uint"),
+        ("/healthy", "bool"),
+        ("/upstreams/0/name", "string"),
+        ("/upstreams/0/url", "string"),
+        ("/upstreams/0/state", "string"),
+        ("/upstreams/0/down_since", "null"),
+        ("/upstreams/0/down_for_seconds", "null"),
+        ("/upstreams/0/ratelimit", "null"),
+        ("/upstreams/0/stale_last_hour/answers", "uint"),
+        ("/upstreams/0/stale_last_hour/complete", "bool"),
+        ("/upstreams/0/stale_last_hour/tags", "array"),
+        ("/store/ready", "bool"),
+        ("/store/error", "null"),
+        ("/store/used_bytes", "uint"),
+        ("/store/free_bytes", "uint"),
+        ("/store/full", "bool"),
+        ("/store/max_size", "null"),
+        ("/bucket", "null"),
+        ("/peers", "array"),
+        ("/traffic/outcomes/hit", "uint"),
+        ("/traffic/outcomes/miss", "uint"),
+        ("/traffic/answers", "uint"),
+        ("/traffic/hits", "uint"),
+        ("/traffic/hit_ratio", "number"),
+        ("/traffic/served_bytes", "uint"),
+        ("/traffic/fetched_bytes", "uint"),
+        ("/traffic/fetched_bytes_by_upstream/docker", "uint"),
+        ("/traffic/saved_bytes", "uint"),
+    ] {
+        let v = s
+            .pointer(path)
+            .unwrap_or_else(|| panic!("no {path} in the status: {s}"));
+        assert_eq!(kind(v), want, "{path} = {v} in {s}");
+    }
+    assert_eq!(s["version"], env!("CARGO_PKG_VERSION"));
+    let t = &s["traffic"];
+    assert_eq!(
+        (
+            t["outcomes"]["miss"].as_u64(),
+            t["outcomes"]["hit"].as_u64()
+        ),
+        (Some(1), Some(1)),
+        "one fill, then one hit: {s}"
+    );
+    assert_eq!(t["hit_ratio"].as_f64(), Some(0.5), "{s}");
+    let len = layer.len() as u64;
+    assert_eq!(t["fetched_bytes"].as_u64(), Some(len), "fetched once: {s}");
+    assert!(
+        t["served_bytes"].as_u64() >= Some(2 * len),
+        "served twice: {s}"
+    );
+    assert_eq!(
+        t["saved_bytes"].as_u64(),
+        Some(t["served_bytes"].as_u64().unwrap_or(0) - len),
+        "{s}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_is_under_the_api_access_rules_not_the_operator_ones() {
+    let dir = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+    let htpasswd = dir.path().join("htpasswd");
+    std::fs::write(
+        &htpasswd,
+        format!("ops:{}\n", bcrypt::hash("ops-pw", 4).expect("bcrypt")),
+    )
+    .expect("write htpasswd");
+    let (_fake, _relay, rc) =
+        behind_relay(&format!("[access]\nhtpasswd = \"{}\"", htpasswd.display())).await;
+    let url = format!("{}/_regcache/status", rc.url());
+    let c = client();
+    let r = c.get(&url).send().await.expect("GET status");
+    assert_eq!(
+        r.status(),
+        401,
+        "without credentials, like the API (the loopback operator endpoints need none)"
+    );
+    let r = c
+        .get(&url)
+        .basic_auth("ops", Some("ops-pw"))
+        .send()
+        .await
+        .expect("GET status with credentials");
+    assert_eq!(
+        r.status(),
+        200,
+        "with credentials and without the operator header, like the API"
+    );
+    let r = c
+        .post(&url)
+        .basic_auth("ops", Some("ops-pw"))
+        .send()
+        .await
+        .expect("POST status");
+    assert_eq!(
+        r.status(),
+        405,
+        "the status changes nothing: GET and HEAD only"
+    );
+}
