@@ -1,5 +1,6 @@
-//! Flags that several subcommands share: the configuration flags ([`ConfigArgs`]) and the
-//! running server to ask ([`ServerArg`]).
+//! Flags that several subcommands share: the configuration flags ([`ConfigArgs`]), the running
+//! server a client subcommand asks ([`ClientArgs`]: `--server URL`, the same on every one) and
+//! how long and how trustingly a probe asks it ([`ProbeArgs`]).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -64,12 +65,43 @@ impl ConfigArgs {
     }
 }
 
-/// The running regcache a command asks. Shared so that every command that talks to a server
-/// takes it the same way.
-#[derive(Debug, Args)]
-pub struct ServerArg {
-    /// URL of the running regcache to ask (default: the configured listen address, used only
-    /// when a server holds the data directory).
-    #[arg(long)]
+/// The running regcache a client subcommand (`health`, `status`, `gc`, `verify`, `pin`,
+/// `prefetch`) asks: `--server URL` on every one of them, so that they all name it alike.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ClientArgs {
+    /// URL of the running regcache (http[s]://HOST:PORT). Default: the configured listen address,
+    /// https with [tls]; gc, verify and pin first try the data directory itself.
+    #[arg(long, value_name = "URL")]
     pub server: Option<String>,
+}
+
+impl ClientArgs {
+    /// `--server` as given (without a trailing `/`), when given.
+    pub fn given(&self) -> Option<String> {
+        self.server
+            .as_deref()
+            .map(|u| u.trim_end_matches('/').to_owned())
+    }
+
+    /// `--server`, else the URL of the server `config` describes (its listen address); a
+    /// configuration error is printed and becomes the usage exit code.
+    pub fn url_or_configured(&self, config: &ConfigArgs) -> Result<String, ExitCode> {
+        match self.given() {
+            Some(url) => Ok(url),
+            None => config
+                .load_or_exit()
+                .map(|c| crate::cmd::remote::configured_url(&c)),
+        }
+    }
+}
+
+/// How a probe of a running server (`health`, `status`) asks it.
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    /// Give up after this long.
+    #[arg(long, default_value = "5s", value_parser = crate::config::parse_duration)]
+    pub timeout: std::time::Duration,
+    /// Accept any server certificate (a self-signed one on loopback).
+    #[arg(long)]
+    pub insecure: bool,
 }

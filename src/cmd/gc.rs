@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use crate::cmd::args::{ConfigArgs, ServerArg};
+use crate::cmd::args::{ClientArgs, ConfigArgs};
 use crate::cmd::remote::{self, Target};
 use crate::cmd::{fail, runtime, Exit};
 
@@ -14,7 +14,7 @@ pub struct GcArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
     #[command(flatten)]
-    pub server: ServerArg,
+    pub server: ClientArgs,
     /// Evict down to this size now (e.g. "10GiB"), whatever the configured limits.
     #[arg(long, value_parser = crate::config::parse_size)]
     pub max_size: Option<u64>,

@@ -5,31 +5,29 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use crate::cmd::args::ConfigArgs;
-use crate::cmd::{remote, Exit};
+use crate::cmd::args::{ClientArgs, ConfigArgs, ProbeArgs};
+use crate::cmd::Exit;
 
 #[derive(Debug, Args)]
 pub struct HealthArgs {
-    /// Base URL of the server (default: from the config's listen address and tls).
-    #[arg(long)]
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The former name of --server, kept for scripts.
+    #[arg(long, value_name = "URL", hide = true, conflicts_with = "server")]
     pub url: Option<String>,
-    /// Give up after this long.
-    #[arg(long, default_value = "5s", value_parser = crate::config::parse_duration)]
-    pub timeout: std::time::Duration,
-    /// Accept any server certificate (a self-signed one on loopback).
-    #[arg(long)]
-    pub insecure: bool,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
     #[command(flatten)]
     pub config: ConfigArgs,
 }
 
 pub fn run(args: HealthArgs) -> ExitCode {
-    let url = match &args.url {
-        Some(u) => u.trim_end_matches('/').to_owned(),
-        None => match args.config.load_or_exit() {
-            Ok(c) => remote::configured_url(&c),
-            Err(code) => return code,
-        },
+    let client = ClientArgs {
+        server: args.client.server.or(args.url),
+    };
+    let url = match client.url_or_configured(&args.config) {
+        Ok(u) => u,
+        Err(code) => return code,
     };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -44,8 +42,8 @@ pub fn run(args: HealthArgs) -> ExitCode {
     let result: anyhow::Result<(u16, String)> = rt.block_on(async {
         let client = reqwest::Client::builder()
             .no_proxy()
-            .timeout(args.timeout)
-            .danger_accept_invalid_certs(args.insecure)
+            .timeout(args.probe.timeout)
+            .danger_accept_invalid_certs(args.probe.insecure)
             .build()?;
         let resp = client.get(format!("{url}/readyz")).send().await?;
         let status = resp.status().as_u16();

@@ -9,6 +9,7 @@ mod pin;
 pub mod prefetch;
 mod remote;
 mod serve;
+mod status;
 mod verify;
 
 use std::process::ExitCode;
@@ -19,10 +20,11 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Exit {
-    /// Success (`serve` after a clean shutdown, `health`: ready, `verify`: no problem found).
+    /// Success (`serve` after a clean shutdown, `health`: ready, `status`: healthy, `verify`: no
+    /// problem found).
     Success = 0,
-    /// A runtime failure: the store, the network, the listener; `health`: not ready;
-    /// `prefetch`: at least one image failed.
+    /// A runtime failure: the store, the network, the listener; `health`: not ready; `status`:
+    /// not healthy (something is down or full); `prefetch`: at least one image failed.
     Failure = 1,
     /// A usage or configuration error, found before anything was done.
     Usage = 2,
@@ -70,6 +72,9 @@ pub enum Command {
     Pin(pin::PinArgs),
     /// Ask a running regcache whether it is ready (for probes): exit 0 if so, 1 if not.
     Health(health::HealthArgs),
+    /// Show a running regcache's state: upstreams (up or down, since when, served stale), store,
+    /// bucket, peers, traffic. Exit 0 if healthy, 1 if not or no answer.
+    Status(status::StatusArgs),
     /// Warm a running regcache with images (arguments, a list file, Dockerfiles).
     Prefetch(prefetch::PrefetchArgs),
 }
@@ -100,6 +105,7 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Verify(args) => verify::run(args),
         Command::Pin(args) => pin::run(args),
         Command::Health(args) => health::run(args),
+        Command::Status(args) => status::run(args),
         Command::Prefetch(args) => prefetch::run(args),
     }
 }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Args, Subcommand};
 
 use crate::app::App;
-use crate::cmd::args::{ConfigArgs, ServerArg};
+use crate::cmd::args::{ClientArgs, ConfigArgs};
 use crate::cmd::remote::{self, Target};
 use crate::cmd::{fail, runtime, Exit};
 use crate::config::Config;
@@ -28,7 +28,7 @@ pub enum PinAction {
         #[command(flatten)]
         config: ConfigArgs,
         #[command(flatten)]
-        server: ServerArg,
+        server: ClientArgs,
     },
     /// Remove a pin.
     Rm {
@@ -36,14 +36,14 @@ pub enum PinAction {
         #[command(flatten)]
         config: ConfigArgs,
         #[command(flatten)]
-        server: ServerArg,
+        server: ClientArgs,
     },
     /// List pins.
     List {
         #[command(flatten)]
         config: ConfigArgs,
         #[command(flatten)]
-        server: ServerArg,
+        server: ClientArgs,
     },
 }
 

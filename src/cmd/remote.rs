@@ -1,13 +1,15 @@
 //! How a command finds and calls a running regcache: the URL the configuration gives it, the store
-//! commands' choice between the data directory and the server holding it ([`target`]), and the
-//! client of the loopback-only operator endpoints ([`call`]).
+//! commands' choice between the data directory and the server holding it ([`target`]), the HTTP
+//! client of `prefetch` and `status` ([`client_builder`]), and the client of the loopback-only
+//! operator endpoints ([`call`]).
 
 use std::sync::Arc;
 
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC};
 
 use crate::app::App;
-use crate::cmd::args::ServerArg;
+use crate::cmd::args::ClientArgs;
+use crate::cmd::Exit;
 use crate::config::Config;
 
 /// Where a store command (`gc`, `verify`, `pin`) runs.
@@ -22,11 +24,11 @@ pub enum Target {
 /// or, when another regcache holds its lock, that regcache at the configured address.
 pub fn target(
     config: &Config,
-    server: &ServerArg,
+    server: &ClientArgs,
     runtime: &tokio::runtime::Handle,
 ) -> anyhow::Result<Target> {
-    if let Some(url) = &server.server {
-        return Ok(Target::Server(url.trim_end_matches('/').to_owned()));
+    if let Some(url) = server.given() {
+        return Ok(Target::Server(url));
     }
     match App::open(config.clone(), runtime.clone()) {
         Ok(app) => Ok(Target::Offline(app)),
@@ -56,6 +58,37 @@ pub fn is_loopback(url: &str) -> bool {
                 .parse::<std::net::IpAddr>()
                 .is_ok_and(|ip| ip.is_loopback())
     })
+}
+
+/// A client of the server at `server`, like any registry client: direct on loopback, else
+/// through the environment's proxy; with `auth` (`USER:PASSWORD`, for a server with
+/// `access.htpasswd`), Basic credentials on every request. A malformed `auth` is a usage error.
+pub fn client_builder(
+    server: &str,
+    auth: Option<&str>,
+) -> Result<reqwest::ClientBuilder, (Exit, String)> {
+    let mut builder = reqwest::Client::builder();
+    if is_loopback(server) {
+        builder = builder.no_proxy();
+    }
+    let Some(auth) = auth else {
+        return Ok(builder);
+    };
+    let Some((user, pass)) = auth.split_once(':') else {
+        return Err((Exit::Usage, "--auth must be USER:PASSWORD".into()));
+    };
+    use base64::Engine as _;
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+    let Ok(mut value) = reqwest::header::HeaderValue::from_str(&format!("Basic {token}")) else {
+        return Err((
+            Exit::Usage,
+            "--auth holds characters that cannot be sent".into(),
+        ));
+    };
+    value.set_sensitive(true);
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(reqwest::header::AUTHORIZATION, value);
+    Ok(builder.default_headers(headers))
 }
 
 /// Calls an operator endpoint and returns its JSON answer; an error answer becomes an error
@@ -154,7 +187,7 @@ mod tests {
             ..Default::default()
         })
         .expect("config");
-        let none = ServerArg { server: None };
+        let none = ClientArgs { server: None };
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("runtime");
@@ -169,7 +202,7 @@ mod tests {
             Err(e) => panic!("a held data directory means asking its server, not: {e:#}"),
         }
         drop(first);
-        let given = ServerArg {
+        let given = ClientArgs {
             server: Some("http://127.0.0.1:6000/".into()),
         };
         match target(&config, &given, rt.handle()) {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use clap::Args;
 
-use crate::cmd::args::{ConfigArgs, ServerArg};
+use crate::cmd::args::{ClientArgs, ConfigArgs};
 use crate::cmd::remote::{self, Target};
 use crate::cmd::{fail, runtime, Exit};
 
@@ -16,7 +16,7 @@ pub struct VerifyArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
     #[command(flatten)]
-    pub server: ServerArg,
+    pub server: ClientArgs,
     /// Check only this many recorded blobs, chosen at random (presence, size and hash); the
     /// disk-to-database and tag checks stay complete.
     #[arg(long)]

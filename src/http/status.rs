@@ -11,12 +11,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use http::header::{self, HeaderValue};
-use http::{Method, Response};
+use http::{Method, Response, StatusCode};
 
 use crate::app::App;
 use crate::cache::Outcome;
 use crate::http::error::ApiError;
-use crate::http::response::{json_response, Body};
+use crate::http::response::{plain, Body};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::stale::StaleSummary;
 use crate::upstream::Upstream;
@@ -193,22 +193,74 @@ pub fn status(app: &App) -> Status {
     });
     let traffic = traffic(&app.metrics, routing.upstreams());
     let uptime = app.uptime().as_secs();
-    let healthy = store.ready
-        && !store.full
-        && upstreams.iter().all(|u| u.state == State::Up)
-        && bucket.as_ref().is_none_or(|b| b.state == State::Up)
-        && peers.iter().all(|p| p.state == State::Up);
-    Status {
+    let mut status = Status {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         started_at: crate::store::now_secs().saturating_sub(uptime),
         uptime_seconds: uptime,
-        healthy,
+        healthy: false,
         upstreams,
         store,
         bucket,
         peers,
         traffic,
+    };
+    status.healthy = status.problems().is_empty();
+    status
+}
+
+impl Status {
+    /// What is wrong, one short sentence each (none when healthy): what `healthy` sums up, and
+    /// what `regcache status` and the status page print first.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(e) = &self.store.error {
+            out.push(format!("the store is not ready: {e}"));
+        } else if !self.store.ready {
+            out.push("the store is not ready".to_owned());
+        }
+        if self.store.full {
+            out.push("the store's disk is full: blobs are served without being cached".to_owned());
+        }
+        for u in self.upstreams.iter().filter(|u| u.state == State::Down) {
+            out.push(format!("upstream {} is down", u.name));
+        }
+        if self.bucket.as_ref().is_some_and(|b| b.state == State::Down) {
+            out.push("the shared bucket is down".to_owned());
+        }
+        for p in self.peers.iter().filter(|p| p.state == State::Down) {
+            out.push(format!("peer {} is down", p.url));
+        }
+        out
     }
+}
+
+/// A rate-limit quota (`ratelimit` of an upstream) in words: `80 of 100 left, window 6h`, or the
+/// JSON itself when it has no `remaining`.
+pub fn quota_text(v: &serde_json::Value) -> String {
+    let Some(remaining) = v["remaining"].as_u64() else {
+        return v.to_string();
+    };
+    let mut out = match v["limit"].as_u64() {
+        Some(limit) => format!("{remaining} of {limit} left"),
+        None => format!("{remaining} left"),
+    };
+    if let Some(w) = v["window_seconds"].as_u64() {
+        out.push_str(&format!(", window {}", duration_text(w)));
+    }
+    out
+}
+
+/// A number of seconds in words: `1h 30m 5s`.
+pub fn duration_text(secs: u64) -> String {
+    humantime::format_duration(std::time::Duration::from_secs(secs)).to_string()
+}
+
+/// A time in seconds since the Unix epoch, in RFC 3339 (UTC): `2026-01-01T00:00:00Z`.
+pub fn time_text(unix_secs: u64) -> String {
+    humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix_secs),
+    )
+    .to_string()
 }
 
 /// The traffic counters of `metrics`, with the bytes fetched from each of `upstreams`.
@@ -255,9 +307,15 @@ pub fn answer(app: &App, method: &Method) -> Result<Response<Body>, ApiError> {
     if method != Method::GET && method != Method::HEAD {
         return Err(ApiError::unsupported(&format!("{method}")));
     }
-    let body = serde_json::to_value(status(app))
+    // Serialized from the struct, so that the fields come in the documented order.
+    let body = serde_json::to_string(&status(app))
         .map_err(|e| ApiError::new(crate::http::error::Code::Internal, e.to_string()))?;
-    let mut resp = json_response(&body, method == Method::HEAD, "application/json");
+    let mut resp = plain(
+        StatusCode::OK,
+        body,
+        "application/json",
+        method == Method::HEAD,
+    );
     no_store(&mut resp);
     Ok(resp)
 }

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::cmd::args::ConfigArgs;
+use crate::cmd::args::{ClientArgs, ConfigArgs};
 use crate::cmd::{remote, runtime, Exit};
 use fetch::{Ctx, Outcome, Status};
 use jobs::{Job, Names};
@@ -68,9 +68,9 @@ pub struct PrefetchArgs {
     /// Print a machine-readable summary on stdout.
     #[arg(long)]
     pub json: bool,
-    /// The regcache to fill (default: the configured listen address).
-    #[arg(long)]
-    pub server: Option<String>,
+    /// The regcache to fill.
+    #[command(flatten)]
+    pub client: ClientArgs,
     /// Credentials (USER:PASSWORD) for a regcache protected by an htpasswd file.
     #[arg(long, env = "REGCACHE_PREFETCH_AUTH", hide_env_values = true)]
     pub auth: Option<String>,
@@ -124,8 +124,8 @@ fn line_for(o: &Outcome) -> String {
 
 pub fn run(args: PrefetchArgs) -> ExitCode {
     // The configuration names the server (without --server) and routes names like it does.
-    let (config, server) = match (args.config.load(None), &args.server) {
-        (Ok(c), Some(s)) => (Some(c), s.trim_end_matches('/').to_owned()),
+    let (config, server) = match (args.config.load(None), args.client.given()) {
+        (Ok(c), Some(s)) => (Some(c), s),
         (Ok(c), None) => {
             let url = remote::configured_url(&c);
             (Some(c), url)
@@ -135,7 +135,7 @@ pub fn run(args: PrefetchArgs) -> ExitCode {
             eprintln!(
                 "regcache prefetch: warning: {e}; images are merged only when written the same way"
             );
-            (None, s.trim_end_matches('/').to_owned())
+            (None, s)
         }
     };
     let jobs = match jobs::jobs(&args, &Names::new(config)) {
@@ -235,32 +235,10 @@ fn progress() -> (indicatif::MultiProgress, indicatif::ProgressBar, bool) {
 
 /// The HTTP client for `server`: direct on loopback, with `--auth` as basic credentials.
 fn client(server: &str, auth: Option<&str>) -> Result<reqwest::Client, (Exit, String)> {
-    let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
-    if remote::is_loopback(server) {
-        builder = builder.no_proxy();
-    }
-    if let Some(auth) = auth {
-        let Some((user, pass)) = auth.split_once(':') else {
-            return Err((Exit::Usage, "--auth must be USER:PASSWORD".into()));
-        };
-        use base64::Engine as _;
-        let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
-        let mut headers = reqwest::header::HeaderMap::new();
-        match reqwest::header::HeaderValue::from_str(&format!("Basic {token}")) {
-            Ok(mut v) => {
-                v.set_sensitive(true);
-                headers.insert(reqwest::header::AUTHORIZATION, v);
-            }
-            Err(_) => {
-                return Err((
-                    Exit::Usage,
-                    "--auth holds characters that cannot be sent".into(),
-                ))
-            }
-        }
-        builder = builder.default_headers(headers);
-    }
-    builder.build().map_err(|e| (Exit::Failure, e.to_string()))
+    remote::client_builder(server, auth)?
+        .connect_timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| (Exit::Failure, e.to_string()))
 }
 
 /// Fetches every job, at most `concurrency` images at once, printing a line per image as it

@@ -6,6 +6,7 @@
 use crate::support::fake::FakeUpstream;
 use crate::support::media::accept_all;
 use crate::support::net::Relay;
+use crate::support::process::{free_port, Process};
 use crate::support::regcache::{client, config_for, Regcache};
 
 /// Upstream keys that mark the upstream down at its first unanswered revalidation, which a black
@@ -24,6 +25,21 @@ async fn behind_relay(extra: &str) -> (FakeUpstream, Relay, Regcache) {
         extra,
     ));
     (fake, relay, rc)
+}
+
+/// [`behind_relay`] with `[access] htpasswd` admitting `ops` with the password `ops-pw` (the
+/// directory holds the file).
+async fn behind_htpasswd() -> (tempfile::TempDir, FakeUpstream, Relay, Regcache) {
+    let dir = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+    let htpasswd = dir.path().join("htpasswd");
+    std::fs::write(
+        &htpasswd,
+        format!("ops:{}\n", bcrypt::hash("ops-pw", 4).expect("bcrypt")),
+    )
+    .expect("write htpasswd");
+    let (fake, relay, rc) =
+        behind_relay(&format!("[access]\nhtpasswd = \"{}\"", htpasswd.display())).await;
+    (dir, fake, relay, rc)
 }
 
 /// `GET /_regcache/status` as JSON, checking the headers every answer of it has.
@@ -181,15 +197,7 @@ async fn the_status_json_has_every_documented_field_with_its_type() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_is_under_the_api_access_rules_not_the_operator_ones() {
-    let dir = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
-    let htpasswd = dir.path().join("htpasswd");
-    std::fs::write(
-        &htpasswd,
-        format!("ops:{}\n", bcrypt::hash("ops-pw", 4).expect("bcrypt")),
-    )
-    .expect("write htpasswd");
-    let (_fake, _relay, rc) =
-        behind_relay(&format!("[access]\nhtpasswd = \"{}\"", htpasswd.display())).await;
+    let (_dir, _fake, _relay, rc) = behind_htpasswd().await;
     let url = format!("{}/_regcache/status", rc.url());
     let c = client();
     let r = c.get(&url).send().await.expect("GET status");
@@ -220,4 +228,121 @@ async fn the_status_is_under_the_api_access_rules_not_the_operator_ones() {
         405,
         "the status changes nothing: GET and HEAD only"
     );
+}
+
+/// Runs `regcache ARGS` to its end, off the async runtime.
+async fn regcache_cli(args: &[&str]) -> std::process::Output {
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Process::run_to_end(&args)
+    })
+    .await
+    .expect("run regcache")
+}
+
+fn out(o: &std::process::Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regcache_status_shows_a_black_holed_upstream_as_down_and_exits_1() {
+    let (_fake, relay, rc) = behind_relay("").await;
+    pull_tag(&rc).await;
+    let url = rc.url();
+    let healthy = regcache_cli(&["status", "--server", &url]).await;
+    assert_eq!(healthy.status.code(), Some(0), "{}", out(&healthy));
+    let text = String::from_utf8_lossy(&healthy.stdout);
+    assert!(text.lines().nth(1) == Some("healthy"), "{}", out(&healthy));
+    assert!(
+        text.contains(&format!("upstream docker (http://{}/): up", relay.addr())),
+        "{}",
+        out(&healthy)
+    );
+
+    relay.set_black_hole(true);
+    assert!(pull_tag(&rc).await, "served stale");
+    let down = regcache_cli(&["status", "--server", &url]).await;
+    assert_eq!(
+        down.status.code(),
+        Some(1),
+        "a down upstream is not healthy: {}",
+        out(&down)
+    );
+    let text = String::from_utf8_lossy(&down.stdout);
+    assert!(
+        text.contains("NOT HEALTHY: upstream docker is down"),
+        "{}",
+        out(&down)
+    );
+    assert!(
+        text.contains(&format!(
+            "upstream docker (http://{}/): down since ",
+            relay.addr()
+        )),
+        "{}",
+        out(&down)
+    );
+    assert!(
+        text.contains("  served stale in the last hour: 1 answer\n    app/x:v1: 1 answer, last "),
+        "{}",
+        out(&down)
+    );
+
+    let json = regcache_cli(&["status", "--json", "--server", &url]).await;
+    assert_eq!(json.status.code(), Some(1), "{}", out(&json));
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout)
+        .unwrap_or_else(|e| panic!("--json prints one JSON document ({e}): {}", out(&json)));
+    assert_eq!(v["upstreams"][0]["state"], "down", "{v}");
+    assert_eq!(v["healthy"], false, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regcache_status_exit_codes_match_health() {
+    // No server at all: 1, like `health` without an answer.
+    let nobody = format!("http://127.0.0.1:{}", free_port());
+    let status = regcache_cli(&["status", "--server", &nobody, "--timeout", "2s"]).await;
+    let health = regcache_cli(&["health", "--server", &nobody, "--timeout", "2s"]).await;
+    assert_eq!(status.status.code(), Some(1), "{}", out(&status));
+    assert_eq!(health.status.code(), Some(1), "{}", out(&health));
+    assert!(
+        String::from_utf8_lossy(&status.stderr).contains("/_regcache/status: no answer"),
+        "{}",
+        out(&status)
+    );
+    assert!(status.stdout.is_empty(), "{}", out(&status));
+
+    // Usage errors: 2.
+    let bad = regcache_cli(&["status", "--server", &nobody, "--auth", "no-colon"]).await;
+    assert_eq!(bad.status.code(), Some(2), "{}", out(&bad));
+    let both = regcache_cli(&["health", "--server", &nobody, "--url", &nobody]).await;
+    assert_eq!(
+        both.status.code(),
+        Some(2),
+        "--url is --server's old name: not both: {}",
+        out(&both)
+    );
+
+    // A server behind htpasswd: credentials as prefetch takes them.
+    let (_dir, _fake, _relay, rc) = behind_htpasswd().await;
+    let url = rc.url();
+    let refused = regcache_cli(&["status", "--server", &url]).await;
+    assert_eq!(refused.status.code(), Some(1), "{}", out(&refused));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--auth USER:PASSWORD"),
+        "the message says how to give credentials: {}",
+        out(&refused)
+    );
+    let ok = regcache_cli(&["status", "--server", &url, "--auth", "ops:ops-pw"]).await;
+    assert_eq!(ok.status.code(), Some(0), "{}", out(&ok));
+    // `health --url` still works (a hidden alias), and `health --server` is the same.
+    for flag in ["--url", "--server"] {
+        let h = regcache_cli(&["health", flag, &url]).await;
+        assert_eq!(h.status.code(), Some(0), "health {flag}: {}", out(&h));
+    }
 }
