@@ -17,6 +17,10 @@
 #   system library (libsodium's bundled build wants make), giving /opt/regcache-garage/bin/garage; see
 #   docs/TESTING.md for what it costs. Garage is AGPL-3.0: it is installed on the test machine only,
 #   never vendored nor shipped.
+#   chromium (the real browser that loads the status page headless: tests/it/status.rs),
+#   prometheus (prometheus and promtool: the alert rules are checked and unit-tested, and a private
+#   server scrapes regcache to evaluate every rule and dashboard expression: tests/it/status.rs). The
+#   package's own service is never started (no start during the install, then masked).
 # Idempotent: does nothing when every tool is already present.
 set -euo pipefail
 
@@ -37,6 +41,9 @@ deps=(
   "systemd-analyze:systemd"
   "strace:strace"
   "openssl:openssl"
+  "chromium:chromium"
+  "prometheus:prometheus"
+  "promtool:prometheus"
 )
 
 # dockerd and runc live in /usr/sbin, which a non-root PATH may lack.
@@ -93,6 +100,13 @@ if [ "${#missing_pkgs[@]}" -gt 0 ]; then
     trap - EXIT
   fi
 fi
+# The tests run their own Prometheus on 127.0.0.1; the package's service must never run (masked,
+# as `systemctl mask` does, which also works where systemd is not running).
+if [ -e /lib/systemd/system/prometheus.service ] && [ ! -L /etc/systemd/system/prometheus.service ]; then
+  if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+  $SUDO mkdir -p /etc/systemd/system
+  $SUDO ln -sf /dev/null /etc/systemd/system/prometheus.service
+fi
 
 if [ ! -x "$MOTO_SERVER" ]; then
   echo "setup-deps: installing moto[server] into $MOTO_VENV" >&2
@@ -138,5 +152,5 @@ if ! garage_ok; then
   echo "setup-deps: ERROR: $GARAGE (crates.io garage $GARAGE_VERSION, cargo install --root $GARAGE_ROOT) is missing" >&2
   rc=1
 fi
-[ "$rc" -eq 0 ] && echo "setup-deps: docker-registry, skopeo, umoci, busybox, etcd, dockerd, containerd, runc, podman, nginx, moto, garage present" >&2
+[ "$rc" -eq 0 ] && echo "setup-deps: docker-registry, skopeo, umoci, busybox, etcd, dockerd, containerd, runc, podman, nginx, chromium, prometheus, moto, garage present" >&2
 exit "$rc"

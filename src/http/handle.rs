@@ -25,7 +25,7 @@ use crate::http::response::{empty, full, set_header, Body};
 use crate::http::router::{parse_path, parse_query, Endpoint, Query, Router as _};
 use crate::http::sendfile::LaneRef;
 use crate::http::trace::{Access, LogInfo, Logged};
-use crate::http::{blobs, catalog, manifests, ops, referrers, status, tags};
+use crate::http::{blobs, catalog, manifests, ops, page, referrers, status, tags};
 use crate::oci::reference::{Digest, Reference};
 
 /// Response header naming the `ns` a request was routed by (the distribution spec's registry
@@ -228,6 +228,10 @@ async fn dispatch(
     let head = method == Method::HEAD;
     if path == status::PATH {
         return status::answer(app, method);
+    }
+    if path == "/" && page::wants_html(req.headers()) {
+        info.route = "status";
+        return page::answer(app, method);
     }
     if let Some((label, resp)) = ops::ops_endpoint(app, path, method) {
         info.route = label;

@@ -4,8 +4,8 @@
 //! span and access line (`trace`).
 //!
 //! A request goes `server` → [`handle`] (access checks, dispatch) → `router` → the endpoint's
-//! handler (`manifests`, `blobs`, `tags`, `referrers`, `catalog`, `ops`, `status`, `admin`) → the
-//! cache.
+//! handler (`manifests`, `blobs`, `tags`, `referrers`, `catalog`, `ops`, `status` and its HTML
+//! `page`, `admin`) → the cache.
 //!
 //! The test hooks (`hooks`) exist only with `REGCACHE_TEST_HOOKS=1` at start.
 //!
@@ -22,6 +22,7 @@ pub mod handle;
 pub mod hooks;
 pub mod manifests;
 pub mod ops;
+pub mod page;
 pub mod paging;
 pub mod peer;
 pub mod referrers;

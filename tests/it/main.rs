@@ -14,4 +14,5 @@ mod outage;
 mod prefetch;
 mod pull;
 mod ranges;
+mod status;
 mod support;

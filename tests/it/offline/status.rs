@@ -346,3 +346,60 @@ async fn regcache_status_exit_codes_match_health() {
         assert_eq!(h.status.code(), Some(0), "health {flag}: {}", out(&h));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_gets_the_status_page_at_the_root_under_the_api_access_rules() {
+    let (_dir, _fake, _relay, rc) = behind_htpasswd().await;
+    let c = client();
+    let root = format!("{}/", rc.url());
+    let html = "text/html,application/xhtml+xml,*/*;q=0.8";
+    let r = c
+        .get(&root)
+        .header("accept", html)
+        .send()
+        .await
+        .expect("GET / without credentials");
+    assert_eq!(r.status(), 401, "the page is behind htpasswd like the API");
+    let r = c
+        .get(&root)
+        .header("accept", html)
+        .basic_auth("ops", Some("ops-pw"))
+        .send()
+        .await
+        .expect("GET /");
+    assert_eq!(r.status(), 200);
+    let header = |name: &str| {
+        r.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    assert_eq!(header("cache-control").as_deref(), Some("no-store"));
+    assert_eq!(
+        header("content-type").as_deref(),
+        Some("text/html; charset=utf-8")
+    );
+    assert!(
+        header("content-security-policy").is_some_and(|p| p.starts_with("default-src 'none'")),
+        "nothing but the inline style may load: {:?}",
+        header("content-security-policy")
+    );
+    let page = r.text().await.expect("page");
+    assert!(page.starts_with("<!DOCTYPE html>"), "{page}");
+    assert!(
+        !page.contains("<script") && !page.contains("src=") && !page.contains("<link"),
+        "no script and no external asset: {page}"
+    );
+    assert!(
+        page.contains("<td>docker</td>") && page.contains("<td class=\"up\">up</td>"),
+        "{page}"
+    );
+    let r = c
+        .get(&root)
+        .header("accept", "application/json")
+        .basic_auth("ops", Some("ops-pw"))
+        .send()
+        .await
+        .expect("GET / as JSON");
+    assert_eq!(r.status(), 404, "only a browser's Accept gets the page");
+}
