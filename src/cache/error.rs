@@ -66,6 +66,26 @@ pub enum InternalError {
     Broken(&'static str),
 }
 
+impl CacheError {
+    /// Every value of [`CacheError::fill_failure_reason`], exported at 0 from the start.
+    pub const FILL_FAILURE_REASONS: [&'static str; 6] =
+        ["upstream", "digest", "size", "store", "internal", "busy"];
+
+    /// The `reason` label of `regcache_fills_failed_total` for a fill that failed with this.
+    pub fn fill_failure_reason(&self) -> &'static str {
+        match self {
+            CacheError::Upstream(_) | CacheError::NotAcceptable(_) | CacheError::NotStored(_) => {
+                "upstream"
+            }
+            CacheError::DigestMismatch { .. } => "digest",
+            CacheError::SizeMismatch { .. } => "size",
+            CacheError::Store(_) => "store",
+            CacheError::Internal(_) => "internal",
+            CacheError::Busy(_) => "busy",
+        }
+    }
+}
+
 impl From<StoreError> for CacheError {
     fn from(e: StoreError) -> Self {
         CacheError::Store(Arc::new(e))
@@ -121,5 +141,40 @@ mod tests {
             "a refused write is not a full disk: {other}"
         );
         assert!(!CacheError::broken("x").is_disk_full());
+    }
+
+    #[test]
+    fn every_fill_failure_reason_is_one_exported_from_the_start() {
+        let every_variant = [
+            CacheError::Upstream(UpstreamError::MarkedDown {
+                upstream: "u".into(),
+                down_for: std::time::Duration::ZERO,
+            }),
+            CacheError::Store(Arc::new(StoreError::NotStored { digest: "d".into() })),
+            CacheError::DigestMismatch {
+                upstream: "u".into(),
+                expected: "a".into(),
+                actual: "b".into(),
+            },
+            CacheError::SizeMismatch {
+                upstream: "u".into(),
+                digest: "d".into(),
+                expected: 1,
+                actual: 2,
+            },
+            CacheError::Internal(Arc::new(InternalError::Broken("b"))),
+            CacheError::Busy("b".into()),
+            CacheError::NotAcceptable("n"),
+            CacheError::NotStored("n"),
+        ];
+        let mut seen: Vec<&str> = every_variant
+            .iter()
+            .map(CacheError::fill_failure_reason)
+            .collect();
+        seen.sort_unstable();
+        seen.dedup();
+        let mut listed = CacheError::FILL_FAILURE_REASONS.to_vec();
+        listed.sort_unstable();
+        assert_eq!(seen, listed);
     }
 }

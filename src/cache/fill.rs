@@ -328,19 +328,9 @@ impl Cache {
                     .get_or_create(&labels)
                     .observe(started.elapsed().as_secs_f64()),
                 Err(e) => {
-                    let reason = match e {
-                        CacheError::Upstream(_)
-                        | CacheError::NotAcceptable(_)
-                        | CacheError::NotStored(_) => "upstream",
-                        CacheError::DigestMismatch { .. } => "digest",
-                        CacheError::SizeMismatch { .. } => "size",
-                        CacheError::Store(_) => "store",
-                        CacheError::Internal(_) => "internal",
-                        CacheError::Busy(_) => "busy",
-                    };
                     this.metrics
                         .fills_failed
-                        .get_or_create(&vec![("reason", reason.to_owned())])
+                        .get_or_create(&vec![("reason", e.fill_failure_reason().to_owned())])
                         .inc();
                 }
             }

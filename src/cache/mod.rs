@@ -203,6 +203,19 @@ impl Cache {
             metrics.bucket_pending.clone(),
             Arc::clone(&store),
         ));
+        // Every outcome, source and failure reason at 0 from the start, so that rates, ratios and
+        // alerts over them have series before the first of each happens.
+        Metrics::at_zero(
+            &metrics.cache_outcomes,
+            "outcome",
+            &Outcome::ALL.map(Outcome::as_str),
+        );
+        Metrics::at_zero(&metrics.fills, "source", &tier::FILL_SOURCES);
+        Metrics::at_zero(
+            &metrics.fills_failed,
+            "reason",
+            &CacheError::FILL_FAILURE_REASONS,
+        );
         Cache {
             store,
             tiers,

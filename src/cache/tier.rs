@@ -364,6 +364,10 @@ impl BucketTier {
     }
 }
 
+/// The `source` labels of `regcache_fills_total`: `store` (a hit) and each tier's
+/// [`Tier::name`], exported at 0 from the start.
+pub const FILL_SOURCES: [&str; 4] = ["store", "peer", "bucket", "upstream"];
+
 impl Tier {
     /// The tier's name, for logs and the `source` label of `regcache_fills_total`.
     pub fn name(&self) -> &'static str {

@@ -27,6 +27,7 @@ use crate::http::sendfile::LaneRef;
 use crate::http::trace::{Access, LogInfo, Logged};
 use crate::http::{blobs, catalog, manifests, ops, page, referrers, status, tags};
 use crate::oci::reference::{Digest, Reference};
+use crate::telemetry::metrics::Metrics;
 
 /// Response header naming the `ns` a request was routed by (the distribution spec's registry
 /// proxying).
@@ -48,11 +49,13 @@ pub async fn handle(
         .extensions()
         .get::<crate::http::hooks::ShardHooks>()
         .map(|h| h.shard);
+    let started = std::time::Instant::now();
     let mut access = Access::start(req.method(), path, route_label(path), &app.metrics);
     let span = access.span();
     let mut resp = answer(&app, &auth, peer, &req, &mut access.info, &mut access.user)
         .instrument(span)
         .await;
+    let head_ready = started.elapsed();
     let info = &access.info;
     if let Some(o) = info.outcome {
         // How the cache answered: lets `regcache prefetch` (and operators) see hits.
@@ -80,6 +83,17 @@ pub async fn handle(
             .get_or_create(&vec![("outcome", o.as_str().to_owned())])
             .inc();
     }
+    let outcome = match info.outcome {
+        Some(o) => o.as_str(),
+        None if resp.status().as_u16() >= 400 => "error",
+        None => "none",
+    };
+    m.request_duration
+        .get_or_create(&vec![
+            ("route", Metrics::duration_route(info.route).to_owned()),
+            ("outcome", outcome.to_owned()),
+        ])
+        .observe(head_ready.as_secs_f64());
     Ok(access.respond(resp))
 }
 

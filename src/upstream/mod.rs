@@ -111,6 +111,8 @@ impl Upstream {
             .upstream_up
             .get_or_create(&Metrics::upstream(&config.name))
             .set(1);
+        // At 0 from the start, so that bytes saved and fetched are known before the first fill.
+        Metrics::at_zero(&metrics.bytes_fetched, "upstream", &[&config.name]);
         Ok(Arc::new_cyclic(|me| Upstream {
             config,
             client,

@@ -7,7 +7,7 @@ use crate::support::fake::FakeUpstream;
 use crate::support::media::accept_all;
 use crate::support::net::Relay;
 use crate::support::process::{free_port, Process};
-use crate::support::regcache::{client, config_for, Regcache};
+use crate::support::regcache::{client, config_for, stored, Regcache};
 
 /// Upstream keys that mark the upstream down at its first unanswered revalidation, which a black
 /// hole holds for one second.
@@ -59,6 +59,27 @@ pub(crate) async fn status_json(url: &str) -> serde_json::Value {
     );
     let text = r.text().await.expect("status body");
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("status is not JSON ({e}): {text}"))
+}
+
+/// Gets the blob `d` of `app/x` twice: a miss, then, once the fill committed it, a hit.
+async fn get_blob_twice(rc: &Regcache, d: &str, layer: &[u8]) {
+    for i in 0..2 {
+        let r = client()
+            .get(format!("{}/v2/app/x/blobs/{d}", rc.url()))
+            .send()
+            .await
+            .expect("GET blob");
+        assert_eq!(r.bytes().await.expect("blob body"), layer);
+        // The answer ends before the commit: a request before it would join the fill.
+        let t = std::time::Instant::now();
+        while i == 0 && !stored(rc, d) {
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(10),
+                "never committed"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
 }
 
 /// Pulls `app/x:v1`'s manifest; whether the answer was stale.
@@ -115,14 +136,7 @@ async fn the_status_json_has_every_documented_field_with_its_type() {
     let (fake, _relay, rc) = behind_relay("").await;
     let layer = bytes::Bytes::from_static(b"a blob served twice");
     let d = fake.add_blob("app/x", layer.clone());
-    for _ in 0..2 {
-        let r = client()
-            .get(format!("{}/v2/app/x/blobs/{d}", rc.url()))
-            .send()
-            .await
-            .expect("GET blob");
-        assert_eq!(r.bytes().await.expect("blob body"), layer);
-    }
+    get_blob_twice(&rc, &d, &layer).await;
     let s = status_json(&rc.url()).await;
     let kind = |v: &serde_json::Value| match v {
         serde_json::Value::Null => "null",
@@ -402,4 +416,96 @@ async fn a_browser_gets_the_status_page_at_the_root_under_the_api_access_rules()
         .await
         .expect("GET / as JSON");
     assert_eq!(r.status(), 404, "only a browser's Accept gets the page");
+}
+
+/// `/metrics` text.
+async fn metrics_text(rc: &Regcache) -> String {
+    client()
+        .get(format!("{}/metrics", rc.url()))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_operators_expect_exist_from_the_start_and_count_by_route_and_outcome() {
+    let (fake, relay, rc) = behind_relay("").await;
+    let m = metrics_text(&rc).await;
+    let build = format!(
+        "regcache_build_info{{version=\"{}\",os=\"{}\",arch=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION"),
+        std::env::consts::OS,
+        std::env::consts::ARCH
+    );
+    let mut at_start = vec![
+        build,
+        "regcache_upstream_fetched_bytes_total{upstream=\"docker\"} 0".to_owned(),
+    ];
+    for reason in ["upstream", "digest", "size", "store", "internal", "busy"] {
+        at_start.push(format!(
+            "regcache_fills_failed_total{{reason=\"{reason}\"}} 0"
+        ));
+    }
+    for source in ["store", "peer", "bucket", "upstream"] {
+        at_start.push(format!("regcache_fills_total{{source=\"{source}\"}} 0"));
+    }
+    for outcome in [
+        "hit",
+        "miss",
+        "stale",
+        "revalidated",
+        "coalesced",
+        "passthrough",
+        "shared",
+    ] {
+        at_start.push(format!(
+            "regcache_cache_outcomes_total{{outcome=\"{outcome}\"}} 0"
+        ));
+    }
+    for line in &at_start {
+        assert!(
+            m.lines().any(|l| l == line),
+            "no `{line}` before any request:\n{m}"
+        );
+    }
+
+    let layer = bytes::Bytes::from_static(b"a blob for the histogram");
+    let d = fake.add_blob("app/x", layer.clone());
+    get_blob_twice(&rc, &d, &layer).await;
+    let c = client();
+    pull_tag(&rc).await;
+    let r = c
+        .get(format!("{}/v2/app/none/manifests/v1", rc.url()))
+        .header("accept", accept_all())
+        .send()
+        .await
+        .expect("GET unknown manifest");
+    assert_eq!(r.status(), 404);
+    relay.set_black_hole(true);
+    assert!(pull_tag(&rc).await, "stale");
+    let m = metrics_text(&rc).await;
+    let count = |route: &str, outcome: &str| {
+        crate::support::process::metric(
+            &m,
+            &format!(
+                "regcache_request_duration_seconds_count{{route=\"{route}\",outcome=\"{outcome}\"}}"
+            ),
+        )
+    };
+    assert_eq!(count("blob", "miss"), Some(1.0), "{m}");
+    assert_eq!(count("blob", "hit"), Some(1.0), "{m}");
+    assert_eq!(count("manifest", "miss"), Some(1.0), "{m}");
+    assert_eq!(count("manifest", "error"), Some(1.0), "{m}");
+    assert_eq!(count("manifest", "stale"), Some(1.0), "{m}");
+    assert_eq!(
+        crate::support::process::metric(
+            &m,
+            "regcache_upstream_fetched_bytes_total{upstream=\"docker\"}"
+        ),
+        Some(layer.len() as f64),
+        "{m}"
+    );
 }
