@@ -26,6 +26,7 @@ use crate::config::UpstreamConfig;
 use crate::oci::manifest::{json_depth, media_type_from_body};
 use crate::oci::media::Accept;
 use crate::oci::reference::{Digest, RepoName};
+use crate::runtime::on_runtime;
 use crate::telemetry::metrics::Metrics;
 
 use error::classify;
@@ -166,12 +167,8 @@ impl Upstream {
         result
     }
 
-    /// [`Upstream::send_inner`] as a task of this upstream's runtime. hyper drives a connection
-    /// with a task spawned where the connection was made, and the pool hands it to any later
-    /// request: a connection made on a shard would stall with that shard every request that
-    /// reuses it. Made here, connections live on the background runtime, and a response body is
-    /// read through the channel its connection task feeds, from whatever thread polls it. The
-    /// task is aborted when the caller gives up (drops this future), as the request would be.
+    /// [`Upstream::send_inner`] as a task of this upstream's runtime ([`on_runtime`]), so that
+    /// its pooled connections live there and not on the shard of the request that opened them.
     async fn send_on_runtime(
         &self,
         method: Method,
@@ -184,19 +181,15 @@ impl Upstream {
             return self.send_inner(method, repo, path, headers).await;
         };
         let (repo, path) = (repo.cloned(), path.to_owned());
-        let task = tokio_util::task::AbortOnDropHandle::new(
-            self.runtime
-                .spawn(async move { me.send_inner(method, repo.as_ref(), &path, headers).await }),
-        );
-        match task.await {
-            Ok(result) => result,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            // The runtime is shutting down.
-            Err(e) => Err(UpstreamError::Unreachable {
-                upstream: self.name().to_owned(),
-                source: Arc::new(e),
-            }),
-        }
+        let sent = async move { me.send_inner(method, repo.as_ref(), &path, headers).await };
+        on_runtime(&self.runtime, sent)
+            .await
+            .unwrap_or_else(|stopped| {
+                Err(UpstreamError::Unreachable {
+                    upstream: self.name().to_owned(),
+                    source: Arc::new(stopped),
+                })
+            })
     }
 
     async fn send_inner(
