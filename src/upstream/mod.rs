@@ -4,8 +4,9 @@
 //! One [`Upstream`] per configured registry. Every request has a connect timeout (in the client),
 //! a time limit for the response headers, and callers read bodies with [`Upstream::next_chunk`],
 //! which bounds the idle time between chunks. Requests are sent on the runtime given to
-//! [`Upstream::new`] (the server's background runtime), wherever the caller runs, so that the
-//! pooled connections live there and not on the shard of the request that opened them. The rest
+//! [`Upstream::new`] (the server's background runtime, through `crate::runtime::on_runtime`),
+//! wherever the caller runs, so that the pooled connections live there and not on the shard of
+//! the request that opened them. The rest
 //! lives beside this file: failures and their causes (`error.rs`), auth and the token cache
 //! (`auth.rs`), the circuit breaker and its probe (`breaker.rs`), and the address policy for
 //! redirects and token realms (`redirect.rs`).
