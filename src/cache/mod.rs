@@ -25,6 +25,7 @@ mod fill;
 mod flight;
 mod manifest;
 mod peer;
+mod revalidate;
 mod share;
 mod tail;
 mod tier;
@@ -155,6 +156,8 @@ pub struct Cache {
     tiers: Tiers,
     max_manifest_size: AtomicU64,
     manifests: Flights<Manifest>,
+    /// Tag revalidations, which a manifest flight waits for at most `revalidate_budget`.
+    revalidations: Flights<Manifest>,
     fills: Mutex<HashMap<String, Arc<Fill>>>,
     /// Bounds the blob fills running at once (`limits.max_fills`), and its size.
     fill_slots: Mutex<(Arc<tokio::sync::Semaphore>, usize)>,
@@ -188,6 +191,7 @@ impl Cache {
             tiers,
             max_manifest_size: AtomicU64::new(max_manifest_size),
             manifests: Flights::new(runtime.clone()),
+            revalidations: Flights::new(runtime.clone()),
             fills: Mutex::new(HashMap::new()),
             fill_slots: Mutex::new((Arc::new(tokio::sync::Semaphore::new(64)), 64)),
             fill_wait_ms: AtomicU64::new(30_000),
