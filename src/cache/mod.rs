@@ -2,7 +2,9 @@
 //! flight) from the tier chain, and share what the upstream gave with the bucket.
 //!
 //! Manifests are small: one fetch per (upstream, repository, reference) at a time, shared by every
-//! client asking meanwhile, verified, then stored (`manifest.rs`, on `flight.rs`). Blobs are
+//! client asking meanwhile, verified, then stored (`manifest.rs`, on `flight.rs`); a cached tag
+//! waits for its revalidation at most `revalidate_budget`, then is served stale while the
+//! revalidation goes on (`revalidate.rs`). Blobs are
 //! filled by a background task into a temporary file (`blob.rs` starts or joins fills, `fill.rs`
 //! runs them, `tail.rs` keeps them in memory on a full disk); every client asking for the same
 //! blob meanwhile reads that file as it grows, and the last byte of every response is held back
