@@ -45,6 +45,14 @@ impl Answer {
     }
 }
 
+/// `a` is the cached manifest `digest`, served stale (`Warning: 110`); `when` says which request.
+fn assert_stale(a: &Answer, digest: &str, when: &str) {
+    assert!(
+        a.status == 200 && a.digest.as_deref() == Some(digest) && a.is_stale(),
+        "{when}: expected the cached digest {digest}, stale, got {a:?}"
+    );
+}
+
 async fn get_tag(rc: &Regcache) -> Answer {
     let r = client()
         .get(format!("{}{PATH}", rc.url()))
@@ -127,9 +135,10 @@ async fn a_stalled_upstream_gets_a_cached_tag_served_stale_before_its_head_times
     let timeouts = "regcache_upstream_errors_total{upstream=\"docker\",kind=\"timeout\"}";
     for i in 0..4 {
         let a = get_tag(&rc).await;
-        assert!(
-            a.status == 200 && a.digest.as_deref() == Some(digest.as_str()) && a.is_stale(),
-            "request {i} while the upstream is stalled: the cached digest {digest}, stale: {a:?}"
+        assert_stale(
+            &a,
+            &digest,
+            &format!("request {i} while the upstream is stalled"),
         );
         assert_eq!(
             sample(&rc, timeouts),
@@ -147,10 +156,7 @@ async fn a_stalled_upstream_gets_a_cached_tag_served_stale_before_its_head_times
     // Restarted during the outage: the first request is answered the same way.
     let (rc, _dir) = restarted(rc, &fake.url(), &keys);
     let a = get_tag(&rc).await;
-    assert!(
-        a.status == 200 && a.digest.as_deref() == Some(digest.as_str()) && a.is_stale(),
-        "the first request after the restart: the cached digest {digest}, stale: {a:?}"
-    );
+    assert_stale(&a, &digest, "the first request after the restart");
     assert_eq!(
         sample(&rc, timeouts),
         None,
@@ -175,10 +181,7 @@ async fn an_upstream_refusing_connections_gets_a_cached_tag_served_stale_also_af
     }
     let refused = "regcache_upstream_errors_total{upstream=\"docker\",kind=\"unreachable\"}";
     let a = get_tag(&rc).await;
-    assert!(
-        a.status == 200 && a.digest.as_deref() == Some(digest.as_str()) && a.is_stale(),
-        "the cached digest {digest}, stale: {a:?}"
-    );
+    assert_stale(&a, &digest, "while the upstream refuses connections");
     assert!(
         sample(&rc, refused).is_some_and(|n| n >= 1.0),
         "the upstream was asked, and refused, before the stale answer"
@@ -191,10 +194,7 @@ async fn an_upstream_refusing_connections_gets_a_cached_tag_served_stale_also_af
 
     let (rc, _dir) = restarted(rc, &url, KEYS);
     let a = get_tag(&rc).await;
-    assert!(
-        a.status == 200 && a.digest.as_deref() == Some(digest.as_str()) && a.is_stale(),
-        "the first request after the restart: the cached digest {digest}, stale: {a:?}"
-    );
+    assert_stale(&a, &digest, "the first request after the restart");
     assert!(
         sample(&rc, refused).is_some_and(|n| n >= 1.0),
         "the restarted server asked the upstream, which refused, before the stale answer"
@@ -209,19 +209,13 @@ async fn an_upstream_answering_503_gets_a_cached_tag_served_stale_however_slowly
     let (fake, rc, digest) = cached(&keys).await;
     fake.set_status(Some(503));
     let a = get_tag(&rc).await;
-    assert!(
-        a.digest.as_deref() == Some(digest.as_str()) && a.is_stale(),
-        "a quick 503: {a:?}"
-    );
+    assert_stale(&a, &digest, "a quick 503");
     assert_eq!(fake.manifest_answers(), 2, "the 503 came before the answer");
 
     // The same 503, after 2 s: the cached tag is served before it comes.
     fake.set_answer_delay(SLOW);
     let a = get_tag(&rc).await;
-    assert!(
-        a.digest.as_deref() == Some(digest.as_str()) && a.is_stale(),
-        "a slow 503: {a:?}"
-    );
+    assert_stale(&a, &digest, "a slow 503");
     assert_eq!(
         (fake.hits("HEAD", PATH), fake.manifest_answers()),
         (2, 2),
@@ -232,10 +226,7 @@ async fn an_upstream_answering_503_gets_a_cached_tag_served_stale_however_slowly
 
     let (rc, _dir) = restarted(rc, &fake.url(), &keys);
     let a = get_tag(&rc).await;
-    assert!(
-        a.digest.as_deref() == Some(digest.as_str()) && a.is_stale(),
-        "the first request after the restart: {a:?}"
-    );
+    assert_stale(&a, &digest, "the first request after the restart");
     assert_eq!(
         (fake.hits("HEAD", PATH), fake.manifest_answers()),
         (3, 3),
@@ -249,10 +240,7 @@ async fn a_slow_upstream_gets_a_cached_tag_served_stale_and_a_moved_tag_new_once
     let (fake, rc, old) = cached(KEYS).await;
     fake.set_answer_delay(SLOW);
     let a = get_tag(&rc).await;
-    assert!(
-        a.digest.as_deref() == Some(old.as_str()) && a.is_stale(),
-        "the cached digest {old}, stale: {a:?}"
-    );
+    assert_stale(&a, &old, "while the upstream is slow");
     assert_eq!(
         (fake.hits("HEAD", PATH), fake.manifest_answers()),
         (1, 1),
@@ -267,10 +255,7 @@ async fn a_slow_upstream_gets_a_cached_tag_served_stale_and_a_moved_tag_new_once
     let (new, _) = fake.add_image(REPO, "v1", Bytes::from_static(b"another layer"));
     let answered = fake.manifest_answers();
     let a = get_tag(&rc).await;
-    assert!(
-        a.digest.as_deref() == Some(old.as_str()) && a.is_stale(),
-        "before the background revalidation ended: the cached digest {old}, stale: {a:?}"
-    );
+    assert_stale(&a, &old, "before the background revalidation ended");
     assert_eq!(
         fake.manifest_answers(),
         answered,
