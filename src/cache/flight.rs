@@ -139,6 +139,46 @@ mod tests {
         panic!("a bug inside the flight")
     }
 
+    /// A caller that stops waiting leaves the flight running: the next caller joins it (no
+    /// second run), only the first to give up is told it is the first, and the flight's result
+    /// reaches whoever follows it.
+    #[tokio::test]
+    async fn a_flight_outlives_the_callers_that_stop_waiting_and_is_joined_not_run_again() {
+        let flights = Flights::<u32>::new(tokio::runtime::Handle::current());
+        let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let make = |runs: &Arc<std::sync::atomic::AtomicUsize>, released| {
+            let runs = Arc::clone(runs);
+            move || async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                let _ = released.await;
+                Ok(7)
+            }
+        };
+        let key = || "docker/library/alpine@3.20 accept=all".to_owned();
+        let budget = Duration::from_millis(20);
+        let Waited::Outlived { flight, first } = flights
+            .run_within(key(), budget, make(&runs, released))
+            .await
+        else {
+            panic!("the flight waits for its release: it cannot land within the budget");
+        };
+        assert!(first, "the first caller to give up is told so");
+        let (_unused, never) = tokio::sync::oneshot::channel::<()>();
+        let Waited::Outlived { first, .. } =
+            flights.run_within(key(), budget, make(&runs, never)).await
+        else {
+            panic!("the second caller joins the same flight, still held");
+        };
+        assert!(
+            !first,
+            "only the first caller to give up follows the flight"
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "one run for both callers");
+        let _ = release.send(());
+        assert!(matches!(flight.await, Ok(7)), "the flight ran to its end");
+    }
+
     #[tokio::test]
     async fn a_manifest_flight_that_panics_is_forgotten_and_the_next_request_starts_a_new_one() {
         let flights = Flights::<u32>::new(tokio::runtime::Handle::current());
