@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::revalidate::{stale_tag, Revalidation};
+use super::revalidate::{stale_tag, Confirmed, Revalidation};
 use super::share::Share;
 use super::tier::{Tier, TierManifest, TierTag};
 use super::{blocking, Asker, Cache, CacheError, Manifest, Outcome, Route};
@@ -301,9 +301,10 @@ impl Cache {
             .revalidate_within_budget(route, t, accept, &cached)
             .await
         {
-            Revalidation::Answered(Err(CacheError::Upstream(e))) if e.is_unavailable() => e,
-            Revalidation::Answered(answer) => return answer,
-            Revalidation::Outlived(e) => e,
+            Revalidation::Answered(Ok(Confirmed::Manifest(m))) => return Ok(m),
+            Revalidation::Answered(Ok(Confirmed::Unavailable(e))) | Revalidation::Outlived(e) => e,
+            // Any other failure of the HEAD (401, 404, …), or of the GET of a moved tag.
+            Revalidation::Answered(Err(e)) => return Err(e),
         };
         // A peer's record confirmed more recently than ours wins.
         if let Some(m) = self.tag_from_peers(fallback, route, t, accept, &e).await? {
@@ -314,16 +315,24 @@ impl Cache {
     }
 
     /// The upstream's `HEAD` of tag `t` for `accept`: the cached manifest, its record confirmed,
-    /// when the tag still points at it; else the new manifest, fetched and stored.
+    /// when the tag still points at it; else the new manifest, fetched and stored; or the
+    /// `HEAD`'s failure when the upstream cannot answer it (an error of the `GET` that follows is
+    /// an error, not a reason to serve the cached manifest).
     pub(super) async fn confirm_tag(
         &self,
         route: &Route,
         t: &Tag,
         accept: Accept,
         cached: &Manifest,
-    ) -> Result<Manifest, CacheError> {
+    ) -> Result<Confirmed, CacheError> {
         let up = &route.upstream;
-        match self.tiers.origin().tag(route, t, accept).await? {
+        let head = match self.tiers.origin().tag(route, t, accept).await {
+            Err(CacheError::Upstream(e)) if e.is_unavailable() => {
+                return Ok(Confirmed::Unavailable(e))
+            }
+            head => head?,
+        };
+        match head {
             Some(TierTag {
                 digest: Some(d),
                 checked_at_ms: now,
@@ -340,15 +349,15 @@ impl Cache {
                         checked_at_ms: now,
                     });
                 }
-                Ok(Manifest {
+                Ok(Confirmed::Manifest(Manifest {
                     outcome: Outcome::Revalidated,
                     ..cached.clone()
-                })
+                }))
             }
-            _ => {
-                self.download_manifest(route, &Reference::Tag(t.clone()), Some(t), accept)
-                    .await
-            }
+            _ => self
+                .download_manifest(route, &Reference::Tag(t.clone()), Some(t), accept)
+                .await
+                .map(Confirmed::Manifest),
         }
     }
 

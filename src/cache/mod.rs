@@ -159,7 +159,7 @@ pub struct Cache {
     max_manifest_size: AtomicU64,
     manifests: Flights<Manifest>,
     /// Tag revalidations, which a manifest flight waits for at most `revalidate_budget`.
-    revalidations: Flights<Manifest>,
+    revalidations: Flights<revalidate::Confirmed>,
     fills: Mutex<HashMap<String, Arc<Fill>>>,
     /// Bounds the blob fills running at once (`limits.max_fills`), and its size.
     fill_slots: Mutex<(Arc<tokio::sync::Semaphore>, usize)>,

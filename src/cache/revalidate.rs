@@ -18,11 +18,20 @@ use crate::oci::media::Accept;
 use crate::oci::reference::{Digest, Tag};
 use crate::upstream::UpstreamError;
 
+/// How a tag's revalidation (`Cache::confirm_tag`) ended, when not in an error to pass on.
+#[derive(Debug, Clone)]
+pub(super) enum Confirmed {
+    /// The tag's manifest as the upstream now has it: the cached one, its record confirmed, or
+    /// the new one, stored.
+    Manifest(Manifest),
+    /// The upstream could not answer the `HEAD`: the cached manifest is what can be served.
+    Unavailable(UpstreamError),
+}
+
 /// What a tag's revalidation gave a request that waited for it.
 pub(super) enum Revalidation {
-    /// It ended within the budget (or there is none): the tag's manifest as the upstream now
-    /// has it, or the error.
-    Answered(Result<Manifest, CacheError>),
+    /// It ended within the budget (or there is none).
+    Answered(Result<Confirmed, CacheError>),
     /// The budget passed first: it goes on in the background, and this error (a timeout, which
     /// the breaker does not count) says why the request is served from the cache.
     Outlived(UpstreamError),
@@ -83,7 +92,7 @@ impl Cache {
         t: &Tag,
         cached: Digest,
         budget: Duration,
-        flight: Flight<Manifest>,
+        flight: Flight<Confirmed>,
     ) {
         let (upstream, repo, tag) = (
             route.upstream.name().to_owned(),
@@ -94,16 +103,20 @@ impl Cache {
         let metrics = Arc::clone(&self.metrics);
         self.runtime.spawn(async move {
             let result = match flight.await {
-                Ok(m) if m.outcome == Outcome::Passthrough => {
+                Ok(Confirmed::Unavailable(e)) => {
+                    tracing::warn!(%upstream, %repo, %tag, error = %e, "background revalidation: the upstream cannot answer; the cached tag stays");
+                    "failed"
+                }
+                Ok(Confirmed::Manifest(m)) if m.outcome == Outcome::Passthrough => {
                     // Served by the flight but not stored: the tag was not updated.
                     tracing::warn!(%upstream, %repo, %tag, digest = %m.digest, "background revalidation: the new manifest could not be stored");
                     "failed"
                 }
-                Ok(m) if m.digest == cached => {
+                Ok(Confirmed::Manifest(m)) if m.digest == cached => {
                     tracing::info!(%upstream, %repo, %tag, digest = %m.digest, "background revalidation: the tag is unchanged");
                     "unchanged"
                 }
-                Ok(m) => {
+                Ok(Confirmed::Manifest(m)) => {
                     tracing::info!(%upstream, %repo, %tag, old = %cached, digest = %m.digest, "background revalidation: the tag moved; the next request gets the new manifest");
                     "updated"
                 }
