@@ -79,6 +79,7 @@ pub struct RawUpstream {
     #[serde(default)]
     pub deny_repos: Vec<Spanned<String>>,
     pub allow_private_redirects: Option<bool>,
+    pub quota_reserve: Option<u64>,
 }
 
 impl RawUpstream {
@@ -101,6 +102,7 @@ impl RawUpstream {
             allow_repos: Vec::new(),
             deny_repos: Vec::new(),
             allow_private_redirects: None,
+            quota_reserve: None,
         }
     }
 }

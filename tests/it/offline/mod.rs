@@ -15,4 +15,5 @@ pub(crate) mod ops;
 mod outage;
 mod prefetch;
 mod pull;
+mod quota;
 mod security;
