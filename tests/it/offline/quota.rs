@@ -31,6 +31,20 @@ fn assert_status(r: &Reply, status: u16, what: &str) {
     assert_eq!(r.status.as_u16(), status, "{what}: {}", r.describe());
 }
 
+/// A quota report (`/readyz`'s `ratelimit`, prefetch's `quota`): a limit of 100 in 21600 s,
+/// counted for [`SOURCE`], with `remaining` left, and when it was said.
+fn assert_quota(q: &serde_json::Value, remaining: u64) {
+    let expected = serde_json::json!({
+        "limit": 100, "remaining": remaining, "window_seconds": 21600, "source": SOURCE,
+        "observed_at": q["observed_at"],
+    });
+    assert_eq!(q, &expected);
+    assert!(
+        q["observed_at"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{q}"
+    );
+}
+
 /// The requests the fake received from index `since` on, as `METHOD path` lines.
 fn since(fake: &FakeUpstream, since: usize) -> Vec<String> {
     fake.requests()
@@ -65,26 +79,7 @@ async fn the_upstreams_rate_limit_headers_reach_the_metrics_and_readyz_from_gets
         (Some(100.0), Some(79.0), Some(21600.0)),
         "the GET spent one pull:\n{m}"
     );
-    let rl = &readyz_upstream(&rc).await["ratelimit"];
-    assert_eq!(
-        (
-            &rl["limit"],
-            &rl["remaining"],
-            &rl["window_seconds"],
-            &rl["source"]
-        ),
-        (
-            &serde_json::json!(100),
-            &serde_json::json!(79),
-            &serde_json::json!(21600),
-            &serde_json::json!(SOURCE)
-        ),
-        "{rl}"
-    );
-    assert!(
-        rl["observed_at"].as_str().is_some_and(|t| t.ends_with('Z')),
-        "{rl}"
-    );
+    assert_quota(&readyz_upstream(&rc).await["ratelimit"], 79);
 
     // The quota moved meanwhile (another client of the upstream); the revalidation's HEAD says so.
     fake.set_ratelimit(Some((100, 42, 21600, SOURCE)));
@@ -408,22 +403,7 @@ async fn prefetch_prints_the_remaining_quota_the_server_passed_on() {
         )),
         "{stderr}"
     );
-    let q = &summary["quota"]["docker"];
-    assert_eq!(
-        (
-            &q["limit"],
-            &q["remaining"],
-            &q["window_seconds"],
-            &q["source"]
-        ),
-        (
-            &serde_json::json!(100),
-            &serde_json::json!(79),
-            &serde_json::json!(21600),
-            &serde_json::json!(SOURCE)
-        ),
-        "{summary}"
-    );
+    assert_quota(&summary["quota"]["docker"], 79);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
