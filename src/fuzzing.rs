@@ -713,6 +713,17 @@ mod tests {
         }
     }
 
+    /// `check` on `runs` inputs of fewer than `most` pieces each, drawn from `pieces`.
+    fn drive_pieces(check: fn(&[u8]), pieces: &[&str], most: usize, seed: u64, runs: usize) {
+        let mut g = Gen::new(seed);
+        for _ in 0..runs {
+            let text: String = (0..g.below(most))
+                .map(|_| pieces[g.below(pieces.len())])
+                .collect();
+            check(text.as_bytes());
+        }
+    }
+
     #[test]
     fn property_names() {
         drive(name, 1, 20_000);
@@ -804,13 +815,7 @@ mod tests {
     #[test]
     fn property_ratelimit_headers() {
         drive(ratelimit, 16, 20_000);
-        let mut g = Gen::new(17);
-        for _ in 0..20_000 {
-            let text: String = (0..g.below(8))
-                .map(|_| RATELIMIT_PIECES[g.below(RATELIMIT_PIECES.len())])
-                .collect();
-            ratelimit(text.as_bytes());
-        }
+        drive_pieces(ratelimit, RATELIMIT_PIECES, 8, 17, 20_000);
     }
 
     /// Pieces of Dockerfiles, to generate inputs shaped like them.
@@ -886,13 +891,7 @@ mod tests {
     #[test]
     fn property_dockerfiles() {
         drive(dockerfile, 14, 5_000);
-        let mut g = Gen::new(15);
-        for _ in 0..5_000 {
-            let text: String = (0..g.below(60))
-                .map(|_| DOCKERFILE_PIECES[g.below(DOCKERFILE_PIECES.len())])
-                .collect();
-            dockerfile(text.as_bytes());
-        }
+        drive_pieces(dockerfile, DOCKERFILE_PIECES, 60, 15, 5_000);
     }
 
     #[test]
