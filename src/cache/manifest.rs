@@ -105,6 +105,8 @@ impl Cache {
 
     /// A tag's manifest from the store, with no upstream contact: the full-Accept record's when
     /// it is fresh and served as it is to `accept`, else the fresh record of `accept` itself.
+    /// While the upstream's quota is at its reserve, records past their freshness count too
+    /// (served stale).
     fn fresh_tag(
         &self,
         route: &Route,
@@ -122,7 +124,10 @@ impl Cache {
                 continue;
             };
             let age = Duration::from_millis(now_millis().saturating_sub(rec.checked_at_ms));
-            if age >= route.upstream.config.freshness {
+            // Past its window, a tag is served as it is (stale) while the upstream's quota is at
+            // `quota_reserve`: a revalidation that finds it moved would spend a pull.
+            let past = age >= route.upstream.config.freshness;
+            if past && !route.upstream.quota_low() {
                 continue;
             }
             let Ok(d) = rec.digest.parse::<Digest>() else {
@@ -137,8 +142,8 @@ impl Cache {
                     digest: d,
                     media_type,
                     bytes,
-                    outcome: Outcome::Hit,
-                    stale_reason: None,
+                    outcome: if past { Outcome::Stale } else { Outcome::Hit },
+                    stale_reason: past.then(|| "the upstream's quota is at quota_reserve".into()),
                 }));
             }
         }

@@ -80,6 +80,7 @@ pub struct RawUpstream {
     #[serde(default)]
     pub deny_repos: Vec<Spanned<String>>,
     pub allow_private_redirects: Option<bool>,
+    pub quota_reserve: Option<u64>,
 }
 
 impl RawUpstream {
@@ -103,6 +104,7 @@ impl RawUpstream {
             allow_repos: Vec::new(),
             deny_repos: Vec::new(),
             allow_private_redirects: None,
+            quota_reserve: None,
         }
     }
 }

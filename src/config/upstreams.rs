@@ -69,6 +69,10 @@ pub struct UpstreamConfig {
     /// Follow redirects (and token realms) to loopback, private or link-local addresses even
     /// when the upstream itself is not on such an address.
     pub allow_private_redirects: bool,
+    /// Pulls of the upstream's quota (`ratelimit-remaining`) kept for misses: at or under it,
+    /// tags past their freshness are served without revalidation until the window has passed.
+    /// 0: off.
+    pub quota_reserve: u64,
 }
 
 impl UpstreamConfig {
@@ -94,6 +98,7 @@ impl UpstreamConfig {
             allow_repos: Vec::new(),
             deny_repos: Vec::new(),
             allow_private_redirects: false,
+            quota_reserve: 0,
         }
     }
 }
@@ -310,6 +315,7 @@ fn one(
         allow_private_redirects: raw
             .allow_private_redirects
             .unwrap_or(d.allow_private_redirects),
+        quota_reserve: raw.quota_reserve.unwrap_or(d.quota_reserve),
         ..d
     })
 }

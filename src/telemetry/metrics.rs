@@ -24,6 +24,10 @@ pub struct Metrics {
     pub upstream_up: Family<Labels, Gauge>,
     pub upstream_errors: Family<Labels, Counter>,
     pub upstream_state_changes: Family<Labels, Counter>,
+    /// What the upstream's last answer with rate-limit headers announced (`upstream::ratelimit`).
+    pub upstream_ratelimit_limit: Family<Labels, Gauge>,
+    pub upstream_ratelimit_remaining: Family<Labels, Gauge>,
+    pub upstream_ratelimit_window: Family<Labels, Gauge>,
     pub fill_seconds: Family<Labels, Histogram, fn() -> Histogram>,
     pub fills_failed: Family<Labels, Counter>,
     /// Blob bytes that fills on a full disk hold in memory.
@@ -85,6 +89,9 @@ impl Metrics {
             upstream_up: Family::default(),
             upstream_errors: Family::default(),
             upstream_state_changes: Family::default(),
+            upstream_ratelimit_limit: Family::default(),
+            upstream_ratelimit_remaining: Family::default(),
+            upstream_ratelimit_window: Family::default(),
             fill_seconds: Family::new_with_constructor(fill_histogram as fn() -> Histogram),
             fills_failed: Family::default(),
             fill_memory: Gauge::default(),
@@ -151,6 +158,23 @@ impl Metrics {
             "upstream_state_changes",
             "Circuit breaker transitions by new state (down, up)",
             m.upstream_state_changes.clone(),
+        );
+        registry.register(
+            "upstream_ratelimit_limit",
+            "Pulls the upstream allows per window, as its last answer with a ratelimit-limit \
+             header said",
+            m.upstream_ratelimit_limit.clone(),
+        );
+        registry.register(
+            "upstream_ratelimit_remaining",
+            "Pulls left in the upstream's window, as its last answer with a ratelimit-remaining \
+             header said",
+            m.upstream_ratelimit_remaining.clone(),
+        );
+        registry.register(
+            "upstream_ratelimit_window_seconds",
+            "Length of the upstream's rate-limit window (w=), as its last answer announced it",
+            m.upstream_ratelimit_window.clone(),
         );
         registry.register(
             "fill_duration_seconds",

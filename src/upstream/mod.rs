@@ -8,12 +8,14 @@
 //! wherever the caller runs, so that the pooled connections live there and not on the shard of
 //! the request that opened them. The rest
 //! lives beside this file: failures and their causes (`error.rs`), auth and the token cache
-//! (`auth.rs`), the circuit breaker and its probe (`breaker.rs`), and the address policy for
-//! redirects and token realms (`redirect.rs`).
+//! (`auth.rs`), the circuit breaker and its probe (`breaker.rs`), the rate-limit headers and the
+//! `Retry-After` hold (`ratelimit.rs`), and the address policy for redirects and token realms
+//! (`redirect.rs`).
 
 mod auth;
 mod breaker;
 mod error;
+mod ratelimit;
 mod redirect;
 
 use std::sync::{Arc, Mutex, Weak};
@@ -35,6 +37,10 @@ use error::classify;
 pub use auth::{parse_challenge, Challenge};
 pub use breaker::UpstreamStatus;
 pub use error::{Cause, UpstreamError};
+pub use ratelimit::{
+    parse_quota, parse_retry_after, whole_seconds, QuotaValue, RateLimitSnapshot, RateLimitStatus,
+    MAX_HOLD, MAX_WINDOW, RATELIMIT_HEADERS,
+};
 pub use redirect::{check_redirect, host_class, HostClass, Refused, MAX_REDIRECTS};
 
 /// Deepest nesting of JSON arrays and objects accepted from an upstream (manifests, listings,
@@ -63,6 +69,7 @@ pub struct Upstream {
     client: reqwest::Client,
     auth: auth::Auth,
     breaker: Mutex<breaker::Breaker>,
+    ratelimit: Mutex<ratelimit::RateLimit>,
     metrics: Arc<Metrics>,
     me: Weak<Upstream>,
     /// Where requests are sent and their connections driven (the server's background runtime).
@@ -118,6 +125,7 @@ impl Upstream {
             client,
             auth: auth::Auth::default(),
             breaker: Mutex::new(breaker::Breaker::default()),
+            ratelimit: Mutex::new(ratelimit::RateLimit::default()),
             metrics,
             me: me.clone(),
             runtime,
@@ -155,6 +163,14 @@ impl Upstream {
     ) -> Result<Response, UpstreamError> {
         self.check_circuit()?;
         let result = self.send_on_runtime(method, repo, path, headers).await;
+        if let Err(UpstreamError::Status {
+            status: 429,
+            retry_after: Some(v),
+            ..
+        }) = &result
+        {
+            self.hold(v);
+        }
         match &result {
             Ok(_) => self.record_success(),
             Err(e) => {
@@ -218,6 +234,7 @@ impl Upstream {
                     what: "response headers",
                 })?
                 .map_err(|e| classify(name, e))?;
+            self.observe(resp.headers());
             let status = resp.status();
             if status == StatusCode::UNAUTHORIZED && !refreshed {
                 refreshed = true;

@@ -13,5 +13,6 @@ mod ops;
 mod outage;
 mod prefetch;
 mod pull;
+mod quota;
 mod ranges;
 mod support;
