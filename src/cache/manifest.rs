@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::revalidate::{stale_tag, Confirmed, Revalidation};
 use super::share::Share;
 use super::tier::{Tier, TierManifest, TierTag};
 use super::{blocking, Asker, Cache, CacheError, Manifest, Outcome, Route};
@@ -197,7 +198,7 @@ impl Cache {
     /// The slow path of [`Cache::manifest`], run once per key at a time; the peers are asked only
     /// if `peers`.
     async fn fetch_manifest(
-        &self,
+        self: &Arc<Self>,
         route: &Route,
         reference: &Reference,
         accept: Accept,
@@ -290,23 +291,57 @@ impl Cache {
         }
     }
 
-    /// Asks the upstream whether the cached manifest of tag `t` for `accept` is still the one
-    /// (`HEAD` with that Accept); fetches the new one if not, serves the cached one stale if the
-    /// upstream cannot answer.
+    /// Asks the upstream whether the cached manifest of tag `t` for `accept` is still the one,
+    /// within the upstream's `revalidate_budget` (`revalidate.rs`); serves the cached one stale
+    /// if the upstream cannot answer, or not within the budget.
     async fn revalidate_tag(
-        &self,
+        self: &Arc<Self>,
         route: &Route,
         t: &Tag,
         accept: Accept,
         cached: Manifest,
         fallback: Option<&Tier>,
     ) -> Result<Manifest, CacheError> {
+        let e = match self
+            .revalidate_within_budget(route, t, accept, &cached)
+            .await
+        {
+            Revalidation::Answered(Ok(Confirmed::Manifest(m))) => return Ok(m),
+            Revalidation::Answered(Ok(Confirmed::Unavailable(e))) | Revalidation::Outlived(e) => e,
+            // Any other failure of the HEAD (401, 404, …), or of the GET of a moved tag.
+            Revalidation::Answered(Err(e)) => return Err(e),
+        };
+        // A peer's record confirmed more recently than ours wins.
+        if let Some(m) = self.tag_from_peers(fallback, route, t, accept, &e).await? {
+            return Ok(m);
+        }
+        tracing::warn!(upstream = route.upstream.name(), repo = %route.repo, tag = %t, %accept, error = %e, "upstream cannot answer; serving the cached tag");
+        Ok(stale_tag(cached, &e))
+    }
+
+    /// The upstream's `HEAD` of tag `t` for `accept`: the cached manifest, its record confirmed,
+    /// when the tag still points at it; else the new manifest, fetched and stored; or the
+    /// `HEAD`'s failure when the upstream cannot answer it (an error of the `GET` that follows is
+    /// an error, not a reason to serve the cached manifest).
+    pub(super) async fn confirm_tag(
+        &self,
+        route: &Route,
+        t: &Tag,
+        accept: Accept,
+        cached: &Manifest,
+    ) -> Result<Confirmed, CacheError> {
         let up = &route.upstream;
-        match self.tiers.origin().tag(route, t, accept).await {
-            Ok(Some(TierTag {
+        let head = match self.tiers.origin().tag(route, t, accept).await {
+            Err(CacheError::Upstream(e)) if e.is_unavailable() => {
+                return Ok(Confirmed::Unavailable(e))
+            }
+            head => head?,
+        };
+        match head {
+            Some(TierTag {
                 digest: Some(d),
                 checked_at_ms: now,
-            })) if d == cached.digest => {
+            }) if d == cached.digest => {
                 let (store, k2, t2, d2) =
                     (Arc::clone(&self.store), route.key(), t.clone(), d.clone());
                 blocking(move || store.set_tag_for(&k2, &t2, accept, &d2, now)).await?;
@@ -319,28 +354,15 @@ impl Cache {
                         checked_at_ms: now,
                     });
                 }
-                Ok(Manifest {
+                Ok(Confirmed::Manifest(Manifest {
                     outcome: Outcome::Revalidated,
-                    ..cached
-                })
+                    ..cached.clone()
+                }))
             }
-            Ok(_) => {
-                self.download_manifest(route, &Reference::Tag(t.clone()), Some(t), accept)
-                    .await
-            }
-            Err(CacheError::Upstream(e)) if e.is_unavailable() => {
-                // A peer's record confirmed more recently than ours wins.
-                if let Some(m) = self.tag_from_peers(fallback, route, t, accept, &e).await? {
-                    return Ok(m);
-                }
-                tracing::warn!(upstream = up.name(), repo = %route.repo, tag = %t, %accept, error = %e, "upstream cannot answer; serving the cached tag");
-                Ok(Manifest {
-                    outcome: Outcome::Stale,
-                    stale_reason: Some(e.to_string()),
-                    ..cached
-                })
-            }
-            Err(e) => Err(e),
+            _ => self
+                .download_manifest(route, &Reference::Tag(t.clone()), Some(t), accept)
+                .await
+                .map(Confirmed::Manifest),
         }
     }
 
@@ -468,11 +490,7 @@ impl Cache {
             return Ok(Some(m));
         }
         tracing::warn!(upstream = route.upstream.name(), repo = %route.repo, tag = %t, digest = %m.digest, error = %e, "upstream cannot answer; serving the tag as the peers last confirmed it");
-        Ok(Some(Manifest {
-            outcome: Outcome::Stale,
-            stale_reason: Some(e.to_string()),
-            ..m
-        }))
+        Ok(Some(stale_tag(m, e)))
     }
 
     /// Stores the manifest `d` for `route` (taking the bytes from the shared `tier` unless

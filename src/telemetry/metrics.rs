@@ -62,6 +62,9 @@ pub struct Metrics {
     pub peer_requests: Family<Labels, Counter>,
     /// Blob answers by where their bytes came from (`source`: store, bucket, peer, upstream).
     pub fills: Family<Labels, Counter>,
+    /// Tag revalidations that outlived `revalidate_budget`, by `upstream` and how they ended
+    /// (`result`: updated, unchanged, failed).
+    pub background_revalidations: Family<Labels, Counter>,
 }
 
 fn fill_histogram() -> Histogram {
@@ -113,6 +116,7 @@ impl Metrics {
             peer_sent_bytes: Counter::default(),
             peer_requests: Family::default(),
             fills: Family::default(),
+            background_revalidations: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -297,6 +301,13 @@ impl Metrics {
             "Blob answers by where their bytes came from: store (a hit), or a fill from the bucket, \
              a peer or the upstream",
             m.fills.clone(),
+        );
+        registry.register(
+            "background_revalidations",
+            "Tag revalidations that outlived revalidate_budget (the request was served stale) and \
+             went on in the background, by how they ended: updated (the tag moved; the new \
+             manifest is stored), unchanged, failed",
+            m.background_revalidations.clone(),
         );
         Metrics { registry, ..m }
     }

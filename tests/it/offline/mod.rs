@@ -16,4 +16,5 @@ mod outage;
 mod prefetch;
 mod pull;
 mod quota;
+mod revalidate;
 mod security;

@@ -9,7 +9,8 @@
 //! - `GET|HEAD /v2/` — `200 {}` with `Docker-Distribution-API-Version: registry/2.0`.
 //! - `GET|HEAD /v2/<name>/manifests/<tag|digest>` — stored media type, `Docker-Content-Digest`. A
 //!   Docker manifest list asked for by tag without the list type in `Accept` is answered with its
-//!   linux/amd64 child, as distribution does.
+//!   linux/amd64 child, as distribution does. [`FakeUpstream::set_answer_delay`] makes every
+//!   manifest answer wait; [`FakeUpstream::manifest_answers`] counts those sent.
 //! - `GET|HEAD /v2/<name>/blobs/<digest>` — octet-stream, single `Range` supported (206 / 416).
 //!   With [`FakeUpstream::set_head_without_length`], manifest and blob `HEAD`s carry no
 //!   `Content-Length`.
@@ -345,6 +346,12 @@ impl FakeUpstream {
         self.state.manifest_gate.send_replace(closed);
     }
 
+    /// Every manifest answer (`HEAD` and `GET`, whatever its status, `set_status`'s included)
+    /// waits `delay` before it is sent: a slow upstream. `Duration::ZERO` turns it off.
+    pub fn set_answer_delay(&self, delay: Duration) {
+        lock(&self.state.cfg).answer_delay = delay;
+    }
+
     /// Manifest responses carry a `Docker-Content-Digest` that is valid in form but wrong.
     pub fn set_lying_digest_header(&self, on: bool) {
         lock(&self.state.cfg).lying_digest = on;
@@ -380,6 +387,13 @@ impl FakeUpstream {
     /// Total blob body bytes handed to the connection (counted as each chunk is yielded to hyper).
     pub fn blob_bytes_sent(&self) -> u64 {
         self.state.blob_bytes.load(Ordering::SeqCst)
+    }
+
+    /// Answers to manifest requests (`HEAD` and `GET`, any status) handed to the connection, so
+    /// that a test can tell whether regcache answered before the upstream did. Stalled and
+    /// gated requests are not answered until released.
+    pub fn manifest_answers(&self) -> usize {
+        lock(&self.state.stats).manifest_answers
     }
 
     /// Requests to `/token` (any outcome).
@@ -468,6 +482,7 @@ struct Config {
     slow_delay: Duration,
     status: Option<u16>,
     stall: bool,
+    answer_delay: Duration,
     lying_digest: bool,
     redirect: Option<String>,
     retry_after: Option<String>,
@@ -480,6 +495,7 @@ struct Stats {
     hits: HashMap<(String, String), usize>,
     blob_gets: HashMap<String, usize>,
     token_requests: usize,
+    manifest_answers: usize,
     records: Vec<RequestRecord>,
 }
 
@@ -553,6 +569,9 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
         let mut gate = state.manifest_gate.subscribe();
         // An error means the fake is being dropped: answer anyway.
         let _ = gate.wait_for(|closed| !closed).await;
+        if !cfg.answer_delay.is_zero() {
+            tokio::time::sleep(cfg.answer_delay).await;
+        }
     }
     let headers = req.headers();
 
@@ -608,6 +627,9 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
             "docker-distribution-api-version",
             http::HeaderValue::from_static("registry/2.0"),
         );
+        if path.contains("/manifests/") {
+            lock(&state.stats).manifest_answers += 1;
+        }
         return resp;
     }
     text(StatusCode::NOT_FOUND, "not found")
