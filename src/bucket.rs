@@ -39,6 +39,7 @@ use object_store::{
 
 use crate::config::S3Config;
 use crate::oci::reference::{Digest, RepoName, Tag};
+use crate::runtime::on_runtime;
 use crate::telemetry::metrics::Metrics;
 
 /// How long the bucket is left alone after a request to it failed.
@@ -138,8 +139,7 @@ pub fn upstream_id(url: &reqwest::Url) -> String {
 }
 
 /// The bucket's HTTP client: object_store's own reqwest client, each request sent as a task of
-/// `runtime`. hyper drives a connection with a task spawned where the connection was made, and the
-/// pool hands it to any later request: made here, connections live on the background runtime, not
+/// `runtime` ([`on_runtime`]), so that its pooled connections live on the background runtime, not
 /// on the shard of the request that opened them. (object_store's `SpawnedReqwestConnector` does
 /// the same but copies each body through an unbounded channel, as fast as the bucket sends it: a
 /// fill waiting for its slowest reader would then hold a whole blob in memory. Here the body is
@@ -166,19 +166,12 @@ struct Spawned {
 
 #[async_trait::async_trait]
 impl HttpService for Spawned {
-    /// Sends `req` as a task of the runtime, aborted when the caller gives up (drops this
-    /// future), as the request would be.
+    /// Sends `req` as a task of the runtime ([`on_runtime`]), aborted when the caller gives up.
     async fn call(&self, req: HttpRequest) -> Result<HttpResponse, HttpError> {
         let client = self.client.clone();
-        let task = tokio_util::task::AbortOnDropHandle::new(
-            self.runtime.spawn(async move { client.execute(req).await }),
-        );
-        match task.await {
-            Ok(r) => r,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            // The runtime is shutting down.
-            Err(e) => Err(HttpError::new(HttpErrorKind::Interrupted, e)),
-        }
+        on_runtime(&self.runtime, async move { client.execute(req).await })
+            .await
+            .unwrap_or_else(|stopped| Err(HttpError::new(HttpErrorKind::Interrupted, stopped)))
     }
 }
 

@@ -28,6 +28,9 @@ use crate::oci::media::{self, Accept, Kind};
 use crate::oci::reference::{
     Digest, ImageRef, Reference, RepoName, Tag, MAX_NAME_LEN, MAX_TAG_LEN,
 };
+use crate::upstream::{
+    parse_quota, parse_retry_after, RateLimitSnapshot, MAX_HOLD, MAX_WINDOW, RATELIMIT_HEADERS,
+};
 
 fn text(data: &[u8]) -> Option<&str> {
     std::str::from_utf8(data).ok()
@@ -148,6 +151,56 @@ pub fn range(data: &[u8]) {
                 "{h:?} on {size}: {} parts, {bytes} bytes",
                 parts.len()
             );
+        }
+    }
+}
+
+/// The upstream's rate-limit headers and `Retry-After`: a quota value keeps its count and a
+/// window of at most [`MAX_WINDOW`] (never zero) and prints back to itself; a `Retry-After`
+/// holds for more than 0 and at most [`MAX_HOLD`]; a snapshot exists exactly when one of the
+/// headers does, and passes on only those.
+pub fn ratelimit(data: &[u8]) {
+    let Some(s) = text(data) else { return };
+    if let Some(q) = parse_quota(s) {
+        let first = s.split(',').next().and_then(|m| m.split(';').next());
+        assert!(
+            first.is_some_and(|f| f.trim().parse::<u64>().ok() == Some(q.count)),
+            "{s:?}: count {}",
+            q.count
+        );
+        if let Some(w) = q.window {
+            assert!(!w.is_zero() && w <= MAX_WINDOW, "{s:?}: window {w:?}");
+            let again = parse_quota(&format!("{};w={}", q.count, w.as_secs()));
+            assert_eq!(again, Some(q), "{s:?} printed back");
+        }
+    }
+    let now = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+    if let Some(wait) = parse_retry_after(s, now) {
+        assert!(
+            !wait.is_zero() && wait <= MAX_HOLD,
+            "{s:?}: a hold of {wait:?}"
+        );
+    }
+    let Ok(value) = HeaderValue::from_bytes(data) else {
+        return;
+    };
+    for (i, name) in RATELIMIT_HEADERS.iter().enumerate() {
+        let mut h = http::HeaderMap::new();
+        assert!(RateLimitSnapshot::from_headers(&h).is_none(), "no headers");
+        h.insert(*name, value.clone());
+        h.insert("retry-after", value.clone());
+        let snapshot = RateLimitSnapshot::from_headers(&h)
+            .unwrap_or_else(|| panic!("{name}: {s:?} makes no snapshot"));
+        let passed: Vec<_> = snapshot.headers().collect();
+        assert_eq!(passed, vec![(*name, &value)], "{name}: {s:?}");
+        if i < 2 {
+            let q = value.to_str().ok().and_then(parse_quota);
+            let counted = if i == 0 {
+                snapshot.limit
+            } else {
+                snapshot.remaining
+            };
+            assert_eq!(counted, q.map(|q| q.count), "{name}: {s:?}");
         }
     }
 }
@@ -660,6 +713,17 @@ mod tests {
         }
     }
 
+    /// `check` on `runs` inputs of fewer than `most` pieces each, drawn from `pieces`.
+    fn drive_pieces(check: fn(&[u8]), pieces: &[&str], most: usize, seed: u64, runs: usize) {
+        let mut g = Gen::new(seed);
+        for _ in 0..runs {
+            let text: String = (0..g.below(most))
+                .map(|_| pieces[g.below(pieces.len())])
+                .collect();
+            check(text.as_bytes());
+        }
+    }
+
     #[test]
     fn property_names() {
         drive(name, 1, 20_000);
@@ -718,6 +782,40 @@ mod tests {
     #[test]
     fn property_accept() {
         drive(accept, 13, 20_000);
+    }
+
+    /// Pieces of rate-limit header values and `Retry-After`s.
+    const RATELIMIT_PIECES: &[&str] = &[
+        "0",
+        "1",
+        "76",
+        "100",
+        "18446744073709551615",
+        "18446744073709551616",
+        ";",
+        ",",
+        " ",
+        "w=",
+        "W=",
+        "w=21600",
+        "w=0",
+        "w=\"60\"",
+        "w=86401",
+        "q=1",
+        "\"",
+        "-",
+        ".",
+        "+",
+        "Wed, 21 Oct 2015 07:28:00 GMT",
+        "Sun, 06 Nov 2094 08:49:37 GMT",
+        "GMT",
+        "x",
+    ];
+
+    #[test]
+    fn property_ratelimit_headers() {
+        drive(ratelimit, 16, 20_000);
+        drive_pieces(ratelimit, RATELIMIT_PIECES, 8, 17, 20_000);
     }
 
     /// Pieces of Dockerfiles, to generate inputs shaped like them.
@@ -793,13 +891,7 @@ mod tests {
     #[test]
     fn property_dockerfiles() {
         drive(dockerfile, 14, 5_000);
-        let mut g = Gen::new(15);
-        for _ in 0..5_000 {
-            let text: String = (0..g.below(60))
-                .map(|_| DOCKERFILE_PIECES[g.below(DOCKERFILE_PIECES.len())])
-                .collect();
-            dockerfile(text.as_bytes());
-        }
+        drive_pieces(dockerfile, DOCKERFILE_PIECES, 60, 15, 5_000);
     }
 
     #[test]

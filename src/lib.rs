@@ -4,7 +4,7 @@
 //! Layers, top to bottom (a layer uses only the layers below it; `docs/ARCHITECTURE.md` has the
 //! map): [`cmd`] (the command line) → [`http`] (the server and the API) → [`app`] (the running
 //! service's state) → [`cache`] (the pull-through policy) → the tiers [`store`], [`bucket`],
-//! [`upstream`] and [`peers`] → [`config`], [`oci`] and [`telemetry`].
+//! [`upstream`] and [`peers`] → [`config`], [`oci`], [`runtime`] and [`telemetry`].
 #![forbid(unsafe_code)]
 
 pub mod app;
@@ -17,6 +17,7 @@ pub mod fuzzing;
 pub mod http;
 pub mod oci;
 pub mod peers;
+pub mod runtime;
 pub mod store;
 pub mod telemetry;
 pub mod upstream;

@@ -1,5 +1,6 @@
-//! The part of the configuration that can change while serving: one upstream client per registry
-//! and the host → upstream map.
+//! The routing in force, swapped whole on reload: the configuration applied last, one upstream
+//! client per registry (kept across a reload that leaves its settings unchanged, with its tokens
+//! and breaker state) and the host → upstream map.
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::revalidate::{stale_tag, Confirmed, Revalidation};
 use super::share::Share;
 use super::tier::{Tier, TierManifest, TierTag};
 use super::{blocking, Asker, Cache, CacheError, Manifest, Outcome, Route};
@@ -104,6 +105,8 @@ impl Cache {
 
     /// A tag's manifest from the store, with no upstream contact: the full-Accept record's when
     /// it is fresh and served as it is to `accept`, else the fresh record of `accept` itself.
+    /// While the upstream's quota is at its reserve, records past their freshness count too
+    /// (served stale).
     fn fresh_tag(
         &self,
         route: &Route,
@@ -121,7 +124,10 @@ impl Cache {
                 continue;
             };
             let age = Duration::from_millis(now_millis().saturating_sub(rec.checked_at_ms));
-            if age >= route.upstream.config.freshness {
+            // Past its window, a tag is served as it is (stale) while the upstream's quota is at
+            // `quota_reserve`: a revalidation that finds it moved would spend a pull.
+            let past = age >= route.upstream.config.freshness;
+            if past && !route.upstream.quota_low() {
                 continue;
             }
             let Ok(d) = rec.digest.parse::<Digest>() else {
@@ -136,8 +142,8 @@ impl Cache {
                     digest: d,
                     media_type,
                     bytes,
-                    outcome: Outcome::Hit,
-                    stale_reason: None,
+                    outcome: if past { Outcome::Stale } else { Outcome::Hit },
+                    stale_reason: past.then(|| "the upstream's quota is at quota_reserve".into()),
                 }));
             }
         }
@@ -192,7 +198,7 @@ impl Cache {
     /// The slow path of [`Cache::manifest`], run once per key at a time; the peers are asked only
     /// if `peers`.
     async fn fetch_manifest(
-        &self,
+        self: &Arc<Self>,
         route: &Route,
         reference: &Reference,
         accept: Accept,
@@ -285,23 +291,57 @@ impl Cache {
         }
     }
 
-    /// Asks the upstream whether the cached manifest of tag `t` for `accept` is still the one
-    /// (`HEAD` with that Accept); fetches the new one if not, serves the cached one stale if the
-    /// upstream cannot answer.
+    /// Asks the upstream whether the cached manifest of tag `t` for `accept` is still the one,
+    /// within the upstream's `revalidate_budget` (`revalidate.rs`); serves the cached one stale
+    /// if the upstream cannot answer, or not within the budget.
     async fn revalidate_tag(
-        &self,
+        self: &Arc<Self>,
         route: &Route,
         t: &Tag,
         accept: Accept,
         cached: Manifest,
         fallback: Option<&Tier>,
     ) -> Result<Manifest, CacheError> {
+        let e = match self
+            .revalidate_within_budget(route, t, accept, &cached)
+            .await
+        {
+            Revalidation::Answered(Ok(Confirmed::Manifest(m))) => return Ok(m),
+            Revalidation::Answered(Ok(Confirmed::Unavailable(e))) | Revalidation::Outlived(e) => e,
+            // Any other failure of the HEAD (401, 404, …), or of the GET of a moved tag.
+            Revalidation::Answered(Err(e)) => return Err(e),
+        };
+        // A peer's record confirmed more recently than ours wins.
+        if let Some(m) = self.tag_from_peers(fallback, route, t, accept, &e).await? {
+            return Ok(m);
+        }
+        tracing::warn!(upstream = route.upstream.name(), repo = %route.repo, tag = %t, %accept, error = %e, "upstream cannot answer; serving the cached tag");
+        Ok(stale_tag(cached, &e))
+    }
+
+    /// The upstream's `HEAD` of tag `t` for `accept`: the cached manifest, its record confirmed,
+    /// when the tag still points at it; else the new manifest, fetched and stored; or the
+    /// `HEAD`'s failure when the upstream cannot answer it (an error of the `GET` that follows is
+    /// an error, not a reason to serve the cached manifest).
+    pub(super) async fn confirm_tag(
+        &self,
+        route: &Route,
+        t: &Tag,
+        accept: Accept,
+        cached: &Manifest,
+    ) -> Result<Confirmed, CacheError> {
         let up = &route.upstream;
-        match self.tiers.origin().tag(route, t, accept).await {
-            Ok(Some(TierTag {
+        let head = match self.tiers.origin().tag(route, t, accept).await {
+            Err(CacheError::Upstream(e)) if e.is_unavailable() => {
+                return Ok(Confirmed::Unavailable(e))
+            }
+            head => head?,
+        };
+        match head {
+            Some(TierTag {
                 digest: Some(d),
                 checked_at_ms: now,
-            })) if d == cached.digest => {
+            }) if d == cached.digest => {
                 let (store, k2, t2, d2) =
                     (Arc::clone(&self.store), route.key(), t.clone(), d.clone());
                 blocking(move || store.set_tag_for(&k2, &t2, accept, &d2, now)).await?;
@@ -314,28 +354,15 @@ impl Cache {
                         checked_at_ms: now,
                     });
                 }
-                Ok(Manifest {
+                Ok(Confirmed::Manifest(Manifest {
                     outcome: Outcome::Revalidated,
-                    ..cached
-                })
+                    ..cached.clone()
+                }))
             }
-            Ok(_) => {
-                self.download_manifest(route, &Reference::Tag(t.clone()), Some(t), accept)
-                    .await
-            }
-            Err(CacheError::Upstream(e)) if e.is_unavailable() => {
-                // A peer's record confirmed more recently than ours wins.
-                if let Some(m) = self.tag_from_peers(fallback, route, t, accept, &e).await? {
-                    return Ok(m);
-                }
-                tracing::warn!(upstream = up.name(), repo = %route.repo, tag = %t, %accept, error = %e, "upstream cannot answer; serving the cached tag");
-                Ok(Manifest {
-                    outcome: Outcome::Stale,
-                    stale_reason: Some(e.to_string()),
-                    ..cached
-                })
-            }
-            Err(e) => Err(e),
+            _ => self
+                .download_manifest(route, &Reference::Tag(t.clone()), Some(t), accept)
+                .await
+                .map(Confirmed::Manifest),
         }
     }
 
@@ -463,11 +490,7 @@ impl Cache {
             return Ok(Some(m));
         }
         tracing::warn!(upstream = route.upstream.name(), repo = %route.repo, tag = %t, digest = %m.digest, error = %e, "upstream cannot answer; serving the tag as the peers last confirmed it");
-        Ok(Some(Manifest {
-            outcome: Outcome::Stale,
-            stale_reason: Some(e.to_string()),
-            ..m
-        }))
+        Ok(Some(stale_tag(m, e)))
     }
 
     /// Stores the manifest `d` for `route` (taking the bytes from the shared `tier` unless

@@ -2,7 +2,9 @@
 //! flight) from the tier chain, and share what the upstream gave with the bucket.
 //!
 //! Manifests are small: one fetch per (upstream, repository, reference) at a time, shared by every
-//! client asking meanwhile, verified, then stored (`manifest.rs`, on `flight.rs`). Blobs are
+//! client asking meanwhile, verified, then stored (`manifest.rs`, on `flight.rs`); a cached tag
+//! waits for its revalidation at most `revalidate_budget`, then is served stale while the
+//! revalidation goes on (`revalidate.rs`). Blobs are
 //! filled by a background task into a temporary file (`blob.rs` starts or joins fills, `fill.rs`
 //! runs them, `tail.rs` keeps them in memory on a full disk); every client asking for the same
 //! blob meanwhile reads that file as it grows, and the last byte of every response is held back
@@ -25,6 +27,7 @@ mod fill;
 mod flight;
 mod manifest;
 mod peer;
+mod revalidate;
 mod share;
 mod tail;
 mod tier;
@@ -175,6 +178,8 @@ pub struct Cache {
     tiers: Tiers,
     max_manifest_size: AtomicU64,
     manifests: Flights<Manifest>,
+    /// Tag revalidations, which a manifest flight waits for at most `revalidate_budget`.
+    revalidations: Flights<revalidate::Confirmed>,
     fills: Mutex<HashMap<String, Arc<Fill>>>,
     /// Bounds the blob fills running at once (`limits.max_fills`), and its size.
     fill_slots: Mutex<(Arc<tokio::sync::Semaphore>, usize)>,
@@ -221,6 +226,7 @@ impl Cache {
             tiers,
             max_manifest_size: AtomicU64::new(max_manifest_size),
             manifests: Flights::new(runtime.clone()),
+            revalidations: Flights::new(runtime.clone()),
             fills: Mutex::new(HashMap::new()),
             fill_slots: Mutex::new((Arc::new(tokio::sync::Semaphore::new(64)), 64)),
             fill_wait_ms: AtomicU64::new(30_000),

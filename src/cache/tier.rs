@@ -156,7 +156,12 @@ impl Tiers {
         runtime: &tokio::runtime::Handle,
     ) -> anyhow::Result<Tiers> {
         let peers = match &config.peers {
-            Some(p) => Some(Peers::new(p, config.listen, Arc::clone(metrics))?),
+            Some(p) => Some(Peers::new(
+                p,
+                config.listen,
+                Arc::clone(metrics),
+                runtime.clone(),
+            )?),
             None => None,
         };
         let bucket = match &config.store.s3 {

@@ -1,6 +1,7 @@
-//! `regcache serve`: loads the configuration, sets up logging, opens the service, takes the
-//! listening socket (inherited from systemd or bound here), reports to systemd (`sd_notify`
-//! readiness, watchdog, stopping) and serves until SIGTERM or SIGINT.
+//! `regcache serve`: loads the configuration, sets up logging, builds the background runtime
+//! (fills, flights and every request to an upstream, the bucket or a peer run there), opens the
+//! service, takes the listening socket (inherited from systemd or bound here), reports to systemd
+//! (`sd_notify` readiness, watchdog, stopping) and serves until SIGTERM or SIGINT.
 
 use std::process::ExitCode;
 use std::sync::Arc;

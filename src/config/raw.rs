@@ -12,7 +12,7 @@ use toml::Spanned;
 
 use crate::config::config_store::ConfigStoreKind;
 use crate::config::log::LogFormat;
-use crate::config::units::{ByteSize, DurationValue, UpstreamUrl};
+use crate::config::units::{ByteSize, DurationOrOff, DurationValue, UpstreamUrl};
 
 /// The whole file.
 #[derive(Debug, Default, Deserialize)]
@@ -64,6 +64,7 @@ pub struct RawUpstream {
     #[serde(default)]
     pub hosts: Vec<String>,
     pub freshness: Option<DurationValue>,
+    pub revalidate_budget: Option<DurationOrOff>,
     pub username: Option<String>,
     pub password: Option<String>,
     pub password_file: Option<PathBuf>,
@@ -79,6 +80,7 @@ pub struct RawUpstream {
     #[serde(default)]
     pub deny_repos: Vec<Spanned<String>>,
     pub allow_private_redirects: Option<bool>,
+    pub quota_reserve: Option<u64>,
 }
 
 impl RawUpstream {
@@ -88,6 +90,7 @@ impl RawUpstream {
             url,
             hosts: Vec::new(),
             freshness: None,
+            revalidate_budget: None,
             username: None,
             password: None,
             password_file: None,
@@ -101,6 +104,7 @@ impl RawUpstream {
             allow_repos: Vec::new(),
             deny_repos: Vec::new(),
             allow_private_redirects: None,
+            quota_reserve: None,
         }
     }
 }

@@ -12,6 +12,11 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DurationValue(pub Duration);
 
+/// A duration that can be turned off: `"off"` or a zero duration (`0`, `"0s"`) is off (`None`),
+/// anything else a duration as [`DurationValue`] takes it (`"300ms"`, `"1.5s"`, `2`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DurationOrOff(pub Option<Duration>);
+
 /// A size written as `"4MiB"`, `"512KiB"`, `"10GB"`, `"123"` or a number of bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ByteSize(pub u64);
@@ -58,6 +63,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         }
     };
     d.filter(|d| *d <= MAX_DURATION).ok_or_else(out_of_range)
+}
+
+/// [`parse_duration`], or `"off"`; a zero duration is off too (`None`).
+pub fn parse_duration_or_off(s: &str) -> Result<Option<Duration>, String> {
+    if s.trim() == "off" {
+        return Ok(None);
+    }
+    parse_duration(s)
+        .map(|d| Some(d).filter(|d| !d.is_zero()))
+        .map_err(|e| format!("{e}, or \"off\""))
 }
 
 /// `number` (digits, with at most one decimal point and at least one digit) as seconds, read by
@@ -159,6 +174,15 @@ impl<'de> Deserialize<'de> for DurationValue {
         d.deserialize_any(StrOrInt(
             |s: &str| parse_duration(s).map(DurationValue),
             "a duration such as \"30s\"",
+        ))
+    }
+}
+
+impl<'de> Deserialize<'de> for DurationOrOff {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrOrInt(
+            |s: &str| parse_duration_or_off(s).map(DurationOrOff),
+            "a duration such as \"250ms\", or \"off\"",
         ))
     }
 }

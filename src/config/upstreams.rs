@@ -21,6 +21,10 @@ pub const DOCKER_HUB_HOSTS: [&str; 3] = ["docker.io", "index.docker.io", "regist
 /// `[upstreams.NAME]` table (a Docker Hub upstream of that name is added when none exists).
 pub const DEFAULT_UPSTREAM_NAME: &str = "docker";
 
+/// The longest `revalidate_budget`: the budget is meant to be short (clients such as docker and
+/// containerd give a mirror 30 s in all), and a longer wait is what turning it off gives.
+const MAX_REVALIDATE_BUDGET: Duration = Duration::from_secs(60);
+
 /// Basic credentials for an upstream (also used to obtain Bearer tokens).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Credentials {
@@ -44,6 +48,9 @@ pub struct UpstreamConfig {
     /// Whether Docker Hub's `library/` rule applies to single-component names.
     pub docker_hub_names: bool,
     pub freshness: Duration,
+    /// How long a request for a cached tag past `freshness` waits for the revalidation before
+    /// it is served stale (the revalidation goes on in the background); `None`: off, it waits.
+    pub revalidate_budget: Option<Duration>,
     pub credentials: Option<Credentials>,
     pub connect_timeout: Duration,
     pub header_timeout: Duration,
@@ -62,6 +69,10 @@ pub struct UpstreamConfig {
     /// Follow redirects (and token realms) to loopback, private or link-local addresses even
     /// when the upstream itself is not on such an address.
     pub allow_private_redirects: bool,
+    /// Pulls of the upstream's quota (`ratelimit-remaining`) kept for misses: at or under it,
+    /// tags past their freshness are served without revalidation until the window has passed.
+    /// 0: off.
+    pub quota_reserve: u64,
 }
 
 impl UpstreamConfig {
@@ -76,6 +87,7 @@ impl UpstreamConfig {
             hosts: Vec::new(),
             docker_hub_names: false,
             freshness: Duration::from_secs(60),
+            revalidate_budget: Some(Duration::from_millis(250)),
             credentials: None,
             connect_timeout: Duration::from_secs(5),
             header_timeout: Duration::from_secs(30),
@@ -86,6 +98,7 @@ impl UpstreamConfig {
             allow_repos: Vec::new(),
             deny_repos: Vec::new(),
             allow_private_redirects: false,
+            quota_reserve: 0,
         }
     }
 }
@@ -165,6 +178,15 @@ pub(super) fn validate(
             if d.is_zero() {
                 return Err(format!("upstreams.{}.{key} must be more than 0", u.name));
             }
+        }
+        if u.revalidate_budget
+            .is_some_and(|b| b > MAX_REVALIDATE_BUDGET)
+        {
+            return Err(format!(
+                "upstreams.{}.revalidate_budget must be at most {}s, or \"off\"",
+                u.name,
+                MAX_REVALIDATE_BUDGET.as_secs()
+            ));
         }
         if u.failure_threshold == 0 {
             return Err(format!(
@@ -280,6 +302,7 @@ fn one(
         hosts,
         docker_hub_names,
         freshness: raw.freshness.map_or(d.freshness, |v| v.0),
+        revalidate_budget: raw.revalidate_budget.map_or(d.revalidate_budget, |v| v.0),
         credentials,
         connect_timeout: raw.connect_timeout.map_or(d.connect_timeout, |v| v.0),
         header_timeout: raw.header_timeout.map_or(d.header_timeout, |v| v.0),
@@ -292,6 +315,7 @@ fn one(
         allow_private_redirects: raw
             .allow_private_redirects
             .unwrap_or(d.allow_private_redirects),
+        quota_reserve: raw.quota_reserve.unwrap_or(d.quota_reserve),
         ..d
     })
 }
@@ -397,6 +421,54 @@ mod tests {
             c.warnings
         );
         assert!(!c.warnings.iter().any(|w| w.contains("s3cret")));
+    }
+
+    /// `revalidate_budget` takes the duration forms of the other duration keys, `"off"` and `0`
+    /// turn it off, and it is at most 60 s; it defaults to 250 ms.
+    #[test]
+    fn revalidate_budget_takes_durations_off_and_zero_up_to_a_minute() {
+        let budget = |v: &str| {
+            parse(&format!(
+                "[upstreams.a]\nurl = \"https://a.io\"\nrevalidate_budget = {v}\n"
+            ))
+            .map(|c| c.upstreams[0].revalidate_budget)
+        };
+        let ms = |n| Ok(Some(Duration::from_millis(n)));
+        assert_eq!(
+            parse("").expect("defaults").upstreams[0].revalidate_budget,
+            Some(Duration::from_millis(250))
+        );
+        for (v, want) in [
+            ("\"300ms\"", ms(300)),
+            ("\"1.5s\"", ms(1500)),
+            ("\"0.25\"", ms(250)),
+            ("2", ms(2000)),
+            ("\"60s\"", ms(60_000)),
+            ("\"1m\"", ms(60_000)),
+            ("\"off\"", Ok(None)),
+            ("\" off \"", Ok(None)),
+            ("0", Ok(None)),
+            ("\"0ms\"", Ok(None)),
+        ] {
+            assert_eq!(budget(v), want, "revalidate_budget = {v}");
+        }
+        for (v, says) in [
+            ("\"61s\"", "at most 60s"),
+            ("61", "at most 60s"),
+            ("\"2h\"", "at most 60s"),
+            ("\"soon\"", "\"off\""),
+            ("\"OFF\"", "\"off\""),
+            ("\"on\"", "\"off\""),
+            ("-1", "negative"),
+            ("true", "a duration such as"),
+            ("1.5", "a duration such as"),
+        ] {
+            let e = budget(v).expect_err(v);
+            assert!(
+                e.contains("revalidate_budget") && e.contains(says),
+                "revalidate_budget = {v}: {e}"
+            );
+        }
     }
 
     #[test]

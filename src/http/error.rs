@@ -314,6 +314,11 @@ impl ApiError {
                 ..
             } => ApiError::new(Code::TooManyRequests, u.to_string())
                 .retry_after(retry_after.clone().unwrap_or_else(|| "30".into())),
+            // The upstream's Retry-After still holds: the time left of it.
+            UpstreamError::RetryAfter { wait, .. } => {
+                ApiError::new(Code::TooManyRequests, u.to_string())
+                    .retry_after(crate::upstream::whole_seconds(*wait).to_string())
+            }
             UpstreamError::Invalid { .. } => {
                 tracing::warn!(error = %chain(u), "refused an invalid upstream response");
                 ApiError::new(Code::BadGateway, u.to_string())

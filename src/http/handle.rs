@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 use tracing::Instrument as _;
 
 use crate::app::App;
-use crate::cache::Route;
+use crate::cache::{Outcome, Route};
 use crate::http::admin::{admin, is_operator_path};
 use crate::http::auth::{Verdict, Verifier};
 use crate::http::error::{ApiError, Code};
@@ -28,6 +28,7 @@ use crate::http::trace::{Access, LogInfo, Logged};
 use crate::http::{blobs, catalog, manifests, ops, page, referrers, status, tags};
 use crate::oci::reference::{Digest, Reference};
 use crate::telemetry::metrics::Metrics;
+use crate::upstream::Upstream;
 
 /// Response header naming the `ns` a request was routed by (the distribution spec's registry
 /// proxying).
@@ -62,6 +63,9 @@ pub async fn handle(
         resp.headers_mut()
             .insert(CACHE_HEADER, HeaderValue::from_static(o.as_str()));
     }
+    if let (Some(o), Some(up)) = (info.outcome, &info.upstream) {
+        pass_on_ratelimit(o, up, resp.headers_mut());
+    }
     if let Some(ns) = &info.namespace {
         // Errors included: a 404 for a request routed by `ns` is that registry's answer.
         set_header(resp.headers_mut(), NAMESPACE_HEADER, ns);
@@ -95,6 +99,23 @@ pub async fn handle(
         ])
         .observe(head_ready.as_secs_f64());
     Ok(access.respond(resp))
+}
+
+/// An answer that went upstream (`outcome`) carries the upstream's rate-limit headers, as its
+/// last answer that had them sent them: a client sees the quota its pull spent.
+fn pass_on_ratelimit(outcome: Outcome, upstream: &Upstream, headers: &mut http::HeaderMap) {
+    let went_upstream = matches!(
+        outcome,
+        Outcome::Revalidated | Outcome::Miss | Outcome::Coalesced | Outcome::Passthrough
+    );
+    if !went_upstream {
+        return;
+    }
+    if let Some(snapshot) = upstream.ratelimit() {
+        for (name, value) in snapshot.headers() {
+            headers.insert(name, value.clone());
+        }
+    }
 }
 
 /// The answer to a request, errors included.
@@ -191,8 +212,7 @@ async fn check_access(
             // 429, not 401: the credentials were not checked, so "wrong password" would not be
             // true. Clients treat both as a failed pull.
             Verdict::Limited { retry_after } => {
-                let secs =
-                    (retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0)).max(1);
+                let secs = crate::upstream::whole_seconds(retry_after);
                 return Err((
                     ApiError::new(
                         Code::TooManyRequests,

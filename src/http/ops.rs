@@ -1,5 +1,5 @@
-//! `/healthz` (liveness), `/readyz` (readiness: the store, with the upstreams and the bucket for
-//! information) and `/metrics` (OpenMetrics text), outside the registry API.
+//! `/healthz` (liveness), `/readyz` (readiness: the store, with the upstreams, the bucket and the
+//! peers for information) and `/metrics` (OpenMetrics text), outside the registry API.
 
 use std::sync::Arc;
 

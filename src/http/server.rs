@@ -1,5 +1,7 @@
-//! The server: assembles the store, upstreams and cache into an [`App`], accepts connections and
-//! drains them on shutdown.
+//! The listener's side of the server: the shards (one thread with a current-thread runtime per
+//! CPU) and their accept loops, each connection placed on the least loaded shard, TLS handshakes,
+//! HTTP/1.1 connections handed to [`handle`](crate::http::handle()), and the drain on shutdown.
+//! The [`App`] it serves is assembled by `App::open`; [`run`] spawns its maintenance loop.
 //!
 //! [`run`] takes an already bound listener and a shutdown future, so tests bind `127.0.0.1:0` and
 //! call it directly. It enforces the connection limits of `[limits]`: at most `max_connections`

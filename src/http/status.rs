@@ -78,7 +78,9 @@ pub struct UpstreamState {
     /// When it was marked down (seconds since the Unix epoch), while it is.
     pub down_since: Option<u64>,
     pub down_for_seconds: Option<u64>,
-    /// The rate-limit quota the upstream announced, when it did.
+    /// The rate-limit quota the upstream last announced (`ratelimit-limit`,
+    /// `ratelimit-remaining`), when it did: `limit`, `remaining`, `window_seconds`, `source`,
+    /// `observed_at` (RFC 3339).
     pub ratelimit: Option<serde_json::Value>,
     /// The tags served stale in the last hour.
     pub stale_last_hour: StaleSummary,
@@ -139,10 +141,10 @@ pub struct Traffic {
     pub saved_bytes: u64,
 }
 
-/// The rate-limit quota `upstream` announced, as JSON. Wired when the quota branch lands (it
-/// gives `Upstream::ratelimit()`); until then no quota is known.
-fn ratelimit(_upstream: &Upstream) -> Option<serde_json::Value> {
-    None
+/// The rate-limit quota `upstream` last announced, as `/readyz` shows it
+/// (`{"limit","remaining","window_seconds","source","observed_at"}`), if it announced one.
+fn ratelimit(upstream: &Upstream) -> Option<serde_json::Value> {
+    serde_json::to_value(upstream.ratelimit()?.status()).ok()
 }
 
 /// The server's state now.

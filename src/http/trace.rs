@@ -53,6 +53,8 @@ pub struct LogInfo {
     pub namespace: Option<String>,
     /// Set for a request from a peer (`[peers]`) whose token was right.
     pub peer: Option<crate::http::peer::PeerCall>,
+    /// The upstream the request was routed to.
+    pub upstream: Option<Arc<crate::upstream::Upstream>>,
     span: Span,
 }
 
@@ -60,6 +62,7 @@ impl LogInfo {
     /// The request was routed to `route` (by `ns`, when given).
     pub fn routed(&mut self, route: &Route, ns: Option<&str>) {
         self.namespace = ns.map(str::to_owned);
+        self.upstream = Some(Arc::clone(&route.upstream));
         self.span.record("upstream", route.upstream.name());
         self.span.record("repo", route.repo.as_str());
     }
@@ -131,6 +134,7 @@ impl Access {
                 route,
                 namespace: None,
                 peer: None,
+                upstream: None,
                 span,
             },
             user: None,

@@ -1,6 +1,8 @@
 //! Requests to peers: one request with the peer headers, bounded so that a dead or black-holed
 //! peer costs one timeout; the same request to every healthy peer at once (the outage queries);
 //! probes; and a peer's body as a stream of chunks. Every outcome updates the peer's health.
+//! Each request is sent by a task of the background runtime (`crate::runtime::on_runtime`), so
+//! that its pooled connection never lives on a shard.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +16,7 @@ use super::{
     TOKEN_HEADER,
 };
 use crate::oci::reference::Digest;
+use crate::runtime::{on_runtime, Stopped};
 use crate::telemetry::metrics::Metrics;
 
 /// What to ask a peer.
@@ -37,7 +40,8 @@ pub struct PeerAnswer {
     pub response: Response,
 }
 
-/// Why a peer gave no answer. Every kind but [`PeerError::Itself`] marks the peer down.
+/// Why a peer gave no answer. Every kind but [`PeerError::Itself`] and [`PeerError::Stopped`]
+/// marks the peer down.
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
     #[error("peer {peer} unreachable: {source}")]
@@ -57,6 +61,13 @@ pub enum PeerError {
     /// The URL is this server.
     #[error("peer {peer} is this server")]
     Itself { peer: String },
+    /// Not asked: the server is stopping (its background runtime is shutting down).
+    #[error("peer {peer} not asked: {source}")]
+    Stopped {
+        peer: String,
+        #[source]
+        source: Stopped,
+    },
 }
 
 impl PeerError {
@@ -67,6 +78,7 @@ impl PeerError {
             PeerError::Timeout { .. } => "timeout",
             PeerError::NotAPeer { .. } => "refused",
             PeerError::Itself { .. } => "self",
+            PeerError::Stopped { .. } => "stopped",
         }
     }
 }
@@ -134,6 +146,7 @@ impl Peers {
         match &result {
             Ok(_) => peer.answered(&self.metrics),
             Err(PeerError::Itself { .. }) => peer.is_me(&self.metrics),
+            Err(PeerError::Stopped { .. }) => {}
             Err(e) => peer.failed(&e.to_string(), &self.metrics),
         }
         result
@@ -192,6 +205,7 @@ impl Peers {
         match self.alive(peer, settings).await {
             Ok(()) => peer.answered(&self.metrics),
             Err(PeerError::Itself { .. }) => peer.is_me(&self.metrics),
+            Err(PeerError::Stopped { .. }) => {}
             Err(e) => peer.failed(&e.to_string(), &self.metrics),
         }
     }
@@ -206,10 +220,10 @@ impl Peers {
             from: 0,
             wait: s.connect_timeout + ANSWER_WAIT,
         };
-        let sent = self.request(peer, s, &want).send();
+        let sent = self.sent(peer, s, &want);
         let r = tokio::time::timeout(want.wait, sent)
             .await
-            .map_err(|_| timed_out(peer, &want))?;
+            .map_err(|_| timed_out(peer, &want))??;
         let r = self.peer_answer(peer, r)?;
         if r.status().is_success() {
             Ok(())
@@ -239,16 +253,29 @@ impl Peers {
         req
     }
 
-    /// A response as a peer's answer: it carries a server id, not this server's.
-    fn peer_answer(
+    /// Sends `want` to `peer` as a task of the background runtime: a connection the pool opens
+    /// for it is driven there, whichever shard asks now or reuses it later. Dropping the future
+    /// (a timeout) aborts the request.
+    async fn sent(
         &self,
         peer: &Peer,
-        r: Result<Response, reqwest::Error>,
+        s: &Settings,
+        want: &Want<'_>,
     ) -> Result<Response, PeerError> {
-        let r = r.map_err(|source| PeerError::Unreachable {
-            peer: peer.url().to_owned(),
-            source,
-        })?;
+        match on_runtime(&self.runtime, self.request(peer, s, want).send()).await {
+            Ok(r) => r.map_err(|source| PeerError::Unreachable {
+                peer: peer.url().to_owned(),
+                source,
+            }),
+            Err(source) => Err(PeerError::Stopped {
+                peer: peer.url().to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// A response as a peer's answer: it carries a server id, not this server's.
+    fn peer_answer(&self, peer: &Peer, r: Response) -> Result<Response, PeerError> {
         match r.headers().get(SERVER_ID_HEADER) {
             Some(id) if id.as_bytes() == self.id.as_bytes() => Err(PeerError::Itself {
                 peer: peer.url().to_owned(),
@@ -270,7 +297,7 @@ impl Peers {
         s: &Settings,
         want: &Want<'_>,
     ) -> Result<Response, PeerError> {
-        let sent = self.request(peer, s, want).send();
+        let sent = self.sent(peer, s, want);
         tokio::pin!(sent);
         let answered = if want.wait > s.connect_timeout + ANSWER_WAIT {
             match tokio::time::timeout(s.connect_timeout, &mut sent).await {
@@ -292,7 +319,7 @@ impl Peers {
                 .await
                 .map_err(|_| timed_out(peer, want))?
         };
-        self.peer_answer(peer, answered)
+        self.peer_answer(peer, answered?)
     }
 }
 

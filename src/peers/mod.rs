@@ -26,7 +26,9 @@
 //!   `Authorization`: client and peer credentials never mix), [`HOP_HEADER`] (the receiver never
 //!   forwards it to a third peer) and, for the outage queries, [`LOCAL_ONLY_HEADER`] (answer from
 //!   the store only). An answer without the peer's server id is not a peer's (a load balancer, a
-//!   refused token) and counts as a failure.
+//!   refused token) and counts as a failure. They are sent on the background runtime given to
+//!   [`Peers::new`], wherever the caller runs (`crate::runtime`), so that the pooled connections
+//!   to peers live there and not on the shard of the request that opened them.
 //!
 //! A tier: it uses only the base layers (`config`, `oci`, `telemetry`).
 
@@ -71,6 +73,9 @@ pub struct Peers {
     listen: SocketAddr,
     ring: RwLock<Arc<Ring>>,
     metrics: Arc<Metrics>,
+    /// Where requests to peers are sent and their connections driven (the server's background
+    /// runtime), wherever the caller runs.
+    runtime: tokio::runtime::Handle,
 }
 
 /// The list and settings in force.
@@ -140,11 +145,13 @@ impl Peer {
 }
 
 impl Peers {
-    /// The fleet of `config`, for a server listening on `listen`. Contacts nothing.
+    /// The fleet of `config`, for a server listening on `listen`, sending its requests on
+    /// `runtime`. Contacts nothing.
     pub fn new(
         config: &PeersConfig,
         listen: SocketAddr,
         metrics: Arc<Metrics>,
+        runtime: tokio::runtime::Handle,
     ) -> anyhow::Result<Peers> {
         let settings = Arc::new(Settings::new(config)?);
         let peers: Vec<Arc<Peer>> = config
@@ -157,6 +164,7 @@ impl Peers {
             listen,
             ring: RwLock::new(Arc::new(Ring { peers, settings })),
             metrics,
+            runtime,
         };
         for peer in &p.ring().peers {
             p.export(peer);
@@ -341,6 +349,19 @@ mod tests {
         }
     }
 
+    /// A runtime for the peers' requests (these tests send none).
+    fn runtime() -> tokio::runtime::Handle {
+        static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+        RUNTIME
+            .get_or_init(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .expect("runtime")
+            })
+            .handle()
+            .clone()
+    }
+
     fn digests(n: usize) -> Vec<Digest> {
         (0..n)
             .map(|i| Digest::sha256_of(format!("blob {i}").as_bytes()))
@@ -355,18 +376,20 @@ mod tests {
             "http://cache-4:5000",
         ];
         let listen: SocketAddr = "127.0.0.3:5000".parse().expect("addr");
-        let p = Peers::new(&config(&urls), listen, Arc::new(Metrics::new())).expect("peers");
+        let p =
+            Peers::new(&config(&urls), listen, Arc::new(Metrics::new()), runtime()).expect("peers");
         let me: Vec<bool> = p.ring().peers.iter().map(|p| p.is_self()).collect();
         assert_eq!(me, [false, true, false]);
         let any: SocketAddr = "0.0.0.0:5000".parse().expect("addr");
-        let p = Peers::new(&config(&urls), any, Arc::new(Metrics::new())).expect("peers");
+        let p =
+            Peers::new(&config(&urls), any, Arc::new(Metrics::new()), runtime()).expect("peers");
         assert!(
             p.ring().peers.iter().all(|p| !p.is_self()),
             "0.0.0.0 names no peer: the probes tell"
         );
         assert_ne!(
             p.server_id(),
-            Peers::new(&config(&urls), any, Arc::new(Metrics::new()))
+            Peers::new(&config(&urls), any, Arc::new(Metrics::new()), runtime())
                 .expect("peers")
                 .server_id(),
             "each server makes its own id"
@@ -386,7 +409,8 @@ mod tests {
             .iter()
             .map(|u| {
                 let listen = u.trim_start_matches("http://").parse().expect("addr");
-                Peers::new(&config(&urls), listen, Arc::new(Metrics::new())).expect("peers")
+                Peers::new(&config(&urls), listen, Arc::new(Metrics::new()), runtime())
+                    .expect("peers")
             })
             .collect();
         let mut owned = [0usize; 4];
@@ -425,6 +449,7 @@ mod tests {
             &config(&urls),
             "127.0.0.1:1".parse().expect("addr"),
             Arc::new(Metrics::new()),
+            runtime(),
         )
         .expect("peers");
         let ds = digests(200);
@@ -461,6 +486,7 @@ mod tests {
             &config(&["http://10.0.0.1:5000", "http://10.0.0.2:5000"]),
             "127.0.0.1:1".parse().expect("addr"),
             Arc::new(Metrics::new()),
+            runtime(),
         )
         .expect("peers");
         p.ring().peers[0].failed("test", &p.metrics);

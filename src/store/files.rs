@@ -1,5 +1,6 @@
-//! The store's files in the data directory: the directory lock, committed blob files and their
-//! paths, temporary files (`tmp/`) and their commit, and the walks over both for verify.
+//! The store's files in the data directory: whose the directory is (the [`MARKER`] file), the
+//! directory lock, committed blob files and their paths, temporary files (`tmp/`) and their
+//! commit, the walks over both for verify, and the filesystem's free space.
 //!
 //! A blob is recorded (`records.rs`) only after its file was verified, fsynced and renamed into
 //! place, so every recorded blob exists with its digest's content.

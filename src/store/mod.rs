@@ -5,7 +5,8 @@
 //! - `blobs/<alg>/<first two hex>/<hex>`: committed content (layers, configs and manifests alike);
 //! - `tmp/`: files being filled, never served by path, removed at start;
 //! - `meta.redb`: tables described in `docs/ARCHITECTURE.md`;
-//! - `lock`: held while the store is open.
+//! - `lock`: held while the store is open;
+//! - `regcache-data-dir`: the marker that makes the directory regcache's ([`MARKER`]).
 //!
 //! Files: `mod.rs` (this one) has `Store` itself, its opening, its in-memory state (usage, the
 //! full flag, holds, the manifest copy) and the shared types; `files.rs` the files; `db.rs` the

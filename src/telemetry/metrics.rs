@@ -24,6 +24,10 @@ pub struct Metrics {
     pub upstream_up: Family<Labels, Gauge>,
     pub upstream_errors: Family<Labels, Counter>,
     pub upstream_state_changes: Family<Labels, Counter>,
+    /// What the upstream's last answer with rate-limit headers announced (`upstream::ratelimit`).
+    pub upstream_ratelimit_limit: Family<Labels, Gauge>,
+    pub upstream_ratelimit_remaining: Family<Labels, Gauge>,
+    pub upstream_ratelimit_window: Family<Labels, Gauge>,
     pub fill_seconds: Family<Labels, Histogram, fn() -> Histogram>,
     pub fills_failed: Family<Labels, Counter>,
     /// Blob bytes that fills on a full disk hold in memory.
@@ -63,6 +67,9 @@ pub struct Metrics {
     pub request_duration: Family<Labels, Histogram, fn() -> Histogram>,
     /// 1, labelled with the version, OS and architecture of this build.
     pub build_info: Family<Labels, Gauge>,
+    /// Tag revalidations that outlived `revalidate_budget`, by `upstream` and how they ended
+    /// (`result`: updated, unchanged, failed).
+    pub background_revalidations: Family<Labels, Counter>,
 }
 
 fn fill_histogram() -> Histogram {
@@ -92,6 +99,9 @@ impl Metrics {
             upstream_up: Family::default(),
             upstream_errors: Family::default(),
             upstream_state_changes: Family::default(),
+            upstream_ratelimit_limit: Family::default(),
+            upstream_ratelimit_remaining: Family::default(),
+            upstream_ratelimit_window: Family::default(),
             fill_seconds: Family::new_with_constructor(fill_histogram as fn() -> Histogram),
             fills_failed: Family::default(),
             fill_memory: Gauge::default(),
@@ -118,6 +128,7 @@ impl Metrics {
             fills: Family::default(),
             request_duration: Family::new_with_constructor(request_histogram as fn() -> Histogram),
             build_info: Family::default(),
+            background_revalidations: Family::default(),
             registry: Registry::default(),
         };
         m.build_info
@@ -166,6 +177,23 @@ impl Metrics {
             "upstream_state_changes",
             "Circuit breaker transitions by new state (down, up)",
             m.upstream_state_changes.clone(),
+        );
+        registry.register(
+            "upstream_ratelimit_limit",
+            "Pulls the upstream allows per window, as its last answer with a ratelimit-limit \
+             header said",
+            m.upstream_ratelimit_limit.clone(),
+        );
+        registry.register(
+            "upstream_ratelimit_remaining",
+            "Pulls left in the upstream's window, as its last answer with a ratelimit-remaining \
+             header said",
+            m.upstream_ratelimit_remaining.clone(),
+        );
+        registry.register(
+            "upstream_ratelimit_window_seconds",
+            "Length of the upstream's rate-limit window (w=), as its last answer announced it",
+            m.upstream_ratelimit_window.clone(),
         );
         registry.register(
             "fill_duration_seconds",
@@ -303,6 +331,13 @@ impl Metrics {
             "build_info",
             "1, labelled with the version, OS and architecture of this build",
             m.build_info.clone(),
+        );
+        registry.register(
+            "background_revalidations",
+            "Tag revalidations that outlived revalidate_budget (the request was served stale) and \
+             went on in the background, by how they ended: updated (the tag moved; the new \
+             manifest is stored), unchanged, failed",
+            m.background_revalidations.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -3,6 +3,8 @@
 //!
 //! While an upstream is marked down, requests fail at once ([`UpstreamError::MarkedDown`]) and
 //! clients are served from the cache; one probe task asks the upstream at growing intervals.
+//! While a `429`'s `Retry-After` holds (`ratelimit.rs`), requests fail at once too
+//! ([`UpstreamError::RetryAfter`]), and the probe waits for the hold to pass.
 
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -10,7 +12,7 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 
 use super::auth::challenge;
-use super::{Upstream, UpstreamError};
+use super::{RateLimitStatus, Upstream, UpstreamError};
 use crate::telemetry::metrics::Metrics;
 
 /// First wait of the probe; it doubles up to `probe_max_interval`.
@@ -51,6 +53,10 @@ pub struct UpstreamStatus {
     pub url: String,
     pub up: bool,
     pub down_for_seconds: Option<u64>,
+    /// Seconds a `429`'s `Retry-After` still holds every request back.
+    pub retry_after_seconds: Option<u64>,
+    /// What the upstream's last answer with rate-limit headers announced.
+    pub ratelimit: Option<RateLimitStatus>,
 }
 
 impl Upstream {
@@ -70,11 +76,20 @@ impl Upstream {
             url: self.config.url.to_string(),
             up: down.is_none(),
             down_for_seconds: down.map(|d| d.elapsed().as_secs()),
+            retry_after_seconds: self.held_for().map(super::whole_seconds),
+            ratelimit: self.ratelimit().map(|r| r.status()),
         }
     }
 
-    /// Fails at once while the upstream is marked down: clients are not made to wait for it.
+    /// Fails at once while the upstream is marked down, or while its `Retry-After` holds:
+    /// clients are not made to wait for it, and it is sent nothing.
     pub(super) fn check_circuit(&self) -> Result<(), UpstreamError> {
+        if let Some(wait) = self.held_for() {
+            return Err(UpstreamError::RetryAfter {
+                upstream: self.name().to_owned(),
+                wait,
+            });
+        }
         match self.breaker().down_since {
             None => Ok(()),
             Some(since) => Err(UpstreamError::MarkedDown {
@@ -148,7 +163,17 @@ impl Upstream {
             Ok(Ok(resp)) => resp,
             _ => return false,
         };
+        self.observe(resp.headers());
         let s = resp.status();
+        if s == StatusCode::TOO_MANY_REQUESTS {
+            if let Some(v) = resp
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+            {
+                self.hold(v);
+            }
+        }
         if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS {
             return false;
         }
@@ -172,6 +197,12 @@ async fn probe_until_up(upstream: Weak<Upstream>) {
         let Some(up) = upstream.upgrade() else { return };
         if up.is_up() {
             return;
+        }
+        if let Some(wait) = up.held_for() {
+            // The upstream asked for nothing until then: not even a probe.
+            drop(up);
+            tokio::time::sleep(wait).await;
+            continue;
         }
         if up.probe().await {
             up.record_success();

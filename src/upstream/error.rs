@@ -24,6 +24,9 @@ pub enum UpstreamError {
         upstream: String,
         down_for: Duration,
     },
+    /// The upstream answered `429` with a `Retry-After` that has not passed: it was not asked
+    /// (see `ratelimit.rs`). `wait`: how long the hold lasts still.
+    RetryAfter { upstream: String, wait: Duration },
     /// Connected, but no headers (or no next body chunk) in time.
     Timeout {
         upstream: String,
@@ -65,7 +68,9 @@ impl fmt::Display for UpstreamError {
                     self.without_upstream()
                 )
             }
-            UpstreamError::Timeout { upstream, .. } | UpstreamError::Status { upstream, .. } => {
+            UpstreamError::Timeout { upstream, .. }
+            | UpstreamError::Status { upstream, .. }
+            | UpstreamError::RetryAfter { upstream, .. } => {
                 write!(f, "upstream {upstream} {}", self.without_upstream())
             }
             UpstreamError::Invalid { upstream, .. } => {
@@ -91,6 +96,7 @@ impl Error for UpstreamError {
             UpstreamError::Invalid { source, .. } => source.as_deref().map(|s| s as _),
             UpstreamError::Token { source, .. } => Some(&**source),
             UpstreamError::MarkedDown { .. }
+            | UpstreamError::RetryAfter { .. }
             | UpstreamError::Timeout { .. }
             | UpstreamError::Status { .. } => None,
         }
@@ -103,6 +109,7 @@ impl UpstreamError {
         match self {
             UpstreamError::Unreachable { .. }
             | UpstreamError::MarkedDown { .. }
+            | UpstreamError::RetryAfter { .. }
             | UpstreamError::Timeout { .. } => true,
             UpstreamError::Status { status, .. } => *status == 429 || *status >= 500,
             UpstreamError::Invalid { .. } => false,
@@ -125,6 +132,10 @@ impl UpstreamError {
                 "marked down {}s ago after repeated failures; probing it in the background",
                 down_for.as_secs()
             ),
+            UpstreamError::RetryAfter { wait, .. } => format!(
+                "asked for no requests for {} s more (429 with Retry-After); not asked",
+                super::ratelimit::whole_seconds(*wait)
+            ),
             UpstreamError::Timeout { what, .. } => format!("timed out waiting for {what}"),
             UpstreamError::Status { status, path, .. } => format!("answered {status} for {path}"),
             UpstreamError::Invalid { detail, source, .. } => {
@@ -144,6 +155,8 @@ impl UpstreamError {
         match self {
             // Never counted (the request was not sent), but it is an unreachable upstream.
             UpstreamError::Unreachable { .. } | UpstreamError::MarkedDown { .. } => "unreachable",
+            // Never counted either: the request was not sent.
+            UpstreamError::RetryAfter { .. } => "retry_after",
             UpstreamError::Timeout { .. } => "timeout",
             UpstreamError::Status { .. } => "status",
             UpstreamError::Invalid { .. } => "invalid",

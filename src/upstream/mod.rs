@@ -4,15 +4,18 @@
 //! One [`Upstream`] per configured registry. Every request has a connect timeout (in the client),
 //! a time limit for the response headers, and callers read bodies with [`Upstream::next_chunk`],
 //! which bounds the idle time between chunks. Requests are sent on the runtime given to
-//! [`Upstream::new`] (the server's background runtime), wherever the caller runs, so that the
-//! pooled connections live there and not on the shard of the request that opened them. The rest
+//! [`Upstream::new`] (the server's background runtime, through `crate::runtime::on_runtime`),
+//! wherever the caller runs, so that the pooled connections live there and not on the shard of
+//! the request that opened them. The rest
 //! lives beside this file: failures and their causes (`error.rs`), auth and the token cache
-//! (`auth.rs`), the circuit breaker and its probe (`breaker.rs`), and the address policy for
-//! redirects and token realms (`redirect.rs`).
+//! (`auth.rs`), the circuit breaker and its probe (`breaker.rs`), the rate-limit headers and the
+//! `Retry-After` hold (`ratelimit.rs`), and the address policy for redirects and token realms
+//! (`redirect.rs`).
 
 mod auth;
 mod breaker;
 mod error;
+mod ratelimit;
 mod redirect;
 
 use std::sync::{Arc, Mutex, Weak};
@@ -26,6 +29,7 @@ use crate::config::UpstreamConfig;
 use crate::oci::manifest::{json_depth, media_type_from_body};
 use crate::oci::media::Accept;
 use crate::oci::reference::{Digest, RepoName};
+use crate::runtime::on_runtime;
 use crate::telemetry::metrics::Metrics;
 
 use error::classify;
@@ -33,6 +37,10 @@ use error::classify;
 pub use auth::{parse_challenge, Challenge};
 pub use breaker::UpstreamStatus;
 pub use error::{Cause, UpstreamError};
+pub use ratelimit::{
+    parse_quota, parse_retry_after, whole_seconds, QuotaValue, RateLimitSnapshot, RateLimitStatus,
+    MAX_HOLD, MAX_WINDOW, RATELIMIT_HEADERS,
+};
 pub use redirect::{check_redirect, host_class, HostClass, Refused, MAX_REDIRECTS};
 
 /// Deepest nesting of JSON arrays and objects accepted from an upstream (manifests, listings,
@@ -61,6 +69,7 @@ pub struct Upstream {
     client: reqwest::Client,
     auth: auth::Auth,
     breaker: Mutex<breaker::Breaker>,
+    ratelimit: Mutex<ratelimit::RateLimit>,
     metrics: Arc<Metrics>,
     me: Weak<Upstream>,
     /// Where requests are sent and their connections driven (the server's background runtime).
@@ -118,6 +127,7 @@ impl Upstream {
             client,
             auth: auth::Auth::default(),
             breaker: Mutex::new(breaker::Breaker::default()),
+            ratelimit: Mutex::new(ratelimit::RateLimit::default()),
             metrics,
             me: me.clone(),
             runtime,
@@ -155,6 +165,14 @@ impl Upstream {
     ) -> Result<Response, UpstreamError> {
         self.check_circuit()?;
         let result = self.send_on_runtime(method, repo, path, headers).await;
+        if let Err(UpstreamError::Status {
+            status: 429,
+            retry_after: Some(v),
+            ..
+        }) = &result
+        {
+            self.hold(v);
+        }
         match &result {
             Ok(_) => self.record_success(),
             Err(e) => {
@@ -168,12 +186,8 @@ impl Upstream {
         result
     }
 
-    /// [`Upstream::send_inner`] as a task of this upstream's runtime. hyper drives a connection
-    /// with a task spawned where the connection was made, and the pool hands it to any later
-    /// request: a connection made on a shard would stall with that shard every request that
-    /// reuses it. Made here, connections live on the background runtime, and a response body is
-    /// read through the channel its connection task feeds, from whatever thread polls it. The
-    /// task is aborted when the caller gives up (drops this future), as the request would be.
+    /// [`Upstream::send_inner`] as a task of this upstream's runtime ([`on_runtime`]), so that
+    /// its pooled connections live there and not on the shard of the request that opened them.
     async fn send_on_runtime(
         &self,
         method: Method,
@@ -186,19 +200,15 @@ impl Upstream {
             return self.send_inner(method, repo, path, headers).await;
         };
         let (repo, path) = (repo.cloned(), path.to_owned());
-        let task = tokio_util::task::AbortOnDropHandle::new(
-            self.runtime
-                .spawn(async move { me.send_inner(method, repo.as_ref(), &path, headers).await }),
-        );
-        match task.await {
-            Ok(result) => result,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            // The runtime is shutting down.
-            Err(e) => Err(UpstreamError::Unreachable {
-                upstream: self.name().to_owned(),
-                source: Arc::new(e),
-            }),
-        }
+        let sent = async move { me.send_inner(method, repo.as_ref(), &path, headers).await };
+        on_runtime(&self.runtime, sent)
+            .await
+            .unwrap_or_else(|stopped| {
+                Err(UpstreamError::Unreachable {
+                    upstream: self.name().to_owned(),
+                    source: Arc::new(stopped),
+                })
+            })
     }
 
     async fn send_inner(
@@ -226,6 +236,7 @@ impl Upstream {
                     what: "response headers",
                 })?
                 .map_err(|e| classify(name, e))?;
+            self.observe(resp.headers());
             let status = resp.status();
             if status == StatusCode::UNAUTHORIZED && !refreshed {
                 refreshed = true;

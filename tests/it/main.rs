@@ -13,6 +13,7 @@ mod ops;
 mod outage;
 mod prefetch;
 mod pull;
+mod quota;
 mod ranges;
 mod status;
 mod support;

@@ -127,6 +127,19 @@ fn chromium_shows_a_black_holed_upstream_as_down_on_the_status_page() {
         "served stale once the upstream is black-holed"
     );
 
+    // The revalidation goes on in the background past `revalidate_budget`: its failure marks the
+    // upstream down.
+    let t = std::time::Instant::now();
+    while !http_get(addr, "/_regcache/status", &[])
+        .is_some_and(|r| String::from_utf8_lossy(&r.body).contains("\"state\":\"down\""))
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the upstream was never marked down:\n{}",
+            rc.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let dom = chromium_dom(&format!("http://{addr}/"), home.path());
     let upstreams = table_rows(&dom, "upstreams");
     let docker = upstreams

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::cmd::prefetch::commit::{self, Object, Uncommitted};
 use crate::cmd::prefetch::jobs::Job;
+use crate::cmd::prefetch::quota::Quotas;
 use crate::cmd::prefetch::Platform;
 use crate::cmd::remote::{error_message, query_value};
 use crate::oci::media::{Accept, Kind};
@@ -74,6 +75,8 @@ pub(super) struct Ctx {
     pub terminal: bool,
     /// How long to wait for the server to commit each manifest and blob (`--commit-timeout`).
     pub commit_timeout: Duration,
+    /// The upstreams' quotas the server passed on, and `--on-quota`.
+    pub quotas: Quotas,
 }
 
 /// The `x-regcache-cache` outcome of a server's answer.
@@ -102,14 +105,16 @@ struct Got {
 /// or a `HEAD` by digest that never answers `hit` goes to `o.uncommitted`.
 async fn get_manifest(
     ctx: &Ctx,
-    name: &str,
+    job: &Job,
     reference: &str,
     o: &mut Outcome,
 ) -> anyhow::Result<Got> {
+    let name = &job.reference.name;
     let url = format!("{}/v2/{name}/manifests/{reference}", ctx.server);
     // All four types: prefetch stores what docker, containerd and podman pull.
     let accept = Accept::ALL.header_value().unwrap_or_default();
     let resp = ctx.client.get(&url).header("accept", accept).send().await?;
+    ctx.quotas.note(&job.upstream, resp.headers());
     let status = resp.status();
     let media_type = resp
         .headers()
@@ -277,6 +282,14 @@ pub(super) async fn prefetch_one(
         image: job.shown.clone(),
         ..Default::default()
     };
+    if let Err(why) = ctx
+        .quotas
+        .before_pull(&job.upstream, job.quota_reserve)
+        .await
+    {
+        o.reason = Some(why);
+        return o;
+    }
     match prefetch_inner(&ctx, &job, all_platforms, pin, &mut o).await {
         Ok(()) if o.uncommitted.is_empty() => {
             o.status = Status::Cached;
@@ -309,7 +322,7 @@ async fn prefetch_inner(
         media_type,
         body: top,
         digest,
-    } = get_manifest(ctx, name, &reference, o).await?;
+    } = get_manifest(ctx, job, &reference, o).await?;
     o.digest = Some(digest);
     let mut manifests: Vec<serde_json::Value> = Vec::new();
     if is_index(&media_type, &top) {
@@ -359,7 +372,7 @@ async fn prefetch_inner(
                         .unwrap_or("?")
                 ));
             }
-            manifests.push(get_manifest(ctx, name, d, o).await?.body);
+            manifests.push(get_manifest(ctx, job, d, o).await?.body);
         }
     } else {
         manifests.push(top);

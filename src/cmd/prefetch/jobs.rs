@@ -16,6 +16,10 @@ pub(super) struct Job {
     /// The repository the server keeps it under ([`Names::repo`]): one key for every spelling.
     pub repo: String,
     pub platforms: Vec<Platform>,
+    /// The upstream the server routes it to, and that upstream's `quota_reserve`
+    /// ([`Names::quota`]).
+    pub upstream: String,
+    pub quota_reserve: u64,
 }
 
 /// Normalises image names the way the server routes them (`Routing::route`): `busybox`,
@@ -32,6 +36,18 @@ impl Names {
             let idle = tokio::runtime::Builder::new_current_thread().build().ok()?;
             crate::app::Routing::build(c, &metrics, idle.handle(), None).ok()
         }))
+    }
+
+    /// The upstream the configuration routes `name` to and its `quota_reserve`; without a
+    /// configuration to route with, `the server's upstream` and no reserve.
+    fn quota(&self, name: &str) -> (String, u64) {
+        match self.0.as_ref().map(|r| r.route(name, None)) {
+            Some(Ok(route)) => (
+                route.upstream.name().to_owned(),
+                route.upstream.config.quota_reserve,
+            ),
+            _ => ("(the server's upstream)".to_owned(), 0),
+        }
     }
 
     /// `upstream NUL repository` for a name the configuration routes; the name itself otherwise
@@ -114,11 +130,14 @@ pub(super) fn jobs(args: &PrefetchArgs, names: &Names) -> Result<Vec<Job>, Strin
                 }
             }
         } else {
+            let (upstream, quota_reserve) = names.quota(&reference.name);
             out.push(Job {
                 shown: reference.to_string(),
                 reference,
                 repo,
                 platforms,
+                upstream,
+                quota_reserve,
             });
         }
     }

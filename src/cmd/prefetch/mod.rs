@@ -8,14 +8,15 @@
 //! manifest and blob was confirmed committed on the server before the run ends.
 //!
 //! This file has the flags, the run and its output; [`jobs`] what to fetch, [`fetch`] how one
-//! image is fetched, [`commit`] how its commit is confirmed, [`dockerfile`] and [`shell`] reading
-//! Dockerfiles, [`platform`] platforms.
+//! image is fetched, [`commit`] how its commit is confirmed, [`quota`] the upstreams' pull quotas
+//! (`--on-quota`), [`dockerfile`] and [`shell`] reading Dockerfiles, [`platform`] platforms.
 
 mod commit;
 pub mod dockerfile;
 mod fetch;
 mod jobs;
 mod platform;
+mod quota;
 pub mod shell;
 
 use std::collections::HashMap;
@@ -31,6 +32,8 @@ use crate::cmd::{remote, runtime, Exit};
 use fetch::{Ctx, Outcome, Status};
 use jobs::{Job, Names};
 pub use platform::Platform;
+pub use quota::OnQuota;
+use quota::Quotas;
 
 #[derive(Debug, Args)]
 pub struct PrefetchArgs {
@@ -62,6 +65,14 @@ pub struct PrefetchArgs {
     /// (fsync and database record); an image not committed by then is not durable (exit 1).
     #[arg(long, default_value = "60s", value_parser = crate::config::parse_duration)]
     pub commit_timeout: Duration,
+    /// When an upstream's pull quota, as the server passes it on, is at or under that
+    /// upstream's `quota_reserve`: `stop` fails the images still to fetch from it (exit 1),
+    /// `wait` sleeps until the quota's window has passed (at most `--max-wait`).
+    #[arg(long, value_enum, default_value = "stop")]
+    pub on_quota: OnQuota,
+    /// The longest `--on-quota wait` sleeps for a quota's window; a longer one stops the run.
+    #[arg(long, default_value = "15m", value_parser = crate::config::parse_duration)]
+    pub max_wait: Duration,
     /// Print what would be fetched, fetch nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -167,6 +178,7 @@ pub fn run(args: PrefetchArgs) -> ExitCode {
         overall,
         terminal,
         commit_timeout: args.commit_timeout,
+        quotas: Quotas::new(args.on_quota, args.max_wait),
     });
     let work = fetch_all(
         Arc::clone(&ctx),
@@ -185,7 +197,7 @@ pub fn run(args: PrefetchArgs) -> ExitCode {
     let Some(outcomes) = outcomes else {
         return fail_early(args.json, Exit::Interrupted, "interrupted");
     };
-    summary(&outcomes, args.json)
+    summary(&outcomes, &ctx.quotas, args.json)
 }
 
 /// `--dry-run`: what would be fetched, one line (or JSON object) per image.
@@ -253,9 +265,12 @@ async fn fetch_all(
     let image_slots = Arc::new(tokio::sync::Semaphore::new(concurrency));
     let mut tasks = Vec::new();
     for job in jobs {
-        let (ctx, slots) = (Arc::clone(&ctx), Arc::clone(&image_slots));
+        // Taken here, not in the task: images start in the order given (the first ones are
+        // those fetched before an upstream's quota reserve stops the run).
+        let slot = Arc::clone(&image_slots).acquire_owned().await;
+        let ctx = Arc::clone(&ctx);
         tasks.push(tokio::spawn(async move {
-            let _slot = slots.acquire().await;
+            let _slot = slot;
             let o = fetch::prefetch_one(Arc::clone(&ctx), job, all_platforms, pin).await;
             let line = line_for(&o);
             if ctx.terminal {
@@ -283,7 +298,7 @@ async fn fetch_all(
 
 /// The end of a run: the `--json` summary on stdout, the failures (exit 1) or the count on
 /// stderr.
-fn summary(outcomes: &[Outcome], json: bool) -> ExitCode {
+fn summary(outcomes: &[Outcome], quotas: &Quotas, json: bool) -> ExitCode {
     let failed = outcomes
         .iter()
         .filter(|o| o.status != Status::Cached)
@@ -294,8 +309,13 @@ fn summary(outcomes: &[Outcome], json: bool) -> ExitCode {
             "ok": failed == 0,
             "images": outcomes,
             "fetched_bytes": outcomes.iter().map(|o| o.fetched_bytes).sum::<u64>(),
+            "quota": quotas.json(),
         });
         println!("{summary}");
+    }
+    // What the answers that went upstream said of its quota.
+    for line in quotas.lines() {
+        eprintln!("regcache prefetch: {line}");
     }
     if failed > 0 {
         eprintln!(

@@ -2,7 +2,7 @@
 //! higher layer (docs/ARCHITECTURE.md, "Module map").
 //!
 //! Layers, top to bottom: `cmd` → `http` → `app` → `cache` → the tiers (`store`, `bucket`,
-//! `upstream`, `peers`) → the base (`config`, `oci`, `telemetry`). A module may use its own layer
+//! `upstream`, `peers`) → the base (`config`, `oci`, `runtime`, `telemetry`). A module may use its own layer
 //! folder and the layers below it; a tier uses no other tier; nothing but `main.rs` uses `cmd`.
 //! `fuzzing.rs` (the property and fuzz entry points, built only for tests and `cargo fuzz`) may use
 //! anything, like a test.
@@ -22,6 +22,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("peers", 4),
     ("config", 5),
     ("oci", 5),
+    ("runtime", 5),
     ("telemetry", 5),
 ];
 

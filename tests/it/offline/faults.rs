@@ -1304,17 +1304,27 @@ async fn upstream_answers_map_to_oci_errors() {
     .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.describe());
 
+    // A 429's Retry-After holds every request back (offline::quota): 1 s, waited out before
+    // the next request, so that each of them is answered by the upstream.
     fake.set_status(Some(429));
+    fake.set_retry_after(Some("1"));
     let r = get(&format!("{u}/v2/team/limited/manifests/latest")).await;
     assert_oci_error(&r, 429, "TOOMANYREQUESTS", "upstream 429");
     assert_eq!(
         r.header("retry-after"),
-        Some("7"),
+        Some("1"),
         "429 passes the upstream's Retry-After on: {}",
         r.describe()
     );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let asked = fake.request_count();
     let r = get(&format!("{u}/v2/team/limited/blobs/sha256:{hex64}")).await;
     assert_oci_error(&r, 429, "TOOMANYREQUESTS", "upstream 429 (blob)");
+    assert!(
+        fake.request_count() > asked,
+        "the blob's 429 came from the upstream"
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
 
     for status in [503, 500, 502] {
         fake.set_status(Some(status));

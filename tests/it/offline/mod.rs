@@ -15,5 +15,7 @@ pub(crate) mod ops;
 mod outage;
 mod prefetch;
 mod pull;
+mod quota;
+mod revalidate;
 mod security;
 mod status;

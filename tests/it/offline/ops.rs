@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::support::fake::FakeUpstream;
-use crate::support::process::{free_port, Process};
+use crate::support::fleet::{fleet_port, peers_toml, rank, token_file, wait_peers_up};
+use crate::support::process::{free_port, metric, Process};
 use crate::support::regcache::{client, Regcache};
-use crate::support::registry::{http_get, read_head, read_response, sha256_digest};
+use crate::support::registry::{http_get, read_head, read_response, send_request, sha256_digest};
 
 #[test]
 fn health_command_exits_0_when_ready_and_1_when_not() {
@@ -202,6 +203,20 @@ async fn a_fill_on_one_shard_keeps_feeding_a_client_on_another_through_shutdown(
     assert_eq!(code, Some(0), "{}", rc.log_text());
 }
 
+/// What happened, in the order it happened, noted from several threads.
+#[derive(Clone, Default)]
+struct Events(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl Events {
+    fn note(&self, what: String) {
+        self.0.lock().expect("events").push(what);
+    }
+
+    fn all(&self) -> Vec<String> {
+        self.0.lock().expect("events").clone()
+    }
+}
+
 /// A keep-alive connection to a regcache that runs with the test hooks, and the shard serving it.
 struct ShardConn {
     stream: std::net::TcpStream,
@@ -237,6 +252,70 @@ impl ShardConn {
         let request = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}\r\n");
         std::io::Write::write_all(&mut self.stream, request.as_bytes()).expect("send a request");
     }
+
+    /// Sends the stall order for `shard` (its thread blocks for `ms`) and returns once that
+    /// shard is blocked (the answer's head comes then, its body once the shard runs again). The
+    /// thread returned notes `shard N ran again` in `events` when the answer ends.
+    fn stall(mut self, shard: &str, ms: u64, events: &Events) -> std::thread::JoinHandle<()> {
+        self.send(
+            "POST",
+            &format!("/_regcache/test/stall?shard={shard}&ms={ms}"),
+            "x-regcache-operator: 1\r\n",
+        );
+        let r = read_head(&mut self.stream, "the stall order");
+        assert_eq!(r.status, 200, "the stall order: {:?}", r.headers);
+        let (events, shard) = (events.clone(), shard.to_owned());
+        std::thread::spawn(move || {
+            let mut rest = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !rest.ends_with(b"0\r\n\r\n") {
+                let n =
+                    std::io::Read::read(&mut self.stream, &mut buf).expect("the end of the stall");
+                assert!(n > 0, "the stall's answer was cut short");
+                rest.extend_from_slice(&buf[..n]);
+            }
+            events.note(format!("shard {shard} ran again"));
+        })
+    }
+
+    /// At least `on_a` connections on one shard (A) and `on_b` on another (B). A new connection
+    /// goes to the least loaded shard, so a few suffice.
+    fn on_two_shards(
+        addr: SocketAddr,
+        on_a: usize,
+        on_b: usize,
+    ) -> (Vec<ShardConn>, Vec<ShardConn>) {
+        type ByShard = std::collections::BTreeMap<String, Vec<ShardConn>>;
+        let pick = |by_shard: &ByShard| {
+            by_shard
+                .iter()
+                .filter(|(_, c)| c.len() >= on_a)
+                .find_map(|(a, _)| {
+                    let b = by_shard.iter().find(|(b, c)| *b != a && c.len() >= on_b)?;
+                    Some((a.clone(), b.0.clone()))
+                })
+        };
+        let mut by_shard = ByShard::new();
+        let mut picked = None;
+        for _ in 0..32 {
+            let c = ShardConn::open(addr);
+            by_shard.entry(c.shard.clone()).or_default().push(c);
+            picked = pick(&by_shard);
+            if picked.is_some() {
+                break;
+            }
+        }
+        let Some((a, b)) = picked else {
+            panic!(
+                "connections landed on shards {:?} only: this test needs regcache to run at \
+                 least two shards (one per CPU; the machine has {:?})",
+                by_shard.keys().collect::<Vec<_>>(),
+                std::thread::available_parallelism()
+            )
+        };
+        let mut take = |s: &str| by_shard.remove(s).unwrap_or_default();
+        (take(&a), take(&b))
+    }
 }
 
 /// Fills and upstream connections are not tied to the shard whose client started them: while
@@ -256,27 +335,10 @@ async fn a_client_on_another_shard_gets_its_blob_while_the_shard_that_started_th
     );
     tokio::task::spawn_blocking(move || {
         // Two connections on shard A (the client that starts the fill, one that lists tags) and
-        // two on shard B (the stall order, the client that joins). A new connection goes to the
-        // least loaded shard, so a few suffice.
-        let mut by_shard = std::collections::BTreeMap::<String, Vec<ShardConn>>::new();
-        for _ in 0..32 {
-            let c = ShardConn::open(addr);
-            by_shard.entry(c.shard.clone()).or_default().push(c);
-            if by_shard.values().filter(|c| c.len() >= 2).count() >= 2 {
-                break;
-            }
-        }
-        let shards: Vec<_> = by_shard.keys().cloned().collect();
-        let mut pairs = by_shard.into_values().filter(|c| c.len() >= 2);
-        let (Some(mut on_a), Some(mut on_b)) = (pairs.next(), pairs.next()) else {
-            panic!(
-                "connections landed on shards {shards:?} only: this test needs regcache to run \
-                 at least two shards (one per CPU; the machine has {:?})",
-                std::thread::available_parallelism()
-            )
-        };
+        // two on shard B (the stall order, the client that joins).
+        let (mut on_a, mut on_b) = ShardConn::on_two_shards(addr, 2, 2);
         let (mut starter, mut lister) = (on_a.remove(0), on_a.remove(0));
-        let (mut stall, mut joiner) = (on_b.remove(0), on_b.remove(0));
+        let (stall, mut joiner) = (on_b.remove(0), on_b.remove(0));
         let (a, b) = (starter.shard.clone(), joiner.shard.clone());
         // Client 1 starts the fill on shard A; the upstream trickles it for about 1.6 s.
         starter.send("GET", &blob, "");
@@ -286,58 +348,26 @@ async fn a_client_on_another_shard_gets_its_blob_while_the_shard_that_started_th
         lister.send("GET", tags, "");
         let r = read_response(&mut lister.stream, false, "the tag list on shard A");
         assert_eq!(r.status, 200, "the tag list on shard A: {:?}", r.headers);
-        // Shard A's thread blocks for longer than the whole fill takes. The answer's head comes
-        // once it is blocked, its body once it runs again.
-        stall.send(
-            "POST",
-            &format!("/_regcache/test/stall?shard={a}&ms=6000"),
-            "x-regcache-operator: 1\r\n",
-        );
-        let r = read_head(&mut stall.stream, "the stall order");
-        assert_eq!(r.status, 200, "the stall order: {:?}", r.headers);
-        let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let stalled = std::thread::spawn({
-            let events = std::sync::Arc::clone(&events);
-            let a = a.clone();
-            move || {
-                let mut rest = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !rest.ends_with(b"0\r\n\r\n") {
-                    let n = std::io::Read::read(&mut stall.stream, &mut buf)
-                        .expect("the end of the stall");
-                    assert!(n > 0, "the stall's answer was cut short");
-                    rest.extend_from_slice(&buf[..n]);
-                }
-                events
-                    .lock()
-                    .expect("events")
-                    .push(format!("shard {a} ran again"));
-            }
-        });
+        // Shard A's thread blocks for longer than the whole fill takes.
+        let events = Events::default();
+        let stalled = stall.stall(&a, 6000, &events);
         // Client 2, on shard B, while shard A is blocked: a tag list, then the blob (joining the
         // fill).
         joiner.send("GET", tags, "");
         let r = read_response(&mut joiner.stream, false, "client 2's tag list");
         assert_eq!(r.status, 200, "client 2's tag list: {:?}", r.headers);
-        events
-            .lock()
-            .expect("events")
-            .push(format!("client 2 on shard {b} got the tag list"));
+        events.note(format!("client 2 on shard {b} got the tag list"));
         joiner.send("GET", &blob, "");
         let r = read_response(&mut joiner.stream, false, "client 2's GET");
         assert_eq!(r.status, 200, "client 2's GET: {:?}", r.headers);
         let got = sha256_digest(&r.body);
         // `coalesced`: it joined the fill, still running (a `hit` would come after it).
         let outcome = r.header("x-regcache-cache").unwrap_or("none").to_owned();
-        events
-            .lock()
-            .expect("events")
-            .push(format!("client 2 on shard {b} got the blob ({outcome})"));
+        events.note(format!("client 2 on shard {b} got the blob ({outcome})"));
         stalled.join().expect("the stall's answer");
         assert_eq!(got, digest, "client 2's {} bytes", r.body.len());
-        let events = events.lock().expect("events").clone();
         assert_eq!(
-            events,
+            events.all(),
             [
                 format!("client 2 on shard {b} got the tag list"),
                 format!("client 2 on shard {b} got the blob (coalesced)"),
@@ -351,6 +381,149 @@ async fn a_client_on_another_shard_gets_its_blob_while_the_shard_that_started_th
     .expect("the test's client thread");
     let mut rc = slow.rc;
     stops_cleanly(&mut rc);
+}
+
+/// Requests to peers are not tied to the shard that started them either: blob `HEAD`s on shard A
+/// during an outage, each answered by asking the peer that holds the blob from shard A's
+/// handlers, leave pooled connections to that peer; while shard A's thread is blocked, clients on
+/// shard B get their blobs from the peer (fills that take those pooled connections), whole and
+/// verified, before shard A runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_on_another_shard_get_blobs_from_a_peer_while_the_shard_that_asked_the_peer_is_stalled(
+) {
+    const BLOBS: usize = 3;
+    let fake = FakeUpstream::start().await;
+    let dir = tempfile::TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("fleet dir");
+    let port = fleet_port(2);
+    let urls: Vec<String> = (1..=2)
+        .map(|i| format!("http://127.0.0.{i}:{port}"))
+        .collect();
+    // Blobs that the second server (B) ranks first for: B fills them from the upstream itself.
+    let digests: Vec<String> = (0u32..)
+        .map(|seed| {
+            Bytes::from(
+                (0..1u32 << 20)
+                    .map(|i| ((i + seed) % 251) as u8)
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .filter(|l| rank(&urls, &sha256_digest(l))[0] == 1)
+        .take(BLOBS)
+        .map(|l| fake.add_blob("app/peered", l))
+        .collect();
+    let config = dir.path().join("regcache.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[upstreams.docker]\nurl = \"{}\"\nfailure_threshold = 1\n{}",
+            fake.url(),
+            peers_toml(&urls, &token_file(dir.path()))
+        ),
+    )
+    .expect("config");
+    let start = |i: u8, env: &[(&str, &str)]| {
+        let data = dir.path().join(format!("data-{i}")).display().to_string();
+        Process::start_full(
+            &config,
+            SocketAddr::from(([127, 0, 0, i], port)),
+            &dir.path().join(format!("regcache-{i}.log")),
+            &["--data-dir".to_owned(), data],
+            env,
+        )
+    };
+    let (server_a, server_b) = tokio::task::block_in_place(|| {
+        let servers = (start(1, &[("REGCACHE_TEST_HOOKS", "1")]), start(2, &[]));
+        wait_peers_up(&servers.0, Duration::from_secs(40));
+        wait_peers_up(&servers.1, Duration::from_secs(40));
+        servers
+    });
+    let (a, b) = (server_a.addr, server_b.addr);
+    let paths: Vec<String> = digests
+        .iter()
+        .map(|d| format!("/v2/app/peered/blobs/{d}"))
+        .collect();
+    tokio::task::block_in_place(|| {
+        // B stores the blobs while the upstream answers.
+        for path in &paths {
+            let r = http_get(b, path, &[]).expect("B's GET");
+            assert_eq!(r.status, 200, "B's GET: {:?}", r.headers);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let mut s = send_request(b, "HEAD", path, &[], b"", Duration::from_secs(10))
+                    .expect("B's HEAD");
+                if read_head(&mut s, "B's HEAD").header("x-regcache-cache") == Some("hit") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "B did not commit {path}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    });
+    // The upstream goes down. A's first failure opens its breaker (`failure_threshold = 1`): A's
+    // peer tier then asks the peers what they hold.
+    fake.set_status(Some(503));
+    let up = tokio::task::block_in_place(|| {
+        http_get(a, "/v2/app/peered/tags/list", &[]).expect("A's tag list");
+        metric(
+            &server_a.metrics(),
+            "regcache_upstream_up{upstream=\"docker\"}",
+        )
+    });
+    assert_eq!(up, Some(0.0), "A's upstream is marked down");
+    let (events, shard_a, shard_b) = tokio::task::spawn_blocking(move || {
+        // On shard A, one connection per blob (the HEADs that ask the peer); on shard B, the
+        // stall order and one client per blob.
+        let (mut on_a, mut on_b) = ShardConn::on_two_shards(a, BLOBS, BLOBS + 1);
+        let (shard_a, shard_b) = (on_a[0].shard.clone(), on_b[0].shard.clone());
+        // The HEADs at once on shard A: each asks B from shard A's thread, so beyond the
+        // connection to B the pool may have idle, it opens more from there.
+        for (c, path) in on_a.iter_mut().zip(&paths) {
+            c.send("HEAD", path, "");
+        }
+        for c in &mut on_a {
+            let r = read_response(&mut c.stream, true, "a HEAD on shard A");
+            assert_eq!(
+                (r.status, r.header("x-regcache-cache")),
+                (200, Some("shared")),
+                "a HEAD on shard A, answered by the peer: {:?}",
+                r.headers
+            );
+        }
+        // Shard A's thread blocks for longer than the peer's answers take. Then the clients on
+        // shard B ask at once: their fills take pooled connections to B, as many as they need.
+        let events = Events::default();
+        let stalled = on_b.remove(0).stall(&shard_a, 6000, &events);
+        for (c, path) in on_b.iter_mut().zip(&paths) {
+            c.send("GET", path, "");
+        }
+        for (i, (c, d)) in on_b.iter_mut().zip(&digests).enumerate() {
+            let r = read_response(&mut c.stream, false, "a GET on shard B");
+            let outcome = r.header("x-regcache-cache").unwrap_or("none").to_owned();
+            events.note(format!(
+                "client {i} on shard {shard_b} got {} ({outcome}, {} bytes, verified: {})",
+                r.status,
+                r.body.len(),
+                sha256_digest(&r.body) == *d
+            ));
+        }
+        stalled.join().expect("the stall's answer");
+        (events.all(), shard_a, shard_b)
+    })
+    .await
+    .expect("the test's client thread");
+    let mut want: Vec<String> = (0..BLOBS)
+        .map(|i| {
+            format!("client {i} on shard {shard_b} got 200 (shared, 1048576 bytes, verified: true)")
+        })
+        .collect();
+    want.push(format!("shard {shard_a} ran again"));
+    assert_eq!(
+        events,
+        want,
+        "the clients on shard B must get their blobs from the peer while shard A is stalled\n{}",
+        server_a.log_text()
+    );
+    drop(server_b);
 }
 
 /// Without `REGCACHE_TEST_HOOKS=1` the test hooks do not exist: responses name no shard, and the

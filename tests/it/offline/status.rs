@@ -82,6 +82,23 @@ async fn get_blob_twice(rc: &Regcache, d: &str, layer: &[u8]) {
     }
 }
 
+/// Pulls `app/x:v1`'s manifest once the upstream is black-holed, then waits until its
+/// revalidation (which goes on in the background past `revalidate_budget`) failed and marked the
+/// upstream down; whether the answer was stale.
+async fn stale_until_down(rc: &Regcache) -> bool {
+    let stale = pull_tag(rc).await;
+    let upstream = std::sync::Arc::clone(&rc.app.routing().upstreams()[0]);
+    let t = std::time::Instant::now();
+    while upstream.is_up() {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(10),
+            "the revalidation through the black hole never marked the upstream down"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    stale
+}
+
 /// Pulls `app/x:v1`'s manifest; whether the answer was stale.
 async fn pull_tag(rc: &Regcache) -> bool {
     let r = client()
@@ -108,7 +125,7 @@ async fn the_status_shows_a_black_holed_upstream_as_down_since_when_and_the_tags
 
     relay.set_black_hole(true);
     assert!(
-        pull_tag(&rc).await,
+        stale_until_down(&rc).await,
         "the tag is served stale while the upstream is black-holed"
     );
     let s = status_json(&rc.url()).await;
@@ -280,7 +297,7 @@ async fn regcache_status_shows_a_black_holed_upstream_as_down_and_exits_1() {
     );
 
     relay.set_black_hole(true);
-    assert!(pull_tag(&rc).await, "served stale");
+    assert!(stale_until_down(&rc).await, "served stale");
     let down = regcache_cli(&["status", "--server", &url]).await;
     assert_eq!(
         down.status.code(),
@@ -507,5 +524,32 @@ async fn the_metrics_operators_expect_exist_from_the_start_and_count_by_route_an
         ),
         Some(layer.len() as f64),
         "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_shows_the_quota_the_upstream_announced() {
+    let (fake, _relay, rc) = behind_relay("").await;
+    let s = status_json(&rc.url()).await;
+    assert_eq!(
+        s["upstreams"][0]["ratelimit"],
+        serde_json::Value::Null,
+        "no quota before the upstream announced one: {s}"
+    );
+    fake.set_ratelimit(Some((100, 42, 21600, "203.0.113.7")));
+    pull_tag(&rc).await;
+    let left = fake.ratelimit_remaining().expect("the fake's quota");
+    let s = status_json(&rc.url()).await;
+    let q = &s["upstreams"][0]["ratelimit"];
+    assert_eq!(q["limit"], 100, "{s}");
+    assert_eq!(q["remaining"], left, "as the last answer said: {s}");
+    assert_eq!(q["window_seconds"], 21600, "{s}");
+    assert_eq!(q["source"], "203.0.113.7", "{s}");
+    let text = regcache_cli(&["status", "--server", &rc.url()]).await;
+    assert!(
+        String::from_utf8_lossy(&text.stdout)
+            .contains(&format!("  rate limit: {left} of 100 left, window 6h\n")),
+        "{}",
+        out(&text)
     );
 }

@@ -9,7 +9,8 @@
 //! - `GET|HEAD /v2/` — `200 {}` with `Docker-Distribution-API-Version: registry/2.0`.
 //! - `GET|HEAD /v2/<name>/manifests/<tag|digest>` — stored media type, `Docker-Content-Digest`. A
 //!   Docker manifest list asked for by tag without the list type in `Accept` is answered with its
-//!   linux/amd64 child, as distribution does.
+//!   linux/amd64 child, as distribution does. [`FakeUpstream::set_answer_delay`] makes every
+//!   manifest answer wait; [`FakeUpstream::manifest_answers`] counts those sent.
 //! - `GET|HEAD /v2/<name>/blobs/<digest>` — octet-stream, single `Range` supported (206 / 416).
 //!   With [`FakeUpstream::set_head_without_length`], manifest and blob `HEAD`s carry no
 //!   `Content-Length`.
@@ -18,6 +19,10 @@
 //!   to fail with [`FakeUpstream::set_token_answer`].
 //! - `GET|HEAD /redirected/<digest>` — "blob storage" target of [`FakeUpstream::set_blob_redirect`];
 //!   serves the blob from any repository of this fake, with no authentication.
+//!
+//! With [`FakeUpstream::set_ratelimit`], every `/v2/` answer carries Docker Hub's rate-limit headers
+//! and manifest `GET`s spend its quota; [`FakeUpstream::set_retry_after`] sets the forced 429s'
+//! `Retry-After`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -311,6 +316,25 @@ impl FakeUpstream {
         lock(&self.state.cfg).status = status;
     }
 
+    /// `Retry-After` of the 429s of [`FakeUpstream::set_status`] (`None`: the default `7`).
+    pub fn set_retry_after(&self, value: Option<&str>) {
+        lock(&self.state.cfg).retry_after = value.map(str::to_owned);
+    }
+
+    /// Every `/v2/` answer carries Docker Hub's rate-limit headers (`ratelimit-limit:
+    /// <limit>;w=<window>`, `ratelimit-remaining: <remaining>;w=<window>`,
+    /// `docker-ratelimit-source: <source>`). Like Docker Hub, each manifest `GET` (not `HEAD`)
+    /// counts one pull: it takes one from `remaining`, and once none is left it is answered `429
+    /// TOOMANYREQUESTS` (without `Retry-After`). `None` turns it off.
+    pub fn set_ratelimit(&self, quota: Option<(u64, u64, u64, &str)>) {
+        lock(&self.state.cfg).ratelimit = quota.map(|(l, r, w, s)| (l, r, w, s.to_owned()));
+    }
+
+    /// Pulls left of [`FakeUpstream::set_ratelimit`]'s quota.
+    pub fn ratelimit_remaining(&self) -> Option<u64> {
+        lock(&self.state.cfg).ratelimit.as_ref().map(|q| q.1)
+    }
+
     /// Accept and read requests but never answer them (connections are held open).
     pub fn set_stall(&self, on: bool) {
         lock(&self.state.cfg).stall = on;
@@ -320,6 +344,12 @@ impl FakeUpstream {
     /// gate answers them all.
     pub fn set_manifest_gate(&self, closed: bool) {
         self.state.manifest_gate.send_replace(closed);
+    }
+
+    /// Every manifest answer (`HEAD` and `GET`, whatever its status, `set_status`'s included)
+    /// waits `delay` before it is sent: a slow upstream. `Duration::ZERO` turns it off.
+    pub fn set_answer_delay(&self, delay: Duration) {
+        lock(&self.state.cfg).answer_delay = delay;
     }
 
     /// Manifest responses carry a `Docker-Content-Digest` that is valid in form but wrong.
@@ -357,6 +387,13 @@ impl FakeUpstream {
     /// Total blob body bytes handed to the connection (counted as each chunk is yielded to hyper).
     pub fn blob_bytes_sent(&self) -> u64 {
         self.state.blob_bytes.load(Ordering::SeqCst)
+    }
+
+    /// Answers to manifest requests (`HEAD` and `GET`, any status) handed to the connection, so
+    /// that a test can tell whether regcache answered before the upstream did. Stalled and
+    /// gated requests are not answered until released.
+    pub fn manifest_answers(&self) -> usize {
+        lock(&self.state.stats).manifest_answers
     }
 
     /// Requests to `/token` (any outcome).
@@ -445,8 +482,12 @@ struct Config {
     slow_delay: Duration,
     status: Option<u16>,
     stall: bool,
+    answer_delay: Duration,
     lying_digest: bool,
     redirect: Option<String>,
+    retry_after: Option<String>,
+    /// `(limit, remaining, window seconds, source)`.
+    ratelimit: Option<(u64, u64, u64, String)>,
 }
 
 #[derive(Default)]
@@ -454,6 +495,7 @@ struct Stats {
     hits: HashMap<(String, String), usize>,
     blob_gets: HashMap<String, usize>,
     token_requests: usize,
+    manifest_answers: usize,
     records: Vec<RequestRecord>,
 }
 
@@ -527,6 +569,9 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
         let mut gate = state.manifest_gate.subscribe();
         // An error means the fake is being dropped: answer anyway.
         let _ = gate.wait_for(|closed| !closed).await;
+        if !cfg.answer_delay.is_zero() {
+            tokio::time::sleep(cfg.answer_delay).await;
+        }
     }
     let headers = req.headers();
 
@@ -562,14 +607,52 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
         };
     }
     if path == "/v2" || path.starts_with("/v2/") {
-        let mut resp = registry(&state, &cfg, &method, headers, &path, query.as_deref());
+        let (quota, spent) = count_pull(&state, &method, &path);
+        let mut resp = if spent {
+            oci_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "TOOMANYREQUESTS",
+                "fake upstream: pull rate limit reached",
+            )
+        } else {
+            registry(&state, &cfg, &method, headers, &path, query.as_deref())
+        };
+        for (name, value) in quota {
+            resp.headers_mut().insert(
+                name,
+                http::HeaderValue::from_str(&value).expect("fake upstream: rate-limit header"),
+            );
+        }
         resp.headers_mut().insert(
             "docker-distribution-api-version",
             http::HeaderValue::from_static("registry/2.0"),
         );
+        if path.contains("/manifests/") {
+            lock(&state.stats).manifest_answers += 1;
+        }
         return resp;
     }
     text(StatusCode::NOT_FOUND, "not found")
+}
+
+/// The rate-limit headers of [`FakeUpstream::set_ratelimit`] for one `/v2/` request, after
+/// counting it (a manifest `GET`), and whether the quota was spent before it.
+fn count_pull(state: &State, method: &Method, path: &str) -> (Vec<(&'static str, String)>, bool) {
+    let mut cfg = lock(&state.cfg);
+    let Some((limit, remaining, window, source)) = cfg.ratelimit.as_mut() else {
+        return (Vec::new(), false);
+    };
+    let mut spent = false;
+    if *method == Method::GET && path.contains("/manifests/") {
+        spent = *remaining == 0;
+        *remaining = remaining.saturating_sub(1);
+    }
+    let headers = vec![
+        ("ratelimit-limit", format!("{limit};w={window}")),
+        ("ratelimit-remaining", format!("{remaining};w={window}")),
+        ("docker-ratelimit-source", source.clone()),
+    ];
+    (headers, spent)
 }
 
 enum Route<'a> {
@@ -635,8 +718,11 @@ fn registry(
         };
         let mut resp = oci_error(status, code, "fake upstream: forced status");
         if status.as_u16() == 429 {
-            resp.headers_mut()
-                .insert("retry-after", http::HeaderValue::from_static("7"));
+            let retry_after = cfg.retry_after.as_deref().unwrap_or("7");
+            resp.headers_mut().insert(
+                "retry-after",
+                http::HeaderValue::from_str(retry_after).expect("fake upstream: Retry-After"),
+            );
         }
         return resp;
     }
