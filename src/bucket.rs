@@ -217,7 +217,7 @@ impl Bucket {
             Path::parse(&cfg.prefix)
                 .map_err(|e| anyhow::anyhow!("store.s3.prefix {:?}: {e}", cfg.prefix))?;
         }
-        metrics.bucket_up.set(1);
+        metrics.set_bucket_up(true);
         Ok(Bucket {
             s3: Arc::new(s3),
             prefix: cfg.prefix.clone(),
@@ -320,7 +320,7 @@ impl Bucket {
                 if self.down_until.swap(0, Ordering::Relaxed) != 0 {
                     tracing::info!("bucket reachable again");
                 }
-                self.metrics.bucket_up.set(1);
+                self.metrics.set_bucket_up(true);
             }
             Err(e) => self.failed(op, e),
         }
@@ -336,7 +336,7 @@ impl Bucket {
         if was <= now {
             tracing::warn!(op, error = %e, skip_for = ?DOWN_FOR, "bucket request failed: using the local tier and the upstream only");
         }
-        self.metrics.bucket_up.set(0);
+        self.metrics.set_bucket_up(false);
         self.metrics
             .bucket_errors
             .get_or_create(&vec![("op", op.to_owned())])

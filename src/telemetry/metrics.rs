@@ -45,7 +45,8 @@ pub struct Metrics {
     pub connections_open: Gauge,
     /// Open client connections by shard (`shard`), which the shards balance.
     pub shard_connections: Family<Labels, Gauge>,
-    pub bucket_up: Gauge,
+    /// With `[store.s3]` only: no sample without a bucket (see [`Metrics::set_bucket_up`]).
+    pub bucket_up: Family<Labels, Gauge>,
     pub bucket_errors: Family<Labels, Counter>,
     pub bucket_read: Counter,
     pub bucket_written: Counter,
@@ -115,7 +116,7 @@ impl Metrics {
             auth_bcrypt_checks: Counter::default(),
             connections_open: Gauge::default(),
             shard_connections: Family::default(),
-            bucket_up: Gauge::default(),
+            bucket_up: Family::default(),
             bucket_errors: Family::default(),
             bucket_read: Counter::default(),
             bucket_written: Counter::default(),
@@ -340,6 +341,12 @@ impl Metrics {
             m.background_revalidations.clone(),
         );
         Metrics { registry, ..m }
+    }
+
+    /// Sets `regcache_bucket_up`, which has a sample only once a bucket set it: without
+    /// `[store.s3]` there is no bucket to be down, and a 0 would say there was.
+    pub fn set_bucket_up(&self, up: bool) {
+        self.bucket_up.get_or_create(&Vec::new()).set(i64::from(up));
     }
 
     /// Creates the series of `family` with `label` = each of `values` (at 0 when new), so that

@@ -1,6 +1,7 @@
 //! The operator's view with real parts: headless Chromium (Debian's `chromium`) loads the status
 //! page of a running regcache whose upstream (Debian's docker-registry, behind a relay) is
-//! black-holed.
+//! black-holed; Debian's `promtool` checks the alert rules of `deploy/prometheus` and runs their
+//! unit tests (`tests/prometheus`).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -168,4 +169,41 @@ fn chromium_shows_a_black_holed_upstream_as_down_on_the_status_page() {
     );
     // Chromium built this DOM (it adds the tbody the page leaves out): the page was parsed.
     assert!(dom.contains("<tbody>"), "{dom}");
+}
+
+/// The repository's root (where `deploy/` and `tests/` are).
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn promtool_checks_the_alert_rules_and_their_unit_tests_pass() {
+    let promtool = require("promtool", "prometheus");
+    let rules = repo().join("deploy/prometheus/regcache-alerts.yml");
+    let mut check = command(&promtool);
+    check.arg("check").arg("rules").arg(&rules);
+    let out = run(check, Duration::from_secs(60));
+    assert!(
+        out.status.success(),
+        "{}",
+        describe("promtool check rules", &out)
+    );
+    let found = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        found.contains("SUCCESS: 9 rules found"),
+        "the nine alerts of docs/OPERATIONS.md: {found}"
+    );
+    // Run from its directory: the test file names the rules relative to itself.
+    let mut test = command(&promtool);
+    test.current_dir(repo().join("tests/prometheus")).args([
+        "test",
+        "rules",
+        "regcache-alerts.test.yml",
+    ]);
+    let out = run(test, Duration::from_secs(60));
+    assert!(
+        out.status.success(),
+        "{}",
+        describe("promtool test rules", &out)
+    );
 }

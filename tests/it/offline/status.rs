@@ -488,6 +488,10 @@ async fn the_metrics_operators_expect_exist_from_the_start_and_count_by_route_an
             "no `{line}` before any request:\n{m}"
         );
     }
+    assert!(
+        !m.lines().any(|l| l.starts_with("regcache_bucket_up")),
+        "without [store.s3] there is no bucket to be up or down (an alert on 0 would fire):\n{m}"
+    );
 
     let layer = bytes::Bytes::from_static(b"a blob for the histogram");
     let d = fake.add_blob("app/x", layer.clone());
