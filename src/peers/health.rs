@@ -106,6 +106,9 @@ impl Peer {
     pub(crate) fn is_me(&self, metrics: &Metrics) {
         if !self.me.swap(true, std::sync::atomic::Ordering::Relaxed) {
             metrics.peer_up.remove(&Metrics::peer(self.url()));
+            metrics
+                .peer_received_bytes
+                .remove(&Metrics::peer(self.url()));
             tracing::info!(
                 peer = self.url(),
                 "this server is this entry of peers.urls (its own server id answered)"

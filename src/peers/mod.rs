@@ -206,6 +206,9 @@ impl Peers {
             .filter(|p| !peers.iter().any(|n| n.url == p.url))
         {
             self.metrics.peer_up.remove(&Metrics::peer(gone.url()));
+            self.metrics
+                .peer_received_bytes
+                .remove(&Metrics::peer(gone.url()));
         }
         let changed = peers.len() != old.peers.len()
             || peers.iter().zip(&old.peers).any(|(a, b)| a.url != b.url);
@@ -265,15 +268,20 @@ impl Peers {
         self.ring().peers.iter().map(|p| p.status()).collect()
     }
 
-    /// Sets `regcache_peer_up` for `peer`.
+    /// Sets `regcache_peer_up` for `peer`, and `regcache_peer_received_bytes_total` at 0 from
+    /// the start (neither for this server itself).
     fn export(&self, peer: &Peer) {
         if peer.is_self() {
             self.metrics.peer_up.remove(&Metrics::peer(peer.url()));
+            self.metrics
+                .peer_received_bytes
+                .remove(&Metrics::peer(peer.url()));
         } else {
             self.metrics
                 .peer_up
                 .get_or_create(&Metrics::peer(peer.url()))
                 .set(i64::from(peer.is_up()));
+            Metrics::at_zero(&self.metrics.peer_received_bytes, "peer", &[peer.url()]);
         }
     }
 }

@@ -151,6 +151,11 @@ impl UpstreamError {
     }
 
     /// The `kind` label of `regcache_upstream_errors_total`.
+    /// The kinds [`UpstreamError::kind`] gives to the errors that are counted (a request that
+    /// was not sent is not), each exported at 0 from the start.
+    pub(super) const COUNTED_KINDS: [&'static str; 5] =
+        ["unreachable", "timeout", "status", "invalid", "token"];
+
     pub(super) fn kind(&self) -> &'static str {
         match self {
             // Never counted (the request was not sent), but it is an unreachable upstream.

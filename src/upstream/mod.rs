@@ -122,6 +122,12 @@ impl Upstream {
             .set(1);
         // At 0 from the start, so that bytes saved and fetched are known before the first fill.
         Metrics::at_zero(&metrics.bytes_fetched, "upstream", &[&config.name]);
+        for kind in UpstreamError::COUNTED_KINDS {
+            drop(metrics.upstream_errors.get_or_create(&vec![
+                ("upstream", config.name.clone()),
+                ("kind", kind.to_owned()),
+            ]));
+        }
         Ok(Arc::new_cyclic(|me| Upstream {
             config,
             client,

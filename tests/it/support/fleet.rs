@@ -67,6 +67,11 @@ impl Fleet {
     /// `n` servers on 127.0.0.1 … 127.0.0.`n` and one port, with one default upstream at
     /// `upstream_url` (plus `upstream_keys`, TOML lines of its table), each ready.
     pub fn start(n: usize, upstream_url: &str, upstream_keys: &str) -> Fleet {
+        Fleet::start_with(n, upstream_url, upstream_keys, "")
+    }
+
+    /// [`Fleet::start`] with `extra` TOML tables in the shared config (e.g. `[store.s3]`).
+    pub fn start_with(n: usize, upstream_url: &str, upstream_keys: &str, extra: &str) -> Fleet {
         let dir = TempDir::new_in(env!("CARGO_TARGET_TMPDIR")).expect("fleet dir");
         let port = fleet_port(n);
         let urls: Vec<String> = (1..=n)
@@ -77,7 +82,7 @@ impl Fleet {
         std::fs::write(
             &config,
             format!(
-                "[upstreams.docker]\nurl = \"{upstream_url}\"\n{upstream_keys}\n{}",
+                "[upstreams.docker]\nurl = \"{upstream_url}\"\n{upstream_keys}\n{}{extra}\n",
                 peers_toml(&urls, &token)
             ),
         )

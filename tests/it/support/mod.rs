@@ -15,6 +15,7 @@ pub mod moto;
 pub mod net;
 pub mod nginx;
 pub mod process;
+pub mod prometheus;
 pub mod proxy;
 pub mod regcache;
 pub mod registry;

@@ -33,6 +33,12 @@ impl Nginx {
     /// Starts nginx in front of `upstream` (`127.0.0.1:PORT`, plain HTTP) and waits until its ports
     /// accept connections.
     pub fn start_in_front_of(upstream: SocketAddr) -> Nginx {
+        Nginx::start_in_front_of_with(upstream, "")
+    }
+
+    /// [`Nginx::start_in_front_of`] with `directives` added to its `location` (e.g. `add_header`
+    /// lines, for the headers a registry such as Docker Hub adds to its answers).
+    pub fn start_in_front_of_with(upstream: SocketAddr, directives: &str) -> Nginx {
         let home = home_dir("regcache-nginx-");
         let dir = home.path();
         make_certs(dir, "0x4004");
@@ -55,6 +61,7 @@ impl Nginx {
                    proxy_set_header Host $http_host;\n\
                    proxy_buffering off;\n\
                    proxy_request_buffering off;\n\
+                   {directives}\n\
                  }}\n\
                }}\n"
         );
