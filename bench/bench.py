@@ -6,6 +6,13 @@ outage time-to-first-byte figure of issue 3.
     python3 bench/bench.py --quick         # smoke run: fewer repetitions, shorter wrk runs
     python3 bench/bench.py --only tag_rps,outage
 
+Before and after a change (issue 17): measure a git revision, store each run under a label, then render
+the two side by side into docs/BENCHMARKS.md without running anything:
+
+    python3 bench/bench.py --regcache-rev fcfe24a --label before
+    python3 bench/bench.py --regcache-rev main --label after
+    python3 bench/bench.py --compare before,after
+
 Runs, on loopback only, against one `docker-registry` upstream seeded with a 200 MiB single-layer image
 and the small images of tests/fixtures:
   - regcache (release build),
@@ -13,8 +20,9 @@ and the small images of tests/fixtures:
   - nginx as a caching proxy (config written here; njs joins every Accept line into the tag key),
 and, where a workload needs it, the upstream itself and nginx serving the blob as a static file.
 
-Writes bench/results/latest.json, docs/bench-ratios.svg and docs/BENCHMARKS.md (keeping the section
-between the "lead notes" markers of an existing docs/BENCHMARKS.md).
+Writes bench/results/latest.json (and bench/results/NAME.json with --label), docs/bench-ratios.svg and
+docs/BENCHMARKS.md (keeping the sections between the "lead notes" and the "before/after" markers of an
+existing docs/BENCHMARKS.md).
 
 Python 3.11 standard library only. Missing Debian packages are installed with apt-get (and named).
 """
@@ -40,6 +48,9 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+import compare  # bench/compare.py: the before/after table (--compare)
+from compare import fmt
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -132,19 +143,15 @@ def is_static(path: str) -> bool:
     return cp.returncode != 0
 
 
-def ensure_deps() -> None:
-    need = []
-    for tool, pkg in [
-        ("docker-registry", "docker-registry"),
-        ("skopeo", "skopeo"),
-        ("umoci", "umoci"),
-        ("nginx", "nginx"),
-        ("wrk", "wrk"),
-        ("ab", "apache2-utils"),
-        ("openssl", "openssl"),
-    ]:
-        if shutil.which(tool) is None:
-            need.append(pkg)
+def ensure_deps(selected: list[str]) -> None:
+    """Installs what the selected workloads need (wrk and ab only for the load workloads)."""
+    tools = [("docker-registry", "docker-registry"), ("skopeo", "skopeo"), ("umoci", "umoci"),
+             ("nginx", "nginx"), ("openssl", "openssl")]
+    if any(w in selected for w in ("blob_gbps", "tag_rps", "digest_rps", "rss64")):
+        tools.append(("wrk", "wrk"))
+    if "head_rps" in selected:
+        tools.append(("ab", "apache2-utils"))
+    need = [pkg for tool, pkg in tools if shutil.which(tool) is None]
     if not os.path.exists("/bin/busybox") or not is_static("/bin/busybox"):
         need.append("busybox-static")
     if not any(os.path.exists(p) for p in NJS_MODULE_CANDIDATES):
@@ -157,7 +164,7 @@ def ensure_deps() -> None:
         subprocess.run(
             sudo + ["apt-get", "install", "-y", "-q", "--no-install-recommends", *need], env=env, check=True
         )
-    for tool in ["docker-registry", "skopeo", "umoci", "nginx", "wrk", "ab", "openssl"]:
+    for tool, _ in tools:
         if shutil.which(tool) is None:
             die(f"{tool} is still missing")
     if not os.path.exists("/bin/busybox") or not is_static("/bin/busybox"):
@@ -936,9 +943,14 @@ def rotated(items: list, k: int) -> list:
     return items[k:] + items[:k]
 
 
+# The workloads that use the long-running caches started by Bench.setup (the others start their own).
+MAIN_CACHE_USERS = {"warm_pull", "blob_gbps", "tag_rps", "digest_rps", "head_rps", "rss64", "startup"}
+
+
 class Bench:
-    def __init__(self, args):
+    def __init__(self, args, selected: list[str]):
         self.args = args
+        self.selected = selected
         self.quick = args.quick
         self.reps = 1 if args.quick else 3
         self.wrk_seconds = 2 if args.quick else 4
@@ -976,6 +988,8 @@ class Bench:
             "layer_digest": self.big_blob,
             "layer_bytes": self.big_size,
         }
+        if not any(w in self.selected for w in MAIN_CACHE_USERS):
+            return
         static_root = self.upstream.storage / "docker/registry/v2/blobs/sha256"
         for kind in CACHES:
             c = Cache(kind, self.run_dir / f"main-{kind}", self.upstream,
@@ -1506,22 +1520,13 @@ def evaluate(res: dict) -> list[dict]:
 # ------------------------------------------------------------------------------------------ output
 
 
-def fmt(v, unit="") -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if unit == "req/s":
-        return f"{v:,.0f}"
-    if unit == "MiB":
-        return f"{v:.0f}"
-    if unit == "s" and abs(v) < 0.1:
-        return f"{v:.3f}"
-    if abs(v) >= 100:
-        return f"{v:.0f}"
-    if abs(v) >= 10:
-        return f"{v:.1f}"
-    return f"{v:.2f}"
+def build_label(build: dict) -> str:
+    """`fcfe24a (subject), commit date`, and where it was built."""
+    if not build.get("short"):
+        return "?"
+    where = (f"worktree of `{build.get('rev')}` under bench/.work" if build.get("source") == "worktree"
+             else "this checkout" + (" (src modified)" if build.get("modified") else ""))
+    return f"{build['short']} ({build.get('subject', '')}), committed {build.get('commit_date', '?')}; {where}"
 
 
 def machine_info() -> dict:
@@ -1557,6 +1562,7 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "regcache": ver([str(REGCACHE_BIN), "--version"]),
         "git": git.stdout.strip() + (" (src modified)" if dirty.stdout.strip() else ""),
+        "regcache_commit": build_label(BUILD),
         "docker-registry": ver(["docker-registry", "--version"]),
         "nginx": ver(["nginx", "-v"]),
         "njs": "yes" if njs_module() else "no (deviation: $http_accept, first Accept line only)",
@@ -1657,6 +1663,7 @@ time in each workload it misses, what was changed, and what remains. This sectio
 def write_markdown(res: dict, rows: list[dict], path: Path) -> None:
     old = path.read_text() if path.exists() else ""
     lead = LEAD_DEFAULT
+    before_after = compare.extract(old)
     if LEAD_BEGIN in old and LEAD_END in old:
         lead = old.split(LEAD_BEGIN, 1)[1].split(LEAD_END, 1)[0].strip("\n") + "\n"
     m = res["machine"]
@@ -1674,9 +1681,10 @@ def write_markdown(res: dict, rows: list[dict], path: Path) -> None:
              "of `tests/fixtures/build-images.sh` and a 200 MiB single-layer image from `bench/build-big.sh`, "
              "seeded once into a `docker-registry` upstream and cached under `bench/.work/`), starts the upstream, "
              "regcache, distribution in proxy mode and nginx as a caching proxy side by side on loopback, and runs "
-             "each workload several times, alternating the caches (cold runs on fresh cache directories). "
-             "Flags: `--quick`, `--only WORKLOAD[,…]` "
-             f"({', '.join(WORKLOADS)}).\n")
+             "each workload several times, alternating the caches (cold runs on fresh cache directories).\n")
+    L.append("Flags of `bench/bench.py`:\n")
+    L += flags_doc()
+    L.append("")
     if res["quick"]:
         L.append("Repetitions (--quick): 1 of each, wrk/ab runs of 2 s, 3 outage follow-ups.\n")
     else:
@@ -1687,10 +1695,12 @@ def write_markdown(res: dict, rows: list[dict], path: Path) -> None:
     L.append("| | |\n|---|---|")
     for k, label in [("nproc", "cores (nproc)"), ("memory_gib", "memory (GiB)"), ("cpu", "CPU"),
                      ("sha_ni", "SHA extensions (sha_ni)"), ("kernel", "kernel"), ("debian", "Debian"),
-                     ("regcache", "regcache"), ("git", "git commit"), ("docker-registry", "distribution"),
+                     ("regcache", "regcache"), ("regcache_commit", "regcache built from"),
+                     ("git", "git commit of the checkout"), ("docker-registry", "distribution"),
                      ("nginx", "nginx"), ("njs", "njs (Accept key)"), ("skopeo", "skopeo"), ("wrk", "wrk"),
                      ("python", "python")]:
-        L.append(f"| {label} | {fmt(m[k]) if isinstance(m[k], bool) else m[k]} |")
+        if k in m:
+            L.append(f"| {label} | {fmt(m[k]) if isinstance(m[k], bool) else m[k]} |")
     L.append("\nThe machine is shared (2 cores); the load generators (skopeo, wrk, ab, Python clients) run on the "
              "same cores as the servers, and other work may run beside them: load average "
              f"{res.get('loadavg_before', '?')} at the start, {res.get('loadavg_after', '?')} at the end (1, 5, 15 min).\n")
@@ -1764,6 +1774,8 @@ def write_markdown(res: dict, rows: list[dict], path: Path) -> None:
     else:
         L.append("_Not run in this invocation (`--only` without `outage`)._\n")
 
+    if before_after:
+        L.append(before_after + "\n")
     L.append("## Notes on the setup\n")
     L.append("""- **Upstream**: Debian's `docker-registry` (filesystem storage, `blobdescriptor: inmemory`), seeded with
   the small images of `tests/fixtures/seed.sh` and `bench/big:latest` (OCI, one gzip layer of 200 MiB of
@@ -1846,27 +1858,139 @@ def print_table(rows: list[dict]) -> None:
 # -------------------------------------------------------------------------------------------- main
 
 REGCACHE_BIN = ROOT / "target/release/regcache"
+# Which regcache the run measures: this checkout, or a git revision built under bench/.work (--regcache-rev).
+BUILD: dict = {"source": "checkout"}
+
+
+def git(*args: str, cwd: Path = ROOT, check=True) -> str:
+    cp = subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True)
+    if check and cp.returncode != 0:
+        die(f"`git {' '.join(args)}` failed: {cp.stderr.strip()}")
+    return cp.stdout.strip()
+
+
+def commit_info(commit: str) -> dict:
+    """The commit's full and short hash, subject and commit date (ISO)."""
+    out = git("show", "-s", "--format=%H%n%h%n%cI%n%s", commit)
+    full, short, date, subject = (out.split("\n", 3) + ["", "", ""])[:4]
+    return {"commit": full, "short": short, "commit_date": date, "subject": subject}
+
+
+def build_rev(rev: str) -> Path:
+    """Builds regcache at git revision `rev` in a detached worktree under bench/.work/rev-<hash>/src with
+    its own target dir (bench/.work/rev-<hash>/target), once: a later run with the same commit reuses it.
+    Returns the release binary."""
+    commit = git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}", check=False)
+    if not commit:
+        die(f"--regcache-rev {rev!r}: no such commit in {ROOT}")
+    info = commit_info(commit)
+    base = WORK / f"rev-{commit[:12]}"
+    src, target = base / "src", base / "target"
+    binary = target / "release" / "regcache"
+    stamp = base / ".built"
+    BUILD.update({"source": "worktree", "rev": rev, **info, "worktree": str(src), "binary": str(binary)})
+    if stamp.is_file() and binary.is_file() and json.loads(stamp.read_text()).get("commit") == commit:
+        log(f"regcache {rev} = {info['short']} ({info['subject'][:60]}): reusing {binary}")
+        return binary
+    base.mkdir(parents=True, exist_ok=True)
+    if (src / ".git").exists() and git("rev-parse", "HEAD", cwd=src, check=False) != commit:
+        git("worktree", "remove", "--force", str(src), check=False)
+    if not (src / ".git").exists():
+        shutil.rmtree(src, ignore_errors=True)
+        git("worktree", "prune")
+        log(f"regcache {rev} = {info['short']}: git worktree add --detach {src}")
+        git("worktree", "add", "--detach", str(src), commit)
+    seed = ROOT / "target" / "release"
+    if not target.exists() and (seed / "deps").is_dir():
+        # Only a head start: cargo rebuilds whatever differs (its fingerprints decide).
+        log(f"seeding {target} from {seed} (compiled dependencies)")
+        target.mkdir(parents=True)
+        subprocess.run(["cp", "-a", "--reflink=auto", str(seed), str(target / "release")], check=False)
+    log(f"building regcache {info['short']} (cargo build --release, target {target})")
+    env = dict(child_env(), CARGO_TARGET_DIR=str(target))
+    cp = subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=src, env=env)
+    if cp.returncode != 0 or not binary.is_file():
+        die(f"cargo build --release of {rev} ({info['short']}) failed in {src}")
+    stamp.write_text(json.dumps({"commit": commit, "built": datetime.datetime.now().isoformat(timespec="seconds")}))
+    return binary
+
+
+def arg_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions and shorter runs (smoke run)")
+    ap.add_argument("--only", default="", metavar="WORKLOAD[,...]",
+                    help=f"run only these workloads: {', '.join(WORKLOADS)}")
+    ap.add_argument("--regcache-rev", metavar="REV",
+                    help="measure regcache built from git revision REV (a detached worktree under "
+                         "bench/.work/rev-HASH with its own target dir, built once and reused) instead of "
+                         "this checkout")
+    ap.add_argument("--label", metavar="NAME",
+                    help="also store the results as bench/results/NAME.json (for --compare); "
+                         "bench/results/latest.json is written either way")
+    ap.add_argument("--compare", metavar="A,B",
+                    help="run nothing: write the side-by-side table of the stored runs "
+                         "bench/results/A.json and B.json into docs/BENCHMARKS.md (its before/after section)")
+    ap.add_argument("--ttfb-cap", type=float, default=35.0, metavar="S",
+                    help="outage: cap on one request, seconds (default 35)")
+    ap.add_argument("--skip-100k", action="store_true", help="startup: skip the 100 000-blob store")
+    ap.add_argument("--blobs-100k", type=int, default=100_000, help=argparse.SUPPRESS)
+    ap.add_argument("--rebuild-store", action="store_true", help="startup: refill the cached 100 000-blob store")
+    ap.add_argument("--fill-limit", type=float, default=600.0, metavar="S",
+                    help="startup: time limit for filling that store, seconds (default 600)")
+    ap.add_argument("--no-build", action="store_true",
+                    help="use the existing target/release/regcache (not with --regcache-rev)")
+    ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/ (results JSON only)")
+    ap.add_argument("--render-only", action="store_true",
+                    help="run nothing: rewrite docs/ from bench/results/latest.json")
+    return ap
+
+
+def flags_doc() -> list[str]:
+    """One Markdown line per flag of the script, from the parser (so the header names them all)."""
+    out = []
+    for a in arg_parser()._actions:
+        if not a.option_strings or a.help in (None, argparse.SUPPRESS) or "-h" in a.option_strings:
+            continue
+        name = a.option_strings[-1] + (f" {a.metavar}" if a.metavar else "")
+        out.append(f"- `{name}`: {a.help}")
+    return out
+
+
+LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def stored_run(name: str) -> tuple[str, dict]:
+    """A stored run by label (bench/results/NAME.json) or by path."""
+    path = Path(name) if ("/" in name or name.endswith(".json")) else RESULTS / f"{name}.json"
+    if not path.is_file():
+        have = sorted(p.stem for p in RESULTS.glob("*.json"))
+        die(f"--compare: {path} does not exist (stored runs: {', '.join(have) or 'none'})")
+    label = path.stem if path.parent.resolve() == RESULTS.resolve() else str(path)
+    return label, json.loads(path.read_text())
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer repetitions and shorter runs (smoke run)")
-    ap.add_argument("--only", default="", help=f"comma-separated workloads: {','.join(WORKLOADS)}")
-    ap.add_argument("--ttfb-cap", type=float, default=35.0, help="cap on one outage request, seconds (35)")
-    ap.add_argument("--skip-100k", action="store_true", help="skip the 100 000-blob store in `startup`")
-    ap.add_argument("--blobs-100k", type=int, default=100_000, help=argparse.SUPPRESS)
-    ap.add_argument("--rebuild-store", action="store_true", help="refill the cached 100 000-blob store")
-    ap.add_argument("--fill-limit", type=float, default=600.0, help="time limit for filling that store, s")
-    ap.add_argument("--no-build", action="store_true", help="use the existing target/release/regcache")
-    ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/ (results JSON only)")
-    ap.add_argument("--render-only", action="store_true",
-                    help="rewrite docs/ from bench/results/latest.json without running anything")
+    global REGCACHE_BIN
+    ap = arg_parser()
     args = ap.parse_args()
     only = [w for w in args.only.split(",") if w]
     for w in only:
         if w not in WORKLOADS:
             ap.error(f"unknown workload {w!r}; choose from {', '.join(WORKLOADS)}")
+    if args.label is not None and (not LABEL_RE.match(args.label) or args.label == "latest"):
+        ap.error(f"--label {args.label!r}: letters, digits, '.', '_' and '-' (not 'latest'), at most 64")
+    if args.regcache_rev and args.no_build:
+        ap.error("--no-build uses this checkout's target/release/regcache: not with --regcache-rev")
     selected = only or WORKLOADS
+    if args.compare is not None:
+        names = [x for x in args.compare.split(",") if x]
+        if len(names) != 2:
+            ap.error("--compare takes two stored runs: A,B (e.g. before,after)")
+        (la, a), (lb, b) = stored_run(names[0]), stored_run(names[1])
+        section = compare.render(la, a, lb, b)
+        compare.insert(DOCS / "BENCHMARKS.md", section)
+        log(f"wrote the comparison of {la} and {lb} into docs/BENCHMARKS.md")
+        return 0
     if args.render_only:
         res = json.loads((RESULTS / "latest.json").read_text())
         rows = evaluate(res)
@@ -1877,17 +2001,22 @@ def main() -> int:
         return 0
     load_before = Path("/proc/loadavg").read_text().split()[:3]
 
-    ensure_deps()
-    if not args.no_build:
-        log("building regcache (cargo build --release)")
-        cp = subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, env=child_env())
-        if cp.returncode != 0:
-            die("cargo build --release failed")
+    ensure_deps(selected)
+    WORK.mkdir(parents=True, exist_ok=True)
+    if args.regcache_rev:
+        REGCACHE_BIN = build_rev(args.regcache_rev)
+    else:
+        if not args.no_build:
+            log("building regcache (cargo build --release)")
+            cp = subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, env=child_env())
+            if cp.returncode != 0:
+                die("cargo build --release failed")
+        dirty = git("status", "--porcelain", "--", "src", "Cargo.toml", "Cargo.lock", check=False)
+        BUILD.update({**commit_info("HEAD"), "modified": bool(dirty), "binary": str(REGCACHE_BIN)})
     if not REGCACHE_BIN.exists():
         die(f"{REGCACHE_BIN} missing")
-    WORK.mkdir(parents=True, exist_ok=True)
 
-    b = Bench(args)
+    b = Bench(args, selected)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     try:
         b.setup()
@@ -1904,18 +2033,23 @@ def main() -> int:
         "command": "python3 bench/bench.py" + "".join(f" {a}" for a in sys.argv[1:]),
         "date": date, "total_seconds": total, "quick": args.quick, "only": only, "machine": machine_info(),
         "loadavg_before": " ".join(load_before), "loadavg_after": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
+        "label": args.label, "regcache_build": dict(BUILD),
     })
     rows = evaluate(res)
     res["targets"] = rows
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "latest.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
+    text = json.dumps(res, indent=1, default=str) + "\n"
+    (RESULTS / "latest.json").write_text(text)
+    written = ["bench/results/latest.json"]
+    if args.label:
+        (RESULTS / f"{args.label}.json").write_text(text)
+        written.append(f"bench/results/{args.label}.json")
     print_table(rows)
     if not args.no_docs:
         svg_chart(rows, DOCS / "bench-ratios.svg")
         write_markdown(res, rows, DOCS / "BENCHMARKS.md")
-        log("wrote bench/results/latest.json, docs/bench-ratios.svg, docs/BENCHMARKS.md")
-    else:
-        log("wrote bench/results/latest.json")
+        written += ["docs/bench-ratios.svg", "docs/BENCHMARKS.md"]
+    log(f"wrote {', '.join(written)}")
     log(f"total {total / 60:.1f} min")
     return 0
 
