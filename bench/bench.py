@@ -19,6 +19,9 @@ and the small images of tests/fixtures:
   - distribution (Debian's docker-registry) in proxy mode,
   - nginx as a caching proxy (config written here; njs joins every Accept line into the tag key),
 and, where a workload needs it, the upstream itself and nginx serving the blob as a static file.
+The `fleet` workload (issue 18) starts fleets of N regcache servers instead: as peers, independent, and on
+one S3 bucket (moto's server: /opt/regcache-moto from tests/setup-deps.sh, else pip-installed into
+bench/.work/moto-venv).
 
 Writes bench/results/latest.json (and bench/results/NAME.json with --label), docs/bench-ratios.svg and
 docs/BENCHMARKS.md (keeping the sections between the "lead notes" and the "before/after" markers of an
@@ -93,6 +96,7 @@ WORKLOADS = [
     "herd16",
     "startup",
     "outage",
+    "fleet",
 ]
 
 CACHES = ["regcache", "distribution", "nginx"]
@@ -759,15 +763,20 @@ def ab_head(url: str, conns: int, duration: float) -> dict:
             "tool": "ab"}
 
 
-def timed_get(port: int, path: str, barrier: threading.Barrier | None, out: dict, expect_size: int,
-              start_ref: list) -> None:
+def connect_then_wait(port: int, barrier: threading.Barrier | None, start_ref: list | None, timeout: float):
+    """A connection to 127.0.0.1:port, opened before the barrier releases; and the common start."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    c.connect()
+    if barrier:
+        barrier.wait(timeout=60)
+    return c, (start_ref[0] if start_ref else time.monotonic())
+
+
+def timed_get(port: int, path: str, out: dict, expect_size: int, barrier: threading.Barrier | None = None,
+              start_ref: list | None = None, timeout=300.0) -> None:
     """GET path; records seconds (from the common start) to headers, first body byte, last byte."""
     try:
-        c = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-        c.connect()
-        if barrier:
-            barrier.wait(timeout=60)
-        t0 = start_ref[0] if start_ref else time.monotonic()
+        c, t0 = connect_then_wait(port, barrier, start_ref, timeout)
         c.putrequest("GET", path, skip_accept_encoding=True)
         c.endheaders()
         r = c.getresponse()
@@ -790,6 +799,21 @@ def timed_get(port: int, path: str, barrier: threading.Barrier | None, out: dict
     except Exception as e:  # noqa: BLE001 - reported, counted as a failure
         out["error"] = repr(e)
         out["ok"] = False
+
+
+def together(target, jobs: list[tuple], join_timeout=900.0) -> None:
+    """target(*job, barrier=…, start_ref=…) for every job, each on a thread, released at the same moment by
+    a barrier (their connections already open); the times they record count from that moment."""
+    barrier = threading.Barrier(len(jobs) + 1)
+    start_ref: list = []
+    threads = [threading.Thread(target=target, args=job, kwargs={"barrier": barrier, "start_ref": start_ref})
+               for job in jobs]
+    for t in threads:
+        t.start()
+    start_ref.append(time.monotonic())
+    barrier.wait(timeout=60)
+    for t in threads:
+        t.join(timeout=join_timeout)
 
 
 def ttfb(port: int, path: str, accept: list[str], cap: float) -> dict:
@@ -930,6 +954,270 @@ class BlackHole:
         self.sock.close()
 
 
+# --------------------------------------------------------------------------------------------- fleet
+
+FLEET_SETUPS = ["peers", "independent", "bucket"]
+FLEET_TOKEN = "regcache-bench-fleet-token-0123456789abcdef"
+# The small images of tests/fixtures/seed.sh: server i of a fleet also pulls FLEET_SMALL[i % 5], so that
+# each is held by some servers only when the upstream goes dark.
+FLEET_SMALL = ["small/oci:latest", "small/docker:latest", "library/busybox:latest", "multi/oci:latest",
+               "multi/docker:latest"]
+FLEET_PULL_TIMEOUT = 90.0  # seconds for one request of a pull while the upstream is black-holed
+MOTO_SERVERS = ["/opt/regcache-moto/bin/moto_server"]  # where tests/setup-deps.sh installs moto
+# moto checks no signature; it wants an Authorization header of the AWS form.
+MOTO_AUTH = ("AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, "
+             "Signature=x")
+MOTO_BUCKET = "regcache-bench"
+
+
+def http_req(port: int, method: str, path: str, headers: dict | None = None, body: bytes = b"", timeout=30.0):
+    """(status, headers lower-cased, body) of one request to 127.0.0.1:port, or None when it fails."""
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        c.request(method, path, body=body, headers=headers or {})
+        r = c.getresponse()
+        data = r.read()
+        c.close()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, data
+    except (OSError, http.client.HTTPException):
+        return None
+
+
+def metrics(port: int) -> dict[str, float]:
+    """regcache's /metrics as {'name{labels}': value} (empty when it does not answer)."""
+    r = http_req(port, "GET", "/metrics", timeout=10)
+    out: dict[str, float] = {}
+    if not r or r[0] != 200:
+        return out
+    for line in r[2].decode(errors="replace").splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        name, _, value = line.rpartition(" ")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            pass
+    return out
+
+
+def metric_sum(m: dict[str, float], name: str, label: str | None = None) -> dict[str, float] | float:
+    """Sum of a metric over its series; by the value of `label` when given."""
+    if label is None:
+        return sum(v for k, v in m.items() if k == name or k.startswith(name + "{"))
+    out: dict[str, float] = {}
+    for k, v in m.items():
+        if k.startswith(name + "{"):
+            lm = re.search(label + r'="([^"]*)"', k)
+            key = lm.group(1) if lm else "?"
+            out[key] = out.get(key, 0.0) + v
+    return out
+
+
+def moto_server_bin() -> str:
+    """moto_server: the one tests/setup-deps.sh installs, else a venv under bench/.work (pip, PyPI)."""
+    for p in MOTO_SERVERS:
+        if os.access(p, os.X_OK):
+            return p
+    venv = WORK / "moto-venv"
+    binary = venv / "bin" / "moto_server"
+    if not binary.exists():
+        log("fleet: installing moto[server] into bench/.work/moto-venv (pip from PyPI)")
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        # pip needs the network: the real environment, not the dead proxy the servers get.
+        cp = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "moto[server]"])
+        if cp.returncode != 0 or not binary.exists():
+            die("pip install 'moto[server]' failed; install it (tests/setup-deps.sh does) or retry")
+    return str(binary)
+
+
+class Moto:
+    """moto's S3 server on loopback (in memory) with the bench's bucket."""
+
+    def __init__(self, home: Path):
+        binary = moto_server_bin()
+        for _ in range(3):
+            port = free_port()
+            self.srv = Server("moto", "moto", home, port)
+            env_cmd = [binary, "-H", "127.0.0.1", "-p", str(port)]
+            self.srv.spawn(env_cmd, stdout_name="moto.log", stderr_name="moto.err")
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 60 and self.srv.alive():
+                r = http_req(port, "GET", "/", {"Authorization": MOTO_AUTH}, timeout=2)
+                if r and r[0] == 200:
+                    break
+                time.sleep(0.1)
+            else:
+                self.srv.stop()
+                continue
+            r = http_req(port, "PUT", f"/{MOTO_BUCKET}", {"Authorization": MOTO_AUTH}, timeout=10)
+            if not r or r[0] != 200:
+                die(f"moto: cannot create bucket {MOTO_BUCKET}: {r and r[:1]}")
+            self.port = port
+            return
+        die(f"moto_server did not start; see {home}")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.srv.stop()
+
+
+class Unsupported(Exception):
+    """The regcache under test does not accept a setup's configuration (an older revision)."""
+
+
+class Fleet:
+    """N regcache servers on 127.0.0.1 (distinct ports, a data directory each) in one setup: `peers`
+    (`[peers]` listing all of them), `independent` (nothing shared) or `bucket` (`[store.s3]` on one moto
+    bucket)."""
+
+    def __init__(self, setup: str, n: int, home: Path, upstream: Upstream, moto: Moto | None):
+        self.setup, self.n, self.home, self.upstream, self.moto = setup, n, home, upstream, moto
+        self.servers: list[Server] = []
+        self.ports: list[int] = []
+
+    def config(self, i: int, urls: list[str], token: Path) -> str:
+        t = (f'listen = "127.0.0.1:{self.ports[i]}"\n'
+             f'data_dir = "{self.home / f"data-{i}"}"\n'
+             "[upstreams.bench]\n"
+             f'url = "{self.upstream.url}"\n'
+             # Longer than the whole workload: the outage pulls find every tag a server holds fresh, so
+             # what they measure is which server holds what, not revalidations.
+             'freshness = "10m"\n')
+        if self.setup == "peers":
+            t += "[peers]\nurls = [" + ", ".join(f'"{u}"' for u in urls) + "]\n"
+            t += f'token_file = "{token}"\n'
+        if self.setup == "bucket":
+            t += ("[store.s3]\n"
+                  f'bucket = "{MOTO_BUCKET}"\n'
+                  f'endpoint = "{self.moto.url}"\n'
+                  f'prefix = "fleet-{self.n}"\n'
+                  'region = "us-east-1"\n'
+                  'access_key_id = "test"\n'
+                  'secret_access_key = "test"\n')
+        return t
+
+    def start(self) -> "Fleet":
+        if self.home.exists():
+            shutil.rmtree(self.home)
+        self.home.mkdir(parents=True)
+        while len(self.ports) < self.n:
+            p = free_port()
+            if p not in self.ports:
+                self.ports.append(p)
+        urls = [f"http://127.0.0.1:{p}" for p in self.ports]
+        token = self.home / "peer-token"
+        token.write_text(FLEET_TOKEN + "\n")
+        token.chmod(0o600)
+        for i in range(self.n):
+            cfg = self.home / f"regcache-{i}.toml"
+            cfg.write_text(self.config(i, urls, token))
+            cfg.chmod(0o600)
+            if i == 0:
+                cp = subprocess.run([str(REGCACHE_BIN), "check-config", str(cfg)], capture_output=True, text=True,
+                                    env=child_env(), timeout=60)
+                if cp.returncode != 0:
+                    raise Unsupported((cp.stderr or cp.stdout).strip().splitlines()[-1:] or ["exit 2"])
+            srv = Server(f"regcache-{self.setup}-{i}", "regcache", self.home / f"srv-{i}", self.ports[i])
+            srv.spawn([str(REGCACHE_BIN), "serve", "--config", str(cfg)])
+            self.servers.append(srv)
+        for srv in self.servers:
+            srv.wait_ready("/readyz", timeout=60)
+        if self.setup == "peers":
+            self.wait_formed()
+        return self
+
+    def wait_formed(self, within=40.0) -> None:
+        """Until every server sees every other one up in /readyz."""
+        t0 = time.monotonic()
+        for srv in self.servers:
+            while True:
+                r = http_req(srv.port, "GET", "/readyz", timeout=5)
+                peers = json.loads(r[2]).get("peers", []) if r and r[0] == 200 else []
+                if peers and all(p.get("up") or p.get("self") for p in peers):
+                    break
+                if time.monotonic() - t0 > within:
+                    die(f"fleet: {srv.name} does not see its peers up within {within:.0f}s: {peers}")
+                time.sleep(0.1)
+
+    def metrics(self) -> list[dict[str, float]]:
+        return [metrics(p) for p in self.ports]
+
+    def wait_bucket_written(self, limit=300.0) -> float:
+        """Until no server owes the bucket a write (and the bytes written stopped growing); seconds waited."""
+        t0 = time.monotonic()
+        last, since = None, time.monotonic()
+        while time.monotonic() - t0 < limit:
+            ms = self.metrics()
+            pending = sum(metric_sum(m, "regcache_bucket_pending_writes") for m in ms)
+            written = sum(metric_sum(m, "regcache_bucket_written_bytes_total") for m in ms)
+            if written != last:
+                last, since = written, time.monotonic()
+            elif pending == 0 and time.monotonic() - since >= 2.0:
+                return time.monotonic() - t0
+            time.sleep(0.25)
+        log(f"fleet: the bucket writes did not settle within {limit:.0f}s")
+        return time.monotonic() - t0
+
+    def stop(self) -> None:
+        for srv in self.servers:
+            srv.stop()
+        # the data directories hold N copies of the image; the logs stay in bench/.work/run for a look
+        for i in range(self.n):
+            shutil.rmtree(self.home / f"data-{i}", ignore_errors=True)
+
+
+def pull(port: int, image: str, out: dict, barrier: threading.Barrier | None = None, start_ref: list | None = None,
+         timeout=300.0) -> None:
+    """A client's pull over HTTP, as docker does it: the manifest by tag with docker's Accept lines (an index
+    or list: then its linux/amd64 manifest by digest), then the config and layer blobs at once, each read to
+    its end. Records seconds from the common start to the manifest, to the first body byte of the largest
+    blob, and to the end of the last; ok when every answer was 200 with the announced sizes."""
+    repo, tag = image.rsplit(":", 1)
+    try:
+        c, t0 = connect_then_wait(port, barrier, start_ref, timeout)
+        ref = tag
+        for _ in range(2):
+            c.putrequest("GET", f"/v2/{repo}/manifests/{ref}", skip_accept_encoding=True)
+            for a in DOCKER_ACCEPT:
+                c.putheader("Accept", a)
+            c.endheaders()
+            r = c.getresponse()
+            body = r.read()
+            if r.status != 200:
+                out.update(ok=False, error=f"manifest {repo}:{ref} -> {r.status}", manifest_s=time.monotonic() - t0)
+                return
+            man = json.loads(body)
+            if "manifests" not in man:
+                break
+            ref = next((d["digest"] for d in man["manifests"]
+                        if d.get("platform", {}).get("architecture") == "amd64"), man["manifests"][0]["digest"])
+        c.close()
+        out["manifest_s"] = time.monotonic() - t0
+        blobs = [man["config"]] + man["layers"]
+        outs = [dict() for _ in blobs]
+        ths = [threading.Thread(target=timed_get, args=(port, f"/v2/{repo}/blobs/{b['digest']}", o, b["size"]),
+                                kwargs={"start_ref": [t0], "timeout": timeout})
+               for b, o in zip(blobs, outs)]
+        for t in ths:
+            t.start()
+        for t in ths:
+            t.join()
+        largest = max(range(len(blobs)), key=lambda i: blobs[i]["size"])
+        out["first_byte_s"] = outs[largest].get("first_byte")
+        out["done_s"] = max((o.get("done") or 0.0) for o in outs)
+        out["bytes"] = sum(o.get("bytes") or 0 for o in outs)
+        out["ok"] = all(o.get("ok") for o in outs)
+        if not out["ok"]:
+            bad = [(b["digest"][:19], o.get("status"), o.get("error")) for b, o in zip(blobs, outs) if not o.get("ok")]
+            out["error"] = f"blobs {bad}"
+    except Exception as e:  # noqa: BLE001 - reported, counted as a failure
+        out["ok"] = False
+        out["error"] = repr(e)
+
+
 # -------------------------------------------------------------------------------------------- bench
 
 
@@ -979,6 +1267,7 @@ class Bench:
         self.big_blob = man["layers"][0]["digest"]
         self.big_size = man["layers"][0]["size"]
         self.big_config = man["config"]["digest"]
+        self.big_config_size = man["config"]["size"]
         self.blob_path = f"/v2/{BIG_REPO}/blobs/{self.big_blob}"
         log(f"upstream {self.upstream.hp}: {BIG_REPO}:latest layer {self.big_blob[:19]}… "
             f"{self.big_size / 2**20:.1f} MiB")
@@ -1147,34 +1436,14 @@ class Bench:
         try:
             off = self.upstream.log_offset()
             outs = [dict() for _ in range(clients)]
-            barrier = threading.Barrier(clients + 1)
-            start_ref: list = []
-            threads = [threading.Thread(target=timed_get,
-                                        args=(c.port, self.blob_path, barrier, outs[i], self.big_size, start_ref))
-                       for i in range(clients)]
-            for t in threads:
-                t.start()
-            start_ref.append(time.monotonic())
-            barrier.wait(timeout=60)
-            for t in threads:
-                t.join(timeout=600)
+            together(timed_get, [(c.port, self.blob_path, o, self.big_size) for o in outs], join_timeout=600)
             self.upstream.settle(off, quiet=1.0, limit=60)
             fetched, n_gets = self.upstream.blob_bytes(off, self.big_blob)
             warm_wall = None
             if clients > 1:
                 # the same herd again, now warm: the delivery floor of 16 x 200 MiB on this machine
                 wouts = [dict() for _ in range(clients)]
-                wbarrier = threading.Barrier(clients + 1)
-                wstart: list = []
-                ws = [threading.Thread(target=timed_get,
-                                       args=(c.port, self.blob_path, wbarrier, wouts[i], self.big_size, wstart))
-                      for i in range(clients)]
-                for t in ws:
-                    t.start()
-                wstart.append(time.monotonic())
-                wbarrier.wait(timeout=60)
-                for t in ws:
-                    t.join(timeout=600)
+                together(timed_get, [(c.port, self.blob_path, o, self.big_size) for o in wouts], join_timeout=600)
                 if all(o.get("ok") for o in wouts):
                     warm_wall = max(o["done"] for o in wouts)
         finally:
@@ -1398,6 +1667,135 @@ class Bench:
         self.record("outage", {"cap_s": cap, "path": path, "follow_max": n_follow, "accept": DOCKER_ACCEPT, "runs": results,
                                "summary": summary, "regcache_freshness": "1s", "nginx_tag_validity": "1s"})
 
+    def w_fleet(self) -> None:
+        sizes = ([int(x) for x in self.args.fleet_sizes.split(",") if x] if self.args.fleet_sizes
+                 else [2, 4] if self.quick else [2, 4, 8])
+        image = f"{BIG_REPO}:latest"
+        image_bytes = self.big_size + self.big_config_size
+        data: dict = {"image": image, "image_bytes": image_bytes, "small_images": FLEET_SMALL,
+                      "pull_timeout_s": FLEET_PULL_TIMEOUT, "sizes": {}}
+        for k, n in enumerate(sizes):
+            by: dict = {}
+            fleets: dict[str, Fleet] = {}
+            moto = None
+            try:
+                for setup in rotated(FLEET_SETUPS, k):
+                    if setup == "bucket":
+                        moto = Moto(self.run_dir / f"fleet{n}-moto")
+                    fleet = Fleet(setup, n, self.run_dir / f"fleet{n}-{setup}", self.upstream, moto)
+                    try:
+                        fleet.start()
+                    except Unsupported as e:
+                        fleet.stop()
+                        by[setup] = {"unsupported": " ".join(e.args[0])}
+                        log(f"fleet N={n} {setup:12s} not supported by this regcache: {by[setup]['unsupported']}")
+                        continue
+                    fleets[setup] = fleet
+                    by[setup] = self._fleet_herd(fleet, image, image_bytes)
+                self._fleet_outage(fleets, by, image)
+            finally:
+                for f in fleets.values():
+                    f.stop()
+                if moto:
+                    moto.stop()
+            data["sizes"][str(n)] = by
+        self.record("fleet", data)
+
+    def _fleet_herd(self, fleet: Fleet, image: str, image_bytes: int) -> dict:
+        """One client per server, all pulling `image` cold at the same moment; the upstream's blob bytes."""
+        n = fleet.n
+        off = self.upstream.log_offset()
+        outs = [dict() for _ in range(n)]
+        together(pull, [(port, image, o) for port, o in zip(fleet.ports, outs)])
+        self.upstream.settle(off, quiet=1.0, limit=60)
+        sent = [(path, status, size) for method, path, status, size in self.upstream.entries(off)
+                if method == "GET" and "/blobs/" in path]
+        up_bytes = sum(size for _, _, size in sent)
+        ms = fleet.metrics()
+        fills: dict[str, float] = {}
+        for m in ms:
+            for src, v in metric_sum(m, "regcache_fills_total", "source").items():
+                fills[src] = fills.get(src, 0) + v
+        walls = [o.get("done_s") for o in outs]
+        firsts = [o.get("first_byte_s") for o in outs]
+        mans = [o.get("manifest_s") for o in outs]
+        res = {
+            "n": n, "ok": all(o.get("ok") for o in outs), "ok_each": [bool(o.get("ok")) for o in outs],
+            "errors": [o.get("error") for o in outs if not o.get("ok")],
+            "upstream_bytes": up_bytes, "upstream_x": up_bytes / image_bytes, "upstream_gets": len(sent),
+            "wall_s": walls, "first_byte_s": firsts, "manifest_s": mans,
+            "wall_max": max((x for x in walls if x is not None), default=None),
+            "wall_median": med(walls),
+            "first_byte_max": max((x for x in firsts if x is not None), default=None),
+            "manifest_max": max((x for x in mans if x is not None), default=None),
+            "fills": fills,
+            "peer_received_bytes": sum(metric_sum(m, "regcache_peer_received_bytes_total") for m in ms),
+        }
+        log(f"fleet N={n} {fleet.setup:12s} slowest client {fmt(res['wall_max'], 's')} s, slowest first byte "
+            f"{fmt(res['first_byte_max'], 's')} s, upstream blob bytes {res['upstream_x']:.2f}x "
+            f"({res['upstream_gets']} GETs), fills {dict(sorted(fills.items()))}, ok={res['ok']}")
+        return res
+
+    def _fleet_outage(self, fleets: dict[str, "Fleet"], by: dict, image: str) -> None:
+        """Server i also pulls FLEET_SMALL[i % 5]; then, with the upstream black-holed, every server of every
+        setup pulls every image some server of its setup holds, all at once."""
+        held: dict[str, dict[str, list[int]]] = {}
+        for setup, fleet in fleets.items():
+            outs = [dict() for _ in range(fleet.n)]
+            imgs = [FLEET_SMALL[i % len(FLEET_SMALL)] for i in range(fleet.n)]
+            ths = [threading.Thread(target=pull, args=(fleet.ports[i], imgs[i], outs[i])) for i in range(fleet.n)]
+            for t in ths:
+                t.start()
+            for t in ths:
+                t.join(timeout=300)
+            h: dict[str, list[int]] = {image: [i for i, ok in enumerate(by[setup]["ok_each"]) if ok]}
+            for i, o in enumerate(outs):
+                if o.get("ok"):
+                    h.setdefault(imgs[i], []).append(i)
+                else:
+                    log(f"fleet {setup}: server {i} could not pull {imgs[i]} with the upstream up: {o.get('error')}")
+            held[setup] = h
+            if setup == "bucket":
+                by[setup]["bucket_wait_s"] = fleet.wait_bucket_written()
+        if not fleets:
+            return
+        self.upstream.stop()
+        hole = BlackHole(self.upstream.port)
+        jobs = []
+        try:
+            for setup, fleet in fleets.items():
+                for i in range(fleet.n):
+                    for img in held[setup]:
+                        jobs.append((setup, i, img, {}))
+            t0 = time.monotonic()
+            ths = [threading.Thread(target=pull, args=(fleets[s].ports[i], img, o), kwargs={"timeout": FLEET_PULL_TIMEOUT})
+                   for s, i, img, o in jobs]
+            for t in ths:
+                t.start()
+            for t in ths:
+                t.join(timeout=FLEET_PULL_TIMEOUT * 4 + 60)
+            phase = time.monotonic() - t0
+        finally:
+            hole.stop()
+            self.upstream.restart()
+        for setup, fleet in fleets.items():
+            mine = [(i, img, o) for s, i, img, o in jobs if s == setup]
+            ok = [x for x in mine if x[2].get("ok")]
+            res = {
+                "held": held[setup],
+                "pulls": len(mine), "pullable": len(ok),
+                "pullable_pct": 100.0 * len(ok) / len(mine) if mine else None,
+                "slowest_ok_s": max((o["done_s"] for _, _, o in ok), default=None),
+                "failed": [{"server": i, "image": img, "error": o.get("error"),
+                            "after_s": o.get("done_s") or o.get("manifest_s")} for i, img, o in mine
+                           if not o.get("ok")],
+                "phase_s": phase,
+            }
+            by[setup]["outage"] = res
+            log(f"fleet N={fleet.n} {setup:12s} upstream black-holed: {len(ok)}/{len(mine)} pulls of the "
+                f"{len(held[setup])} images held by some server succeed ({res['pullable_pct']:.0f} %), slowest "
+                f"{fmt(res['slowest_ok_s'], 's')} s")
+
 
 def fmt_ttfb(s, cap) -> str:
     if s is None or s == math.inf:
@@ -1514,6 +1912,42 @@ def evaluate(res: dict) -> list[dict]:
         tg = {"distribution": ("<=", 0.5), "nginx": ("<=", 1.0)}
         row("CPU per GB served warm (from the 8-client runs)", "CPU s / GB served", "CPU s (user+sys) / GB", "s/GB",
             m, rs, tg, "≤ 0.5 × distribution; ≤ nginx", all(le(rs[k], t) for k, (_, t) in tg.items()))
+    if "fleet" in W:
+        fl = W["fleet"]
+        peers = {n: by.get("peers") or {} for n, by in fl["sizes"].items()}
+        indep = {n: by.get("independent") or {} for n, by in fl["sizes"].items()}
+        ns = ", ".join(sorted(fl["sizes"], key=int))
+        ran = {n: p for n, p in peers.items() if "upstream_bytes" in p}
+        if ran:
+            worst = max(ran.values(), key=lambda p: abs(p["upstream_x"] - 1))
+            row(f"fleet herd, N = {ns} servers as peers, one client each, cold", "fleet: upstream bytes",
+                "upstream blob bytes, × the image (worst N)", "×", {"regcache": worst["upstream_x"]}, {}, {},
+                "exactly 1.00 × for every N",
+                len(ran) == len(peers) and all(p["upstream_bytes"] == fl["image_bytes"] and p["ok"] for p in ran.values()),
+                note="per N: " + ", ".join(f"{n} peers {p['upstream_x']:.2f}" for n, p in sorted(ran.items(), key=lambda kv: int(kv[0]))))
+            ratios = {n: ratio(p.get("wall_max"), indep[n].get("wall_max")) for n, p in ran.items()}
+            known = [r for r in ratios.values() if r is not None]
+            row("", "fleet: slowest client", "slowest client, peers / independent (worst N)", "×",
+                {"regcache": max(known) if known else None}, {"independent": max(known) if known else None},
+                {"independent": ("<=", 1.0)}, "≤ N independent servers, for every N",
+                bool(known) and len(known) == len(peers) and all(r <= 1.0 for r in known),
+                note="slowest client per N, peers vs independent: " + ", ".join(
+                    f"{n}: {fmt(p.get('wall_max'), 's')} s vs {fmt(indep[n].get('wall_max'), 's')} s"
+                    for n, p in sorted(ran.items(), key=lambda kv: int(kv[0]))))
+            pcts = {n: (p.get("outage") or {}).get("pullable_pct") for n, p in ran.items()}
+            known = [x for x in pcts.values() if x is not None]
+            row("", "fleet: pullable in an outage", "upstream black-holed: pulls that succeed of every image any "
+                "server holds, on every server (worst N)", "%", {"regcache": min(known) if known else None}, {}, {},
+                "100 %", bool(known) and len(known) == len(peers) and all(x == 100.0 for x in known),
+                note="per N and setup: " + "; ".join(
+                    f"{n}: " + ", ".join(f"{s} {(r.get('outage') or {}).get('pullable_pct', 0):.0f} %"
+                                         for s, r in by.items() if r.get("outage"))
+                    for n, by in sorted(fl["sizes"].items(), key=lambda kv: int(kv[0]))))
+        elif peers:
+            why = next((p.get("unsupported") for p in peers.values() if p.get("unsupported")), "not run")
+            row(f"fleet herd, N = {ns} servers as peers", "fleet", "peers setup", "", {}, {}, {},
+                "exactly 1.00 × upstream; ≤ independent; 100 % pullable", False,
+                note=f"peers not supported by this regcache: {why}")
     return rows
 
 
@@ -1690,7 +2124,7 @@ def write_markdown(res: dict, rows: list[dict], path: Path) -> None:
     else:
         L.append("Repetitions: cold pulls 5 per target, warm pulls 5, each wrk/ab workload 3 runs of 4 s per target, "
                  "the 16-client herd 3 per cache (each with a one-client run), start to ready 3, outage 1 + up to 8 "
-                 "follow-up requests.\n")
+                 "follow-up requests, the fleet once per N and setup.\n")
     L.append("## Machine\n")
     L.append("| | |\n|---|---|")
     for k, label in [("nproc", "cores (nproc)"), ("memory_gib", "memory (GiB)"), ("cpu", "CPU"),
@@ -1774,6 +2208,60 @@ def write_markdown(res: dict, rows: list[dict], path: Path) -> None:
     else:
         L.append("_Not run in this invocation (`--only` without `outage`)._\n")
 
+    L.append("## Fleet herd: N servers as peers, N independent servers, N servers on one bucket (issue 18)\n")
+    if "fleet" in W:
+        fl = W["fleet"]
+        L.append(f"For each N, three fleets of N regcache servers on 127.0.0.1 (distinct ports, a data directory "
+                 f"each, `freshness = \"10m\"`, everything else default): **peers** (`[peers]` listing all N, one "
+                 f"token file), **independent** (nothing shared), **bucket** (`[store.s3]` on one moto bucket, "
+                 f"moto's S3 server on loopback). One client per server, released together by a barrier, pulls "
+                 f"`{fl['image']}` cold as docker does (the manifest by tag, then the config and the "
+                 f"{fl['image_bytes'] / 2**20:.0f} MiB layer by digest at once, each read to its end). Upstream "
+                 "blob bytes are the sizes of the upstream's blob `GET`s in its access log, as × of the image's "
+                 "blobs (config + layer); the slowest client is the last one's last byte; the slowest first byte "
+                 "is the last client's first body byte of the layer, both from the common start. Blob answers "
+                 "by source: `regcache_fills_total{source}` summed over the servers (where the bytes of each "
+                 "blob `GET` answer came from; an owner's answers to its peers count under the owner's "
+                 "source).\n")
+        L.append("Then server i's client also pulls one small image of the fixtures "
+                 f"({', '.join(fl['small_images'])}, in turn), the bucket setup waits until no server owes the "
+                 "bucket a write, the upstream is stopped and its port taken by the black hole, and every server "
+                 "of every setup pulls every image that some server of its setup holds, all at once (each request "
+                 f"allowed {fl['pull_timeout_s']:.0f} s): **pullable** is the share of those pulls that succeed, "
+                 "with every blob's full size. The servers run with regcache's default upstream timeouts: a "
+                 "request that goes upstream first waits `header_timeout` (30 s) on the black hole, and peers "
+                 "are asked once the upstream failed or its breaker is open.\n")
+        L.append("| N | setup | upstream blob bytes (× image) | upstream blob GETs | slowest client (s) | median client (s) "
+                 "| slowest first byte (s) | slowest manifest (s) | blob answers by source | all clients ok "
+                 "| upstream black-holed: pullable | slowest pullable pull (s) |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for n, by in sorted(fl["sizes"].items(), key=lambda kv: int(kv[0])):
+            for setup in FLEET_SETUPS:
+                r = by.get(setup)
+                if r is None:
+                    continue
+                if r.get("unsupported"):
+                    L.append(f"| {n} | {setup} | not supported by this regcache: {r['unsupported']} |" + " |" * 10)
+                    continue
+                o = r.get("outage") or {}
+                pct = (f"{o['pullable_pct']:.0f} % ({o['pullable']}/{o['pulls']})"
+                       if o.get("pullable_pct") is not None else "–")
+                fills = ", ".join(f"{k} {v:.0f}" for k, v in sorted(r.get("fills", {}).items())) or "–"
+                L.append(f"| {n} | {setup} | {r['upstream_x']:.2f} | {r['upstream_gets']} | {fmt(r['wall_max'], 's')} | "
+                         f"{fmt(r['wall_median'], 's')} | {fmt(r['first_byte_max'], 's')} | "
+                         f"{fmt(r['manifest_max'], 's')} | {fills} | {'yes' if r['ok'] else 'NO'} | {pct} | "
+                         f"{fmt(o.get('slowest_ok_s'), 's')} |")
+        L.append("")
+        fails = [(n, s, f) for n, by in fl["sizes"].items() for s, r in by.items()
+                 for f in (r.get("outage") or {}).get("failed", [])]
+        if fails:
+            L.append("Pulls that failed with the upstream black-holed (first 12):\n")
+            for n, s, f in fails[:12]:
+                after = f" after {fmt(f['after_s'], 's')} s" if f.get("after_s") is not None else ""
+                L.append(f"- N={n} {s}: server {f['server']}, {f['image']}: {f['error']}{after}")
+            L.append("")
+    else:
+        L.append("_Not run in this invocation (`--only` without `fleet`)._\n")
     if before_after:
         L.append(before_after + "\n")
     L.append("## Notes on the setup\n")
@@ -1930,6 +2418,8 @@ def arg_parser() -> argparse.ArgumentParser:
     ap.add_argument("--compare", metavar="A,B",
                     help="run nothing: write the side-by-side table of the stored runs "
                          "bench/results/A.json and B.json into docs/BENCHMARKS.md (its before/after section)")
+    ap.add_argument("--fleet-sizes", default=None, metavar="N[,...]",
+                    help="fleet: numbers of servers (default 2,4,8; 2,4 with --quick)")
     ap.add_argument("--ttfb-cap", type=float, default=35.0, metavar="S",
                     help="outage: cap on one request, seconds (default 35)")
     ap.add_argument("--skip-100k", action="store_true", help="startup: skip the 100 000-blob store")
@@ -1981,6 +2471,13 @@ def main() -> int:
         ap.error(f"--label {args.label!r}: letters, digits, '.', '_' and '-' (not 'latest'), at most 64")
     if args.regcache_rev and args.no_build:
         ap.error("--no-build uses this checkout's target/release/regcache: not with --regcache-rev")
+    if args.fleet_sizes is not None:
+        try:
+            sizes = [int(x) for x in args.fleet_sizes.split(",") if x]
+        except ValueError:
+            sizes = []
+        if not sizes or any(n < 2 or n > 32 for n in sizes):
+            ap.error(f"--fleet-sizes {args.fleet_sizes!r}: numbers of servers from 2 to 32, comma-separated")
     selected = only or WORKLOADS
     if args.compare is not None:
         names = [x for x in args.compare.split(",") if x]
