@@ -2436,7 +2436,7 @@ def write_markdown(res: dict, rows: list[dict], path: Path) -> None:
                 if r is None:
                     continue
                 if r.get("unsupported"):
-                    L.append(f"| {n} | {setup} | not supported by this regcache: {r['unsupported']} |" + " |" * 10)
+                    L.append(f"| {n} | {setup} | not supported by this regcache: {r['unsupported']} |" + " |" * 9)
                     continue
                 o = r.get("outage") or {}
                 pct = (f"{o['pullable_pct']:.0f} % ({o['pullable']}/{o['pulls']})"
