@@ -2,9 +2,19 @@
 """Side-by-side benchmark of regcache against the caches users would pick instead (issue 7), plus the
 outage time-to-first-byte figure of issue 3.
 
-    python3 bench/bench.py                 # full run (about 10-15 minutes on 2 cores)
+    python3 bench/bench.py                 # full run (about 15-20 minutes on 2 cores)
     python3 bench/bench.py --quick         # smoke run: fewer repetitions, shorter wrk runs
     python3 bench/bench.py --only tag_rps,outage
+
+Before and after a change (issue 17): measure a git revision, store each run under a label, then render
+the two side by side into docs/BENCHMARKS.md without running anything:
+
+    python3 bench/bench.py --regcache-rev fcfe24a --label before
+    python3 bench/bench.py --regcache-rev main --label after
+    python3 bench/bench.py --compare before,after
+
+The outage workload also times the first 10 cached tags after a restart with the upstream black-holed
+(issue 19); `--outage-budget` bounds how long it waits for nginx, whose answers take 30 s each there.
 
 Runs, on loopback only, against one `docker-registry` upstream seeded with a 200 MiB single-layer image
 and the small images of tests/fixtures:
@@ -12,9 +22,13 @@ and the small images of tests/fixtures:
   - distribution (Debian's docker-registry) in proxy mode,
   - nginx as a caching proxy (config written here; njs joins every Accept line into the tag key),
 and, where a workload needs it, the upstream itself and nginx serving the blob as a static file.
+The `fleet` workload (issue 18) starts fleets of N regcache servers instead: as peers, independent, and on
+one S3 bucket (moto's server: /opt/regcache-moto from tests/setup-deps.sh, else pip-installed into
+bench/.work/moto-venv).
 
-Writes bench/results/latest.json, docs/bench-ratios.svg and docs/BENCHMARKS.md (keeping the section
-between the "lead notes" markers of an existing docs/BENCHMARKS.md).
+Writes bench/results/latest.json (and bench/results/NAME.json with --label), docs/bench-ratios.svg and
+docs/BENCHMARKS.md (keeping the sections between the "lead notes" and the "before/after" markers of an
+existing docs/BENCHMARKS.md).
 
 Python 3.11 standard library only. Missing Debian packages are installed with apt-get (and named).
 """
@@ -22,6 +36,7 @@ Python 3.11 standard library only. Missing Debian packages are installed with ap
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import hashlib
 import http.client
@@ -40,6 +55,9 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+import compare  # bench/compare.py: the before/after table (--compare)
+from compare import fmt
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -60,6 +78,9 @@ BIG_MIB = 200
 FILL_WORKERS = int(os.environ.get("BENCH_FILL_WORKERS", "48"))
 BIG_REPO = "bench/big"
 TAG_REPO = "library/busybox"  # the cached tag of the outage figure (Docker schema 2, as docker pulls)
+OUTAGE_TAGS = 10  # tags of TAG_REPO cached before the restart of the outage figure (issue 19)
+# Issue 19's target for each of them: the revalidation budget (250 ms by default) plus 50 ms.
+OUTAGE_TARGET_S = 0.30
 
 # What `docker pull` (20.10) sends for a manifest: one Accept line per media type.
 DOCKER_ACCEPT = [
@@ -82,6 +103,7 @@ WORKLOADS = [
     "herd16",
     "startup",
     "outage",
+    "fleet",
 ]
 
 CACHES = ["regcache", "distribution", "nginx"]
@@ -132,19 +154,15 @@ def is_static(path: str) -> bool:
     return cp.returncode != 0
 
 
-def ensure_deps() -> None:
-    need = []
-    for tool, pkg in [
-        ("docker-registry", "docker-registry"),
-        ("skopeo", "skopeo"),
-        ("umoci", "umoci"),
-        ("nginx", "nginx"),
-        ("wrk", "wrk"),
-        ("ab", "apache2-utils"),
-        ("openssl", "openssl"),
-    ]:
-        if shutil.which(tool) is None:
-            need.append(pkg)
+def ensure_deps(selected: list[str]) -> None:
+    """Installs what the selected workloads need (wrk and ab only for the load workloads)."""
+    tools = [("docker-registry", "docker-registry"), ("skopeo", "skopeo"), ("umoci", "umoci"),
+             ("nginx", "nginx"), ("openssl", "openssl")]
+    if any(w in selected for w in ("blob_gbps", "tag_rps", "digest_rps", "rss64")):
+        tools.append(("wrk", "wrk"))
+    if "head_rps" in selected:
+        tools.append(("ab", "apache2-utils"))
+    need = [pkg for tool, pkg in tools if shutil.which(tool) is None]
     if not os.path.exists("/bin/busybox") or not is_static("/bin/busybox"):
         need.append("busybox-static")
     if not any(os.path.exists(p) for p in NJS_MODULE_CANDIDATES):
@@ -157,7 +175,7 @@ def ensure_deps() -> None:
         subprocess.run(
             sudo + ["apt-get", "install", "-y", "-q", "--no-install-recommends", *need], env=env, check=True
         )
-    for tool in ["docker-registry", "skopeo", "umoci", "nginx", "wrk", "ab", "openssl"]:
+    for tool, _ in tools:
         if shutil.which(tool) is None:
             die(f"{tool} is still missing")
     if not os.path.exists("/bin/busybox") or not is_static("/bin/busybox"):
@@ -752,15 +770,20 @@ def ab_head(url: str, conns: int, duration: float) -> dict:
             "tool": "ab"}
 
 
-def timed_get(port: int, path: str, barrier: threading.Barrier | None, out: dict, expect_size: int,
-              start_ref: list) -> None:
+def connect_then_wait(port: int, barrier: threading.Barrier | None, start_ref: list | None, timeout: float):
+    """A connection to 127.0.0.1:port, opened before the barrier releases; and the common start."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    c.connect()
+    if barrier:
+        barrier.wait(timeout=60)
+    return c, (start_ref[0] if start_ref else time.monotonic())
+
+
+def timed_get(port: int, path: str, out: dict, expect_size: int, barrier: threading.Barrier | None = None,
+              start_ref: list | None = None, timeout=300.0) -> None:
     """GET path; records seconds (from the common start) to headers, first body byte, last byte."""
     try:
-        c = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-        c.connect()
-        if barrier:
-            barrier.wait(timeout=60)
-        t0 = start_ref[0] if start_ref else time.monotonic()
+        c, t0 = connect_then_wait(port, barrier, start_ref, timeout)
         c.putrequest("GET", path, skip_accept_encoding=True)
         c.endheaders()
         r = c.getresponse()
@@ -783,6 +806,30 @@ def timed_get(port: int, path: str, barrier: threading.Barrier | None, out: dict
     except Exception as e:  # noqa: BLE001 - reported, counted as a failure
         out["error"] = repr(e)
         out["ok"] = False
+
+
+def on_threads(target, jobs: list[tuple], join_timeout: float) -> None:
+    """target(*job) for every job, each on a thread, all at once; returns when they ended (or at the timeout)."""
+    threads = [threading.Thread(target=target, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=join_timeout)
+
+
+def together(target, jobs: list[tuple], join_timeout=900.0) -> None:
+    """target(*job, barrier=…, start_ref=…) for every job, each on a thread, released at the same moment by
+    a barrier (their connections already open); the times they record count from that moment."""
+    barrier = threading.Barrier(len(jobs) + 1)
+    start_ref: list = []
+    threads = [threading.Thread(target=target, args=job, kwargs={"barrier": barrier, "start_ref": start_ref})
+               for job in jobs]
+    for t in threads:
+        t.start()
+    start_ref.append(time.monotonic())
+    barrier.wait(timeout=60)
+    for t in threads:
+        t.join(timeout=join_timeout)
 
 
 def ttfb(port: int, path: str, accept: list[str], cap: float) -> dict:
@@ -923,6 +970,270 @@ class BlackHole:
         self.sock.close()
 
 
+# --------------------------------------------------------------------------------------------- fleet
+
+FLEET_SETUPS = ["peers", "independent", "bucket"]
+FLEET_TOKEN = "regcache-bench-fleet-token-0123456789abcdef"
+# The small images of tests/fixtures/seed.sh: server i of a fleet also pulls FLEET_SMALL[i % 5], so that
+# each is held by some servers only when the upstream goes dark.
+FLEET_SMALL = ["small/oci:latest", "small/docker:latest", "library/busybox:latest", "multi/oci:latest",
+               "multi/docker:latest"]
+FLEET_PULL_TIMEOUT = 90.0  # seconds for one request of a pull while the upstream is black-holed
+MOTO_SERVERS = ["/opt/regcache-moto/bin/moto_server"]  # where tests/setup-deps.sh installs moto
+# moto checks no signature; it wants an Authorization header of the AWS form.
+MOTO_AUTH = ("AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, "
+             "Signature=x")
+MOTO_BUCKET = "regcache-bench"
+
+
+def http_req(port: int, method: str, path: str, headers: dict | None = None, body: bytes = b"", timeout=30.0):
+    """(status, headers lower-cased, body) of one request to 127.0.0.1:port, or None when it fails."""
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        c.request(method, path, body=body, headers=headers or {})
+        r = c.getresponse()
+        data = r.read()
+        c.close()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, data
+    except (OSError, http.client.HTTPException):
+        return None
+
+
+def metrics(port: int) -> dict[str, float]:
+    """regcache's /metrics as {'name{labels}': value} (empty when it does not answer)."""
+    r = http_req(port, "GET", "/metrics", timeout=10)
+    out: dict[str, float] = {}
+    if not r or r[0] != 200:
+        return out
+    for line in r[2].decode(errors="replace").splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        name, _, value = line.rpartition(" ")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            pass
+    return out
+
+
+def metric_sum(m: dict[str, float], name: str, label: str | None = None) -> dict[str, float] | float:
+    """Sum of a metric over its series; by the value of `label` when given."""
+    if label is None:
+        return sum(v for k, v in m.items() if k == name or k.startswith(name + "{"))
+    out: dict[str, float] = {}
+    for k, v in m.items():
+        if k.startswith(name + "{"):
+            lm = re.search(label + r'="([^"]*)"', k)
+            key = lm.group(1) if lm else "?"
+            out[key] = out.get(key, 0.0) + v
+    return out
+
+
+def moto_server_bin() -> str:
+    """moto_server: the one tests/setup-deps.sh installs, else a venv under bench/.work (pip, PyPI)."""
+    for p in MOTO_SERVERS:
+        if os.access(p, os.X_OK):
+            return p
+    venv = WORK / "moto-venv"
+    binary = venv / "bin" / "moto_server"
+    if not binary.exists():
+        log("fleet: installing moto[server] into bench/.work/moto-venv (pip from PyPI)")
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        # pip needs the network: the real environment, not the dead proxy the servers get.
+        cp = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "moto[server]"])
+        if cp.returncode != 0 or not binary.exists():
+            die("pip install 'moto[server]' failed; install it (tests/setup-deps.sh does) or retry")
+    return str(binary)
+
+
+class Moto:
+    """moto's S3 server on loopback (in memory) with the bench's bucket."""
+
+    def __init__(self, home: Path):
+        binary = moto_server_bin()
+        for _ in range(3):
+            port = free_port()
+            self.srv = Server("moto", "moto", home, port)
+            env_cmd = [binary, "-H", "127.0.0.1", "-p", str(port)]
+            self.srv.spawn(env_cmd, stdout_name="moto.log", stderr_name="moto.err")
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 60 and self.srv.alive():
+                r = http_req(port, "GET", "/", {"Authorization": MOTO_AUTH}, timeout=2)
+                if r and r[0] == 200:
+                    break
+                time.sleep(0.1)
+            else:
+                self.srv.stop()
+                continue
+            r = http_req(port, "PUT", f"/{MOTO_BUCKET}", {"Authorization": MOTO_AUTH}, timeout=10)
+            if not r or r[0] != 200:
+                die(f"moto: cannot create bucket {MOTO_BUCKET}: {r and r[:1]}")
+            self.port = port
+            return
+        die(f"moto_server did not start; see {home}")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.srv.stop()
+
+
+class Unsupported(Exception):
+    """The regcache under test does not accept a setup's configuration (an older revision)."""
+
+
+class Fleet:
+    """N regcache servers on 127.0.0.1 (distinct ports, a data directory each) in one setup: `peers`
+    (`[peers]` listing all of them), `independent` (nothing shared) or `bucket` (`[store.s3]` on one moto
+    bucket)."""
+
+    def __init__(self, setup: str, n: int, home: Path, upstream: Upstream, moto: Moto | None):
+        self.setup, self.n, self.home, self.upstream, self.moto = setup, n, home, upstream, moto
+        self.servers: list[Server] = []
+        self.ports: list[int] = []
+
+    def config(self, i: int, urls: list[str], token: Path) -> str:
+        t = (f'listen = "127.0.0.1:{self.ports[i]}"\n'
+             f'data_dir = "{self.home / f"data-{i}"}"\n'
+             "[upstreams.bench]\n"
+             f'url = "{self.upstream.url}"\n'
+             # Longer than the whole workload: the outage pulls find every tag a server holds fresh, so
+             # what they measure is which server holds what, not revalidations.
+             'freshness = "10m"\n')
+        if self.setup == "peers":
+            t += "[peers]\nurls = [" + ", ".join(f'"{u}"' for u in urls) + "]\n"
+            t += f'token_file = "{token}"\n'
+        if self.setup == "bucket":
+            t += ("[store.s3]\n"
+                  f'bucket = "{MOTO_BUCKET}"\n'
+                  f'endpoint = "{self.moto.url}"\n'
+                  f'prefix = "fleet-{self.n}"\n'
+                  'region = "us-east-1"\n'
+                  'access_key_id = "test"\n'
+                  'secret_access_key = "test"\n')
+        return t
+
+    def start(self) -> "Fleet":
+        if self.home.exists():
+            shutil.rmtree(self.home)
+        self.home.mkdir(parents=True)
+        while len(self.ports) < self.n:
+            p = free_port()
+            if p not in self.ports:
+                self.ports.append(p)
+        urls = [f"http://127.0.0.1:{p}" for p in self.ports]
+        token = self.home / "peer-token"
+        token.write_text(FLEET_TOKEN + "\n")
+        token.chmod(0o600)
+        for i in range(self.n):
+            cfg = self.home / f"regcache-{i}.toml"
+            cfg.write_text(self.config(i, urls, token))
+            cfg.chmod(0o600)
+            if i == 0:
+                cp = subprocess.run([str(REGCACHE_BIN), "check-config", str(cfg)], capture_output=True, text=True,
+                                    env=child_env(), timeout=60)
+                if cp.returncode != 0:
+                    raise Unsupported((cp.stderr or cp.stdout).strip().splitlines()[-1:] or ["exit 2"])
+            srv = Server(f"regcache-{self.setup}-{i}", "regcache", self.home / f"srv-{i}", self.ports[i])
+            srv.spawn([str(REGCACHE_BIN), "serve", "--config", str(cfg)])
+            self.servers.append(srv)
+        for srv in self.servers:
+            srv.wait_ready("/readyz", timeout=60)
+        if self.setup == "peers":
+            self.wait_formed()
+        return self
+
+    def wait_formed(self, within=40.0) -> None:
+        """Until every server sees every other one up in /readyz."""
+        t0 = time.monotonic()
+        for srv in self.servers:
+            while True:
+                r = http_req(srv.port, "GET", "/readyz", timeout=5)
+                peers = json.loads(r[2]).get("peers", []) if r and r[0] == 200 else []
+                if peers and all(p.get("up") or p.get("self") for p in peers):
+                    break
+                if time.monotonic() - t0 > within:
+                    die(f"fleet: {srv.name} does not see its peers up within {within:.0f}s: {peers}")
+                time.sleep(0.1)
+
+    def metrics(self) -> list[dict[str, float]]:
+        return [metrics(p) for p in self.ports]
+
+    def wait_bucket_written(self, limit=300.0) -> float:
+        """Until no server owes the bucket a write (and the bytes written stopped growing); seconds waited."""
+        t0 = time.monotonic()
+        last, since = None, time.monotonic()
+        while time.monotonic() - t0 < limit:
+            ms = self.metrics()
+            pending = sum(metric_sum(m, "regcache_bucket_pending_writes") for m in ms)
+            written = sum(metric_sum(m, "regcache_bucket_written_bytes_total") for m in ms)
+            if written != last:
+                last, since = written, time.monotonic()
+            elif pending == 0 and time.monotonic() - since >= 2.0:
+                return time.monotonic() - t0
+            time.sleep(0.25)
+        log(f"fleet: the bucket writes did not settle within {limit:.0f}s")
+        return time.monotonic() - t0
+
+    def stop(self) -> None:
+        for srv in self.servers:
+            srv.stop()
+        # the data directories hold N copies of the image; the logs stay in bench/.work/run for a look
+        for i in range(self.n):
+            shutil.rmtree(self.home / f"data-{i}", ignore_errors=True)
+
+
+def pull(port: int, image: str, out: dict, barrier: threading.Barrier | None = None, start_ref: list | None = None,
+         timeout=300.0) -> None:
+    """A client's pull over HTTP, as docker does it: the manifest by tag with docker's Accept lines (an index
+    or list: then its linux/amd64 manifest by digest), then the config and layer blobs at once, each read to
+    its end. Records seconds from the common start to the manifest, to the first body byte of the largest
+    blob, and to the end of the last; ok when every answer was 200 with the announced sizes."""
+    repo, tag = image.rsplit(":", 1)
+    try:
+        c, t0 = connect_then_wait(port, barrier, start_ref, timeout)
+        ref = tag
+        for _ in range(2):
+            c.putrequest("GET", f"/v2/{repo}/manifests/{ref}", skip_accept_encoding=True)
+            for a in DOCKER_ACCEPT:
+                c.putheader("Accept", a)
+            c.endheaders()
+            r = c.getresponse()
+            body = r.read()
+            if r.status != 200:
+                out.update(ok=False, error=f"manifest {repo}:{ref} -> {r.status}", manifest_s=time.monotonic() - t0)
+                return
+            man = json.loads(body)
+            if "manifests" not in man:
+                break
+            ref = next((d["digest"] for d in man["manifests"]
+                        if d.get("platform", {}).get("architecture") == "amd64"), man["manifests"][0]["digest"])
+        c.close()
+        out["manifest_s"] = time.monotonic() - t0
+        blobs = [man["config"]] + man["layers"]
+        outs = [dict() for _ in blobs]
+        ths = [threading.Thread(target=timed_get, args=(port, f"/v2/{repo}/blobs/{b['digest']}", o, b["size"]),
+                                kwargs={"start_ref": [t0], "timeout": timeout})
+               for b, o in zip(blobs, outs)]
+        for t in ths:
+            t.start()
+        for t in ths:
+            t.join()
+        largest = max(range(len(blobs)), key=lambda i: blobs[i]["size"])
+        out["first_byte_s"] = outs[largest].get("first_byte")
+        out["done_s"] = max((o.get("done") or 0.0) for o in outs)
+        out["bytes"] = sum(o.get("bytes") or 0 for o in outs)
+        out["ok"] = all(o.get("ok") for o in outs)
+        if not out["ok"]:
+            bad = [(b["digest"][:19], o.get("status"), o.get("error")) for b, o in zip(blobs, outs) if not o.get("ok")]
+            out["error"] = f"blobs {bad}"
+    except Exception as e:  # noqa: BLE001 - reported, counted as a failure
+        out["ok"] = False
+        out["error"] = repr(e)
+
+
 # -------------------------------------------------------------------------------------------- bench
 
 
@@ -936,9 +1247,14 @@ def rotated(items: list, k: int) -> list:
     return items[k:] + items[:k]
 
 
+# The workloads that use the long-running caches started by Bench.setup (the others start their own).
+MAIN_CACHE_USERS = {"warm_pull", "blob_gbps", "tag_rps", "digest_rps", "head_rps", "rss64", "startup"}
+
+
 class Bench:
-    def __init__(self, args):
+    def __init__(self, args, selected: list[str]):
         self.args = args
+        self.selected = selected
         self.quick = args.quick
         self.reps = 1 if args.quick else 3
         self.wrk_seconds = 2 if args.quick else 4
@@ -967,6 +1283,7 @@ class Bench:
         self.big_blob = man["layers"][0]["digest"]
         self.big_size = man["layers"][0]["size"]
         self.big_config = man["config"]["digest"]
+        self.big_config_size = man["config"]["size"]
         self.blob_path = f"/v2/{BIG_REPO}/blobs/{self.big_blob}"
         log(f"upstream {self.upstream.hp}: {BIG_REPO}:latest layer {self.big_blob[:19]}… "
             f"{self.big_size / 2**20:.1f} MiB")
@@ -976,6 +1293,8 @@ class Bench:
             "layer_digest": self.big_blob,
             "layer_bytes": self.big_size,
         }
+        if not any(w in self.selected for w in MAIN_CACHE_USERS):
+            return
         static_root = self.upstream.storage / "docker/registry/v2/blobs/sha256"
         for kind in CACHES:
             c = Cache(kind, self.run_dir / f"main-{kind}", self.upstream,
@@ -1011,6 +1330,17 @@ class Bench:
                 if st != 200:
                     die(f"warming {c.kind}: {method} {path} -> {st}")
         self.warmed.add(c.kind)
+
+    @contextlib.contextmanager
+    def upstream_black_holed(self):
+        """The upstream stopped and its port taken by a BlackHole; restarted after."""
+        self.upstream.stop()
+        hole = BlackHole(self.upstream.port)
+        try:
+            yield
+        finally:
+            hole.stop()
+            self.upstream.restart()
 
     def record(self, name: str, data: dict) -> None:
         self.results["workloads"][name] = data
@@ -1133,34 +1463,14 @@ class Bench:
         try:
             off = self.upstream.log_offset()
             outs = [dict() for _ in range(clients)]
-            barrier = threading.Barrier(clients + 1)
-            start_ref: list = []
-            threads = [threading.Thread(target=timed_get,
-                                        args=(c.port, self.blob_path, barrier, outs[i], self.big_size, start_ref))
-                       for i in range(clients)]
-            for t in threads:
-                t.start()
-            start_ref.append(time.monotonic())
-            barrier.wait(timeout=60)
-            for t in threads:
-                t.join(timeout=600)
+            together(timed_get, [(c.port, self.blob_path, o, self.big_size) for o in outs], join_timeout=600)
             self.upstream.settle(off, quiet=1.0, limit=60)
             fetched, n_gets = self.upstream.blob_bytes(off, self.big_blob)
             warm_wall = None
             if clients > 1:
                 # the same herd again, now warm: the delivery floor of 16 x 200 MiB on this machine
                 wouts = [dict() for _ in range(clients)]
-                wbarrier = threading.Barrier(clients + 1)
-                wstart: list = []
-                ws = [threading.Thread(target=timed_get,
-                                       args=(c.port, self.blob_path, wbarrier, wouts[i], self.big_size, wstart))
-                      for i in range(clients)]
-                for t in ws:
-                    t.start()
-                wstart.append(time.monotonic())
-                wbarrier.wait(timeout=60)
-                for t in ws:
-                    t.join(timeout=600)
+                together(timed_get, [(c.port, self.blob_path, o, self.big_size) for o in wouts], join_timeout=600)
                 if all(o.get("ok") for o in wouts):
                     warm_wall = max(o["done"] for o in wouts)
         finally:
@@ -1319,6 +1629,132 @@ class Bench:
             cache.stop()
             fake.stop()
 
+    def _outage_tags(self) -> list[str]:
+        """OUTAGE_TAGS tags of TAG_REPO in the upstream (`bench-01` …): its `latest` manifest put under each
+        name (idempotent), so that each is a tag of its own in every cache."""
+        st, h, body = http_get(self.upstream.port, f"/v2/{TAG_REPO}/manifests/latest", accept=DOCKER_ACCEPT)
+        if st != 200:
+            die(f"outage: upstream does not serve {TAG_REPO}:latest ({st})")
+        tags = [f"bench-{i:02d}" for i in range(1, OUTAGE_TAGS + 1)]
+        for t in tags:
+            r = http_req(self.upstream.port, "PUT", f"/v2/{TAG_REPO}/manifests/{t}",
+                         {"Content-Type": h["content-type"]}, body)
+            if not r or r[0] not in (200, 201):
+                die(f"outage: cannot tag {TAG_REPO}:{t} in the upstream: {r and r[0]} {r and r[2][:300]!r}")
+        return tags
+
+    def _outage_restart(self) -> dict:
+        """The first OUTAGE_TAGS cached tags after a restart with the upstream black-holed (issue 19)."""
+        cap, budget = self.args.ttfb_cap, self.args.outage_budget
+        tags = self._outage_tags()
+        caches = {k: self.fresh(k, "outage-restart", freshness="1s", tag_valid="1s") for k in CACHES}
+        results: dict = {}
+        try:
+            for k, c in caches.items():
+                for t in tags:
+                    r = ttfb(c.port, f"/v2/{TAG_REPO}/manifests/{t}", DOCKER_ACCEPT, 10)
+                    if r.get("status") != 200:
+                        die(f"outage: caching {TAG_REPO}:{t} through {k} failed: {r}")
+            for c in caches.values():
+                c.stop()
+            log(f"outage: {len(tags)} tags cached by every cache, caches stopped; black-holing the upstream")
+            with self.upstream_black_holed():
+                time.sleep(2.5)  # past regcache's 1 s freshness and nginx's 1 s tag validity
+
+                def measure(k: str, c: Cache):
+                    if k == "distribution":
+                        started = self._restart_distribution(c, cap)
+                    else:
+                        c.start(fresh=False)
+                        started = {"started": True, "start_s": c.start_seconds}
+                    res = dict(started, tags=[])
+                    results[k] = res
+                    if not started["started"]:
+                        return
+                    spent = 0.0
+                    for t in tags:
+                        if spent >= budget:
+                            break
+                        r = ttfb(c.port, f"/v2/{TAG_REPO}/manifests/{t}", DOCKER_ACCEPT, cap)
+                        r["tag"] = t
+                        res["tags"].append(r)
+                        spent += r["seconds"] if r.get("seconds") is not None else cap
+
+                on_threads(measure, list(caches.items()), budget + 2 * cap + 120)
+        finally:
+            for c in caches.values():
+                c.discard()
+        summary = {}
+        for k in CACHES:
+            r = results.get(k, {"started": False, "start_error": "not measured (thread did not finish)"})
+            ts = r.get("tags", [])
+            secs = [x["seconds"] if x.get("seconds") is not None else math.inf for x in ts]
+            s = {
+                "started": r["started"], "start_error": r.get("start_error"), "start_s": r.get("start_s"),
+                "asked": len(ts), "not_asked": len(tags) - len(ts) if r["started"] else len(tags),
+                "seconds": [x.get("seconds") for x in ts],
+                "statuses": [x.get("status") for x in ts],
+                "warnings": [x.get("warning") for x in ts],
+                "timeouts": sum(1 for x in ts if x.get("timeout")),
+                "max_s": max(secs) if secs else None,
+                "sum_s": sum(secs) if secs and len(ts) == len(tags) else None,
+                "sum_asked_s": sum(secs) if secs else None,
+            }
+            summary[k] = s
+            if s["started"]:
+                log(f"outage restart {k:12s} {s['asked']} tags: " + ", ".join(fmt_ttfb(x, cap) for x in secs) +
+                    (f" ({s['not_asked']} not asked: {budget:.0f} s budget spent)" if s["not_asked"] else ""))
+            else:
+                log(f"outage restart {k:12s} did not start: {s['start_error']}")
+        return {"tags": [f"{TAG_REPO}:{t}" for t in tags], "budget_s": budget, "cap_s": cap, "summary": summary}
+
+    def _restart_distribution(self, c: Cache, wait: float) -> dict:
+        """distribution in proxy mode on its old storage with the upstream black-holed: whether it starts (it
+        asks its remote's /v2/ when it starts), and how it fails when it does not; then the same with a remote
+        that refuses connections, for contrast."""
+        res = self._start_distribution(c, c.upstream.url, wait, keep=True)
+        if not res["started"]:
+            closed = free_port()  # nothing listens there: connections are refused
+            refused = self._start_distribution(c, f"http://127.0.0.1:{closed}", min(wait, 10.0), keep=False)
+            res["start_error"] += f". With a remote that refuses connections instead: {refused['start_error']}"
+        return res
+
+    def _start_distribution(self, c: Cache, remote: str, wait: float, keep: bool) -> dict:
+        port = free_port()
+        cfg = c.home / "config.yml"
+        # info: what it logs while it starts
+        cfg.write_text(registry_yaml(c.home / "storage", port, remote).replace("level: warn", "level: info"))
+        logf = c.home / "registry.log"
+        off = logf.stat().st_size if logf.exists() else 0
+        srv = Server("distribution", "distribution", c.home, port)
+        t0 = time.monotonic()
+        srv.spawn(["docker-registry", "serve", str(cfg)], stdout_name="access.log", stderr_name="registry.log")
+
+        def tail() -> str:
+            with open(logf, "rb") as f:
+                f.seek(off)
+                lines = [x for x in f.read().decode(errors="replace").splitlines() if x.strip()]
+            last = next((x for x in lines if x.startswith("panic:")), None) or (lines[-1] if lines else "")
+            return re.sub(r" go\.version=.*$", "", last)[-400:] or "(nothing logged)"
+
+        while time.monotonic() - t0 < wait:
+            if not srv.alive():
+                code = srv.proc.returncode if srv.proc else None
+                srv.stop()
+                return {"started": False,
+                        "start_error": f"exited with status {code} after {time.monotonic() - t0:.1f} s: {tail()}"}
+            if http_status(port, "/v2/", timeout=1.0) == 200:
+                if keep:
+                    c.srv = srv
+                else:
+                    srv.stop()
+                return {"started": True, "start_s": time.monotonic() - t0}
+            time.sleep(0.1)
+        srv.stop()
+        return {"started": False,
+                "start_error": f"no answer on /v2/ within {wait:.0f} s, the process running (stopped then by the "
+                               f"bench); its last log line: {tail()}"}
+
     def w_outage(self) -> None:
         cap = self.args.ttfb_cap
         n_follow = 3 if self.quick else 8
@@ -1334,11 +1770,9 @@ class Bench:
                     if r.get("status") != 200:
                         die(f"outage: warming {k} with {path} failed: {r}")
             log("outage: tag warmed through every cache; black-holing the upstream")
-            self.upstream.stop()
-            hole = BlackHole(self.upstream.port)
-            try:
+            results = {}
+            with self.upstream_black_holed():
                 time.sleep(2.5)  # past regcache's 1 s freshness and nginx's 1 s tag validity
-                results = {}
 
                 def measure(k: str, c: Cache):
                     first = ttfb(c.port, path, DOCKER_ACCEPT, cap)
@@ -1353,14 +1787,7 @@ class Bench:
                         timeouts_in_row = timeouts_in_row + 1 if r.get("timeout") else 0
                     results[k] = {"first": first, "following": follow}
 
-                ths = [threading.Thread(target=measure, args=(k, c)) for k, c in caches.items()]
-                for t in ths:
-                    t.start()
-                for t in ths:
-                    t.join(timeout=cap * (n_follow + 2) + 60)
-            finally:
-                hole.stop()
-                self.upstream.restart()
+                on_threads(measure, list(caches.items()), cap * (n_follow + 2) + 60)
         finally:
             for c in caches.values():
                 c.discard()
@@ -1381,8 +1808,122 @@ class Bench:
             }
             log(f"outage {k:12s} first {fmt_ttfb(summary[k]['first_s'], cap)} (status {summary[k]['first_status']}) "
                 f"| following {len(f)}: median {fmt_ttfb(summary[k]['following_median_s'], cap)}")
+        restart = self._outage_restart()
         self.record("outage", {"cap_s": cap, "path": path, "follow_max": n_follow, "accept": DOCKER_ACCEPT, "runs": results,
-                               "summary": summary, "regcache_freshness": "1s", "nginx_tag_validity": "1s"})
+                               "summary": summary, "regcache_freshness": "1s", "nginx_tag_validity": "1s",
+                               "restart": restart})
+
+    def w_fleet(self) -> None:
+        sizes = ([int(x) for x in self.args.fleet_sizes.split(",") if x] if self.args.fleet_sizes
+                 else [2, 4] if self.quick else [2, 4, 8])
+        image = f"{BIG_REPO}:latest"
+        image_bytes = self.big_size + self.big_config_size
+        data: dict = {"image": image, "image_bytes": image_bytes, "small_images": FLEET_SMALL,
+                      "pull_timeout_s": FLEET_PULL_TIMEOUT, "sizes": {}}
+        for k, n in enumerate(sizes):
+            by: dict = {}
+            fleets: dict[str, Fleet] = {}
+            moto = None
+            try:
+                for setup in rotated(FLEET_SETUPS, k):
+                    if setup == "bucket":
+                        moto = Moto(self.run_dir / f"fleet{n}-moto")
+                    fleet = Fleet(setup, n, self.run_dir / f"fleet{n}-{setup}", self.upstream, moto)
+                    try:
+                        fleet.start()
+                    except Unsupported as e:
+                        fleet.stop()
+                        by[setup] = {"unsupported": " ".join(e.args[0])}
+                        log(f"fleet N={n} {setup:12s} not supported by this regcache: {by[setup]['unsupported']}")
+                        continue
+                    fleets[setup] = fleet
+                    by[setup] = self._fleet_herd(fleet, image, image_bytes)
+                self._fleet_outage(fleets, by, image)
+            finally:
+                for f in fleets.values():
+                    f.stop()
+                if moto:
+                    moto.stop()
+            data["sizes"][str(n)] = by
+        self.record("fleet", data)
+
+    def _fleet_herd(self, fleet: Fleet, image: str, image_bytes: int) -> dict:
+        """One client per server, all pulling `image` cold at the same moment; the upstream's blob bytes."""
+        n = fleet.n
+        off = self.upstream.log_offset()
+        outs = [dict() for _ in range(n)]
+        together(pull, [(port, image, o) for port, o in zip(fleet.ports, outs)])
+        self.upstream.settle(off, quiet=1.0, limit=60)
+        sent = [(path, status, size) for method, path, status, size in self.upstream.entries(off)
+                if method == "GET" and "/blobs/" in path]
+        up_bytes = sum(size for _, _, size in sent)
+        ms = fleet.metrics()
+        fills: dict[str, float] = {}
+        for m in ms:
+            for src, v in metric_sum(m, "regcache_fills_total", "source").items():
+                fills[src] = fills.get(src, 0) + v
+        walls = [o.get("done_s") for o in outs]
+        firsts = [o.get("first_byte_s") for o in outs]
+        mans = [o.get("manifest_s") for o in outs]
+        res = {
+            "n": n, "ok": all(o.get("ok") for o in outs), "ok_each": [bool(o.get("ok")) for o in outs],
+            "errors": [o.get("error") for o in outs if not o.get("ok")],
+            "upstream_bytes": up_bytes, "upstream_x": up_bytes / image_bytes, "upstream_gets": len(sent),
+            "wall_s": walls, "first_byte_s": firsts, "manifest_s": mans,
+            "wall_max": max((x for x in walls if x is not None), default=None),
+            "wall_median": med(walls),
+            "first_byte_max": max((x for x in firsts if x is not None), default=None),
+            "manifest_max": max((x for x in mans if x is not None), default=None),
+            "fills": fills,
+            "peer_received_bytes": sum(metric_sum(m, "regcache_peer_received_bytes_total") for m in ms),
+        }
+        log(f"fleet N={n} {fleet.setup:12s} slowest client {fmt(res['wall_max'], 's')} s, slowest first byte "
+            f"{fmt(res['first_byte_max'], 's')} s, upstream blob bytes {res['upstream_x']:.2f}x "
+            f"({res['upstream_gets']} GETs), fills {dict(sorted(fills.items()))}, ok={res['ok']}")
+        return res
+
+    def _fleet_outage(self, fleets: dict[str, "Fleet"], by: dict, image: str) -> None:
+        """Server i also pulls FLEET_SMALL[i % 5]; then, with the upstream black-holed, every server of every
+        setup pulls every image some server of its setup holds, all at once."""
+        held: dict[str, dict[str, list[int]]] = {}
+        for setup, fleet in fleets.items():
+            outs = [dict() for _ in range(fleet.n)]
+            imgs = [FLEET_SMALL[i % len(FLEET_SMALL)] for i in range(fleet.n)]
+            on_threads(pull, list(zip(fleet.ports, imgs, outs)), 300)
+            h: dict[str, list[int]] = {image: [i for i, ok in enumerate(by[setup]["ok_each"]) if ok]}
+            for i, o in enumerate(outs):
+                if o.get("ok"):
+                    h.setdefault(imgs[i], []).append(i)
+                else:
+                    log(f"fleet {setup}: server {i} could not pull {imgs[i]} with the upstream up: {o.get('error')}")
+            held[setup] = h
+            if setup == "bucket":
+                by[setup]["bucket_wait_s"] = fleet.wait_bucket_written()
+        if not fleets:
+            return
+        jobs = [(setup, i, img, {}) for setup, fleet in fleets.items() for i in range(fleet.n) for img in held[setup]]
+        with self.upstream_black_holed():
+            t0 = time.monotonic()
+            on_threads(lambda s, i, img, o: pull(fleets[s].ports[i], img, o, timeout=FLEET_PULL_TIMEOUT), jobs,
+                       FLEET_PULL_TIMEOUT * 4 + 60)
+            phase = time.monotonic() - t0
+        for setup, fleet in fleets.items():
+            mine = [(i, img, o) for s, i, img, o in jobs if s == setup]
+            ok = [x for x in mine if x[2].get("ok")]
+            res = {
+                "held": held[setup],
+                "pulls": len(mine), "pullable": len(ok),
+                "pullable_pct": 100.0 * len(ok) / len(mine) if mine else None,
+                "slowest_ok_s": max((o["done_s"] for _, _, o in ok), default=None),
+                "failed": [{"server": i, "image": img, "error": o.get("error"),
+                            "after_s": o.get("done_s") or o.get("manifest_s")} for i, img, o in mine
+                           if not o.get("ok")],
+                "phase_s": phase,
+            }
+            by[setup]["outage"] = res
+            log(f"fleet N={fleet.n} {setup:12s} upstream black-holed: {len(ok)}/{len(mine)} pulls of the "
+                f"{len(held[setup])} images held by some server succeed ({res['pullable_pct']:.0f} %), slowest "
+                f"{fmt(res['slowest_ok_s'], 's')} s")
 
 
 def fmt_ttfb(s, cap) -> str:
@@ -1500,28 +2041,71 @@ def evaluate(res: dict) -> list[dict]:
         tg = {"distribution": ("<=", 0.5), "nginx": ("<=", 1.0)}
         row("CPU per GB served warm (from the 8-client runs)", "CPU s / GB served", "CPU s (user+sys) / GB", "s/GB",
             m, rs, tg, "≤ 0.5 × distribution; ≤ nginx", all(le(rs[k], t) for k, (_, t) in tg.items()))
+    rs = (W.get("outage") or {}).get("restart")
+    if rs:
+        S = rs["summary"]
+        vals = {k: S[k]["max_s"] for k in S if S[k]["started"] and S[k]["asked"]}
+        r = S.get("regcache", {})
+        row(f"cached tags after a restart, upstream black-holed (first {len(rs['tags'])}, one after another)",
+            "outage: 10 tags after restart", "slowest answer (first byte)", "s", vals,
+            {k: ratio(vals.get("regcache"), v) for k, v in vals.items() if k != "regcache"}, {},
+            f"every one ≤ {OUTAGE_TARGET_S:.2f} s (revalidate_budget 250 ms + 50 ms)",
+            r.get("started") and r.get("asked") == len(rs["tags"]) and set(r.get("statuses", [])) == {200}
+            and le(r.get("max_s"), OUTAGE_TARGET_S),
+            note="answers one after another: " + "; ".join(
+                f"{k} " + (", ".join(fmt_ttfb(x, rs["cap_s"]) for x in S[k]["seconds"]) +
+                           (f" ({S[k]['not_asked']} not asked)" if S[k]["not_asked"] else "")
+                           if S[k]["started"] else "did not start")
+                for k in S))
+    if "fleet" in W:
+        fl = W["fleet"]
+        peers = {n: by.get("peers") or {} for n, by in fl["sizes"].items()}
+        indep = {n: by.get("independent") or {} for n, by in fl["sizes"].items()}
+        ns = ", ".join(sorted(fl["sizes"], key=int))
+        ran = {n: p for n, p in peers.items() if "upstream_bytes" in p}
+        if ran:
+            worst = max(ran.values(), key=lambda p: abs(p["upstream_x"] - 1))
+            row(f"fleet herd, N = {ns} servers as peers, one client each, cold", "fleet: upstream bytes",
+                "upstream blob bytes, × the image (worst N)", "×", {"regcache": worst["upstream_x"]}, {}, {},
+                "exactly 1.00 × for every N",
+                len(ran) == len(peers) and all(p["upstream_bytes"] == fl["image_bytes"] and p["ok"] for p in ran.values()),
+                note="per N: " + ", ".join(f"{n} peers {p['upstream_x']:.2f}" for n, p in sorted(ran.items(), key=lambda kv: int(kv[0]))))
+            ratios = {n: ratio(p.get("wall_max"), indep[n].get("wall_max")) for n, p in ran.items()}
+            known = [r for r in ratios.values() if r is not None]
+            row("", "fleet: slowest client", "slowest client, peers / independent (worst N)", "×",
+                {"regcache": max(known) if known else None}, {"independent": max(known) if known else None},
+                {"independent": ("<=", 1.0)}, "≤ N independent servers, for every N",
+                bool(known) and len(known) == len(peers) and all(r <= 1.0 for r in known),
+                note="slowest client per N, peers vs independent: " + ", ".join(
+                    f"{n}: {fmt(p.get('wall_max'), 's')} s vs {fmt(indep[n].get('wall_max'), 's')} s"
+                    for n, p in sorted(ran.items(), key=lambda kv: int(kv[0]))))
+            pcts = {n: (p.get("outage") or {}).get("pullable_pct") for n, p in ran.items()}
+            known = [x for x in pcts.values() if x is not None]
+            row("", "fleet: pullable in an outage", "upstream black-holed: pulls that succeed of every image any "
+                "server holds, on every server (worst N)", "%", {"regcache": min(known) if known else None}, {}, {},
+                "100 %", bool(known) and len(known) == len(peers) and all(x == 100.0 for x in known),
+                note="per N and setup: " + "; ".join(
+                    f"{n}: " + ", ".join(f"{s} {(r.get('outage') or {}).get('pullable_pct', 0):.0f} %"
+                                         for s, r in by.items() if r.get("outage"))
+                    for n, by in sorted(fl["sizes"].items(), key=lambda kv: int(kv[0]))))
+        elif peers:
+            why = next((p.get("unsupported") for p in peers.values() if p.get("unsupported")), "not run")
+            row(f"fleet herd, N = {ns} servers as peers", "fleet", "peers setup", "", {}, {}, {},
+                "exactly 1.00 × upstream; ≤ independent; 100 % pullable", False,
+                note=f"peers not supported by this regcache: {why}")
     return rows
 
 
 # ------------------------------------------------------------------------------------------ output
 
 
-def fmt(v, unit="") -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if unit == "req/s":
-        return f"{v:,.0f}"
-    if unit == "MiB":
-        return f"{v:.0f}"
-    if unit == "s" and abs(v) < 0.1:
-        return f"{v:.3f}"
-    if abs(v) >= 100:
-        return f"{v:.0f}"
-    if abs(v) >= 10:
-        return f"{v:.1f}"
-    return f"{v:.2f}"
+def build_label(build: dict) -> str:
+    """`fcfe24a (subject), commit date`, and where it was built."""
+    if not build.get("short"):
+        return "?"
+    where = (f"worktree of `{build.get('rev')}` under bench/.work" if build.get("source") == "worktree"
+             else "this checkout" + (" (src modified)" if build.get("modified") else ""))
+    return f"{build['short']} ({build.get('subject', '')}), committed {build.get('commit_date', '?')}; {where}"
 
 
 def machine_info() -> dict:
@@ -1557,6 +2141,7 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "regcache": ver([str(REGCACHE_BIN), "--version"]),
         "git": git.stdout.strip() + (" (src modified)" if dirty.stdout.strip() else ""),
+        "regcache_commit": build_label(BUILD),
         "docker-registry": ver(["docker-registry", "--version"]),
         "nginx": ver(["nginx", "-v"]),
         "njs": "yes" if njs_module() else "no (deviation: $http_accept, first Accept line only)",
@@ -1657,6 +2242,7 @@ time in each workload it misses, what was changed, and what remains. This sectio
 def write_markdown(res: dict, rows: list[dict], path: Path) -> None:
     old = path.read_text() if path.exists() else ""
     lead = LEAD_DEFAULT
+    before_after = compare.extract(old)
     if LEAD_BEGIN in old and LEAD_END in old:
         lead = old.split(LEAD_BEGIN, 1)[1].split(LEAD_END, 1)[0].strip("\n") + "\n"
     m = res["machine"]
@@ -1674,23 +2260,26 @@ def write_markdown(res: dict, rows: list[dict], path: Path) -> None:
              "of `tests/fixtures/build-images.sh` and a 200 MiB single-layer image from `bench/build-big.sh`, "
              "seeded once into a `docker-registry` upstream and cached under `bench/.work/`), starts the upstream, "
              "regcache, distribution in proxy mode and nginx as a caching proxy side by side on loopback, and runs "
-             "each workload several times, alternating the caches (cold runs on fresh cache directories). "
-             "Flags: `--quick`, `--only WORKLOAD[,…]` "
-             f"({', '.join(WORKLOADS)}).\n")
+             "each workload several times, alternating the caches (cold runs on fresh cache directories).\n")
+    L.append("Flags of `bench/bench.py`:\n")
+    L += flags_doc()
+    L.append("")
     if res["quick"]:
         L.append("Repetitions (--quick): 1 of each, wrk/ab runs of 2 s, 3 outage follow-ups.\n")
     else:
         L.append("Repetitions: cold pulls 5 per target, warm pulls 5, each wrk/ab workload 3 runs of 4 s per target, "
                  "the 16-client herd 3 per cache (each with a one-client run), start to ready 3, outage 1 + up to 8 "
-                 "follow-up requests.\n")
+                 "follow-up requests, the fleet once per N and setup.\n")
     L.append("## Machine\n")
     L.append("| | |\n|---|---|")
     for k, label in [("nproc", "cores (nproc)"), ("memory_gib", "memory (GiB)"), ("cpu", "CPU"),
                      ("sha_ni", "SHA extensions (sha_ni)"), ("kernel", "kernel"), ("debian", "Debian"),
-                     ("regcache", "regcache"), ("git", "git commit"), ("docker-registry", "distribution"),
+                     ("regcache", "regcache"), ("regcache_commit", "regcache built from"),
+                     ("git", "git commit of the checkout"), ("docker-registry", "distribution"),
                      ("nginx", "nginx"), ("njs", "njs (Accept key)"), ("skopeo", "skopeo"), ("wrk", "wrk"),
                      ("python", "python")]:
-        L.append(f"| {label} | {fmt(m[k]) if isinstance(m[k], bool) else m[k]} |")
+        if k in m:
+            L.append(f"| {label} | {fmt(m[k]) if isinstance(m[k], bool) else m[k]} |")
     L.append("\nThe machine is shared (2 cores); the load generators (skopeo, wrk, ab, Python clients) run on the "
              "same cores as the servers, and other work may run beside them: load average "
              f"{res.get('loadavg_before', '?')} at the start, {res.get('loadavg_after', '?')} at the end (1, 5, 15 min).\n")
@@ -1761,9 +2350,115 @@ def write_markdown(res: dict, rows: list[dict], path: Path) -> None:
                  "bounds the revalidation of a cached tag; `header_timeout = \"30s\"`; breaker after 3 failures); "
                  "nginx `proxy_connect_timeout 5s; proxy_read_timeout 30s;` with `proxy_cache_use_stale error "
                  "timeout …`; distribution 2.8 has no upstream timeout.\n")
+        rs = o.get("restart")
+        if rs:
+            cap, budget = rs["cap_s"], rs["budget_s"]
+            S = rs["summary"]
+            L.append(f"### After a restart: the first {len(rs['tags'])} cached tags (issue 19)\n")
+            L.append(f"Each cache (fresh; regcache `freshness = \"1s\"`, nginx 1 s tag validity) caches {len(rs['tags'])} tags "
+                     f"(`{rs['tags'][0]}` … `{rs['tags'][-1]}`, the `latest` manifest put under ten names in the "
+                     "upstream), and is stopped; the upstream is black-holed as above; after 2.5 s (past every "
+                     "freshness window) each cache is started again on its data and asked for the tags one after "
+                     f"another, the time to the first byte of each answer capped at {cap:.0f} s, until all are "
+                     f"answered or {budget:.0f} s of answers are spent (`--outage-budget`; the rest are left "
+                     "unasked). distribution in proxy mode asks its remote's `/v2/` when it starts: it is started "
+                     "the same way and its failure to start is recorded instead of times (and, for contrast, how it "
+                     "fails with a remote that refuses connections). The regcache under test waits for the "
+                     "upstream as its version does (`connect_timeout` today; a `revalidate_budget`, once it has "
+                     "one, with its default): the bench sets neither.\n")
+        
+            def cell(k, i):
+                s = S[k]
+                if not s["started"]:
+                    return "–" if i else "did not start"
+                if i >= s["asked"]:
+                    return "not asked (budget)"
+                txt = fmt_ttfb(s["seconds"][i], cap)
+                st = s["statuses"][i]
+                if st != 200:
+                    txt += f" ({st or 'no answer'})"
+                return txt
+
+            ks = [k for k in CACHES if k in S]
+            L.append("| tag | " + " | ".join(ks) + " |")
+            L.append("|---|" + "---|" * len(ks))
+            for i, t in enumerate(rs["tags"]):
+                L.append(f"| {i + 1}. `{t.split(':', 1)[1]}` | " + " | ".join(cell(k, i) for k in ks) + " |")
+            L.append("| slowest | " + " | ".join(fmt_ttfb(S[k]["max_s"], cap) if S[k]["asked"] else "–"
+                                               for k in ks) + " |")
+            L.append("| all 10, one after another | " + " | ".join(
+                fmt_ttfb(S[k]["sum_s"], cap * 10) if S[k]["sum_s"] is not None else
+                (f"≥ {S[k]['sum_asked_s']:.1f} s ({S[k]['asked']} asked)" if S[k]["asked"] else "–")
+                for k in ks) + " |")
+            L.append("")
+            for k in ks:
+                if not S[k]["started"]:
+                    L.append(f"- {k}: {S[k]['start_error']}")
+                else:
+                    w = sorted({x for x in S[k]["warnings"] if x})
+                    L.append(f"- {k}: started in {fmt_ttfb(S[k]['start_s'], cap)}; answers "
+                             f"{', '.join(str(x) for x in sorted({x for x in S[k]['statuses'] if x})) or '–'}"
+                             + (f" with `Warning: {w[0]}`" if w else ""))
+            L.append("")
     else:
         L.append("_Not run in this invocation (`--only` without `outage`)._\n")
 
+    L.append("## Fleet herd: N servers as peers, N independent servers, N servers on one bucket (issue 18)\n")
+    if "fleet" in W:
+        fl = W["fleet"]
+        L.append(f"For each N, three fleets of N regcache servers on 127.0.0.1 (distinct ports, a data directory "
+                 f"each, `freshness = \"10m\"`, everything else default): **peers** (`[peers]` listing all N, one "
+                 f"token file), **independent** (nothing shared), **bucket** (`[store.s3]` on one moto bucket, "
+                 f"moto's S3 server on loopback). One client per server, released together by a barrier, pulls "
+                 f"`{fl['image']}` cold as docker does (the manifest by tag, then the config and the "
+                 f"{fl['image_bytes'] / 2**20:.0f} MiB layer by digest at once, each read to its end). Upstream "
+                 "blob bytes are the sizes of the upstream's blob `GET`s in its access log, as × of the image's "
+                 "blobs (config + layer); the slowest client is the last one's last byte; the slowest first byte "
+                 "is the last client's first body byte of the layer, both from the common start. Blob answers "
+                 "by source: `regcache_fills_total{source}` summed over the servers (where the bytes of each "
+                 "blob `GET` answer came from; an owner's answers to its peers count under the owner's "
+                 "source).\n")
+        L.append("Then server i's client also pulls one small image of the fixtures "
+                 f"({', '.join(fl['small_images'])}, in turn), the bucket setup waits until no server owes the "
+                 "bucket a write, the upstream is stopped and its port taken by the black hole, and every server "
+                 "of every setup pulls every image that some server of its setup holds, all at once (each request "
+                 f"allowed {fl['pull_timeout_s']:.0f} s): **pullable** is the share of those pulls that succeed, "
+                 "with every blob's full size. The servers run with regcache's default upstream timeouts: a "
+                 "request that goes upstream first waits `header_timeout` (30 s) on the black hole, and peers "
+                 "are asked once the upstream failed or its breaker is open.\n")
+        L.append("| N | setup | upstream blob bytes (× image) | upstream blob GETs | slowest client (s) | median client (s) "
+                 "| slowest first byte (s) | slowest manifest (s) | blob answers by source | all clients ok "
+                 "| upstream black-holed: pullable | slowest pullable pull (s) |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for n, by in sorted(fl["sizes"].items(), key=lambda kv: int(kv[0])):
+            for setup in FLEET_SETUPS:
+                r = by.get(setup)
+                if r is None:
+                    continue
+                if r.get("unsupported"):
+                    L.append(f"| {n} | {setup} | not supported by this regcache: {r['unsupported']} |" + " |" * 9)
+                    continue
+                o = r.get("outage") or {}
+                pct = (f"{o['pullable_pct']:.0f} % ({o['pullable']}/{o['pulls']})"
+                       if o.get("pullable_pct") is not None else "–")
+                fills = ", ".join(f"{k} {v:.0f}" for k, v in sorted(r.get("fills", {}).items())) or "–"
+                L.append(f"| {n} | {setup} | {r['upstream_x']:.2f} | {r['upstream_gets']} | {fmt(r['wall_max'], 's')} | "
+                         f"{fmt(r['wall_median'], 's')} | {fmt(r['first_byte_max'], 's')} | "
+                         f"{fmt(r['manifest_max'], 's')} | {fills} | {'yes' if r['ok'] else 'NO'} | {pct} | "
+                         f"{fmt(o.get('slowest_ok_s'), 's')} |")
+        L.append("")
+        fails = [(n, s, f) for n, by in fl["sizes"].items() for s, r in by.items()
+                 for f in (r.get("outage") or {}).get("failed", [])]
+        if fails:
+            L.append("Pulls that failed with the upstream black-holed (first 12):\n")
+            for n, s, f in fails[:12]:
+                after = f" after {fmt(f['after_s'], 's')} s" if f.get("after_s") is not None else ""
+                L.append(f"- N={n} {s}: server {f['server']}, {f['image']}: {f['error']}{after}")
+            L.append("")
+    else:
+        L.append("_Not run in this invocation (`--only` without `fleet`)._\n")
+    if before_after:
+        L.append(before_after + "\n")
     L.append("## Notes on the setup\n")
     L.append("""- **Upstream**: Debian's `docker-registry` (filesystem storage, `blobdescriptor: inmemory`), seeded with
   the small images of `tests/fixtures/seed.sh` and `bench/big:latest` (OCI, one gzip layer of 200 MiB of
@@ -1846,27 +2541,151 @@ def print_table(rows: list[dict]) -> None:
 # -------------------------------------------------------------------------------------------- main
 
 REGCACHE_BIN = ROOT / "target/release/regcache"
+# Which regcache the run measures: this checkout, or a git revision built under bench/.work (--regcache-rev).
+BUILD: dict = {"source": "checkout"}
+
+
+def git(*args: str, cwd: Path = ROOT, check=True) -> str:
+    cp = subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True)
+    if check and cp.returncode != 0:
+        die(f"`git {' '.join(args)}` failed: {cp.stderr.strip()}")
+    return cp.stdout.strip()
+
+
+def commit_info(commit: str) -> dict:
+    """The commit's full and short hash, subject and commit date (ISO)."""
+    out = git("show", "-s", "--format=%H%n%h%n%cI%n%s", commit)
+    full, short, date, subject = (out.split("\n", 3) + ["", "", ""])[:4]
+    return {"commit": full, "short": short, "commit_date": date, "subject": subject}
+
+
+def build_rev(rev: str) -> Path:
+    """Builds regcache at git revision `rev` in a detached worktree under bench/.work/rev-<hash>/src with
+    its own target dir (bench/.work/rev-<hash>/target), once: a later run with the same commit reuses it.
+    Returns the release binary."""
+    commit = git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}", check=False)
+    if not commit:
+        die(f"--regcache-rev {rev!r}: no such commit in {ROOT}")
+    info = commit_info(commit)
+    base = WORK / f"rev-{commit[:12]}"
+    src, target = base / "src", base / "target"
+    binary = target / "release" / "regcache"
+    stamp = base / ".built"
+    BUILD.update({"source": "worktree", "rev": rev, **info, "worktree": str(src), "binary": str(binary)})
+    if stamp.is_file() and binary.is_file() and json.loads(stamp.read_text()).get("commit") == commit:
+        log(f"regcache {rev} = {info['short']} ({info['subject'][:60]}): reusing {binary}")
+        return binary
+    base.mkdir(parents=True, exist_ok=True)
+    if (src / ".git").exists() and git("rev-parse", "HEAD", cwd=src, check=False) != commit:
+        git("worktree", "remove", "--force", str(src), check=False)
+    if not (src / ".git").exists():
+        shutil.rmtree(src, ignore_errors=True)
+        git("worktree", "prune")
+        log(f"regcache {rev} = {info['short']}: git worktree add --detach {src}")
+        git("worktree", "add", "--detach", str(src), commit)
+    seed = ROOT / "target" / "release"
+    if not target.exists() and (seed / "deps").is_dir():
+        # Only a head start: cargo rebuilds whatever differs (its fingerprints decide).
+        log(f"seeding {target} from {seed} (compiled dependencies)")
+        target.mkdir(parents=True)
+        subprocess.run(["cp", "-a", "--reflink=auto", str(seed), str(target / "release")], check=False)
+    log(f"building regcache {info['short']} (cargo build --release, target {target})")
+    env = dict(child_env(), CARGO_TARGET_DIR=str(target))
+    cp = subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=src, env=env)
+    if cp.returncode != 0 or not binary.is_file():
+        die(f"cargo build --release of {rev} ({info['short']}) failed in {src}")
+    stamp.write_text(json.dumps({"commit": commit, "built": datetime.datetime.now().isoformat(timespec="seconds")}))
+    return binary
+
+
+def arg_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions and shorter runs (smoke run)")
+    ap.add_argument("--only", default="", metavar="WORKLOAD[,...]",
+                    help=f"run only these workloads: {', '.join(WORKLOADS)}")
+    ap.add_argument("--regcache-rev", metavar="REV",
+                    help="measure regcache built from git revision REV (a detached worktree under "
+                         "bench/.work/rev-HASH with its own target dir, built once and reused) instead of "
+                         "this checkout")
+    ap.add_argument("--label", metavar="NAME",
+                    help="also store the results as bench/results/NAME.json (for --compare); "
+                         "bench/results/latest.json is written either way")
+    ap.add_argument("--compare", metavar="A,B",
+                    help="run nothing: write the side-by-side table of the stored runs "
+                         "bench/results/A.json and B.json into docs/BENCHMARKS.md (its before/after section)")
+    ap.add_argument("--fleet-sizes", default=None, metavar="N[,...]",
+                    help="fleet: numbers of servers (default 2,4,8; 2,4 with --quick)")
+    ap.add_argument("--outage-budget", type=float, default=60.0, metavar="S",
+                    help="outage: seconds of requests per cache after the restart before the remaining "
+                         "tags are left unasked (default 60; nginx needs about 300 for all 10 tags)")
+    ap.add_argument("--ttfb-cap", type=float, default=35.0, metavar="S",
+                    help="outage: cap on one request, seconds (default 35)")
+    ap.add_argument("--skip-100k", action="store_true", help="startup: skip the 100 000-blob store")
+    ap.add_argument("--blobs-100k", type=int, default=100_000, help=argparse.SUPPRESS)
+    ap.add_argument("--rebuild-store", action="store_true", help="startup: refill the cached 100 000-blob store")
+    ap.add_argument("--fill-limit", type=float, default=600.0, metavar="S",
+                    help="startup: time limit for filling that store, seconds (default 600)")
+    ap.add_argument("--no-build", action="store_true",
+                    help="use the existing target/release/regcache (not with --regcache-rev)")
+    ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/ (results JSON only)")
+    ap.add_argument("--render-only", action="store_true",
+                    help="run nothing: rewrite docs/ from bench/results/latest.json")
+    return ap
+
+
+def flags_doc() -> list[str]:
+    """One Markdown line per flag of the script, from the parser (so the header names them all)."""
+    out = []
+    for a in arg_parser()._actions:
+        if not a.option_strings or a.help in (None, argparse.SUPPRESS) or "-h" in a.option_strings:
+            continue
+        name = a.option_strings[-1] + (f" {a.metavar}" if a.metavar else "")
+        out.append(f"- `{name}`: {a.help}")
+    return out
+
+
+LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def stored_run(name: str) -> tuple[str, dict]:
+    """A stored run by label (bench/results/NAME.json) or by path."""
+    path = Path(name) if ("/" in name or name.endswith(".json")) else RESULTS / f"{name}.json"
+    if not path.is_file():
+        have = sorted(p.stem for p in RESULTS.glob("*.json"))
+        die(f"--compare: {path} does not exist (stored runs: {', '.join(have) or 'none'})")
+    label = path.stem if path.parent.resolve() == RESULTS.resolve() else str(path)
+    return label, json.loads(path.read_text())
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer repetitions and shorter runs (smoke run)")
-    ap.add_argument("--only", default="", help=f"comma-separated workloads: {','.join(WORKLOADS)}")
-    ap.add_argument("--ttfb-cap", type=float, default=35.0, help="cap on one outage request, seconds (35)")
-    ap.add_argument("--skip-100k", action="store_true", help="skip the 100 000-blob store in `startup`")
-    ap.add_argument("--blobs-100k", type=int, default=100_000, help=argparse.SUPPRESS)
-    ap.add_argument("--rebuild-store", action="store_true", help="refill the cached 100 000-blob store")
-    ap.add_argument("--fill-limit", type=float, default=600.0, help="time limit for filling that store, s")
-    ap.add_argument("--no-build", action="store_true", help="use the existing target/release/regcache")
-    ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/ (results JSON only)")
-    ap.add_argument("--render-only", action="store_true",
-                    help="rewrite docs/ from bench/results/latest.json without running anything")
+    global REGCACHE_BIN
+    ap = arg_parser()
     args = ap.parse_args()
     only = [w for w in args.only.split(",") if w]
     for w in only:
         if w not in WORKLOADS:
             ap.error(f"unknown workload {w!r}; choose from {', '.join(WORKLOADS)}")
+    if args.label is not None and (not LABEL_RE.match(args.label) or args.label == "latest"):
+        ap.error(f"--label {args.label!r}: letters, digits, '.', '_' and '-' (not 'latest'), at most 64")
+    if args.regcache_rev and args.no_build:
+        ap.error("--no-build uses this checkout's target/release/regcache: not with --regcache-rev")
+    if args.fleet_sizes is not None:
+        try:
+            sizes = [int(x) for x in args.fleet_sizes.split(",") if x]
+        except ValueError:
+            sizes = []
+        if not sizes or any(n < 2 or n > 32 for n in sizes):
+            ap.error(f"--fleet-sizes {args.fleet_sizes!r}: numbers of servers from 2 to 32, comma-separated")
     selected = only or WORKLOADS
+    if args.compare is not None:
+        names = [x for x in args.compare.split(",") if x]
+        if len(names) != 2:
+            ap.error("--compare takes two stored runs: A,B (e.g. before,after)")
+        (la, a), (lb, b) = stored_run(names[0]), stored_run(names[1])
+        section = compare.render(la, a, lb, b)
+        compare.insert(DOCS / "BENCHMARKS.md", section)
+        log(f"wrote the comparison of {la} and {lb} into docs/BENCHMARKS.md")
+        return 0
     if args.render_only:
         res = json.loads((RESULTS / "latest.json").read_text())
         rows = evaluate(res)
@@ -1877,17 +2696,22 @@ def main() -> int:
         return 0
     load_before = Path("/proc/loadavg").read_text().split()[:3]
 
-    ensure_deps()
-    if not args.no_build:
-        log("building regcache (cargo build --release)")
-        cp = subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, env=child_env())
-        if cp.returncode != 0:
-            die("cargo build --release failed")
+    ensure_deps(selected)
+    WORK.mkdir(parents=True, exist_ok=True)
+    if args.regcache_rev:
+        REGCACHE_BIN = build_rev(args.regcache_rev)
+    else:
+        if not args.no_build:
+            log("building regcache (cargo build --release)")
+            cp = subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, env=child_env())
+            if cp.returncode != 0:
+                die("cargo build --release failed")
+        dirty = git("status", "--porcelain", "--", "src", "Cargo.toml", "Cargo.lock", check=False)
+        BUILD.update({**commit_info("HEAD"), "modified": bool(dirty), "binary": str(REGCACHE_BIN)})
     if not REGCACHE_BIN.exists():
         die(f"{REGCACHE_BIN} missing")
-    WORK.mkdir(parents=True, exist_ok=True)
 
-    b = Bench(args)
+    b = Bench(args, selected)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     try:
         b.setup()
@@ -1904,18 +2728,23 @@ def main() -> int:
         "command": "python3 bench/bench.py" + "".join(f" {a}" for a in sys.argv[1:]),
         "date": date, "total_seconds": total, "quick": args.quick, "only": only, "machine": machine_info(),
         "loadavg_before": " ".join(load_before), "loadavg_after": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
+        "label": args.label, "regcache_build": dict(BUILD),
     })
     rows = evaluate(res)
     res["targets"] = rows
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "latest.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
+    text = json.dumps(res, indent=1, default=str) + "\n"
+    (RESULTS / "latest.json").write_text(text)
+    written = ["bench/results/latest.json"]
+    if args.label:
+        (RESULTS / f"{args.label}.json").write_text(text)
+        written.append(f"bench/results/{args.label}.json")
     print_table(rows)
     if not args.no_docs:
         svg_chart(rows, DOCS / "bench-ratios.svg")
         write_markdown(res, rows, DOCS / "BENCHMARKS.md")
-        log("wrote bench/results/latest.json, docs/bench-ratios.svg, docs/BENCHMARKS.md")
-    else:
-        log("wrote bench/results/latest.json")
+        written += ["docs/bench-ratios.svg", "docs/BENCHMARKS.md"]
+    log(f"wrote {', '.join(written)}")
     log(f"total {total / 60:.1f} min")
     return 0
 
