@@ -140,9 +140,10 @@ async fn a_stalled_upstream_gets_a_cached_tag_served_stale_before_its_head_times
             &digest,
             &format!("request {i} while the upstream is stalled"),
         );
+        // The series is exported at 0 from the start: no timeout is counted yet.
         assert_eq!(
             sample(&rc, timeouts),
-            None,
+            Some(0.0),
             "request {i} was answered only after the HEAD timed out"
         );
     }
@@ -159,7 +160,7 @@ async fn a_stalled_upstream_gets_a_cached_tag_served_stale_before_its_head_times
     assert_stale(&a, &digest, "the first request after the restart");
     assert_eq!(
         sample(&rc, timeouts),
-        None,
+        Some(0.0),
         "answered after the HEAD timed out"
     );
     assert_eq!(
