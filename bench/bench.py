@@ -2085,7 +2085,7 @@ def evaluate(res: dict) -> list[dict]:
                 "server holds, on every server (worst N)", "%", {"regcache": min(known) if known else None}, {}, {},
                 "100 %", bool(known) and len(known) == len(peers) and all(x == 100.0 for x in known),
                 note="per N and setup: " + "; ".join(
-                    f"{n}: " + ", ".join(f"{s} {(r.get('outage') or {}).get('pullable_pct', 0):.0f} %"
+                    f"{n}: " + ", ".join(f"{s} {(r.get('outage') or {}).get('pullable_pct') or 0:.0f} %"
                                          for s, r in by.items() if r.get("outage"))
                     for n, by in sorted(fl["sizes"].items(), key=lambda kv: int(kv[0]))))
         elif peers:
