@@ -32,7 +32,9 @@
 //! the fleet; manifests and tags go to the upstream as without peers. While it is down, the peers
 //! are asked what they hold, with `x-regcache-local-only` (each answers from its store only, all
 //! at once, bounded by the peer connect timeout). The same outage queries are the **fallback**
-//! ([`Tiers::fallback`]) after the upstream failed as unavailable before its breaker opened. A
+//! ([`Tiers::fallback`]) after the upstream failed as unavailable, unless the walk asked the
+//! chain's peer tier them already ([`Tier::asks_holders`] when it asked: not the breaker's state
+//! after the failure, which that failure may have changed). A
 //! request that came from a peer (a hop) never asks the peers: nothing is forwarded to a third
 //! peer, so nothing loops.
 //!
