@@ -882,3 +882,53 @@ fn with_the_upstream_black_holed_every_image_any_server_holds_is_pullable_on_eve
         "the black hole was asked (the upstream was really down)"
     );
 }
+
+#[test]
+fn an_owner_whose_upstream_fails_sends_the_asking_server_to_the_holders_before_its_own_upstream() {
+    let mut upstream = Registry::start_seeded();
+    let upstream_addr = upstream.addr();
+    let mut fleet = Fleet::start(3, &upstream.url(), "header_timeout = \"2s\"\n");
+    fleet.wait_formed();
+    let image = Held::read(&upstream, "small/oci", "latest");
+    let blob = image.blobs[0].clone();
+    let ranked = fleet.ranked(&blob);
+    let (owner, holder, asker) = (ranked[0], ranked[1], ranked[2]);
+    // The holder pulls the image while the blob's owner is down, so that only it holds the blob.
+    fleet.servers[owner].kill9();
+    let wrong = image.pull(fleet.addr(holder));
+    assert!(wrong.is_empty(), "the holder's pull: {wrong:?}");
+    fleet.servers[owner].restart();
+    fleet.wait_formed();
+
+    // The upstream goes dark. The asker's breaker is closed: it asks the owner, which waits for
+    // its upstream and answers 503; the holder gives the blob.
+    upstream.stop();
+    let _hole = BlackHole::start(upstream_addr);
+    let r = http_get(
+        fleet.addr(asker),
+        &format!("/v2/small/oci/blobs/{blob}"),
+        &[],
+    )
+    .expect("GET the blob");
+    assert_eq!(r.status, 200, "{}", fleet.logs());
+    assert_eq!(sha256_digest(&r.body), blob, "the blob's bytes");
+    let m = fleet.servers[asker].metrics();
+    assert_eq!(
+        metric(
+            &m,
+            "regcache_upstream_errors_total{upstream=\"docker\",kind=\"timeout\"}"
+        )
+        .unwrap_or(0.0),
+        0.0,
+        "after the owner's 503 the asker asked its own upstream before the holder:\n{m}"
+    );
+    let owner_m = fleet.servers[owner].metrics();
+    assert!(
+        metric(
+            &owner_m,
+            "regcache_upstream_errors_total{upstream=\"docker\",kind=\"timeout\"}"
+        )
+        .is_some_and(|n| n >= 1.0),
+        "the owner's upstream was asked and timed out:\n{owner_m}"
+    );
+}
