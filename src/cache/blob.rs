@@ -180,10 +180,13 @@ impl Cache {
         size: u64,
         peers: bool,
     ) -> Result<Outcome, CacheError> {
+        // Whether the peers were asked who holds the blob for this repository already.
+        let mut asked = false;
         for tier in self.tiers.iter_for(peers) {
+            asked |= tier.asks_holders(route);
             let has = match tier.has_blob(route, d).await {
                 Err(CacheError::Upstream(e)) if e.is_unavailable() => {
-                    match self.tiers.fallback(peers, route) {
+                    match self.tiers.fallback(peers, asked) {
                         Some(f) if f.has_blob(route, d).await? => {
                             let (store, key, d2) =
                                 (Arc::clone(&self.store), route.key(), d.clone());

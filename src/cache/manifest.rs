@@ -217,12 +217,14 @@ impl Cache {
                 }
             }
             Reference::Digest(d) => {
+                let mut asked = false;
                 for tier in self.tiers.shared_for(peers) {
+                    asked |= tier.asks_holders(route);
                     if let Some(m) = self.shared_manifest(tier, route, d).await? {
                         return Ok(m);
                     }
                 }
-                let fallback = self.tiers.fallback(peers, route);
+                let fallback = self.tiers.fallback(peers, asked);
                 if self.store.manifest_info(d)?.is_some() {
                     // Stored for another repository: the upstream must confirm this one has it
                     // (or, while it cannot, a peer that holds it for this one).
@@ -255,12 +257,14 @@ impl Cache {
                 }
             }
             Reference::Tag(t) => {
+                let mut asked = false;
                 for tier in self.tiers.shared_for(peers) {
+                    asked |= tier.asks_holders(route);
                     if let Some(m) = self.shared_tag(tier, route, t, accept).await? {
                         return Ok(m);
                     }
                 }
-                let fallback = self.tiers.fallback(peers, route);
+                let fallback = self.tiers.fallback(peers, asked);
                 if let Some(m) = self.fresh_tag(route, t, accept)? {
                     return Ok(m); // another flight refreshed it meanwhile
                 }

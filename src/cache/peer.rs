@@ -93,7 +93,10 @@ impl PeerTier {
     /// fails (no answer, not a peer) is marked down and the next is asked. A `404` is the owner's
     /// upstream's answer and is passed on (the upstream was asked already). Any other answer is a
     /// live owner that cannot give the blob now (its upstream failed, its fills are all busy):
-    /// the next in rank would ask the same upstream, so this server's own tiers are next.
+    /// the next in rank would ask the same upstream, so a peer that holds the blob for the
+    /// repository gives it if one does (an owner's `5xx` is most often its upstream's outage,
+    /// which this server's upstream shares: asking it would cost another `header_timeout`),
+    /// else this server's own tiers are next.
     async fn owner_blob(&self, route: &Route, d: &Digest) -> Result<Option<PeerBlob>, CacheError> {
         let up = &route.upstream;
         let path = Self::path(route, "blobs", &d.to_string());
@@ -131,7 +134,7 @@ impl PeerTier {
                     }
                     .into());
                 }
-                _ => break,
+                _ => return Ok(self.holder_blob(route, d, 0).await),
             }
         }
         Ok(None)

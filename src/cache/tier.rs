@@ -32,7 +32,9 @@
 //! the fleet; manifests and tags go to the upstream as without peers. While it is down, the peers
 //! are asked what they hold, with `x-regcache-local-only` (each answers from its store only, all
 //! at once, bounded by the peer connect timeout). The same outage queries are the **fallback**
-//! ([`Tiers::fallback`]) after the upstream failed as unavailable before its breaker opened. A
+//! ([`Tiers::fallback`]) after the upstream failed as unavailable, unless the walk asked the
+//! chain's peer tier them already ([`Tier::asks_holders`] when it asked: not the breaker's state
+//! after the failure, which that failure may have changed). A
 //! request that came from a peer (a hop) never asks the peers: nothing is forwarded to a third
 //! peer, so nothing loops.
 //!
@@ -212,14 +214,12 @@ impl Tiers {
         self.shared.iter().filter(move |t| peers || !t.is_peer())
     }
 
-    /// The peers' outage queries, for a request that may ask peers (`peers`), when the chain's
-    /// peer tier did not already ask them for `route` (the upstream's breaker was closed): where
-    /// to look after the upstream failed as unavailable.
-    pub(crate) fn fallback(&self, peers: bool, route: &Route) -> Option<&Tier> {
-        let asked = self.shared.iter().any(|t| match t {
-            Tier::Peer(p) => p.in_outage(route),
-            _ => false,
-        });
+    /// The peers' outage queries, for a request that may ask peers (`peers`), unless the walk's
+    /// peer tier asked them already (`asked`: [`Tier::asks_holders`] was true when the walk asked
+    /// it): where to look after the upstream failed as unavailable. `asked` is what the walk saw
+    /// when it asked, never the breaker's state now: the upstream failure this falls back from
+    /// may itself have opened the breaker meanwhile, and the peers were then not asked.
+    pub(crate) fn fallback(&self, peers: bool, asked: bool) -> Option<&Tier> {
         self.fallback.as_ref().filter(|_| peers && !asked)
     }
 
@@ -274,12 +274,10 @@ impl Tiers {
         // Whether this walk asked the peers who holds the blob already.
         let mut asked = false;
         for (index, tier) in self.iter().enumerate().skip(from) {
-            if let Tier::Peer(p) = tier {
-                if !peers {
-                    continue;
-                }
-                asked = p.in_outage(route);
+            if tier.is_peer() && !peers {
+                continue;
             }
+            asked |= tier.asks_holders(route);
             match tier.blob(store, route, d, offset, total).await {
                 Ok(Some((stream, size))) => {
                     return Ok(TierBlob {
@@ -291,7 +289,7 @@ impl Tiers {
                 Ok(None) => {}
                 Err(CacheError::Upstream(e)) if tier.is_origin() && e.is_unavailable() => {
                     // The upstream cannot answer: a peer that holds the blob can.
-                    let held = match self.fallback.as_ref().filter(|_| peers && !asked) {
+                    let held = match self.fallback(peers, asked) {
                         Some(f) => f.blob(store, route, d, offset, total).await?,
                         None => None,
                     };
@@ -391,6 +389,13 @@ impl Tier {
     /// Whether this is the peers.
     pub fn is_peer(&self) -> bool {
         matches!(self, Tier::Peer(_))
+    }
+
+    /// Whether this tier, asked now for `route`, asks the peers the outage queries (who holds
+    /// what): the chain's peer tier while the upstream's breaker is open. A walk notes it just
+    /// before asking the tier, for [`Tiers::fallback`].
+    pub(crate) fn asks_holders(&self, route: &Route) -> bool {
+        matches!(self, Tier::Peer(p) if p.in_outage(route))
     }
 
     /// How a request this tier gave the content for is reported.

@@ -28,14 +28,8 @@ use crate::support::registry::{
 /// The blobs (digest, size) of an image's manifest (config and layers) on the upstream; for an
 /// index or list, of every child.
 fn image_blobs(upstream: &Registry, repo: &str, reference: &str) -> Vec<(String, u64)> {
-    let r = http_get(
-        upstream.addr(),
-        &format!("/v2/{repo}/manifests/{reference}"),
-        &[("Accept", accept_all())],
-    )
-    .unwrap_or_else(|| panic!("GET {repo}:{reference} from the upstream"));
-    assert_eq!(r.status, 200, "{repo}:{reference} on the upstream");
-    let m: serde_json::Value = serde_json::from_slice(&r.body).expect("manifest JSON");
+    let body = upstream_manifest(upstream, repo, reference);
+    let m: serde_json::Value = serde_json::from_slice(&body).expect("manifest JSON");
     if let Some(children) = m["manifests"].as_array() {
         return children
             .iter()
@@ -53,6 +47,18 @@ fn image_blobs(upstream: &Registry, repo: &str, reference: &str) -> Vec<(String,
         ));
     }
     blobs
+}
+
+/// The bytes of manifest `repo:reference` on the upstream, for a client accepting every type.
+fn upstream_manifest(upstream: &Registry, repo: &str, reference: &str) -> Vec<u8> {
+    let r = http_get(
+        upstream.addr(),
+        &format!("/v2/{repo}/manifests/{reference}"),
+        &[("Accept", accept_all())],
+    )
+    .unwrap_or_else(|| panic!("GET {repo}:{reference} from the upstream"));
+    assert_eq!(r.status, 200, "{repo}:{reference} on the upstream");
+    r.body
 }
 
 /// Bytes the upstream's access log shows it sent in answer to `GET`s of blob `digest`.
@@ -379,15 +385,21 @@ fn a_black_holed_peer_is_asked_once_then_skipped_until_its_probe_succeeds() {
         Some(1.0),
         "one request to the black hole timed out"
     );
-    // Once its probe succeeds, it is asked again (it answers 503 here: the blob comes from the
-    // upstream, and the peer stays up).
+    // Once its probe succeeds, it is asked again (it answers 503 here, and then 503 to the
+    // question whether it holds the blob: the blob comes from the upstream, and the peer stays up).
     fake.set_mode(PeerMode::Answering);
     wait_peers_up(&rc, Duration::from_secs(30));
     get(&owned[2]);
+    let gets: Vec<_> = fake
+        .requests_for(&owned[2].1)
+        .into_iter()
+        .filter(|r| r.starts_with("GET "))
+        .collect();
     assert_eq!(
-        fake.requests_for(&owned[2].1).len(),
+        gets.len(),
         1,
-        "the peer is asked again once its probe succeeded"
+        "the peer is asked again once its probe succeeded: {:?}",
+        fake.requests_for(&owned[2].1)
     );
     assert!(
         rc.log_text().contains("peer down") && rc.log_text().contains("peer back"),
@@ -741,4 +753,182 @@ fn during_an_outage_the_most_recently_confirmed_tag_record_of_the_fleet_wins() {
             r.headers
         );
     }
+}
+
+/// An image as a client pulls it, read from the upstream: the manifest by tag, each child of an
+/// index by digest, and every blob (digest).
+struct Held {
+    repo: &'static str,
+    tag: &'static str,
+    manifest: Vec<u8>,
+    children: Vec<(String, Vec<u8>)>,
+    blobs: Vec<String>,
+}
+
+impl Held {
+    fn read(upstream: &Registry, repo: &'static str, tag: &'static str) -> Held {
+        let get = |reference: &str| upstream_manifest(upstream, repo, reference);
+        let manifest = get(tag);
+        let m: serde_json::Value = serde_json::from_slice(&manifest).expect("manifest JSON");
+        let children: Vec<(String, Vec<u8>)> = m["manifests"]
+            .as_array()
+            .map(|c| {
+                c.iter()
+                    .map(|c| {
+                        let d = c["digest"].as_str().expect("child digest").to_owned();
+                        let body = get(&d);
+                        (d, body)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut blobs: Vec<String> = image_blobs(upstream, repo, tag)
+            .into_iter()
+            .map(|(d, _)| d)
+            .collect();
+        blobs.dedup();
+        Held {
+            repo,
+            tag,
+            manifest,
+            children,
+            blobs,
+        }
+    }
+
+    /// Pulls the image from `server` as a client does (the manifest by tag, the children by
+    /// digest, then each blob in turn); what went wrong, if anything.
+    fn pull(&self, server: SocketAddr) -> Vec<String> {
+        let mut wrong = Vec::new();
+        let mut check = |path: String, ok: &dyn Fn(&[u8]) -> bool| match http_get(
+            server,
+            &path,
+            &[("Accept", accept_all())],
+        ) {
+            Some(r) if r.status == 200 && ok(&r.body) => {}
+            Some(r) => wrong.push(format!(
+                "{path}: {} ({} bytes{})",
+                r.status,
+                r.body.len(),
+                if r.status == 200 { ", wrong bytes" } else { "" }
+            )),
+            None => wrong.push(format!("{path}: no answer")),
+        };
+        let (repo, tag) = (self.repo, self.tag);
+        check(format!("/v2/{repo}/manifests/{tag}"), &|b| {
+            b == self.manifest.as_slice()
+        });
+        for (d, body) in &self.children {
+            check(format!("/v2/{repo}/manifests/{d}"), &|b| {
+                b == body.as_slice()
+            });
+        }
+        for d in &self.blobs {
+            check(format!("/v2/{repo}/blobs/{d}"), &|b| sha256_digest(b) == *d);
+        }
+        wrong
+    }
+}
+
+#[test]
+fn with_the_upstream_black_holed_every_image_any_server_holds_is_pullable_on_every_server() {
+    // The bench's fleet outage phase: each server pulls one image; the small images share their
+    // config and layer blobs, so most blobs a server is asked for it holds for another
+    // repository. The upstream then accepts connections and never answers (its header_timeout
+    // applies, shortened here from 30 s to keep the test short); the breaker opens after the
+    // default 3 failures, while requests wait on it.
+    let mut upstream = Registry::start_seeded();
+    let upstream_addr = upstream.addr();
+    let fleet = Fleet::start(
+        4,
+        &upstream.url(),
+        "freshness = \"10m\"\nconnect_timeout = \"1s\"\nheader_timeout = \"2s\"\n",
+    );
+    fleet.wait_formed();
+    let images = [
+        Held::read(&upstream, "small/oci", "latest"),
+        Held::read(&upstream, "small/docker", "latest"),
+        Held::read(&upstream, "library/busybox", "latest"),
+        Held::read(&upstream, "multi/oci", "latest"),
+    ];
+    for (server, image) in images.iter().enumerate() {
+        let wrong = image.pull(fleet.addr(server));
+        assert!(
+            wrong.is_empty(),
+            "server {server} pulling {} with the upstream up: {wrong:?}\n{}",
+            image.repo,
+            fleet.logs()
+        );
+    }
+
+    upstream.stop();
+    let hole = BlackHole::start(upstream_addr);
+    let mut failed = Vec::new();
+    for server in 0..fleet.servers.len() {
+        for image in &images {
+            for w in image.pull(fleet.addr(server)) {
+                failed.push(format!("server {server}, {}: {w}", image.repo));
+            }
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "images held by some server that another could not pull from its peers:\n{}\n{}",
+        failed.join("\n"),
+        fleet.logs()
+    );
+    assert!(
+        hole.accepted() > 0,
+        "the black hole was asked (the upstream was really down)"
+    );
+}
+
+#[test]
+fn an_owner_whose_upstream_fails_sends_the_asking_server_to_the_holders_before_its_own_upstream() {
+    let mut upstream = Registry::start_seeded();
+    let upstream_addr = upstream.addr();
+    let mut fleet = Fleet::start(3, &upstream.url(), "header_timeout = \"2s\"\n");
+    fleet.wait_formed();
+    let image = Held::read(&upstream, "small/oci", "latest");
+    let blob = image.blobs[0].clone();
+    let ranked = fleet.ranked(&blob);
+    let (owner, holder, asker) = (ranked[0], ranked[1], ranked[2]);
+    // The holder pulls the image while the blob's owner is down, so that only it holds the blob.
+    fleet.servers[owner].kill9();
+    let wrong = image.pull(fleet.addr(holder));
+    assert!(wrong.is_empty(), "the holder's pull: {wrong:?}");
+    fleet.servers[owner].restart();
+    fleet.wait_formed();
+
+    // The upstream goes dark. The asker's breaker is closed: it asks the owner, which waits for
+    // its upstream and answers 503; the holder gives the blob.
+    upstream.stop();
+    let _hole = BlackHole::start(upstream_addr);
+    let r = http_get(
+        fleet.addr(asker),
+        &format!("/v2/small/oci/blobs/{blob}"),
+        &[],
+    )
+    .expect("GET the blob");
+    assert_eq!(r.status, 200, "{}", fleet.logs());
+    assert_eq!(sha256_digest(&r.body), blob, "the blob's bytes");
+    let m = fleet.servers[asker].metrics();
+    assert_eq!(
+        metric(
+            &m,
+            "regcache_upstream_errors_total{upstream=\"docker\",kind=\"timeout\"}"
+        )
+        .unwrap_or(0.0),
+        0.0,
+        "after the owner's 503 the asker asked its own upstream before the holder:\n{m}"
+    );
+    let owner_m = fleet.servers[owner].metrics();
+    assert!(
+        metric(
+            &owner_m,
+            "regcache_upstream_errors_total{upstream=\"docker\",kind=\"timeout\"}"
+        )
+        .is_some_and(|n| n >= 1.0),
+        "the owner's upstream was asked and timed out:\n{owner_m}"
+    );
 }
